@@ -35,8 +35,9 @@ def _to_numpy(a: object) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def assert_close(actual: object, expected: object, *, rtol: float, atol: float,
-                 name: str = "value") -> None:
+def assert_close(
+    actual: object, expected: object, *, rtol: float, atol: float, name: str = "value"
+) -> None:
     """Assert |actual - expected| <= atol + rtol * |expected| elementwise.
 
     On failure the message gives the worst element's index, both values, the max absolute and

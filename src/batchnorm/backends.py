@@ -1,0 +1,136 @@
+"""Choosing the implementation behind :func:`batchnorm.functional.batch_norm`.
+
+Backends:
+
+- ``"torch"``: PyTorch's own native kernel (cuDNN on CUDA). The default on the CPU.
+- ``"explicit"``: pure torch ops with the paper's hand-derived backward pass
+  (:mod:`batchnorm.explicit`). Slower; it exists to check the others against the paper.
+- ``"triton"``: the project's Triton kernels (:mod:`batchnorm.ops`), for CUDA tensors (or the CPU
+  under the Triton interpreter, ``TRITON_INTERPRET=1``, for testing).
+- ``"auto"``: ``"torch"`` for now; the Triton kernels become the CUDA default once they are measured
+  faster on the benchmark suite (see BENCHMARKS.md).
+
+The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
+:func:`use_backend` context, the ``BATCHNORM_BACKEND`` environment variable, then ``"auto"``.
+A backend that cannot run an input (Triton with float64, or with no GPU) falls back to ``"torch"``
+visibly: a warning is issued once per reason, and :func:`last_backend` tells what actually ran.
+
+Example:
+    >>> import batchnorm.backends as backends
+    >>> with backends.use_backend("explicit"):
+    ...     backends.requested_backend()
+    'explicit'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+
+BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton")
+ENV_VAR = "BATCHNORM_BACKEND"
+
+_local = threading.local()
+_warned: set[str] = set()
+
+
+def _check_name(name: str, where: str) -> str:
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(
+            f"unknown batch-norm backend {name!r} (from {where}); "
+            f"choose one of {', '.join(BACKENDS)}"
+        )
+    return key
+
+
+def _stack() -> list[str]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, batch norm calls without an explicit ``backend=`` use ``name``."""
+    stack = _stack()
+    stack.append(_check_name(name, "use_backend()"))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for, before checking that it can run the input."""
+    if backend is not None:
+        return _check_name(backend, "the backend= argument")
+    stack = _stack()
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env, f"the {ENV_VAR} environment variable")
+    return "auto"
+
+
+def triton_status() -> tuple[bool, str]:
+    """Whether the Triton backend can run here, and why not if it cannot."""
+    try:
+        from batchnorm import ops
+    except ImportError as exc:  # pragma: no cover - ops ships with the package
+        return False, f"batchnorm.ops failed to import: {exc}"
+    status = getattr(ops, "triton_status", None)
+    if status is None:
+        return False, "the Triton kernels are not part of this build"
+    return status()
+
+
+def resolve(backend: str | None, *, device_type: str, dtype_name: str) -> str:
+    """The backend that will run: the request, or ``"torch"`` with a warning if it cannot."""
+    name = requested_backend(backend)
+    if name == "auto":
+        name = "torch"
+    if name == "triton":
+        ok, reason = triton_status()
+        if ok and dtype_name == "float64":
+            ok, reason = (
+                False,
+                "the Triton kernels handle float32, float16 and bfloat16, not float64",
+            )
+        if ok and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            ok, reason = (
+                False,
+                f"the Triton kernels need a CUDA tensor (got a {device_type} tensor)",
+            )
+        if not ok:
+            _warn_once(f"batch norm: backend 'triton' unavailable ({reason}); using 'torch'")
+            name = "torch"
+    _local.last = name
+    return name
+
+
+def last_backend() -> str | None:
+    """The backend that ran the most recent batch norm call in this thread (None before any)."""
+    return getattr(_local, "last", None)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def available() -> dict[str, tuple[bool, str]]:
+    """Each backend with whether it can run here and a one-line reason."""
+    import torch
+
+    triton_ok, triton_reason = triton_status()
+    return {
+        "torch": (True, f"PyTorch {torch.__version__} native kernel"),
+        "explicit": (True, "pure torch ops, the paper's backward written out"),
+        "triton": (triton_ok, triton_reason),
+    }

@@ -1,0 +1,133 @@
+"""The ``batchnorm`` command: a thin layer that parses, calls the library and prints.
+
+Sub-commands:
+    env      versions, devices and which backends can run here
+    check    every available backend against the NumPy reference (a table of errors)
+    lab      the experiments (``batchnorm lab --help``)
+    bench    GPU benchmarks of the kernels (``batchnorm bench --help``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+from batchnorm import __version__
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    print(f"batchnorm {__version__}")
+    print(f"python    {platform.python_version()} ({sys.executable})")
+    print(f"platform  {platform.platform()}")
+    try:
+        import numpy
+
+        print(f"numpy     {numpy.__version__}")
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        print("numpy     not installed")
+    try:
+        import torch
+    except ImportError:
+        print("torch     not installed (pip install torch==2.13.0 for the CPU build)")
+        return 0
+    print(f"torch     {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton    {triton.__version__}")
+    except ImportError:
+        print("triton    not installed (pip install 'batchnorm[triton]')")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"device    cuda:{i} {torch.cuda.get_device_name(i)}")
+        print(f"cudnn     {torch.backends.cudnn.version()}")
+    else:
+        print("device    cpu only (no CUDA device)")
+    from batchnorm import backends
+
+    print("backends:")
+    for name, (ok, reason) in backends.available().items():
+        print(f"  {name:<9} {'available' if ok else 'unavailable'}: {reason}")
+    print(f"  default   {backends.requested_backend()} (set {backends.ENV_VAR} to change)")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from batchnorm.check import format_table, run_check
+
+    dtypes = tuple(args.dtype) if args.dtype else ("float64", "float32")
+    results = run_check(args.backend or None, dtypes=dtypes, seed=args.seed, device=args.device)
+    print(format_table(results))
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _add_optional(sub: argparse._SubParsersAction, name: str, module: str, help_text: str) -> None:
+    """Register a sub-command that lives in an optional part; explain if that part is missing."""
+    import importlib
+
+    try:
+        register = importlib.import_module(module).register
+    except ImportError as exc:
+        message = f"`batchnorm {name}` is unavailable: {exc}"
+
+        def unavailable(args: argparse.Namespace, message: str = message) -> int:
+            print(message, file=sys.stderr)
+            return 2
+
+        sub.add_parser(name, help=f"{help_text} (unavailable here)").set_defaults(func=unavailable)
+        return
+    register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchnorm",
+        description="Batch normalization done properly: reference, layers, kernels and lab.",
+    )
+    parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    env = sub.add_parser("env", help="versions, devices and available backends")
+    env.set_defaults(func=_cmd_env)
+
+    check = sub.add_parser("check", help="check every backend against the NumPy reference")
+    check.add_argument(
+        "--backend",
+        action="append",
+        choices=["torch", "explicit", "triton"],
+        help="backend to check (repeatable; default: every available one)",
+    )
+    check.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float64", "float32", "float16", "bfloat16"],
+        help="dtype to check (repeatable; default: float64 and float32)",
+    )
+    check.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    check.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    check.set_defaults(func=_cmd_check)
+
+    _add_optional(sub, "lab", "batchnorm.lab.cli", "run the experiments")
+    _add_optional(sub, "bench", "batchnorm.ops.bench", "benchmark the GPU kernels")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""The stateless torch API: ``batch_norm`` with torch's exact signature, plus a backend choice.
+
+``batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)`` behaves as
+``torch.nn.functional.batch_norm``; on top of it:
+
+- ``backend=``: which implementation runs (see :mod:`batchnorm.backends`).
+- ``nonfinite=``: what to do when a training batch holds NaN or Inf. ``"propagate"`` (PyTorch's
+  behaviour: the NaN reaches the output and the running statistics, which stay poisoned for good),
+  ``"skip"`` (the output still shows the NaN, but the running statistics keep their previous values;
+  no host synchronization), or ``"raise"`` (a ``FloatingPointError`` before anything is updated;
+  this costs one host synchronization per call).
+- Every input is checked first, and a bad one gets an error that says what was wrong and what to
+  do, before any running statistic is touched.
+
+The momentum convention is PyTorch's: ``running = (1 - momentum) * running + momentum * batch``, so
+``momentum`` is the weight of the NEW batch (default 0.1), and ``running_var`` holds the unbiased
+batch variance ``var_B * m / (m - 1)`` while training normalizes with the biased ``var_B``. Keras,
+Flax and ONNX call ``1 - momentum`` their momentum (default 0.99) and store the biased variance;
+:func:`batchnorm.reference.torch_to_keras_momentum` converts.
+
+Example:
+    >>> import torch
+    >>> from batchnorm.functional import batch_norm
+    >>> x = torch.tensor([[0.23, 1.26, -2.41], [0.56, 0.75, 1.00]], dtype=torch.float64)
+    >>> (batch_norm(x, None, None, training=True, eps=1e-12) + 1).round(decimals=6)
+    tensor([[0., 2., 0.],
+            [2., 0., 2.]], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from batchnorm import backends
+
+NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+__all__ = ["batch_norm", "NONFINITE_POLICIES", "check_momentum"]
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+    nonfinite: str = "propagate",
+) -> torch.Tensor:
+    """Batch normalization over the channel axis 1 of an (N, C) or (N, C, *) input.
+
+    Training: ``y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta`` with the batch statistics over
+    every axis but 1 (m = N * prod(spatial) values per channel); the running statistics, if given,
+    are updated in place. Eval (``training=False``): the running statistics replace the batch ones.
+
+    Args:
+        input: (N, C) or (N, C, *) floating-point tensor.
+        running_mean, running_var: (C,) buffers, or None (then training must be True).
+        weight, bias: (C,) gamma and beta, or None (gamma = 1, beta = 0).
+        training: use batch statistics (and update the running ones).
+        momentum: weight of the new batch in the running average, in [0, 1].
+        eps: added to the variance, >= 0.
+        backend: "auto", "torch", "explicit" or "triton" (see :mod:`batchnorm.backends`).
+        nonfinite: "propagate", "skip" or "raise" (see the module docstring).
+
+    Returns:
+        A tensor of the input's shape and dtype.
+
+    Raises:
+        TypeError: non-tensor, integer or mismatched dtypes.
+        ValueError: wrong number of dimensions, channel-count mismatch, a training batch with one
+            value per channel, bad momentum or eps.
+        FloatingPointError: NaN/Inf in a training batch with ``nonfinite="raise"``.
+    """
+    check_momentum(momentum, stacklevel=3)
+    y, _ = batch_norm_with_status(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        backend=backend,
+        nonfinite=nonfinite,
+    )
+    return y
+
+
+def batch_norm_with_status(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    *,
+    backend: str | None = None,
+    nonfinite: str = "propagate",
+) -> tuple[torch.Tensor, torch.Tensor | bool | None]:
+    """:func:`batch_norm`, also telling whether the running statistics were updated.
+
+    The second value is None when no update was due (eval, or no running statistics), True/False
+    as a Python bool when known without synchronizing, or a 0-d bool tensor (``nonfinite="skip"``)
+    so that callers such as the layers can count tracked batches without a host synchronization.
+    """
+    _validate(input, running_mean, running_var, weight, bias, training, momentum, eps, nonfinite)
+    updates = training and running_mean is not None and running_var is not None
+
+    if input.numel() == 0:
+        # A batch with no samples has no statistics: return an empty output connected to the
+        # parameters (zero gradients) and leave the running statistics untouched.
+        y = input * 0
+        if weight is not None:
+            y = y * _expand(weight, input.dim()).to(y.dtype)
+        if bias is not None:
+            y = y + _expand(bias, input.dim()).to(y.dtype)
+        return y, (False if updates else None)
+
+    if training and nonfinite == "raise":
+        finite = torch.isfinite(input).all()
+        if not bool(finite):
+            bad = int((~torch.isfinite(input)).sum())
+            raise FloatingPointError(
+                f"batch norm input holds {bad} NaN/Inf value(s) out of {input.numel()}; "
+                "the running "
+                "statistics were not updated. Find where they come from (e.g. torch.autograd."
+                "set_detect_anomaly, a lower learning rate, loss scaling under AMP), or pass "
+                "nonfinite='skip' to keep training while protecting the running statistics."
+            )
+
+    name = backends.resolve(
+        backend, device_type=input.device.type, dtype_name=str(input.dtype).replace("torch.", "")
+    )
+    impl = _implementation(name)
+
+    if updates and nonfinite == "skip":
+        new_mean, new_var = running_mean.clone(), running_var.clone()
+        y = impl(input, new_mean, new_var, weight, bias, True, momentum, eps)
+        with torch.no_grad():
+            finite = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+            running_mean.copy_(torch.where(finite, new_mean, running_mean))
+            running_var.copy_(torch.where(finite, new_var, running_var))
+        return y, finite
+
+    y = impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return y, (True if updates else None)
+
+
+def _implementation(name: str):
+    if name == "explicit":
+        from batchnorm import explicit
+
+        return explicit.batch_norm
+    if name == "triton":
+        from batchnorm import ops
+
+        return ops.batch_norm
+    return torch.nn.functional.batch_norm
+
+
+def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def check_momentum(momentum: float | None, *, stacklevel: int = 3) -> None:
+    """Reject a momentum outside [0, 1]; warn when it looks like the Keras/Flax convention."""
+    if momentum is None or isinstance(momentum, torch.Tensor):
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not (0.0 <= momentum <= 1.0) or math.isnan(momentum):
+        raise ValueError(
+            f"momentum must lie in [0, 1], got {momentum}; it is the weight of the new batch in "
+            "the running average (PyTorch's convention, default 0.1)"
+        )
+    if momentum > 0.5:
+        warnings.warn(
+            f"momentum={momentum} gives the new batch more weight than the running average. In "
+            "PyTorch's convention (followed here) momentum is the weight of the NEW batch, "
+            "default 0.1; Keras and Flax call the weight of the OLD value momentum (default "
+            f"0.99). If you ported a Keras/Flax value, use momentum={1 - momentum:.4g} instead.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _validate(
+    input: object,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    nonfinite: str,
+) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch norm expects a torch.Tensor input, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"batch norm expects a floating-point input, got {input.dtype}; convert it first, "
+            "e.g. x.float() (and scale integer images to [0, 1])"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch norm expects an (N, C) or (N, C, *) input, got {input.dim()}-D shape "
+            f"{tuple(input.shape)}; for a single sample of C features use x.unsqueeze(0) "
+            "(and note that training needs more than one sample)"
+        )
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if momentum is None:
+        raise TypeError(
+            "the functional batch_norm needs a float momentum; the cumulative average "
+            "(momentum=None) is a layer feature: use batchnorm.nn.BatchNorm*d(momentum=None), or "
+            "pass momentum=1/num_batches_tracked"
+        )
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not (0.0 <= momentum <= 1.0)
+    ):
+        raise ValueError(
+            f"momentum must be a number in [0, 1], got {momentum!r}; it is the weight of the new "
+            "batch in the running average (PyTorch's convention, default 0.1)"
+        )
+
+    channels = input.shape[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        if t.shape != (channels,):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but the input has {channels} channels on "
+                f"axis 1 (input shape {tuple(input.shape)}); batch norm needs ({channels},). Check "
+                "num_features, or move the channel axis to position 1 (e.g. x.permute)"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != input.device:
+            raise ValueError(
+                f"{name} is on {t.device} but the input is on {input.device}; move the module or "
+                "tensors to one device (module.to(x.device))"
+            )
+        low_precision_input = input.dtype in (torch.float16, torch.bfloat16)
+        if t.dtype != input.dtype and not (low_precision_input and t.dtype == torch.float32):
+            raise TypeError(
+                f"mixed dtypes: input is {input.dtype} but {name} is {t.dtype}. Parameters and "
+                "statistics must match the input, or be float32 with a float16/bfloat16 input "
+                f"(mixed precision). Convert with module.to({input.dtype}) or x.to({t.dtype})"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(
+            "eval-mode batch norm (training=False) needs running_mean and running_var; pass them, "
+            "or use training=True to normalize with the batch statistics"
+        )
+    if training and input.numel() > 0:
+        per_channel = input.numel() // channels
+        if per_channel == 1:
+            raise ValueError(
+                f"batch norm in training mode needs more than one value per channel, got input "
+                f"shape {tuple(input.shape)} (1 value per channel): the batch variance of a single "
+                "value is 0 and its normalized output is always 0. Remedies: call model.eval() "
+                "for inference (population statistics are used); train with a batch larger than "
+                "one; or use a norm that needs no batch (batchnorm GroupNorm/LayerNorm), or "
+                "ghost/sync batch norm to get statistics across more samples."
+            )

@@ -1,0 +1,183 @@
+"""Drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``.
+
+Each class subclasses its torch counterpart, so it has the same constructor signature, parameters
+(``weight``, ``bias``), buffers (``running_mean``, ``running_var``, ``num_batches_tracked``),
+``state_dict`` keys and ``repr``; a torch checkpoint loads into it and back, and ``isinstance(layer,
+torch.nn.BatchNorm2d)`` holds, so code that looks for torch's batch norm finds ours.
+
+What is added, all keyword-only:
+
+- ``backend=``: the implementation (see :mod:`batchnorm.backends`); None follows the context
+  manager / environment variable / default. ``layer.last_backend`` tells what ran.
+- ``nonfinite=``: "propagate" (torch's behaviour), "skip" (a NaN/Inf batch leaves the running
+  statistics and ``num_batches_tracked`` untouched) or "raise".
+
+Differences from torch that only show on bad input: errors are raised before anything changes
+(torch increments ``num_batches_tracked`` before it rejects a batch with one value per channel), and
+they say what to do.
+
+Example:
+    >>> import torch
+    >>> from batchnorm.nn import BatchNorm2d
+    >>> bn = BatchNorm2d(3)
+    >>> bn
+    BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, ...track_running_stats=True)
+    >>> y = bn(torch.randn(4, 3, 5, 5))
+    >>> bn.num_batches_tracked.item(), bn.last_backend
+    (1, 'torch')
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from batchnorm import backends
+from batchnorm.functional import NONFINITE_POLICIES, batch_norm_with_status, check_momentum
+
+# torch >= 2.12 takes a keyword-only bias= (affine scale without a shift); older ones do not.
+_TORCH_HAS_BIAS_ARG = (
+    "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
+)
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormMixin"]
+
+
+class BatchNormMixin:
+    """The forward pass shared by the drop-in classes (torch's ``_BatchNorm.forward`` semantics)."""
+
+    # Set by the concrete classes: the accepted numbers of input dimensions and a description.
+    _accepted_dims: tuple[int, ...] = ()
+    _dims_text: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        backend: str | None = None,
+        nonfinite: str = "propagate",
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        args = (num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if _TORCH_HAS_BIAS_ARG:
+            super().__init__(*args, bias=bias)
+        else:
+            # Older torch (before the bias= argument): same result, done by hand.
+            super().__init__(*args)
+            if not bias:
+                self.register_parameter("bias", None)
+        if backend is not None:
+            backends.requested_backend(backend)  # validates the name now, not at first forward
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        check_momentum(momentum, stacklevel=3)
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.last_backend: str | None = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(input).__name__}")
+        if input.dim() not in self._accepted_dims:
+            raise ValueError(
+                f"{type(self).__name__} expects {self._dims_text}, got a {input.dim()}-D input of "
+                f"shape {tuple(input.shape)}. {self._dims_hint(input)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got {input.shape[1]} channels on axis "
+                f"1 (input shape {tuple(input.shape)}); set num_features={input.shape[1]} or put "
+                "the channel axis at position 1"
+            )
+
+    def _dims_hint(self, input: torch.Tensor) -> str:
+        for cls, dims in (("BatchNorm1d", (2, 3)), ("BatchNorm2d", (4,)), ("BatchNorm3d", (5,))):
+            if input.dim() in dims:
+                return f"For a {input.dim()}-D input use {cls}."
+        return "Batch norm needs a batch axis 0 and a channel axis 1."
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        track = self.training and self.track_running_stats
+        if self.momentum is None:
+            factor = 0.0
+            if track and self.num_batches_tracked is not None:
+                # Cumulative average: the k-th batch gets weight 1/k.
+                factor = 1.0 / float(self.num_batches_tracked + 1)
+        else:
+            factor = self.momentum
+        if self.training:
+            use_batch_stats = True
+        else:
+            use_batch_stats = self.running_mean is None and self.running_var is None
+        keep_stats = not self.training or self.track_running_stats
+        y, updated = batch_norm_with_status(
+            input,
+            self.running_mean if keep_stats else None,
+            self.running_var if keep_stats else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+            backend=self.backend,
+            nonfinite=self.nonfinite,
+        )
+        self.last_backend = backends.last_backend()
+        if track and self.num_batches_tracked is not None and updated is not None:
+            if isinstance(updated, torch.Tensor):
+                self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
+            elif updated:
+                self.num_batches_tracked.add_(1)
+        return y
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        if self.nonfinite != "propagate":
+            text += f", nonfinite={self.nonfinite!r}"
+        return text
+
+
+class BatchNorm1d(BatchNormMixin, torch.nn.BatchNorm1d):
+    """Drop-in ``torch.nn.BatchNorm1d``: input (N, C) or (N, C, L).
+
+    Args: as ``torch.nn.BatchNorm1d`` (including the keyword-only ``bias``), plus keyword-only
+    ``backend`` and ``nonfinite`` (see the module docstring).
+    """
+
+    _accepted_dims = (2, 3)
+    _dims_text = "a 2-D (N, C) or 3-D (N, C, L) input"
+
+
+class BatchNorm2d(BatchNormMixin, torch.nn.BatchNorm2d):
+    """Drop-in ``torch.nn.BatchNorm2d``: input (N, C, H, W), contiguous or channels-last.
+
+    Args: as ``torch.nn.BatchNorm2d``, plus keyword-only ``backend`` and ``nonfinite``.
+    """
+
+    _accepted_dims = (4,)
+    _dims_text = "a 4-D (N, C, H, W) input"
+
+
+class BatchNorm3d(BatchNormMixin, torch.nn.BatchNorm3d):
+    """Drop-in ``torch.nn.BatchNorm3d``: input (N, C, D, H, W).
+
+    Args: as ``torch.nn.BatchNorm3d``, plus keyword-only ``backend`` and ``nonfinite``.
+    """
+
+    _accepted_dims = (5,)
+    _dims_text = "a 5-D (N, C, D, H, W) input"
