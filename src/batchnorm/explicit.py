@@ -42,15 +42,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mu_B, var_B), var biased, accumulated in float32 (float64 for float64 input).
 
-    Two passes: the mean first, then the mean of squared deviations, so that large means
-    (x = 1e4 + randn) keep their accuracy.
+    Shifted two-pass: each channel is first shifted by one of its own values (the first sample's),
+    so the sum runs over small deviations instead of large values (with x = 1e4 + randn, float32
+    sums of raw values lose several ulps of the mean); then the mean of squared deviations from
+    mu_B, with no E[x^2] - E[x]^2 cancellation.
 
     Shape:
         x: (N, C, *); returns two (C,) tensors.
     """
     xc = x.to(_compute_dtype(x))
     axes = _axes(x)
-    mu = xc.mean(dim=axes)
+    shift = xc.select(0, 0).reshape(xc.shape[1], -1)[:, 0]  # (C,) one value of each channel
+    mu = shift + (xc - _per_channel(shift, x.dim())).mean(dim=axes)
     var = (xc - _per_channel(mu, x.dim())).square().mean(dim=axes)
     return mu, var
 

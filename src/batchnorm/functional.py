@@ -184,7 +184,7 @@ def check_momentum(momentum: float | None, *, stacklevel: int = 3) -> None:
             f"momentum must lie in [0, 1], got {momentum}; it is the weight of the new batch in "
             "the running average (PyTorch's convention, default 0.1)"
         )
-    if momentum > 0.5:
+    if 0.5 < momentum < 1.0:  # 1.0 (keep only the last batch) is a deliberate choice
         warnings.warn(
             f"momentum={momentum} gives the new batch more weight than the running average. In "
             "PyTorch's convention (followed here) momentum is the weight of the NEW batch, "

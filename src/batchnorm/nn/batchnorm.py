@@ -100,12 +100,24 @@ class BatchNormMixin:
                 f"{type(self).__name__}({self.num_features}) got {input.shape[1]} channels on axis "
                 f"1 (input shape {tuple(input.shape)}); set num_features={input.shape[1]} or put "
                 "the channel axis at position 1"
+                + (
+                    f" (channels-last data: x.permute(0, {input.dim() - 1}, "
+                    + ", ".join(str(i) for i in range(1, input.dim() - 1))
+                    + "), or x.movedim(-1, 1))"
+                    if input.shape[-1] == self.num_features
+                    else ""
+                )
             )
 
     def _dims_hint(self, input: torch.Tensor) -> str:
         for cls, dims in (("BatchNorm1d", (2, 3)), ("BatchNorm2d", (4,)), ("BatchNorm3d", (5,))):
             if input.dim() in dims:
                 return f"For a {input.dim()}-D input use {cls}."
+        if input.dim() == 1:
+            return (
+                "Batch norm needs a batch axis 0 and a channel axis 1: for one sample of C "
+                "features use x.unsqueeze(0) (and model.eval(): training needs several samples)."
+            )
         return "Batch norm needs a batch axis 0 and a channel axis 1."
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,359 @@
+"""Bad input: each case gets an error that names the problem and the remedy, and nothing is lost.
+
+"Nothing is lost" is checked after every error: running statistics, ``num_batches_tracked`` and
+parameters are bit-for-bit what they were before the failing call.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import reference
+from batchnorm.functional import batch_norm
+from batchnorm.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from tests.helpers import assert_close
+
+CPU_BACKENDS = ("torch", "explicit")
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_unchanged(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{key} changed after a rejected batch"
+
+
+def _warmed_up(cls=BatchNorm2d, channels=3, backend="torch", **kwargs):
+    bn = cls(channels, backend=backend, **kwargs)
+    shape = {BatchNorm1d: (8, channels), BatchNorm2d: (4, channels, 3, 3)}.get(
+        cls, (2, channels, 2, 2, 2)
+    )
+    bn(torch.randn(*shape) * 2 + 1)  # running stats no longer at their initial values
+    return bn
+
+
+# --- one value per channel -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "cls, shape",
+    [(BatchNorm1d, (1, 5)), (BatchNorm2d, (1, 5, 1, 1)), (BatchNorm3d, (1, 5, 1, 1, 1))],
+)
+def test_one_value_per_channel_in_training_names_the_remedies(cls, shape, backend):
+    bn = _warmed_up(cls, 5, backend)
+    before = _snapshot(bn)
+    with pytest.raises(ValueError) as info:
+        bn(torch.randn(*shape))
+    message = str(info.value)
+    assert "more than one value per channel" in message
+    assert "model.eval()" in message and "GroupNorm" in message and "larger" in message
+    # torch itself increments num_batches_tracked before rejecting the batch; we do not.
+    _assert_unchanged(bn, before)
+
+
+def test_one_value_per_channel_is_fine_in_eval():
+    bn = _warmed_up(BatchNorm2d, 5).eval()
+    x = torch.randn(1, 5, 1, 1)
+    y = bn(x)
+    expected = torch.nn.functional.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps
+    )
+    assert torch.equal(y, expected)
+
+
+def test_one_value_per_channel_without_running_stats_in_eval_still_errors_clearly():
+    # track_running_stats=False normalizes with batch statistics even in eval: same error.
+    bn = BatchNorm1d(4, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn(torch.randn(1, 4))
+
+
+# --- wrong number of dimensions or channels --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls, shape, hint",
+    [
+        (BatchNorm1d, (2, 3, 4, 5), "BatchNorm2d"),
+        (BatchNorm2d, (2, 3, 4), "BatchNorm1d"),
+        (BatchNorm2d, (2, 3, 4, 4, 4), "BatchNorm3d"),
+        (BatchNorm3d, (2, 3, 4, 4), "BatchNorm2d"),
+        (BatchNorm1d, (3,), "unsqueeze"),
+    ],
+)
+def test_wrong_number_of_dimensions_suggests_the_right_layer(cls, shape, hint):
+    bn = _warmed_up(cls, 3)
+    before = _snapshot(bn)
+    with pytest.raises(ValueError) as info:
+        bn(torch.randn(*shape))
+    assert f"{len(shape)}D" in str(info.value) or f"{len(shape)}-D" in str(info.value)
+    assert hint in str(info.value)
+    _assert_unchanged(bn, before)
+
+
+@pytest.mark.parametrize("cls, shape", [(BatchNorm1d, (4, 7)), (BatchNorm2d, (4, 7, 3, 3))])
+def test_wrong_number_of_channels_says_which_axis(cls, shape):
+    bn = _warmed_up(cls, 3)
+    before = _snapshot(bn)
+    with pytest.raises(ValueError) as info:
+        bn(torch.randn(*shape))
+    message = str(info.value)
+    assert "3" in message and "7" in message and "axis 1" in message
+    _assert_unchanged(bn, before)
+
+
+def test_channels_last_tensor_with_channels_on_the_wrong_axis():
+    # A NHWC array passed as if it were NCHW: 3 channels expected, the last axis has them.
+    bn = _warmed_up(BatchNorm2d, 3)
+    with pytest.raises(ValueError, match="permute"):
+        bn(torch.randn(4, 8, 8, 3))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("running_mean", {"running_mean": torch.zeros(4), "running_var": torch.ones(3)}),
+        ("running_var", {"running_mean": torch.zeros(3), "running_var": torch.ones(3, 1)}),
+        ("weight", {"weight": torch.ones(2)}),
+        ("bias", {"bias": torch.zeros(5)}),
+    ],
+)
+def test_functional_parameter_shapes_are_named(name, kwargs):
+    args = {"running_mean": None, "running_var": None, "weight": None, "bias": None}
+    args.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        batch_norm(torch.randn(4, 3), training=True, **args)
+    assert str(info.value).startswith(name)
+    assert "(3,)" in str(info.value)
+
+
+def test_functional_needs_both_running_stats_or_neither():
+    with pytest.raises(ValueError, match="both running_mean and running_var"):
+        batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
+
+
+def test_functional_eval_without_running_stats():
+    with pytest.raises(ValueError, match="needs running_mean and running_var"):
+        batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+def test_non_tensor_input():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        batch_norm(np.zeros((4, 3)), None, None, training=True)
+
+
+# --- dtypes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_input_is_refused_with_a_conversion_hint(dtype):
+    bn = _warmed_up(BatchNorm2d, 3)
+    before = _snapshot(bn)
+    with pytest.raises(TypeError) as info:
+        bn(torch.ones(4, 3, 2, 2, dtype=dtype))
+    assert "floating-point" in str(info.value) and ".float()" in str(info.value)
+    _assert_unchanged(bn, before)
+
+
+def test_float64_input_with_float32_layer_is_refused_with_both_remedies():
+    bn = _warmed_up(BatchNorm2d, 3)
+    before = _snapshot(bn)
+    with pytest.raises(TypeError) as info:
+        bn(torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    message = str(info.value)
+    assert "mixed dtypes" in message and "torch.float64" in message and "torch.float32" in message
+    assert "module.to(" in message
+    _assert_unchanged(bn, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_with_float32_layer_is_allowed_mixed_precision(dtype):
+    bn = BatchNorm2d(3, backend="explicit")
+    x = torch.randn(4, 3, 2, 2).to(dtype)
+    y = bn(x)
+    assert y.dtype == dtype
+    assert torch.isfinite(y).all()
+
+
+def test_float32_input_with_half_parameters_is_refused():
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        batch_norm(torch.randn(4, 3), None, None, torch.ones(3, dtype=torch.float16), None, True)
+
+
+def test_integer_parameters_are_refused():
+    with pytest.raises(TypeError, match="weight must be floating point"):
+        batch_norm(torch.randn(4, 3), None, None, torch.ones(3, dtype=torch.int64), None, True)
+
+
+def test_device_mismatch_is_named():
+    x = torch.empty(4, 3, device="meta")
+    with pytest.raises(ValueError, match="move the module"):
+        batch_norm(x, None, None, torch.ones(3), None, True)
+
+
+# --- hyper-parameters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+def test_momentum_out_of_range(momentum):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        BatchNorm1d(3, momentum=momentum)
+
+
+def test_keras_style_momentum_warns_with_the_converted_value():
+    with pytest.warns(UserWarning, match=r"momentum=0.01"):
+        BatchNorm1d(3, momentum=0.99)
+
+
+def test_default_momentum_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BatchNorm1d(3)
+        BatchNorm1d(3, momentum=None)
+
+
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), "1e-5"])
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
+
+
+def test_unknown_nonfinite_policy():
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        batch_norm(torch.randn(4, 3), None, None, training=True, nonfinite="ignore")
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ValueError, match="explicit"):
+        batch_norm(torch.randn(4, 3), None, None, training=True, backend="cudnn")
+
+
+# --- empty tensors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (2, 3, 0, 4)])
+def test_empty_batch_gives_empty_output_and_leaves_the_stats_alone(shape, backend):
+    cls = BatchNorm1d if len(shape) == 2 else BatchNorm2d
+    bn = _warmed_up(cls, 3, backend)
+    before = _snapshot(bn)
+    x = torch.randn(*shape, requires_grad=True)
+    y = bn(x)
+    assert y.shape == x.shape
+    _assert_unchanged(bn, before)
+    y.sum().backward()  # connected to the parameters, zero gradients
+    assert torch.equal(bn.weight.grad, torch.zeros(3))
+    assert torch.equal(bn.bias.grad, torch.zeros(3))
+    assert x.grad.shape == x.shape
+
+
+def test_empty_batch_in_eval():
+    bn = _warmed_up(BatchNorm2d, 3).eval()
+    assert bn(torch.randn(0, 3, 2, 2)).shape == (0, 3, 2, 2)
+
+
+# --- NaN and Inf -----------------------------------------------------------------------------
+
+
+def _poisoned(shape=(8, 3, 2, 2), value=float("nan")):
+    x = torch.randn(*shape)
+    x[3, 1, 0, 1] = value
+    return x
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_raise_refuses_before_touching_anything(value, backend):
+    bn = _warmed_up(BatchNorm2d, 3, backend, nonfinite="raise")
+    before = _snapshot(bn)
+    with pytest.raises(FloatingPointError) as info:
+        bn(_poisoned(value=value))
+    assert "1 NaN/Inf" in str(info.value) and "nonfinite='skip'" in str(info.value)
+    _assert_unchanged(bn, before)
+    bn(torch.randn(8, 3, 2, 2))  # a clean batch afterwards trains normally
+    assert bn.num_batches_tracked.item() == before["num_batches_tracked"].item() + 1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nonfinite_skip_keeps_running_stats_and_counts_only_clean_batches(backend):
+    bn = _warmed_up(BatchNorm2d, 3, backend, nonfinite="skip")
+    before = _snapshot(bn)
+    y = bn(_poisoned())
+    assert torch.isnan(y).any()  # the NaN is visible in the output, not hidden
+    _assert_unchanged(bn, before)
+    clean = torch.randn(8, 3, 2, 2)
+    twin = copy.deepcopy(bn)
+    twin.nonfinite = "propagate"
+    bn(clean)
+    twin(clean)
+    for key, value in twin.state_dict().items():
+        assert torch.equal(bn.state_dict()[key], value), key
+
+
+def test_nonfinite_propagate_is_torchs_behaviour():
+    ours = _warmed_up(BatchNorm2d, 3)
+    theirs = torch.nn.BatchNorm2d(3)
+    theirs.load_state_dict(ours.state_dict())
+    x = _poisoned()
+    ours(x)
+    theirs(x)
+    assert torch.isnan(ours.running_mean[1]) and torch.isnan(theirs.running_mean[1])
+    assert torch.isfinite(ours.running_mean[[0, 2]]).all()
+
+
+def test_nonfinite_does_not_matter_in_eval():
+    bn = _warmed_up(BatchNorm2d, 3, nonfinite="raise").eval()
+    before = _snapshot(bn)
+    y = bn(_poisoned())  # eval updates nothing, so there is nothing to protect
+    assert torch.isnan(y[3, 1, 0, 1])
+    _assert_unchanged(bn, before)
+
+
+def test_nonfinite_skip_in_functional_api():
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    batch_norm(_poisoned(), running_mean, running_var, training=True, nonfinite="skip")
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+
+
+# --- zero variance and large means -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_variance_channel_gives_finite_output_and_gradients(backend):
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    x[:, 1] = 7.0  # a dead channel: every value identical
+    x.requires_grad_(True)
+    bn = BatchNorm2d(3, backend=backend, dtype=torch.float64)
+    y = bn(x)
+    assert torch.isfinite(y).all()
+    assert_close(y[:, 1], bn.bias[1].expand_as(y[:, 1]), rtol=0, atol=0, name="dead channel")
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(bn.weight.grad).all()
+    assert torch.equal(bn.running_var[1], torch.tensor(0.9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_mean_float32_keeps_full_accuracy_in_the_statistics(backend):
+    # x = 1e4 + randn: E[x^2] - E[x]^2 in float32 would lose every significant digit of the
+    # variance (1e8 vs 1 with 24-bit mantissas); the statistics must stay at float32 precision.
+    gen = torch.Generator().manual_seed(0)
+    x = 1e4 + torch.randn(64, 4, 8, 8, generator=gen)
+    bn = BatchNorm2d(4, momentum=1.0, backend=backend)
+    y = bn(x)
+    x64 = x.double().numpy()
+    mean = x64.mean(axis=(0, 2, 3))
+    var = x64.var(axis=(0, 2, 3), ddof=1)
+    assert_close(bn.running_mean.double(), torch.from_numpy(mean), rtol=1e-6, atol=0, name="mean")
+    assert_close(bn.running_var.double(), torch.from_numpy(var), rtol=1e-4, atol=0, name="var")
+    out, _ = reference.bn_forward(x64, np.ones(4), np.zeros(4), bn.eps)
+    assert_close(y.double(), torch.from_numpy(out), rtol=0, atol=2e-3, name="output")
