@@ -340,14 +340,24 @@ def test_triton_request_falls_back_visibly_on_float64(monkeypatch):
     assert backends.last_backend() == "torch"
 
 
-def test_forward_twice_then_backward_and_buffer_edits_between():
+@pytest.mark.parametrize("backend", ["torch", "explicit"])
+@pytest.mark.parametrize("training", [True, False])
+def test_buffer_edits_between_forward_and_backward_do_not_break_the_graph(backend, training):
     """Two forwards before one backward, and an in-place edit of the running buffers in between
-    (what DDP's buffer broadcast does) must not break the eval-mode graph (explicit backend)."""
-    bn = bnn.BatchNorm1d(3, backend="explicit")
-    x = torch.randn(5, 3, requires_grad=True)
-    (bn(x) + bn(x)).sum().backward()
-    bn.eval()
-    y = bn(x)
-    with torch.no_grad():
-        bn.running_mean.add_(1.0)
-    y.sum().backward()
+    (what DDP's buffer broadcast does, pytorch#22095): torch.nn fails with "modified by an inplace
+    operation"; ours must give the same gradients as without the edit."""
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for edit in (False, True):
+        bn = bnn.BatchNorm1d(3, backend=backend, dtype=torch.float64).train(training)
+        bn.running_var.fill_(2.0)
+        x.grad = None
+        y = bn(x) + bn(x)  # the second forward updates the buffers the first one used
+        if edit:
+            with torch.no_grad():
+                bn.running_mean.add_(1.0)
+                bn.running_var.mul_(3.0)
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        grads.append((x.grad.clone(), bn.weight.grad.clone(), bn.bias.grad.clone()))
+    for before, after, name in zip(grads[0], grads[1], ("x", "weight", "bias")):
+        assert_close(after, before, rtol=0, atol=0, name=f"grad {name}")

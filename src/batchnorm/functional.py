@@ -166,7 +166,40 @@ def _implementation(name: str):
         from batchnorm import ops
 
         return ops.batch_norm
-    return torch.nn.functional.batch_norm
+    return _torch_native
+
+
+def _torch_native(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """PyTorch's kernel, run on copies of the running statistics.
+
+    The native op saves the running-statistics tensors it was given for its backward pass, so any
+    in-place change to the buffers between forward and backward (a second forward, DDP's buffer
+    broadcast, a user's edit) makes backward fail with "modified by an inplace operation"
+    (pytorch#22095). The kernel gets private copies instead, and the updated values are copied
+    back into the buffers after it ran: the same numbers, and graphs that never break.
+    """
+    if running_mean is None or running_var is None:
+        return torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    mean_copy, var_copy = running_mean.detach().clone(), running_var.detach().clone()
+    y = torch.nn.functional.batch_norm(
+        input, mean_copy, var_copy, weight, bias, training, momentum, eps
+    )
+    if training:
+        with torch.no_grad():
+            running_mean.copy_(mean_copy)
+            running_var.copy_(var_copy)
+    return y
 
 
 def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ Conventions (SPEC.md section 3):
       ``var_B * m / (m - 1)``. ``momentum=None`` means a cumulative equal-weight average, which is
       :func:`running_update` with ``momentum = 1 / num_batches_tracked``.
     - Keras, Flax, ONNX: ``running = momentum * running + (1 - momentum) * batch`` with
-      ``momentum = 0.99`` (Keras) or ``0.9`` (ONNX, Flax), and the *biased* variance is stored.
+      ``momentum = 0.99`` (Keras, Flax) or ``0.9`` (ONNX), and the *biased* variance is stored.
       Their ``momentum`` is ``1 -`` PyTorch's (:func:`torch_to_keras_momentum`), and their
       running variance is converted with :func:`unbiased_to_biased` / :func:`biased_to_unbiased`.
     - Algorithm 2 recomputes population statistics after training ("precise BN") instead of
