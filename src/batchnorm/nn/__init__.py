@@ -13,3 +13,38 @@ from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.nn.convert import convert
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+
+# Variants beyond one device and one batch, on the shared primitives (torch operations).
+from batchnorm.nn.frozen import FrozenBatchNorm  # noqa: E402
+from batchnorm.nn.ghost import GhostBatchNorm  # noqa: E402
+from batchnorm.nn.norms import (  # noqa: E402
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+)
+from batchnorm.nn.registry import available_norms, create_norm, register_norm  # noqa: E402
+from batchnorm.nn.renorm import BatchRenorm  # noqa: E402
+from batchnorm.nn.sync import (  # noqa: E402
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
+
+__all__ += [
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "SyncBatchNorm",
+    "available_norms",
+    "convert_sync_batchnorm",
+    "create_norm",
+    "register_norm",
+    "revert_sync_batchnorm",
+]

@@ -1,0 +1,131 @@
+"""What the batch-statistics variants (ghost batch norm, batch renorm) share.
+
+A common base class for layers that keep batch norm's state (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``: a BN checkpoint loads into them and
+``batchnorm.inference.fold`` / ``recalibrate`` treat them as batch norm), accept any (N, C, *)
+input, and differ from batch norm only in training: which statistics normalize, and how the
+running statistics follow. Eval mode is batch norm's: the running statistics, through
+:func:`batchnorm.primitives.normalize`.
+
+They run on torch operations (:mod:`batchnorm.primitives`), not on the project's Triton kernels:
+``kernel = "torch"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm.functional import check_momentum
+from batchnorm.nn.batchnorm import _TORCH_HAS_BIAS_ARG
+from batchnorm.primitives import accumulation_dtype, invstd, normalize, update_running_statistics
+
+__all__ = ["BatchStatisticsVariant"]
+
+
+class BatchStatisticsVariant(_BatchNorm):
+    """Base of the batch-norm variants: batch norm's state and eval mode, any (N, C, *) input.
+
+    Subclasses implement the training forward. Args as ``torch.nn.BatchNorm2d``.
+    """
+
+    kernel = "torch"
+    # Why convert_sync_batchnorm leaves the layer alone (and whether it warns about it).
+    _no_sync_reason: str | None = "its statistics are per process by design"
+    _warn_no_sync = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        check_momentum(momentum, stacklevel=4)
+        args = (num_features, eps, momentum, affine, track_running_stats)
+        if _TORCH_HAS_BIAS_ARG:
+            super().__init__(*args, device=device, dtype=dtype, bias=bias)
+        else:
+            super().__init__(*args, device=device, dtype=dtype)
+            if not bias:
+                self.register_parameter("bias", None)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{name} expects a tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"{name} expects a floating-point input, got {input.dtype}")
+        if input.dim() < 2:
+            raise ValueError(
+                f"{name} expects an (N, C) or (N, C, *) input, got a {input.dim()}-D input of "
+                f"shape {tuple(input.shape)}; add a batch axis with x.unsqueeze(0)"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}({self.num_features}) got {input.shape[1]} channels on axis 1 (input "
+                f"shape {tuple(input.shape)}); set num_features={input.shape[1]} or put the "
+                "channel axis at position 1"
+            )
+
+    @staticmethod
+    def _per_channel(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return None if t is None else t.reshape(shape)
+
+    def _normalize_with_running_statistics(self, input: torch.Tensor) -> torch.Tensor:
+        """Eval mode: ``y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta`` (SPEC.md Sec. 3)."""
+        assert self.running_mean is not None and self.running_var is not None
+        shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+        acc = accumulation_dtype(input.dtype)
+        mean = self.running_mean.to(acc).reshape(shape)
+        inv_std = invstd(self.running_var.to(acc).reshape(shape), self.eps)
+        return normalize(
+            input,
+            mean,
+            inv_std,
+            self._per_channel(self.weight, shape),
+            self._per_channel(self.bias, shape),
+        )
+
+    def _momentum_factor(self) -> float | torch.Tensor:
+        if self.momentum is not None:
+            return self.momentum
+        assert self.num_batches_tracked is not None
+        # Cumulative average: the k-th batch gets weight 1/k (no host synchronization).
+        return 1.0 / (self.num_batches_tracked.to(torch.float64) + 1)
+
+    def _track(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """One moving-average step with the given statistics, and count the batch."""
+        assert self.running_mean is not None and self.running_var is not None
+        update_running_statistics(
+            self.running_mean, self.running_var, mean, unbiased_var, self._momentum_factor()
+        )
+        if self.num_batches_tracked is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+
+    def _tracking(self) -> bool:
+        return self.training and self.track_running_stats and self.running_mean is not None
+
+    @staticmethod
+    def _empty_output(
+        input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The output for an empty batch: empty, connected to the parameters (zero gradients)."""
+        y = input * 0
+        if weight is not None:
+            y = y * weight.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y

@@ -1,0 +1,138 @@
+"""Ghost batch norm (Hoffer, Hubara, Soudry 2017, arXiv 1705.08741).
+
+A large batch is split into "ghost" (virtual) batches of ``virtual_batch_size`` samples, each
+normalized with its own statistics, as if the network had been trained with small batches: the
+generalization of small-batch training (the noise of per-batch statistics) with the throughput of
+large batches. The paper uses ghost batches of 128.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from batchnorm.nn.batch_variant import BatchStatisticsVariant
+from batchnorm.primitives import Moments, normalize_over
+
+__all__ = ["GhostBatchNorm"]
+
+
+class GhostBatchNorm(BatchStatisticsVariant):
+    """Batch norm over ghost batches of ``virtual_batch_size`` samples of an (N, C, *) batch.
+
+    In training, samples ``[g * B, (g + 1) * B)`` with ``B = virtual_batch_size`` form ghost batch
+    ``g``, normalized by Algorithm 1 with its own ``mu_g``, ``var_g`` (per channel, over the
+    ghost batch and the spatial axes); when ``B`` does not divide ``N`` the last ghost batch holds
+    the ``N mod B`` remaining samples. With ``B >= N`` this is batch norm.
+
+    Running statistics (one moving-average step per forward, like batch norm, so ``momentum``
+    means the same): the count-weighted mean of the ghost-batch means, and the pooled unbiased
+    within-ghost-batch variance, Algorithm 2 with the ghost batches as its mini-batches::
+
+        mean = sum_g m_g mu_g / sum_g m_g
+        var  = sum_g m_g var_g / sum_g (m_g - 1)
+
+    Inference (eval mode) uses them exactly as batch norm does. Taking the variance within ghost
+    batches (not over the whole batch) matches what training normalizes with; the two agree in
+    expectation when the ghost batches are random samples. With one ghost batch, every number
+    (output, gradients, running statistics) equals batch norm's.
+
+    Runs on torch operations (:mod:`batchnorm.primitives`), not the project's Triton kernels
+    (``kernel = "torch"``).
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as
+            ``torch.nn.BatchNorm2d``.
+        virtual_batch_size: Samples per ghost batch (keyword-only), >= 1.
+
+    Shape:
+        - Input: (N, C, *). Output: same.
+
+    Example:
+        >>> import torch
+        >>> ghost = GhostBatchNorm(2, virtual_batch_size=4)
+        >>> x = torch.randn(8, 2)
+        >>> y = ghost(x)
+        >>> torch.allclose(y[:4].mean(0), torch.zeros(2), atol=1e-6)  # each ghost batch centred
+        True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        virtual_batch_size: int = 128,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        if (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                f"virtual_batch_size must be a positive int (samples per ghost batch), got "
+                f"{virtual_batch_size!r}"
+            )
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training and self.running_mean is not None:
+            return self._normalize_with_running_statistics(input)
+        n, ndim = input.shape[0], input.dim()
+        shape = (1, 1, input.shape[1]) + (1,) * (ndim - 2)  # broadcasts on (G, B, C, *)
+        weight = self._per_channel(self.weight, shape)
+        bias = self._per_channel(self.bias, shape)
+        if input.numel() == 0:
+            per_channel = (1, input.shape[1]) + (1,) * (ndim - 2)
+            return self._empty_output(
+                input,
+                self._per_channel(self.weight, per_channel),
+                self._per_channel(self.bias, per_channel),
+            )
+        size = min(self.virtual_batch_size, n)
+        full = (n // size) * size
+        per_sample = input[0, 0].numel()
+        for samples in {size, n - full} - {0}:
+            if samples * per_sample <= 1:
+                raise ValueError(
+                    f"{type(self).__name__}: a ghost batch of {samples} sample(s) of shape "
+                    f"{tuple(input.shape[1:])} has one value per channel (batch of {n}, "
+                    f"virtual_batch_size={self.virtual_batch_size}), so its variance is 0 and its "
+                    "output constant. Use a virtual_batch_size that divides the batch size, a "
+                    "larger one, or drop the last incomplete batch of the loader (drop_last=True)."
+                )
+        dims = (1, *range(3, ndim + 1))  # the samples of a ghost batch and the spatial axes
+        outputs: list[torch.Tensor] = []
+        parts: list[Moments] = []
+        for start, stop in ((0, full), (full, n)):
+            if stop == start:
+                continue
+            groups = (stop - start) // size if stop == full else 1
+            chunk = input[start:stop].reshape(groups, (stop - start) // groups, *input.shape[1:])
+            y, stats = normalize_over(chunk, dims, self.eps, weight, bias)  # stats (G,1,C,1..)
+            outputs.append(y.reshape(stop - start, *input.shape[1:]))
+            parts.append(stats)
+        if self._tracking():
+            count = torch.cat([p.count for p in parts])
+            channel_sums = (0, 1, *range(3, ndim + 1))  # all but the channel axis 2
+            total = count.sum(channel_sums)
+            mean = (count * torch.cat([p.mean for p in parts])).sum(channel_sums) / total
+            pooled_var = torch.cat([p.m2 for p in parts]).sum(channel_sums) / (
+                (count - 1).sum(channel_sums)
+            )
+            self._track(mean, pooled_var)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -1,0 +1,541 @@
+"""The batch-norm primitives every normalization layer of the project is built from.
+
+Batch, sync, ghost, renorm, frozen, layer, instance and group normalization differ in two choices
+only: the **axes** the statistics are taken over, and **where the statistics come from** (this
+batch, all processes, the moving averages, fixed values). Everything else is shared, in the paper's
+notation (Ioffe & Szegedy 2015, Algorithm 1 and Sec. 2 of SPEC.md):
+
+- :func:`collect_statistics`: per statistics group, ``(m, mu_B, M2)`` with
+  ``M2 = sum_i (x_i - mu_B)^2``, so that ``var_B = M2 / m``. Kept as counts and sums of squared
+  deviations (never ``E[x^2] - E[x]^2``) so that partial statistics merge exactly and stably.
+- :func:`merge_statistics` / :func:`combine_statistics`: Chan et al.'s parallel formulas, which
+  combine partial statistics of uneven sizes (processes, ghost batches) into those of the union::
+
+      m     = m_a + m_b
+      mu    = mu_a + (mu_b - mu_a) * m_b / m
+      M2    = M2_a + M2_b + (mu_b - mu_a)^2 * m_a * m_b / m
+
+- :func:`normalize`: ``y = gamma * (x - mu) * invstd + beta`` with ``invstd = 1/sqrt(var + eps)``
+  given (fixed statistics: eval mode, frozen layers); plain torch ops, differentiated by autograd.
+- :func:`backward_reduce`: per group, ``sum_i dl/dy_i`` and ``sum_i dl/dy_i * xhat_i``
+  (``dl/dbeta`` and ``dl/dgamma`` of batch norm).
+- :func:`backward_elementwise`: ``dl/dx`` from those two sums, the closed form of SPEC.md Sec. 2::
+
+      dl/dx_i = gamma * invstd * (dl/dy_i - sum(dl/dy) / m - xhat_i * sum(dl/dy * xhat) / m)
+
+- :func:`normalize_over`: the four composed into one autograd function that normalizes with the
+  input's own statistics over chosen axes, with an optional :class:`StatisticsReducer` that turns
+  local statistics and gradient sums into global ones (one collective each way: sync batch norm).
+- :func:`update_running_statistics`: PyTorch's moving averages, in place, optionally masked.
+
+Statistics are accumulated in float32 for float16/bfloat16 inputs and in the input's dtype
+otherwise (see :func:`accumulation_dtype`).
+
+These are torch operations, not the project's Triton kernels: the variants built on them run
+wherever torch runs. :func:`normalize_over` is differentiable once; a second derivative (a
+gradient penalty through a normalization layer) raises an error rather than giving a wrong value.
+
+Example:
+    Statistics of two uneven parts merge into those of the whole batch:
+
+    >>> import torch
+    >>> x = torch.tensor([[1.0], [2.0], [4.0], [7.0], [10.0]], dtype=torch.float64)
+    >>> a, b = collect_statistics(x[:2], (0,)), collect_statistics(x[2:], (0,))
+    >>> whole = merge_statistics(a, b)
+    >>> whole.count.item(), whole.mean.item(), round(variance(whole).item(), 12)
+    (5.0, 4.8, 10.96)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "Moments",
+    "StatisticsReducer",
+    "accumulation_dtype",
+    "backward_elementwise",
+    "backward_reduce",
+    "collect_statistics",
+    "combine_statistics",
+    "invstd",
+    "merge_statistics",
+    "normalize",
+    "normalize_over",
+    "update_running_statistics",
+    "variance",
+]
+
+
+class Moments(NamedTuple):
+    """Statistics of groups of values: count ``m``, mean ``mu`` and ``M2 = sum (x - mu)^2``.
+
+    The three tensors have the same shape: the input's shape with the reduced axes kept as size 1
+    (so they broadcast against the input), or a stack of such along a leading axis.
+
+    Attributes:
+        count: ``m``, the number of values in each group (floating point, same dtype as ``mean``).
+        mean: ``mu = (1/m) sum_i x_i``; 0 for an empty group.
+        m2: ``M2 = sum_i (x_i - mu)^2``; the biased variance is ``M2 / m``, the unbiased one
+            ``M2 / (m - 1)``.
+    """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+
+class StatisticsReducer(Protocol):
+    """Where statistics come from beyond the local tensor (for example all processes of a group).
+
+    :func:`normalize_over` calls :meth:`reduce_statistics` once in the forward pass and
+    :meth:`reduce_gradient_sums` once in the backward pass.
+    """
+
+    def reduce_statistics(self, local: Moments) -> Moments:
+        """The statistics of the union, from this part's :class:`Moments` (same shape)."""
+        ...
+
+    def reduce_gradient_sums(
+        self, sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums over the union, from this part's sums (same shapes)."""
+        ...
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: float32 for float16/bfloat16, else ``dtype``.
+
+    Example:
+        >>> accumulation_dtype(torch.float16), accumulation_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def _normalize_dims(dims: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    if isinstance(dims, int):
+        dims = (dims,)
+    out = []
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(f"axis {d} is out of range for a {ndim}-D input")
+        out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axes {tuple(dims)} repeat an axis")
+    if not out:
+        raise ValueError("give at least one axis to take statistics over")
+    return tuple(sorted(out))
+
+
+def collect_statistics(x: torch.Tensor, dims: int | Sequence[int]) -> Moments:
+    """Count, mean and ``M2`` of ``x`` over the axes ``dims``, per remaining index.
+
+    ``mu_B = (1/m) sum_i x_i`` and ``M2 = sum_i (x_i - mu_B)^2 = m * var_B``, with ``m`` the
+    number of values reduced (Algorithm 1, lines 1-2). Computed with ``torch.var_mean`` (a stable
+    single-pass Welford / two-pass reduction: no ``E[x^2] - E[x]^2`` cancellation) in
+    :func:`accumulation_dtype`. An empty reduction (``m = 0``, a process with an empty batch)
+    gives ``count = mean = M2 = 0``, which merges as "no data".
+
+    Args:
+        x: Floating-point tensor.
+        dims: The axes to reduce (batch norm on ``(N, C, *)``: every axis but 1).
+
+    Returns:
+        :class:`Moments` of shape ``x.shape`` with ``dims`` set to 1.
+
+    Shape:
+        - x: any, e.g. (N, C, H, W) with dims (0, 2, 3).
+        - count, mean, m2: (1, C, 1, 1) in that example.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+        >>> stats = collect_statistics(x, (0,))
+        >>> stats.count, stats.mean, stats.m2
+        (tensor([[2., 2.]]), tensor([[ 2., 20.]]), tensor([[  2., 200.]]))
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"collect_statistics expects a floating-point tensor, got {what}")
+    dims = _normalize_dims(dims, x.dim())
+    acc = accumulation_dtype(x.dtype)
+    m = math.prod(x.shape[d] for d in dims)
+    kept = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    if m == 0:
+        zeros = torch.zeros(kept, dtype=acc, device=x.device)
+        return Moments(zeros, zeros.clone(), zeros.clone())
+    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0, keepdim=True)
+    count = torch.full_like(mean, float(m))
+    return Moments(count, mean, var * m)
+
+
+def merge_statistics(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise merge: the statistics of the union of two parts.
+
+    With ``delta = mu_b - mu_a`` and ``m = m_a + m_b``::
+
+        mu = mu_a + delta * m_b / m
+        M2 = M2_a + M2_b + delta^2 * m_a * m_b / m
+
+    exact for any counts (an empty part, ``m = 0``, leaves the other unchanged).
+
+    Args:
+        a, b: :class:`Moments` of the same (or broadcastable) shapes.
+
+    Returns:
+        The merged :class:`Moments`.
+
+    Example:
+        >>> one = Moments(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([2.0]))
+        >>> empty = Moments(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]))
+        >>> merged = merge_statistics(one, empty)
+        >>> merged.count.item(), merged.mean.item(), merged.m2.item()
+        (2.0, 1.0, 2.0)
+    """
+    count = a.count + b.count
+    delta = b.mean - a.mean
+    share_b = torch.where(count > 0, b.count / count.clamp_min(1), torch.zeros_like(count))
+    mean = a.mean + delta * share_b
+    m2 = a.m2 + b.m2 + delta * delta * a.count * share_b
+    return Moments(count, mean, m2)
+
+
+def combine_statistics(parts: Moments, dim: int = 0) -> Moments:
+    """Merge many partial statistics stacked along ``dim`` (the axis is removed).
+
+    The many-part form of :func:`merge_statistics`, with ``m = sum_k m_k``::
+
+        mu = sum_k m_k mu_k / m
+        M2 = sum_k M2_k + sum_k m_k (mu_k - mu)^2
+
+    Parts may have different counts, including 0 (a process with an empty batch).
+
+    Args:
+        parts: :class:`Moments` whose tensors stack the parts along ``dim``.
+        dim: The stacking axis.
+
+    Returns:
+        :class:`Moments` with ``dim`` reduced away.
+
+    Example:
+        >>> parts = Moments(torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 0.0, 6.0]),
+        ...                 torch.tensor([2.0, 0.0, 8.0]))
+        >>> whole = combine_statistics(parts)
+        >>> whole.count.item(), whole.mean.item(), whole.m2.item()  # 2 + 8 + 2*9 + 3*4
+        (5.0, 4.0, 40.0)
+    """
+    count = parts.count.sum(dim)
+    mean = (parts.count * parts.mean).sum(dim) / count.clamp_min(1)
+    deviation = parts.mean - mean.unsqueeze(dim)
+    m2 = parts.m2.sum(dim) + (parts.count * deviation * deviation).sum(dim)
+    return Moments(count, mean, m2)
+
+
+def variance(stats: Moments, *, unbiased: bool = False) -> torch.Tensor:
+    """``var_B = M2 / m`` (biased, what training normalizes with) or ``M2 / (m - 1)``.
+
+    NaN or Inf where the count is too small (0 values, or 1 for the unbiased variance); callers
+    that must not propagate that mask it (see :func:`update_running_statistics`).
+
+    Example:
+        >>> stats = Moments(torch.tensor([4.0]), torch.tensor([0.0]), torch.tensor([6.0]))
+        >>> variance(stats), variance(stats, unbiased=True)
+        (tensor([1.5000]), tensor([2.]))
+    """
+    return stats.m2 / (stats.count - 1 if unbiased else stats.count)
+
+
+def invstd(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(var + eps)``, the reciprocal of the paper's ``sqrt(var_B + eps)``."""
+    return torch.rsqrt(var + eps)
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = gamma * (x - mu) * invstd + beta`` with given statistics (autograd-differentiable).
+
+    For fixed statistics (eval mode, frozen layers) this is the affine map of SPEC.md Sec. 3 and
+    its gradient is ``dl/dx = dl/dy * gamma * invstd``. The arithmetic is done in the statistics'
+    dtype (float32 for a float16 input with float32 statistics) and the result cast to ``x``'s.
+    The running buffers passed here are only read, and never saved for the backward pass, so
+    updating them in place later cannot break a pending backward.
+
+    Args:
+        x: The input.
+        mean, inv_std: Statistics broadcastable against ``x`` (e.g. (1, C, 1, 1)).
+        weight, bias: ``gamma`` and ``beta`` broadcastable against ``x``, or None.
+
+    Returns:
+        ``y`` with ``x``'s shape and dtype.
+
+    Example:
+        >>> x = torch.tensor([[1.0], [3.0]])
+        >>> normalize(x, torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([2.0]),
+        ...           torch.tensor([5.0]))
+        tensor([[3.],
+                [7.]])
+    """
+    y = (x.to(mean.dtype) - mean) * inv_std
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def backward_reduce(
+    dy: torch.Tensor, xhat: torch.Tensor, dims: int | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, ``sum_i dl/dy_i`` and ``sum_i dl/dy_i * xhat_i`` over the axes ``dims``.
+
+    For batch norm these are ``dl/dbeta`` and ``dl/dgamma`` (SPEC.md Sec. 2), and, times
+    ``gamma``, the two sums ``dl/dx`` needs (:func:`backward_elementwise`).
+
+    Args:
+        dy: Gradient of the loss with respect to the output.
+        xhat: The normalized input, same shape.
+        dims: Axes to sum over.
+
+    Returns:
+        ``(sum_dy, sum_dy_xhat)``, shaped like :func:`collect_statistics`'s result.
+
+    Example:
+        >>> dy, xhat = torch.tensor([[1.0], [2.0]]), torch.tensor([[-1.0], [1.0]])
+        >>> backward_reduce(dy, xhat, (0,))
+        (tensor([[3.]]), tensor([[1.]]))
+    """
+    dims = _normalize_dims(dims, dy.dim())
+    return dy.sum(dims, keepdim=True), (dy * xhat).sum(dims, keepdim=True)
+
+
+def backward_elementwise(
+    dy: torch.Tensor,
+    xhat: torch.Tensor,
+    inv_std: torch.Tensor,
+    sum_dy: torch.Tensor,
+    sum_dy_xhat: torch.Tensor,
+    count: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dl/dx`` of normalization with batch statistics, from the sums of :func:`backward_reduce`.
+
+    ::
+
+        dl/dx_i = gamma * invstd * (dl/dy_i - sum(dl/dy) / m - xhat_i * sum(dl/dy * xhat) / m)
+
+    the closed form of the paper's chain rule (SPEC.md Sec. 2): the last two terms are the paths
+    through ``mu_B`` and ``var_B``. ``gamma`` must be constant over each group (batch norm);
+    otherwise pass ``dy = dl/dy * gamma`` with its sums and ``weight=None``.
+
+    Args:
+        dy: ``dl/dy`` (or ``dl/dxhat`` when ``weight`` is None).
+        xhat: The normalized input.
+        inv_std: ``1 / sqrt(var_B + eps)`` per group.
+        sum_dy, sum_dy_xhat: The two sums per group, over all ``m`` values of the group (global
+            sums for sync batch norm).
+        count: ``m`` per group.
+        weight: ``gamma`` per group, or None.
+
+    Returns:
+        ``dl/dx``, shaped like ``dy``.
+
+    Example:
+        >>> xhat = torch.tensor([[-1.0], [1.0]])
+        >>> dy = torch.tensor([[1.0], [1.0]])  # a constant shift of y: no gradient reaches x
+        >>> s, sx = backward_reduce(dy, xhat, (0,))
+        >>> backward_elementwise(dy, xhat, torch.tensor([[1.0]]), s, sx, torch.tensor([[2.0]]))
+        tensor([[0.],
+                [0.]])
+    """
+    scale = inv_std if weight is None else inv_std * weight
+    return scale * (dy - sum_dy / count - xhat * (sum_dy_xhat / count))
+
+
+def _affine_matches(param: torch.Tensor | None, stats_shape: torch.Size) -> bool:
+    """Whether ``param`` has exactly one value per statistics group (batch-norm layout)."""
+    return param is None or tuple(param.shape) == tuple(stats_shape)
+
+
+class _NormalizeOverFunction(torch.autograd.Function):
+    """Normalization with the input's own statistics; backward by the two primitives."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
+        reducer: StatisticsReducer | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        stats = collect_statistics(x, dims)
+        if reducer is not None:
+            stats = reducer.reduce_statistics(stats)
+        inv_std = invstd(variance(stats), eps)
+        xhat = (x.to(stats.mean.dtype) - stats.mean) * inv_std
+        y = xhat
+        if weight is not None:
+            y = y * weight.to(xhat.dtype)
+        if bias is not None:
+            y = y + bias.to(xhat.dtype)
+        ctx.dims = dims
+        ctx.reducer = reducer
+        ctx.x_dtype = x.dtype
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.matched = _affine_matches(weight, stats.mean.shape) and _affine_matches(
+            bias, stats.mean.shape
+        )
+        ctx.save_for_backward(xhat, inv_std, stats.count, weight)
+        ctx.mark_non_differentiable(stats.count, stats.mean, stats.m2)
+        return y.to(x.dtype), stats.count, stats.mean, stats.m2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+        xhat, inv_std, count, weight = ctx.saved_tensors
+        dims, reducer = ctx.dims, ctx.reducer
+        dy = dy.to(xhat.dtype)
+        need_x = ctx.needs_input_grad[0] or reducer is not None  # every process joins
+        dx = dweight = dbias = None
+        w = None if weight is None else weight.to(xhat.dtype)
+        if ctx.matched:
+            # Batch-norm layout: gamma is constant over each group, so one reduction gives the
+            # parameter gradients (local sums: DDP adds them up) and, times gamma, dl/dx's sums.
+            sum_dy, sum_dy_xhat = backward_reduce(dy, xhat, dims)
+            if weight is not None:
+                dweight = sum_dy_xhat.to(weight.dtype)
+            if ctx.bias_shape is not None:
+                dbias = sum_dy.to(ctx.bias_dtype)
+            if need_x:
+                if reducer is not None:
+                    sum_dy, sum_dy_xhat = reducer.reduce_gradient_sums(sum_dy, sum_dy_xhat)
+                dx = backward_elementwise(dy, xhat, inv_std, sum_dy, sum_dy_xhat, count, w)
+        else:
+            # gamma varies within a group (layer/group/instance norm, ghost batches): reduce
+            # dl/dxhat = dl/dy * gamma for dl/dx, and dl/dy, dl/dy * xhat for the parameters.
+            if weight is not None:
+                dweight = (dy * xhat).sum_to_size(weight.shape).to(weight.dtype)
+            if ctx.bias_shape is not None:
+                dbias = dy.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype)
+            if need_x:
+                g = dy if w is None else dy * w
+                sum_g, sum_g_xhat = backward_reduce(g, xhat, dims)
+                if reducer is not None:
+                    sum_g, sum_g_xhat = reducer.reduce_gradient_sums(sum_g, sum_g_xhat)
+                dx = backward_elementwise(g, xhat, inv_std, sum_g, sum_g_xhat, count)
+        if dx is not None:
+            dx = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return dx, dweight, dbias, None, None, None
+
+
+def normalize_over(
+    x: torch.Tensor,
+    dims: int | Sequence[int],
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    reducer: StatisticsReducer | None = None,
+) -> tuple[torch.Tensor, Moments]:
+    """Normalize ``x`` with its own statistics over ``dims``: Algorithm 1 on chosen axes.
+
+    Per group (every index of the axes not in ``dims``)::
+
+        mu_B, var_B = mean and biased variance over dims   (collect_statistics, then reducer)
+        xhat        = (x - mu_B) / sqrt(var_B + eps)
+        y           = gamma * xhat + beta
+
+    The backward pass is :func:`backward_reduce` then :func:`backward_elementwise` (with the
+    reducer's global sums in between), so the gradient flows through ``mu_B`` and ``var_B``.
+    Batch norm is ``dims = (0, 2, ...)``; layer norm the trailing axes; instance norm the spatial
+    axes; group norm the axes of a ``(N, G, C/G, *)`` view; ghost batch norm the axes of a
+    ``(G, N/G, C, *)`` view; sync batch norm adds a reducer over processes.
+
+    Args:
+        x: Floating-point input.
+        dims: Axes to take the statistics over.
+        eps: Added to the variance, >= 0.
+        weight, bias: ``gamma`` and ``beta``, broadcastable against ``x`` (batch norm: shaped
+            (1, C, 1, ...)), or None.
+        reducer: Turns local statistics and gradient sums into global ones; called exactly once
+            in the forward and once in the backward (even if ``x`` needs no gradient).
+
+    Returns:
+        ``(y, stats)``: the output (``x``'s dtype) and the :class:`Moments` used (global if a
+        reducer is given), detached, for running statistics.
+
+    Example:
+        >>> x = torch.tensor([[0.23, 1.26, -2.41], [0.56, 0.75, 1.00]], dtype=torch.float64)
+        >>> y, stats = normalize_over(x, (0,), eps=0.0)
+        >>> y.round(decimals=12)
+        tensor([[-1.,  1., -1.],
+                [ 1., -1.,  1.]], dtype=torch.float64)
+        >>> stats.count.flatten().tolist(), [round(m, 12) for m in stats.mean.flatten().tolist()]
+        ([2.0, 2.0, 2.0], [0.395, 1.005, -0.705])
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"normalize_over expects a floating-point tensor, got {what}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    dims = _normalize_dims(dims, x.dim())
+    y, count, mean, m2 = _NormalizeOverFunction.apply(x, weight, bias, dims, float(eps), reducer)
+    return y, Moments(count, mean, m2)
+
+
+@torch.no_grad()
+def update_running_statistics(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    unbiased_var: torch.Tensor,
+    momentum: float | torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """PyTorch's moving averages, in place: ``running = (1 - momentum) * running + momentum * new``.
+
+    ``running_var`` receives the *unbiased* variance (PyTorch's convention, SPEC.md Sec. 3).
+    ``momentum`` is the weight of the new batch (0.1 by default in torch; ``1 / k`` on the
+    ``k``-th batch for a cumulative average). Where ``mask`` is False the old values are kept
+    (a batch with one value per channel, or a non-finite one under ``nonfinite="skip"``); no
+    host synchronization either way.
+
+    Args:
+        running_mean, running_var: Buffers of shape (C,), updated in place.
+        mean, unbiased_var: New statistics with C elements (any shape), e.g. (1, C, 1, 1).
+        momentum: A float in [0, 1] or a 0-d tensor.
+        mask: Optional boolean tensor broadcastable to (C,).
+
+    Example:
+        >>> rm, rv = torch.zeros(1), torch.ones(1)
+        >>> update_running_statistics(rm, rv, torch.tensor([1.0]), torch.tensor([3.0]), 0.5)
+        >>> rm, rv
+        (tensor([0.5000]), tensor([2.]))
+    """
+    new_mean = mean.reshape(running_mean.shape).to(running_mean.dtype)
+    new_var = unbiased_var.reshape(running_var.shape).to(running_var.dtype)
+    if isinstance(momentum, torch.Tensor):
+        momentum = momentum.to(device=running_mean.device, dtype=running_mean.dtype)
+    updated_mean = running_mean + momentum * (new_mean - running_mean)
+    updated_var = running_var + momentum * (new_var - running_var)
+    if mask is not None:
+        mask = mask.reshape(-1) if mask.numel() > 1 else mask.reshape(())
+        updated_mean = torch.where(mask, updated_mean, running_mean)
+        updated_var = torch.where(mask, updated_var, running_var)
+    running_mean.copy_(updated_mean)
+    running_var.copy_(updated_var)
