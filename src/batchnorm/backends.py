@@ -7,8 +7,8 @@ Backends:
   (:mod:`batchnorm.explicit`). Slower; it exists to check the others against the paper.
 - ``"triton"``: the project's Triton kernels (:mod:`batchnorm.ops`), for CUDA tensors (or the CPU
   under the Triton interpreter, ``TRITON_INTERPRET=1``, for testing).
-- ``"auto"``: ``"torch"`` for now; the Triton kernels become the CUDA default once they are measured
-  faster on the benchmark suite (see BENCHMARKS.md).
+- ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run,
+  else ``"torch"`` (always ``"torch"`` on the CPU). BENCHMARKS.md tells how to measure both.
 
 The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
 :func:`use_backend` context, the ``BATCHNORM_BACKEND`` environment variable, then ``"auto"``.
@@ -93,7 +93,7 @@ def resolve(backend: str | None, *, device_type: str, dtype_name: str) -> str:
     """The backend that will run: the request, or ``"torch"`` with a warning if it cannot."""
     name = requested_backend(backend)
     if name == "auto":
-        name = "torch"
+        name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
     if name == "triton":
         ok, reason = triton_status()
         if ok and dtype_name == "float64":
@@ -111,6 +111,20 @@ def resolve(backend: str | None, *, device_type: str, dtype_name: str) -> str:
             name = "torch"
     _local.last = name
     return name
+
+
+_auto_cache: dict[tuple[str, str, str], str] = {}
+
+
+def _auto_choice(device_type: str, dtype_name: str, interpret: str) -> str:
+    # Cached in a plain dict (torch.compile traces it); TRITON_INTERPRET is part of the key
+    # because triton_status depends on it.
+    key = (device_type, dtype_name, interpret)
+    if key not in _auto_cache:
+        supported = dtype_name in ("float32", "float16", "bfloat16")
+        use_triton = device_type == "cuda" and supported and triton_status()[0]
+        _auto_cache[key] = "triton" if use_triton else "torch"
+    return _auto_cache[key]
 
 
 def last_backend() -> str | None:

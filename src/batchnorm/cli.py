@@ -71,7 +71,7 @@ def _add_optional(sub: argparse._SubParsersAction, name: str, module: str, help_
 
     try:
         register = importlib.import_module(module).register
-    except ImportError as exc:
+    except (ImportError, AttributeError) as exc:  # missing part, or one without register()
         message = f"`batchnorm {name}` is unavailable: {exc}"
 
         def unavailable(args: argparse.Namespace, message: str = message) -> int:

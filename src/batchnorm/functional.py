@@ -11,6 +11,11 @@
   this costs one host synchronization per call).
 - Every input is checked first, and a bad one gets an error that says what was wrong and what to
   do, before any running statistic is touched.
+- Fused tails: :func:`batch_norm_relu` (``relu(batch_norm(x))``) and :func:`batch_norm_add_relu`
+  (``relu(batch_norm(x) + z)``, a ResNet block's tail) on every backend: one kernel per pass on
+  ``"triton"``, where ``save=`` chooses what the backward pass keeps ("output": y; "mask": 1 bit
+  per element; "recompute": nothing, the pre-activation is recomputed from x); plain torch
+  composition elsewhere (``save=`` is then ignored).
 
 The momentum convention is PyTorch's: ``running = (1 - momentum) * running + momentum * batch``, so
 ``momentum`` is the weight of the NEW batch (default 0.1), and ``running_var`` holds the unbiased
@@ -38,7 +43,16 @@ from batchnorm import backends
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
-__all__ = ["batch_norm", "NONFINITE_POLICIES", "check_momentum"]
+FUSED_SAVE_MODES = ("output", "mask", "recompute")
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_add_relu",
+    "batch_norm_relu",
+    "FUSED_SAVE_MODES",
+    "NONFINITE_POLICIES",
+    "check_momentum",
+]
 
 
 def batch_norm(
@@ -95,6 +109,103 @@ def batch_norm(
     return y
 
 
+def batch_norm_relu(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+    nonfinite: str = "propagate",
+    save: str = "recompute",
+) -> torch.Tensor:
+    """``relu(batch_norm(x))``: batch norm followed by a ReLU, fused on the Triton backend.
+
+    ``y = max(0, gamma * (x - mu) / sqrt(var + eps) + beta)``; the backward pass gates
+    ``dl/dy`` by ``[y > 0]`` before batch norm's own backward.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+            nonfinite: as :func:`batch_norm`.
+        save: what the Triton backward keeps for the ReLU: "recompute" (default; nothing, the
+            pre-activation is recomputed from x), "mask" (1 bit per element) or "output" (y).
+            Other backends compose torch ops and ignore it.
+
+    Returns:
+        A tensor of the input's shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[-1.0, 2.0], [1.0, 4.0]])
+        >>> batch_norm_relu(x, None, None, training=True, eps=1e-12)
+        tensor([[0., 0.],
+                [1., 1.]])
+    """
+    check_momentum(momentum, stacklevel=3)
+    y, _ = batch_norm_with_status(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        backend=backend, nonfinite=nonfinite, activation="relu", save=save,
+    )  # fmt: skip
+    return y
+
+
+def batch_norm_add_relu(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+    nonfinite: str = "propagate",
+    save: str = "mask",
+) -> torch.Tensor:
+    """``relu(batch_norm(x) + z)``: the tail of a ResNet block, fused on the Triton backend.
+
+    The backward pass gives ``dl/dz = dl/dy * [y > 0]`` and batch norm's gradients of the same
+    gated ``dl/dy``, from one kernel on the Triton backend.
+
+    Args:
+        input: (N, C) or (N, C, *), the batch-norm input x.
+        residual: z, same shape, dtype and device as ``input``.
+        running_mean, running_var, weight, bias, training, momentum, eps, backend,
+            nonfinite: as :func:`batch_norm`.
+        save: what the Triton backward keeps for the ReLU: "mask" (default; 1 bit per element),
+            "recompute" (keeps z and recomputes the pre-activation) or "output" (y). Other
+            backends compose torch ops and ignore it.
+
+    Returns:
+        A tensor of the input's shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[-1.0], [1.0]])
+        >>> batch_norm_add_relu(x, torch.tensor([[0.5], [-2.0]]), None, None, training=True,
+        ...                     eps=1e-12)
+        tensor([[0.],
+                [0.]])
+    """
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(
+            f"batch_norm_add_relu needs a residual tensor z, got {type(residual).__name__}; "
+            "without one use batch_norm_relu"
+        )
+    check_momentum(momentum, stacklevel=3)
+    y, _ = batch_norm_with_status(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        backend=backend, nonfinite=nonfinite, residual=residual, activation="relu", save=save,
+    )  # fmt: skip
+    return y
+
+
 def batch_norm_with_status(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -107,14 +218,20 @@ def batch_norm_with_status(
     *,
     backend: str | None = None,
     nonfinite: str = "propagate",
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
+    save: str = "recompute",
 ) -> tuple[torch.Tensor, torch.Tensor | bool | None]:
     """:func:`batch_norm`, also telling whether the running statistics were updated.
 
     The second value is None when no update was due (eval, or no running statistics), True/False
     as a Python bool when known without synchronizing, or a 0-d bool tensor (``nonfinite="skip"``)
     so that callers such as the layers can count tracked batches without a host synchronization.
+    ``residual``, ``activation`` ("relu" or None) and ``save`` select the fused tails of
+    :func:`batch_norm_relu` and :func:`batch_norm_add_relu`.
     """
     _validate(input, running_mean, running_var, weight, bias, training, momentum, eps, nonfinite)
+    _validate_fused(input, residual, activation, save)
     updates = training and running_mean is not None and running_var is not None
 
     if input.numel() == 0:
@@ -125,6 +242,10 @@ def batch_norm_with_status(
             y = y * _expand(weight, input.dim()).to(y.dtype)
         if bias is not None:
             y = y + _expand(bias, input.dim()).to(y.dtype)
+        if residual is not None:
+            y = y + residual
+        if activation == "relu":
+            y = torch.relu(y)
         return y, (False if updates else None)
 
     if training and nonfinite == "raise":
@@ -143,6 +264,8 @@ def batch_norm_with_status(
         backend, device_type=input.device.type, dtype_name=str(input.dtype).replace("torch.", "")
     )
     impl = _implementation(name)
+    if activation is not None:
+        impl = _fused_implementation(name, impl, residual, save)
 
     if updates and nonfinite == "skip":
         new_mean, new_var = running_mean.clone(), running_var.clone()
@@ -200,6 +323,44 @@ def _torch_native(
             running_mean.copy_(mean_copy)
             running_var.copy_(var_copy)
     return y
+
+
+def _fused_implementation(name: str, impl, residual: torch.Tensor | None, save: str):
+    """The batch norm + (residual) + ReLU callable, with batch_norm's 8 positional arguments."""
+    if name == "triton":
+        from batchnorm import ops
+
+        if residual is None:
+            return lambda *args: ops.batch_norm_relu(*args, save=save)
+        return lambda input, *args: ops.batch_norm_add_relu(input, residual, *args, save=save)
+    if residual is None:
+        return lambda *args: torch.relu(impl(*args))
+    return lambda *args: torch.relu(impl(*args) + residual)
+
+
+def _validate_fused(
+    input: torch.Tensor, residual: torch.Tensor | None, activation: str | None, save: str
+) -> None:
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    if save not in FUSED_SAVE_MODES:
+        raise ValueError(f"save must be one of {FUSED_SAVE_MODES}, got {save!r}")
+    if residual is None:
+        return
+    if activation is None:
+        raise ValueError("a residual is only added before a ReLU: use batch_norm_add_relu")
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"the residual must be a tensor, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"the residual has shape {tuple(residual.shape)} but the input has "
+            f"{tuple(input.shape)}; relu(batch_norm(x) + z) needs z shaped like x"
+        )
+    if residual.dtype != input.dtype or residual.device != input.device:
+        raise TypeError(
+            f"the residual is {residual.dtype} on {residual.device} but the input is "
+            f"{input.dtype} on {input.device}; convert one of them (z.to(x))"
+        )
 
 
 def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
