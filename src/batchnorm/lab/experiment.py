@@ -1,0 +1,810 @@
+"""What an experiment is, and how one runs: run directories, provenance, verdicts, reports.
+
+An experiment (one module under :mod:`batchnorm.lab.experiments`) provides an :class:`Experiment`:
+a name, the claim it tests, the paper figure it reproduces, a frozen config dataclass (fields
+declared with :func:`batchnorm.lab.config.param`, with a ``quick()`` method giving the smoke-test
+variant), and a ``run(config, context)`` function returning an :class:`Outcome`: the claims with
+the verdict of each (decided by a rule written in the experiment's code), the measured numbers
+beside the paper's, extra tables and figures.
+
+:func:`run_experiment` gives every run its own directory (``<runs>/<UTC time>-<name>[-quick]``;
+``<runs>`` is ``--out``, else ``$BATCHNORM_RUNS_DIR``, else ``./runs``), never reusing one, and
+writes into it:
+
+==================  ==========================================================================
+``config.json``     the experiment, the full config, the overrides and the command line
+``environment.json`` git revision, library versions, Python, platform, threads, load average
+``status.json``     running / complete / interrupted / failed, with times
+``INCOMPLETE``      present until the run completes: says what happened and how to resume
+``jobs/``           each finished training job's results (JSON), the running job's checkpoint
+``metrics.json``    claims, verdicts, numbers, timings and the experiment's own metrics
+``*.csv``, ``*.png`` curves and figures
+``report.md``       the Markdown report: verdicts, numbers beside the paper's, protocol, timing
+==================  ==========================================================================
+
+An interrupted run (Ctrl-C, a crash, a killed process) keeps its directory with ``INCOMPLETE``
+and ``status.json`` saying so; ``batchnorm lab run --resume DIR`` continues it: finished jobs are
+not repeated and the running job continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchnorm.lab.config import ConfigError, apply_overrides, config_to_dict, field_docs
+from batchnorm.lab.io import atomic_write_csv, atomic_write_json, atomic_write_text, to_jsonable
+from batchnorm.lab.progress import log
+
+__all__ = [
+    "RUNS_DIR_ENV",
+    "Claim",
+    "Comparison",
+    "Outcome",
+    "Experiment",
+    "Context",
+    "RunResult",
+    "runs_root",
+    "run_experiment",
+    "make_config",
+    "list_runs",
+    "fmt_mean_std",
+    "mean_std",
+    "overall_verdict",
+]
+
+RUNS_DIR_ENV = "BATCHNORM_RUNS_DIR"
+STATUS_FILE = "status.json"
+MARKER_FILE = "INCOMPLETE"
+
+
+# --------------------------------------------------------------------------------------------
+# What an experiment returns
+
+
+@dataclass
+class Claim:
+    """One claim and whether it held, decided by ``rule`` on the numbers in ``evidence``."""
+
+    name: str
+    statement: str
+    rule: str
+    held: bool
+    evidence: str
+
+    @property
+    def verdict(self) -> str:
+        return "held" if self.held else "did not hold"
+
+
+@dataclass
+class Comparison:
+    """A number the paper gives (or a qualitative statement) beside the one measured here."""
+
+    quantity: str
+    paper: str
+    measured: str
+    value: float | None = None  # the measured mean, for machines
+    spread: float | None = None  # its standard deviation over seeds
+
+
+@dataclass
+class Outcome:
+    """Everything an experiment's ``run`` returns."""
+
+    claims: list[Claim]
+    comparisons: list[Comparison]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tables: list[tuple[str, str]] = field(default_factory=list)  # (title, Markdown)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    choices: list[str] = field(default_factory=list)  # protocol choices the paper left open
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment of the lab (see the module docstring)."""
+
+    name: str
+    title: str
+    claim: str
+    paper: str
+    config_cls: type
+    run: Callable[[Any, Context], Outcome]
+    aliases: tuple[str, ...] = ()
+    summary: str = ""
+
+    def default_config(self, quick: bool = False) -> Any:
+        config = self.config_cls()
+        return config.quick() if quick else config
+
+    def fields(self) -> list[tuple[str, str, Any, str]]:
+        return field_docs(self.config_cls)
+
+
+def overall_verdict(claims: Sequence[Claim]) -> str:
+    """The overall verdict: "held" if every claim held, "did not hold" if none, else "partly held".
+
+    >>> overall_verdict([Claim("a", "", "", True, ""), Claim("b", "", "", False, "")])
+    'partly held'
+    """
+    if not claims:
+        return "no claim tested"
+    held = sum(c.held for c in claims)
+    if held == len(claims):
+        return "held"
+    return "did not hold" if held == 0 else "partly held"
+
+
+# --------------------------------------------------------------------------------------------
+# Small statistics helpers shared by the experiments
+
+
+def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1; 0 for one value) and count of finite values.
+
+    >>> mean_std([1.0, 3.0, float("nan")])
+    (2.0, 1.4142135623730951, 2)
+    """
+    finite = [float(v) for v in np.asarray(values, dtype=np.float64).ravel() if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, 0
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return float(np.mean(finite)), std, len(finite)
+
+
+def fmt_mean_std(values: Sequence[float] | np.ndarray, digits: int = 4) -> str:
+    """The finite values as "mean ± std (n=k)".
+
+    >>> fmt_mean_std([0.9, 0.92, 0.94])
+    '0.9200 ± 0.0200 (n=3)'
+    """
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "n/a"
+    if n == 1:
+        return f"{mean:.{digits}f} (n=1)"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def _from_json_value(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if value is None:
+        return None
+    if origin is tuple or (origin is None and tp is tuple):
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return tuple(_from_json_value(v, item) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _from_json_value(value, inner[0]) if inner else value
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from :func:`config_to_dict` output (lists back to tuples)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown config keys for {cls.__name__}: {', '.join(sorted(unknown))}")
+    kwargs = {k: _from_json_value(v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def make_config(
+    experiment: Experiment,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Any:
+    """The config a run uses: defaults, then quick mode, then ``--seeds``, then ``--set``.
+
+    Raises:
+        ConfigError: a bad override or an invalid combination.
+    """
+    config = experiment.default_config(quick)
+    if seeds is not None:
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+        config = apply_overrides(config, {"seeds": str(seeds)})
+    return apply_overrides(config, list(overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance
+
+
+def _git_revision() -> dict[str, Any]:
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return {"revision": None, "note": "not a git checkout"}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {"revision": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"revision": None, "note": f"git unavailable: {exc}"}
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info(threads: int) -> dict[str, Any]:
+    """Git revision, library versions, interpreter, platform, CPU threads and load."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "git": _git_revision(),
+        "versions": {
+            name: _version(name)
+            for name in ("batchnorm", "numpy", "torch", "matplotlib", "tqdm", "scikit-learn")
+        },
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_cores_available": cores,
+        "torch_threads": threads,
+        "torch_config": torch.__config__.parallel_info().splitlines()[:3],
+        "load_average_at_start": list(load) if load else None,
+    }
+
+
+def resolve_threads(requested: int) -> int:
+    """Torch threads: ``requested`` if positive, else the cores not already busy (at least 1).
+
+    Other processes on a shared machine make OpenMP threads wait on each other; asking only for
+    the idle cores avoids that.
+    """
+    if requested > 0:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(round(cores - busy))))
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+def runs_root(out: str | os.PathLike[str] | None = None) -> Path:
+    """Where run directories go: ``out``, else ``$BATCHNORM_RUNS_DIR``, else ``./runs``."""
+    if out is not None:
+        return Path(out).expanduser()
+    env = os.environ.get(RUNS_DIR_ENV)
+    return Path(env).expanduser() if env else Path("runs")
+
+
+def _new_run_dir(root: Path, name: str, quick: bool) -> Path:
+    """A fresh directory; an existing one is never reused (a suffix is added instead)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{name}{'-quick' if quick else ''}"
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        path = root / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {root}")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Context:
+    """What an experiment's ``run`` gets besides its config: the run directory and helpers."""
+
+    run_dir: Path
+    experiment: Experiment
+    config: Any
+    quick: bool
+    data_dir: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[name]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def load_data(self, name: str, train_subset: int | None = None, test_subset: int | None = None):
+        """Load a data set (see :func:`batchnorm.lab.data.load_dataset`), optionally a subset."""
+        from batchnorm.lab.data import load_dataset
+
+        with self.timer("data"):
+            data = load_dataset(name, self.data_dir)
+            if train_subset is not None or test_subset is not None:
+                data = data.subset(train_subset, test_subset, seed=0)
+        log(f"[lab] {data.describe()}")
+        return data
+
+    def job(self, key: str, build: Callable[[], Any], settings: Any, data: Any, desc: str):
+        """Train one wide model (resumable): a finished job is loaded from ``jobs/<key>.json``.
+
+        Args:
+            key: a file-name-safe name, unique within the run.
+            build: returns a fresh :class:`~batchnorm.lab.wide.WideMLP`.
+            settings: :class:`~batchnorm.lab.train.TrainSettings`.
+            data: the data set.
+            desc: progress bar label.
+        """
+        from batchnorm.lab.train import train
+
+        jobs = self.run_dir / "jobs"
+        done = jobs / f"{key}.json"
+        checkpoint = jobs / f"{key}.ckpt"
+        if done.is_file():
+            log(f"[lab] {key}: already finished, loaded from {done}")
+            return _job_from_json(json.loads(done.read_text()))
+        jobs.mkdir(exist_ok=True)
+        if checkpoint.is_file():
+            log(f"[lab] {key}: resuming from {checkpoint}")
+        model = build()
+        result = train(model, data, settings, desc=desc, checkpoint=checkpoint)
+        atomic_write_json(done, _job_to_json(result))
+        checkpoint.unlink(missing_ok=True)
+        self.timings[f"{key}: train"] = result.train_seconds
+        self.timings[f"{key}: evaluate"] = result.eval_seconds
+        return result
+
+    def write_csv(self, name: str, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
+        atomic_write_csv(self.run_dir / name, rows, fields)
+
+    def save_figure(self, figure: Any, name: str) -> None:
+        """Save a matplotlib Figure as PNG, atomically."""
+        import io as _io
+
+        from batchnorm.lab.io import atomic_write_bytes
+
+        buffer = _io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        atomic_write_bytes(self.run_dir / name, buffer.getvalue())
+
+
+def _job_to_json(result: Any) -> dict[str, Any]:
+    return {
+        "specs": [dataclasses.asdict(s) for s in result.specs],
+        "steps": result.steps,
+        "test_acc": result.test_acc,
+        "test_loss": result.test_loss,
+        "train_loss": result.train_loss,
+        "train_acc": result.train_acc,
+        "percentiles": result.percentiles,
+        "saturation": result.saturation,
+        "diverged_at": result.diverged_at,
+        "final_test_acc_moving_average": result.final_test_acc_moving_average,
+        "train_seconds": result.train_seconds,
+        "eval_seconds": result.eval_seconds,
+    }
+
+
+def _array(value: Any, dtype: Any = np.float64) -> np.ndarray | None:
+    if value is None:
+        return None
+    # JSON has no NaN: to_jsonable wrote None for it.
+    return np.array(value if dtype is np.int64 else _none_to_nan(value), dtype=dtype)
+
+
+def _none_to_nan(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_none_to_nan(v) for v in value]
+    return math.nan if value is None else value
+
+
+def _job_from_json(d: dict[str, Any]) -> Any:
+    from batchnorm.lab.train import JobResult
+    from batchnorm.lab.wide import NetSpec
+
+    return JobResult(
+        specs=tuple(NetSpec(**s) for s in d["specs"]),
+        steps=_array(d["steps"], np.int64),
+        test_acc=_array(d["test_acc"]),
+        test_loss=_array(d["test_loss"]),
+        train_loss=_array(d["train_loss"]),
+        train_acc=_array(d["train_acc"]),
+        percentiles=_array(d["percentiles"]),
+        saturation=_array(d.get("saturation")),
+        diverged_at=_array(d["diverged_at"], np.int64),
+        final_test_acc_moving_average=_array(d["final_test_acc_moving_average"]),
+        train_seconds=float(d["train_seconds"]),
+        eval_seconds=float(d["eval_seconds"]),
+    )
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_experiment` returns."""
+
+    run_dir: Path
+    outcome: Outcome
+    verdict: str
+    wall_seconds: float
+
+
+def _write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    path = run_dir / STATUS_FILE
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    record = {**previous, "status": status, "updated": _now(), **extra}
+    record.setdefault("started", record["updated"])
+    atomic_write_json(path, record)
+
+
+def _write_marker(run_dir: Path, experiment: Experiment, text: str) -> None:
+    atomic_write_text(
+        run_dir / MARKER_FILE,
+        f"This run of `{experiment.name}` is not complete: {text}\n"
+        "Its numbers, if any, are partial. Continue it with\n"
+        f"    batchnorm lab run {experiment.name} --resume {run_dir}\n"
+        "(finished training jobs are kept; the running one continues from its checkpoint).\n",
+    )
+
+
+def run_experiment(
+    experiment: Experiment,
+    config: Any,
+    *,
+    quick: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    data_dir: str | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    argv: Sequence[str] | None = None,
+) -> RunResult:
+    """Run an experiment in a new run directory (or continue one), and write its report.
+
+    Args:
+        experiment: what to run.
+        config: its config (see :func:`make_config`); ignored with ``resume`` (the saved one is
+            used).
+        quick: whether this is the quick (smoke-test) mode, recorded in the directory name.
+        out: the runs root (see :func:`runs_root`).
+        data_dir: a folder to look in first for data files.
+        resume: an existing run directory to continue.
+        overrides: the ``--set`` overrides, recorded.
+        argv: the command line, recorded.
+
+    Returns:
+        A :class:`RunResult`.
+    """
+    import torch
+
+    start = time.perf_counter()
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = _load_json(run_dir / "config.json")
+        if saved.get("experiment") != experiment.name:
+            raise ConfigError(
+                f"{run_dir} holds a run of {saved.get('experiment')!r}, not {experiment.name!r}"
+            )
+        status = _load_json(run_dir / STATUS_FILE).get("status")
+        if status == "complete":
+            raise ConfigError(f"{run_dir} is already complete; start a new run instead")
+        config = config_from_dict(experiment.config_cls, saved["config"])
+        quick = bool(saved.get("quick"))
+        data_dir = data_dir if data_dir is not None else saved.get("data_dir")
+        previous_seconds = float(_load_json(run_dir / STATUS_FILE).get("wall_seconds") or 0.0)
+        log(f"[lab] resuming {run_dir}")
+    else:
+        run_dir = _new_run_dir(runs_root(out), experiment.name, quick)
+        previous_seconds = 0.0
+        atomic_write_json(
+            run_dir / "config.json",
+            {
+                "experiment": experiment.name,
+                "title": experiment.title,
+                "quick": quick,
+                "config": config_to_dict(config),
+                "overrides": list(overrides),
+                "data_dir": data_dir,
+                "command": _command_line(argv),
+            },
+        )
+    _write_marker(run_dir, experiment, "it is still running, or it was interrupted.")
+    _write_status(run_dir, "running", pid=os.getpid())
+    threads = resolve_threads(int(getattr(config, "threads", 0)))
+    torch.set_num_threads(threads)
+    atomic_write_json(run_dir / "environment.json", environment_info(threads))
+    log(f"[lab] {experiment.name}: run directory {run_dir} ({threads} torch thread(s))")
+
+    context = Context(run_dir, experiment, config, quick, data_dir)
+    try:
+        with context.timer("total"):
+            outcome = experiment.run(config, context)
+    except KeyboardInterrupt:
+        wall = previous_seconds + time.perf_counter() - start
+        _write_status(run_dir, "interrupted", wall_seconds=wall)
+        _write_marker(run_dir, experiment, "it was interrupted (Ctrl-C) before it finished.")
+        raise
+    except BaseException as exc:
+        wall = previous_seconds + time.perf_counter() - start
+        _write_status(
+            run_dir,
+            "failed",
+            wall_seconds=wall,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+        )
+        _write_marker(run_dir, experiment, f"it failed with {type(exc).__name__}: {exc}")
+        raise
+
+    wall = previous_seconds + time.perf_counter() - start
+    context.timings["wall (this invocation)"] = time.perf_counter() - start
+    verdict = overall_verdict(outcome.claims)
+    metrics = {
+        "experiment": experiment.name,
+        "title": experiment.title,
+        "quick": quick,
+        "verdict": verdict,
+        "claims": [dataclasses.asdict(c) | {"verdict": c.verdict} for c in outcome.claims],
+        "comparisons": [dataclasses.asdict(c) for c in outcome.comparisons],
+        "metrics": outcome.metrics,
+        "timings_seconds": context.timings,
+        "wall_seconds": wall,
+        "resumed": resume is not None,
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    environment = _load_json(run_dir / "environment.json")
+    report = render_report(experiment, config, quick, outcome, verdict, context, wall, environment)
+    atomic_write_text(run_dir / "report.md", report)
+    _write_status(run_dir, "complete", wall_seconds=wall, verdict=verdict)
+    (run_dir / MARKER_FILE).unlink(missing_ok=True)
+    log(f"[lab] {experiment.name}: {verdict} ({wall:.1f} s); report: {run_dir / 'report.md'}")
+    return RunResult(run_dir, outcome, verdict, wall)
+
+
+def _command_line(argv: Sequence[str] | None) -> str:
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return "batchnorm " + " ".join(shlex.quote(a) for a in args)
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table.
+
+    >>> print(md_table(["a", "b"], [[1, "x|y"]]))
+    | a | b |
+    |---|---|
+    | 1 | x\\|y |
+    """
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(
+    experiment: Experiment,
+    config: Any,
+    quick: bool,
+    outcome: Outcome,
+    verdict: str,
+    context: Context,
+    wall: float,
+    environment: dict[str, Any],
+) -> str:
+    """The Markdown report of a finished run."""
+    lines = [f"# {experiment.title}", ""]
+    if quick:
+        lines += [
+            "> **Quick mode**: a smoke test with a shortened protocol. The numbers below are NOT "
+            "the paper's protocol and the verdicts say little; run without `--quick` for those.",
+            "",
+        ]
+    lines += [
+        f"**Claim tested.** {experiment.claim}",
+        "",
+        f"**Reproduces.** {experiment.paper}",
+        "",
+        f"**Overall verdict: {verdict}.**",
+        "",
+        "## Verdicts",
+        "",
+        md_table(
+            ["claim", "rule (decided in code)", "evidence", "verdict"],
+            [[c.statement, c.rule, c.evidence, f"**{c.verdict}**"] for c in outcome.claims],
+        ),
+        "",
+        "## Numbers beside the paper's",
+        "",
+        md_table(
+            ["quantity", "paper", "measured"],
+            [[c.quantity, c.paper, c.measured] for c in outcome.comparisons],
+        ),
+        "",
+    ]
+    for title, table in outcome.tables:
+        lines += [f"## {title}", "", table, ""]
+    if outcome.figures:
+        lines += ["## Figures", ""]
+        for name, caption in outcome.figures:
+            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    if outcome.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in outcome.notes] + [""]
+    lines += ["## Protocol", ""]
+    if outcome.choices:
+        lines += ["Choices the paper leaves open, as made here:", ""]
+        lines += [f"- {c}" for c in outcome.choices] + [""]
+    lines += [
+        md_table(
+            ["field", "value", "meaning"],
+            [
+                [name, json.dumps(to_jsonable(getattr(config, name))), help_text]
+                for name, _, _, help_text in field_docs(config)
+            ],
+        ),
+        "",
+        "## Timing",
+        "",
+        f"Wall time of the run: **{wall:.1f} s** ({wall / 60:.1f} min) on "
+        f"{environment.get('cpu_cores_available')} CPU core(s) with "
+        f"{environment.get('torch_threads')} torch thread(s); load average at start "
+        f"{_fmt_load(environment.get('load_average_at_start'))} (other processes on a shared "
+        "machine inflate these times).",
+        "",
+        md_table(
+            ["phase", "seconds"],
+            [[name, f"{seconds:.1f}"] for name, seconds in context.timings.items()],
+        ),
+        "",
+        "## Provenance",
+        "",
+        f"- run directory: `{context.run_dir}`",
+        f"- git revision: {_fmt_git(environment.get('git', {}))}",
+        "- versions: "
+        + ", ".join(f"{k} {v}" for k, v in (environment.get("versions") or {}).items() if v),
+        f"- python {environment.get('python')} on {environment.get('platform')}",
+        f"- command: `{_load_json(context.run_dir / 'config.json').get('command', '')}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt_load(load: Any) -> str:
+    return "unknown" if not load else "/".join(f"{x:.2f}" for x in load)
+
+
+def _fmt_git(git: dict[str, Any]) -> str:
+    if not git.get("revision"):
+        return git.get("note", "unknown")
+    return f"`{git['revision']}`" + (" (with uncommitted changes)" if git.get("dirty") else "")
+
+
+# --------------------------------------------------------------------------------------------
+# The index of runs
+
+
+@dataclass
+class RunSummary:
+    """One run directory, as ``batchnorm lab report`` lists it."""
+
+    path: Path
+    experiment: str
+    status: str
+    quick: bool
+    verdict: str
+    started: str
+    wall_seconds: float | None
+
+
+def list_runs(root: Path) -> list[RunSummary]:
+    """Every run directory under ``root``, oldest first (directories without a status skipped)."""
+    runs = []
+    if not root.is_dir():
+        return runs
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        status_path = path / STATUS_FILE
+        if not status_path.is_file():
+            continue
+        try:
+            status = json.loads(status_path.read_text())
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        verdict = status.get("verdict") or "-"
+        if status.get("status") != "complete":
+            verdict = "(no verdict: run incomplete)"
+        runs.append(
+            RunSummary(
+                path=path,
+                experiment=config.get("experiment", "?"),
+                status=status.get("status", "?"),
+                quick=bool(config.get("quick")),
+                verdict=verdict,
+                started=status.get("started", ""),
+                wall_seconds=status.get("wall_seconds"),
+            )
+        )
+    return runs
+
+
+def render_index(runs: Sequence[RunSummary]) -> str:
+    """The Markdown index of runs."""
+    rows = [
+        [
+            r.path.name,
+            r.experiment,
+            "quick" if r.quick else "full",
+            r.status,
+            r.verdict,
+            "-" if r.wall_seconds is None else f"{r.wall_seconds:.0f}",
+        ]
+        for r in runs
+    ]
+    return "\n".join(
+        [
+            "# Lab runs",
+            "",
+            md_table(["run", "experiment", "mode", "status", "verdict", "wall s"], rows)
+            if rows
+            else "(no runs yet)",
+            "",
+        ]
+    )

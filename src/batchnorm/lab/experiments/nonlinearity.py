@@ -1,0 +1,319 @@
+"""Saturating nonlinearities: batch norm makes deep sigmoid and tanh networks trainable.
+
+Claim (Ioffe & Szegedy 2015, Sec. 3.3 and 4.2.1): batch norm "makes it possible to use
+saturating nonlinearities", by keeping the inputs of the nonlinearities from drifting into the
+saturated regime where gradients vanish. In the paper, an Inception network with sigmoid
+nonlinearities reached 69.8% with BN and did not train at all without it. That is ImageNet; the
+stand-in here is a deeper fully-connected network than Figure 1 (six hidden layers of 100 by
+default) on MNIST, with sigmoid, tanh and (as a non-saturating control) ReLU, each with and
+without BN.
+
+Protocol: for each nonlinearity and seed, a network with BN and one without, from the same
+initial weights and data order, plain SGD at the Figure 1 learning rate for ``steps`` steps.
+Saturation: the fraction of (test example, unit) pairs of the last hidden layer where the
+nonlinearity's derivative is below 5% of its maximum (sigmoid |z| > 4.4, tanh |z| > 2.2; for
+ReLU z <= 0, reported but not judged).
+
+Rules (in code), for every saturating nonlinearity (sigmoid, tanh): (1) with BN every seed
+reaches the target test accuracy; (2) with BN the target is reached in fewer steps than without
+(never counts as infinitely many); (3) with BN fewer last-layer units are saturated at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from batchnorm.lab.config import param
+from batchnorm.lab.experiment import (
+    Claim,
+    Comparison,
+    Context,
+    Experiment,
+    Outcome,
+    fmt_mean_std,
+    md_table,
+)
+from batchnorm.lab.experiments.common import (
+    CURVE_FIELDS,
+    CommonConfig,
+    build_model,
+    cell,
+    common_choices,
+    curve_rows,
+    fmt_steps,
+    settings,
+    specs_for,
+    variant_indices,
+)
+from batchnorm.lab.wide import ACTIVATIONS
+
+__all__ = ["Config", "EXPERIMENT", "run"]
+
+SATURATING = ("sigmoid", "tanh")
+
+
+def _name(activation: str, bn: bool) -> str:
+    return f"{activation} {'with' if bn else 'without'} BN"
+
+
+@dataclass(frozen=True)
+class Config(CommonConfig):
+    """Nonlinearities in a deeper network. Defaults are the full protocol."""
+
+    hidden: tuple[int, ...] = param((100,) * 6, "widths of the hidden layers (deeper than Fig. 1)")
+    steps: int = param(5000, "SGD steps per network")
+    eval_every: int = param(250, "evaluate every this many steps")
+    eval_examples: int | None = param(
+        2000, "test examples used at intermediate evaluations (none = all; the last uses all)"
+    )
+    popstat_batches: int = param(
+        20, "training mini-batches for the population statistics at each evaluation"
+    )
+    final_popstat_batches: int | None = param(
+        200, "the same for the final evaluation (none = one pass over the training set)"
+    )
+    activations: tuple[str, ...] = param(
+        ("sigmoid", "tanh", "relu"),
+        "nonlinearities to compare (the activation field is unused)",
+        choices=ACTIVATIONS,
+    )
+    target: float = param(0.9, "test accuracy a network must reach to count as trained")
+
+    def validate(self) -> None:
+        super().validate()
+        if not any(a in SATURATING for a in self.activations):
+            raise ValueError(
+                f"activations must include a saturating one ({', '.join(SATURATING)}); "
+                f"got {self.activations}"
+            )
+        if not 0 < self.target < 1:
+            raise ValueError(f"target must lie in (0, 1), got {self.target}")
+
+    def quick(self) -> Config:
+        """A smoke test: 600 steps, 2 seeds, a 4-layer network."""
+        return replace(
+            self,
+            hidden=(100,) * 4,
+            steps=600,
+            seeds=2,
+            eval_every=150,
+            popstat_batches=10,
+            final_popstat_batches=50,
+        )
+
+
+def run(config: Config, ctx: Context) -> Outcome:
+    """Train every (nonlinearity, BN) pair, decide the claims, plot."""
+    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
+    activations = tuple(a for a in ACTIVATIONS if a in config.activations)
+    variants = [
+        {"variant": _name(a, bn), "batch_norm": bn, "activation": a}
+        for a in activations
+        for bn in (True, False)
+    ]
+    specs = specs_for(config, variants)
+    result = ctx.job(
+        "nonlinearity",
+        lambda: build_model(config, specs, data),
+        settings(config, saturation=True),
+        data,
+        desc=f"nonlinearities ({len(specs)} nets)",
+    )
+    assert result.saturation is not None
+    cells = {
+        (a, bn): cell(result, config.target, variant=_name(a, bn))
+        for a in activations
+        for bn in (True, False)
+    }
+    saturation = {key: result.saturation[-1, c.indices] for key, c in cells.items()}
+    saturating = [a for a in activations if a in SATURATING]
+
+    trainable = {a: cells[(a, True)].trains for a in saturating}
+    faster = {a: cells[(a, True)].mean_steps < cells[(a, False)].mean_steps for a in saturating}
+    less_saturated = {
+        a: float(np.mean(saturation[(a, True)])) < float(np.mean(saturation[(a, False)]))
+        for a in saturating
+    }
+    listed = " and ".join(saturating)
+    claims = [
+        Claim(
+            "trainable",
+            f"With BN, deep {listed} networks train.",
+            f"with BN every seed of every saturating nonlinearity reaches {config.target} "
+            "test accuracy without diverging",
+            all(trainable.values()),
+            "; ".join(
+                f"{a}: final {np.mean(cells[(a, True)].final):.4f}, reached on "
+                f"{sum(math.isfinite(s) for s in cells[(a, True)].to_target)}/"
+                f"{len(cells[(a, True)].to_target)} seeds"
+                for a in saturating
+            ),
+        ),
+        Claim(
+            "faster",
+            f"BN trains the {listed} networks faster than they train without it.",
+            f"for each saturating nonlinearity, fewer steps to {config.target} with BN (mean "
+            "over seeds; never = infinitely many)",
+            all(faster.values()),
+            "; ".join(
+                f"{a}: {fmt_steps(cells[(a, True)].mean_steps)} with BN vs "
+                f"{fmt_steps(cells[(a, False)].mean_steps)} without"
+                for a in saturating
+            ),
+        ),
+        Claim(
+            "unsaturated",
+            "BN keeps the nonlinearities out of their saturated regime.",
+            "for each saturating nonlinearity, a smaller fraction of saturated last-layer units "
+            "(derivative < 5% of its maximum) at the end with BN",
+            all(less_saturated.values()),
+            "; ".join(
+                f"{a}: {np.mean(saturation[(a, True)]):.3f} with BN vs "
+                f"{np.mean(saturation[(a, False)]):.3f} without"
+                for a in saturating
+            ),
+        ),
+    ]
+    comparisons = []
+    if "sigmoid" in activations:
+        comparisons.append(
+            Comparison(
+                "sigmoid network: final test accuracy with / without BN",
+                "Inception with sigmoid: 69.8% with BN, does not train without",
+                f"{fmt_mean_std(cells[('sigmoid', True)].final)} / "
+                f"{fmt_mean_std(cells[('sigmoid', False)].final)}",
+            )
+        )
+    for a in activations:
+        comparisons.append(
+            Comparison(
+                f"{a}: steps to {config.target}, with / without BN",
+                "-",
+                f"{fmt_steps(cells[(a, True)].mean_steps)} / "
+                f"{fmt_steps(cells[(a, False)].mean_steps)}",
+            )
+        )
+    rows = []
+    for a in activations:
+        for bn in (True, False):
+            c = cells[(a, bn)]
+            rows.append(
+                [
+                    a,
+                    "yes" if bn else "no",
+                    fmt_mean_std(c.final),
+                    fmt_steps(c.mean_steps),
+                    fmt_mean_std(saturation[(a, bn)], 3),
+                    str(c.diverged),
+                ]
+            )
+    table = md_table(
+        [
+            "nonlinearity",
+            "BN",
+            "final test acc",
+            f"steps to {config.target}",
+            "saturated fraction (end)",
+            "diverged",
+        ],
+        rows,
+    )
+    ctx.write_csv(
+        "curves.csv",
+        curve_rows(
+            result,
+            {
+                g: {"activation": s.activation, "saturation": float(result.saturation[-1, g])}
+                for g, s in enumerate(result.specs)
+            },
+        ),
+        [*CURVE_FIELDS, "activation", "saturation"],
+    )
+    with ctx.timer("plots"):
+        _plot(ctx, result, activations)
+    metrics = {
+        "activations": activations,
+        "depth": len(config.hidden),
+        "final_test_acc": {_name(*k): c.final for k, c in cells.items()},
+        "steps_to_target": {_name(*k): c.to_target for k, c in cells.items()},
+        "final_saturation": {_name(*k): v for k, v in saturation.items()},
+        "saturation_curve": {_name(*k): result.saturation[:, c.indices] for k, c in cells.items()},
+        "steps": result.steps,
+    }
+    return Outcome(
+        claims=claims,
+        comparisons=comparisons,
+        metrics=metrics,
+        tables=[("By nonlinearity", table)],
+        figures=[
+            (
+                "nonlinearity.png",
+                "Test accuracy (mean over seeds) and saturated fraction "
+                "of the last hidden layer over training",
+            )
+        ],
+        choices=[
+            *common_choices(config),
+            f"architecture: {len(config.hidden)} hidden layers {config.hidden}; "
+            "saturation measured in inference mode on the test set",
+        ],
+        notes=[
+            "ImageNet/Inception cannot run here: the comparison is of the shape of the "
+            "result, not of the paper's numbers."
+        ],
+    )
+
+
+def _plot(ctx: Context, result, activations: tuple[str, ...]) -> None:
+    from batchnorm.lab.plots import new_figure
+
+    colors = {"sigmoid": "tab:blue", "tanh": "tab:green", "relu": "tab:orange"}
+    figure, axes = new_figure(2, 1)
+    for a in activations:
+        for bn, style in ((True, "-"), (False, "--")):
+            idx = variant_indices(result, variant=_name(a, bn))
+            axes[0, 0].plot(
+                result.steps,
+                result.test_acc[:, idx].mean(1),
+                linestyle=style,
+                color=colors[a],
+                label=_name(a, bn),
+            )
+            axes[0, 1].plot(
+                result.steps,
+                result.saturation[:, idx].mean(1),
+                linestyle=style,
+                color=colors[a],
+                label=_name(a, bn),
+            )
+    axes[0, 0].set(
+        xlabel="training step", ylabel="test accuracy", ylim=(0, 1), title="test accuracy"
+    )
+    axes[0, 1].set(
+        xlabel="training step", ylabel="fraction", ylim=(0, 1), title="saturated last-layer units"
+    )
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ctx.save_figure(figure, "nonlinearity.png")
+
+
+EXPERIMENT = Experiment(
+    name="nonlinearity",
+    title="Saturating nonlinearities with batch norm (Ioffe & Szegedy 2015, Sec. 3.3, 4.2.1)",
+    claim=(
+        "Batch norm makes networks with saturating nonlinearities (sigmoid, tanh) trainable, "
+        "keeping their units out of saturation."
+    ),
+    paper=(
+        "Ioffe & Szegedy (2015), Sec. 3.3 and 4.2.1 (BN-x5-Sigmoid: 69.8% on ImageNet; "
+        "without BN the sigmoid Inception never does better than 1/1000). Stand-in: a 6-hidden-"
+        "layer MNIST MLP with sigmoid, tanh and ReLU."
+    ),
+    config_cls=Config,
+    run=run,
+    summary="sigmoid/tanh vs ReLU in a deeper net, with/without BN",
+)
