@@ -47,6 +47,8 @@ def assert_close(
     e = _to_numpy(expected)
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
+    # 0-d values compare as 1-element arrays (NumPy scalars do not support item assignment).
+    a, e = np.atleast_1d(a).copy(), np.atleast_1d(e)
     if a.size == 0:
         return
     nan_mismatch = np.isnan(a) != np.isnan(e)

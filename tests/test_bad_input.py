@@ -357,3 +357,23 @@ def test_large_mean_float32_keeps_full_accuracy_in_the_statistics(backend):
     assert_close(bn.running_var.double(), torch.from_numpy(var), rtol=1e-4, atol=0, name="var")
     out, _ = reference.bn_forward(x64, np.ones(4), np.zeros(4), bn.eps)
     assert_close(y.double(), torch.from_numpy(out), rtol=0, atol=2e-3, name="output")
+
+
+def test_eps_zero_in_training_runs_on_the_explicit_backend():
+    # PyTorch's native kernel refuses eps=0 with batch statistics; the theory of gradient
+    # explosion (Yang et al. 2019) needs it. "auto" moves to the explicit backend silently, an
+    # explicit request for "torch" warns.
+    x = torch.randn(6, 3, dtype=torch.float64)
+    bn = BatchNorm1d(3, eps=0.0, dtype=torch.float64)
+    y = bn(x)
+    assert bn.last_backend == "explicit"
+    expected, _ = reference.bn_forward(x.numpy(), np.ones(3), np.zeros(3), 0.0)
+    assert_close(y, torch.from_numpy(expected), rtol=1e-12, atol=1e-12, name="eps=0 output")
+    from batchnorm import backends
+
+    backends._warned.clear()
+    with pytest.warns(RuntimeWarning, match="eps=0"):
+        batch_norm(x, None, None, training=True, eps=0.0, backend="torch")
+    bn.eval()
+    bn(x)  # eval with eps=0 and positive running_var is fine on the native kernel
+    assert bn.last_backend == "torch"

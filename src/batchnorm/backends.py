@@ -89,9 +89,24 @@ def triton_status() -> tuple[bool, str]:
     return status()
 
 
-def resolve(backend: str | None, *, device_type: str, dtype_name: str) -> str:
-    """The backend that will run: the request, or ``"torch"`` with a warning if it cannot."""
+def resolve(
+    backend: str | None, *, device_type: str, dtype_name: str, zero_eps: bool = False
+) -> str:
+    """The backend that will run: the request, or a fallback (with a warning) if it cannot.
+
+    ``zero_eps``: the call normalizes with batch statistics and ``eps == 0`` (as in the theory of
+    Yang et al. 2019). PyTorch's native kernel refuses that, so ``"torch"`` becomes
+    ``"explicit"``, silently under ``"auto"`` and with a warning when ``"torch"`` was asked for.
+    """
     name = requested_backend(backend)
+    if zero_eps and name in ("auto", "torch"):
+        if name == "torch":
+            _warn_once(
+                "batch norm: PyTorch's native kernel refuses eps=0 with batch statistics; "
+                "using the 'explicit' backend"
+            )
+        _local.last = "explicit"
+        return "explicit"
     if name == "auto":
         name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
     if name == "triton":

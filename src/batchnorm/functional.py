@@ -261,7 +261,10 @@ def batch_norm_with_status(
             )
 
     name = backends.resolve(
-        backend, device_type=input.device.type, dtype_name=str(input.dtype).replace("torch.", "")
+        backend,
+        device_type=input.device.type,
+        dtype_name=str(input.dtype).replace("torch.", ""),
+        zero_eps=training and eps == 0,
     )
     impl = _implementation(name)
     if activation is not None:
