@@ -18,27 +18,7 @@ from batchnorm.ops import _plan
 from batchnorm.ops._layout import View3
 from tests.helpers import SHAPES, assert_close, make_input, tolerance
 
-# Triton builds its own helpers for the interpreter only if TRITON_INTERPRET is set when it is
-# first imported: do that now, at collection, before any test can import it (torch.compile does).
-if not torch.cuda.is_available():
-    ops.load_interpreter()
-
-
-@pytest.fixture(scope="module")
-def device():
-    """The device: CUDA with a GPU, else the CPU under the Triton interpreter (TRITON_INTERPRET=1
-    for this module's tests only)."""
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    ok, reason = ops.load_interpreter()
-    if not ok:
-        if "not installed" in reason:
-            pytest.skip(reason)
-        pytest.fail(reason)  # a test-setup problem: never let it pass as a skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield "cpu"
+# The `device` fixture (CUDA, else the CPU under the Triton interpreter) is in conftest.py.
 
 
 # Plan overrides that force each code path on tiny shapes.

@@ -1,0 +1,31 @@
+"""Shared fixtures. The kernel tests need Triton's interpreter set up before anything imports
+Triton (torch.compile does), and a `device`: CUDA if present, else the CPU under the interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm import ops
+
+# Triton builds its own helpers for the interpreter only if TRITON_INTERPRET is set when it is
+# first imported: do that now, at collection, before any test can import it (torch.compile does).
+if not torch.cuda.is_available():
+    ops.load_interpreter()
+
+
+@pytest.fixture(scope="module")
+def device():
+    """The device: CUDA with a GPU, else the CPU under the Triton interpreter (TRITON_INTERPRET=1
+    for this module's tests only)."""
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    ok, reason = ops.load_interpreter()
+    if not ok:
+        if "not installed" in reason:
+            pytest.skip(reason)
+        pytest.fail(reason)  # a test-setup problem: never let it pass as a skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield "cpu"
