@@ -210,9 +210,13 @@ def test_momentum_out_of_range(momentum):
         BatchNorm1d(3, momentum=momentum)
 
 
-def test_keras_style_momentum_warns_with_the_converted_value():
-    with pytest.warns(UserWarning, match=r"momentum=0.01"):
-        BatchNorm1d(3, momentum=0.99)
+@pytest.mark.parametrize("name", ["BatchNorm1d", "SyncBatchNorm", "GhostBatchNorm", "BatchRenorm"])
+def test_keras_style_momentum_warns_with_the_converted_value_at_the_callers_line(name):
+    import batchnorm.nn
+
+    with pytest.warns(UserWarning, match=r"momentum=0.01") as record:
+        getattr(batchnorm.nn, name)(3, momentum=0.99)
+    assert record[0].filename == __file__  # the user's line, not a constructor inside the package
 
 
 def test_default_momentum_does_not_warn():

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.functional import check_momentum
-from batchnorm.nn.batchnorm import _TORCH_HAS_BIAS_ARG
+from batchnorm.nn.batchnorm import check_channels, init_batch_norm_state
 from batchnorm.primitives import accumulation_dtype, invstd, normalize, update_running_statistics
 
 __all__ = ["BatchStatisticsVariant"]
@@ -48,36 +47,16 @@ class BatchStatisticsVariant(_BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-        check_momentum(momentum, stacklevel=4)
-        args = (num_features, eps, momentum, affine, track_running_stats)
-        if _TORCH_HAS_BIAS_ARG:
-            super().__init__(*args, device=device, dtype=dtype, bias=bias)
-        else:
-            super().__init__(*args, device=device, dtype=dtype)
-            if not bias:
-                self.register_parameter("bias", None)
+        init_batch_norm_state(
+            self, BatchStatisticsVariant, num_features, eps, momentum, affine,
+            track_running_stats, device, dtype, bias,
+        )  # fmt: skip
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        name = type(self).__name__
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{name} expects a tensor, got {type(input).__name__}")
+        check_channels(self, input, any_rank=True)
         if not input.is_floating_point():
+            name = type(self).__name__
             raise TypeError(f"{name} expects a floating-point input, got {input.dtype}")
-        if input.dim() < 2:
-            raise ValueError(
-                f"{name} expects an (N, C) or (N, C, *) input, got a {input.dim()}-D input of "
-                f"shape {tuple(input.shape)}; add a batch axis with x.unsqueeze(0)"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}({self.num_features}) got {input.shape[1]} channels on axis 1 (input "
-                f"shape {tuple(input.shape)}); set num_features={input.shape[1]} or put the "
-                "channel axis at position 1"
-            )
 
     @staticmethod
     def _per_channel(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:

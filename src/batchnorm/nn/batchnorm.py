@@ -30,6 +30,8 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from typing import Any
 
 import torch
@@ -43,6 +45,72 @@ _TORCH_HAS_BIAS_ARG = (
 )
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormMixin"]
+
+
+_NN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def init_batch_norm_state(
+    module: torch.nn.Module,
+    after: type,
+    num_features: int,
+    eps: float,
+    momentum: float | None,
+    affine: bool,
+    track_running_stats: bool,
+    device: Any,
+    dtype: Any,
+    bias: bool,
+) -> None:
+    """Check the arguments, then run torch's ``_BatchNorm.__init__`` (the class after ``after``
+    in ``module``'s MRO), on any torch version: the ``bias=`` argument is newer than some."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    # Point a momentum warning at the user's line, past every constructor in this package.
+    frame, nn_frames = sys._getframe(0), 0
+    while frame is not None and frame.f_code.co_filename.startswith(_NN_DIR):
+        frame, nn_frames = frame.f_back, nn_frames + 1
+    check_momentum(momentum, stacklevel=nn_frames + 2)
+    args = (num_features, eps, momentum, affine, track_running_stats, device, dtype)
+    if _TORCH_HAS_BIAS_ARG:
+        super(after, module).__init__(*args, bias=bias)  # type: ignore[call-arg]
+    else:
+        # Older torch (before the bias= argument): same result, done by hand.
+        super(after, module).__init__(*args)  # type: ignore[call-arg]
+        if not bias:
+            module.register_parameter("bias", None)
+
+
+def check_channels(module: torch.nn.Module, input: Any, *, any_rank: bool = False) -> None:
+    """A tensor with ``module.num_features`` channels on axis 1, or an error saying what to do.
+
+    With ``any_rank`` every (N, C, *) input is accepted; otherwise the module's own
+    ``_check_input_dim`` has already checked the number of dimensions.
+    """
+    name = type(module).__name__
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name} expects a tensor, got {type(input).__name__}")
+    if any_rank and input.dim() < 2:
+        raise ValueError(
+            f"{name} expects an (N, C) or (N, C, *) input, got a {input.dim()}-D input of shape "
+            f"{tuple(input.shape)}; add a batch axis with x.unsqueeze(0)"
+        )
+    channels = module.num_features
+    if input.shape[1] != channels:
+        channels_last = ""
+        if input.shape[-1] == channels:
+            order = ", ".join(str(i) for i in range(1, input.dim() - 1))
+            channels_last = (
+                f" (channels-last data: x.permute(0, {input.dim() - 1}, {order}), "
+                "or x.movedim(-1, 1))"
+            )
+        raise ValueError(
+            f"{name}({channels}) got {input.shape[1]} channels on axis 1 (input shape "
+            f"{tuple(input.shape)}); set num_features={input.shape[1]} or put the channel axis "
+            f"at position 1{channels_last}"
+        )
 
 
 class BatchNormMixin:
@@ -66,23 +134,14 @@ class BatchNormMixin:
         backend: str | None = None,
         nonfinite: str = "propagate",
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-        args = (num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if _TORCH_HAS_BIAS_ARG:
-            super().__init__(*args, bias=bias)
-        else:
-            # Older torch (before the bias= argument): same result, done by hand.
-            super().__init__(*args)
-            if not bias:
-                self.register_parameter("bias", None)
+        init_batch_norm_state(
+            self, BatchNormMixin, num_features, eps, momentum, affine, track_running_stats,
+            device, dtype, bias,
+        )  # fmt: skip
         if backend is not None:
             backends.requested_backend(backend)  # validates the name now, not at first forward
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        check_momentum(momentum, stacklevel=3)
         self.backend = backend
         self.nonfinite = nonfinite
         self.last_backend: str | None = None
@@ -95,19 +154,7 @@ class BatchNormMixin:
                 f"{type(self).__name__} expects {self._dims_text}, got a {input.dim()}-D input of "
                 f"shape {tuple(input.shape)}. {self._dims_hint(input)}"
             )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got {input.shape[1]} channels on axis "
-                f"1 (input shape {tuple(input.shape)}); set num_features={input.shape[1]} or put "
-                "the channel axis at position 1"
-                + (
-                    f" (channels-last data: x.permute(0, {input.dim() - 1}, "
-                    + ", ".join(str(i) for i in range(1, input.dim() - 1))
-                    + "), or x.movedim(-1, 1))"
-                    if input.shape[-1] == self.num_features
-                    else ""
-                )
-            )
+        check_channels(self, input)
 
     def _dims_hint(self, input: torch.Tensor) -> str:
         for cls, dims in (("BatchNorm1d", (2, 3)), ("BatchNorm2d", (4,)), ("BatchNorm3d", (5,))):

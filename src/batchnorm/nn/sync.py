@@ -53,6 +53,7 @@ from batchnorm.nn.batchnorm import (
     BatchNorm2d,
     BatchNorm3d,
     BatchNormMixin,
+    check_channels,
 )
 from batchnorm.primitives import (
     Moments,
@@ -114,24 +115,6 @@ def _group_world_size(group: Any) -> int:
         return 1
     size = dist.get_world_size(group)
     return max(size, 0)
-
-
-def _check_channel_input(module: torch.nn.Module, input: Any) -> None:
-    """An (N, C, *) floating-point tensor with ``module.num_features`` channels."""
-    name = type(module).__name__
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name} expects a tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(
-            f"{name} expects an (N, C) or (N, C, *) input, got a {input.dim()}-D input of shape "
-            f"{tuple(input.shape)}; add a batch axis with x.unsqueeze(0)"
-        )
-    if input.shape[1] != module.num_features:
-        raise ValueError(
-            f"{name}({module.num_features}) got {input.shape[1]} channels on axis 1 (input shape "
-            f"{tuple(input.shape)}); set num_features={input.shape[1]} or put the channel axis at "
-            "position 1"
-        )
 
 
 class SyncBatchNorm(BatchNormMixin, _BatchNorm):
@@ -206,7 +189,7 @@ class SyncBatchNorm(BatchNormMixin, _BatchNorm):
         self.last_sync: bool | None = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        _check_channel_input(self, input)
+        check_channels(self, input, any_rank=True)
 
     @classmethod
     def convert_sync_batchnorm(
@@ -270,7 +253,7 @@ class _BatchNormXd(BatchNormMixin, _BatchNorm):
     created as ``SyncBatchNorm`` (which does not know its input's dimensions)."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        _check_channel_input(self, input)
+        check_channels(self, input, any_rank=True)
 
 
 # Exact classes rebuilt as SyncBatchNorm (their behaviour is plain batch norm).
