@@ -1,0 +1,204 @@
+"""The theory experiments (explosion, decoupling, theorems), shortened: the run directory is
+complete, the report agrees with metrics.json, and the measured numbers are those of the theory
+modules."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm.lab import experiments
+from batchnorm.lab.config import ConfigError
+from batchnorm.lab.experiment import (
+    MARKER_FILE,
+    Claim,
+    make_config,
+    overall_verdict,
+    run_experiment,
+)
+from batchnorm.lab.theory.gradient_explosion import linear_lambda, relu_lambda
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Each experiment's quick mode, shortened further (a few seconds each).
+SMALL = {
+    "explosion": [
+        "dataset=digits",
+        "mc_batch_sizes=4,8",
+        "mc_width=32",
+        "mc_depth=12",
+        "mc_repeats=3",
+        "mc_skip=2",
+        "depths=2,8",
+        "batch_sizes=4,16",
+        "width=16",
+        "steps=40",
+        "test_subset=200",
+    ],
+    "decoupling": [
+        "dim=5",
+        "condition_numbers=3,10",
+        "iterations=60",
+        "ts_values=0,3,6,9",
+        "mlp_samples=80",
+        "mlp_sweeps=1",
+    ],
+    "theorems": ["instances=12", "batch_sizes=4,8", "eps_values=0,0.01"],
+}
+CSV_FILES = {
+    "explosion": ("lambda.csv", "grid.csv"),
+    "decoupling": ("convergence.csv",),
+    "theorems": ("instances.csv",),
+}
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def table(report: str, heading: str) -> list[list[str]]:
+    """The rows (cells, unescaped) of the first Markdown table under ``## heading``."""
+    section = report.split(f"## {heading}\n", 1)[1]
+    lines = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
+    rows = []
+    for line in lines[2:]:
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        rows.append([c.strip().replace("\\|", "|") for c in cells])
+    return rows
+
+
+def quick_run(name: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    experiment = experiments.get(name)
+    config = make_config(experiment, quick=True, overrides=[*SMALL[name], "threads=1", *extra])
+    result = run_experiment(experiment, config, quick=True, out=tmp_path)
+    run_dir = result.run_dir
+    assert run_dir.parent == tmp_path and run_dir.name.endswith(f"-{name}-quick")
+    for required in ("config.json", "environment.json", "status.json", "metrics.json"):
+        assert (run_dir / required).is_file(), required
+    assert not (run_dir / MARKER_FILE).exists() and not list(run_dir.glob("**/*.tmp"))
+    status = json.loads((run_dir / "status.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config_json = json.loads((run_dir / "config.json").read_text())
+    assert status["status"] == "complete" and status["verdict"] == metrics["verdict"]
+    assert metrics["verdict"] == result.verdict
+    assert config_json["experiment"] == name and config_json["quick"] is True
+    fields = ("name", "statement", "rule", "held", "evidence")
+    claims = metrics["claims"]
+    assert claims and metrics["verdict"] == overall_verdict(
+        [Claim(**{k: c[k] for k in fields}) for c in claims]
+    )
+    report = (run_dir / "report.md").read_text()
+    assert "**Quick mode**" in report and f"**Overall verdict: {metrics['verdict']}.**" in report
+    assert [(r[0], r[3]) for r in table(report, "Verdicts")] == [
+        (c["statement"], f"**{c['verdict']}**") for c in claims
+    ]
+    assert table(report, "Numbers beside the paper's") == [
+        [c["quantity"], c["paper"], c["measured"]] for c in metrics["comparisons"]
+    ]
+    assert [r[0] for r in table(report, "Protocol")] == list(config_json["config"])
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert images
+    for image in images:
+        assert (run_dir / image).read_bytes()[:8] == PNG_MAGIC
+    for name_csv in CSV_FILES[name]:
+        with open(run_dir / name_csv, newline="") as f:
+            assert list(csv.DictReader(f)), f"{name_csv} is empty"
+    return run_dir, metrics
+
+
+def rows_of(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_registry_lists_the_theory_experiments() -> None:
+    for name in ("explosion", "decoupling", "theorems"):
+        assert name in experiments.NAMES and experiments.get(name).name == name
+
+
+def test_explosion_quick_run(tmp_path: Path) -> None:
+    run_dir, metrics = quick_run("explosion", tmp_path)
+    lam = rows_of(run_dir / "lambda.csv")
+    assert {(r["nonlinearity"], int(r["batch_size"])) for r in lam} == {
+        (nl, b) for nl in ("relu", "tanh", "linear") for b in (4, 8)
+    }
+    for r in lam:  # the closed forms beside the estimate are the theory module's
+        theory = float(r["lambda_theory"])
+        b = int(r["batch_size"])
+        if r["nonlinearity"] == "relu":
+            assert theory == pytest.approx(relu_lambda(b))
+        elif r["nonlinearity"] == "linear":
+            assert theory == pytest.approx(linear_lambda(b))
+        else:
+            assert math.isnan(theory)
+        assert float(r["ci_low"]) <= float(r["lambda_mc"]) <= float(r["ci_high"])
+    grid = rows_of(run_dir / "grid.csv")
+    plain = {(int(r["depth"]), int(r["batch_size"])) for r in grid if r["variant"] == "plain"}
+    assert plain == {(2, 4), (2, 16), (8, 4), (8, 16)}
+    assert {r["variant"] for r in grid} == {"plain", "residual", "eps"}
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in grid if r["test_acc"] != "")
+    m = metrics["metrics"]
+    assert m["predicted_depth"]["4"] == pytest.approx(16 / math.log(relu_lambda(4)))
+    assert [c["name"] for c in metrics["claims"]] == [
+        "closed form",
+        "explosion",
+        "trainable depth",
+        "remedies reduce lambda",
+        "remedies train",
+    ]
+
+
+def test_decoupling_quick_run(tmp_path: Path) -> None:
+    run_dir, metrics = quick_run("decoupling", tmp_path)
+    m = metrics["metrics"]
+    assert m["ts"] == [0, 3, 6, 9] and len(m["ts_final_length_derivative"]) == 4
+    # The bisection-rate number is the slope of log |df/dg| against T_s.
+    dg = np.array(m["ts_final_length_derivative"])
+    slope = np.polyfit([0, 3, 6, 9], np.log(dg), 1)[0]
+    assert m["ts_rate"] == pytest.approx(math.exp(slope))
+    assert set(m["rates"]) == {f"{p} kappa={k}" for p in ("OLS", "halfspace") for k in (3, 10)}
+    for key, rates in m["rates"].items():
+        assert set(rates) == {"GD on w~", "GD on (w, g)", "GDNP"}
+        assert 0 < rates["GDNP"] < 1, key  # GDNP converges linearly even in the short run
+    rows = rows_of(run_dir / "convergence.csv")
+    assert len(rows) == 4 * 3 * 61  # problems x methods x (iterations + 1)
+    assert m["mlp_losses"][-1] < m["mlp_losses"][0]
+    assert "reconstructed" in (run_dir / "report.md").read_text()
+
+
+def test_theorems_quick_run(tmp_path: Path) -> None:
+    run_dir, metrics = quick_run("theorems", tmp_path)
+    rows = rows_of(run_dir / "instances.csv")
+    assert len(rows) == 2 * 12
+    zero = [r for r in rows if float(r["eps"]) == 0.0]
+    # At eps = 0 Theorem 4.1 is an identity, and the 1/sqrt(m) variant fails.
+    assert all(abs(float(r["grad_ratio"]) - 1) < 1e-8 for r in zero)
+    assert all(r["sqrt_m_holds"] == "False" for r in zero)
+    held = {c["name"]: c["held"] for c in metrics["claims"]}
+    assert held["thm 4.1 holds"] and held["thm 4.1 tight"] and held["thm 4.2 holds"]
+    assert "1/sqrt(m)" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "override", "message"),
+    [
+        ("explosion", "batch_sizes=2,8", "batch_sizes must list batch sizes >= 4"),
+        ("explosion", "mc_depth=5", "mc_depth must be at least"),
+        ("decoupling", "condition_numbers=0.5", "condition_numbers must be >= 1"),
+        ("theorems", "eps_values=0.1", "must include 0"),
+    ],
+)
+def test_bad_config_is_refused(name: str, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(experiments.get(name), quick=True, overrides=[override])
