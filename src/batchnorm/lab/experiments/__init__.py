@@ -6,6 +6,17 @@
 ``init``                initialization scale: how sensitive each model is to it
 ``nonlinearity``        saturating nonlinearities (sigmoid, tanh) vs ReLU in a deeper net
 ``regularization``      BN vs dropout vs both vs neither: test accuracy and train/test gap
+``small-batch``         BN vs GN / LN / IN / BatchRenorm across batch sizes 32 ... 2 (CNN)
+``non-iid``             BN vs BatchRenorm on batches drawn from a few classes each (CNN)
+``ghost``               ghost batch size for large-batch training (CNN)
+``precise-bn``          population statistics (Algorithm 2) vs moving averages (CNN)
+``agc``                 unnormalized CNN with / without adaptive gradient clipping vs BN
+``noisy-bn``            Santurkar et al. Figure 2: BN with injected noise still helps
+``ics``                 Santurkar et al. Definition 2.1: BN does not reduce covariate shift
+``landscape``           Santurkar et al. Sec. 3.1: BN smooths the loss landscape
+``explosion``           gradient explosion at init in deep BN nets (Yang et al. 2019)
+``decoupling``          length-direction decoupling and GDNP (Kohler et al. 2019)
+``theorems``            single-layer bounds, Theorems 4.1 and 4.2 (Santurkar et al. 2018)
 ======================  ===================================================================
 
 Each module opens with the claim it tests, the figure it reproduces and the choices it made.
@@ -26,6 +37,17 @@ _MODULES = {
     "init": "init_scale",
     "nonlinearity": "nonlinearity",
     "regularization": "regularization",
+    "noisy-bn": "noisy_bn",
+    "ics": "ics",
+    "landscape": "landscape",
+    "explosion": "explosion",
+    "decoupling": "decoupling",
+    "theorems": "theorems",
+    "small-batch": "small_batch",
+    "non-iid": "non_iid",
+    "ghost": "ghost",
+    "precise-bn": "precise_bn",
+    "agc": "agc",
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)
 

@@ -1,0 +1,165 @@
+"""The limits-and-alternatives experiments (small-batch, non-iid, ghost, precise-bn, agc),
+shortened, on scikit-learn's digits: complete run directories, reports that agree with
+metrics.json, the samplers and checks they rely on, and exact resumption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm.lab import experiments
+from batchnorm.lab.config import ConfigError
+from batchnorm.lab.experiment import MARKER_FILE, make_config, run_experiment
+from batchnorm.lab.experiments import _convnet
+from tests.test_lab_experiments import check_run_dir, table
+
+NEW = ("small-batch", "non-iid", "ghost", "precise-bn", "agc")
+COMMON = ["dataset=digits", "threads=1", "seeds=2", "evals=2"]
+SMALL = {
+    "small-batch": ["train_subset=320", "epochs=0.4", "batch_sizes=16,4"],
+    "non-iid": ["train_subset=400"],
+    "ghost": ["train_subset=512", "large_batch=128", "ghost_sizes=32,8", "epochs=2"],
+    "precise-bn": ["train_subset=400", "popstat_batches=5"],
+    "agc": ["train_subset=400", "epochs=1", "batch_size=64", "lrs=0.1,50"],
+}
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def quick_run(name: str, tmp_path: Path, extra: list[str] | None = None):
+    experiment = experiments.get(name)
+    config = make_config(experiment, quick=True, overrides=COMMON + SMALL[name] + (extra or []))
+    return run_experiment(experiment, config, quick=True, out=tmp_path)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_quick_run_is_complete(name: str, tmp_path: Path) -> None:
+    result = quick_run(name, tmp_path)
+    assert result.run_dir.name.endswith(f"-{name}-quick")
+    metrics = check_run_dir(result.run_dir, name)
+    report = (result.run_dir / "report.md").read_text()
+    assert len(metrics["claims"]) >= 2
+    # Every claim states its evidence, and each job left its JSON.
+    assert all(c["evidence"] and c["rule"] for c in metrics["claims"])
+    assert list((result.run_dir / "jobs").glob("*.json"))
+    assert "## Protocol" in report and "Choices the paper leaves open" in report
+    m = metrics["metrics"]
+    if name == "small-batch":
+        rows = table(report, "Test error (%) by batch size (mean ± std over seeds)")
+        assert [r[0] for r in rows] == ["BN", "GN", "BatchRenorm"]
+        assert set(m["steps"]) == {"16", "4"} and m["steps"]["4"] == 4 * m["steps"]["16"]
+        paper = next(c for c in metrics["comparisons"] if c["quantity"].startswith("BN"))
+        assert paper["paper"].startswith("23.7 / 27.3")
+    if name == "precise-bn":
+        # The moving-average momentum changes the buffers only, never the weights.
+        assert m["max_weight_difference_across_momenta"] == 0.0
+        assert set(m["precise_acc"]) == {"0.1", "0.9", "0.001"}
+        # Momentum 0.001 barely moves the buffers off (0, 1): its drift is the largest.
+        shifts = {k: np.mean(v) for k, v in m["mean_shift"].items()}
+        assert shifts["0.001"] > shifts["0.1"]
+    if name == "agc":
+        assert set(m["diverged"]["no norm"]) == {"0.1", "50"}
+        assert len(m["final_test_acc"]["no norm + AGC"]["50"]) == 2
+
+
+def test_diverged_network_is_stopped_and_scored_at_chance() -> None:
+    x, y = torch.rand(64, 1, 8, 8), torch.arange(64) % 10
+    model = _convnet.conv_net("none", (4,), 10, seed=0)
+    result = _convnet.train_net(
+        model,
+        (x, y, x, y),
+        _convnet.iid_batches(64, 16, 0),
+        steps=20,
+        lr=1e30,
+        momentum=0.9,
+        evals=2,
+        desc="diverge",
+    )
+    assert 0 < result["diverged_at"] <= 20
+    assert result["steps"] == [10, 20] and result["test_acc"] == [0.1, 0.1]
+
+
+def test_few_class_batches_hold_few_classes() -> None:
+    labels = np.repeat(np.arange(10), 30)
+    batches = _convnet.few_class_batches(labels, 32, 2, seed=0)
+    seen = set()
+    for _ in range(50):
+        idx = next(batches)
+        assert len(idx) == 32 and len(set(idx.tolist())) == 32
+        classes = set(labels[idx].tolist())
+        assert len(classes) == 2
+        seen |= classes
+    assert seen == set(range(10))
+    with pytest.raises(ValueError, match="classes_per_batch must lie in 1..10"):
+        next(_convnet.few_class_batches(labels, 32, 11, seed=0))
+
+
+def test_iid_batches_cover_each_epoch() -> None:
+    batches = _convnet.iid_batches(100, 10, seed=1)
+    epoch = np.concatenate([next(batches) for _ in range(10)])
+    assert sorted(epoch.tolist()) == list(range(100))
+
+
+def test_conv_net_norms() -> None:
+    x = torch.randn(4, 1, 8, 8)
+    for norm in _convnet.NORMS:
+        kwargs = {"virtual_batch_size": 2} if norm == "ghost" else {}
+        kwargs |= {"num_groups": 4} if norm == "gn" else {}
+        out = _convnet.conv_net(norm, (8, 16), 10, seed=0, **kwargs)(x)
+        assert out.shape == (4, 10)
+    with pytest.raises(ValueError, match="unknown norm 'bnn'"):
+        _convnet.conv_net("bnn", (8,), 10, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "override", "message"),
+    [
+        ("small-batch", "norms=bn,ln", "must include bn and gn"),
+        ("small-batch", "gn_groups=3", "must divide every width"),
+        ("ghost", "ghost_sizes=48", "divide it"),
+        ("precise-bn", "bad_momentum=0.5", "must be one of bn_momenta"),
+        ("non-iid", "classes_per_batch=20", "at least two examples"),
+        ("agc", "lrs=0.1,-1", "positive learning rates"),
+    ],
+)
+def test_bad_configs_are_refused(name: str, override: str, message: str) -> None:
+    with pytest.raises((ConfigError, ValueError), match=message):
+        make_config(experiments.get(name), quick=True, overrides=[override])
+
+
+def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchnorm.lab.experiments import non_iid
+
+    reference = quick_run("non-iid", tmp_path / "reference")
+    real = non_iid.train_net
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(non_iid, "train_net", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        quick_run("non-iid", tmp_path / "runs")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / MARKER_FILE).is_file()
+    assert len(list((run_dir / "jobs").glob("*.json"))) == 2
+    monkeypatch.setattr(non_iid, "train_net", real)
+    resumed = run_experiment(experiments.get("non-iid"), None, resume=run_dir)
+    check_run_dir(resumed.run_dir, "non-iid")
+    a = json.loads((run_dir / "metrics.json").read_text())
+    b = json.loads((reference.run_dir / "metrics.json").read_text())
+    assert a["metrics"]["final_test_acc"] == b["metrics"]["final_test_acc"]
+    assert a["comparisons"] == b["comparisons"]
