@@ -8,7 +8,8 @@ Backends:
 - ``"triton"``: the project's Triton kernels (:mod:`batchnorm.ops`), for CUDA tensors (or the CPU
   under the Triton interpreter, ``TRITON_INTERPRET=1``, for testing).
 - ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run,
-  else ``"torch"`` (always ``"torch"`` on the CPU). BENCHMARKS.md tells how to measure both.
+  else ``"torch"`` (always ``"torch"`` on the CPU, and while ``torch.export`` traces: exported
+  programs hold standard ATen ops). BENCHMARKS.md tells how to measure both.
 
 The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
 :func:`use_backend` context, the ``BATCHNORM_BACKEND`` environment variable, then ``"auto"``.
@@ -108,7 +109,12 @@ def resolve(
         _local.last = "explicit"
         return "explicit"
     if name == "auto":
-        name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
+        if _exporting():
+            # An exported program (torch.export, ONNX) should hold standard ATen ops that any
+            # runtime can run, not this package's custom ops.
+            name = "torch"
+        else:
+            name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
     if name == "triton":
         ok, reason = triton_status()
         if ok and dtype_name == "float64":
@@ -129,6 +135,14 @@ def resolve(
 
 
 _auto_cache: dict[tuple[str, str, str], str] = {}
+
+
+def _exporting() -> bool:
+    """Whether ``torch.export`` (or an exporter built on it) is tracing the call."""
+    import torch
+
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
 
 
 def _auto_choice(device_type: str, dtype_name: str, interpret: str) -> str:

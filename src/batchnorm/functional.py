@@ -311,9 +311,14 @@ def _torch_native(
     in-place change to the buffers between forward and backward (a second forward, DDP's buffer
     broadcast, a user's edit) makes backward fail with "modified by an inplace operation"
     (pytorch#22095). The kernel gets private copies instead, and the updated values are copied
-    back into the buffers after it ran: the same numbers, and graphs that never break.
+    back into the buffers after it ran: the same numbers, and graphs that never break. Where no
+    graph is recorded (``torch.no_grad``, inference mode, nothing requires grad) nothing is saved
+    for a backward pass and the kernel gets the buffers themselves.
     """
-    if running_mean is None or running_var is None:
+    records_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )
+    if running_mean is None or running_var is None or not records_graph:
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )

@@ -172,7 +172,7 @@ def collect_statistics(x: torch.Tensor, dims: int | Sequence[int]) -> Moments:
         zeros = torch.zeros(kept, dtype=acc, device=x.device)
         return Moments(zeros, zeros.clone(), zeros.clone())
     var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0, keepdim=True)
-    count = torch.full_like(mean, float(m))
+    count = torch.ones_like(mean) * m  # not float(m): keeps a traced batch size symbolic
     return Moments(count, mean, var * m)
 
 
@@ -363,9 +363,18 @@ def backward_elementwise(
     return scale * (dy - sum_dy / count - xhat * (sum_dy_xhat / count))
 
 
-def _affine_matches(param: torch.Tensor | None, stats_shape: torch.Size) -> bool:
-    """Whether ``param`` has exactly one value per statistics group (batch-norm layout)."""
-    return param is None or tuple(param.shape) == tuple(stats_shape)
+def _affine_matches(
+    param: torch.Tensor | None, stats_shape: torch.Size, dims: tuple[int, ...]
+) -> bool:
+    """Whether ``param`` has exactly one value per statistics group (batch-norm layout).
+
+    Only where the batch axis 0 is reduced: per-sample statistics (layer, group, instance norm)
+    never share a parameter layout, and comparing with the batch size would tie an exported or
+    compiled graph to one batch size.
+    """
+    if param is None:
+        return True
+    return 0 in dims and tuple(param.shape) == tuple(stats_shape)
 
 
 class _NormalizeOverFunction(torch.autograd.Function):
@@ -396,8 +405,8 @@ class _NormalizeOverFunction(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.matched = _affine_matches(weight, stats.mean.shape) and _affine_matches(
-            bias, stats.mean.shape
+        ctx.matched = _affine_matches(weight, stats.mean.shape, dims) and _affine_matches(
+            bias, stats.mean.shape, dims
         )
         ctx.save_for_backward(xhat, inv_std, stats.count, weight)
         ctx.mark_non_differentiable(stats.count, stats.mean, stats.m2)

@@ -38,6 +38,7 @@ import torch
 
 from batchnorm import backends
 from batchnorm.functional import NONFINITE_POLICIES, batch_norm_with_status, check_momentum
+from batchnorm.primitives import update_running_statistics
 
 # torch >= 2.12 takes a keyword-only bias= (affine scale without a shift); older ones do not.
 _TORCH_HAS_BIAS_ARG = (
@@ -170,22 +171,33 @@ class BatchNormMixin:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         track = self.training and self.track_running_stats
+        keep_stats = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep_stats else None
+        running_var = self.running_var if keep_stats else None
+        cumulative = None  # the 1/k weight of a cumulative average, as a tensor
         if self.momentum is None:
             factor = 0.0
             if track and self.num_batches_tracked is not None:
                 # Cumulative average: the k-th batch gets weight 1/k.
-                factor = 1.0 / float(self.num_batches_tracked + 1)
+                if input.device.type == "cpu" and not torch.compiler.is_compiling():
+                    factor = 1.0 / float(self.num_batches_tracked + 1)  # bit-identical to torch
+                elif running_mean is not None and running_var is not None:
+                    # No host synchronization (GPU) and no data-dependent Python float (compile,
+                    # export): the kernel writes this batch's statistics into copies (momentum 1),
+                    # and the buffers move towards them by 1/k as tensor arithmetic.
+                    factor = 1.0
+                    cumulative = 1.0 / (self.num_batches_tracked.to(torch.float64) + 1)
+                    running_mean, running_var = running_mean.clone(), running_var.clone()
         else:
             factor = self.momentum
         if self.training:
             use_batch_stats = True
         else:
             use_batch_stats = self.running_mean is None and self.running_var is None
-        keep_stats = not self.training or self.track_running_stats
         y, updated = batch_norm_with_status(
             input,
-            self.running_mean if keep_stats else None,
-            self.running_var if keep_stats else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             use_batch_stats,
@@ -195,6 +207,13 @@ class BatchNormMixin:
             nonfinite=self.nonfinite,
         )
         self.last_backend = backends.last_backend()
+        if cumulative is not None and updated is not None:
+            assert self.running_mean is not None and self.running_var is not None
+            assert running_mean is not None and running_var is not None
+            # A skipped update left the copies equal to the buffers: moving towards them is a no-op.
+            update_running_statistics(
+                self.running_mean, self.running_var, running_mean, running_var, cumulative
+            )
         if track and self.num_batches_tracked is not None and updated is not None:
             if isinstance(updated, torch.Tensor):
                 self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))

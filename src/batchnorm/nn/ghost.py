@@ -106,8 +106,8 @@ class GhostBatchNorm(BatchStatisticsVariant):
         size = min(self.virtual_batch_size, n)
         full = (n // size) * size
         per_sample = input[0, 0].numel()
-        for samples in {size, n - full} - {0}:
-            if samples * per_sample <= 1:
+        for samples in (size, n - full):
+            if 0 < samples and samples * per_sample <= 1:
                 raise ValueError(
                     f"{type(self).__name__}: a ghost batch of {samples} sample(s) of shape "
                     f"{tuple(input.shape[1:])} has one value per channel (batch of {n}, "
