@@ -11,8 +11,10 @@ with an empty batch and one with a single sample are among the scenarios. A hang
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
+import pickle
 import socket
 import time
 import warnings
@@ -393,6 +395,30 @@ def test_convert_and_revert_share_tensors_and_keep_classes():
     ]
     assert reverted[1].weight is weight and reverted[3].backend == "explicit"
     assert not hasattr(reverted[2], "process_group")
+
+
+def test_converted_subclass_survives_pickling_a_whole_model(tmp_path):
+    """Sync<Name> is made at run time; torch.save / pickle / deepcopy of the model still work."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), BatchNormReLU1d(3))
+    model(torch.randn(8, 4))  # non-trivial running statistics
+    converted = convert_sync_batchnorm(model).eval()
+    x = torch.randn(5, 4) - 1.0
+    path = tmp_path / "model.pt"
+    torch.save(converted, path)
+    copies = [
+        torch.load(path, weights_only=False),
+        pickle.loads(pickle.dumps(converted)),
+        copy.deepcopy(converted),
+    ]
+    for loaded in copies:
+        layer = loaded[1]
+        assert type(layer) is type(converted[1])  # the same Sync<Name> class, not a new one
+        assert isinstance(layer, BatchNormReLU1d) and isinstance(layer, SyncBatchNorm)
+        assert layer.running_mean is not converted[1].running_mean
+        torch.testing.assert_close(layer.running_var, converted[1].running_var)
+        torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
+        assert type(revert_sync_batchnorm(loaded)[1]) is BatchNormReLU1d
 
 
 def test_convert_leaves_per_process_variants_with_a_warning():

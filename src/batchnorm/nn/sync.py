@@ -270,6 +270,18 @@ _PLAIN_BATCH_NORM: tuple[type, ...] = (
 _SYNC_CLASSES: dict[type, type] = {}
 
 
+def _reduce_sync_instance(self: Any, protocol: int) -> tuple[Any, ...]:
+    # Sync<cls> is made at run time, so pickle cannot find it by name: pickle the user's class
+    # instead and make Sync<cls> again on loading (torch.save of a whole model, deepcopy).
+    return (_new_sync_instance, (type(self)._sync_original_class,), self.__getstate__())
+
+
+def _new_sync_instance(cls: type) -> Any:
+    sync_cls = _sync_class_for(cls)
+    assert sync_cls is not None  # it was made from this class before it was pickled
+    return sync_cls.__new__(sync_cls)
+
+
 def _sync_class_for(cls: type) -> type | None:
     """``Sync<cls>``: the user's class with SyncBatchNorm's forward where it calls super()."""
     if cls not in _SYNC_CLASSES:
@@ -280,6 +292,7 @@ def _sync_class_for(cls: type) -> type | None:
                 {
                     "__module__": cls.__module__,
                     "_sync_original_class": cls,
+                    "__reduce_ex__": _reduce_sync_instance,
                     "__doc__": f"{cls.__name__} with batch statistics synchronized across "
                     "processes (made by batchnorm.nn.convert_sync_batchnorm).",
                 },
