@@ -39,6 +39,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
         print(f"triton    {triton.__version__}")
     except ImportError:
         print("triton    not installed (pip install 'batchnorm[triton]')")
+    print(f"export    {_export_status()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"device    cuda:{i} {torch.cuda.get_device_name(i)}")
@@ -52,6 +53,21 @@ def _cmd_env(args: argparse.Namespace) -> int:
         print(f"  {name:<9} {'available' if ok else 'unavailable'}: {reason}")
     print(f"  default   {backends.requested_backend()} (set {backends.ENV_VAR} to change)")
     return 0
+
+
+def _export_status() -> str:
+    """torch.export always; ONNX when its packages (the 'export' extra) are installed."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if "onnx" not in versions or "onnxscript" not in versions:
+        return "torch.export; ONNX needs onnx and onnxscript (pip install 'batchnorm[export]')"
+    return "torch.export, ONNX (" + ", ".join(f"{k} {v}" for k, v in versions.items()) + ")"
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
