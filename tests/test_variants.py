@@ -388,6 +388,41 @@ def test_group_norm_with_one_channel_per_group_equals_instance_norm():
     _compare("GN(C) vs IN", gn, inorm, x, torch.randn_like(x))
 
 
+def _gradient_penalty_grads(model: torch.nn.Module, x: torch.Tensor):
+    """d/d(x, params) of ||d sum(model(x)^3) / dx||^2: a double backward (as in WGAN-GP)."""
+    x = x.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad((model(x) ** 3).sum(), x, create_graph=True)
+    params = [x, *model.parameters()]
+    return torch.autograd.grad((g**2).sum(), params)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda: bnn.LayerNorm([4, 3, 3]), lambda: torch.nn.LayerNorm([4, 3, 3])),
+        (lambda: bnn.GroupNorm(2, 4), lambda: torch.nn.GroupNorm(2, 4)),
+        (
+            lambda: bnn.InstanceNorm2d(4, affine=True),
+            lambda: torch.nn.InstanceNorm2d(4, affine=True),
+        ),
+        (lambda: bnn.GhostBatchNorm(4, virtual_batch_size=5), lambda: torch.nn.BatchNorm2d(4)),
+    ],
+    ids=["layer", "group", "instance", "ghost"],
+)
+def test_gradient_penalty_double_backward_matches_torch(ours, theirs):
+    torch.manual_seed(0)
+    a, b = ours().double(), theirs().double()
+    with torch.no_grad():
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.normal_()
+            q.copy_(p)
+    x = torch.randn(5, 4, 3, 3, dtype=F64) * 2 + 1
+    ours_grads, torch_grads = _gradient_penalty_grads(a, x), _gradient_penalty_grads(b, x)
+    scale = max(float(t.abs().max()) for t in torch_grads)  # some gradients are ~0 by symmetry
+    for got, expected in zip(ours_grads, torch_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * scale)
+
+
 def test_norms_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"normalized_shape=\(5,\)"):
         bnn.LayerNorm(4)(torch.randn(2, 5))

@@ -53,7 +53,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "Moments",
@@ -401,6 +400,7 @@ class _NormalizeOverFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(xhat.dtype)
         ctx.dims = dims
+        ctx.eps = eps
         ctx.reducer = reducer
         ctx.x_dtype = x.dtype
         ctx.bias_shape = None if bias is None else bias.shape
@@ -408,15 +408,19 @@ class _NormalizeOverFunction(torch.autograd.Function):
         ctx.matched = _affine_matches(weight, stats.mean.shape, dims) and _affine_matches(
             bias, stats.mean.shape, dims
         )
-        ctx.save_for_backward(xhat, inv_std, stats.count, weight)
+        # x rather than xhat: the same bytes (fewer for 16-bit inputs), xhat is recomputed
+        # exactly, and a differentiable backward can rebuild the forward from x.
+        ctx.save_for_backward(x, stats.mean, inv_std, stats.count, weight, bias)
         ctx.mark_non_differentiable(stats.count, stats.mean, stats.m2)
         return y.to(x.dtype), stats.count, stats.mean, stats.m2
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
-        xhat, inv_std, count, weight = ctx.saved_tensors
+        x, mean, inv_std, count, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): gradients of gradients
+            return _differentiable_backward(ctx, dy, x, weight, bias)
         dims, reducer = ctx.dims, ctx.reducer
+        xhat = (x.to(mean.dtype) - mean) * inv_std
         dy = dy.to(xhat.dtype)
         need_x = ctx.needs_input_grad[0] or reducer is not None  # every process joins
         dx = dweight = dbias = None
@@ -449,6 +453,45 @@ class _NormalizeOverFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return dx, dweight, dbias, None, None, None
+
+
+def _differentiable_backward(
+    ctx: Any,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[Any, ...]:
+    """The backward pass as a graph of its own (double backward: gradient penalties, Hessians).
+
+    The forward is rebuilt from ``x`` with differentiable ops and differentiated by autograd with
+    ``create_graph=True``; the first derivatives equal the hand-derived ones to rounding.
+    """
+    if ctx.reducer is not None:
+        raise RuntimeError(
+            "synchronized batch norm has no second derivative across processes "
+            "(backward(create_graph=True) was called); compute gradient penalties with a "
+            "per-process norm, e.g. convert the model back with revert_sync_batchnorm"
+        )
+    inputs = (x, weight, bias)
+    wanted = [i for i in range(3) if inputs[i] is not None and ctx.needs_input_grad[i]]
+    if not wanted:
+        return None, None, None, None, None, None
+    with torch.enable_grad():
+        acc = accumulation_dtype(x.dtype)
+        var, mean = torch.var_mean(x.to(acc), dim=ctx.dims, correction=0, keepdim=True)
+        y = (x.to(acc) - mean) * torch.rsqrt(var + ctx.eps)
+        if weight is not None:
+            y = y * weight.to(acc)
+        if bias is not None:
+            y = y + bias.to(acc)
+        grads = torch.autograd.grad(
+            y.to(ctx.x_dtype), [inputs[i] for i in wanted], dy, create_graph=True
+        )
+    out: list[Any] = [None] * 6
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
 
 
 def normalize_over(

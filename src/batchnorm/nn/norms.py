@@ -14,7 +14,7 @@ statistics taken per sample over other axes, so nothing depends on the batch (SP
 Each subclasses its torch counterpart (same signature, parameters, ``state_dict`` keys, ``repr``;
 checkpoints load both ways) and computes with :func:`batchnorm.primitives.normalize_over` on the
 right view of the input. They run on torch operations, not the project's Triton kernels
-(``kernel = "torch"``), and are differentiable once (a second derivative raises).
+(``kernel = "torch"``), and are twice differentiable (gradient penalties, as torch's).
 """
 
 from __future__ import annotations
