@@ -1,4 +1,5 @@
-"""Models built from the package's layers export: ``torch.export`` and ONNX (onnxruntime).
+"""Models built from the package's layers trace: ``torch.compile`` without graph breaks,
+``torch.export``, and ONNX (run in onnxruntime).
 
 Each layer is exported in eval and in training mode, and the exported program must give the
 eager module's outputs and running statistics over several calls; batch sizes stay symbolic where
@@ -75,6 +76,27 @@ def test_torch_export_matches_eager(name, mode):
     assert not any(op.startswith("batchnorm.") for op in ops), ops
     sizes = (4, 7, 2, 4) if dynamic else (4, 4, 4)
     _assert_same_run(eager, program.module(), _inputs(*sizes))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_compiles_as_one_graph_and_matches_eager(name, mode):
+    """fullgraph=True: a graph break fails; outputs, gradients and buffers as in eager mode."""
+    torch._dynamo.reset()
+    model = _model(name)
+    getattr(model, mode)()
+    eager, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for x in _inputs(4, 4):
+        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.testing.assert_close(compiled(x_compiled), eager(x_eager), rtol=1e-6, atol=1e-6)
+        eager(x_eager).square().sum().backward()
+        compiled(x_compiled).square().sum().backward()
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-5, atol=1e-6)
+    for (key, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=key)
+    for (key, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_ghost_training_export_needs_a_fixed_batch():

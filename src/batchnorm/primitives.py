@@ -48,7 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -165,7 +164,9 @@ def collect_statistics(x: torch.Tensor, dims: int | Sequence[int]) -> Moments:
         raise TypeError(f"collect_statistics expects a floating-point tensor, got {what}")
     dims = _normalize_dims(dims, x.dim())
     acc = accumulation_dtype(x.dtype)
-    m = math.prod(x.shape[d] for d in dims)
+    m = 1
+    for d in dims:  # not math.prod over a generator: torch.compile cannot trace that
+        m *= x.shape[d]
     kept = [1 if i in dims else s for i, s in enumerate(x.shape)]
     if m == 0:
         zeros = torch.zeros(kept, dtype=acc, device=x.device)

@@ -21,7 +21,33 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from batchnorm.nn.batchnorm import check_channels, init_batch_norm_state
 from batchnorm.primitives import accumulation_dtype, invstd, normalize, update_running_statistics
 
-__all__ = ["BatchStatisticsVariant"]
+__all__ = ["BatchStatisticsVariant", "read_buffer"]
+
+
+def _snapshot_impl(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+_snapshot: Any = None
+if hasattr(torch.library, "custom_op"):
+    _snapshot = torch.library.custom_op("batchnorm::snapshot", mutates_args=())(_snapshot_impl)
+    _snapshot.register_fake(lambda t: torch.empty_like(t))
+
+
+def read_buffer(buffer: torch.Tensor) -> torch.Tensor:
+    """The value of a buffer that this forward updates in place afterwards, safe to backprop with.
+
+    Under ``torch.compile`` the AOTAutograd partitioner may recompute, in the backward pass,
+    values derived from a module buffer, reading the buffer again after the forward's in-place
+    update: silently wrong gradients (pytorch/pytorch#197039). Batch renorm's r and d are such
+    values. An opaque copy (a custom op, which the partitioner does not recompute) pins the
+    value read in the forward. Eager mode and ``torch.export`` read the buffer directly.
+    """
+    from batchnorm.backends import _exporting
+
+    if _snapshot is not None and torch.compiler.is_compiling() and not _exporting():
+        return _snapshot(buffer)
+    return buffer
 
 
 class BatchStatisticsVariant(_BatchNorm):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from batchnorm.nn.batch_variant import BatchStatisticsVariant
+from batchnorm.nn.batch_variant import BatchStatisticsVariant, read_buffer
 from batchnorm.primitives import normalize_over, variance
 
 __all__ = ["BatchRenorm"]
@@ -161,12 +161,12 @@ class BatchRenorm(BatchStatisticsVariant):
         xhat, stats = normalize_over(input, dims, self.eps)
         acc = stats.mean.dtype
         with torch.no_grad():  # r and d are constants for backpropagation
-            step = self.num_batches_tracked.to(acc)
+            step = read_buffer(self.num_batches_tracked).to(acc)
             r_limit = 1.0 + (self.r_max - 1.0) * self._progress(step, self.r_max_reached_at)
             d_limit = self.d_max * self._progress(step, self.d_max_reached_at)
             sigma_batch = torch.sqrt(variance(stats) + self.eps)
-            mu = self.running_mean.to(acc).reshape(shape)
-            sigma = torch.sqrt(self.running_var.to(acc).reshape(shape) + self.eps)
+            mu = read_buffer(self.running_mean).to(acc).reshape(shape)
+            sigma = torch.sqrt(read_buffer(self.running_var).to(acc).reshape(shape) + self.eps)
             r = torch.minimum(torch.maximum(sigma_batch / sigma, 1.0 / r_limit), r_limit)
             d = torch.minimum(torch.maximum((stats.mean - mu) / sigma, -d_limit), d_limit)
         y = xhat.to(acc) * r + d
