@@ -29,3 +29,13 @@ def device():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield "cpu"
+
+
+@pytest.fixture
+def lab_quiet(monkeypatch: pytest.MonkeyPatch):
+    """For the lab's tests (``pytestmark = pytest.mark.usefixtures("lab_quiet")``): no progress
+    bars, and torch's thread count, which a run sets, restored afterwards."""
+    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

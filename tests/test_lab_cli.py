@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from batchnorm.cli import main
 from batchnorm.lab import experiments
+
+pytestmark = pytest.mark.usefixtures("lab_quiet")
 
 TINY_RUN = [
     "--set",
@@ -27,14 +28,6 @@ TINY_RUN = [
     "--set",
     "threads=1",
 ]
-
-
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,6 @@ report parses and agrees with metrics.json, interrupted runs are marked and resu
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -13,19 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from batchnorm.lab import experiments
 from batchnorm.lab import train as train_module
 from batchnorm.lab.experiment import (
     MARKER_FILE,
-    Claim,
     _new_run_dir,
     list_runs,
     make_config,
-    overall_verdict,
     run_experiment,
 )
+from tests.lab_helpers import check_run_dir, csv_rows
+
+pytestmark = pytest.mark.usefixtures("lab_quiet")
 
 # Each experiment's quick mode, shortened further: the point is the machinery, not the numbers.
 COMMON = [
@@ -44,77 +43,6 @@ SMALL = {
     "nonlinearity": ["activations=sigmoid,relu", "hidden=16,16,16,16"],
     "regularization": ["hidden=32,32", "train_subset=600"],
 }
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def table(report: str, heading: str) -> list[list[str]]:
-    """The rows (cells, unescaped) of the first Markdown table under ``## heading``."""
-    section = report.split(f"## {heading}\n", 1)[1]
-    lines = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
-    rows = []
-    for line in lines[2:]:  # skip the header and the |---| line
-        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-        rows.append([c.strip().replace("\\|", "|") for c in cells])
-    return rows
-
-
-def check_run_dir(run_dir: Path, name: str) -> dict:
-    for required in (
-        "config.json",
-        "environment.json",
-        "status.json",
-        "metrics.json",
-        "report.md",
-        "curves.csv",
-    ):
-        assert (run_dir / required).is_file(), f"{required} missing in {run_dir}"
-    assert not (run_dir / MARKER_FILE).exists()
-    assert not list(run_dir.glob("**/*.tmp")) and not list(run_dir.glob("jobs/*.ckpt"))
-    status = json.loads((run_dir / "status.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
-    environment = json.loads((run_dir / "environment.json").read_text())
-    assert status["status"] == "complete" and status["verdict"] == metrics["verdict"]
-    assert config["experiment"] == name and config["quick"] is True
-    assert "git" in environment and environment["versions"]["torch"] == torch.__version__
-    assert metrics["wall_seconds"] > 0 and metrics["timings_seconds"]["total"] > 0
-
-    # The verdict follows from the claims by the rule in code.
-    claims = metrics["claims"]
-    fields = ("name", "statement", "rule", "held", "evidence")
-    assert claims and metrics["verdict"] == overall_verdict(
-        [Claim(**{k: c[k] for k in fields}) for c in claims]
-    )
-    report = (run_dir / "report.md").read_text()
-    assert "**Quick mode**" in report
-    assert f"**Overall verdict: {metrics['verdict']}.**" in report
-    verdict_rows = table(report, "Verdicts")
-    assert [(r[0], r[3]) for r in verdict_rows] == [
-        (c["statement"], f"**{c['verdict']}**") for c in claims
-    ]
-    number_rows = table(report, "Numbers beside the paper's")
-    assert number_rows == [
-        [c["quantity"], c["paper"], c["measured"]] for c in metrics["comparisons"]
-    ]
-    field_rows = table(report, "Protocol")
-    assert [r[0] for r in field_rows] == list(config["config"])
-    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
-        assert (run_dir / image).read_bytes()[:8] == PNG_MAGIC
-    assert "Wall time of the run" in report and "git revision" in report
-
-    with open(run_dir / "curves.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert rows and {"step", "variant", "seed", "test_acc"} <= set(rows[0])
-    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
-    return metrics
 
 
 # Experiments without an entry in SMALL (their configs differ from CommonConfig) are run in
@@ -125,7 +53,6 @@ def test_experiment_quick_run_is_complete(name: str, tmp_path: Path) -> None:
     config = make_config(experiment, quick=True, overrides=COMMON + SMALL[name])
     result = run_experiment(experiment, config, quick=True, out=tmp_path)
     assert result.run_dir.parent == tmp_path
-    assert result.run_dir.name.endswith(f"-{name}-quick")
     metrics = check_run_dir(result.run_dir, name)
     assert metrics["verdict"] == result.verdict
 
@@ -137,8 +64,7 @@ def test_fig1_metrics(tmp_path: Path) -> None:
     m = json.loads((result.run_dir / "metrics.json").read_text())["metrics"]
     assert m["steps"] == [0, 30, 60, 90] and m["first_plotted_step"] == 30
     assert np.asarray(m["test_acc"]["with BN"]).shape == (4, 2)
-    with open(result.run_dir / "percentiles.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = csv_rows(result.run_dir / "percentiles.csv")
     assert len(rows) == 4 * 2 * 2  # steps x variants x seeds
     assert all(float(r["p15"]) <= float(r["p50"]) <= float(r["p85"]) for r in rows)
     # Cross-check: torch.nn.BatchNorm1d instead of the project's layer gives the same run.

@@ -14,8 +14,10 @@ import torch
 from batchnorm.lab import experiments
 from batchnorm.lab.config import ConfigError
 from batchnorm.lab.experiment import MARKER_FILE, make_config, run_experiment
-from batchnorm.lab.experiments import _convnet
-from tests.test_lab_experiments import check_run_dir, table
+from batchnorm.lab.experiments import cnn
+from tests.lab_helpers import check_run_dir, table
+
+pytestmark = pytest.mark.usefixtures("lab_quiet")
 
 NEW = ("small-batch", "non-iid", "ghost", "precise-bn", "agc")
 COMMON = ["dataset=digits", "threads=1", "seeds=2", "evals=2"]
@@ -28,14 +30,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def quick_run(name: str, tmp_path: Path, extra: list[str] | None = None):
     experiment = experiments.get(name)
     config = make_config(experiment, quick=True, overrides=COMMON + SMALL[name] + (extra or []))
@@ -45,7 +39,6 @@ def quick_run(name: str, tmp_path: Path, extra: list[str] | None = None):
 @pytest.mark.parametrize("name", NEW)
 def test_quick_run_is_complete(name: str, tmp_path: Path) -> None:
     result = quick_run(name, tmp_path)
-    assert result.run_dir.name.endswith(f"-{name}-quick")
     metrics = check_run_dir(result.run_dir, name)
     report = (result.run_dir / "report.md").read_text()
     assert len(metrics["claims"]) >= 2
@@ -74,11 +67,12 @@ def test_quick_run_is_complete(name: str, tmp_path: Path) -> None:
 
 def test_diverged_network_is_stopped_and_scored_at_chance() -> None:
     x, y = torch.rand(64, 1, 8, 8), torch.arange(64) % 10
-    model = _convnet.conv_net("none", (4,), 10, seed=0)
-    result = _convnet.train_net(
+    data = cnn.ImageData("random", x, y, x, y, (8, 8), 10, "64 random images")
+    model = cnn.conv_net("none", (4,), 10, seed=0)
+    result = cnn.train_net(
         model,
-        (x, y, x, y),
-        _convnet.iid_batches(64, 16, 0),
+        data,
+        cnn.iid_batches(64, 16, 0),
         steps=20,
         lr=1e30,
         momentum=0.9,
@@ -91,7 +85,7 @@ def test_diverged_network_is_stopped_and_scored_at_chance() -> None:
 
 def test_few_class_batches_hold_few_classes() -> None:
     labels = np.repeat(np.arange(10), 30)
-    batches = _convnet.few_class_batches(labels, 32, 2, seed=0)
+    batches = cnn.few_class_batches(labels, 32, 2, seed=0)
     seen = set()
     for _ in range(50):
         idx = next(batches)
@@ -101,24 +95,24 @@ def test_few_class_batches_hold_few_classes() -> None:
         seen |= classes
     assert seen == set(range(10))
     with pytest.raises(ValueError, match="classes_per_batch must lie in 1..10"):
-        next(_convnet.few_class_batches(labels, 32, 11, seed=0))
+        next(cnn.few_class_batches(labels, 32, 11, seed=0))
 
 
 def test_iid_batches_cover_each_epoch() -> None:
-    batches = _convnet.iid_batches(100, 10, seed=1)
+    batches = cnn.iid_batches(100, 10, seed=1)
     epoch = np.concatenate([next(batches) for _ in range(10)])
     assert sorted(epoch.tolist()) == list(range(100))
 
 
 def test_conv_net_norms() -> None:
     x = torch.randn(4, 1, 8, 8)
-    for norm in _convnet.NORMS:
+    for norm in cnn.NORMS:
         kwargs = {"virtual_batch_size": 2} if norm == "ghost" else {}
         kwargs |= {"num_groups": 4} if norm == "gn" else {}
-        out = _convnet.conv_net(norm, (8, 16), 10, seed=0, **kwargs)(x)
+        out = cnn.conv_net(norm, (8, 16), 10, seed=0, **kwargs)(x)
         assert out.shape == (4, 10)
     with pytest.raises(ValueError, match="unknown norm 'bnn'"):
-        _convnet.conv_net("bnn", (8,), 10, seed=0)
+        cnn.conv_net("bnn", (8,), 10, seed=0)
 
 
 @pytest.mark.parametrize(

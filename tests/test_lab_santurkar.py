@@ -4,9 +4,7 @@ from the numbers by the rules, and the measured quantities are sane."""
 
 from __future__ import annotations
 
-import csv
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,11 @@ import torch
 
 from batchnorm.lab import experiments
 from batchnorm.lab.config import ConfigError
-from batchnorm.lab.experiment import (
-    MARKER_FILE,
-    Claim,
-    make_config,
-    overall_verdict,
-    run_experiment,
-)
+from batchnorm.lab.experiment import MARKER_FILE, make_config, run_experiment
 from batchnorm.lab.experiments.cnn import VGGStyle, batch_order, drift_numbers
+from tests.lab_helpers import check_run_dir, csv_rows
+
+pytestmark = pytest.mark.usefixtures("lab_quiet")
 
 COMMON = ["dataset=digits", "channels=4,8", "threads=1", "train_subset=none", "test_subset=none"]
 SHORT = {
@@ -30,62 +25,15 @@ SHORT = {
     "ics": ["steps=40", "probe_every=20", "dln_depth=6", "dln_steps=60", "dln_probe_every=30"],
     "landscape": ["steps=40", "probe_every=20", "eta_num=3"],
 }
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def table(report: str, heading: str) -> list[list[str]]:
-    """The rows (cells, unescaped) of the first Markdown table under ``## heading``."""
-    section = report.split(f"## {heading}\n", 1)[1]
-    lines = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
-    rows = []
-    for line in lines[2:]:
-        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-        rows.append([c.strip().replace("\\|", "|") for c in cells])
-    return rows
 
 
 def run_quick(name: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
     experiment = experiments.get(name)
     config = make_config(experiment, quick=True, overrides=COMMON + SHORT[name] + list(extra))
     result = run_experiment(experiment, config, quick=True, out=tmp_path)
-    run_dir = result.run_dir
-    assert run_dir.name.endswith(f"-{name}-quick")
-    for required in ("config.json", "environment.json", "status.json", "metrics.json"):
-        assert (run_dir / required).is_file(), f"{required} missing"
-    assert not (run_dir / MARKER_FILE).exists() and not list(run_dir.glob("**/*.tmp"))
-    status = json.loads((run_dir / "status.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert status["status"] == "complete" and status["verdict"] == metrics["verdict"]
+    metrics = check_run_dir(result.run_dir, name)
     assert metrics["verdict"] == result.verdict
-    fields = ("name", "statement", "rule", "held", "evidence")
-    claims = [Claim(**{k: c[k] for k in fields}) for c in metrics["claims"]]
-    assert claims and metrics["verdict"] == overall_verdict(claims)
-    report = (run_dir / "report.md").read_text()
-    assert "**Quick mode**" in report and f"**Overall verdict: {metrics['verdict']}.**" in report
-    assert [(r[0], r[3]) for r in table(report, "Verdicts")] == [
-        (c.statement, f"**{c.verdict}**") for c in claims
-    ]
-    assert table(report, "Numbers beside the paper's") == [
-        [c["quantity"], c["paper"], c["measured"]] for c in metrics["comparisons"]
-    ]
-    config_json = json.loads((run_dir / "config.json").read_text())
-    assert [r[0] for r in table(report, "Protocol")] == list(config_json["config"])
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert images
-    for image in images:
-        assert (run_dir / image).read_bytes()[:8] == PNG_MAGIC
-    with open(run_dir / "curves.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert rows and all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
-    return run_dir, metrics
+    return result.run_dir, metrics
 
 
 def test_noisy_bn(tmp_path: Path) -> None:
@@ -109,8 +57,7 @@ def test_noisy_bn(tmp_path: Path) -> None:
     assert held["less-stable"] == all(
         drift["noisy BN"][lr] > drift["standard"][lr] for lr in ("0.1", "0.5")
     )
-    with open(run_dir / "percentiles.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = csv_rows(run_dir / "percentiles.csv")
     assert len(rows) == 2 * 3 * 3  # lrs x variants x evaluations (steps 0, 20, 40)
     assert all(float(r["p15"]) <= float(r["p50"]) <= float(r["p85"]) for r in rows)
     assert {r["step"] for r in rows} == {"0", "20", "40"}
@@ -134,8 +81,7 @@ def test_ics(tmp_path: Path) -> None:
     assert held["l2"] == all(
         l2[f"{s}|BN"] >= 0.9 * l2[f"{s}|standard"] for s in ("CNN", "deep linear")
     )
-    with open(run_dir / "shift.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 2 * (2 * 3 + 2 * 6)
+    assert len(csv_rows(run_dir / "shift.csv")) == 2 * (2 * 3 + 2 * 6)
 
 
 def test_landscape(tmp_path: Path) -> None:
@@ -228,6 +174,7 @@ def test_a_diverged_network_counts_as_chance_on_the_evaluation_schedule() -> Non
         return torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1, 1, 8, 8)
 
     data = ImageData(
+        "digits",
         images(train_x),
         torch.as_tensor(d.train_y),
         images(d.test_x),

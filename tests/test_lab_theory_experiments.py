@@ -4,28 +4,20 @@ modules."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from batchnorm.lab import experiments
 from batchnorm.lab.config import ConfigError
-from batchnorm.lab.experiment import (
-    MARKER_FILE,
-    Claim,
-    make_config,
-    overall_verdict,
-    run_experiment,
-)
+from batchnorm.lab.experiment import make_config, run_experiment
 from batchnorm.lab.theory.gradient_explosion import linear_lambda, relu_lambda
+from tests.lab_helpers import check_run_dir, csv_rows
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.usefixtures("lab_quiet")
 
 # Each experiment's quick mode, shortened further (a few seconds each).
 SMALL = {
@@ -59,67 +51,14 @@ CSV_FILES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def table(report: str, heading: str) -> list[list[str]]:
-    """The rows (cells, unescaped) of the first Markdown table under ``## heading``."""
-    section = report.split(f"## {heading}\n", 1)[1]
-    lines = [line for line in section.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
-    rows = []
-    for line in lines[2:]:
-        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-        rows.append([c.strip().replace("\\|", "|") for c in cells])
-    return rows
-
-
 def quick_run(name: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
     experiment = experiments.get(name)
     config = make_config(experiment, quick=True, overrides=[*SMALL[name], "threads=1", *extra])
     result = run_experiment(experiment, config, quick=True, out=tmp_path)
-    run_dir = result.run_dir
-    assert run_dir.parent == tmp_path and run_dir.name.endswith(f"-{name}-quick")
-    for required in ("config.json", "environment.json", "status.json", "metrics.json"):
-        assert (run_dir / required).is_file(), required
-    assert not (run_dir / MARKER_FILE).exists() and not list(run_dir.glob("**/*.tmp"))
-    status = json.loads((run_dir / "status.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config_json = json.loads((run_dir / "config.json").read_text())
-    assert status["status"] == "complete" and status["verdict"] == metrics["verdict"]
+    assert result.run_dir.parent == tmp_path
+    metrics = check_run_dir(result.run_dir, name, CSV_FILES[name])
     assert metrics["verdict"] == result.verdict
-    assert config_json["experiment"] == name and config_json["quick"] is True
-    fields = ("name", "statement", "rule", "held", "evidence")
-    claims = metrics["claims"]
-    assert claims and metrics["verdict"] == overall_verdict(
-        [Claim(**{k: c[k] for k in fields}) for c in claims]
-    )
-    report = (run_dir / "report.md").read_text()
-    assert "**Quick mode**" in report and f"**Overall verdict: {metrics['verdict']}.**" in report
-    assert [(r[0], r[3]) for r in table(report, "Verdicts")] == [
-        (c["statement"], f"**{c['verdict']}**") for c in claims
-    ]
-    assert table(report, "Numbers beside the paper's") == [
-        [c["quantity"], c["paper"], c["measured"]] for c in metrics["comparisons"]
-    ]
-    assert [r[0] for r in table(report, "Protocol")] == list(config_json["config"])
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert images
-    for image in images:
-        assert (run_dir / image).read_bytes()[:8] == PNG_MAGIC
-    for name_csv in CSV_FILES[name]:
-        with open(run_dir / name_csv, newline="") as f:
-            assert list(csv.DictReader(f)), f"{name_csv} is empty"
-    return run_dir, metrics
-
-
-def rows_of(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return result.run_dir, metrics
 
 
 def test_registry_lists_the_theory_experiments() -> None:
@@ -129,7 +68,7 @@ def test_registry_lists_the_theory_experiments() -> None:
 
 def test_explosion_quick_run(tmp_path: Path) -> None:
     run_dir, metrics = quick_run("explosion", tmp_path)
-    lam = rows_of(run_dir / "lambda.csv")
+    lam = csv_rows(run_dir / "lambda.csv")
     assert {(r["nonlinearity"], int(r["batch_size"])) for r in lam} == {
         (nl, b) for nl in ("relu", "tanh", "linear") for b in (4, 8)
     }
@@ -143,7 +82,7 @@ def test_explosion_quick_run(tmp_path: Path) -> None:
         else:
             assert math.isnan(theory)
         assert float(r["ci_low"]) <= float(r["lambda_mc"]) <= float(r["ci_high"])
-    grid = rows_of(run_dir / "grid.csv")
+    grid = csv_rows(run_dir / "grid.csv")
     plain = {(int(r["depth"]), int(r["batch_size"])) for r in grid if r["variant"] == "plain"}
     assert plain == {(2, 4), (2, 16), (8, 4), (8, 16)}
     assert {r["variant"] for r in grid} == {"plain", "residual", "eps"}
@@ -171,7 +110,7 @@ def test_decoupling_quick_run(tmp_path: Path) -> None:
     for key, rates in m["rates"].items():
         assert set(rates) == {"GD on w~", "GD on (w, g)", "GDNP"}
         assert 0 < rates["GDNP"] < 1, key  # GDNP converges linearly even in the short run
-    rows = rows_of(run_dir / "convergence.csv")
+    rows = csv_rows(run_dir / "convergence.csv")
     assert len(rows) == 4 * 3 * 61  # problems x methods x (iterations + 1)
     assert m["mlp_losses"][-1] < m["mlp_losses"][0]
     assert "reconstructed" in (run_dir / "report.md").read_text()
@@ -179,7 +118,7 @@ def test_decoupling_quick_run(tmp_path: Path) -> None:
 
 def test_theorems_quick_run(tmp_path: Path) -> None:
     run_dir, metrics = quick_run("theorems", tmp_path)
-    rows = rows_of(run_dir / "instances.csv")
+    rows = csv_rows(run_dir / "instances.csv")
     assert len(rows) == 2 * 12
     zero = [r for r in rows if float(r["eps"]) == 0.0]
     # At eps = 0 Theorem 4.1 is an identity, and the 1/sqrt(m) variant fails.

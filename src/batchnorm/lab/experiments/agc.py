@@ -32,16 +32,16 @@ from batchnorm.lab.experiment import (
     fmt_mean_std,
     md_table,
 )
-from batchnorm.lab.experiments._convnet import (
+from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
-    cached_job,
     common_choices,
     conv_net,
     final_acc,
     iid_batches,
-    images,
+    image_data,
     job_curve_rows,
+    train_job,
     train_net,
 )
 
@@ -76,15 +76,12 @@ class Config(ConvConfig):
 
     def quick(self) -> Config:
         """A smoke test: 2,000 images, 2 epochs, learning rates 0.1 and 3.2."""
-        return replace(
-            self, train_subset=2000, test_subset=2000, epochs=2.0, lrs=(0.1, 3.2), evals=2
-        )
+        return replace(super().quick(), epochs=2.0, lrs=(0.1, 3.2))
 
 
 def run(config: Config, ctx: Context) -> Outcome:
     """Train each variant at each learning rate and seed, decide the claims, tabulate, plot."""
-    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
-    tensors = images(data)
+    data = image_data(ctx, config)
     n = len(data.train_y)
     b = config.batch_size
     steps = config.steps_for(b, n)
@@ -99,7 +96,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                     model = conv_net(norm, config.channels, data.num_classes, seed)
                     return train_net(
                         model,
-                        tensors,
+                        data,
                         iid_batches(n, b, seed),
                         steps=steps,
                         lr=lr,
@@ -110,7 +107,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                     )
 
                 key = f"{norm}{'-agc' if clip else ''}-lr{lr:g}-s{seed}"
-                result = cached_job(ctx, key, job)
+                result = train_job(ctx, key, job)
                 results[name][lr].append(result)
                 rows += job_curve_rows(result, name, seed, {"lr": lr})
     ctx.write_csv("curves.csv", rows, [*CURVE_FIELDS, "lr"])

@@ -1,51 +1,193 @@
-"""What the Santurkar et al. (2018) experiments share: a small VGG-style CNN and its SGD loop.
+"""The lab's small CNNs on 2-d grey images, and what training them shares.
 
-Santurkar, Tsipras, Ilyas, Madry, arXiv 1805.11604 (SPEC.md section 4.2) train a VGG network on
-CIFAR-10. CIFAR-10 is not available here (and a VGG is too slow on 2 CPU cores), so the
-experiments ``noisy-bn``, ``ics`` and ``landscape`` use a small VGG-style stand-in on
-Fashion-MNIST (28 x 28 grey images, 10 classes): for each width in ``channels`` a 3x3
-convolution (padding 1), then, depending on the variant,
+Two networks, each with its own protocol (docs/lab.md describes both):
 
-- ``standard``: nothing,
-- ``BN``: :class:`batchnorm.nn.BatchNorm2d` (``BN(z) = gamma (z - mu_B) / sqrt(sigma_B^2 + eps)
-  + beta`` per channel, over the batch and the spatial positions),
-- ``noisy BN``: :class:`batchnorm.nn.BatchNorm2d` followed by the paper's noise
-  (:func:`batchnorm.lab.theory.noisy_bn.noisy_batch_norm`),
+- :class:`VGGStyle`, for the Santurkar, Tsipras, Ilyas, Madry (2018, arXiv 1805.11604, SPEC.md
+  4.2) experiments ``noisy-bn``, ``ics`` and ``landscape``. The paper trains a VGG network on
+  CIFAR-10; CIFAR-10 is not available here (and a VGG is too slow on 2 CPU cores), so a small
+  VGG-style stand-in runs on Fashion-MNIST (28 x 28 grey images, 10 classes): for each width in
+  ``channels`` a 3x3 convolution (padding 1), then, depending on the variant,
 
-then ReLU and 2x2 max pooling; finally a linear classifier on the flattened features. The loss
-is the mean cross-entropy over the mini-batch; training is plain SGD with a fixed learning rate.
-Weights use PyTorch's default initialization, drawn from the seed, so the variants of a seed
-start from the same convolution and classifier weights and see the same batches (paired runs).
+  - ``standard``: nothing,
+  - ``BN``: :class:`batchnorm.nn.BatchNorm2d` (``BN(z) = gamma (z - mu_B) / sqrt(sigma_B^2 +
+    eps) + beta`` per channel, over the batch and the spatial positions),
+  - ``noisy BN``: :class:`batchnorm.nn.BatchNorm2d` followed by the paper's noise
+    (:func:`batchnorm.lab.theory.noisy_bn.noisy_batch_norm`),
+
+  then ReLU and 2x2 max pooling; finally a linear classifier on the flattened features. Training
+  is plain SGD with a fixed learning rate (:func:`train_with_probes`).
+
+- :func:`conv_net`, for the limits-and-alternatives experiments (SPEC.md 4.5) ``small-batch``,
+  ``non-iid``, ``ghost``, ``precise-bn`` and ``agc``::
+
+      [conv3x3(c_k) -> norm -> ReLU -> maxpool2] for each width c_k in ``channels``
+      -> global average pool -> linear(num_classes)
+
+  ``norm`` is a name of :func:`batchnorm.nn.create_norm` (``bn``, ``gn``, ``in``, ``renorm``,
+  ``ghost``), ``ln`` (layer norm over (C, H, W) with a per-channel affine, built as ``gn`` with
+  one group, as the registry documents) or ``none`` (no normalization; the convolutions keep
+  their bias). A normalized convolution drops its bias (beta takes its role). Training is SGD
+  with momentum for a fixed number of steps, each step drawing its mini-batch from a sampler
+  (:func:`iid_batches` reshuffles each epoch; :func:`few_class_batches` builds every batch from
+  a few classes); see :func:`train_net`. A network whose loss becomes non-finite is stopped and
+  counted as diverged (its accuracy is then chance, ``1 / num_classes``).
+
+Both use the mean cross-entropy over the mini-batch and PyTorch's default initialization, drawn
+from the seed, so the variants of a seed start from the same weights and see the same batches
+(paired runs). Shared: the data as image tensors (:func:`image_data`), the i.i.d. batch order,
+evaluation in inference mode (:func:`evaluate`) and resumable jobs (:func:`cached_job`): a
+finished network is saved as ``jobs/<key>.json``, so ``--resume`` skips it (a network
+interrupted midway restarts from its beginning).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from batchnorm.lab.config import param
 from batchnorm.lab.data import DATASETS
+from batchnorm.lab.experiment import Context
 from batchnorm.lab.io import atomic_write_json, to_jsonable
+from batchnorm.lab.progress import bar, log
 
 __all__ = [
+    # shared
+    "ImageData",
+    "image_data",
+    "iid_batches",
+    "batch_order",
+    "evaluate",
+    "cached_job",
+    # the VGG-style network (noisy-bn, ics, landscape)
     "VARIANTS",
     "CNNConfig",
     "VGGStyle",
-    "ImageData",
-    "image_data",
-    "batch_order",
-    "accuracy",
-    "cached_job",
     "drift_numbers",
     "train_with_probes",
+    "probe_curve_rows",
+    "PROBE_CURVE_FIELDS",
+    # the network with a pluggable norm (small-batch, non-iid, ghost, precise-bn, agc)
+    "ConvConfig",
+    "NORMS",
+    "conv_net",
+    "norm_kwargs",
+    "few_class_batches",
+    "train_net",
+    "train_job",
+    "job_curve_rows",
+    "CURVE_FIELDS",
 ]
+
+
+# Shared ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A data set as image tensors (N, 1, H, W), float32 in [0, 1], and int64 labels."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    image_shape: tuple[int, int]
+    num_classes: int
+    description: str
+
+
+def image_data(ctx: Context, config: CNNConfig | ConvConfig) -> ImageData:
+    """Load ``config.dataset`` (subsets as configured) as images."""
+    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
+    if len(data.image_shape) != 2:
+        raise ValueError(
+            f"data set {config.dataset!r} has no 2-d images (shape {data.image_shape}); "
+            "use mnist, fashion-mnist or digits"
+        )
+    shape = (int(data.image_shape[0]), int(data.image_shape[1]))
+
+    def images(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1, 1, *shape)
+
+    return ImageData(
+        name=data.name,
+        train_x=images(data.train_x),
+        train_y=torch.as_tensor(data.train_y, dtype=torch.int64),
+        test_x=images(data.test_x),
+        test_y=torch.as_tensor(data.test_y, dtype=torch.int64),
+        image_shape=shape,
+        num_classes=data.num_classes,
+        description=data.describe(),
+    )
+
+
+def iid_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless mini-batch indices: a fresh permutation each epoch, the last partial batch
+    dropped."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """The first ``steps`` batches of :func:`iid_batches`, as a (steps, batch_size) array."""
+    return np.stack(list(itertools.islice(iid_batches(n, batch_size, seed), steps)))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1000
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy in inference mode (BN with its population statistics, no
+    noise), in chunks."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(y), chunk):
+        logits = model(x[start : start + chunk])
+        target = y[start : start + chunk]
+        loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    model.train(was_training)
+    return correct / len(y), loss / len(y)
+
+
+def cached_job(
+    ctx: Context, key: str, compute: Callable[[], dict[str, Any]], *, as_json: bool = False
+) -> dict[str, Any]:
+    """``compute()``, saved as ``jobs/<key>.json``; or, when a resumed run has that file, the
+    saved result (as JSON keeps it: lists for tuples, None for NaN and infinities).
+
+    Args:
+        as_json: return a fresh result in that JSON form too, so that a fresh and a resumed run
+            go on with the same values.
+    """
+    path = ctx.run_dir / "jobs" / f"{key}.json"
+    if path.is_file():
+        log(f"[lab] {key}: already finished, loaded from {path}")
+        return json.loads(path.read_text())
+    path.parent.mkdir(exist_ok=True)
+    result = compute()
+    if as_json:
+        result = to_jsonable(result)
+    atomic_write_json(path, result)
+    return result
+
+
+# The VGG-style network (noisy-bn, ics, landscape) -------------------------------------------
 
 STANDARD, BN, NOISY = "standard", "BN", "noisy BN"
 VARIANTS: tuple[str, ...] = (STANDARD, BN, NOISY)
@@ -54,7 +196,8 @@ COLORS = {STANDARD: "tab:red", BN: "tab:blue", NOISY: "tab:green"}
 
 @dataclass(frozen=True)
 class CNNConfig:
-    """Fields the CNN experiments share. Defaults give a full run within minutes on 2 cores."""
+    """Fields the VGG-style experiments share. Defaults give a full run within minutes on 2
+    cores."""
 
     dataset: str = param(
         "fashion-mnist", "data set (CIFAR-10, the paper's, is not available)", choices=DATASETS
@@ -97,11 +240,15 @@ class CNNConfig:
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
+    def quick(self) -> CNNConfig:
+        """The smoke-test sizes: 200 steps, 1 seed, 5,000 training and 1,000 test images."""
+        return replace(self, steps=200, seeds=1, train_subset=5000, test_subset=1000)
+
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
 
 
-class VGGStyle(torch.nn.Module):
+class VGGStyle(nn.Module):
     """Conv 3x3 -> [BN [-> noise]] -> ReLU -> max pool 2, per width; then a linear classifier.
 
     Args:
@@ -135,12 +282,12 @@ class VGGStyle(torch.nn.Module):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         torch.manual_seed(seed)
         self.variant = variant
-        self.convs = torch.nn.ModuleList()
-        self.norms = torch.nn.ModuleList()
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
         h, w = image_shape
         previous = 1
         for width in channels:
-            self.convs.append(torch.nn.Conv2d(previous, width, 3, padding=1))
+            self.convs.append(nn.Conv2d(previous, width, 3, padding=1))
             previous = width
             h, w = h // 2, w // 2
             if h < 1 or w < 1:
@@ -148,11 +295,11 @@ class VGGStyle(torch.nn.Module):
                     f"{len(channels)} conv layers with 2x2 pooling are too many for "
                     f"{image_shape} images; give fewer channels"
                 )
-        self.classifier = torch.nn.Linear(previous * h * w, num_classes)
+        self.classifier = nn.Linear(previous * h * w, num_classes)
         noise_gen = torch.Generator().manual_seed(10_000 + seed)
         for width in channels:
             if variant == STANDARD:
-                self.norms.append(torch.nn.Identity())
+                self.norms.append(nn.Identity())
             elif variant == BN:
                 self.norms.append(BatchNorm2d(width, eps=eps))
             else:
@@ -160,13 +307,18 @@ class VGGStyle(torch.nn.Module):
         self.keep_pre_activations = False
         self.pre_activations: list[torch.Tensor] = []
 
+    @classmethod
+    def for_config(cls, config: CNNConfig, data: ImageData, variant: str, seed: int) -> VGGStyle:
+        """The network ``config`` describes, for the images of ``data``."""
+        return cls(data.image_shape, config.channels, data.num_classes, variant, seed, config.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.pre_activations = []
         for conv, norm in zip(self.convs, self.norms):
             z = norm(conv(x))
             if self.keep_pre_activations:
                 self.pre_activations.append(z.detach())
-            x = torch.nn.functional.max_pool2d(torch.relu(z), 2)
+            x = F.max_pool2d(torch.relu(z), 2)
         return self.classifier(x.flatten(1))
 
     def layer_groups(self) -> list[list[torch.Tensor]]:
@@ -177,84 +329,6 @@ class VGGStyle(torch.nn.Module):
         ]
         groups.append(list(self.classifier.parameters()))
         return groups
-
-
-@dataclass(frozen=True)
-class ImageData:
-    """A data set as image tensors (N, 1, H, W), float32 in [0, 1]."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    image_shape: tuple[int, int]
-    num_classes: int
-    description: str
-
-
-def image_data(ctx: Any, config: CNNConfig) -> ImageData:
-    """Load ``config.dataset`` (subsets as configured) as images."""
-    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
-    if len(data.image_shape) != 2:
-        raise ValueError(
-            f"data set {config.dataset!r} has no 2-d images (shape {data.image_shape}); "
-            "use mnist, fashion-mnist or digits"
-        )
-    shape = (int(data.image_shape[0]), int(data.image_shape[1]))
-
-    def images(x: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1, 1, *shape)
-
-    return ImageData(
-        train_x=images(data.train_x),
-        train_y=torch.as_tensor(data.train_y, dtype=torch.int64),
-        test_x=images(data.test_x),
-        test_y=torch.as_tensor(data.test_y, dtype=torch.int64),
-        image_shape=shape,
-        num_classes=data.num_classes,
-        description=data.describe(),
-    )
-
-
-def batch_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
-    """(steps, batch_size) example indices: reshuffled every epoch, the last partial batch of an
-    epoch dropped."""
-    rng = np.random.default_rng(seed)
-    per_epoch = n // batch_size
-    epochs = -(-steps // per_epoch)
-    rows = [
-        rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-        for _ in range(epochs)
-    ]
-    return np.concatenate(rows)[:steps]
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> float:
-    """Accuracy in inference mode (BN with its moving averages, no noise)."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(y), chunk):
-        correct += int(
-            (model(x[start : start + chunk]).argmax(1) == y[start : start + chunk]).sum()
-        )
-    model.train(was_training)
-    return correct / len(y)
-
-
-def cached_job(run_dir: Path, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``compute()``, or its saved result from ``jobs/<key>.json`` when a resumed run has it."""
-    from batchnorm.lab.progress import log
-
-    path = run_dir / "jobs" / f"{key}.json"
-    if path.is_file():
-        log(f"[lab] {key}: already finished, loaded from {path}")
-        return json.loads(path.read_text())
-    result = to_jsonable(compute())
-    path.parent.mkdir(exist_ok=True)
-    atomic_write_json(path, result)
-    return result
 
 
 def drift_numbers(percentiles: np.ndarray) -> tuple[float, float]:
@@ -275,43 +349,37 @@ def drift_numbers(percentiles: np.ndarray) -> tuple[float, float]:
 def train_with_probes(
     model: VGGStyle,
     data: ImageData,
+    config: CNNConfig,
     *,
-    lr: float,
-    steps: int,
-    batch_size: int,
     seed: int,
     probe_every: int,
     probe: Callable[[Callable[[], torch.Tensor], int], dict[str, Any]],
     desc: str,
 ) -> dict[str, Any]:
-    """Plain SGD; at steps 0, probe_every, ... (before that step's update) call
-    ``probe(loss_fn, step)`` with ``loss_fn`` the loss on that step's batch, and record the test
-    accuracy.
+    """Plain SGD at ``config.lr`` for ``config.steps`` steps of ``config.batch_size``; at steps
+    0, probe_every, ... (before that step's update) call ``probe(loss_fn, step)`` with
+    ``loss_fn`` the loss on that step's batch, and record the test accuracy.
 
     Returns:
-        ``{"steps", "probes", "test_acc", "train_loss", "diverged_at", "seconds"}`` with one
-        entry per probed step (``train_loss``: one per step).
+        ``{"steps", "probes", "test_acc", "final_test_acc", "train_loss", "diverged_at",
+        "seconds"}`` with one entry per probed step (``train_loss``: one per step).
     """
-    import time
-
-    from batchnorm.lab.progress import bar
-
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    order = batch_order(len(data.train_y), batch_size, steps, seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    order = batch_order(len(data.train_y), config.batch_size, config.steps, seed)
     probed, probes, test_acc, losses = [], [], [], []
     diverged_at = -1
     start = time.perf_counter()
-    for step in bar(range(steps), desc=desc, unit="step"):
+    for step in bar(range(config.steps), desc=desc, unit="step"):
         x, y = data.train_x[order[step]], data.train_y[order[step]]
 
         def loss_fn(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(model(x), y)
+            return F.cross_entropy(model(x), y)
 
         if step % probe_every == 0:
             probed.append(step)
             probes.append(probe(loss_fn, step))
-            test_acc.append(accuracy(model, data.test_x, data.test_y))
+            test_acc.append(evaluate(model, data.test_x, data.test_y)[0])
         loss = loss_fn()
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
@@ -324,8 +392,334 @@ def train_with_probes(
         "steps": probed,
         "probes": probes,
         "test_acc": test_acc,
-        "final_test_acc": accuracy(model, data.test_x, data.test_y),
+        "final_test_acc": evaluate(model, data.test_x, data.test_y)[0],
         "train_loss": losses,
         "diverged_at": diverged_at,
         "seconds": time.perf_counter() - start,
     }
+
+
+PROBE_CURVE_FIELDS = ("step", "variant", "seed", "test_acc", "train_loss")
+
+
+def probe_curve_rows(jobs: dict[str, list[dict[str, Any]]], seeds: Sequence[int]) -> list[dict]:
+    """One ``curves.csv`` row per probed step of each :func:`train_with_probes` job, given as
+    ``{variant: [job of each seed]}``."""
+    rows = []
+    for variant, runs in jobs.items():
+        for seed, job in zip(seeds, runs):
+            for t, step in enumerate(job["steps"]):
+                rows.append(
+                    {
+                        "step": step,
+                        "variant": variant,
+                        "seed": seed,
+                        "test_acc": job["test_acc"][t],
+                        "train_loss": job["train_loss"][min(step, len(job["train_loss"]) - 1)],
+                    }
+                )
+    return rows
+
+
+# The network with a pluggable norm (small-batch, non-iid, ghost, precise-bn, agc) ------------
+
+NORMS: tuple[str, ...] = ("bn", "gn", "ln", "in", "renorm", "ghost", "none")
+CURVE_FIELDS = ("step", "variant", "seed", "test_acc", "test_loss", "train_loss")
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Fields the experiments with :func:`conv_net` share. Defaults: Fashion-MNIST, a
+    10,000-image subset."""
+
+    dataset: str = param("fashion-mnist", "data set", choices=DATASETS)
+    channels: tuple[int, ...] = param((8, 16), "widths of the conv layers (each: conv3x3, norm)")
+    batch_size: int = param(32, "examples per mini-batch")
+    epochs: float = param(2.0, "passes over the training subset")
+    lr: float = param(0.05, "SGD learning rate at batch 32 (scaled linearly with the batch)")
+    momentum: float = param(0.9, "SGD momentum")
+    evals: int = param(4, "evaluations on the test set, evenly spaced over training")
+    train_subset: int | None = param(10_000, "training examples used (none = all)")
+    test_subset: int | None = param(None, "test examples used (none = all)")
+    seeds: int = param(2, "number of seeds (each: initial weights and data order)")
+    seed: int = param(0, "the first seed; the seeds are seed, seed+1, ...")
+    threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
+
+    def validate(self) -> None:
+        """Checks across fields; raises ValueError with what to change."""
+        for name in ("batch_size", "seeds", "evals"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (batch statistics need two values)")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"channels must list positive widths, got {self.channels}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs must be a positive number, got {self.epochs}")
+        for name in ("lr", "momentum"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be below 1, got {self.momentum}")
+        if self.train_subset is not None and self.train_subset < 64:
+            raise ValueError(f"train_subset must be at least 64, got {self.train_subset}")
+        if self.test_subset is not None and self.test_subset < 1:
+            raise ValueError(f"test_subset must be positive, got {self.test_subset}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
+
+    def quick(self) -> ConvConfig:
+        """The smoke-test sizes: 2,000 training and 2,000 test images, 2 evaluations."""
+        return replace(self, train_subset=2000, test_subset=2000, evals=2)
+
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+    def steps_for(self, batch_size: int, n_train: int) -> int:
+        """Steps for ``epochs`` passes over ``n_train`` examples at ``batch_size`` (at least 1)."""
+        return max(1, int(round(self.epochs * n_train / batch_size)))
+
+    def scaled_lr(self, batch_size: int) -> float:
+        """The linear scaling rule (Goyal et al. 2017): ``lr * batch_size / 32``."""
+        return self.lr * batch_size / 32
+
+
+def conv_net(
+    norm: str,
+    channels: Sequence[int],
+    num_classes: int,
+    seed: int,
+    **norm_kwargs: Any,
+) -> nn.Sequential:
+    """The CNN of the module docstring, its weights drawn from ``torch.manual_seed(seed)``.
+
+    Raises:
+        ValueError: an unknown ``norm`` (the message lists :data:`NORMS`).
+    """
+    from batchnorm.nn import create_norm
+
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    c_in = 1
+    for c in channels:
+        layers.append(nn.Conv2d(c_in, c, 3, padding=1, bias=norm == "none"))
+        if norm == "ln":
+            layers.append(create_norm("gn", c, num_groups=1))
+        elif norm == "in":
+            layers.append(create_norm("in", c, affine=True))
+        elif norm != "none":
+            layers.append(create_norm(norm, c, **norm_kwargs))
+        layers += [nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+        c_in = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def norm_kwargs(norm: str, steps: int, gn_groups: int) -> dict[str, Any]:
+    """The keyword arguments of ``norm`` beyond the width: the groups of group norm, and batch
+    renorm's schedule for a run of ``steps`` steps."""
+    if norm == "gn":
+        return {"num_groups": gn_groups}
+    if norm == "renorm":
+        # The paper's schedule (warm-up 5k, d_max at 25k, r_max at 40k of ~130k steps) in
+        # proportion to this run's length.
+        return {
+            "warmup_steps": int(0.04 * steps),
+            "d_max_reached_at": int(0.2 * steps),
+            "r_max_reached_at": int(0.3 * steps),
+        }
+    return {}
+
+
+def few_class_batches(
+    labels: np.ndarray, batch_size: int, classes_per_batch: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Endless non-i.i.d. mini-batches: each draws ``classes_per_batch`` classes at random, then
+    ``batch_size`` examples from those classes only (equal shares, without replacement within a
+    batch)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    if not 1 <= classes_per_batch <= len(classes):
+        raise ValueError(
+            f"classes_per_batch must lie in 1..{len(classes)} (the classes present), "
+            f"got {classes_per_batch}"
+        )
+    by_class = {int(c): np.nonzero(labels == c)[0] for c in classes}
+    while True:
+        chosen = rng.choice(classes, size=classes_per_batch, replace=False)
+        shares = np.full(classes_per_batch, batch_size // classes_per_batch)
+        shares[: batch_size - shares.sum()] += 1
+        parts = [
+            rng.choice(by_class[int(c)], size=min(int(s), len(by_class[int(c)])), replace=False)
+            for c, s in zip(chosen, shares, strict=True)
+        ]
+        yield rng.permutation(np.concatenate(parts))
+
+
+def eval_steps(steps: int, evals: int) -> list[int]:
+    """``evals`` evenly spaced steps in 1..steps, the last one ``steps``.
+
+    >>> eval_steps(100, 4)
+    [25, 50, 75, 100]
+    """
+    return sorted({max(1, int(round(steps * (i + 1) / evals))) for i in range(evals)})
+
+
+def train_net(
+    model: nn.Module,
+    data: ImageData,
+    batches: Iterator[np.ndarray],
+    *,
+    steps: int,
+    lr: float,
+    momentum: float,
+    evals: int,
+    desc: str,
+    agc_clipping: float | None = None,
+    eval_fn: Callable[[nn.Module], tuple[float, float]] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` for ``steps`` SGD steps; evaluate ``evals`` times.
+
+    Args:
+        model: the network (left trained, in train mode).
+        data: the training and test images.
+        batches: yields the indices of each mini-batch.
+        steps, lr, momentum: SGD.
+        evals: evaluations, evenly spaced (the last at ``steps``).
+        desc: progress bar label.
+        agc_clipping: if given, adaptive gradient clipping (:class:`batchnorm.optim.AGC`) with
+            this ``lambda``; the final linear layer is not clipped (as in NFNets).
+        eval_fn: how to evaluate (default :func:`evaluate` on the test set).
+
+    Returns:
+        ``steps``, ``test_acc``, ``test_loss``, ``train_loss`` (mean over the steps since the
+        previous evaluation) per evaluation, ``diverged_at`` (the step whose loss was not finite,
+        or -1) and ``train_acc_final`` (training-batch accuracy over the last 10% of steps).
+    """
+    train_x, train_y = data.train_x, data.train_y
+    evaluate_now = eval_fn or (lambda m: evaluate(m, data.test_x, data.test_y))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    agc = None
+    if agc_clipping is not None:
+        from batchnorm.optim import AGC
+
+        agc = AGC(optimizer, clipping=agc_clipping, exclude=[model[-1]])
+    schedule = set(eval_steps(steps, evals))
+    out: dict[str, Any] = {
+        "steps": [],
+        "test_acc": [],
+        "test_loss": [],
+        "train_loss": [],
+        "diverged_at": -1,
+    }
+    running, count, tail_correct, tail_seen = 0.0, 0, 0, 0
+    tail_from = steps - max(1, steps // 10)
+    model.train()
+    with bar(total=steps, desc=desc, leave=False, unit="step") as progress:
+        for step in range(1, steps + 1):
+            idx = torch.from_numpy(next(batches))
+            logits = model(train_x[idx])
+            loss = F.cross_entropy(logits, train_y[idx])
+            if not torch.isfinite(loss):
+                out["diverged_at"] = step
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach())
+            count += 1
+            if step > tail_from:
+                tail_correct += int((logits.argmax(1) == train_y[idx]).sum())
+                tail_seen += len(idx)
+            progress.update(1)
+            if step in schedule:
+                acc, test_loss = evaluate_now(model)
+                out["steps"].append(step)
+                out["test_acc"].append(acc)
+                out["test_loss"].append(test_loss)
+                out["train_loss"].append(running / max(count, 1))
+                running, count = 0.0, 0
+                progress.set_postfix_str(f"test acc {acc:.3f}")
+    if agc is not None:
+        agc.remove()
+    if out["diverged_at"] > 0:
+        # A diverged network predicts nothing useful: chance accuracy from there on.
+        for step in sorted(schedule):
+            if step >= out["diverged_at"]:
+                out["steps"].append(step)
+                out["test_acc"].append(1.0 / data.num_classes)
+                out["test_loss"].append(math.nan)
+                out["train_loss"].append(math.nan)
+    out["train_acc_final"] = tail_correct / tail_seen if tail_seen else math.nan
+    return out
+
+
+def train_job(ctx: Context, key: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A :func:`train_net` job through :func:`cached_job`: ``run()`` timed as "train"; a saved
+    result gets its NaNs back (JSON stored them as None)."""
+
+    def timed() -> dict[str, Any]:
+        with ctx.timer("train"):
+            return run()
+
+    return _nan_back(cached_job(ctx, key, timed))
+
+
+def _nan_back(value: Any) -> Any:
+    # JSON has no NaN: the writer stored None for it (a fresh result holds no None).
+    if isinstance(value, dict):
+        return {k: _nan_back(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [math.nan if v is None else _nan_back(v) for v in value]
+    return value
+
+
+def job_curve_rows(
+    result: dict[str, Any], variant: str, seed: int, extra: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One ``curves.csv`` row per evaluation of a job."""
+    return [
+        {
+            "step": int(step),
+            "variant": variant,
+            "seed": seed,
+            "test_acc": float(acc),
+            "test_loss": float(result["test_loss"][i]),
+            "train_loss": float(result["train_loss"][i]),
+            **(extra or {}),
+        }
+        for i, (step, acc) in enumerate(zip(result["steps"], result["test_acc"], strict=True))
+    ]
+
+
+def final_acc(results: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The final test accuracy of each job."""
+    return np.array([r["test_acc"][-1] for r in results], dtype=np.float64)
+
+
+def common_choices(config: ConvConfig) -> list[str]:
+    """The protocol choices the :func:`conv_net` experiments share, as report lines."""
+    return [
+        f"network: {len(config.channels)} x [conv3x3 -> norm -> ReLU -> maxpool 2] with widths "
+        f"{config.channels}, global average pool, linear; torch's default initialization; "
+        "normalized convolutions have no bias",
+        f"data: {config.dataset}"
+        + (
+            f", a fixed random subset of {config.train_subset} training images"
+            if config.train_subset
+            else ""
+        )
+        + (f", {config.test_subset} test images" if config.test_subset else ", the whole test set")
+        + "; pixels / 255, no augmentation",
+        f"optimizer: SGD, momentum {config.momentum}, learning rate {config.lr} at batch 32, "
+        "scaled linearly with the batch size (Goyal et al. 2017); no weight decay or schedule; "
+        "mean cross-entropy",
+        f"length: {config.epochs:g} epochs of the training subset for every batch size (so "
+        "smaller batches take more steps); a seed fixes the initial weights (torch.manual_seed) "
+        "and the batch order, the same for every variant (paired runs)",
+        "test-time normalization: batch-norm-type layers use their moving averages (momentum "
+        "0.1) in eval mode unless stated otherwise; GN, LN and IN need no population statistics",
+    ]

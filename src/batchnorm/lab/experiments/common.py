@@ -1,7 +1,8 @@
 """What the experiments share: the common config fields, and turning a config into jobs.
 
 Every experiment's config subclasses :class:`CommonConfig` (overriding defaults where its
-protocol differs) and adds its own fields. :func:`settings` turns a config into the
+protocol differs; the sweeps ``lr``, ``init`` and ``nonlinearity`` through :class:`SweepConfig`)
+and adds its own fields. :func:`settings` turns a config into the
 :class:`~batchnorm.lab.train.TrainSettings` of a job, :func:`specs_for` into the networks of a
 job (one per variant and seed), and the helpers below read a
 :class:`~batchnorm.lab.train.JobResult` by variant.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from batchnorm.lab.wide import ACTIVATIONS, BN_IMPLEMENTATIONS, NetSpec, WideMLP
 
 __all__ = [
     "CommonConfig",
+    "SweepConfig",
     "settings",
     "specs_for",
     "build_model",
@@ -100,6 +102,29 @@ class CommonConfig:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
+
+
+@dataclass(frozen=True)
+class SweepConfig(CommonConfig):
+    """The shorter protocol of the sweeps (``lr``, ``init``, ``nonlinearity``): far fewer steps
+    than Figure 1, intermediate evaluations on part of the test set with fewer batches for the
+    population statistics."""
+
+    steps: int = param(3000, "SGD steps per network")
+    eval_every: int = param(250, "evaluate every this many steps")
+    eval_examples: int | None = param(
+        2000, "test examples used at intermediate evaluations (none = all; the last uses all)"
+    )
+    popstat_batches: int = param(
+        20, "training mini-batches for the population statistics at each evaluation"
+    )
+    final_popstat_batches: int | None = param(
+        200, "the same for the final evaluation (none = one pass over the training set)"
+    )
+
+    def quick(self) -> SweepConfig:
+        """The smoke-test sizes: 600 steps, 2 seeds, smaller population statistics."""
+        return replace(self, steps=600, seeds=2, popstat_batches=10, final_popstat_batches=50)
 
 
 def seeds_of(config: CommonConfig) -> list[int]:

@@ -32,16 +32,16 @@ from batchnorm.lab.experiment import (
     fmt_mean_std,
     md_table,
 )
-from batchnorm.lab.experiments._convnet import (
+from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
-    cached_job,
     common_choices,
     conv_net,
     final_acc,
     iid_batches,
-    images,
+    image_data,
     job_curve_rows,
+    train_job,
     train_net,
 )
 
@@ -82,21 +82,12 @@ class Config(ConvConfig):
 
     def quick(self) -> Config:
         """A smoke test: 2,000 images, large batch 256, ghost sizes 64 and 16, 3 epochs."""
-        return replace(
-            self,
-            train_subset=2000,
-            test_subset=2000,
-            epochs=3.0,
-            large_batch=256,
-            ghost_sizes=(64, 16),
-            evals=2,
-        )
+        return replace(super().quick(), epochs=3.0, large_batch=256, ghost_sizes=(64, 16))
 
 
 def run(config: Config, ctx: Context) -> Outcome:
     """Train each variant and seed, decide the claims, tabulate and plot."""
-    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
-    tensors = images(data)
+    data = image_data(ctx, config)
     n = len(data.train_y)
     big, small = config.large_batch, config.batch_size
     plain_big, plain_small = f"BN, batch {big}", f"BN, batch {small}"
@@ -116,7 +107,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                 model = conv_net(norm, config.channels, data.num_classes, seed, **kwargs)
                 return train_net(
                     model,
-                    tensors,
+                    data,
                     iid_batches(n, b, seed),
                     steps=steps,
                     lr=config.scaled_lr(b),
@@ -126,7 +117,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                 )
 
             key = f"{norm}-b{b}-v{virtual or b}-s{seed}"
-            result = cached_job(ctx, key, job)
+            result = train_job(ctx, key, job)
             results[name].append(result)
             rows += job_curve_rows(result, name, seed, {"batch_size": b, "virtual": virtual or b})
     ctx.write_csv("curves.csv", rows, [*CURVE_FIELDS, "batch_size", "virtual"])

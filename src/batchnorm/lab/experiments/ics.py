@@ -43,11 +43,13 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     BN,
     COLORS,
+    PROBE_CURVE_FIELDS,
     STANDARD,
     CNNConfig,
     VGGStyle,
     cached_job,
     image_data,
+    probe_curve_rows,
     train_with_probes,
 )
 from batchnorm.lab.progress import log
@@ -91,16 +93,7 @@ class Config(CNNConfig):
 
     def quick(self) -> Config:
         """A smoke test: 200 CNN steps, 1 seed, 1000 deep-linear steps."""
-        return replace(
-            self,
-            steps=200,
-            probe_every=50,
-            seeds=1,
-            train_subset=5000,
-            test_subset=1000,
-            dln_steps=1000,
-            dln_probe_every=250,
-        )
+        return replace(super().quick(), probe_every=50, dln_steps=1000, dln_probe_every=250)
 
 
 def _shift_rows(shifts) -> dict:
@@ -114,22 +107,14 @@ def _shift_rows(shifts) -> dict:
 def _cnn_job(config: Config, data, variant: str, seed: int, key: str) -> dict:
     from batchnorm.lab.theory.covariate_shift import internal_covariate_shift
 
-    model = VGGStyle(data.image_shape, config.channels, data.num_classes, variant, seed, config.eps)
+    model = VGGStyle.for_config(config, data, variant, seed)
     groups = model.layer_groups()
 
     def probe(loss_fn, step: int) -> dict:
         return _shift_rows(internal_covariate_shift(groups, loss_fn, config.lr, module=model))
 
     return train_with_probes(
-        model,
-        data,
-        lr=config.lr,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        seed=seed,
-        probe_every=config.probe_every,
-        probe=probe,
-        desc=key,
+        model, data, config, seed=seed, probe_every=config.probe_every, probe=probe, desc=key
     )
 
 
@@ -196,9 +181,10 @@ def run(config: Config, ctx: Context) -> Outcome:
         for variant in NETS:
             jobs[CNN, variant] = [
                 cached_job(
-                    ctx.run_dir,
+                    ctx,
                     f"cnn-{variant}-seed{seed}",
                     lambda v=variant, s=seed: _cnn_job(config, data, v, s, f"CNN {v} seed {s}"),
+                    as_json=True,
                 )
                 for seed in config.seed_list()
             ]
@@ -209,9 +195,10 @@ def run(config: Config, ctx: Context) -> Outcome:
                 log(f"[lab] deep linear network, {variant}, seed {seed}: {config.dln_steps} steps")
                 runs.append(
                     cached_job(
-                        ctx.run_dir,
+                        ctx,
                         f"dln-{variant}-seed{seed}",
                         lambda v=variant, s=seed: _dln_job(config, v == BN, s),
+                        as_json=True,
                     )
                 )
             jobs[DLN, variant] = runs
@@ -294,20 +281,11 @@ def run(config: Config, ctx: Context) -> Outcome:
         ],
         rows,
     )
-    curve_rows = []
-    for v in NETS:
-        for seed, job in zip(config.seed_list(), jobs[CNN, v]):
-            for t, step in enumerate(job["steps"]):
-                curve_rows.append(
-                    {
-                        "step": step,
-                        "variant": v,
-                        "seed": seed,
-                        "test_acc": job["test_acc"][t],
-                        "train_loss": job["train_loss"][min(step, len(job["train_loss"]) - 1)],
-                    }
-                )
-    ctx.write_csv("curves.csv", curve_rows, ["step", "variant", "seed", "test_acc", "train_loss"])
+    ctx.write_csv(
+        "curves.csv",
+        probe_curve_rows({v: jobs[CNN, v] for v in NETS}, config.seed_list()),
+        PROBE_CURVE_FIELDS,
+    )
     shift_rows = []
     for (s, v), runs in jobs.items():
         for i, job in enumerate(runs):

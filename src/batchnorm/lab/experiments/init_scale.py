@@ -35,7 +35,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.common import (
     CURVE_FIELDS,
-    CommonConfig,
+    SweepConfig,
     build_model,
     cell,
     common_choices,
@@ -51,20 +51,9 @@ WITH, WITHOUT = "with BN", "without BN"
 
 
 @dataclass(frozen=True)
-class Config(CommonConfig):
+class Config(SweepConfig):
     """Initialization-scale sweep on the Figure 1 network. Defaults are the full protocol."""
 
-    steps: int = param(3000, "SGD steps per network")
-    eval_every: int = param(250, "evaluate every this many steps")
-    eval_examples: int | None = param(
-        2000, "test examples used at intermediate evaluations (none = all; the last uses all)"
-    )
-    popstat_batches: int = param(
-        20, "training mini-batches for the population statistics at each evaluation"
-    )
-    final_popstat_batches: int | None = param(
-        200, "the same for the final evaluation (none = one pass over the training set)"
-    )
     init_scales: tuple[float, ...] = param(
         (0.1, 0.3, 1.0, 3.0, 10.0),
         "initial weight scales s: W ~ N(0, s^2 / fan_in) (the init_scale field is unused)",
@@ -80,15 +69,7 @@ class Config(CommonConfig):
 
     def quick(self) -> Config:
         """A smoke test: three scales, 600 steps, 2 seeds."""
-        return replace(
-            self,
-            init_scales=(0.1, 1.0, 10.0),
-            steps=600,
-            seeds=2,
-            eval_every=150,
-            popstat_batches=10,
-            final_popstat_batches=50,
-        )
+        return replace(super().quick(), init_scales=(0.1, 1.0, 10.0), eval_every=150)
 
 
 def run(config: Config, ctx: Context) -> Outcome:

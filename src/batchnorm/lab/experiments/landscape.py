@@ -44,11 +44,13 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     BN,
     COLORS,
+    PROBE_CURVE_FIELDS,
     STANDARD,
     CNNConfig,
     VGGStyle,
     cached_job,
     image_data,
+    probe_curve_rows,
     train_with_probes,
 )
 
@@ -93,15 +95,13 @@ class Config(CNNConfig):
 
     def quick(self) -> Config:
         """A smoke test: 200 steps, 1 seed, 4 step lengths."""
-        return replace(
-            self, steps=200, probe_every=50, seeds=1, eta_num=4, train_subset=5000, test_subset=1000
-        )
+        return replace(super().quick(), probe_every=50, eta_num=4)
 
 
 def _job(config: Config, data, variant: str, seed: int, etas: tuple[float, ...], key: str) -> dict:
     from batchnorm.lab.theory.landscape import probe_landscape
 
-    model = VGGStyle(data.image_shape, config.channels, data.num_classes, variant, seed, config.eps)
+    model = VGGStyle.for_config(config, data, variant, seed)
     params = [p for p in model.parameters()]
 
     def probe(loss_fn, step: int) -> dict:
@@ -118,15 +118,7 @@ def _job(config: Config, data, variant: str, seed: int, etas: tuple[float, ...],
         }
 
     return train_with_probes(
-        model,
-        data,
-        lr=config.lr,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        seed=seed,
-        probe_every=config.probe_every,
-        probe=probe,
-        desc=key,
+        model, data, config, seed=seed, probe_every=config.probe_every, probe=probe, desc=key
     )
 
 
@@ -141,9 +133,10 @@ def run(config: Config, ctx: Context) -> Outcome:
         for variant in NETS:
             jobs[variant] = [
                 cached_job(
-                    ctx.run_dir,
+                    ctx,
                     f"{variant}-seed{seed}",
                     lambda v=variant, s=seed: _job(config, data, v, s, etas, f"{v} seed {s}"),
+                    as_json=True,
                 )
                 for seed in config.seed_list()
             ]
@@ -209,24 +202,13 @@ def run(config: Config, ctx: Context) -> Outcome:
     for v in NETS:
         header += [f"test acc, {v}", f"loss range, {v}", f"grad change, {v}", f"beta, {v}"]
     table = md_table(header, rows)
-    curve_rows, probe_rows = [], []
-    for v in NETS:
-        for seed, job in zip(config.seed_list(), jobs[v]):
-            for t, step in enumerate(job["steps"]):
-                p = job["probes"][t]
-                curve_rows.append(
-                    {
-                        "step": step,
-                        "variant": v,
-                        "seed": seed,
-                        "test_acc": job["test_acc"][t],
-                        "train_loss": job["train_loss"][min(step, len(job["train_loss"]) - 1)],
-                    }
-                )
-                probe_rows.append(
-                    {"step": step, "variant": v, "seed": seed, **{q: p[q] for q in QUANTITIES}}
-                )
-    ctx.write_csv("curves.csv", curve_rows, ["step", "variant", "seed", "test_acc", "train_loss"])
+    probe_rows = [
+        {"step": step, "variant": v, "seed": seed, **{q: p[q] for q in QUANTITIES}}
+        for v in NETS
+        for seed, job in zip(config.seed_list(), jobs[v])
+        for step, p in zip(job["steps"], job["probes"])
+    ]
+    ctx.write_csv("curves.csv", probe_curve_rows(jobs, config.seed_list()), PROBE_CURVE_FIELDS)
     ctx.write_csv("landscape.csv", probe_rows, ["step", "variant", "seed", *QUANTITIES])
     with ctx.timer("plots"):
         _plot(ctx, jobs)

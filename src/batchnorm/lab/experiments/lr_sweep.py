@@ -37,7 +37,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.common import (
     CURVE_FIELDS,
-    CommonConfig,
+    SweepConfig,
     build_model,
     cell,
     common_choices,
@@ -53,20 +53,10 @@ WITH, WITHOUT = "with BN", "without BN"
 
 
 @dataclass(frozen=True)
-class Config(CommonConfig):
+class Config(SweepConfig):
     """Learning-rate sweep on the Figure 1 network. Defaults are the full protocol."""
 
-    steps: int = param(3000, "SGD steps per network")
     eval_every: int = param(100, "evaluate every this many steps")
-    eval_examples: int | None = param(
-        2000, "test examples used at intermediate evaluations (none = all; the last uses all)"
-    )
-    popstat_batches: int = param(
-        20, "training mini-batches for the population statistics at each evaluation"
-    )
-    final_popstat_batches: int | None = param(
-        200, "the same for the final evaluation (none = one pass over the training set)"
-    )
     lrs: tuple[float, ...] = param(
         (0.1, 0.3, 1.0, 3.0, 10.0, 30.0), "learning rates to sweep (the lr field is unused)"
     )
@@ -81,14 +71,7 @@ class Config(CommonConfig):
 
     def quick(self) -> Config:
         """A smoke test: three learning rates, 600 steps, 2 seeds."""
-        return replace(
-            self,
-            lrs=(0.1, 1.0, 10.0),
-            steps=600,
-            seeds=2,
-            popstat_batches=10,
-            final_popstat_batches=50,
-        )
+        return replace(super().quick(), lrs=(0.1, 1.0, 10.0))
 
 
 def _max_trainable(cells: dict[float, object]) -> float | None:

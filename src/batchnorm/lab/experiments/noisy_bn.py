@@ -50,10 +50,10 @@ from batchnorm.lab.experiments.cnn import (
     VARIANTS,
     CNNConfig,
     VGGStyle,
-    accuracy,
     batch_order,
     cached_job,
     drift_numbers,
+    evaluate,
     image_data,
 )
 from batchnorm.lab.progress import bar
@@ -95,12 +95,12 @@ class Config(CNNConfig):
 
     def quick(self) -> Config:
         """A smoke test: 200 steps, 1 seed, smaller subsets."""
-        return replace(self, steps=200, seeds=1, eval_every=50, train_subset=5000, test_subset=1000)
+        return replace(super().quick(), eval_every=50)
 
 
 def _train(config: Config, data, variant: str, lr: float, seed: int, desc: str) -> dict:
     """One network: SGD for ``config.steps`` steps; curves and tracked-unit percentiles."""
-    model = VGGStyle(data.image_shape, config.channels, data.num_classes, variant, seed, config.eps)
+    model = VGGStyle.for_config(config, data, variant, seed)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     order = batch_order(len(data.train_y), config.batch_size, config.steps, seed)
@@ -110,22 +110,22 @@ def _train(config: Config, data, variant: str, lr: float, seed: int, desc: str) 
     diverged_at = -1
     start = time.perf_counter()
     for step in bar(range(config.steps + 1), desc=desc, unit="step"):
-        evaluate = step % config.eval_every == 0 or step == config.steps
+        at_eval = step % config.eval_every == 0 or step == config.steps
         if step == config.steps:  # the final evaluation's percentiles: one more batch, no update
             idx = order[-1]
         else:
             idx = order[step]
         x, y = data.train_x[idx], data.train_y[idx]
-        model.keep_pre_activations = evaluate
+        model.keep_pre_activations = at_eval
         loss = torch.nn.functional.cross_entropy(model(x), y)
         model.keep_pre_activations = False
-        if evaluate:
+        if at_eval:
             z = model.pre_activations[config.tracked_layer - 1][:, config.tracked_unit]
             pct.append(torch.quantile(z.reshape(-1).double(), q.double()).tolist())
             steps.append(step)
             train_loss.append(float(loss.detach()))
-            train_acc.append(accuracy(model, data.train_x[:n_eval], data.train_y[:n_eval]))
-            test_acc.append(accuracy(model, data.test_x, data.test_y))
+            train_acc.append(evaluate(model, data.train_x[:n_eval], data.train_y[:n_eval])[0])
+            test_acc.append(evaluate(model, data.test_x, data.test_y)[0])
         if step == config.steps:
             break
         if not math.isfinite(float(loss.detach())):
@@ -165,9 +165,10 @@ def run(config: Config, ctx: Context) -> Outcome:
                 for variant in VARIANTS:
                     key = f"{variant.replace(' ', '_')}-lr{lr:g}-seed{seed}"
                     jobs[variant, lr, seed] = cached_job(
-                        ctx.run_dir,
+                        ctx,
                         key,
                         lambda v=variant, lr=lr, s=seed, k=key: _train(config, data, v, lr, s, k),
+                        as_json=True,
                     )
     seeds = config.seed_list()
 

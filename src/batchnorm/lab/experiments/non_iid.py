@@ -31,20 +31,20 @@ from batchnorm.lab.experiment import (
     fmt_mean_std,
     md_table,
 )
-from batchnorm.lab.experiments._convnet import (
+from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
-    cached_job,
     common_choices,
     conv_net,
     few_class_batches,
     final_acc,
     iid_batches,
-    images,
+    image_data,
     job_curve_rows,
+    norm_kwargs,
+    train_job,
     train_net,
 )
-from batchnorm.lab.experiments.small_batch import _norm_kwargs
 
 __all__ = ["Config", "EXPERIMENT", "run"]
 
@@ -84,13 +84,12 @@ class Config(ConvConfig):
 
     def quick(self) -> Config:
         """A smoke test: 2,000 images, 1 epoch, 2 seeds."""
-        return replace(self, train_subset=2000, test_subset=2000, epochs=1.0, seeds=2, evals=2)
+        return replace(super().quick(), epochs=1.0, seeds=2)
 
 
 def run(config: Config, ctx: Context) -> Outcome:
     """Train each variant and seed, decide the claims, tabulate and plot."""
-    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
-    tensors = images(data)
+    data = image_data(ctx, config)
     n = len(data.train_y)
     steps = config.steps_for(config.batch_size, n)
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -99,18 +98,18 @@ def run(config: Config, ctx: Context) -> Outcome:
         for seed in config.seed_list():
 
             def job(norm=norm, iid=iid, seed=seed, name=name):
-                kwargs = _norm_kwargs(config, norm, steps) if norm in ("renorm", "gn") else {}
+                kwargs = norm_kwargs(norm, steps, config.gn_groups)
                 model = conv_net(norm, config.channels, data.num_classes, seed, **kwargs)
                 batches = (
                     iid_batches(n, config.batch_size, seed)
                     if iid
                     else few_class_batches(
-                        data.train_y, config.batch_size, config.classes_per_batch, seed
+                        data.train_y.numpy(), config.batch_size, config.classes_per_batch, seed
                     )
                 )
                 return train_net(
                     model,
-                    tensors,
+                    data,
                     batches,
                     steps=steps,
                     lr=config.scaled_lr(config.batch_size),
@@ -120,7 +119,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                 )
 
             key = f"{norm}-{'iid' if iid else 'noniid'}-s{seed}"
-            result = cached_job(ctx, key, job)
+            result = train_job(ctx, key, job)
             results[name].append(result)
             rows += job_curve_rows(result, name, seed)
     ctx.write_csv("curves.csv", rows, list(CURVE_FIELDS))

@@ -38,7 +38,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.common import (
     CURVE_FIELDS,
-    CommonConfig,
+    SweepConfig,
     build_model,
     cell,
     common_choices,
@@ -60,21 +60,11 @@ def _name(activation: str, bn: bool) -> str:
 
 
 @dataclass(frozen=True)
-class Config(CommonConfig):
+class Config(SweepConfig):
     """Nonlinearities in a deeper network. Defaults are the full protocol."""
 
     hidden: tuple[int, ...] = param((100,) * 6, "widths of the hidden layers (deeper than Fig. 1)")
     steps: int = param(5000, "SGD steps per network")
-    eval_every: int = param(250, "evaluate every this many steps")
-    eval_examples: int | None = param(
-        2000, "test examples used at intermediate evaluations (none = all; the last uses all)"
-    )
-    popstat_batches: int = param(
-        20, "training mini-batches for the population statistics at each evaluation"
-    )
-    final_popstat_batches: int | None = param(
-        200, "the same for the final evaluation (none = one pass over the training set)"
-    )
     activations: tuple[str, ...] = param(
         ("sigmoid", "tanh", "relu"),
         "nonlinearities to compare (the activation field is unused)",
@@ -94,15 +84,7 @@ class Config(CommonConfig):
 
     def quick(self) -> Config:
         """A smoke test: 600 steps, 2 seeds, a 4-layer network."""
-        return replace(
-            self,
-            hidden=(100,) * 4,
-            steps=600,
-            seeds=2,
-            eval_every=150,
-            popstat_batches=10,
-            final_popstat_batches=50,
-        )
+        return replace(super().quick(), hidden=(100,) * 4, eval_every=150)
 
 
 def run(config: Config, ctx: Context) -> Outcome:

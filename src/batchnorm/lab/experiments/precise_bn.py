@@ -39,16 +39,16 @@ from batchnorm.lab.experiment import (
     fmt_mean_std,
     md_table,
 )
-from batchnorm.lab.experiments._convnet import (
+from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
-    cached_job,
     common_choices,
     conv_net,
     evaluate,
     iid_batches,
-    images,
+    image_data,
     job_curve_rows,
+    train_job,
     train_net,
 )
 
@@ -86,18 +86,14 @@ class Config(ConvConfig):
 
     def quick(self) -> Config:
         """A smoke test: 2,000 images, 1 epoch, 2 seeds, 30 recalibration batches."""
-        return replace(
-            self, train_subset=2000, test_subset=2000, epochs=1.0, evals=2, popstat_batches=30
-        )
+        return replace(super().quick(), epochs=1.0, popstat_batches=30)
 
 
 def run(config: Config, ctx: Context) -> Outcome:
     """Train per seed and momentum, evaluate with EMA and with precise BN, decide the claims."""
     from batchnorm.inference import recalibrate
 
-    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
-    tensors = images(data)
-    train_x, _, test_x, test_y = tensors
+    data = image_data(ctx, config)
     n = len(data.train_y)
     b = config.batch_size
     steps = config.steps_for(b, n)
@@ -117,7 +113,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                     model = conv_net("bn", config.channels, data.num_classes, seed, momentum=m)
                 result = train_net(
                     model,
-                    tensors,
+                    data,
                     iid_batches(n, b, seed),
                     steps=steps,
                     lr=config.scaled_lr(b),
@@ -125,16 +121,16 @@ def run(config: Config, ctx: Context) -> Outcome:
                     evals=config.evals,
                     desc=f"BN momentum {m:g} seed {seed}",
                 )
-                ema_acc, _ = evaluate(model, test_x, test_y)
+                ema_acc, _ = evaluate(model, data.test_x, data.test_y)
                 order = np.random.default_rng(10_000 + seed).permutation(n)
                 chunks = torch.from_numpy(order[: (n // b) * b]).split(b)
                 report = recalibrate(
                     model,
-                    (train_x[c] for c in chunks),
+                    (data.train_x[c] for c in chunks),
                     num_batches=config.popstat_batches,
                     progress=False,
                 )
-                precise_acc, _ = evaluate(model, test_x, test_y)
+                precise_acc, _ = evaluate(model, data.test_x, data.test_y)
                 layers = list(report.layers.values())
                 result |= {
                     "ema_acc": ema_acc,
@@ -148,7 +144,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                 }
                 return result
 
-            result = cached_job(ctx, f"bn-m{m:g}-s{seed}", job)
+            result = train_job(ctx, f"bn-m{m:g}-s{seed}", job)
             weights = [torch.tensor(w) for w in result.pop("weights")]
             if reference is None:
                 reference = weights

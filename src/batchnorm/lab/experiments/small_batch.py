@@ -31,16 +31,17 @@ from batchnorm.lab.experiment import (
     fmt_mean_std,
     md_table,
 )
-from batchnorm.lab.experiments._convnet import (
+from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
-    cached_job,
     common_choices,
     conv_net,
     final_acc,
     iid_batches,
-    images,
+    image_data,
     job_curve_rows,
+    norm_kwargs,
+    train_job,
     train_net,
 )
 
@@ -93,34 +94,17 @@ class Config(ConvConfig):
     def quick(self) -> Config:
         """A smoke test: three batch sizes, BN / GN / BatchRenorm, 1,000 images, 1 epoch."""
         return replace(
-            self,
+            super().quick(),
             batch_sizes=(32, 8, 2),
             norms=("bn", "gn", "renorm"),
             train_subset=1000,
-            test_subset=2000,
             epochs=1.0,
-            evals=2,
         )
-
-
-def _norm_kwargs(config: Config, norm: str, steps: int) -> dict:
-    if norm == "gn":
-        return {"num_groups": config.gn_groups}
-    if norm == "renorm":
-        # The paper's schedule (warm-up 5k, d_max at 25k, r_max at 40k of ~130k steps) in
-        # proportion to this run's length.
-        return {
-            "warmup_steps": int(0.04 * steps),
-            "d_max_reached_at": int(0.2 * steps),
-            "r_max_reached_at": int(0.3 * steps),
-        }
-    return {}
 
 
 def run(config: Config, ctx: Context) -> Outcome:
     """Train every (norm, batch size, seed), decide the claims, tabulate and plot."""
-    data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
-    tensors = images(data)
+    data = image_data(ctx, config)
     n = len(data.train_y)
     batch_sizes = tuple(sorted(set(config.batch_sizes), reverse=True))
     norms = tuple(dict.fromkeys(config.norms))
@@ -137,11 +121,11 @@ def run(config: Config, ctx: Context) -> Outcome:
                         config.channels,
                         data.num_classes,
                         seed,
-                        **_norm_kwargs(config, norm, steps),
+                        **norm_kwargs(norm, steps, config.gn_groups),
                     )
                     return train_net(
                         model,
-                        tensors,
+                        data,
                         iid_batches(n, b, seed),
                         steps=steps,
                         lr=config.scaled_lr(b),
@@ -150,7 +134,7 @@ def run(config: Config, ctx: Context) -> Outcome:
                         desc=f"{LABELS[norm]} batch {b} seed {seed}",
                     )
 
-                result = cached_job(ctx, f"{norm}-b{b}-s{seed}", job)
+                result = train_job(ctx, f"{norm}-b{b}-s{seed}", job)
                 results[norm][b].append(result)
                 rows += job_curve_rows(result, LABELS[norm], seed, {"batch_size": b})
     ctx.write_csv("curves.csv", rows, [*CURVE_FIELDS, "batch_size"])
