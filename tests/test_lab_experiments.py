@@ -109,8 +109,15 @@ def test_interrupted_run_is_marked_and_resumes_exactly(
     assert summary.status == "interrupted" and "incomplete" in summary.verdict
 
     monkeypatch.setattr(train_module, "_evaluate", real_evaluate)
+    first_environment = json.loads((run_dir / "environment.json").read_text())
     resumed = run_experiment(fig1, None, resume=run_dir)
     assert resumed.run_dir == run_dir
+    # The run's environment stays the first invocation's; the resumption is listed after it.
+    environment = json.loads((run_dir / "environment.json").read_text())
+    later = environment.pop("resumed")
+    assert environment == first_environment and len(later) == 1
+    assert later[0]["versions"] == first_environment["versions"]
+    assert "- resumption 1: " in (run_dir / "report.md").read_text()
     check_run_dir(run_dir, "fig1")
     a = json.loads((run_dir / "metrics.json").read_text())
     b = json.loads((reference.run_dir / "metrics.json").read_text())

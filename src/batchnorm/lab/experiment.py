@@ -14,6 +14,7 @@ writes into it:
 ==================  ==========================================================================
 ``config.json``     the experiment, the full config, the overrides and the command line
 ``environment.json`` git revision, library versions, Python, platform, threads, load average
+                    (of the first invocation; each resumption is listed under ``resumed``)
 ``status.json``     running / complete / interrupted / failed, with times
 ``INCOMPLETE``      present until the run completes: says what happened and how to resume
 ``jobs/``           each finished training job's results (JSON), the running job's checkpoint
@@ -557,7 +558,13 @@ def run_experiment(
     _write_status(run_dir, "running", pid=os.getpid())
     threads = resolve_threads(int(getattr(config, "threads", 0)))
     torch.set_num_threads(threads)
-    atomic_write_json(run_dir / "environment.json", environment_info(threads))
+    environment = environment_info(threads)
+    if resume is not None and (run_dir / "environment.json").is_file():
+        # The run's environment stays the first invocation's; each resumption is listed after it.
+        first = _load_json(run_dir / "environment.json")
+        first["resumed"] = [*first.get("resumed", []), environment]
+        environment = first
+    atomic_write_json(run_dir / "environment.json", environment)
     log(f"[lab] {experiment.name}: run directory {run_dir} ({threads} torch thread(s))")
 
     context = Context(run_dir, experiment, config, quick, data_dir)
@@ -722,9 +729,27 @@ def render_report(
         + ", ".join(f"{k} {v}" for k, v in (environment.get("versions") or {}).items() if v),
         f"- python {environment.get('python')} on {environment.get('platform')}",
         f"- command: `{_load_json(context.run_dir / 'config.json').get('command', '')}`",
+        *_fmt_resumptions(environment),
         "",
     ]
     return "\n".join(lines)
+
+
+def _fmt_resumptions(environment: dict[str, Any]) -> list[str]:
+    """Report lines for the invocations that resumed the run, and what changed between them."""
+    lines = []
+    for i, later in enumerate(environment.get("resumed", []), start=1):
+        first_versions = environment.get("versions") or {}
+        changed = [
+            f"{name} {version}"
+            for name, version in (later.get("versions") or {}).items()
+            if version != first_versions.get(name)
+        ]
+        if later.get("git") != environment.get("git"):
+            changed.insert(0, f"git revision {_fmt_git(later.get('git', {}))}")
+        note = "; changed: " + ", ".join(changed) if changed else " (same code and versions)"
+        lines.append(f"- resumption {i}: {later.get('torch_threads')} torch thread(s){note}")
+    return lines
 
 
 def _fmt_load(load: Any) -> str:
