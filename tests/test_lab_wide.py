@@ -167,6 +167,18 @@ def test_dropout_only_touches_its_own_network() -> None:
     assert torch.equal(model(x)[0], model(x)[1])  # eval: no dropout, same weights
 
 
+def test_dropout_masks_follow_the_seeds_not_torchs_global_generator() -> None:
+    specs = [NetSpec("p", seed=0, dropout=0.5), NetSpec("q", seed=1, dropout=0.3)]
+    x = torch.randn(8, 7)
+    outputs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # must not matter
+        model = WideMLP(specs, 7, (50,), 3).train()
+        outputs.append((model(x), model(x)))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    assert not torch.equal(outputs[0][0], outputs[0][1])  # a fresh mask each call
+
+
 def test_training_together_equals_training_alone() -> None:
     data = load_dataset("synthetic").subset(600, 200)
     settings = TrainSettings(

@@ -304,6 +304,7 @@ def _state(
         "loss_count": loss_count,
         "seconds": dict(seconds),
         "rng": torch.get_rng_state(),
+        "dropout_rng": model.dropout_generator.get_state(),
         "specs": [spec.__dict__ for spec in model.specs],
     }
 
@@ -409,6 +410,8 @@ def train(
         loss_sum, loss_count = state["loss_sum"], int(state["loss_count"])
         seconds = dict(state["seconds"])
         torch.set_rng_state(state["rng"])
+        if "dropout_rng" in state:
+            model.dropout_generator.set_state(state["dropout_rng"])
 
     params = list(model.parameters())
     param_lr = _param_lrs(model, lr)

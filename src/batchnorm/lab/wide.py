@@ -93,7 +93,7 @@ class NetSpec:
 
 
 def init_generator(seed: int, stream: int = 0) -> torch.Generator:
-    """A torch generator for one seed's stream (0: initial weights)."""
+    """A torch generator for one seed's stream (0: initial weights, 2: dropout masks)."""
     generator = torch.Generator()
     generator.manual_seed(int(seed) * 1_000_003 + int(stream) * 7919 + 12345)
     return generator
@@ -171,6 +171,11 @@ class WideMLP(nn.Module):
         keep = torch.tensor([1.0 - s.dropout for s in self.specs], dtype=torch.float32)
         self.register_buffer("keep_prob", keep.view(-1, 1, 1), persistent=False)
         self.uses_dropout = bool((keep < 1).any())
+        # Dropout masks from a generator of the networks' own (not torch's global one), so that
+        # a run is reproducible from its seeds; its state goes into training checkpoints.
+        self.dropout_generator = init_generator(
+            sum((i + 1) * 7_919 * s.seed for i, s in enumerate(self.specs)), stream=2
+        )
 
         widths = (self.in_features, *self.hidden, self.num_classes)
         G, Gb = self.num_nets, self.num_bn
@@ -275,7 +280,8 @@ class WideMLP(nn.Module):
                 capture.append(z.detach())
             a = self._activate(z)
             if self.uses_dropout and self.training:
-                mask = torch.rand_like(a) < self.keep_prob
+                draws = torch.rand(a.shape, generator=self.dropout_generator, dtype=a.dtype)
+                mask = draws.to(a.device) < self.keep_prob
                 a = a * mask / self.keep_prob
             h = torch.bmm(a, self.weights[layer + 1])
         return h + self.output_bias
