@@ -34,6 +34,11 @@ LAYERS = {
     "frozen": lambda: bnn.FrozenBatchNorm(C),
     "group": lambda: bnn.GroupNorm(3, C),
     "layer": lambda: bnn.LayerNorm([C, 6, 6]),
+    "layer-explicit": lambda: bnn.LayerNorm([C, 6, 6], backend="explicit"),
+    "group-explicit": lambda: bnn.GroupNorm(3, C, backend="explicit"),
+    "instance-explicit": lambda: bnn.InstanceNorm2d(
+        C, affine=True, track_running_stats=True, backend="explicit"
+    ),
     "instance": lambda: bnn.InstanceNorm2d(C, affine=True, track_running_stats=True),
 }
 
@@ -149,7 +154,7 @@ def test_onnx_export_of_every_layer_runs_in_onnxruntime(tmp_path):
     for name in sorted(LAYERS):
         norm = LAYERS[name]()
         if isinstance(norm, torch.nn.LayerNorm):
-            norm = bnn.LayerNorm([C, 8, 8])
+            norm = bnn.LayerNorm([C, 8, 8], backend=norm.backend)
         layers += [norm, torch.nn.Conv2d(C, C, 3, padding=1), torch.nn.Tanh()]
     model = torch.nn.Sequential(*layers).train()
     with torch.no_grad():

@@ -297,8 +297,9 @@ def test_convert_frozen_batchnorm_replaces_layers_with_running_stats():
         ((3, 7), (7,), {"elementwise_affine": False}),
     ],
 )
-def test_layer_norm_matches_torch(shape, normalized, kwargs, dtype):
-    ours = bnn.LayerNorm(normalized, dtype=dtype, **kwargs)
+@pytest.mark.parametrize("backend", ["auto", "explicit"])
+def test_layer_norm_matches_torch(shape, normalized, kwargs, dtype, backend):
+    ours = bnn.LayerNorm(normalized, dtype=dtype, backend=backend, **kwargs)
     theirs = torch.nn.LayerNorm(normalized, dtype=dtype, **kwargs)
     if ours.weight is not None:
         with torch.no_grad():
@@ -308,7 +309,8 @@ def test_layer_norm_matches_torch(shape, normalized, kwargs, dtype):
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(shape, dtype=dtype) * 3 + 2
     _compare("layer norm", ours, theirs, x, torch.randn(shape, dtype=dtype), dtype=dtype)
-    assert repr(ours) == repr(theirs) and ours.kernel == "torch"
+    assert ours.last_backend == ("explicit" if backend == "explicit" else "torch")
+    assert repr(ours) == repr(theirs)[:-1] + f", backend={backend!r})" and ours.kernel == "torch"
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
@@ -322,8 +324,9 @@ def test_layer_norm_matches_torch(shape, normalized, kwargs, dtype):
         ((2, 4, 7), 2),
     ],  # fmt: skip
 )
-def test_group_norm_matches_torch(shape, groups, dtype):
-    ours = bnn.GroupNorm(groups, shape[1], dtype=dtype)
+@pytest.mark.parametrize("backend", [None, "explicit"], ids=["default", "explicit"])
+def test_group_norm_matches_torch(shape, groups, dtype, backend):
+    ours = bnn.GroupNorm(groups, shape[1], dtype=dtype, backend=backend)
     theirs = torch.nn.GroupNorm(groups, shape[1], dtype=dtype)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
@@ -331,7 +334,9 @@ def test_group_norm_matches_torch(shape, groups, dtype):
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(shape, dtype=dtype) * 3 + 2
     _compare("group norm", ours, theirs, x, torch.randn(shape, dtype=dtype), dtype=dtype)
-    assert repr(ours) == repr(theirs)
+    assert ours.last_backend == (backend or "torch")
+    if backend is None:
+        assert repr(ours) == repr(theirs)
 
 
 @pytest.mark.parametrize(
@@ -343,8 +348,9 @@ def test_group_norm_matches_torch(shape, groups, dtype):
     ],
 )
 @pytest.mark.parametrize("affine,track", [(False, False), (True, True)])
-def test_instance_norm_matches_torch(ours_cls, theirs_cls, shape, affine, track):
-    ours = ours_cls(shape[1], affine=affine, track_running_stats=track, dtype=F64)
+@pytest.mark.parametrize("backend", [None, "explicit"], ids=["default", "explicit"])
+def test_instance_norm_matches_torch(ours_cls, theirs_cls, shape, affine, track, backend):
+    ours = ours_cls(shape[1], affine=affine, track_running_stats=track, dtype=F64, backend=backend)
     theirs = theirs_cls(shape[1], affine=affine, track_running_stats=track, dtype=F64)
     if affine:
         _randomize(ours, theirs)
@@ -367,8 +373,8 @@ def test_instance_norm_matches_torch(ours_cls, theirs_cls, shape, affine, track)
 def test_group_norm_with_one_group_equals_layer_norm_over_channels_and_space():
     x = torch.randn(3, 4, 5, 5, dtype=F64) * 2 + 1
     dy = torch.randn_like(x)
-    gn = bnn.GroupNorm(1, 4, dtype=F64)
-    ln = bnn.LayerNorm((4, 5, 5), dtype=F64)
+    gn = bnn.GroupNorm(1, 4, dtype=F64, backend="explicit")
+    ln = bnn.LayerNorm((4, 5, 5), dtype=F64, backend="explicit")
     _randomize(gn)
     with torch.no_grad():  # the per-channel affine of GN, spread over (H, W) for LN
         ln.weight.copy_(gn.weight[:, None, None].expand(4, 5, 5))
@@ -382,8 +388,8 @@ def test_group_norm_with_one_group_equals_layer_norm_over_channels_and_space():
 
 def test_group_norm_with_one_channel_per_group_equals_instance_norm():
     x = torch.randn(3, 4, 5, 5, dtype=F64) * 2 + 1
-    gn = bnn.GroupNorm(4, 4, dtype=F64)
-    inorm = bnn.InstanceNorm2d(4, affine=True, dtype=F64)
+    gn = bnn.GroupNorm(4, 4, dtype=F64, backend="explicit")
+    inorm = bnn.InstanceNorm2d(4, affine=True, dtype=F64, backend="explicit")
     _randomize(gn, inorm)
     _compare("GN(C) vs IN", gn, inorm, x, torch.randn_like(x))
 
@@ -399,10 +405,13 @@ def _gradient_penalty_grads(model: torch.nn.Module, x: torch.Tensor):
 @pytest.mark.parametrize(
     "ours,theirs",
     [
-        (lambda: bnn.LayerNorm([4, 3, 3]), lambda: torch.nn.LayerNorm([4, 3, 3])),
-        (lambda: bnn.GroupNorm(2, 4), lambda: torch.nn.GroupNorm(2, 4)),
         (
-            lambda: bnn.InstanceNorm2d(4, affine=True),
+            lambda: bnn.LayerNorm([4, 3, 3], backend="explicit"),
+            lambda: torch.nn.LayerNorm([4, 3, 3]),
+        ),
+        (lambda: bnn.GroupNorm(2, 4, backend="explicit"), lambda: torch.nn.GroupNorm(2, 4)),
+        (
+            lambda: bnn.InstanceNorm2d(4, affine=True, backend="explicit"),
             lambda: torch.nn.InstanceNorm2d(4, affine=True),
         ),
         (lambda: bnn.GhostBatchNorm(4, virtual_batch_size=5), lambda: torch.nn.BatchNorm2d(4)),

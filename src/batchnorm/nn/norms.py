@@ -11,18 +11,30 @@ statistics taken per sample over other axes, so nothing depends on the batch (SP
   2018); ``gamma``, ``beta`` per channel. One group is layer norm over (C, *); C groups is
   instance norm.
 
-Each subclasses its torch counterpart (same signature, parameters, ``state_dict`` keys, ``repr``;
-checkpoints load both ways) and computes with :func:`batchnorm.primitives.normalize_over` on the
-right view of the input. They run on torch operations, not the project's Triton kernels
-(``kernel = "torch"``), and are twice differentiable (gradient penalties, as torch's).
+Each subclasses its torch counterpart (same signature plus a keyword-only ``backend``; same
+parameters, ``state_dict`` keys, ``repr``; checkpoints load both ways). ``backend`` chooses the
+implementation as for batch norm (argument, :func:`batchnorm.backends.use_backend`,
+``BATCHNORM_BACKEND``):
+
+- ``"auto"`` (default) or ``"torch"``: PyTorch's native kernel (``F.layer_norm``,
+  ``F.group_norm``, ``F.instance_norm``), after this module's input checks;
+- ``"explicit"``: :func:`batchnorm.primitives.normalize_over` on the right view of the input, the
+  batch-norm primitives with the paper's backward (tested against the native kernels);
+- ``"triton"``: the project's Triton kernels do not cover these norms yet; it warns once and
+  runs ``"torch"``.
+
+``layer.last_backend`` tells which ran. Both are twice differentiable (gradient penalties).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from batchnorm import backends
 from batchnorm.primitives import (
     accumulation_dtype,
     invstd,
@@ -35,7 +47,38 @@ from batchnorm.primitives import (
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm"]
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class _BackendChoice:
+    """The ``backend=`` choice of the per-sample norms: native kernel or the primitives."""
+
+    kernel = "torch"
+    backend: str | None = None
+    last_backend: str | None = None
+
+    def _set_backend(self, backend: str | None) -> None:
+        if backend is not None:
+            backends.requested_backend(backend)  # validates the name now, not at first forward
+        self.backend = backend
+        self.last_backend = None
+
+    def _native(self) -> bool:
+        """True to run PyTorch's kernel, False for :func:`normalize_over`."""
+        name = backends.requested_backend(self.backend)
+        if name == "triton":
+            backends._warn_once(
+                f"{type(self).__name__}: the Triton kernels do not cover this norm yet; "
+                "using 'torch' (PyTorch's native kernel)"
+            )
+        self.last_backend = "explicit" if name == "explicit" else "torch"
+        return name != "explicit"
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text
+
+
+class LayerNorm(_BackendChoice, torch.nn.LayerNorm):
     """Drop-in ``torch.nn.LayerNorm``: per sample over the last ``len(normalized_shape)`` axes.
 
     ``y = gamma * (x - mu) / sqrt(var + eps) + beta`` with ``mu``, ``var`` (biased) over the
@@ -54,7 +97,19 @@ class LayerNorm(torch.nn.LayerNorm):
         True
     """
 
-    kernel = "torch"
+    def __init__(
+        self,
+        normalized_shape: Any,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self._set_backend(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
@@ -67,12 +122,14 @@ class LayerNorm(torch.nn.LayerNorm):
                 f"{tuple(input.shape)}; build it with normalized_shape={tuple(input.shape[-k:])} "
                 "or move the normalized axes to the end"
             )
+        if self._native():
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         dims = tuple(range(input.dim() - k, input.dim()))
         y, _ = normalize_over(input, dims, self.eps, self.weight, self.bias)
         return y
 
 
-class GroupNorm(torch.nn.GroupNorm):
+class GroupNorm(_BackendChoice, torch.nn.GroupNorm):
     """Drop-in ``torch.nn.GroupNorm``: per sample over groups of channels and the spatial axes.
 
     The (N, C, *) input is viewed as (N, G, C/G, S) with S the spatial size; each (n, g) is
@@ -91,7 +148,19 @@ class GroupNorm(torch.nn.GroupNorm):
         True
     """
 
-    kernel = "torch"
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        self._set_backend(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor):
@@ -102,6 +171,8 @@ class GroupNorm(torch.nn.GroupNorm):
                 f"{self.num_channels}, *) input, got shape {tuple(input.shape)}; the channel axis "
                 "must be axis 1 and hold num_channels values"
             )
+        if self._native():
+            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         n, c, groups = input.shape[0], input.shape[1], self.num_groups
         spatial = math.prod(input.shape[2:])
         grouped = input.reshape(n, groups, c // groups, spatial)  # (N, G, C/G, S)
@@ -112,30 +183,47 @@ class GroupNorm(torch.nn.GroupNorm):
         return y.reshape(input.shape)
 
 
-class _InstanceNormMixin:
+class _InstanceNormMixin(_BackendChoice):
     """The instance-norm computation on the primitives; torch's class does the input checks."""
 
-    kernel = "torch"
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype
+        )
+        self._set_backend(backend)
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
         module: torch.nn.modules.instancenorm._InstanceNorm = self  # type: ignore[assignment]
         ndim, channels = input.dim(), input.shape[1]
+        use_input_stats = module.training or not module.track_running_stats
+        if use_input_stats and math.prod(input.shape[2:]) <= 1:
+            raise ValueError(
+                f"{type(self).__name__} normalizes each sample and channel over its spatial axes, "
+                f"so it needs more than one spatial element; got input shape "
+                f"{tuple(input.shape)}. For (N, C) features use LayerNorm or BatchNorm1d."
+            )
+        if self._native():
+            return super()._apply_instance_norm(input)  # type: ignore[misc]
         shape = (1, channels) + (1,) * (ndim - 2)
         weight = None if module.weight is None else module.weight.reshape(shape)
         bias = None if module.bias is None else module.bias.reshape(shape)
-        use_input_stats = module.training or not module.track_running_stats
         if not use_input_stats:
             assert module.running_mean is not None and module.running_var is not None
             acc = accumulation_dtype(input.dtype)
             mean = module.running_mean.to(acc).reshape(shape)
             inv_std = invstd(module.running_var.to(acc).reshape(shape), module.eps)
             return normalize(input, mean, inv_std, weight, bias)
-        if math.prod(input.shape[2:]) <= 1:
-            raise ValueError(
-                f"{type(self).__name__} normalizes each sample and channel over its spatial axes, "
-                f"so it needs more than one spatial element; got input shape "
-                f"{tuple(input.shape)}. For (N, C) features use LayerNorm or BatchNorm1d."
-            )
         y, stats = normalize_over(input, tuple(range(2, ndim)), module.eps, weight, bias)
         if module.training and module.track_running_stats and module.running_mean is not None:
             assert module.running_var is not None
