@@ -203,15 +203,17 @@ def test_normalize_over_autograd_matches_reference(case, dtype):
         ((2, 3, 2, 4), (0, 2, 3), (1, 3, 1, 1)),  # batch-norm axes
     ],
 )
-def test_normalize_over_gradcheck(shape, dims, param_shape):
-    """Finite differences agree with the backward primitives, whatever the axes and gamma."""
+@pytest.mark.parametrize(
+    "check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["first", "second"]
+)
+def test_normalize_over_gradcheck(shape, dims, param_shape, check):
+    """Finite differences agree with the backward primitives, whatever the axes and gamma; and
+    with the differentiable backward (double backward: gradient penalties, Hessian products)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.rand(param_shape, dtype=torch.float64, generator=gen).add(0.5).requires_grad_()
     b = torch.randn(param_shape, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: normalize_over(x, dims, 1e-3, w, b)[0], (x, w, b)
-    )
+    assert check(lambda x, w, b: normalize_over(x, dims, 1e-3, w, b)[0], (x, w, b))
 
 
 class _CountingReducer:
@@ -278,25 +280,6 @@ def test_update_running_statistics_matches_reference_and_mask_keeps_old():
         a, b, torch.from_numpy(mu).float(), unbiased, 0.1, mask=torch.tensor(False)
     )
     assert torch.equal(a, rm) and torch.equal(b, rv)
-
-
-@pytest.mark.parametrize(
-    "shape,dims,param_shape",
-    [
-        ((3, 4, 5), (2,), (1, 4, 1)),  # instance norm
-        ((3, 4, 5), (1, 2), (4, 5)),  # layer norm
-        ((2, 3, 2, 4), (0, 2, 3), (1, 3, 1, 1)),  # batch norm
-    ],
-)
-def test_normalize_over_second_derivatives(shape, dims, param_shape):
-    """Double backward (gradient penalties, Hessian-vector products) by finite differences."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
-    w = torch.rand(param_shape, dtype=torch.float64, generator=gen).add(0.5).requires_grad_()
-    b = torch.randn(param_shape, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradgradcheck(
-        lambda x, w, b: normalize_over(x, dims, 1e-3, w, b)[0], (x, w, b)
-    )
 
 
 def test_first_derivatives_are_the_same_with_create_graph():
