@@ -94,19 +94,27 @@ def _bn_equivalence(ours, case, steps=3):
 # --------------------------------------------------------------------------------------------
 
 
+GHOST_BACKENDS = pytest.mark.parametrize(
+    "backend", [None, "explicit"], ids=["native", "primitives"]
+)
+
+
+@GHOST_BACKENDS
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("case", TRAINABLE, ids=lambda c: c.id)
-def test_ghost_with_one_ghost_batch_equals_batch_norm(case, momentum):
+def test_ghost_with_one_ghost_batch_equals_batch_norm(case, momentum, backend):
     ghost = bnn.GhostBatchNorm(case.shape[1], momentum=momentum, dtype=F64,
-                               virtual_batch_size=case.shape[0] + 3)  # fmt: skip
+                               virtual_batch_size=case.shape[0] + 3, backend=backend)  # fmt: skip
     _bn_equivalence(ghost, case)
+    assert ghost.last_backend == (backend or "torch")
 
 
-def test_ghost_batches_are_normalized_separately_and_pooled_for_running_stats():
+@GHOST_BACKENDS
+def test_ghost_batches_are_normalized_separately_and_pooled_for_running_stats(backend):
     # 10 samples in ghost batches of 4: [0, 4), [4, 8) and the remainder [8, 10).
     x = torch.randn(10, 3, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3 + 1
     dy = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
-    ghost = bnn.GhostBatchNorm(3, momentum=0.1, dtype=F64, virtual_batch_size=4)
+    ghost = bnn.GhostBatchNorm(3, momentum=0.1, dtype=F64, virtual_batch_size=4, backend=backend)
     _randomize(ghost)
 
     def per_chunk(t):
@@ -415,8 +423,12 @@ def _gradient_penalty_grads(model: torch.nn.Module, x: torch.Tensor):
             lambda: torch.nn.InstanceNorm2d(4, affine=True),
         ),
         (lambda: bnn.GhostBatchNorm(4, virtual_batch_size=5), lambda: torch.nn.BatchNorm2d(4)),
+        (
+            lambda: bnn.GhostBatchNorm(4, virtual_batch_size=5, backend="explicit"),
+            lambda: torch.nn.BatchNorm2d(4),
+        ),
     ],
-    ids=["layer", "group", "instance", "ghost"],
+    ids=["layer", "group", "instance", "ghost", "ghost-explicit"],
 )
 def test_gradient_penalty_double_backward_matches_torch(ours, theirs):
     torch.manual_seed(0)

@@ -45,7 +45,7 @@ _TORCH_HAS_BIAS_ARG = (
     "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
 )
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormMixin"]
+__all__ = ["BackendChoice", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormMixin"]
 
 
 _NN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -112,6 +112,42 @@ def check_channels(module: torch.nn.Module, input: Any, *, any_rank: bool = Fals
             f"{tuple(input.shape)}); set num_features={input.shape[1]} or put the channel axis "
             f"at position 1{channels_last}"
         )
+
+
+class BackendChoice:
+    """The ``backend=`` choice of layers that run either PyTorch's native kernels or the
+    primitives (:mod:`batchnorm.primitives`): layer, group, instance and ghost batch norm.
+
+    ``"auto"`` and ``"torch"`` run the native kernel, ``"explicit"`` the primitives, and
+    ``"triton"`` (no Triton kernels for these layers yet) warns once and runs the native kernel.
+    """
+
+    kernel = "torch"
+    backend: str | None = None
+    last_backend: str | None = None
+
+    def _set_backend(self, backend: str | None) -> None:
+        if backend is not None:
+            backends.requested_backend(backend)  # validates the name now, not at first forward
+        self.backend = backend
+        self.last_backend = None
+
+    def _native(self) -> bool:
+        """True to run PyTorch's kernel, False for :func:`normalize_over`."""
+        name = backends.requested_backend(self.backend)
+        if name == "triton":
+            backends._warn_once(
+                f"{type(self).__name__}: the Triton kernels do not cover this norm yet; "
+                "using 'torch' (PyTorch's native kernel)"
+            )
+        self.last_backend = "explicit" if name == "explicit" else "torch"
+        return name != "explicit"
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text
 
 
 class BatchNormMixin:

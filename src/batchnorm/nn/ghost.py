@@ -11,14 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
-from batchnorm.primitives import Moments, normalize_over
+from batchnorm.nn.batchnorm import BackendChoice
+from batchnorm.primitives import Moments, accumulation_dtype, normalize_over
 
 __all__ = ["GhostBatchNorm"]
 
 
-class GhostBatchNorm(BatchStatisticsVariant):
+class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
     """Batch norm over ghost batches of ``virtual_batch_size`` samples of an (N, C, *) batch.
 
     In training, samples ``[g * B, (g + 1) * B)`` with ``B = virtual_batch_size`` form ghost batch
@@ -38,13 +40,17 @@ class GhostBatchNorm(BatchStatisticsVariant):
     expectation when the ghost batches are random samples. With one ghost batch, every number
     (output, gradients, running statistics) equals batch norm's.
 
-    Runs on torch operations (:mod:`batchnorm.primitives`), not the project's Triton kernels
-    (``kernel = "torch"``).
+    Not on the project's Triton kernels (``kernel = "torch"``): by default each ghost batch goes
+    through PyTorch's native batch-norm kernel (its statistics land in private buffers, momentum
+    1, and are pooled as above); ``backend="explicit"`` normalizes all ghost batches at once with
+    :func:`batchnorm.primitives.normalize_over` instead (the same numbers to rounding).
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as
             ``torch.nn.BatchNorm2d``.
         virtual_batch_size: Samples per ghost batch (keyword-only), >= 1.
+        backend: ``"auto"``/``"torch"`` (native kernel per ghost batch) or ``"explicit"``
+            (keyword-only; see :class:`batchnorm.nn.batchnorm.BackendChoice`).
 
     Shape:
         - Input: (N, C, *). Output: same.
@@ -70,6 +76,7 @@ class GhostBatchNorm(BatchStatisticsVariant):
         *,
         bias: bool = True,
         virtual_batch_size: int = 128,
+        backend: str | None = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
@@ -84,6 +91,7 @@ class GhostBatchNorm(BatchStatisticsVariant):
                 f"{virtual_batch_size!r}"
             )
         self.virtual_batch_size = virtual_batch_size
+        self._set_backend(backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -115,6 +123,8 @@ class GhostBatchNorm(BatchStatisticsVariant):
                     "output constant. Use a virtual_batch_size that divides the batch size, a "
                     "larger one, or drop the last incomplete batch of the loader (drop_last=True)."
                 )
+        if self._native():
+            return self._ghost_batches_native(input, size)
         dims = (1, *range(3, ndim + 1))  # the samples of a ghost batch and the spatial axes
         outputs: list[torch.Tensor] = []
         parts: list[Moments] = []
@@ -135,4 +145,36 @@ class GhostBatchNorm(BatchStatisticsVariant):
                 (count - 1).sum(channel_sums)
             )
             self._track(mean, pooled_var)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _ghost_batches_native(self, input: torch.Tensor, size: int) -> torch.Tensor:
+        """PyTorch's batch-norm kernel on each ghost batch, statistics pooled for tracking."""
+        n, channels = input.shape[0], input.shape[1]
+        per_sample = input[0, 0].numel()
+        tracking = self._tracking()
+        stats_dtype = (
+            self.running_mean.dtype
+            if self.running_mean is not None
+            else accumulation_dtype(input.dtype)
+        )
+        outputs, counts, means, variances = [], [], [], []
+        for start in range(0, n, size):
+            chunk = input[start : start + size]
+            mean = var = None
+            if tracking:  # the kernel writes this ghost batch's mean and unbiased variance here
+                mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)
+                var = torch.ones(channels, dtype=stats_dtype, device=input.device)
+            outputs.append(
+                F.batch_norm(chunk, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+            )
+            if tracking:
+                counts.append(chunk.shape[0] * per_sample)
+                means.append(mean)
+                variances.append(var)
+        if tracking:
+            with torch.no_grad():
+                m = torch.tensor(counts, dtype=torch.float64, device=input.device)[:, None]
+                mean = (m * torch.stack(means).double()).sum(0) / m.sum()
+                pooled = ((m - 1) * torch.stack(variances).double()).sum(0) / (m - 1).sum()
+            self._track(mean, pooled)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

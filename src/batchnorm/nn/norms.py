@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from batchnorm import backends
+from batchnorm.nn.batchnorm import BackendChoice
 from batchnorm.primitives import (
     accumulation_dtype,
     invstd,
@@ -47,38 +47,7 @@ from batchnorm.primitives import (
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm"]
 
 
-class _BackendChoice:
-    """The ``backend=`` choice of the per-sample norms: native kernel or the primitives."""
-
-    kernel = "torch"
-    backend: str | None = None
-    last_backend: str | None = None
-
-    def _set_backend(self, backend: str | None) -> None:
-        if backend is not None:
-            backends.requested_backend(backend)  # validates the name now, not at first forward
-        self.backend = backend
-        self.last_backend = None
-
-    def _native(self) -> bool:
-        """True to run PyTorch's kernel, False for :func:`normalize_over`."""
-        name = backends.requested_backend(self.backend)
-        if name == "triton":
-            backends._warn_once(
-                f"{type(self).__name__}: the Triton kernels do not cover this norm yet; "
-                "using 'torch' (PyTorch's native kernel)"
-            )
-        self.last_backend = "explicit" if name == "explicit" else "torch"
-        return name != "explicit"
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()  # type: ignore[misc]
-        if self.backend is not None:
-            text += f", backend={self.backend!r}"
-        return text
-
-
-class LayerNorm(_BackendChoice, torch.nn.LayerNorm):
+class LayerNorm(BackendChoice, torch.nn.LayerNorm):
     """Drop-in ``torch.nn.LayerNorm``: per sample over the last ``len(normalized_shape)`` axes.
 
     ``y = gamma * (x - mu) / sqrt(var + eps) + beta`` with ``mu``, ``var`` (biased) over the
@@ -129,7 +98,7 @@ class LayerNorm(_BackendChoice, torch.nn.LayerNorm):
         return y
 
 
-class GroupNorm(_BackendChoice, torch.nn.GroupNorm):
+class GroupNorm(BackendChoice, torch.nn.GroupNorm):
     """Drop-in ``torch.nn.GroupNorm``: per sample over groups of channels and the spatial axes.
 
     The (N, C, *) input is viewed as (N, G, C/G, S) with S the spatial size; each (n, g) is
@@ -183,7 +152,7 @@ class GroupNorm(_BackendChoice, torch.nn.GroupNorm):
         return y.reshape(input.shape)
 
 
-class _InstanceNormMixin(_BackendChoice):
+class _InstanceNormMixin(BackendChoice):
     """The instance-norm computation on the primitives; torch's class does the input checks."""
 
     def __init__(
