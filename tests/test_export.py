@@ -125,6 +125,29 @@ def test_cumulative_average_without_a_python_float_matches_eager():
     assert int(dict(exported.named_buffers())["1.num_batches_tracked"]) == 3 + 5
 
 
+def test_compiled_cumulative_average_skips_a_nonfinite_batch_exactly():
+    """momentum=None + nonfinite="skip" on the tensor path: a NaN batch leaves the buffers bitwise
+    unchanged and uncounted; the next batch is averaged in as in eager mode."""
+    torch._dynamo.reset()
+    layer = bnn.BatchNorm2d(3, momentum=None, nonfinite="skip").train()
+    layer(torch.randn(4, 3, 2, 2))
+    eager = copy.deepcopy(layer)
+    mean, var = layer.running_mean.clone(), layer.running_var.clone()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    bad = torch.randn(4, 3, 2, 2)
+    bad[0, 0, 0, 0] = float("nan")
+    compiled(bad)
+    assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
+    assert int(layer.num_batches_tracked) == 1
+    good = torch.randn(4, 3, 2, 2)
+    compiled(good)
+    eager(bad)
+    eager(good)
+    assert int(layer.num_batches_tracked) == int(eager.num_batches_tracked) == 2
+    torch.testing.assert_close(layer.running_mean, eager.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer.running_var, eager.running_var, rtol=1e-6, atol=1e-7)
+
+
 def test_auto_backend_exports_standard_ops_where_it_would_pick_triton(monkeypatch):
     """On a GPU "auto" picks the Triton kernels; an export must still hold ATen's batch_norm."""
     model = _model("bn").eval()

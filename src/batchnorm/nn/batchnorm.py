@@ -243,12 +243,16 @@ class BatchNormMixin:
             nonfinite=self.nonfinite,
         )
         self.last_backend = backends.last_backend()
-        if cumulative is not None and updated is not None:
+        if cumulative is not None and updated is not None and updated is not False:
             assert self.running_mean is not None and self.running_var is not None
             assert running_mean is not None and running_var is not None
-            # A skipped update left the copies equal to the buffers: moving towards them is a no-op.
             update_running_statistics(
-                self.running_mean, self.running_var, running_mean, running_var, cumulative
+                self.running_mean,
+                self.running_var,
+                running_mean,
+                running_var,
+                cumulative,
+                mask=updated if isinstance(updated, torch.Tensor) else None,  # nonfinite="skip"
             )
         if track and self.num_batches_tracked is not None and updated is not None:
             if isinstance(updated, torch.Tensor):
