@@ -194,6 +194,17 @@ VARIANTS: tuple[str, ...] = (STANDARD, BN, NOISY)
 COLORS = {STANDARD: "tab:red", BN: "tab:blue", NOISY: "tab:green"}
 
 
+def _check_network_fields(config: CNNConfig | ConvConfig, at_least_one: Sequence[str]) -> None:
+    """The checks both CNN configs share: counts >= 1, a batch of two or more, positive widths."""
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.batch_size < 2:
+        raise ValueError("batch_size must be at least 2 (batch statistics need two values)")
+    if not config.channels or min(config.channels) < 1:
+        raise ValueError(f"channels must list positive widths, got {config.channels}")
+
+
 @dataclass(frozen=True)
 class CNNConfig:
     """Fields the VGG-style experiments share. Defaults give a full run within minutes on 2
@@ -219,13 +230,7 @@ class CNNConfig:
 
     def validate(self) -> None:
         """Checks across fields; raises ValueError with what to change."""
-        for name in ("steps", "seeds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError("batch_size must be at least 2 (batch statistics need two values)")
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must list positive widths, got {self.channels}")
+        _check_network_fields(self, ("steps", "seeds"))
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not (math.isfinite(self.eps) and self.eps > 0):
@@ -447,13 +452,7 @@ class ConvConfig:
 
     def validate(self) -> None:
         """Checks across fields; raises ValueError with what to change."""
-        for name in ("batch_size", "seeds", "evals"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError("batch_size must be at least 2 (batch statistics need two values)")
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must list positive widths, got {self.channels}")
+        _check_network_fields(self, ("batch_size", "seeds", "evals"))
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"epochs must be a positive number, got {self.epochs}")
         for name in ("lr", "momentum"):
