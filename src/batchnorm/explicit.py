@@ -23,7 +23,6 @@ Half-precision inputs are computed in float32 and the output cast back.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 
 def _axes(x: torch.Tensor) -> list[int]:
@@ -77,9 +76,13 @@ class _TrainFunction(torch.autograd.Function):
         return y.to(x.dtype), mu, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, _dmu, _dvar):  # type: ignore[override]
         x, gamma, mu, var = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the formulas below are differentiable torch ops, so
+            # recomputing mu_B and var_B from x makes them a graph whose derivative is the exact
+            # second derivative (the saved mu_B, var_B are constants to autograd).
+            mu, var = batch_statistics(x)
         eps, ndim, axes = ctx.eps, x.dim(), _axes(x)
         m = x.numel() // x.shape[1]
         dy = dy.to(mu.dtype)
@@ -129,8 +132,9 @@ class _EvalFunction(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
+        # Differentiable torch ops throughout: second derivatives (in x through dl/dgamma, in
+        # gamma through dl/dx) come out of autograd with backward(create_graph=True).
         x, gamma, mean, inv_std = ctx.saved_tensors
         ndim, axes = x.dim(), _axes(x)
         dy = dy.to(inv_std.dtype)

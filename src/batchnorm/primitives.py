@@ -32,8 +32,9 @@ Statistics are accumulated in float32 for float16/bfloat16 inputs and in the inp
 otherwise (see :func:`accumulation_dtype`).
 
 These are torch operations, not the project's Triton kernels: the variants built on them run
-wherever torch runs. :func:`normalize_over` is differentiable once; a second derivative (a
-gradient penalty through a normalization layer) raises an error rather than giving a wrong value.
+wherever torch runs. :func:`normalize_over` is twice differentiable (gradient penalties, Hessians):
+its backward rebuilds the forward as a graph when it is itself recorded
+(:func:`differentiate_rebuilt`, shared with the ``explicit`` and Triton backends).
 
 Example:
     Statistics of two uneven parts merge into those of the whole batch:
@@ -61,6 +62,7 @@ __all__ = [
     "backward_reduce",
     "collect_statistics",
     "combine_statistics",
+    "differentiate_rebuilt",
     "invstd",
     "merge_statistics",
     "normalize",
@@ -474,11 +476,8 @@ def _differentiable_backward(
             "(backward(create_graph=True) was called); compute gradient penalties with a "
             "per-process norm, e.g. convert the model back with revert_sync_batchnorm"
         )
-    inputs = (x, weight, bias)
-    wanted = [i for i in range(3) if inputs[i] is not None and ctx.needs_input_grad[i]]
-    if not wanted:
-        return None, None, None, None, None, None
-    with torch.enable_grad():
+
+    def rebuild(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
         acc = accumulation_dtype(x.dtype)
         var, mean = torch.var_mean(x.to(acc), dim=ctx.dims, correction=0, keepdim=True)
         y = (x.to(acc) - mean) * torch.rsqrt(var + ctx.eps)
@@ -486,13 +485,51 @@ def _differentiable_backward(
             y = y * weight.to(acc)
         if bias is not None:
             y = y + bias.to(acc)
+        return y.to(ctx.x_dtype)
+
+    grads = differentiate_rebuilt(rebuild, (x, weight, bias), ctx.needs_input_grad[:3], dy)
+    return (*grads, None, None, None)
+
+
+def differentiate_rebuilt(
+    forward: Any,
+    inputs: Sequence[torch.Tensor | None],
+    needs_input_grad: Sequence[bool],
+    grad_output: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """Gradients of ``forward(*inputs)`` as a differentiable graph (``create_graph=True``).
+
+    The shared double-backward mechanism of the hand-written autograd functions (the primitives,
+    the ``explicit`` backend, the Triton kernels): inside a backward pass that is itself being
+    recorded (``torch.is_grad_enabled()``, i.e. ``backward(create_graph=True)``,
+    ``torch.autograd.functional.hessian``), rebuild the forward from the saved inputs with
+    differentiable torch ops and let autograd differentiate it, so that second derivatives are
+    exact instead of silently zero.
+
+    Args:
+        forward: Callable of the inputs giving the output, in differentiable torch ops.
+        inputs: The saved inputs (None for absent optional ones).
+        needs_input_grad: Which inputs want a gradient (``ctx.needs_input_grad``).
+        grad_output: ``dl/dy``.
+
+    Returns:
+        One gradient (or None) per input.
+    """
+    wanted = [
+        i for i, t in enumerate(inputs)
+        if t is not None and t.requires_grad and i < len(needs_input_grad) and needs_input_grad[i]
+    ]  # fmt: skip
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    if not wanted:
+        return out
+    with torch.enable_grad():
+        y = forward(*inputs)
         grads = torch.autograd.grad(
-            y.to(ctx.x_dtype), [inputs[i] for i in wanted], dy, create_graph=True
+            y, [inputs[i] for i in wanted], grad_output, create_graph=True, allow_unused=True
         )
-    out: list[Any] = [None] * 6
     for i, g in zip(wanted, grads):
-        out[i] = g
-    return tuple(out)
+        out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return out
 
 
 def normalize_over(

@@ -162,15 +162,17 @@ class BatchNormFunction(torch.autograd.Function):
         kept_residual = residual if relu_save == RELU_RECOMPUTE else None
         ctx.save_for_backward(x, weight, bias, stats, gate, kept_residual)
         ctx.training = training
+        ctx.eps = eps
         ctx.relu_save = relu_save
         ctx.has_residual = residual is not None
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight, bias, stats, gate, residual = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            return _double_differentiable_backward(ctx, grad_y, x, weight, bias, stats)
         dx, dweight, dbias, dz = backward_op(
             grad_y,
             x,
@@ -196,3 +198,42 @@ class BatchNormFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _double_differentiable_backward(ctx, grad_y, x, weight, bias, stats):
+    """The backward pass as a graph (``backward(create_graph=True)``, Hessians, gradient
+    penalties): batch norm rebuilt from the saved x in differentiable torch ops (batch statistics
+    recomputed from x in training; the statistics the kernel used, constants, in eval) and
+    differentiated by autograd. The kernels' own backward is not differentiable."""
+    from batchnorm.primitives import accumulation_dtype, differentiate_rebuilt
+
+    if ctx.relu_save != RELU_NONE or ctx.has_residual:
+        raise RuntimeError(
+            "the fused Triton batch_norm_relu / batch_norm_add_relu kernels have no second "
+            "derivative (backward(create_graph=True) was called); compose batch_norm with "
+            "torch.relu, or use backend='torch' or 'explicit' for gradient penalties and Hessians"
+        )
+    eps, training = ctx.eps, ctx.training
+    dims = (0, *range(2, x.dim()))
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+    def rebuild(x, weight, bias):
+        acc = accumulation_dtype(x.dtype)
+        xc = x.to(acc)
+        if training:
+            var, mean = torch.var_mean(xc, dim=dims, correction=0, keepdim=True)
+            inv_std = torch.rsqrt(var + eps)
+        else:
+            mean = (stats[0].double() + stats[1].double()).to(acc).reshape(shape)
+            inv_std = stats[2].to(acc).reshape(shape)
+        y = (xc - mean) * inv_std
+        if weight is not None:
+            y = y * weight.to(acc).reshape(shape)
+        if bias is not None:
+            y = y + bias.to(acc).reshape(shape)
+        return y.to(x.dtype)
+
+    dx, dweight, dbias = differentiate_rebuilt(
+        rebuild, (x, weight, bias), ctx.needs_input_grad[:3], grad_y
+    )
+    return dx, dweight, dbias, None, None, None, None, None, None, None
