@@ -204,10 +204,20 @@ def test_device_mismatch_is_named():
 # --- hyper-parameters ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
-def test_momentum_out_of_range(momentum):
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        BatchNorm1d(3, momentum=momentum)
+@pytest.mark.parametrize("momentum", [-0.1, 1.5])
+def test_momentum_out_of_range_is_accepted_as_torch_does_with_a_warning(momentum):
+    with pytest.warns(UserWarning, match=r"outside \[0, 1\]") as record:
+        ours = BatchNorm1d(3, momentum=momentum)
+    assert record[0].filename == __file__
+    native = torch.nn.BatchNorm1d(3, momentum=momentum)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(ours(x), native(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.running_var, native.running_var, rtol=0, atol=0)
+
+
+def test_nan_momentum_is_refused_before_it_poisons_the_statistics():
+    with pytest.raises(ValueError, match="NaN"):
+        BatchNorm1d(3, momentum=float("nan"))
 
 
 @pytest.mark.parametrize("name", ["BatchNorm1d", "SyncBatchNorm", "GhostBatchNorm", "BatchRenorm"])
@@ -250,15 +260,38 @@ def test_unknown_backend_lists_the_choices():
 def test_empty_batch_gives_empty_output_and_leaves_the_stats_alone(shape, backend):
     cls = BatchNorm1d if len(shape) == 2 else BatchNorm2d
     bn = _warmed_up(cls, 3, backend)
+    native = getattr(torch.nn, cls.__name__)(3)
+    native.load_state_dict(bn.state_dict())
     before = _snapshot(bn)
     x = torch.randn(*shape, requires_grad=True)
     y = bn(x)
+    native(x)
     assert y.shape == x.shape
+    # As torch.nn: the statistics stay, the batch is counted (so momentum=None averages agree).
+    assert bn.num_batches_tracked == native.num_batches_tracked == before["num_batches_tracked"] + 1
+    bn.num_batches_tracked.sub_(1)
     _assert_unchanged(bn, before)
     y.sum().backward()  # connected to the parameters, zero gradients
     assert torch.equal(bn.weight.grad, torch.zeros(3))
     assert torch.equal(bn.bias.grad, torch.zeros(3))
     assert x.grad.shape == x.shape
+
+
+def test_cumulative_average_after_an_empty_batch_equals_torch():
+    ours, native = BatchNorm1d(3, momentum=None), torch.nn.BatchNorm1d(3, momentum=None)
+    for x in (torch.randn(0, 3), torch.randn(5, 3) + 4, torch.randn(7, 3)):
+        ours(x), native(x)
+    torch.testing.assert_close(ours.state_dict(), native.state_dict(), rtol=0, atol=0)
+
+
+def test_empty_batch_of_another_dtype_and_1d_empty_input_pass_as_in_torch():
+    bn = BatchNorm1d(3)
+    with pytest.warns(UserWarning, match="empty torch.float64 batch"):
+        y = bn(torch.empty(0, 3, dtype=torch.float64))
+    assert y.shape == (0, 3) and y.dtype == torch.float64
+    with pytest.warns(UserWarning, match="empty 1-D input"):
+        y = batch_norm(torch.empty(0), None, None, training=True)
+    assert y.shape == (0,)
 
 
 def test_empty_batch_in_eval():

@@ -40,6 +40,7 @@ import warnings
 import torch
 
 from batchnorm import backends
+from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -238,6 +239,8 @@ def batch_norm_with_status(
         # A batch with no samples has no statistics: return an empty output connected to the
         # parameters (zero gradients) and leave the running statistics untouched.
         y = input * 0
+        if input.dim() < 2:
+            return y, (False if updates else None)
         if weight is not None:
             y = y * _expand(weight, input.dim()).to(y.dtype)
         if bias is not None:
@@ -376,16 +379,33 @@ def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def check_momentum(momentum: float | None, *, stacklevel: int = 3) -> None:
-    """Reject a momentum outside [0, 1]; warn when it looks like the Keras/Flax convention."""
+    """Check a momentum as torch.nn would accept it, warning where it is almost surely a mistake.
+
+    Raises for a non-number and for NaN (which would poison the running statistics for good);
+    warns for a value outside [0, 1] (PyTorch accepts it: the running average then extrapolates
+    past the new batch or away from it) and for one in (0.5, 1), which looks like a Keras/Flax
+    momentum put into PyTorch's convention.
+    """
     if momentum is None or isinstance(momentum, torch.Tensor):
         return
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
-    if not (0.0 <= momentum <= 1.0) or math.isnan(momentum):
+    if math.isnan(momentum):
         raise ValueError(
-            f"momentum must lie in [0, 1], got {momentum}; it is the weight of the new batch in "
-            "the running average (PyTorch's convention, default 0.1)"
+            "momentum is NaN, which would make every running statistic NaN for good; it must lie "
+            "in [0, 1]: the weight of the new batch in the running average (PyTorch's convention, "
+            "default 0.1)"
         )
+    if not 0.0 <= momentum <= 1.0:
+        warnings.warn(
+            f"momentum={momentum} lies outside [0, 1]: the running average then overshoots the "
+            "new batch or moves away from it. PyTorch accepts it, and so does this layer, but it "
+            "is almost surely a mistake: momentum is the weight of the NEW batch, default 0.1 "
+            "(momentum=None averages all batches equally).",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        return
     if 0.5 < momentum < 1.0:  # 1.0 (keep only the last batch) is a deliberate choice
         warnings.warn(
             f"momentum={momentum} gives the new batch more weight than the running average. In "
@@ -409,14 +429,25 @@ def _validate(
     nonfinite: str,
 ) -> None:
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"batch norm expects a torch.Tensor input, got {type(input).__name__}")
+        raise NotATensorError(
+            f"batch norm expects a torch.Tensor input, got {type(input).__name__}"
+        )
     if not input.is_floating_point():
-        raise TypeError(
+        raise NormDtypeError(
             f"batch norm expects a floating-point input, got {input.dtype}; convert it first, "
             "e.g. x.float() (and scale integer images to [0, 1])"
         )
+    if input.dim() < 2 and input.numel() == 0:
+        warnings.warn(
+            f"batch norm got an empty {input.dim()}-D input; it returns an empty output (as "
+            "torch.nn.functional.batch_norm does), but batch norm expects (N, C) or (N, C, *): "
+            "check the shape you pass",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
     if input.dim() < 2:
-        raise ValueError(
+        raise NormInputError(
             f"batch norm expects an (N, C) or (N, C, *) input, got {input.dim()}-D shape "
             f"{tuple(input.shape)}; for a single sample of C features use x.unsqueeze(0) "
             "(and note that training needs more than one sample)"
@@ -431,11 +462,7 @@ def _validate(
             "(momentum=None) is a layer feature: use batchnorm.nn.BatchNorm*d(momentum=None), or "
             "pass momentum=1/num_batches_tracked"
         )
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not (0.0 <= momentum <= 1.0)
-    ):
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or momentum != momentum:
         raise ValueError(
             f"momentum must be a number in [0, 1], got {momentum!r}; it is the weight of the new "
             "batch in the running average (PyTorch's convention, default 0.1)"
@@ -451,38 +478,48 @@ def _validate(
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+            raise NotATensorError(f"{name} must be a tensor or None, got {type(t).__name__}")
         if t.shape != (channels,):
-            raise ValueError(
+            raise NormInputError(
                 f"{name} has shape {tuple(t.shape)} but the input has {channels} channels on "
                 f"axis 1 (input shape {tuple(input.shape)}); batch norm needs ({channels},). Check "
                 "num_features, or move the channel axis to position 1 (e.g. x.permute)"
             )
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+            raise NormDtypeError(f"{name} must be floating point, got {t.dtype}")
         if t.device != input.device:
-            raise ValueError(
+            raise NormInputError(
                 f"{name} is on {t.device} but the input is on {input.device}; move the module or "
                 "tensors to one device (module.to(x.device))"
             )
         low_precision_input = input.dtype in (torch.float16, torch.bfloat16)
-        if t.dtype != input.dtype and not (low_precision_input and t.dtype == torch.float32):
-            raise TypeError(
+        mixed = t.dtype != input.dtype and not (low_precision_input and t.dtype == torch.float32)
+        if mixed and input.numel() == 0:
+            warnings.warn(
+                f"batch norm got an empty {input.dtype} batch while {name} is {t.dtype}; an empty "
+                "batch passes (as in torch), but a non-empty one of this dtype will raise: "
+                f"convert with module.to({input.dtype}) or x.to({t.dtype})",
+                UserWarning,
+                stacklevel=4,
+            )
+            mixed = False
+        if mixed:
+            raise NormDtypeError(
                 f"mixed dtypes: input is {input.dtype} but {name} is {t.dtype}. Parameters and "
                 "statistics must match the input, or be float32 with a float16/bfloat16 input "
                 f"(mixed precision). Convert with module.to({input.dtype}) or x.to({t.dtype})"
             )
     if (running_mean is None) != (running_var is None):
-        raise ValueError("pass both running_mean and running_var, or neither")
+        raise NormInputError("pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
-        raise ValueError(
+        raise NormInputError(
             "eval-mode batch norm (training=False) needs running_mean and running_var; pass them, "
             "or use training=True to normalize with the batch statistics"
         )
     if training and input.numel() > 0:
         per_channel = input.numel() // channels
         if per_channel == 1:
-            raise ValueError(
+            raise NormInputError(
                 f"batch norm in training mode needs more than one value per channel, got input "
                 f"shape {tuple(input.shape)} (1 value per channel): the batch variance of a single "
                 "value is 0 and its normalized output is always 0. Remedies: call model.eval() "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.errors import NormDtypeError
 from batchnorm.nn.batchnorm import check_channels, init_batch_norm_state
 from batchnorm.primitives import accumulation_dtype, invstd, normalize, update_running_statistics
 
@@ -82,7 +83,7 @@ class BatchStatisticsVariant(_BatchNorm):
         check_channels(self, input, any_rank=True)
         if not input.is_floating_point():
             name = type(self).__name__
-            raise TypeError(f"{name} expects a floating-point input, got {input.dtype}")
+            raise NormDtypeError(f"{name} expects a floating-point input, got {input.dtype}")
 
     @staticmethod
     def _per_channel(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -32,11 +32,13 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
 
 from batchnorm import backends
+from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
 from batchnorm.functional import NONFINITE_POLICIES, batch_norm_with_status, check_momentum
 from batchnorm.primitives import update_running_statistics
 
@@ -65,8 +67,18 @@ def init_batch_norm_state(
 ) -> None:
     """Check the arguments, then run torch's ``_BatchNorm.__init__`` (the class after ``after``
     in ``module``'s MRO), on any torch version: the ``bias=`` argument is newer than some."""
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise TypeError(f"num_features must be a positive int, got {num_features!r}")
+    if num_features < 0:
+        raise NormInputError(f"num_features must be a positive int, got {num_features}")
+    if num_features == 0:
+        warnings.warn(
+            f"{type(module).__name__}(0): a layer with no channels normalizes nothing (torch "
+            "accepts it, and so does this layer); num_features is the number of channels C of "
+            "the (N, C, *) input",
+            UserWarning,
+            stacklevel=3,
+        )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     # Point a momentum warning at the user's line, past every constructor in this package.
@@ -92,9 +104,9 @@ def check_channels(module: torch.nn.Module, input: Any, *, any_rank: bool = Fals
     """
     name = type(module).__name__
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name} expects a tensor, got {type(input).__name__}")
+        raise NotATensorError(f"{name} expects a tensor, got {type(input).__name__}")
     if any_rank and input.dim() < 2:
-        raise ValueError(
+        raise NormInputError(
             f"{name} expects an (N, C) or (N, C, *) input, got a {input.dim()}-D input of shape "
             f"{tuple(input.shape)}; add a batch axis with x.unsqueeze(0)"
         )
@@ -107,7 +119,7 @@ def check_channels(module: torch.nn.Module, input: Any, *, any_rank: bool = Fals
                 f" (channels-last data: x.permute(0, {input.dim() - 1}, {order}), "
                 "or x.movedim(-1, 1))"
             )
-        raise ValueError(
+        raise NormInputError(
             f"{name}({channels}) got {input.shape[1]} channels on axis 1 (input shape "
             f"{tuple(input.shape)}); set num_features={input.shape[1]} or put the channel axis "
             f"at position 1{channels_last}"
@@ -185,9 +197,11 @@ class BatchNormMixin:
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(input).__name__}")
+            raise NotATensorError(
+                f"{type(self).__name__} expects a tensor, got {type(input).__name__}"
+            )
         if input.dim() not in self._accepted_dims:
-            raise ValueError(
+            raise NormInputError(
                 f"{type(self).__name__} expects {self._dims_text}, got a {input.dim()}-D input of "
                 f"shape {tuple(input.shape)}. {self._dims_hint(input)}"
             )
@@ -254,7 +268,11 @@ class BatchNormMixin:
                 cumulative,
                 mask=updated if isinstance(updated, torch.Tensor) else None,  # nonfinite="skip"
             )
-        if track and self.num_batches_tracked is not None and updated is not None:
+        if track and self.num_batches_tracked is not None and input.numel() == 0:
+            # As torch.nn: an empty training batch is counted (it changes nothing else), so a
+            # cumulative average (momentum=None) weighs the next batches exactly as torch does.
+            self.num_batches_tracked.add_(1)
+        elif track and self.num_batches_tracked is not None and updated is not None:
             if isinstance(updated, torch.Tensor):
                 self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
             elif updated:
