@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from batchnorm import backends
-from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
+from batchnorm.errors import NormInputError, NotATensorError
 from batchnorm.functional import NONFINITE_POLICIES, batch_norm_with_status, check_momentum
 from batchnorm.primitives import update_running_statistics
 
