@@ -334,6 +334,9 @@ def test_layer_norm_matches_torch(shape, normalized, kwargs, dtype, backend):
 )
 @pytest.mark.parametrize("backend", [None, "explicit"], ids=["default", "explicit"])
 def test_group_norm_matches_torch(shape, groups, dtype, backend):
+    # Seeded: with 2 values per group a random float32 draw can put them arbitrarily close,
+    # where the gradient is ill-conditioned and any two float32 implementations differ.
+    torch.manual_seed(sum(shape) * 10 + groups)
     ours = bnn.GroupNorm(groups, shape[1], dtype=dtype, backend=backend)
     theirs = torch.nn.GroupNorm(groups, shape[1], dtype=dtype)
     with torch.no_grad():

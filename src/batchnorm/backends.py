@@ -91,15 +91,34 @@ def triton_status() -> tuple[bool, str]:
 
 
 def resolve(
-    backend: str | None, *, device_type: str, dtype_name: str, zero_eps: bool = False
+    backend: str | None,
+    *,
+    device_type: str,
+    dtype_name: str,
+    zero_eps: bool = False,
+    norm: str = "batch_norm",
 ) -> str:
     """The backend that will run: the request, or a fallback (with a warning) if it cannot.
+
+    ``norm`` names the operation: ``"batch_norm"`` (every backend), or another norm
+    (``"layer_norm"``, ``"group_norm"``, ``"instance_norm"``, ``"ghost_batch_norm"``), which has
+    PyTorch's native kernel (``"torch"``, also what ``"auto"`` picks) and the primitives
+    (``"explicit"``) but no Triton kernels: asking for ``"triton"`` warns once and runs ``"torch"``.
 
     ``zero_eps``: the call normalizes with batch statistics and ``eps == 0`` (as in the theory of
     Yang et al. 2019). PyTorch's native kernel refuses that, so ``"torch"`` becomes
     ``"explicit"``, silently under ``"auto"`` and with a warning when ``"torch"`` was asked for.
     """
     name = requested_backend(backend)
+    if norm != "batch_norm":
+        if name == "triton":
+            _warn_once(
+                f"{norm}: the Triton kernels do not cover this norm yet; using 'torch' "
+                "(PyTorch's native kernel)"
+            )
+        name = "explicit" if name == "explicit" else "torch"
+        _local.last = name
+        return name
     if zero_eps and name in ("auto", "torch"):
         if name == "torch":
             _warn_once(

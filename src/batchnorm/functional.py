@@ -48,6 +48,9 @@ FUSED_SAVE_MODES = ("output", "mask", "recompute")
 
 __all__ = [
     "batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
     "batch_norm_add_relu",
     "batch_norm_relu",
     "FUSED_SAVE_MODES",
@@ -527,3 +530,266 @@ def _validate(
                 "one; or use a norm that needs no batch (batchnorm GroupNorm/LayerNorm), or "
                 "ghost/sync batch norm to get statistics across more samples."
             )
+
+
+# --- layer, group and instance norm --------------------------------------------------------------
+
+
+def check_eps(eps: object, *, allow_negative: bool = False) -> None:
+    """Check ``eps``: a number, not NaN (which would poison every output), and >= 0.
+
+    With ``allow_negative`` (layer, group and instance norm, where torch accepts any eps) a
+    negative value only warns: it gives NaN wherever the variance is below ``-eps``.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps != eps:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r} (default 1e-5)")
+    if eps < 0:
+        if not allow_negative:
+            raise ValueError(f"eps must be a number >= 0, got {eps!r} (default 1e-5)")
+        warnings.warn(
+            f"eps={eps} is negative: the output is NaN wherever the variance is below {-eps}. "
+            "torch accepts it, and so does this norm, but eps is meant to be a small positive "
+            "number (default 1e-5)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _check_tensor(input: object, what: str) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise NotATensorError(f"{what} expects a tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise NormDtypeError(
+            f"{what} expects a floating-point input, got {input.dtype}; convert it first "
+            "(x.float())"
+        )
+
+
+def _dtype_name(input: torch.Tensor) -> str:
+    return str(input.dtype).replace("torch.", "")
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.layer_norm`` with a backend choice (Ba et al. 2016).
+
+    Per sample over the trailing ``normalized_shape`` axes:
+    ``y = gamma * (x - mu) / sqrt(var + eps) + beta`` (biased variance). ``backend``: "auto" or
+    "torch" run PyTorch's kernel, "explicit" the batch-norm primitives; "triton" warns once
+    and runs "torch" (see :func:`batchnorm.backends.resolve`).
+
+    Shape:
+        input: (*, *normalized_shape); weight, bias: normalized_shape. Returns input's shape.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> layer_norm(x, (3,), eps=0.0, backend="explicit").mul(2 / 3**0.5).round(decimals=4)
+        tensor([[-1.,  0.,  1.]])
+    """
+    _check_tensor(input, "layer_norm")
+    check_eps(eps, allow_negative=True)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
+        raise NormInputError(
+            f"layer_norm normalizes the last {k} axis(es), which must have shape {shape}, but "
+            f"the input has shape {tuple(input.shape)}; use normalized_shape="
+            f"{tuple(input.shape[-max(k, 1) :])} or move the normalized axes to the end"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise NormInputError(
+                f"layer_norm's {name} has shape {tuple(t.shape)}; it must be normalized_shape "
+                f"{shape}"
+            )
+    name = backends.resolve(
+        backend, device_type=input.device.type, dtype_name=_dtype_name(input), norm="layer_norm"
+    )
+    if name == "torch":
+        return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
+    from batchnorm.primitives import normalize_over
+
+    dims = tuple(range(input.dim() - k, input.dim()))
+    y, _ = normalize_over(input, dims, eps, weight, bias)
+    return y
+
+
+def check_num_groups(num_groups: object, num_channels: int | None = None) -> None:
+    """``num_groups`` a positive int dividing ``num_channels``, or the error torch raises."""
+    from batchnorm.errors import GroupCountError
+
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
+    if num_groups == 0:
+        raise GroupCountError(
+            "num_groups must be a positive int, got 0; group norm splits the channels into "
+            "num_groups groups (1 group: layer norm over (C, *); C groups: instance norm)"
+        )
+    if num_groups < 0:
+        raise NormInputError(f"num_groups must be a positive int, got {num_groups}")
+    if num_channels is not None and num_channels % num_groups != 0:
+        raise NormInputError(
+            f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
+            f"divisors of {num_channels}: "
+            + ", ".join(str(d) for d in range(1, num_channels + 1) if num_channels % d == 0)
+        )
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.group_norm`` with a backend choice (Wu & He 2018).
+
+    The (N, C, *) input is viewed as (N, G, C/G, S); each (n, g) is normalized over its
+    ``C/G * S`` values, then ``gamma``, ``beta`` per channel. ``backend`` as :func:`layer_norm`.
+
+    Shape:
+        input: (N, C, *); weight, bias: (C,). Returns input's shape.
+
+    Example:
+        >>> x = torch.randn(2, 4, 3)
+        >>> torch.allclose(group_norm(x, 2, backend="explicit"),
+        ...                torch.nn.functional.group_norm(x, 2), atol=1e-6)
+        True
+    """
+    _check_tensor(input, "group_norm")
+    check_eps(eps, allow_negative=True)
+    if input.dim() < 2:
+        raise NormInputError(
+            f"group_norm expects an (N, C, *) input, got shape {tuple(input.shape)}; add a batch "
+            "axis with x.unsqueeze(0)"
+        )
+    check_num_groups(num_groups, input.shape[1])
+    channels = input.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise NormInputError(
+                f"group_norm's {name} has shape {tuple(t.shape)} but the input has {channels} "
+                "channels on axis 1"
+            )
+    name = backends.resolve(
+        backend, device_type=input.device.type, dtype_name=_dtype_name(input), norm="group_norm"
+    )
+    if name == "torch":
+        return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+    from batchnorm.primitives import normalize_over
+
+    n = input.shape[0]
+    spatial = 1
+    for s in input.shape[2:]:  # not math.prod over a generator: torch.compile traces this
+        spatial *= s
+    grouped = input.reshape(n, num_groups, channels // num_groups, spatial)  # (N, G, C/G, S)
+    shape = (1, num_groups, channels // num_groups, 1)  # gamma, beta per channel on that view
+    w = None if weight is None else weight.reshape(shape)
+    b = None if bias is None else bias.reshape(shape)
+    y, _ = normalize_over(grouped, (2, 3), eps, w, b)
+    return y.reshape(input.shape)
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.instance_norm`` with a backend choice (Ulyanov et al. 2016).
+
+    Per sample and channel over the spatial axes. With ``use_input_stats`` and running
+    statistics given, these move towards the batch average of the per-instance means and
+    unbiased variances (torch's convention). ``backend`` as :func:`layer_norm`.
+
+    Shape:
+        input: (N, C, *) with at least one spatial axis; running statistics, weight, bias: (C,).
+
+    Example:
+        >>> x = torch.randn(2, 3, 5)
+        >>> torch.allclose(instance_norm(x, backend="explicit"),
+        ...                torch.nn.functional.instance_norm(x), atol=1e-6)
+        True
+    """
+    _check_tensor(input, "instance_norm")
+    check_eps(eps, allow_negative=True)
+    check_momentum(momentum, stacklevel=3)
+    if input.dim() < 3:
+        raise NormInputError(
+            f"instance_norm expects an (N, C, *) input with at least one spatial axis, got shape "
+            f"{tuple(input.shape)}; for (N, C) features use layer_norm or batch_norm"
+        )
+    channels = input.shape[1]
+    for name, t in (
+        ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+        ("bias", bias),
+    ):  # fmt: skip
+        if t is not None and tuple(t.shape) != (channels,):
+            raise NormInputError(
+                f"instance_norm's {name} has shape {tuple(t.shape)} but the input has "
+                f"{channels} channels on axis 1"
+            )
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise NormInputError(
+            "instance_norm with use_input_stats=False needs running_mean and running_var"
+        )
+    spatial = 1
+    for s in input.shape[2:]:
+        spatial *= s
+    if use_input_stats and spatial <= 1:
+        raise NormInputError(
+            f"instance norm normalizes each sample and channel over its spatial axes, so it needs "
+            f"more than one spatial element; got input shape {tuple(input.shape)}. For (N, C) "
+            "features use LayerNorm or BatchNorm1d."
+        )
+    name = backends.resolve(
+        backend, device_type=input.device.type, dtype_name=_dtype_name(input),
+        norm="instance_norm",
+    )  # fmt: skip
+    if name == "torch":
+        return torch.nn.functional.instance_norm(
+            input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+        )
+    from batchnorm.primitives import (
+        accumulation_dtype,
+        invstd,
+        normalize,
+        normalize_over,
+        update_running_statistics,
+        variance,
+    )
+
+    shape = (1, channels) + (1,) * (input.dim() - 2)
+    w = None if weight is None else weight.reshape(shape)
+    b = None if bias is None else bias.reshape(shape)
+    if not use_input_stats:
+        assert running_mean is not None and running_var is not None
+        acc = accumulation_dtype(input.dtype)
+        mean = running_mean.to(acc).reshape(shape)
+        return normalize(input, mean, invstd(running_var.to(acc).reshape(shape), eps), w, b)
+    y, stats = normalize_over(input, tuple(range(2, input.dim())), eps, w, b)
+    if running_mean is not None and running_var is not None:
+        # As torch: the batch average of the per-instance means and unbiased variances.
+        update_running_statistics(
+            running_mean,
+            running_var,
+            stats.mean.mean(0),
+            variance(stats, unbiased=True).mean(0),
+            momentum,
+        )
+    return y

@@ -9,10 +9,25 @@ Example:
     'batchnorm.nn.batchnorm'
 """
 
-from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
 from batchnorm.nn.convert import convert
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "convert",
+]
 
 # Variants beyond one device and one batch, on the shared primitives (torch operations).
 from batchnorm.nn.frozen import FrozenBatchNorm  # noqa: E402
@@ -23,6 +38,9 @@ from batchnorm.nn.norms import (  # noqa: E402
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    LazyInstanceNorm1d,
+    LazyInstanceNorm2d,
+    LazyInstanceNorm3d,
 )
 from batchnorm.nn.registry import available_norms, create_norm, register_norm  # noqa: E402
 from batchnorm.nn.renorm import BatchRenorm  # noqa: E402
@@ -41,6 +59,9 @@ __all__ += [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
     "SyncBatchNorm",
     "available_norms",
     "convert_sync_batchnorm",

@@ -47,7 +47,16 @@ _TORCH_HAS_BIAS_ARG = (
     "bias" in inspect.signature(torch.nn.modules.batchnorm._NormBase.__init__).parameters
 )
 
-__all__ = ["BackendChoice", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormMixin"]
+__all__ = [
+    "BackendChoice",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormMixin",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
 
 
 _NN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -144,15 +153,16 @@ class BackendChoice:
         self.backend = backend
         self.last_backend = None
 
-    def _native(self) -> bool:
-        """True to run PyTorch's kernel, False for :func:`normalize_over`."""
-        name = backends.requested_backend(self.backend)
-        if name == "triton":
-            backends._warn_once(
-                f"{type(self).__name__}: the Triton kernels do not cover this norm yet; "
-                "using 'torch' (PyTorch's native kernel)"
-            )
-        self.last_backend = "explicit" if name == "explicit" else "torch"
+    def _native(self, input: torch.Tensor) -> bool:
+        """True to run PyTorch's kernel, False for :func:`normalize_over` (one dispatch:
+        :func:`batchnorm.backends.resolve`)."""
+        name = backends.resolve(
+            self.backend,
+            device_type=input.device.type,
+            dtype_name=str(input.dtype).replace("torch.", ""),
+            norm=type(self).__name__,
+        )
+        self.last_backend = name
         return name != "explicit"
 
     def extra_repr(self) -> str:
@@ -317,3 +327,61 @@ class BatchNorm3d(BatchNormMixin, torch.nn.BatchNorm3d):
 
     _accepted_dims = (5,)
     _dims_text = "a 5-D (N, C, D, H, W) input"
+
+
+class _LazyBatchNormMixin:
+    """Torch's lazy batch norm (``num_features`` from the first input), becoming this package's
+    class when it is materialized; ``backend`` and ``nonfinite`` as the layers take them."""
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        backend: str | None = None,
+        nonfinite: str = "propagate",
+    ) -> None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        check_momentum(momentum, stacklevel=3)
+        kwargs = {"bias": bias} if _TORCH_HAS_BIAS_ARG else {}
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **kwargs)  # type: ignore[call-arg]
+        if backend is not None:
+            backends.requested_backend(backend)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.last_backend: str | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # torch's lazy pre-hook turned this module into cls_to_become before forward runs.
+        forward = type(self).forward
+        if forward is _LazyBatchNormMixin.forward:
+            raise RuntimeError(
+                f"{type(self).__name__} has not inferred num_features yet; call it on an input"
+            )
+        return forward(self, input)
+
+
+class LazyBatchNorm1d(_LazyBatchNormMixin, torch.nn.LazyBatchNorm1d):
+    """Drop-in ``torch.nn.LazyBatchNorm1d``: becomes :class:`BatchNorm1d` at the first input."""
+
+    cls_to_become = BatchNorm1d  # type: ignore[assignment]
+
+
+class LazyBatchNorm2d(_LazyBatchNormMixin, torch.nn.LazyBatchNorm2d):
+    """Drop-in ``torch.nn.LazyBatchNorm2d``: becomes :class:`BatchNorm2d` at the first input."""
+
+    cls_to_become = BatchNorm2d  # type: ignore[assignment]
+
+
+class LazyBatchNorm3d(_LazyBatchNormMixin, torch.nn.LazyBatchNorm3d):
+    """Drop-in ``torch.nn.LazyBatchNorm3d``: becomes :class:`BatchNorm3d` at the first input."""
+
+    cls_to_become = BatchNorm3d  # type: ignore[assignment]

@@ -123,7 +123,7 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
                     "output constant. Use a virtual_batch_size that divides the batch size, a "
                     "larger one, or drop the last incomplete batch of the loader (drop_last=True)."
                 )
-        if self._native():
+        if self._native(input):
             return self._ghost_batches_native(input, size)
         dims = (1, *range(3, ndim + 1))  # the samples of a ghost batch and the spatial axes
         outputs: list[torch.Tensor] = []

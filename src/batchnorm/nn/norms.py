@@ -24,27 +24,53 @@ implementation as for batch norm (argument, :func:`batchnorm.backends.use_backen
   runs ``"torch"``.
 
 ``layer.last_backend`` tells which ran. Both are twice differentiable (gradient penalties).
+Each module checks its arguments when built (``eps`` and ``momentum`` NaN, ``num_groups <= 0``
+are refused before they can poison the state) and is bookkeeping around one call of
+:func:`batchnorm.functional.layer_norm`, ``group_norm`` or ``instance_norm``.
+``LazyInstanceNorm1d/2d/3d`` infer ``num_features`` from the first input, as torch's do.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from batchnorm.nn.batchnorm import BackendChoice
-from batchnorm.primitives import (
-    accumulation_dtype,
-    invstd,
-    normalize,
-    normalize_over,
-    update_running_statistics,
-    variance,
+from batchnorm import backends
+from batchnorm.errors import NormInputError, NotATensorError
+from batchnorm.functional import (
+    check_eps,
+    check_momentum,
+    check_num_groups,
+    group_norm,
+    instance_norm,
+    layer_norm,
 )
+from batchnorm.nn.batchnorm import BackendChoice
 
-__all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm"]
+__all__ = [
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
+]
+
+
+def _bias_kwarg(cls: type, bias: bool) -> dict[str, bool]:
+    """``{"bias": bias}`` where torch's constructor takes the keyword-only ``bias=`` (2.12+)."""
+    if "bias" in inspect.signature(cls.__init__).parameters:
+        return {"bias": bias}
+    if not bias:
+        raise TypeError(
+            f"this PyTorch ({torch.__version__}) has no bias= argument for {cls.__name__}; "
+            "upgrade PyTorch, or set layer.bias = None after building it"
+        )
+    return {}
 
 
 class LayerNorm(BackendChoice, torch.nn.LayerNorm):
@@ -53,7 +79,8 @@ class LayerNorm(BackendChoice, torch.nn.LayerNorm):
     ``y = gamma * (x - mu) / sqrt(var + eps) + beta`` with ``mu``, ``var`` (biased) over the
     trailing axes; ``gamma``, ``beta`` of shape ``normalized_shape``.
 
-    Args: as ``torch.nn.LayerNorm``. Runs on torch operations (``kernel = "torch"``).
+    Args: as ``torch.nn.LayerNorm``, plus keyword-only ``backend``. Runs on torch operations
+    (``kernel = "torch"``): PyTorch's kernel or the primitives, no Triton kernel yet.
 
     Shape:
         - Input: (*, *normalized_shape). Output: same.
@@ -77,24 +104,25 @@ class LayerNorm(BackendChoice, torch.nn.LayerNorm):
         *,
         backend: str | None = None,
     ) -> None:
+        check_eps(eps, allow_negative=True)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self._set_backend(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"LayerNorm expects a tensor, got {type(input).__name__}")
+            raise NotATensorError(f"LayerNorm expects a tensor, got {type(input).__name__}")
         if input.dim() < k or tuple(input.shape[input.dim() - k :]) != tuple(self.normalized_shape):
-            raise ValueError(
+            raise NormInputError(
                 f"LayerNorm{tuple(self.normalized_shape)} normalizes the last {k} axis(es), which "
                 f"must have shape {tuple(self.normalized_shape)}, but the input has shape "
                 f"{tuple(input.shape)}; build it with normalized_shape={tuple(input.shape[-k:])} "
                 "or move the normalized axes to the end"
             )
-        if self._native():
-            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-        dims = tuple(range(input.dim() - k, input.dim()))
-        y, _ = normalize_over(input, dims, self.eps, self.weight, self.bias)
+        y = layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend
+        )
+        self.last_backend = backends.last_backend()
         return y
 
 
@@ -104,7 +132,8 @@ class GroupNorm(BackendChoice, torch.nn.GroupNorm):
     The (N, C, *) input is viewed as (N, G, C/G, S) with S the spatial size; each (n, g) is
     normalized over its ``C/G * S`` values; then ``gamma``, ``beta`` per channel.
 
-    Args: as ``torch.nn.GroupNorm``. Runs on torch operations (``kernel = "torch"``).
+    Args: as ``torch.nn.GroupNorm`` (including the keyword-only ``bias``), plus keyword-only
+    ``backend``. Runs on torch operations (``kernel = "torch"``).
 
     Shape:
         - Input: (N, C, *). Output: same.
@@ -126,34 +155,36 @@ class GroupNorm(BackendChoice, torch.nn.GroupNorm):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         backend: str | None = None,
     ) -> None:
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        check_num_groups(num_groups, num_channels if isinstance(num_channels, int) else None)
+        check_eps(eps, allow_negative=True)
+        super().__init__(
+            num_groups, num_channels, eps, affine, device, dtype,
+            **_bias_kwarg(torch.nn.GroupNorm, bias),
+        )  # fmt: skip
         self._set_backend(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"GroupNorm expects a tensor, got {type(input).__name__}")
+            raise NotATensorError(f"GroupNorm expects a tensor, got {type(input).__name__}")
         if input.dim() < 2 or input.shape[1] != self.num_channels:
-            raise ValueError(
+            raise NormInputError(
                 f"GroupNorm({self.num_groups}, {self.num_channels}) expects an (N, "
                 f"{self.num_channels}, *) input, got shape {tuple(input.shape)}; the channel axis "
                 "must be axis 1 and hold num_channels values"
             )
-        if self._native():
-            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-        n, c, groups = input.shape[0], input.shape[1], self.num_groups
-        spatial = math.prod(input.shape[2:])
-        grouped = input.reshape(n, groups, c // groups, spatial)  # (N, G, C/G, S)
-        shape = (1, groups, c // groups, 1)  # gamma, beta per channel on that view
-        weight = None if self.weight is None else self.weight.reshape(shape)
-        bias = None if self.bias is None else self.bias.reshape(shape)
-        y, _ = normalize_over(grouped, (2, 3), self.eps, weight, bias)
-        return y.reshape(input.shape)
+        y = group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend
+        )
+        self.last_backend = backends.last_backend()
+        return y
 
 
 class _InstanceNormMixin(BackendChoice):
-    """The instance-norm computation on the primitives; torch's class does the input checks."""
+    """Instance norm through :func:`batchnorm.functional.instance_norm`; torch's class does the
+    input checks."""
 
     def __init__(
         self,
@@ -165,60 +196,50 @@ class _InstanceNormMixin(BackendChoice):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         backend: str | None = None,
     ) -> None:
+        check_eps(eps, allow_negative=True)
+        check_momentum(momentum, stacklevel=4)
+        torch_class = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
         super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype
-        )
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            **_bias_kwarg(torch_class, bias),
+        )  # fmt: skip
         self._set_backend(backend)
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
         module: torch.nn.modules.instancenorm._InstanceNorm = self  # type: ignore[assignment]
-        ndim, channels = input.dim(), input.shape[1]
         use_input_stats = module.training or not module.track_running_stats
-        if use_input_stats and math.prod(input.shape[2:]) <= 1:
-            raise ValueError(
-                f"{type(self).__name__} normalizes each sample and channel over its spatial axes, "
-                f"so it needs more than one spatial element; got input shape "
-                f"{tuple(input.shape)}. For (N, C) features use LayerNorm or BatchNorm1d."
-            )
-        if self._native():
-            return super()._apply_instance_norm(input)  # type: ignore[misc]
-        shape = (1, channels) + (1,) * (ndim - 2)
-        weight = None if module.weight is None else module.weight.reshape(shape)
-        bias = None if module.bias is None else module.bias.reshape(shape)
-        if not use_input_stats:
-            assert module.running_mean is not None and module.running_var is not None
-            acc = accumulation_dtype(input.dtype)
-            mean = module.running_mean.to(acc).reshape(shape)
-            inv_std = invstd(module.running_var.to(acc).reshape(shape), module.eps)
-            return normalize(input, mean, inv_std, weight, bias)
-        y, stats = normalize_over(input, tuple(range(2, ndim)), module.eps, weight, bias)
-        if module.training and module.track_running_stats and module.running_mean is not None:
-            assert module.running_var is not None
-            # As torch: the batch average of the per-instance means and unbiased variances.
-            momentum = module.momentum if module.momentum is not None else 0.0
-            update_running_statistics(
-                module.running_mean,
-                module.running_var,
-                stats.mean.mean(0),
-                variance(stats, unbiased=True).mean(0),
-                momentum,
-            )
+        momentum = module.momentum if module.momentum is not None else 0.1  # as torch
+        y = instance_norm(
+            input,
+            module.running_mean,
+            module.running_var,
+            module.weight,
+            module.bias,
+            use_input_stats,
+            momentum,
+            module.eps,
+            backend=self.backend,
+        )
+        self.last_backend = backends.last_backend()
         return y
 
 
 class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):
     """Drop-in ``torch.nn.InstanceNorm1d``: input (N, C, L) or (C, L).
 
-    Per sample and channel over L. Args: as torch. Runs on torch operations.
+    Per sample and channel over L. Args: as torch (including the keyword-only ``bias``), plus
+    keyword-only ``backend``.
     """
 
 
 class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
     """Drop-in ``torch.nn.InstanceNorm2d``: input (N, C, H, W) or (C, H, W).
 
-    Per sample and channel over (H, W). Args: as torch. Runs on torch operations.
+    Per sample and channel over (H, W). Args: as torch, plus keyword-only ``backend``. Runs on
+    torch operations.
 
     Example:
         >>> import torch
@@ -231,5 +252,58 @@ class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
 class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
     """Drop-in ``torch.nn.InstanceNorm3d``: input (N, C, D, H, W) or (C, D, H, W).
 
-    Per sample and channel over (D, H, W). Args: as torch. Runs on torch operations.
+    Per sample and channel over (D, H, W). Args: as torch, plus keyword-only ``backend``.
     """
+
+
+class _LazyInstanceNormMixin:
+    """Torch's lazy instance norm, becoming this package's class at the first input."""
+
+    cls_to_become: type
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        check_eps(eps, allow_negative=True)
+        check_momentum(momentum, stacklevel=3)
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)  # type: ignore[call-arg]
+        if backend is not None:
+            backends.requested_backend(backend)
+        self.backend = backend
+        self.last_backend: str | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # The lazy pre-hook has already turned this module into cls_to_become: run its forward.
+        forward = type(self).forward
+        if forward is _LazyInstanceNormMixin.forward:
+            raise RuntimeError(
+                f"{type(self).__name__} has not inferred num_features yet; call it on an input"
+            )
+        return forward(self, input)
+
+
+class LazyInstanceNorm1d(_LazyInstanceNormMixin, torch.nn.LazyInstanceNorm1d):
+    """Drop-in ``torch.nn.LazyInstanceNorm1d``: becomes :class:`InstanceNorm1d`."""
+
+    cls_to_become = InstanceNorm1d  # type: ignore[assignment]
+
+
+class LazyInstanceNorm2d(_LazyInstanceNormMixin, torch.nn.LazyInstanceNorm2d):
+    """Drop-in ``torch.nn.LazyInstanceNorm2d``: becomes :class:`InstanceNorm2d`."""
+
+    cls_to_become = InstanceNorm2d  # type: ignore[assignment]
+
+
+class LazyInstanceNorm3d(_LazyInstanceNormMixin, torch.nn.LazyInstanceNorm3d):
+    """Drop-in ``torch.nn.LazyInstanceNorm3d``: becomes :class:`InstanceNorm3d`."""
+
+    cls_to_become = InstanceNorm3d  # type: ignore[assignment]

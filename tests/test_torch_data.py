@@ -1,0 +1,159 @@
+"""PyTorch's own test data, run against the drop-ins: every ``module_db`` sample and error input
+of the modules we mirror, and every OpInfo sample and error input of the functionals.
+
+Where torch runs, ours must give the same numbers bit for bit (float64, the default backend);
+where torch raises, ours must raise an instance of the same exception class. The one documented
+superset: batch norm with ``eps=0`` in training runs (on the ``explicit`` backend) where torch
+refuses it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("expecttest")  # torch's internal test helpers import it
+
+from torch.testing._internal import common_methods_invocations as cmi  # noqa: E402
+from torch.testing._internal import common_modules as cm  # noqa: E402
+
+import batchnorm.functional as bf  # noqa: E402
+import batchnorm.nn as bnn  # noqa: E402
+
+MIRRORED = {
+    name: getattr(bnn, name)
+    for name in (
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
+        "InstanceNorm2d", "InstanceNorm3d", "LayerNorm",
+    )
+}  # fmt: skip
+MODULES = [info for info in cm.module_db if info.module_cls.__name__ in MIRRORED]
+FUNCTIONALS = {
+    "nn.functional.batch_norm": bf.batch_norm,
+    "nn.functional.layer_norm": bf.layer_norm,
+    "nn.functional.group_norm": bf.group_norm,
+    "nn.functional.instance_norm": bf.instance_norm,
+}
+OPS = [op for op in cmi.op_db if op.name in FUNCTIONALS and op.variant_test_name == ""]
+
+
+def _run(fn):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(), None
+    except Exception as error:  # noqa: BLE001 - the exception is the result compared
+        return None, error
+
+
+def _same(ours, theirs) -> None:
+    if isinstance(theirs, torch.Tensor):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+def _is_documented_superset(error: Exception | None, kwargs: dict) -> bool:
+    return error is not None and "eps must be positive" in str(error) and kwargs.get("eps") == 0
+
+
+def test_the_catalogues_cover_every_mirrored_module_and_functional() -> None:
+    assert {info.module_cls.__name__ for info in MODULES} == set(MIRRORED)
+    assert {op.name for op in OPS} == set(FUNCTIONALS)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("info", MODULES, ids=lambda info: info.module_cls.__name__)
+def test_module_db_samples(info, training: bool) -> None:
+    ours_cls = MIRRORED[info.module_cls.__name__]
+    samples = info.module_inputs_func(
+        info, device="cpu", dtype=torch.float64, requires_grad=True, training=training
+    )
+    ran = 0
+    for sample in samples:
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        f_args, f_kwargs = sample.forward_input.args, sample.forward_input.kwargs
+        results = []
+        for cls in (info.module_cls, ours_cls):
+            torch.manual_seed(0)
+            module, error = _run(lambda cls=cls: cls(*args, **kwargs).double().train(training))
+            assert error is None, f"{cls.__name__}{args}{kwargs}: {error!r}"
+            inputs = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t
+                      for t in f_args]  # fmt: skip
+            out, error = _run(lambda m=module, i=inputs: m(*i, **f_kwargs))
+            grads = None
+            if out is not None and out.requires_grad and out.numel() > 0:
+                torch.manual_seed(1)
+                dy = torch.randn_like(out)
+                leaves = [t for t in (*inputs, *module.parameters()) if t.requires_grad]
+                grads = torch.autograd.grad(out, leaves, dy, allow_unused=True)
+            results.append((module, out, error, grads))
+        (theirs, y_t, err_t, g_t), (ours, y_o, err_o, g_o) = results
+        where = f"{ours_cls.__name__}{args}{kwargs} on {[getattr(t, 'shape', t) for t in f_args]}"
+        if err_t is not None:
+            assert err_o is not None, f"{where}: torch raised {err_t!r}, ours ran"
+            assert isinstance(err_o, type(err_t)), f"{where}: {err_o!r} is no {type(err_t)}"
+            continue
+        assert err_o is None, f"{where}: ours raised {err_o!r}"
+        ran += 1
+        _same(y_o, y_t)
+        for a, b in zip(g_o or (), g_t or ()):
+            if b is not None:
+                _same(a, b)
+        for key, value in theirs.state_dict().items():
+            _same(ours.state_dict()[key], value)
+    assert ran > 0
+
+
+@pytest.mark.parametrize(
+    "info",
+    [info for info in MODULES if info.module_error_inputs_func is not None],
+    ids=lambda info: info.module_cls.__name__,
+)
+def test_module_db_error_inputs(info) -> None:
+    ours_cls = MIRRORED[info.module_cls.__name__]
+    for error_input in info.module_error_inputs_func(
+        info, device="cpu", dtype=torch.float32, requires_grad=False, training=True
+    ):
+        sample = error_input.module_error_input
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        out, error = _run(
+            lambda: ours_cls(*args, **kwargs)(
+                *sample.forward_input.args, **sample.forward_input.kwargs
+            )
+        )
+        if error is None and kwargs.get("eps") == 0:
+            continue  # the documented superset: eps=0 in training (explicit backend)
+        assert isinstance(error, error_input.error_type), (
+            f"{ours_cls.__name__}{args}{kwargs}: torch raises {error_input.error_type.__name__} "
+            f"({error_input.error_regex}); ours gave {error!r}"
+        )
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
+def test_opinfo_samples(op) -> None:
+    ours = FUNCTIONALS[op.name]
+    count = 0
+    for sample in op.sample_inputs("cpu", torch.float64, requires_grad=False):
+        count += 1
+        theirs_out, theirs_err = _run(lambda: op.op(sample.input, *sample.args, **sample.kwargs))
+        # Fresh running statistics for ours: torch's call updated the sample's in place.
+        sample2 = sample.transform(lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
+        ours_out, ours_err = _run(lambda: ours(sample2.input, *sample2.args, **sample2.kwargs))
+        if theirs_err is not None:
+            assert isinstance(ours_err, type(theirs_err)), (op.name, sample, ours_err)
+            continue
+        assert ours_err is None, (op.name, sample, ours_err)
+        _same(ours_out, theirs_out)
+    assert count > 0
+
+
+@pytest.mark.parametrize(
+    "op", [op for op in OPS if op.error_inputs_func is not None], ids=lambda op: op.name
+)
+def test_opinfo_error_inputs(op) -> None:
+    ours = FUNCTIONALS[op.name]
+    for error_input in op.error_inputs("cpu"):
+        s = error_input.sample_input
+        _, error = _run(lambda: ours(s.input, *s.args, **s.kwargs))
+        assert isinstance(error, error_input.error_type), (op.name, error_input.error_regex, error)
