@@ -69,3 +69,8 @@ __all__ += [
     "register_norm",
     "revert_sync_batchnorm",
 ]
+
+# torch.ao.quantization.fuse_modules finds fusers by exact class: teach it ours.
+from batchnorm.nn.fusion import register_fusion_patterns  # noqa: E402
+
+register_fusion_patterns()

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.errors import NormDtypeError
 from batchnorm.nn.batchnorm import check_channels, init_batch_norm_state
+from batchnorm.nn.surgery import mark_fx_leaf
 from batchnorm.primitives import accumulation_dtype, invstd, normalize, update_running_statistics
 
 __all__ = ["BatchStatisticsVariant", "read_buffer"]
@@ -78,6 +79,7 @@ class BatchStatisticsVariant(_BatchNorm):
             self, BatchStatisticsVariant, num_features, eps, momentum, affine,
             track_running_stats, device, dtype, bias,
         )  # fmt: skip
+        mark_fx_leaf(self)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_channels(self, input, any_rank=True)

@@ -40,6 +40,7 @@ import torch
 from batchnorm import backends
 from batchnorm.errors import NormInputError, NotATensorError
 from batchnorm.functional import NONFINITE_POLICIES, batch_norm_with_status, check_momentum
+from batchnorm.nn.surgery import mark_fx_leaf
 from batchnorm.primitives import update_running_statistics
 
 # torch >= 2.12 takes a keyword-only bias= (affine scale without a shift); older ones do not.
@@ -152,6 +153,7 @@ class BackendChoice:
             backends.requested_backend(backend)  # validates the name now, not at first forward
         self.backend = backend
         self.last_backend = None
+        mark_fx_leaf(self)
 
     def _native(self, input: torch.Tensor) -> bool:
         """True to run PyTorch's kernel, False for :func:`normalize_over` (one dispatch:
@@ -204,6 +206,7 @@ class BatchNormMixin:
         self.backend = backend
         self.nonfinite = nonfinite
         self.last_backend: str | None = None
+        mark_fx_leaf(self)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
@@ -229,6 +232,12 @@ class BatchNormMixin:
         return "Batch norm needs a batch axis 0 and a channel axis 1."
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript compiles only this branch (torch.nn's own forward, as its layers do).
+            return self._torchscript_forward(input)
+        if torch.jit.is_tracing():
+            # A traced graph holds torch's standard op, as torch.nn's layers give.
+            return self._torchscript_forward(input)
         self._check_input_dim(input)
         track = self.training and self.track_running_stats
         keep_stats = not self.training or self.track_running_stats
@@ -288,6 +297,32 @@ class BatchNormMixin:
             elif updated:
                 self.num_batches_tracked.add_(1)
         return y
+
+    def _torchscript_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """torch.nn's ``_BatchNorm.forward`` (scriptable): used by TorchScript and jit.trace."""
+        exponential_average_factor = 0.0
+        if self.momentum is not None:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return torch.nn.functional.batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+        )
 
     def extra_repr(self) -> str:
         text = super().extra_repr()  # type: ignore[misc]
@@ -358,6 +393,7 @@ class _LazyBatchNormMixin:
         self.backend = backend
         self.nonfinite = nonfinite
         self.last_backend: str | None = None
+        mark_fx_leaf(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # torch's lazy pre-hook turned this module into cls_to_become before forward runs.

@@ -2,8 +2,9 @@
 
 ``convert(model)`` replaces every ``torch.nn.BatchNorm1d/2d/3d`` with the matching
 :mod:`batchnorm.nn` class, carrying parameters, buffers (the very same tensors), hyper-parameters,
-train/eval mode, ``requires_grad`` flags and forward hooks; ``convert(model, to="torch")`` is the
-inverse. Outputs and gradients are unchanged, because the math and the state are.
+train/eval mode, ``requires_grad`` flags, every kind of hook and any instance attribute
+(:func:`batchnorm.nn.surgery.rebuild_as`); ``convert(model, to="torch")`` is the inverse. Outputs
+and gradients are unchanged, because the math and the state are.
 
 Subclasses of torch's batch norm written by users (a layer with a fused activation, say) are left
 as they are, with a warning naming them: swapping their class would silently drop their behaviour.
@@ -15,7 +16,10 @@ import warnings
 
 import torch
 
+from batchnorm import backends
+from batchnorm.functional import NONFINITE_POLICIES
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn.surgery import OWN_ATTRIBUTES, mark_fx_leaf, rebuild_as, replace_modules
 
 _TORCH_TO_OURS: dict[type, type] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
@@ -48,6 +52,8 @@ def convert(
         raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     mapping = _TORCH_TO_OURS if to == "batchnorm" else _OURS_TO_TORCH
     skipped: list[str] = []
 
@@ -61,13 +67,7 @@ def convert(
             return module
         return _rebuild(module, target, backend, nonfinite)
 
-    root = swap("", model)
-    for parent_name, parent in list(root.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            new = swap(full, child)
-            if new is not child:
-                setattr(parent, child_name, new)
+    root = replace_modules(model, swap)
     if skipped:
         warnings.warn(
             "convert left these batch-norm subclasses unchanged, since swapping their class would "
@@ -81,26 +81,13 @@ def convert(
 def _rebuild(
     module: torch.nn.Module, target: type, backend: str | None, nonfinite: str
 ) -> torch.nn.Module:
-    kwargs = {"backend": backend, "nonfinite": nonfinite} if target in _OURS_TO_TORCH else {}
-    ref = module.running_mean if module.running_mean is not None else module.weight
-    new = target(
-        module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
-        device=ref.device if ref is not None else None,
-        dtype=ref.dtype if ref is not None else None,
-        **kwargs,
-    )
-    # Share the very same parameter and buffer objects: optimizers holding them keep working.
-    if module.affine:
-        new.weight = module.weight
-        new.bias = module.bias  # may be None: torch's affine=True, bias=False
-    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, buffer, getattr(module, buffer))
-    new.train(module.training)
-    new._forward_hooks.update(module._forward_hooks)
-    new._forward_pre_hooks.update(module._forward_pre_hooks)
-    new._backward_hooks.update(module._backward_hooks)
+    if target in _OURS_TO_TORCH:  # torch's class -> ours
+        if backend is not None:
+            backends.requested_backend(backend)
+        new = rebuild_as(module, target, backend=backend, nonfinite=nonfinite, last_backend=None)
+        mark_fx_leaf(new)
+        return new
+    new = rebuild_as(module, target)
+    for name in OWN_ATTRIBUTES:
+        new.__dict__.pop(name, None)
     return new

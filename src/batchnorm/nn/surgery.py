@@ -1,0 +1,91 @@
+"""Model surgery: the one tree walk and the one rebuild behind every conversion.
+
+``convert`` (torch's classes <-> ours), ``convert_sync_batchnorm`` and its inverse, and the frozen
+conversion all replace layers of a model. They share two mechanisms, so that a converted model
+behaves exactly as the original under every tool that walks it:
+
+- :func:`replace_modules`: visit the root and every descendant once, replacing where a rule says
+  so (the root too, which is then returned).
+- :func:`rebuild_as`: a layer of another class carrying *everything* the original had: the very
+  same parameter and buffer tensors (optimizers holding them keep working), non-persistent
+  buffers, every kind of hook (forward and pre-forward, with or without kwargs, always-called,
+  backward, state-dict and load-state-dict hooks: the hook dictionaries are shared, so the
+  handles a user holds still remove them), the training flag, and any attribute a user or
+  library set on the instance.
+
+:func:`mark_fx_leaf` makes ``torch.fx`` treat a layer as it treats torch's own: an opaque
+``call_module`` node (``symbolic_trace``, torchvision's ``create_feature_extractor``, FX fusion,
+``prepare_fx``), instead of tracing into its Python forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["mark_fx_leaf", "rebuild_as", "replace_modules"]
+
+# torch.fx's default Tracer.is_leaf_module keeps a module opaque when ``m.__module__`` starts with
+# "torch.nn". Our layers' classes live in this package, so each instance says where the behaviour
+# it mirrors lives; the class itself (pickling, isinstance, repr) is untouched.
+_FX_LEAF_MODULE = "torch.nn.modules.batchnorm"
+
+# Attributes the project's layers add to an instance, dropped when converting back to torch's.
+OWN_ATTRIBUTES = ("backend", "nonfinite", "last_backend", "last_sync", "__module__")
+
+
+def mark_fx_leaf(module: torch.nn.Module) -> None:
+    """Make ``torch.fx`` trace ``module`` as one ``call_module`` node, as it does torch's norms."""
+    module.__dict__["__module__"] = _FX_LEAF_MODULE
+
+
+def rebuild_as(module: torch.nn.Module, target: type, **attributes: Any) -> torch.nn.Module:
+    """An instance of ``target`` carrying ``module``'s whole state (see the module docstring).
+
+    Args:
+        module: The layer to rebuild.
+        target: The new class (it must keep the same parameter and buffer names).
+        attributes: Set on the new instance afterwards (e.g. ``backend``, ``process_group``).
+
+    Returns:
+        The new layer; ``module`` itself is left as it was.
+    """
+    new = target.__new__(target)
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = state[key].copy()
+    if "_non_persistent_buffers_set" in state:
+        state["_non_persistent_buffers_set"] = set(state["_non_persistent_buffers_set"])
+    new.__dict__.update(state)
+    for name, value in attributes.items():
+        setattr(new, name, value)
+    return new
+
+
+def replace_modules(
+    model: torch.nn.Module, swap: Callable[[str, torch.nn.Module], torch.nn.Module]
+) -> torch.nn.Module:
+    """Apply ``swap(qualified_name, module)`` to the root and every descendant, once each.
+
+    ``swap`` returns the module itself to keep it, or a replacement; a replacement's children are
+    not visited again. Returns the (possibly replaced) root.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    root = swap("", model)
+    if root is not model:
+        return root
+
+    def visit(prefix: str, parent: torch.nn.Module) -> None:
+        for child_name, child in list(parent.named_children()):
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            new = swap(full, child)
+            if new is not child:
+                setattr(parent, child_name, new)
+            else:
+                visit(full, child)
+
+    visit("", root)
+    return root

@@ -1,0 +1,201 @@
+"""Tools that walk a model work on a converted model exactly as on the original: torch.fx,
+torch.ao fusion, TorchScript (script and trace), every kind of hook, lazy modules."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import batchnorm.nn as bnn
+
+
+def _model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5),
+        torch.nn.BatchNorm1d(5),
+    )
+    with torch.no_grad():
+        for bn in (model[1], model[5]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _pair(training: bool):
+    original = _model().train(training)
+    converted = bnn.convert(_model()).train(training)
+    assert isinstance(converted[1], bnn.BatchNorm2d)
+    return original, converted
+
+
+X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_gives_the_original_graph(training: bool) -> None:
+    original, converted = _pair(training)
+    g_orig = torch.fx.symbolic_trace(original)
+    g_conv = torch.fx.symbolic_trace(converted)
+    nodes = lambda g: [(n.op, str(n.target)) for n in g.graph.nodes]  # noqa: E731
+    assert nodes(g_conv) == nodes(g_orig)
+    assert [n.op for n in g_conv.graph.nodes].count("call_module") == 6
+    torch.testing.assert_close(g_conv(X), g_orig(X), rtol=0, atol=0)
+    # the traced module holds our layers, still ours
+    assert isinstance(g_conv.get_submodule("1"), bnn.BatchNorm2d)
+
+
+def test_fx_trace_of_every_variant_keeps_it_one_node() -> None:
+    layers = [
+        bnn.GhostBatchNorm(4, 2), bnn.BatchRenorm(4), bnn.FrozenBatchNorm(4), bnn.GroupNorm(2, 4),
+        bnn.InstanceNorm2d(4), bnn.LayerNorm([4, 6, 6]), bnn.SyncBatchNorm(4),
+    ]  # fmt: skip
+    for layer in layers:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), layer)
+        traced = torch.fx.symbolic_trace(model)
+        assert [n.op for n in traced.graph.nodes] == [
+            "placeholder", "call_module", "call_module", "output",
+        ], type(layer).__name__  # fmt: skip
+        torch.testing.assert_close(traced.eval()(X), model.eval()(X))
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["eval", "qat"])
+def test_torch_ao_fuse_modules(qat: bool) -> None:
+    fuse = torch.ao.quantization.fuse_modules_qat if qat else torch.ao.quantization.fuse_modules
+    original, converted = _pair(training=qat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fused_orig = fuse(original, [["0", "1", "2"], ["4", "5"]])
+        fused_conv = fuse(converted, [["0", "1", "2"], ["4", "5"]])
+    assert [type(m) for m in fused_conv] == [type(m) for m in fused_orig]
+    torch.testing.assert_close(fused_conv(X), fused_orig(X), rtol=0, atol=0)
+
+
+def test_quantize_fx_prepare_and_convert_run() -> None:
+    from torch.ao.quantization import get_default_qconfig_mapping, quantize_fx
+
+    original, converted = _pair(training=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = [quantize_fx.prepare_fx(m, get_default_qconfig_mapping(), (X,))
+                    for m in (original, converted)]  # fmt: skip
+        for p in prepared:
+            p(X)
+        quantized = [quantize_fx.convert_fx(p) for p in prepared]
+    reference = _model().eval()(X)
+    for q in quantized:
+        assert (q(X) - reference).abs().max() < 0.2  # 8-bit quantization error
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript(how: str, training: bool) -> None:
+    original, converted = _pair(training)
+    if how == "script":
+        compiled, reference = torch.jit.script(converted), torch.jit.script(original)
+    else:  # tracing runs the model (several times, to check the trace): trace both alike
+        compiled, reference = torch.jit.trace(converted, X), torch.jit.trace(original, X)
+    torch.testing.assert_close(compiled(X), reference(X), rtol=0, atol=0)
+    torch.testing.assert_close(
+        compiled.state_dict(), reference.state_dict(), rtol=0, atol=0
+    )  # the running statistics moved alike
+
+
+def test_convert_keeps_every_kind_of_hook_and_their_handles() -> None:
+    model = _model()
+    calls: list[str] = []
+    bn = model[1]
+    handles = [
+        bn.register_forward_pre_hook(lambda m, a, kw: calls.append("pre-kw"), with_kwargs=True),
+        bn.register_forward_hook(lambda m, a, kw, out: calls.append("fwd-kw"), with_kwargs=True),
+        bn.register_forward_hook(lambda m, a, out: calls.append("always"), always_call=True),
+        bn.register_full_backward_hook(lambda m, gi, go: calls.append("bwd")),
+        bn.register_state_dict_post_hook(lambda m, sd, prefix, local: calls.append("sd")),
+        bn.register_load_state_dict_post_hook(lambda m, keys: calls.append("load")),
+    ]
+    converted = bnn.convert(model)
+    assert isinstance(converted[1], bnn.BatchNorm2d)
+    converted(X.requires_grad_()).sum().backward()
+    converted.load_state_dict(converted.state_dict())
+    assert calls == ["pre-kw", "fwd-kw", "always", "bwd", "sd", "load"]
+    for handle in handles:  # the handles a user holds still remove the hooks
+        handle.remove()
+    calls.clear()
+    converted(X).sum().backward()
+    converted.load_state_dict(converted.state_dict())
+    assert calls == []
+    back = bnn.convert(converted, to="torch")
+    assert type(back[1]) is torch.nn.BatchNorm2d and "backend" not in back[1].__dict__
+
+
+def test_convert_carries_instance_attributes_and_flags() -> None:
+    model = _model().eval()
+    model[1].custom_tag = "kept"
+    model[1].weight.requires_grad_(False)
+    converted = bnn.convert(model)
+    assert converted[1].custom_tag == "kept" and not converted[1].training
+    assert converted[1].weight is model[1].weight and not converted[1].weight.requires_grad
+
+
+@pytest.mark.parametrize("name", ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+                                  "LazyInstanceNorm1d", "LazyInstanceNorm2d",
+                                  "LazyInstanceNorm3d"])  # fmt: skip
+def test_lazy_modules_become_ours_and_match_torch(name: str) -> None:
+    dims = 3 if name.endswith("1d") else int(name[-2]) + 2
+    x = torch.randn(*([4, 3] + [5] * (dims - 2)))
+    ours, theirs = getattr(bnn, name)(), getattr(torch.nn, name)()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    assert type(ours).__module__.startswith("batchnorm.nn") and ours.num_features == 3
+    assert ours.last_backend == "torch"
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+
+
+def test_group_and_instance_norm_take_torchs_bias_argument() -> None:
+    gn, tgn = bnn.GroupNorm(2, 4, bias=False), torch.nn.GroupNorm(2, 4, bias=False)
+    inorm = bnn.InstanceNorm2d(4, affine=True, bias=False)
+    assert gn.bias is None and inorm.bias is None and repr(gn) == repr(tgn)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(gn(x), tgn(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "build,error",
+    [
+        (lambda: bnn.GroupNorm(0, 4), ZeroDivisionError),
+        (lambda: bnn.GroupNorm(-1, 4), RuntimeError),
+        (lambda: bnn.GroupNorm(3, 4), ValueError),
+        (lambda: bnn.LayerNorm(4, eps=float("nan")), ValueError),
+        (lambda: bnn.InstanceNorm2d(4, momentum=float("nan")), ValueError),
+        (lambda: bnn.InstanceNorm2d(4, eps=float("nan")), ValueError),
+    ],
+)
+def test_norm_arguments_that_would_poison_the_state_are_refused(build, error) -> None:
+    with pytest.raises(error):
+        build()
+
+
+def test_errors_are_instances_of_torchs_classes() -> None:
+    cases = [
+        (lambda m: m(torch.randn(4, 5)), bnn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)),
+        (lambda m: m(torch.ones(4, 3, dtype=torch.int64)), bnn.BatchNorm1d(3),
+         torch.nn.BatchNorm1d(3)),
+        (lambda m: m([1.0, 2.0]), bnn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)),
+        (lambda m: m(torch.randn(4, 3)), bnn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)),
+        (lambda m: m(torch.randn(1, 3)), bnn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)),
+        (lambda m: m(torch.randn(2, 5)), bnn.LayerNorm(4), torch.nn.LayerNorm(4)),
+        (lambda m: m(torch.randn(2, 6)), bnn.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4)),
+    ]  # fmt: skip
+    for call, ours, theirs in cases:
+        with pytest.raises(Exception) as torch_error:
+            call(theirs)
+        with pytest.raises(Exception) as our_error:
+            call(ours)
+        assert isinstance(our_error.value, type(torch_error.value)), (our_error, torch_error)
