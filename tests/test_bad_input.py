@@ -414,3 +414,30 @@ def test_eps_zero_in_training_runs_on_the_explicit_backend():
     bn.eval()
     bn(x)  # eval with eps=0 and positive running_var is fine on the native kernel
     assert bn.last_backend == "torch"
+
+
+def test_nonfinite_raise_catches_statistics_that_overflow_from_finite_inputs():
+    bn = BatchNorm1d(3, nonfinite="raise")
+    before = _snapshot(bn)
+    x = torch.randn(8, 3) * 1e19  # finite, but x^2 overflows float32
+    assert torch.isfinite(x).all()
+    with pytest.raises(FloatingPointError, match="overflow"):
+        bn(x)
+    _assert_unchanged(bn, before)
+
+
+@pytest.mark.parametrize("name", ["GhostBatchNorm", "BatchRenorm"])
+def test_momentum_one_keeps_exactly_the_last_batch_statistics(name):
+    import batchnorm.nn
+
+    kwargs = {"virtual_batch_size": 8} if name == "GhostBatchNorm" else {}
+    layer = getattr(batchnorm.nn, name)(3, momentum=1.0, **kwargs)
+    native = torch.nn.BatchNorm1d(3, momentum=1.0)
+    with torch.no_grad():
+        layer.running_mean.fill_(1e8)  # large against the batch: r + (new - r) cancels to 0
+        native.running_mean.fill_(1e8)
+    x = torch.randn(8, 3) * 0.5 + 0.25
+    layer(x), native(x)
+    torch.testing.assert_close(layer.running_mean, native.running_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.running_var, native.running_var, rtol=1e-5, atol=0)
+    assert layer.running_mean.abs().min() > 0

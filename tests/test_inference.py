@@ -735,3 +735,44 @@ def test_fold_inplace_and_pairs():
         fold(bigger, pairs=[("0", "1")])
     with pytest.raises(ValueError, match="ReLU, not a Linear"):
         fold_into(nn.ReLU(), nn.BatchNorm1d(3))
+
+
+# --- non-finite batches ----------------------------------------------------------------------
+
+
+def _nan_batches():
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 3, 4, 4) for _ in range(4)]
+    batches[1][0, 0, 0, 0] = float("nan")
+    return batches
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+def test_recalibrate_never_writes_nan_and_leaves_the_bad_batch_out(nonfinite):
+    from batchnorm.inference import recalibrate
+    from batchnorm.nn import BatchNorm2d
+
+    batches = _nan_batches()
+    layer = torch.nn.Sequential(BatchNorm2d(3, nonfinite=nonfinite))
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        report = recalibrate(layer, batches, progress=False)
+    assert (
+        torch.isfinite(layer[0].running_mean).all() and torch.isfinite(layer[0].running_var).all()
+    )
+    clean = torch.nn.Sequential(BatchNorm2d(3))
+    recalibrate(clean, [b for i, b in enumerate(batches) if i != 1], progress=False)
+    torch.testing.assert_close(layer[0].running_mean, clean[0].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(layer[0].running_var, clean[0].running_var, rtol=0, atol=0)
+    assert [i for i, _, _ in report.nonfinite_batches] == [1] and report.num_batches == 3
+
+
+def test_recalibrate_raises_for_a_layer_that_says_raise_and_changes_nothing():
+    from batchnorm.inference import recalibrate
+    from batchnorm.nn import BatchNorm2d
+
+    layer = torch.nn.Sequential(BatchNorm2d(3, nonfinite="raise"))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="batch #1"):
+        recalibrate(layer, _nan_batches(), progress=False)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key])

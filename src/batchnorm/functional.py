@@ -276,11 +276,19 @@ def batch_norm_with_status(
     if activation is not None:
         impl = _fused_implementation(name, impl, residual, save)
 
-    if updates and nonfinite == "skip":
+    if updates and nonfinite in ("skip", "raise"):
         new_mean, new_var = running_mean.clone(), running_var.clone()
         y = impl(input, new_mean, new_var, weight, bias, True, momentum, eps)
         with torch.no_grad():
             finite = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+            if nonfinite == "raise" and not bool(finite):
+                # Finite inputs whose statistics overflow (|x| ~ 1e19 in float32: x^2 is Inf).
+                raise FloatingPointError(
+                    "batch norm: the batch statistics overflow to Inf/NaN although the input is "
+                    f"finite (largest |x| = {float(input.detach().abs().max()):.3g} in "
+                    f"{input.dtype}); the running statistics were not updated. Scale the input "
+                    "down, compute in float64, or pass nonfinite='skip'."
+                )
             running_mean.copy_(torch.where(finite, new_mean, running_mean))
             running_var.copy_(torch.where(finite, new_var, running_var))
         return y, finite

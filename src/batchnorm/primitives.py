@@ -621,8 +621,10 @@ def update_running_statistics(
     new_var = unbiased_var.reshape(running_var.shape).to(running_var.dtype)
     if isinstance(momentum, torch.Tensor):
         momentum = momentum.to(device=running_mean.device, dtype=running_mean.dtype)
-    updated_mean = running_mean + momentum * (new_mean - running_mean)
-    updated_var = running_var + momentum * (new_var - running_var)
+    # PyTorch's form, (1 - m) * running + m * new: at m = 1 it gives exactly the new value (the
+    # form running + m * (new - running) cancels to 0 when running is large against new).
+    updated_mean = running_mean * (1 - momentum) + new_mean * momentum
+    updated_var = running_var * (1 - momentum) + new_var * momentum
     if mask is not None:
         mask = mask.reshape(-1) if mask.numel() > 1 else mask.reshape(())
         updated_mean = torch.where(mask, updated_mean, running_mean)

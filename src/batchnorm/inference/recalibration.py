@@ -102,6 +102,9 @@ class RecalibrationReport:
         skipped_batches: ``(batch index, layer name, input shape)`` of batches left out because a
             layer saw one value per channel there (training mode cannot normalize them).
         skipped_layers: batch-norm layers left unchanged, with the reason.
+        nonfinite_batches: ``(batch index, layer name, (values per channel, channels))`` of
+            batches left out because their statistics at that layer hold NaN/Inf (a layer with
+            ``nonfinite="raise"`` raises instead); NaN never reaches the running statistics.
     """
 
     layers: dict[str, LayerRecalibration] = field(default_factory=dict)
@@ -109,6 +112,7 @@ class RecalibrationReport:
     num_samples: int | None = None
     skipped_batches: list[tuple[int, str, tuple[int, ...]]] = field(default_factory=list)
     skipped_layers: dict[str, str] = field(default_factory=dict)
+    nonfinite_batches: list[tuple[int, str, tuple[int, ...] | None]] = field(default_factory=list)
 
     @property
     def max_mean_shift(self) -> float:
@@ -168,6 +172,8 @@ class RecalibrationReport:
             lines.append(
                 f"skipped batch #{index}: one value per channel at {name!r}, input {shape}"
             )
+        for index, name, _ in self.nonfinite_batches:
+            lines.append(f"skipped batch #{index}: NaN/Inf statistics at {name!r}")
         return "\n".join(lines)
 
 
@@ -197,6 +203,17 @@ class _Accumulator:
             self.dof += m - 1  # a mini-batch with m = 1 adds to the mean only (var_b = 0)
             self.weighted_mean = self.weighted_mean + m * mean
             self.weighted_var = self.weighted_var + m * var
+
+
+def _nonfinite_layer(
+    current: list[tuple[str, list[tuple[int, torch.Tensor, torch.Tensor]]]],
+) -> tuple[str, tuple[int, ...] | None] | None:
+    """The first layer whose statistics of this batch hold NaN/Inf, with its input's size."""
+    for name, statistics in current:
+        for m, mean, var in statistics:
+            if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                return name, (m, int(mean.numel()))
+    return None
 
 
 def _batch_statistics(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -425,6 +442,7 @@ def recalibrate(
 
         return hook
 
+    by_name = dict(targets)
     handles = []
     bar = None
     used = 0
@@ -479,6 +497,18 @@ def recalibrate(
                 if spoiled:  # also when a user forward swallowed _OneValuePerChannel
                     report.skipped_batches.append((index, *spoiled[0]))
                     continue
+                bad = _nonfinite_layer(current)
+                if bad is not None:
+                    name, counts = bad
+                    if getattr(by_name[name], "nonfinite", "propagate") == "raise":
+                        raise FloatingPointError(
+                            f"recalibrate: batch #{index} gives NaN/Inf statistics at layer "
+                            f"{name!r}, whose nonfinite='raise'; nothing was "
+                            "changed. Remove the batch or find where the values come from"
+                        )
+                    # "skip", and also "propagate": a NaN must never reach population statistics.
+                    report.nonfinite_batches.append((index, name, counts))
+                    continue
                 for name, statistics in current:
                     accumulators[name].add_call(statistics)
                 if num_samples is not None:
@@ -518,7 +548,6 @@ def recalibrate(
             "per channel, so the within-batch variance is undefined; use a larger "
             "virtual_batch_size. Nothing was changed"
         )
-    by_name = dict(targets)
     with torch.no_grad():
         for name, acc in accumulators.items():
             module = by_name[name]
@@ -539,10 +568,30 @@ def recalibrate(
                 new_mean=new_mean,
                 new_var=new_var,
             )
+            if not (torch.isfinite(new_mean).all() and torch.isfinite(new_var).all()):
+                # Finite batches can still overflow when summed: keep the old statistics.
+                del report.layers[name]
+                report.skipped_layers[name] = (
+                    "population statistics overflowed to Inf/NaN; old statistics kept"
+                )
+                warnings.warn(
+                    f"recalibrate: layer {name!r}: the population statistics overflowed "
+                    "(Inf/NaN); its running statistics were left unchanged",
+                    stacklevel=2,
+                )
+                continue
             module.running_mean.copy_(new_mean)
             module.running_var.copy_(new_var)
     report.num_batches = used
     report.num_samples = num_samples
+    if report.nonfinite_batches:
+        index, name, shape = report.nonfinite_batches[0]
+        warnings.warn(
+            f"recalibrate: skipped {len(report.nonfinite_batches)} batch(es) whose statistics "
+            f"hold NaN/Inf (first: batch #{index}, layer {name!r}); they are left out of the "
+            "population statistics",
+            stacklevel=2,
+        )
     if report.skipped_batches:
         index, name, shape = report.skipped_batches[0]
         warnings.warn(
