@@ -199,3 +199,25 @@ def test_errors_are_instances_of_torchs_classes() -> None:
         with pytest.raises(Exception) as our_error:
             call(ours)
         assert isinstance(our_error.value, type(torch_error.value)), (our_error, torch_error)
+
+
+def test_torch_compile_compiles_a_converted_model_as_often_as_the_original() -> None:
+    """No guard on per-thread or cache state: the same number of graphs, also in a new thread."""
+    import threading
+
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    counts = []
+    for model in _pair(training=True):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(model, backend=counter)
+        compiled(X)
+        compiled(X)
+        thread = threading.Thread(target=compiled, args=(X,))
+        thread.start()
+        thread.join()
+        counts.append(counter.frame_count)
+    torch._dynamo.reset()
+    assert counts[1] == counts[0] == 1

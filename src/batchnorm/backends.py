@@ -34,7 +34,20 @@ from collections.abc import Iterator
 BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton")
 ENV_VAR = "BATCHNORM_BACKEND"
 
-_local = threading.local()
+
+class _ThreadState(threading.local):
+    """Per-thread state: the :func:`use_backend` stack and the last backend that ran.
+
+    Class-level defaults (not attributes created on first use): a new thread sees the same
+    values as the first one did, so ``torch.compile``'s guards on them hold in every thread and
+    a compiled model is not compiled again there.
+    """
+
+    stack: tuple[str, ...] = ()
+    last: str | None = None
+
+
+_local = _ThreadState()
 _warned: set[str] = set()
 
 
@@ -48,28 +61,22 @@ def _check_name(name: str, where: str) -> str:
     return key
 
 
-def _stack() -> list[str]:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
-
-
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Within the block, batch norm calls without an explicit ``backend=`` use ``name``."""
-    stack = _stack()
-    stack.append(_check_name(name, "use_backend()"))
+    previous = _local.stack
+    _local.stack = (*previous, _check_name(name, "use_backend()"))
     try:
         yield
     finally:
-        stack.pop()
+        _local.stack = previous
 
 
 def requested_backend(backend: str | None = None) -> str:
     """The backend asked for, before checking that it can run the input."""
     if backend is not None:
         return _check_name(backend, "the backend= argument")
-    stack = _stack()
+    stack = _local.stack
     if stack:
         return stack[-1]
     env = os.environ.get(ENV_VAR)
@@ -165,8 +172,12 @@ def _exporting() -> bool:
 
 
 def _auto_choice(device_type: str, dtype_name: str, interpret: str) -> str:
-    # Cached in a plain dict (torch.compile traces it); TRITON_INTERPRET is part of the key
-    # because triton_status depends on it.
+    # Decided without the cache where the answer is fixed (not CUDA, or a dtype the kernels do
+    # not take): a compiled graph then guards on no cache entry, and is not compiled again when
+    # the cache fills. Cached in a plain dict otherwise (torch.compile traces it); TRITON_INTERPRET
+    # is part of the key because triton_status depends on it.
+    if device_type != "cuda" or dtype_name not in ("float32", "float16", "bfloat16"):
+        return "torch"
     key = (device_type, dtype_name, interpret)
     if key not in _auto_cache:
         supported = dtype_name in ("float32", "float16", "bfloat16")
@@ -177,7 +188,7 @@ def _auto_choice(device_type: str, dtype_name: str, interpret: str) -> str:
 
 def last_backend() -> str | None:
     """The backend that ran the most recent batch norm call in this thread (None before any)."""
-    return getattr(_local, "last", None)
+    return _local.last
 
 
 def _warn_once(message: str) -> None:
