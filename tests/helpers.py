@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # Tolerances by dtype: (rtol, atol) for forward outputs and for gradients. Gradients get more
 # room: dx is a difference of three terms of similar size.
@@ -115,3 +116,24 @@ def make_input(case: Case, seed: int = 0) -> np.ndarray:
     c = case.shape[1]
     offsets = np.linspace(-0.5, 0.5, c).reshape((1, c) + (1,) * (len(case.shape) - 2))
     return x + offsets * case.std
+
+
+class NormActStandIn(torch.nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: batch norm written out with F.batch_norm, then drop, act."""
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.drop = torch.nn.Identity()
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        x = torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or self.running_mean is None, factor, self.eps,
+        )  # fmt: skip
+        return self.act(self.drop(x))

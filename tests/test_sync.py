@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 import batchnorm.nn as bnn
 from batchnorm.nn.sync import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
-from tests.helpers import assert_close, tolerance
+from tests.helpers import NormActStandIn, assert_close, tolerance
 
 WORLD = 3
 DEADLINE_S = 180.0
@@ -49,6 +49,14 @@ SCENARIOS: dict[str, dict] = {
         "layer": {"momentum": 0.3},
         "subgroup": True,
         "subclass": True,
+    },
+    # A batch norm whose own forward calls F.batch_norm, then drop and act (timm's BatchNormAct2d
+    # pattern): swapping its class cannot reach the statistics; conversion must rebuild it.
+    "norm-act-direct-forward": {
+        "sizes": (3, 0, 2),
+        "tail": (3, 4, 4),
+        "layer": {"momentum": 0.2},
+        "norm_act": True,
     },
     "ddp-empty": {"sizes": (3, 0, 4), "tail": (2, 3), "layer": {"momentum": 0.1}, "ddp": True},
     # A NaN on one process at step 1: with nonfinite="skip" no process updates its statistics.
@@ -122,8 +130,9 @@ def _count_collectives(counts: dict[str, int]) -> None:
 def _run_scenario(name: str, rank: int, group, counts: dict[str, int]) -> dict:
     spec = SCENARIOS[name]
     channels = spec["tail"][0]
-    if spec.get("subclass"):
-        model = torch.nn.Sequential(_init(BatchNormReLU1d(channels, **spec["layer"]).double()))
+    if spec.get("subclass") or spec.get("norm_act"):
+        cls = NormActStandIn if spec.get("norm_act") else BatchNormReLU1d
+        model = torch.nn.Sequential(_init(cls(channels, **spec["layer"]).double()))
         model = convert_sync_batchnorm(model, process_group=group)
         layer = model[0]
     else:
@@ -163,7 +172,7 @@ def _run_scenario(name: str, rank: int, group, counts: dict[str, int]) -> dict:
     out["eval_y"] = model(_eval_input(name)).detach()
     out["eval_calls"] = sum(counts.get(k, 0) - before.get(k, 0) for k in counts)
     out["eval_last_sync"] = layer.last_sync
-    if spec.get("subclass"):
+    if spec.get("subclass") or spec.get("norm_act"):
         reverted = revert_sync_batchnorm(model)
         out["reverted_class"] = type(reverted[0]).__name__
         out["reverted_same_object"] = reverted[0] is layer
@@ -231,7 +240,7 @@ def _reference(name: str) -> dict:
     channels, ndim = spec["tail"][0], 1 + len(spec["tail"])
     cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[ndim]
     bn = _init(cls(channels, **spec["layer"]).double())
-    act = torch.relu if spec.get("subclass") else (lambda t: t)
+    act = torch.relu if spec.get("subclass") or spec.get("norm_act") else (lambda t: t)
     steps = []
     for step in range(STEPS):
         x, dy = _data(name, step)
@@ -316,6 +325,14 @@ def test_nonfinite_skip_leaves_every_process_statistics_unchanged(process_result
         for key in ("running_mean", "running_var"):
             expected = getattr(bn, key)
             assert_close(got[key], expected, rtol=1e-12, atol=1e-12, name=f"{key} rank {r}")
+
+
+def test_norm_act_layers_synchronize_and_keep_their_activation(process_results):
+    for r in (0, 1, 2):
+        got = process_results[r]["norm-act-direct-forward"]
+        assert got["class"] == "SyncBatchNormAct"
+        assert all(s["last_sync"] is True for s in got["steps"])
+        assert got["reverted_class"] == "NormActStandIn"
 
 
 def test_conversion_keeps_the_subclass_behaviour_across_processes(process_results):

@@ -30,8 +30,9 @@ __all__ = [
 ]
 
 # Variants beyond one device and one batch, on the shared primitives (torch operations).
-from batchnorm.nn.frozen import FrozenBatchNorm  # noqa: E402
+from batchnorm.nn.frozen import FrozenBatchNorm, FrozenBatchNormAct, unfreeze_batchnorm  # noqa: E402
 from batchnorm.nn.ghost import GhostBatchNorm  # noqa: E402
+from batchnorm.nn.norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d  # noqa: E402
 from batchnorm.nn.norms import (  # noqa: E402
     GroupNorm,
     InstanceNorm1d,
@@ -46,13 +47,18 @@ from batchnorm.nn.registry import available_norms, create_norm, register_norm  #
 from batchnorm.nn.renorm import BatchRenorm  # noqa: E402
 from batchnorm.nn.sync import (  # noqa: E402
     SyncBatchNorm,
+    SyncBatchNormAct,
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
 
 __all__ += [
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchRenorm",
     "FrozenBatchNorm",
+    "FrozenBatchNormAct",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm1d",
@@ -63,11 +69,13 @@ __all__ += [
     "LazyInstanceNorm2d",
     "LazyInstanceNorm3d",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "available_norms",
     "convert_sync_batchnorm",
     "create_norm",
     "register_norm",
     "revert_sync_batchnorm",
+    "unfreeze_batchnorm",
 ]
 
 # torch.ao.quantization.fuse_modules finds fusers by exact class: teach it ours.

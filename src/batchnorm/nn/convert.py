@@ -6,8 +6,11 @@ train/eval mode, ``requires_grad`` flags, every kind of hook and any instance at
 (:func:`batchnorm.nn.surgery.rebuild_as`); ``convert(model, to="torch")`` is the inverse. Outputs
 and gradients are unchanged, because the math and the state are.
 
-Subclasses of torch's batch norm written by users (a layer with a fused activation, say) are left
-as they are, with a warning naming them: swapping their class would silently drop their behaviour.
+A batch norm with its own ``drop`` and ``act`` submodules (timm's ``BatchNormAct2d`` family)
+becomes :class:`batchnorm.nn.norm_act.BatchNormAct2d`, which keeps them
+(:mod:`batchnorm.nn.norm_act`); ``to="torch"`` gives the original class back. Other subclasses of
+torch's batch norm written by users are left as they are, with a warning naming them: swapping
+their class would silently drop their behaviour.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import torch
 
 from batchnorm import backends
 from batchnorm.functional import NONFINITE_POLICIES
-from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormMixin
+from batchnorm.nn.norm_act import NormActTail, is_norm_act, norm_act_class_for
 from batchnorm.nn.surgery import OWN_ATTRIBUTES, mark_fx_leaf, rebuild_as, replace_modules
+from batchnorm.nn.sync import SyncBatchNorm
 
 _TORCH_TO_OURS: dict[type, type] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
@@ -59,6 +64,18 @@ def convert(
 
     def swap(name: str, module: torch.nn.Module) -> torch.nn.Module:
         target = mapping.get(type(module))
+        if target is None and to == "batchnorm" and is_norm_act(module):
+            if isinstance(module, NormActTail):  # already ours
+                return module
+            new = _rebuild(module, norm_act_class_for(module), backend, nonfinite)
+            new.__dict__["_converted_from"] = type(module)
+            return new
+        if target is None and to == "torch" and isinstance(module, NormActTail):
+            original = module.__dict__.get("_converted_from")
+            if original is not None and not isinstance(module, SyncBatchNorm):
+                new = _rebuild(module, original, None, "propagate")
+                new.__dict__.pop("_converted_from", None)
+                return new
         if target is None:
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
                 module, tuple(mapping.values())
@@ -81,7 +98,7 @@ def convert(
 def _rebuild(
     module: torch.nn.Module, target: type, backend: str | None, nonfinite: str
 ) -> torch.nn.Module:
-    if target in _OURS_TO_TORCH:  # torch's class -> ours
+    if issubclass(target, BatchNormMixin):  # torch's class -> ours
         if backend is not None:
             backends.requested_backend(backend)
         new = rebuild_as(module, target, backend=backend, nonfinite=nonfinite, last_backend=None)

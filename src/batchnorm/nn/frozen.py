@@ -19,8 +19,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
+from batchnorm.nn.norm_act import NormActTail, is_norm_act
+from batchnorm.nn.surgery import replace_modules
 
-__all__ = ["FrozenBatchNorm"]
+__all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "unfreeze_batchnorm"]
 
 
 class FrozenBatchNorm(BatchStatisticsVariant):
@@ -134,13 +136,72 @@ class FrozenBatchNorm(BatchStatisticsVariant):
     @classmethod
     def convert_frozen_batchnorm(cls, module: torch.nn.Module) -> torch.nn.Module:
         """Replace every batch-norm layer of ``module`` that has running statistics by a frozen
-        copy (:meth:`from_batchnorm`); returns the model (the copy if ``module`` is one)."""
-        if isinstance(module, _BatchNorm) and not isinstance(module, FrozenBatchNorm):
-            if module.running_mean is not None:
-                return cls.from_batchnorm(module)
-            return module
-        for name, child in list(module.named_children()):
-            new = cls.convert_frozen_batchnorm(child)
-            if new is not child:
-                setattr(module, name, new)
-        return module
+        copy (:meth:`from_batchnorm`); returns the model (the copy if ``module`` is one).
+
+        A norm-act layer (timm's ``BatchNormAct2d`` family: batch norm with ``drop`` and
+        ``act`` submodules) becomes :class:`FrozenBatchNormAct`, which keeps them.
+        :func:`unfreeze_batchnorm` is the inverse.
+        """
+
+        def swap(name: str, m: torch.nn.Module) -> torch.nn.Module:
+            if not isinstance(m, _BatchNorm) or isinstance(m, FrozenBatchNorm):
+                return m
+            if m.running_mean is None:
+                return m
+            if is_norm_act(m):
+                frozen: FrozenBatchNorm = FrozenBatchNormAct.from_batchnorm(m)
+                frozen.drop = m.drop
+                frozen.act = m.act
+            else:
+                frozen = cls.from_batchnorm(m)
+            # What unfreeze_batchnorm needs to rebuild the original layer.
+            frozen._unfrozen_state = (m, m.momentum)  # type: ignore[assignment]
+            return frozen
+
+        return replace_modules(module, swap)
+
+
+class FrozenBatchNormAct(NormActTail, FrozenBatchNorm):
+    """:class:`FrozenBatchNorm`, then the ``drop`` and ``act`` of the norm-act layer it was made
+    from (:meth:`FrozenBatchNorm.convert_frozen_batchnorm`)."""
+
+
+def unfreeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of :meth:`FrozenBatchNorm.convert_frozen_batchnorm`.
+
+    Each frozen layer made by that conversion becomes the layer it was made from again (its
+    class, momentum, activation), now holding the frozen values: ``weight`` and ``bias`` as
+    trainable parameters, the running statistics as buffers. A frozen layer built directly
+    becomes a batch norm for (N, C, *) inputs with momentum 0.1.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        The model (the replacement if ``module`` itself is frozen).
+    """
+    from batchnorm.nn.sync import _BatchNormXd
+
+    def swap(name: str, m: torch.nn.Module) -> torch.nn.Module:
+        if not isinstance(m, FrozenBatchNorm):
+            return m
+        original, momentum = m.__dict__.get("_unfrozen_state", (None, 0.1))
+        if original is None:
+            new: torch.nn.Module = _BatchNormXd(
+                m.num_features, eps=m.eps, momentum=momentum,
+                device=m.running_mean.device, dtype=m.running_mean.dtype,
+            )  # fmt: skip
+        else:
+            new = original
+        with torch.no_grad():
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                target = getattr(new, key)
+                if target is not None:
+                    target.copy_(getattr(m, key))
+            for key in ("weight", "bias"):
+                target = getattr(new, key)
+                if target is not None:
+                    target.copy_(getattr(m, key))
+        return new
+
+    return replace_modules(module, swap)

@@ -48,13 +48,14 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.nn.batchnorm import (
-    _TORCH_HAS_BIAS_ARG,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     BatchNormMixin,
     check_channels,
 )
+from batchnorm.nn.norm_act import NormActTail, is_norm_act
+from batchnorm.nn.surgery import OWN_ATTRIBUTES, mark_fx_leaf, rebuild_as, replace_modules
 from batchnorm.primitives import (
     Moments,
     combine_statistics,
@@ -66,6 +67,7 @@ from batchnorm.primitives import (
 __all__ = [
     "ProcessGroupReducer",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
 ]
@@ -303,43 +305,38 @@ def _sync_class_for(cls: type) -> type | None:
 
 
 def _rebuild(module: _BatchNorm, target: type, **extra: Any) -> _BatchNorm:
-    """A ``target`` layer sharing ``module``'s parameters, buffers, mode and hooks."""
-    ref = module.running_mean if module.running_mean is not None else module.weight
-    kwargs: dict[str, Any] = {
-        "eps": module.eps,
-        "momentum": module.momentum,
-        "affine": module.affine,
-        "track_running_stats": module.track_running_stats,
-        "device": None if ref is None else ref.device,
-        "dtype": None if ref is None else ref.dtype,
-        **extra,
-    }
+    """A ``target`` layer carrying ``module``'s whole state (:func:`rebuild_as`)."""
     if issubclass(target, BatchNormMixin):
-        kwargs["backend"] = getattr(module, "backend", None)
-        kwargs["nonfinite"] = getattr(module, "nonfinite", "propagate")
-    if _TORCH_HAS_BIAS_ARG and module.affine and module.bias is None:
-        kwargs["bias"] = False
-    new = target(module.num_features, **kwargs)
-    if module.affine:
-        new.weight = module.weight
-        new.bias = module.bias
-    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, buffer, getattr(module, buffer))
-    new.train(module.training)
-    new._forward_hooks.update(module._forward_hooks)
-    new._forward_pre_hooks.update(module._forward_pre_hooks)
-    new._backward_hooks.update(module._backward_hooks)
+        attributes: dict[str, Any] = {
+            "backend": getattr(module, "backend", None),
+            "nonfinite": getattr(module, "nonfinite", "propagate"),
+            "last_backend": None,
+            **extra,
+        }
+        if issubclass(target, SyncBatchNorm):
+            attributes.setdefault("last_sync", None)
+        new = rebuild_as(module, target, **attributes)
+        mark_fx_leaf(new)
+        if not issubclass(target, SyncBatchNorm):
+            new.__dict__.pop("process_group", None)
+            new.__dict__.pop("last_sync", None)
+        return new
+    new = rebuild_as(module, target, **extra)
+    for name in OWN_ATTRIBUTES:
+        new.__dict__.pop(name, None)
+    if not issubclass(target, torch.nn.SyncBatchNorm):
+        new.__dict__.pop("process_group", None)
     return new
 
 
 def _swap_modules(model: torch.nn.Module, swap: Any) -> torch.nn.Module:
-    root = swap("", model)
-    for parent_name, parent in list(root.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            new = swap(f"{parent_name}.{child_name}" if parent_name else child_name, child)
-            if new is not child:
-                setattr(parent, child_name, new)
-    return root
+    return replace_modules(model, swap)
+
+
+class SyncBatchNormAct(NormActTail, SyncBatchNorm):
+    """:class:`SyncBatchNorm`, then ``drop`` and ``act``: what :func:`convert_sync_batchnorm`
+    makes of a norm-act layer (timm's ``BatchNormAct2d`` family, :mod:`batchnorm.nn.norm_act`),
+    whose own forward would bypass the synchronized statistics."""
 
 
 def convert_sync_batchnorm(
@@ -385,6 +382,11 @@ def convert_sync_batchnorm(
         if type(m) in _PLAIN_BATCH_NORM:
             new = _rebuild(m, SyncBatchNorm, process_group=process_group)
             new._converted_from = type(m)  # type: ignore[assignment]
+            return new
+        if is_norm_act(m):
+            original = m.__dict__.get("_converted_from", type(m))
+            new = _rebuild(m, SyncBatchNormAct, process_group=process_group)
+            new.__dict__["_converted_from"] = original
             return new
         sync_cls = _sync_class_for(type(m))
         if sync_cls is None:
@@ -438,7 +440,10 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
             return m
         target = m.__dict__.get("_converted_from") or _BatchNormXd
         if issubclass(target, torch.nn.SyncBatchNorm):
-            return _rebuild(m, target, process_group=None)
-        return _rebuild(m, target)
+            new = _rebuild(m, target, process_group=None)
+        else:
+            new = _rebuild(m, target)
+        new.__dict__.pop("_converted_from", None)
+        return new
 
     return _swap_modules(module, swap)

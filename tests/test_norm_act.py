@@ -1,0 +1,71 @@
+"""Norm-act layers (timm's BatchNormAct2d pattern) keep their activation through every
+conversion: to ours and back, frozen and unfrozen (synchronized: tests/test_sync.py)."""
+
+from __future__ import annotations
+
+import torch
+
+import batchnorm.nn as bnn
+from batchnorm.nn.frozen import FrozenBatchNorm
+from tests.helpers import NormActStandIn
+
+
+def _model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), NormActStandIn(4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-1, 1)
+    return model
+
+
+X = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def test_convert_keeps_the_activation_and_converts_back() -> None:
+    original, converted = _model(), bnn.convert(_model())
+    layer = converted[1]
+    assert isinstance(layer, bnn.BatchNormAct2d) and isinstance(layer.act, torch.nn.ReLU)
+    assert isinstance(layer, torch.nn.BatchNorm2d)
+    for mode in (True, False):
+        original.train(mode), converted.train(mode)
+        y_orig, y_conv = original(X), converted(X)
+        assert (y_conv >= 0).all() and (y_conv == 0).any()  # the ReLU runs
+        torch.testing.assert_close(y_conv, y_orig, rtol=0, atol=0)
+    torch.testing.assert_close(converted.state_dict(), original.state_dict(), rtol=0, atol=0)
+    back = bnn.convert(converted, to="torch")
+    assert type(back[1]) is NormActStandIn and back[1].act is layer.act
+
+
+def test_sync_conversion_of_a_norm_act_layer_outside_distributed_training() -> None:
+    original, synced = _model(), bnn.convert_sync_batchnorm(_model())
+    assert type(synced[1]).__name__ == "SyncBatchNormAct"
+    torch.testing.assert_close(synced(X), original(X), rtol=0, atol=0)
+    assert type(bnn.revert_sync_batchnorm(synced)[1]) is NormActStandIn
+
+
+def test_frozen_conversion_keeps_the_activation_and_unfreezes() -> None:
+    original = _model().eval()
+    frozen = FrozenBatchNorm.convert_frozen_batchnorm(_model())
+    assert isinstance(frozen[1], bnn.FrozenBatchNormAct)
+    frozen.train()  # stays frozen
+    expected = original(X)
+    assert (expected == 0).any()
+    torch.testing.assert_close(frozen(X), expected, rtol=1e-6, atol=1e-6)
+    thawed = bnn.unfreeze_batchnorm(frozen)
+    assert type(thawed[1]) is NormActStandIn and thawed[1].momentum == 0.1
+    assert thawed[1].weight.requires_grad
+    torch.testing.assert_close(thawed.eval()(X), expected, rtol=0, atol=0)
+
+
+def test_unfreeze_of_a_directly_built_frozen_layer_gives_trainable_batch_norm() -> None:
+    frozen = FrozenBatchNorm(3)
+    with torch.no_grad():
+        frozen.running_mean.fill_(0.5)
+    thawed = bnn.unfreeze_batchnorm(torch.nn.Sequential(frozen))[0]
+    assert isinstance(thawed, torch.nn.modules.batchnorm._BatchNorm)
+    assert thawed.weight.requires_grad and torch.equal(thawed.running_mean, torch.full((3,), 0.5))
+    x = torch.randn(4, 3, 2)
+    torch.testing.assert_close(thawed.eval()(x), frozen(x), rtol=1e-6, atol=1e-6)
