@@ -776,3 +776,39 @@ def test_recalibrate_raises_for_a_layer_that_says_raise_and_changes_nothing():
         recalibrate(layer, _nan_batches(), progress=False)
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+# --- fold's output check --------------------------------------------------------------------
+
+
+def test_fold_check_accepts_a_folded_output_as_close_to_the_truth_as_the_original():
+    from batchnorm.inference.folding import FoldMismatchError, FoldReport, _compare_outputs
+
+    truth = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+    original = [torch.tensor([1.001, 2.0])]  # the original's own rounding error: 1e-3
+    close = [torch.tensor([0.9995, 2.0])]  # 1.5e-3 from the original, 5e-4 from the truth
+    _compare_outputs(close, original, None, None, FoldReport(), truth)
+    with pytest.raises(FoldMismatchError):  # without the float64 yardstick: a false alarm
+        _compare_outputs(close, original, None, None, FoldReport())
+    far = [torch.tensor([1.01, 2.0])]  # 1e-2 from the truth: ten times the original's error
+    with pytest.raises(FoldMismatchError):
+        _compare_outputs(far, original, None, None, FoldReport(), truth)
+
+
+def test_fold_treats_our_layers_as_torchs_and_says_why_it_refuses():
+    from batchnorm.inference import fold
+    from batchnorm.nn import BatchNorm2d, convert
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ours = convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchNorm2d(4)))
+    for model in (net, ours):
+        folded, report = fold(model, check_input=torch.randn(2, 3, 6, 6), return_report=True)
+        assert [type(m).__name__ for m in folded] == ["Conv2d", "Identity"], report
+
+    class Broken(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            raise RuntimeError("this layer is broken in eval")
+
+    _, report = fold(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), Broken(4)), return_report=True)
+    assert "this layer is broken in eval" in report.not_folded["1"]
