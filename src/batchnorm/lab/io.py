@@ -62,6 +62,8 @@ __all__ = [
     "checksum_path",
     "atomic_write_checked",
     "read_checked",
+    "write_checked_json",
+    "read_checked_json",
     "remove_checked",
     "process_alive",
     "remove_stale_temporaries",
@@ -262,6 +264,25 @@ def read_checked(path: str | os.PathLike[str]) -> bytes:
             "was written)",
         )
     return data
+
+
+def write_checked_json(path: str | os.PathLike[str], value: Any) -> None:
+    """:func:`atomic_write_json`, with the checksum of :func:`atomic_write_checked`."""
+    text = json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
+    atomic_write_checked(path, text.encode("utf-8"))
+
+
+def read_checked_json(path: str | os.PathLike[str]) -> Any:
+    """The value of a file written by :func:`write_checked_json`, verified.
+
+    Raises:
+        CorruptFileError: see :func:`read_checked`, or the bytes are not JSON.
+    """
+    data = read_checked(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise CorruptFileError(path, f"is not valid JSON ({exc})") from None
 
 
 def remove_checked(path: str | os.PathLike[str]) -> bool:
