@@ -252,7 +252,7 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     for name, value in kwargs.items():
         expected = hints[name]
         if expected in (int, float, str, bool) and not _is_a(value, expected):
-            raise ConfigError(f"{name}: {value!r} is not a {expected.__name__}")
+            raise ConfigError(f"{name}: {value!r} is not of type {expected.__name__}")
     return check_config(cls(**kwargs))
 
 
