@@ -36,6 +36,11 @@ from tests.test_lab_experiments import COMMON, SMALL
 
 pytestmark = pytest.mark.usefixtures("lab_quiet")
 
+# A subprocess imports this checkout's package, as the tests do.
+SRC = os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+)
+
 FIG1 = [*COMMON, *SMALL["fig1"], "checkpoint_seconds=0"]
 
 
@@ -287,7 +292,7 @@ def test_a_live_run_refuses_resume_and_sigterm_marks_it_interrupted(
     long_run = [o.replace("steps=90", "steps=1000000") for o in FIG1]
     for override in long_run:
         argv += ["--set", override]
-    env = {**os.environ, "BATCHNORM_PROGRESS": "0", "PYTHONPATH": str(Path("src").resolve())}
+    env = {**os.environ, "BATCHNORM_PROGRESS": "0", "PYTHONPATH": SRC}
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchnorm", *argv],
         env=env,
