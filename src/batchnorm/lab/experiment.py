@@ -17,7 +17,9 @@ writes into it:
                     (of the first invocation; each resumption is listed under ``resumed``)
 ``status.json``     running / complete / interrupted / failed, with times
 ``INCOMPLETE``      present until the run completes: says what happened and how to resume
-``jobs/``           each finished training job's results (JSON), the running job's checkpoint
+``jobs/``           each finished training job's results (JSON), the running job's checkpoint,
+                    each with its SHA-256 in ``<file>.sha256``
+``LOCK``            while a process works in the directory: its process id
 ``metrics.json``    claims, verdicts, numbers, timings and the experiment's own metrics
 ``*.csv``, ``*.png`` curves and figures
 ``report.md``       the Markdown report: verdicts, numbers beside the paper's, protocol, timing

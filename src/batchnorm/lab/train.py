@@ -24,8 +24,9 @@ every experiment:
   parameters are set to zero and its learning rate to 0, so it predicts a constant from then on
   and cannot disturb anything else.
 - Checkpoints: at evaluation steps, at most every ``checkpoint_seconds``, the whole state (weights,
-  buffers, momentum, step, history, random state) is written atomically; :func:`train` with the
-  same checkpoint path continues from it.
+  buffers, momentum, step, history, random state) is written atomically with its SHA-256
+  (:func:`batchnorm.lab.io.atomic_write_checked`); :func:`train` with the same checkpoint path
+  continues from it, and refuses one that fails its checksum.
 """
 
 from __future__ import annotations
