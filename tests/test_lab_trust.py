@@ -284,22 +284,46 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None
         time.sleep(0.2)
 
 
-def test_a_live_run_refuses_resume_and_sigterm_marks_it_interrupted(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    root = tmp_path / "runs"
+def _start_long_run(root: Path) -> subprocess.Popen:
+    """``batchnorm lab run fig1`` with a million steps, in a process of its own."""
     argv = ["lab", "run", "fig1", "--quick", "--out", str(root)]
-    long_run = [o.replace("steps=90", "steps=1000000") for o in FIG1]
-    for override in long_run:
-        argv += ["--set", override]
-    env = {**os.environ, "BATCHNORM_PROGRESS": "0", "PYTHONPATH": SRC}
-    proc = subprocess.Popen(
+    for override in FIG1:
+        argv += ["--set", override.replace("steps=90", "steps=1000000")]
+    return subprocess.Popen(
         [sys.executable, "-m", "batchnorm", *argv],
-        env=env,
+        env={**os.environ, "BATCHNORM_PROGRESS": "0", "PYTHONPATH": SRC},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "runs"
+    proc = _start_long_run(root)
+    try:
+        _wait_for(lambda: any(root.glob("*/jobs/fig1.ckpt")), proc)
+        proc.kill()  # SIGKILL: nothing runs, LOCK stays behind
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run_dir,) = root.iterdir()
+    assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == proc.pid
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+    capsys.readouterr()
+    with lock_run_dir(run_dir):
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of process {proc.pid}" in capsys.readouterr().err
+
+
+def test_a_live_run_refuses_resume_and_sigterm_marks_it_interrupted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "runs"
+    proc = _start_long_run(root)
     try:
         _wait_for(lambda: any(root.glob("*/jobs/fig1.ckpt")), proc)  # training
         (run_dir,) = root.iterdir()
