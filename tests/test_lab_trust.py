@@ -156,6 +156,11 @@ def test_a_damaged_checkpoint_is_refused_and_the_job_can_be_restarted(
     if damage == "two flipped bytes":
         assert main(["lab", "run", "fig1", "--resume", str(run_dir), "--restart-job", "nope"]) == 2
         assert "no such job" in _error_line(capsys.readouterr().err)
+        for bad in ("../config", ".fig1"):
+            argv = ["lab", "run", "fig1", "--resume", str(run_dir), "--restart-job", bad]
+            assert main(argv) == 2
+            assert "a job is named by its file in jobs/" in _error_line(capsys.readouterr().err)
+        assert (run_dir / "config.json").is_file()
         assert main(["lab", "run", "fig1", "--resume", str(run_dir), "--restart-job", "fig1"]) == 0
         assert "fig1: removed its results and checkpoint" in capsys.readouterr().err
         # Trained again from the start: the numbers of an uninterrupted run.

@@ -604,6 +604,8 @@ def _job_name(path: Path) -> str:
 
 
 def _damaged(exc: CorruptFileError, experiment: Experiment, run_dir: Path) -> str:
+    if exc.path.parent.resolve() != (run_dir / "jobs").resolve():
+        return f"{exc}; delete it (it is rebuilt) and resume with --resume {run_dir}"
     job = _job_name(exc.path)
     command = (
         f"batchnorm lab run {experiment.name} --resume {shlex.quote(str(run_dir))} "
@@ -616,9 +618,15 @@ def _restart_jobs(run_dir: Path, names: Sequence[str]) -> None:
     """Delete the named jobs' results and checkpoints, so that they run again from the start."""
     jobs = run_dir / "jobs"
     for name in names:
+        if not name or "/" in name or os.sep in name or name.startswith("."):
+            raise ConfigError(f"--restart-job {name!r}: a job is named by its file in jobs/")
         files = [jobs / f"{name}.json", jobs / f"{name}.ckpt"]
         if not any(f.exists() or Path(str(f) + CHECKSUM_SUFFIX).exists() for f in files):
-            known = sorted({_job_name(f) for f in jobs.iterdir()}) if jobs.is_dir() else []
+            known = (
+                sorted({_job_name(f) for f in jobs.iterdir() if not f.name.startswith(".")})
+                if jobs.is_dir()
+                else []
+            )
             raise ConfigError(
                 f"--restart-job {name}: no such job in {jobs} "
                 f"(jobs there: {', '.join(known) if known else 'none'})"
