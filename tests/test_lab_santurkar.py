@@ -122,7 +122,7 @@ def test_resumed_run_reuses_finished_jobs(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(KeyboardInterrupt):
         run_experiment(experiment, config, quick=True, out=tmp_path / "runs")
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert (run_dir / MARKER_FILE).is_file() and len(list((run_dir / "jobs").iterdir())) == 1
+    assert (run_dir / MARKER_FILE).is_file() and len(list((run_dir / "jobs").glob("*.json"))) == 1
     monkeypatch.setattr(landscape, "_job", real_job)
     run_experiment(experiment, None, resume=run_dir)
     a = json.loads((run_dir / "metrics.json").read_text())

@@ -18,6 +18,13 @@ from batchnorm import __version__
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
+    from batchnorm import backends
+
+    try:
+        backends.requested_backend()
+    except ValueError as exc:
+        print(f"error: {exc}; or unset {backends.ENV_VAR}", file=sys.stderr)
+        return 2
     print(f"batchnorm {__version__}")
     print(f"python    {platform.python_version()} ({sys.executable})")
     print(f"platform  {platform.platform()}")
@@ -46,8 +53,6 @@ def _cmd_env(args: argparse.Namespace) -> int:
         print(f"cudnn     {torch.backends.cudnn.version()}")
     else:
         print("device    cpu only (no CUDA device)")
-    from batchnorm import backends
-
     print("backends:")
     for name, (ok, reason) in backends.available().items():
         print(f"  {name:<9} {'available' if ok else 'unavailable'}: {reason}")
@@ -70,9 +75,38 @@ def _export_status() -> str:
     return "torch.export, ONNX (" + ", ".join(f"{k} {v}" for k, v in versions.items()) + ")"
 
 
+def _device_problem(device: str) -> str | None:
+    """Why ``batchnorm check`` cannot run on ``device`` here, or None if it can."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"unknown device {device!r}; use cpu or cuda (or cuda:N)"
+    if parsed.type == "meta":
+        return "device 'meta' holds no values, so there is nothing to compare; use cpu or cuda"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"device {device!r} is not available here (no CUDA device); use --device cpu"
+    if parsed.type == "cuda" and parsed.index is not None:
+        count = torch.cuda.device_count()
+        if parsed.index >= count:
+            return f"device {device!r} is not available here ({count} CUDA device(s))"
+    try:
+        torch.zeros(1, device=parsed).cpu()
+    except Exception as exc:  # noqa: BLE001 - any backend's complaint means "not here"
+        text = str(exc).strip() or type(exc).__name__
+        reason = text.splitlines()[0].split(". ")[0][:160]  # torch's messages run on for lines
+        return f"device {device!r} is not available here ({reason}); use --device cpu"
+    return None
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from batchnorm.check import format_table, run_check
 
+    problem = _device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     dtypes = tuple(args.dtype) if args.dtype else ("float64", "float32")
     results = run_check(args.backend or None, dtypes=dtypes, seed=args.seed, device=args.device)
     print(format_table(results))

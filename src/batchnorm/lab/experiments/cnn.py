@@ -43,7 +43,6 @@ interrupted midway restarts from its beginning).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +57,7 @@ from torch import nn
 from batchnorm.lab.config import param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
-from batchnorm.lab.io import atomic_write_json, to_jsonable
+from batchnorm.lab.io import read_checked_json, to_jsonable, write_checked_json
 from batchnorm.lab.progress import bar, log
 
 __all__ = [
@@ -178,12 +177,12 @@ def cached_job(
     path = ctx.run_dir / "jobs" / f"{key}.json"
     if path.is_file():
         log(f"[lab] {key}: already finished, loaded from {path}")
-        return json.loads(path.read_text())
+        return read_checked_json(path)  # refuses a damaged file (CorruptFileError)
     path.parent.mkdir(exist_ok=True)
     result = compute()
     if as_json:
         result = to_jsonable(result)
-    atomic_write_json(path, result)
+    write_checked_json(path, result)
     return result
 
 
@@ -240,10 +239,6 @@ class CNNConfig:
                 f"train_subset ({self.train_subset}) must hold at least one batch "
                 f"({self.batch_size})"
             )
-        if self.test_subset is not None and self.test_subset < 1:
-            raise ValueError(f"test_subset must be positive, got {self.test_subset}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
     def quick(self) -> CNNConfig:
         """The smoke-test sizes: 200 steps, 1 seed, 5,000 training and 1,000 test images."""
@@ -463,10 +458,6 @@ class ConvConfig:
             raise ValueError(f"momentum must be below 1, got {self.momentum}")
         if self.train_subset is not None and self.train_subset < 64:
             raise ValueError(f"train_subset must be at least 64, got {self.train_subset}")
-        if self.test_subset is not None and self.test_subset < 1:
-            raise ValueError(f"test_subset must be positive, got {self.test_subset}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
     def quick(self) -> ConvConfig:
         """The smoke-test sizes: 2,000 training and 2,000 test images, 2 evaluations."""

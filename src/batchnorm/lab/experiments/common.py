@@ -96,12 +96,8 @@ class CommonConfig:
                 f"train_subset ({self.train_subset}) must hold at least one batch "
                 f"({self.batch_size})"
             )
-        if self.test_subset is not None and self.test_subset < 1:
-            raise ValueError(f"test_subset must be positive, got {self.test_subset}")
         if not self.checkpoint_seconds >= 0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
 
 @dataclass(frozen=True)

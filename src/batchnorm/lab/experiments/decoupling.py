@@ -80,8 +80,6 @@ class Config:
             raise ValueError(f"ts_kappa must be >= 1, got {self.ts_kappa}")
         if self.bisection_steps < 0 or len(self.ts_values) < 3 or min(self.ts_values) < 0:
             raise ValueError("bisection_steps must be >= 0 and ts_values list >= 3 values >= 0")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
     def quick(self) -> Config:
         """A smoke test: two condition numbers, fewer iterations, a short MLP run."""

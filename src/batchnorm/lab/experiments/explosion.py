@@ -101,8 +101,6 @@ class Config:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps}")
         if not 0 < self.trainable_acc < 1:
             raise ValueError(f"trainable_acc must lie in (0, 1), got {self.trainable_acc}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
     def quick(self) -> Config:
         """A smoke test: small Monte Carlo, a 2 x 2 grid, 100 steps, one seed."""

@@ -71,8 +71,6 @@ class Config:
             raise ValueError(f"eps_values must list finite numbers >= 0, got {self.eps_values}")
         if 0.0 not in self.eps_values:
             raise ValueError("eps_values must include 0 (the theorems' setting)")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
     def quick(self) -> Config:
         """A smoke test: 40 instances per eps, m up to 16."""
