@@ -374,9 +374,9 @@ def test_falls_back_with_a_group_of_one_process(tmp_path):
 
 def test_drop_in_for_torch_sync_batch_norm():
     ours, theirs = SyncBatchNorm(5, momentum=0.2), torch.nn.SyncBatchNorm(5, momentum=0.2)
-    # A batch norm, but not a torch.nn.SyncBatchNorm, which DDP refuses on CPU modules.
-    assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)
-    assert not isinstance(ours, torch.nn.SyncBatchNorm)
+    # A torch.nn.SyncBatchNorm (isinstance checks of Lightning, timm, torch.ao find it), which
+    # DDP still accepts in CPU modules (the "ddp-empty" scenario runs it over gloo).
+    assert isinstance(ours, torch.nn.SyncBatchNorm)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert repr(ours) == repr(theirs)
     theirs.running_mean.fill_(2.0)
@@ -384,6 +384,18 @@ def test_drop_in_for_torch_sync_batch_norm():
     assert torch.equal(ours.running_mean, theirs.running_mean)
     ours = SyncBatchNorm(5, 1e-3, 0.1, True, True, None, "cpu", torch.float64)  # torch's order
     assert ours.weight.dtype == torch.float64 and ours.eps == 1e-3
+
+
+def test_ddp_still_refuses_torchs_own_sync_batch_norm_on_cpu(tmp_path):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(ValueError, match="only work with GPU modules"):
+            torch.nn.parallel.DistributedDataParallel(torch.nn.SyncBatchNorm(3))
+        torch.nn.parallel.DistributedDataParallel(SyncBatchNorm(3))  # ours: accepted
+    finally:
+        dist.destroy_process_group()
 
 
 def test_convert_and_revert_share_tensors_and_keep_classes():

@@ -177,6 +177,9 @@ class BackendChoice:
 class BatchNormMixin:
     """The forward pass shared by the drop-in classes (torch's ``_BatchNorm.forward`` semantics)."""
 
+    # The class whose __init__ is skipped: torch's _BatchNorm.__init__ runs after it (after
+    # torch.nn.SyncBatchNorm for our SyncBatchNorm, whose own signature differs).
+    _init_after: type = object  # replaced below, once the class exists
     # Set by the concrete classes: the accepted numbers of input dimensions and a description.
     _accepted_dims: tuple[int, ...] = ()
     _dims_text: str = ""
@@ -196,7 +199,7 @@ class BatchNormMixin:
         nonfinite: str = "propagate",
     ) -> None:
         init_batch_norm_state(
-            self, BatchNormMixin, num_features, eps, momentum, affine, track_running_stats,
+            self, self._init_after, num_features, eps, momentum, affine, track_running_stats,
             device, dtype, bias,
         )  # fmt: skip
         if backend is not None:
@@ -331,6 +334,9 @@ class BatchNormMixin:
         if self.nonfinite != "propagate":
             text += f", nonfinite={self.nonfinite!r}"
         return text
+
+
+BatchNormMixin._init_after = BatchNormMixin
 
 
 class BatchNorm1d(BatchNormMixin, torch.nn.BatchNorm1d):

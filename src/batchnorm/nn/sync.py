@@ -1,10 +1,12 @@
 """Synchronized batch norm: statistics over the global batch of a ``torch.distributed`` group.
 
-:class:`SyncBatchNorm` is a drop-in ``torch.nn.SyncBatchNorm``: same constructor, parameters,
-buffers, ``state_dict`` keys and ``repr``, and a ``torch.nn.modules.batchnorm._BatchNorm``. It is
-deliberately *not* a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses
-those on CPU modules ("SyncBatchNorm layers only work with GPU modules", a limit of torch's CUDA
-implementation), while this one runs over gloo on CPU as well as NCCL on GPU.
+:class:`SyncBatchNorm` is a drop-in ``torch.nn.SyncBatchNorm``: a subclass of it (so the
+``isinstance`` checks of Lightning, timm and torch.ao find it), with the same constructor,
+parameters, buffers, ``state_dict`` keys and ``repr``. It runs over gloo on CPU as well as NCCL on
+GPU. DistributedDataParallel refuses ``torch.nn.SyncBatchNorm`` layers in CPU modules ("only work
+with GPU modules", a limit of torch's CUDA-only implementation); importing this module teaches
+DDP that this class is not so limited (:func:`_allow_in_cpu_ddp`), and torch's own layers are
+still refused there.
 
 In training, under an initialized process group with more than one process, it normalizes every
 process's part of the batch with the statistics of the whole (global) batch::
@@ -119,7 +121,7 @@ def _group_world_size(group: Any) -> int:
     return max(size, 0)
 
 
-class SyncBatchNorm(BatchNormMixin, _BatchNorm):
+class SyncBatchNorm(BatchNormMixin, torch.nn.SyncBatchNorm):
     """Drop-in ``torch.nn.SyncBatchNorm``: batch statistics over all processes of a group.
 
     Per channel, over the ``m = sum_p m_p`` values of the global batch (all processes)::
@@ -129,8 +131,8 @@ class SyncBatchNorm(BatchNormMixin, _BatchNorm):
     with ``mu_B``, ``var_B`` merged from per-process statistics (see the module docstring), one
     all-gather in the forward and one all-reduce in the backward. Falls back to plain batch norm
     when not distributed, with one process, or in eval mode; ``last_sync`` tells which ran.
-    A ``_BatchNorm`` with torch's constructor and state, but not a ``torch.nn.SyncBatchNorm``
-    subclass (DistributedDataParallel rejects those on CPU; this one works over gloo).
+    A ``torch.nn.SyncBatchNorm`` subclass with torch's constructor and state; unlike torch's, it
+    also works in CPU modules under DistributedDataParallel (gloo).
 
     Args:
         num_features: C, the channels (axis 1).
@@ -159,6 +161,7 @@ class SyncBatchNorm(BatchNormMixin, _BatchNorm):
     """
 
     kernel = "torch"
+    _init_after = torch.nn.SyncBatchNorm  # run _BatchNorm.__init__, not torch's SyncBatchNorm's
 
     def __init__(
         self,
@@ -447,3 +450,32 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         return new
 
     return _swap_modules(module, swap)
+
+
+def _allow_in_cpu_ddp() -> bool:
+    """Let DistributedDataParallel wrap CPU modules holding this package's SyncBatchNorm.
+
+    DDP refuses any ``torch.nn.SyncBatchNorm`` in a CPU module because torch's implementation is
+    CUDA-only; this one is not. DDP's check is replaced by the same check that skips our class
+    (torch's own layers are still refused on CPU, with torch's message). Returns whether the
+    check was found (a torch without it needs nothing).
+    """
+    ddp = torch.nn.parallel.DistributedDataParallel
+    original = getattr(ddp, "_passing_sync_batchnorm_handle", None)
+    if original is None or getattr(original, "_batchnorm_aware", False):
+        return original is not None
+
+    def _passing_sync_batchnorm_handle(self: Any, module: torch.nn.Module) -> None:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.SyncBatchNorm) and not isinstance(layer, SyncBatchNorm):
+                if self.device_type == "cpu":
+                    self._log_and_throw(
+                        ValueError, "SyncBatchNorm layers only work with GPU modules"
+                    )
+
+    _passing_sync_batchnorm_handle._batchnorm_aware = True  # type: ignore[attr-defined]
+    ddp._passing_sync_batchnorm_handle = _passing_sync_batchnorm_handle
+    return True
+
+
+_allow_in_cpu_ddp()
