@@ -441,3 +441,37 @@ def test_momentum_one_keeps_exactly_the_last_batch_statistics(name):
     torch.testing.assert_close(layer.running_mean, native.running_mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(layer.running_var, native.running_var, rtol=1e-5, atol=0)
     assert layer.running_mean.abs().min() > 0
+
+
+@pytest.mark.parametrize("name", ["GhostBatchNorm", "BatchRenorm"])
+def test_ghost_and_renorm_honour_nonfinite(name):
+    import batchnorm.nn
+
+    kwargs = {"virtual_batch_size": 4} if name == "GhostBatchNorm" else {}
+    poisoned = torch.randn(8, 3)
+    poisoned[0, 1] = float("nan")
+    skip = getattr(batchnorm.nn, name)(3, nonfinite="skip", **kwargs)
+    skip(torch.randn(8, 3))
+    before = _snapshot(skip)
+    skip(poisoned)
+    _assert_unchanged(skip, before)  # statistics and count kept
+    strict = getattr(batchnorm.nn, name)(3, nonfinite="raise", **kwargs)
+    before = _snapshot(strict)
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        strict(poisoned)
+    _assert_unchanged(strict, before)
+    assert "nonfinite='raise'" in repr(strict)
+
+
+@pytest.mark.parametrize("name", ["GhostBatchNorm", "BatchRenorm"])
+def test_ghost_and_renorm_check_momentum_and_eps_when_changed(name):
+    import batchnorm.nn
+
+    layer = getattr(batchnorm.nn, name)(3)
+    layer.momentum = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer(torch.randn(8, 3))
+    layer.momentum, layer.eps = 0.1, float("nan")
+    with pytest.raises(ValueError, match="eps"):
+        layer(torch.randn(8, 3))
+    assert torch.isfinite(layer.running_mean).all()

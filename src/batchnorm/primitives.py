@@ -67,6 +67,7 @@ __all__ = [
     "merge_statistics",
     "normalize",
     "normalize_over",
+    "track_running_statistics",
     "update_running_statistics",
     "variance",
 ]
@@ -631,3 +632,72 @@ def update_running_statistics(
         updated_var = torch.where(mask, updated_var, running_var)
     running_mean.copy_(updated_mean)
     running_var.copy_(updated_var)
+
+
+@torch.no_grad()
+def track_running_statistics(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+    mean: torch.Tensor,
+    unbiased_var: torch.Tensor,
+    momentum: float | None,
+    *,
+    valid: torch.Tensor | None = None,
+    nonfinite: str = "propagate",
+    who: str = "batch norm",
+) -> torch.Tensor | None:
+    """The one running-statistics step of the batch-norm layers: moving averages and count.
+
+    Used by every layer that keeps batch norm's state outside PyTorch's kernel (sync, ghost,
+    renorm): ``momentum`` is PyTorch's (the weight of the new batch; None: the cumulative
+    average, weight ``1/k`` on the k-th counted batch, read from ``num_batches_tracked`` without
+    a host synchronization); ``valid`` masks batches that must not count (e.g. one value per
+    channel); ``nonfinite`` decides what a NaN/Inf in the new statistics does: "propagate"
+    (torch's behaviour), "skip" (the buffers and the count keep their values), or "raise" (a
+    ``FloatingPointError`` before anything changes; one host synchronization).
+
+    Args:
+        running_mean, running_var: (C,) buffers, updated in place.
+        num_batches_tracked: the 0-d count buffer (incremented where the batch counted), or None.
+        mean, unbiased_var: the batch's statistics with C elements.
+        momentum: a float in [0, 1], or None for the cumulative average.
+        valid: optional 0-d bool tensor.
+        nonfinite: "propagate", "skip" or "raise".
+        who: the layer's name, for the error message.
+
+    Returns:
+        The 0-d bool tensor of whether the batch counted, or None (always counted).
+
+    Example:
+        >>> rm, rv, k = torch.zeros(1), torch.ones(1), torch.tensor(0)
+        >>> _ = track_running_statistics(rm, rv, k, torch.tensor([4.0]), torch.tensor([3.0]), None)
+        >>> rm, rv, k  # cumulative average after one batch: that batch's statistics
+        (tensor([4.]), tensor([3.]), tensor(1))
+    """
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError(
+                f"{who}: momentum=None (cumulative average) needs num_batches_tracked; "
+                "build the layer with track_running_stats=True"
+            )
+        factor: float | torch.Tensor = 1.0 / (num_batches_tracked.to(torch.float64) + 1)
+    else:
+        factor = momentum
+    counted = valid
+    if nonfinite != "propagate":
+        finite = torch.isfinite(mean).all() & torch.isfinite(unbiased_var).all()
+        if nonfinite == "raise" and not bool(finite):
+            raise FloatingPointError(
+                f"{who}: the batch statistics hold NaN/Inf (the input does, or its values "
+                "overflow); the running statistics were not updated. Find where they come from, "
+                "or pass nonfinite='skip' to keep training while protecting them."
+            )
+        counted = finite if counted is None else counted & finite
+    update_running_statistics(running_mean, running_var, mean, unbiased_var, factor, mask=counted)
+    if num_batches_tracked is not None:
+        if counted is None:
+            num_batches_tracked.add_(1)
+        else:
+            num_batches_tracked.add_(counted.to(num_batches_tracked.dtype))
+    return counted

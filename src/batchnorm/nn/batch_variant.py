@@ -19,9 +19,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.errors import NormDtypeError
+from batchnorm.functional import NONFINITE_POLICIES, check_momentum
 from batchnorm.nn.batchnorm import check_channels, init_batch_norm_state
 from batchnorm.nn.surgery import mark_fx_leaf
-from batchnorm.primitives import accumulation_dtype, invstd, normalize, update_running_statistics
+from batchnorm.primitives import accumulation_dtype, invstd, normalize, track_running_statistics
 
 __all__ = ["BatchStatisticsVariant", "read_buffer"]
 
@@ -74,12 +75,27 @@ class BatchStatisticsVariant(_BatchNorm):
         dtype: Any = None,
         *,
         bias: bool = True,
+        nonfinite: str = "propagate",
     ) -> None:
         init_batch_norm_state(
             self, BatchStatisticsVariant, num_features, eps, momentum, affine,
             track_running_stats, device, dtype, bias,
         )  # fmt: skip
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         mark_fx_leaf(self)
+
+    def _check_hyperparameters(self) -> None:
+        """``momentum`` and ``eps`` as the constructor checks them, also after a change
+        (``layer.momentum = ...``): NaN or a non-number raises before it can poison the state."""
+        check_momentum(self.momentum, stacklevel=4)
+        if (
+            isinstance(self.eps, bool)
+            or not isinstance(self.eps, (int, float))
+            or not self.eps >= 0
+        ):
+            raise ValueError(f"{type(self).__name__}: eps must be a number >= 0, got {self.eps!r}")
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_channels(self, input, any_rank=True)
@@ -106,22 +122,26 @@ class BatchStatisticsVariant(_BatchNorm):
             self._per_channel(self.bias, shape),
         )
 
-    def _momentum_factor(self) -> float | torch.Tensor:
-        if self.momentum is not None:
-            return self.momentum
-        assert self.num_batches_tracked is not None
-        # Cumulative average: the k-th batch gets weight 1/k (no host synchronization).
-        return 1.0 / (self.num_batches_tracked.to(torch.float64) + 1)
-
     def _track(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """One moving-average step with the given statistics, and count the batch."""
+        """One moving-average step with the given statistics, and count the batch
+        (:func:`batchnorm.primitives.track_running_statistics`, honouring ``nonfinite``)."""
         assert self.running_mean is not None and self.running_var is not None
-        update_running_statistics(
-            self.running_mean, self.running_var, mean, unbiased_var, self._momentum_factor()
+        track_running_statistics(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            mean,
+            unbiased_var,
+            self.momentum,
+            nonfinite=getattr(self, "nonfinite", "propagate"),
+            who=type(self).__name__,
         )
-        if self.num_batches_tracked is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if getattr(self, "nonfinite", "propagate") != "propagate":
+            text += f", nonfinite={self.nonfinite!r}"
+        return text
 
     def _tracking(self) -> bool:
         return self.training and self.track_running_stats and self.running_mean is not None

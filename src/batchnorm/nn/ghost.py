@@ -77,10 +77,12 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
         bias: bool = True,
         virtual_batch_size: int = 128,
         backend: str | None = None,
+        nonfinite: str = "propagate",
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            nonfinite=nonfinite,
+        )  # fmt: skip
         if (
             isinstance(virtual_batch_size, bool)
             or not isinstance(virtual_batch_size, int)
@@ -98,6 +100,7 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        self._check_hyperparameters()
         if not self.training and self.running_mean is not None:
             return self._normalize_with_running_statistics(input)
         n, ndim = input.shape[0], input.dim()

@@ -84,6 +84,7 @@ class BatchRenorm(BatchStatisticsVariant):
         warmup_steps: int = 5000,
         r_max_reached_at: int = 40000,
         d_max_reached_at: int = 25000,
+        nonfinite: str = "propagate",
     ) -> None:
         if not track_running_stats:
             raise ValueError(
@@ -92,8 +93,9 @@ class BatchRenorm(BatchStatisticsVariant):
                 "track_running_stats=False)."
             )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            nonfinite=nonfinite,
+        )  # fmt: skip
         self.r_max = _check_number("r_max", r_max, 1.0)
         self.d_max = _check_number("d_max", d_max, 0.0)
         for name, steps in (
@@ -141,6 +143,7 @@ class BatchRenorm(BatchStatisticsVariant):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        self._check_hyperparameters()
         if not self.training:
             return self._normalize_with_running_statistics(input)
         assert self.running_mean is not None and self.running_var is not None

@@ -62,7 +62,7 @@ from batchnorm.primitives import (
     Moments,
     combine_statistics,
     normalize_over,
-    update_running_statistics,
+    track_running_statistics,
     variance,
 )
 
@@ -227,30 +227,19 @@ class SyncBatchNorm(BatchNormMixin, torch.nn.SyncBatchNorm):
 
     def _update_running_statistics(self, stats: Moments) -> None:
         assert self.running_mean is not None and self.running_var is not None
-        mean, unbiased = stats.mean, variance(stats, unbiased=True)
-        ok = stats.count.reshape(-1)[0] > 1  # the same on every process: no host sync
-        if self.nonfinite != "propagate":
-            finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-            if self.nonfinite == "raise" and not bool(finite):
-                raise FloatingPointError(
-                    f"{type(self).__name__}: the global batch statistics hold NaN/Inf (some "
-                    "process's input does); the running statistics were not updated on any "
-                    "process. Pass nonfinite='skip' to keep training while protecting them."
-                )
-            ok = ok & finite
-        if self.momentum is None:
-            # Cumulative average: the k-th batch gets weight 1/k.
-            momentum: float | torch.Tensor = 1.0 / (
-                self.num_batches_tracked.to(self.running_mean.dtype) + 1
-            )
-        else:
-            momentum = self.momentum
-        update_running_statistics(
-            self.running_mean, self.running_var, mean, unbiased, momentum, mask=ok
+        # A global batch with one value per channel leaves them unchanged: the same on every
+        # process, with no host synchronization (all processes must agree, raising cannot).
+        track_running_statistics(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            stats.mean,
+            variance(stats, unbiased=True),
+            self.momentum,
+            valid=stats.count.reshape(-1)[0] > 1,
+            nonfinite=self.nonfinite,
+            who=f"{type(self).__name__} (global statistics of every process)",
         )
-        if self.num_batches_tracked is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(ok.to(self.num_batches_tracked.dtype))
 
 
 class _BatchNormXd(BatchNormMixin, _BatchNorm):
