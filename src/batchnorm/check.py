@@ -14,22 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchnorm import reference
+from batchnorm.testing import CHECK_CASES, tolerance
 
-# (rtol used as the pass threshold) by dtype, for forward values and gradients.
-THRESHOLDS = {
-    "float64": (1e-9, 1e-7),
-    "float32": (2e-4, 2e-3),
-    "float16": (2e-2, 5e-2),
-    "bfloat16": (5e-2, 1e-1),
-}
 
-# (shape, mean, std): ordinary, awkward and large-mean inputs.
+def _thresholds(dtype_name: str) -> tuple[float, float]:
+    """Pass thresholds (forward values, gradients) of the scaled max error, by dtype
+    (:data:`batchnorm.testing.TOLERANCES`)."""
+    return (
+        tolerance(dtype_name, "scaled_forward")[0],
+        tolerance(dtype_name, "scaled_gradient")[0],
+    )
+
+
+# (shape, mean, std): ordinary, awkward and large-mean inputs (batchnorm.testing.CHECK_CASES).
 CASES: list[tuple[tuple[int, ...], float, float]] = [
-    ((32, 16), 0.0, 1.0),
-    ((7, 5, 9), 0.5, 2.0),
-    ((4, 6, 5, 5), -1.0, 0.5),
-    ((2, 3, 3, 4, 4), 0.0, 1.0),
-    ((16, 4, 8, 8), 1e3, 1.0),
+    (case.shape, case.mean, case.std) for case in CHECK_CASES
 ]
 
 
@@ -117,7 +116,7 @@ def run_check(
                         "running_mean": _rel_err(np64(rm), rm_ref),
                         "running_var": _rel_err(np64(rv), rv_ref),
                     }
-                    fwd_tol, grad_tol = THRESHOLDS[dtype_name]
+                    fwd_tol, grad_tol = _thresholds(dtype_name)
                     passed = all(
                         err <= (grad_tol if k in ("dx", "dgamma", "dbeta") else fwd_tol)
                         for k, err in errors.items()

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.testing import tolerance
+
 __all__ = ["FoldMismatchError", "FoldReport", "FoldedPair", "fold", "fold_into"]
 
 logger = logging.getLogger(__name__)
@@ -45,12 +47,11 @@ _NO_RUNNING_STATISTICS = (
     "in eval mode too, so it is not a fixed affine map and cannot be folded"
 )
 
-# (rtol, atol) of the check_input comparison: |folded - original| <= atol + rtol * max|original|.
+# (rtol, atol) of the check_input comparison: |folded - original| <= atol + rtol * max|original|
+# (the "fold" kind of batchnorm.testing.TOLERANCES).
 _CHECK_TOLERANCE = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-4, 1e-6),
-    torch.float16: (1e-2, 1e-3),
-    torch.bfloat16: (3e-2, 1e-2),
+    dtype: tolerance(str(dtype), "fold")
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 }
 
 
