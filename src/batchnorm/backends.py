@@ -31,6 +31,8 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+from batchnorm.modes import triton_interpreting
+
 BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton")
 ENV_VAR = "BATCHNORM_BACKEND"
 
@@ -148,7 +150,7 @@ def resolve(
                 False,
                 "the Triton kernels handle float32, float16 and bfloat16, not float64",
             )
-        if ok and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if ok and device_type != "cuda" and not triton_interpreting():
             ok, reason = (
                 False,
                 f"the Triton kernels need a CUDA tensor (got a {device_type} tensor)",

@@ -41,10 +41,10 @@ import torch
 
 from batchnorm import backends
 from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
+from batchnorm.modes import FUSED_SAVE_MODES
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
-FUSED_SAVE_MODES = ("output", "mask", "recompute")
 
 __all__ = [
     "batch_norm",

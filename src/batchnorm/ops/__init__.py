@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from batchnorm.modes import FUSED_SAVE_MODES, FusedSave, triton_interpreting
+
 __all__ = [
     "SAVE_MODES",
     "SUPPORTED_DTYPES",
@@ -48,12 +50,11 @@ __all__ = [
 
 MIN_TRITON = (3, 6)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SAVE_MODES = ("output", "mask", "recompute")
-_SAVE_CODES = {"output": 1, "mask": 2, "recompute": 3}
+SAVE_MODES = FUSED_SAVE_MODES
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return triton_interpreting()
 
 
 def triton_status() -> tuple[bool, str]:
@@ -286,9 +287,9 @@ def batch_norm(
 
 
 def _save_code(save: str) -> int:
-    if save not in _SAVE_CODES:
+    if save not in SAVE_MODES:
         raise ValueError(f"save must be one of {SAVE_MODES}, got {save!r}")
-    return _SAVE_CODES[save]
+    return FusedSave(save).code
 
 
 def batch_norm_relu(

@@ -23,9 +23,13 @@ annotations to build the operator schemas.
 
 import torch
 
+from batchnorm import modes as _modes
 from batchnorm.ops import _layout
 
-RELU_NONE, RELU_SAVE_OUTPUT, RELU_SAVE_MASK, RELU_RECOMPUTE = 0, 1, 2, 3
+RELU_NONE = _modes.RELU_NONE
+RELU_SAVE_OUTPUT = _modes.FusedSave.OUTPUT.code
+RELU_SAVE_MASK = _modes.FusedSave.MASK.code
+RELU_RECOMPUTE = _modes.FusedSave.RECOMPUTE.code
 
 
 def _launcher():

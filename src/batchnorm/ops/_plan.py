@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from batchnorm.modes import triton_interpreting
 from batchnorm.ops._layout import View3
 
 INT32_MAX = 2**31 - 1
@@ -117,7 +117,7 @@ def current_overrides() -> dict[str, object]:
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return triton_interpreting()
 
 
 @functools.lru_cache(maxsize=16)

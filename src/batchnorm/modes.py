@@ -1,0 +1,44 @@
+"""Small shared vocabularies: what a fused ReLU's backward keeps, and whether Triton interprets.
+
+Kept in one place (and importing nothing of the package) so that the functional API, the
+backend choice and the Triton launchers cannot drift apart.
+
+Example:
+    >>> FusedSave("mask").code, [mode.value for mode in FusedSave]
+    (2, ['output', 'mask', 'recompute'])
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+__all__ = ["FUSED_SAVE_MODES", "RELU_NONE", "FusedSave", "triton_interpreting"]
+
+
+class FusedSave(str, enum.Enum):
+    """What the backward pass of a fused batch norm + ReLU keeps (the ``save=`` argument).
+
+    - ``OUTPUT``: y itself (the ReLU gate is ``y > 0``);
+    - ``MASK``: one bit per element;
+    - ``RECOMPUTE``: nothing extra: the pre-activation is recomputed from x (and the residual).
+    """
+
+    OUTPUT = "output"
+    MASK = "mask"
+    RECOMPUTE = "recompute"
+
+    @property
+    def code(self) -> int:
+        """The integer the Triton kernels and custom ops take (0 means no ReLU)."""
+        return _CODES[self.value]
+
+
+_CODES = {"output": 1, "mask": 2, "recompute": 3}
+RELU_NONE = 0  # the code of "no ReLU fused"
+FUSED_SAVE_MODES: tuple[str, ...] = tuple(mode.value for mode in FusedSave)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET`` set to 1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
