@@ -142,8 +142,9 @@ def collect_statistics(x: torch.Tensor, dims: int | Sequence[int]) -> Moments:
     ``mu_B = (1/m) sum_i x_i`` and ``M2 = sum_i (x_i - mu_B)^2 = m * var_B``, with ``m`` the
     number of values reduced (Algorithm 1, lines 1-2). Computed with ``torch.var_mean`` (a stable
     single-pass Welford / two-pass reduction: no ``E[x^2] - E[x]^2`` cancellation) in
-    :func:`accumulation_dtype`. An empty reduction (``m = 0``, a process with an empty batch)
-    gives ``count = mean = M2 = 0``, which merges as "no data".
+    :func:`accumulation_dtype`, on the values shifted by one value of each group, so that a large
+    mean (``1e4 + randn``) does not cost digits. An empty reduction (``m = 0``, a process with an
+    empty batch) gives ``count = mean = M2 = 0``, which merges as "no data".
 
     Args:
         x: Floating-point tensor.
@@ -174,9 +175,15 @@ def collect_statistics(x: torch.Tensor, dims: int | Sequence[int]) -> Moments:
     if m == 0:
         zeros = torch.zeros(kept, dtype=acc, device=x.device)
         return Moments(zeros, zeros.clone(), zeros.clone())
-    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0, keepdim=True)
-    count = torch.ones_like(mean) * m  # not float(m): keeps a traced batch size symbolic
-    return Moments(count, mean, var * m)
+    xa = x.to(acc)
+    # Shifted by one value of each group (exact in floating point): the reduction then runs over
+    # deviations of the size of the spread, not of the mean, so 1e4 + randn keeps its digits.
+    shift = xa
+    for d in dims:
+        shift = shift.narrow(d, 0, 1)
+    var, shifted_mean = torch.var_mean(xa - shift, dim=dims, correction=0, keepdim=True)
+    count = torch.ones_like(shifted_mean) * m  # not float(m): keeps a traced batch size symbolic
+    return Moments(count, shifted_mean + shift, var * m)
 
 
 def merge_statistics(a: Moments, b: Moments) -> Moments:

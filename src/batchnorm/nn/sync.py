@@ -34,7 +34,7 @@ that is not a member of the group) and in eval mode, the layer is plain batch no
 ``layer.last_sync`` is True after a synchronized forward and False after a local one.
 
 The synchronized path runs on torch operations through :mod:`batchnorm.primitives` (``kernel =
-"torch"``; ``last_backend == "primitives"``), not the project's Triton kernels.
+"torch"``; ``last_backend == "explicit"``: the primitives), not the project's Triton kernels.
 
 :func:`convert_sync_batchnorm` / :func:`revert_sync_batchnorm` swap the batch-norm layers of a
 whole model, keeping the behaviour of user subclasses (a layer with a fused activation keeps it).
@@ -220,7 +220,7 @@ class SyncBatchNorm(BatchNormMixin, torch.nn.SyncBatchNorm):
         reducer = ProcessGroupReducer(self.process_group)
         y, stats = normalize_over(input, dims, self.eps, weight, bias, reducer=reducer)
         self.last_sync = True
-        self.last_backend = "primitives"
+        self.last_backend = "explicit"  # the primitives: a real backend name
         if self.track_running_stats and self.running_mean is not None:
             self._update_running_statistics(stats)
         return y
