@@ -221,3 +221,23 @@ def test_torch_compile_compiles_a_converted_model_as_often_as_the_original() -> 
         counts.append(counter.frame_count)
     torch._dynamo.reset()
     assert counts[1] == counts[0] == 1
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda: bnn.LayerNorm([4, 5, 5]), lambda: torch.nn.LayerNorm([4, 5, 5])),
+        (lambda: bnn.GroupNorm(2, 4), lambda: torch.nn.GroupNorm(2, 4)),
+        (
+            lambda: bnn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+            lambda: torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        ),
+    ],  # fmt: skip
+    ids=["layer", "group", "instance"],
+)
+def test_torchscript_of_layer_group_and_instance_norm(ours, theirs) -> None:
+    x = torch.randn(4, 4, 5, 5)
+    scripted, reference = torch.jit.script(ours()), torch.jit.script(theirs())
+    for _ in range(2):
+        torch.testing.assert_close(scripted(x), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(scripted.state_dict(), reference.state_dict(), rtol=0, atol=0)

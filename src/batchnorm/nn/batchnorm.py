@@ -145,8 +145,10 @@ class BackendChoice:
     """
 
     kernel = "torch"
-    backend: str | None = None
-    last_backend: str | None = None
+    # Plain class attributes (str or None), unannotated: TorchScript reads class annotations
+    # and cannot parse "str | None".
+    backend = None
+    last_backend = None
 
     def _set_backend(self, backend: str | None) -> None:
         if backend is not None:

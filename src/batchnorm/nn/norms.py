@@ -109,6 +109,10 @@ class LayerNorm(BackendChoice, torch.nn.LayerNorm):
         self._set_backend(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's forward
+            return torch.nn.functional.layer_norm(
+                input, self.normalized_shape, self.weight, self.bias, self.eps
+            )
         k = len(self.normalized_shape)
         if not isinstance(input, torch.Tensor):
             raise NotATensorError(f"LayerNorm expects a tensor, got {type(input).__name__}")
@@ -167,6 +171,10 @@ class GroupNorm(BackendChoice, torch.nn.GroupNorm):
         self._set_backend(backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's forward
+            return torch.nn.functional.group_norm(
+                input, self.num_groups, self.weight, self.bias, self.eps
+            )
         if not isinstance(input, torch.Tensor):
             raise NotATensorError(f"GroupNorm expects a tensor, got {type(input).__name__}")
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -209,6 +217,17 @@ class _InstanceNormMixin(BackendChoice):
         self._set_backend(backend)
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's code
+            return torch.nn.functional.instance_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.training or not self.track_running_stats,
+                self.momentum if self.momentum is not None else 0.0,
+                self.eps,
+            )
         module: torch.nn.modules.instancenorm._InstanceNorm = self  # type: ignore[assignment]
         use_input_stats = module.training or not module.track_running_stats
         momentum = module.momentum if module.momentum is not None else 0.1  # as torch
