@@ -23,7 +23,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "ghost":
         return bnn.GhostBatchNorm(channels, virtual_batch_size=32)
     if kind == "renorm":
-        return bnn.BatchRenorm(channels, warmup_steps=50, r_max_reached_at=200, d_max_reached_at=150)
+        return bnn.BatchRenorm(
+            channels, warmup_steps=50, r_max_reached_at=200, d_max_reached_at=150
+        )
     if kind == "sync":
         return bnn.SyncBatchNorm(channels)  # one process: plain batch norm
     raise AssertionError(kind)
@@ -108,7 +110,8 @@ def _assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after.keys() == before["tensors"].keys()
     for key, value in before["tensors"].items():
         assert torch.equal(after[key], value) or (
-            value.is_floating_point() and torch.equal(after[key].isnan(), value.isnan())
+            value.is_floating_point()
+            and torch.equal(after[key].isnan(), value.isnan())
             and torch.equal(after[key].nan_to_num(), value.nan_to_num())
         ), key
     assert [m.training for m in model.modules()] == before["training"]
