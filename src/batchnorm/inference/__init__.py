@@ -19,10 +19,20 @@ accumulation). See docs/doctor.md.
 """
 
 from batchnorm.inference.accumulate import StatisticsAccumulator, accumulate
+from batchnorm.inference.adapt import AdaBN, Tent, adabn, tent
+from batchnorm.inference.doctor import Diagnosis, Finding, diagnose, fix
 from batchnorm.inference.folding import FoldedPair, FoldMismatchError, FoldReport, fold, fold_into
 from batchnorm.inference.recalibration import LayerRecalibration, RecalibrationReport, recalibrate
 
 __all__ = [
+    "AdaBN",
+    "Diagnosis",
+    "Finding",
+    "Tent",
+    "adabn",
+    "diagnose",
+    "fix",
+    "tent",
     "FoldMismatchError",
     "FoldReport",
     "FoldedPair",
