@@ -169,3 +169,42 @@ def test_bad_input_is_one_line(files, args, message, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("batchnorm doctor: error:") and message in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_the_worked_example_of_the_docs(tmp_path, capsys, monkeypatch):
+    """docs/doctor.md's example: the findings on its page, and --fix clears the stale ones."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "docs" / "doctor_example.py"
+    spec = importlib.util.spec_from_file_location("doctor_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["doctor", "model.pt", "--data", "test.pt", "--json", "--no-progress"]) == 1
+    import json
+
+    found = json.loads(capsys.readouterr().out)
+    above_info = {(f["kind"], f["layer"]) for f in found["findings"] if f["severity"] != "info"}
+    assert {
+        ("stale-statistics", None),
+        ("train-eval-gap", None),
+        ("frozen-but-updating", "1"),
+        ("keras-momentum", "4"),
+    } <= above_info
+    page = (Path(__file__).parents[1] / "docs" / "doctor.md").read_text()
+    for kind, layer in above_info:
+        assert f"[warning] {kind} at {layer or '(model)'}" in page
+    main(["doctor", "model.pt", "--data", "train.pt", "--num-batches", "32", "--fix", "fixed.pt"])
+    capsys.readouterr()
+    main(["doctor", "fixed.pt", "--data", "test.pt", "--json", "--no-progress"])
+    after = json.loads(capsys.readouterr().out)
+    kinds = {f["kind"] for f in after["findings"] if f["severity"] != "info"}
+    assert kinds == {"frozen-but-updating", "keras-momentum"}
+    assert after["metrics"]["accuracy_eval"] > found["metrics"]["accuracy_eval"] + 0.03
+
+
+def test_help_lists_doctor(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "\n    doctor " in capsys.readouterr().out

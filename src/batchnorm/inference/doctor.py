@@ -844,10 +844,15 @@ def _output_findings(
         )
         if severity is not None:
             recal_gap = metrics["train_recalibrated_gap"]
-            if recal_gap is not None and recal_gap < 0.5 * gap_value:
+            recal_gain = drop("eval", "recalibrated")
+            stale_cause = recal_gap is not None and (
+                recal_gap < 0.75 * gap_value
+                or (recal_gain is not None and _level(recal_gain, _ACCURACY_DROP) is not None)
+            )
+            if stale_cause:
                 cause = (
-                    f"; with population statistics it drops to {recal_gap:.3g}, so the moving "
-                    "averages are the cause (stale statistics)"
+                    f"; with population statistics it is {recal_gap:.3g}, so the moving averages "
+                    "are a cause (see stale-statistics)"
                 )
                 remedy = "recalibrate (`batchnorm doctor --fix`)"
             else:
@@ -927,9 +932,14 @@ def diagnose(
 
     Example:
         >>> import torch
+        >>> _ = torch.manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8, momentum=0.99))
-        >>> diagnosis = diagnose(net, [torch.randn(32, 4) for _ in range(4)])
-        >>> [f.kind for f in diagnosis.findings if f.severity != "info"]
+        >>> batches = [torch.randn(32, 4) * 3 + 1 for _ in range(4)]
+        >>> diagnosis = diagnose(net, batches)  # never trained: running statistics are 0 and 1
+        >>> sorted({f.kind for f in diagnosis.findings if f.severity != "info"})
+        ['keras-momentum', 'stale-statistics', 'train-eval-gap']
+        >>> fixed, report = fix(net, batches)
+        >>> sorted({f.kind for f in diagnose(fixed, batches).findings if f.severity != "info"})
         ['keras-momentum']
     """
     if isinstance(batches, torch.Tensor):
