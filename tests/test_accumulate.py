@@ -25,6 +25,15 @@ from tests.helpers import assert_close
 SIZES = (3, 5, 8)  # uneven micro-batches of one step
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one thread is fastest, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _layer(kind: str, momentum: float | None) -> nn.Module:
     if kind == "torch":
         return nn.BatchNorm2d(4, momentum=momentum)

@@ -13,6 +13,15 @@ from batchnorm.adapt import AdaBN, Tent, adabn, softmax_entropy, tent
 from tests.helpers import assert_close
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one thread is fastest, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny(norm: type = nn.BatchNorm1d) -> nn.Sequential:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3), norm(3)).double()

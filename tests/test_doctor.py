@@ -80,6 +80,15 @@ def _train(net: nn.Module, epochs_lr: tuple[float, ...]) -> nn.Module:
     return net.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one thread is fastest, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def trained() -> dict[str, nn.Module]:
     torch.manual_seed(0)

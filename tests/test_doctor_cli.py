@@ -71,6 +71,15 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one thread is fastest, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 MODELS = ("whole", "exported", "builder")
 DATA = ("x_pt", "xy_pt", "x_npy", "xy_npz", "function", "synthetic")
 
