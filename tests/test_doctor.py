@@ -357,3 +357,29 @@ def test_every_kind_is_documented_and_the_diagnosis_serializes(trained):
     page = (Path(__file__).parents[1] / "docs" / "doctor.md").read_text()
     for kind in KINDS:
         assert f"`{kind}`" in page, kind
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's frozen batch norm: buffers only, not a _BatchNorm."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
+            self.register_buffer(name, torch.full((channels,), value))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def test_a_torchvision_style_frozen_layer_is_checked_but_never_trained():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU())
+    d = diagnose(net, [torch.randn(8, 3, 6, 6) for _ in range(2)])
+    assert d.layers["1"].mode == "frozen"
+    assert not d.of_kind("small-batch") and not d.of_kind("frozen-but-updating")
+    with torch.no_grad():
+        net[1].running_var[0] = float("inf")
+    (finding,) = diagnose(net, [torch.randn(8, 3, 6, 6)]).of_kind("nonfinite-statistics")
+    assert finding.layer == "1"
