@@ -30,6 +30,11 @@ BUILDER = textwrap.dedent(
 
     def no_norm():
         return nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+
+    def frozen():
+        import batchnorm.nn as bnn
+
+        return nn.Sequential(nn.Conv2d(3, 4, 3), bnn.FrozenBatchNorm(4))
     """
 )
 
@@ -170,6 +175,7 @@ def test_a_model_without_batch_norm(files, capsys):
         (["{whole}", "--data", "{x_npy}", "--labels", "{state}"], "needs an 'input'"),
         (["doctor_builder:build", "--state-dict", "{x_pt}", "--synthetic", "8,3"], "holds a"),
         (["{whole}", "--synthetic", "8,3,4,4", "--fold"], "--fold goes with --fix"),
+        (["doctor_builder:frozen", "--synthetic", "8,3,4,4", "--fix", "x.pt"], "nothing to"),
     ],
 )
 def test_bad_input_is_one_line(files, args, message, capsys):

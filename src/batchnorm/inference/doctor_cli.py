@@ -305,7 +305,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.fix:
         if not diagnosis.layers:
             raise DoctorInputError("--fix: the model has no batch-norm layer to fix")
-        fixed, report = fix(model, batches, fold_layers=args.fold, progress=not args.no_progress)
+        try:
+            fixed, report = fix(
+                model, batches, fold_layers=args.fold, progress=not args.no_progress
+            )
+        except (ValueError, RuntimeError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DoctorInputError(f"--fix: {first}") from None
         print(report)
         if not report.ok:
             print("batchnorm doctor: the fixed model failed the check; not saved", file=sys.stderr)
