@@ -115,8 +115,8 @@ class Config(ConvConfig):
             raise ValueError(f"tent_batch must be >= 2 (batch statistics), got {self.tent_batch}")
 
     def quick(self) -> Config:
-        """A smoke test: 2,000 training and test images, 1 epoch, 2 seeds."""
-        return replace(super().quick(), epochs=1.0)
+        """A smoke test: 2,000 training and 1,000 test images, 1 epoch, 2 seeds."""
+        return replace(super().quick(), epochs=1.0, test_subset=1000, source_batches=20)
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
