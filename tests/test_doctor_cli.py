@@ -57,6 +57,7 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     paths = {
         "whole": tmp_path / "whole.pt",
         "exported": tmp_path / "net.pt2",
+        "decomposed": tmp_path / "decomposed.pt2",
         "state": tmp_path / "state.pt",
         "x_pt": tmp_path / "x.pt",
         "xy_pt": tmp_path / "xy.pt",
@@ -68,6 +69,7 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     torch.save(net.state_dict(), paths["state"])
     program = torch.export.export(net, (x[:8],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, paths["exported"])
+    torch.export.save(program.run_decompositions(), paths["decomposed"])
     torch.save(x, paths["x_pt"])
     torch.save((x, y), paths["xy_pt"])
     np.save(paths["x_npy"], x.numpy())
@@ -85,7 +87,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-MODELS = ("whole", "exported", "builder")
+MODELS = ("whole", "exported", "decomposed", "builder")
 DATA = ("x_pt", "xy_pt", "x_npy", "xy_npz", "function", "synthetic")
 
 
@@ -155,6 +157,25 @@ def test_fix_round_trip(files, model, tmp_path, capsys):
     if model == "whole":
         fixed = torch.load(fixed_path, weights_only=False)
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fixed.modules())
+
+
+@pytest.mark.parametrize("decompose", (False, True))
+def test_exported_batch_norm_is_lifted_to_modules_with_the_same_outputs(decompose):
+    from batchnorm.inference.exported import ExportedBatchNorm, lift_exported_batch_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        net(torch.randn(8, 3, 8, 8) * 3 + 1)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(net, (x,))
+    module = (program.run_decompositions() if decompose else program).module()
+    assert lift_exported_batch_norm(module) == 2
+    layers = [m for m in module.modules() if isinstance(m, ExportedBatchNorm)]
+    assert len(layers) == 2 and not any(m.training for m in layers)
+    torch.testing.assert_close(module(x), net(x))
+    torch.testing.assert_close(layers[0].running_var, net[1].running_var)
 
 
 def test_a_model_without_batch_norm(files, capsys):

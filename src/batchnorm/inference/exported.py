@@ -8,6 +8,7 @@ plain submodule, so nothing in it is a batch-norm layer that :func:`batchnorm.do
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -25,21 +26,39 @@ class ExportedBatchNorm(_BatchNorm):
 
 
 def lift_exported_batch_norm(graph_module: Any) -> int:
-    """Turn the ``aten.batch_norm`` calls of an unlifted ExportedProgram back into modules.
+    """Turn the batch-norm calls of an unlifted ExportedProgram back into modules.
 
     ``ExportedProgram.module()`` keeps the batch-norm state as attributes of a plain submodule
     and calls ``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
-    eps, cudnn)``. Each such call becomes a call of a batch-norm module (a ``_BatchNorm`` on any
-    (N, C, *) input) that holds the same tensors under the same name, so the diagnosis, the
-    recalibration and train mode work on it. Returns the number of layers lifted.
+    eps, cudnn)``, or after ``run_decompositions()``
+    ``aten._native_batch_norm_legit_no_training(x, weight, bias, running_mean, running_var,
+    momentum, eps)`` whose first output is used. Each such call becomes a call of a batch-norm
+    module (a ``_BatchNorm`` on any (N, C, *) input) that holds the same tensors under the same
+    name, so the diagnosis, the recalibration and train mode work on it. Returns the number of
+    layers lifted.
     """
     lifted = 0
     graph = graph_module.graph
+    decomposed = torch.ops.aten._native_batch_norm_legit_no_training.default
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.batch_norm.default:
+            momentum, eps = float(node.args[6]), float(node.args[7])
+            training = bool(node.args[5])
+            outputs = [node]
+        elif node.target is decomposed:
+            momentum, eps = float(node.args[5]), float(node.args[6])
+            # (output, mean, invstd): lifted only when nothing but the output is used.
+            if any(user.target is not operator.getitem for user in node.users):
+                continue
+            if any(user.args[1] != 0 and user.users for user in node.users):
+                continue
+            outputs = [user for user in node.users if user.args[1] == 0]
+            training = False
+        else:
             continue
         x, weight, bias, mean, var = node.args[:5]
-        momentum, eps = float(node.args[6]), float(node.args[7])
         if getattr(mean, "op", None) != "get_attr" or getattr(var, "op", None) != "get_attr":
             continue
         prefix, _, _ = mean.target.rpartition(".")
@@ -60,12 +79,13 @@ def lift_exported_batch_norm(graph_module: Any) -> int:
             tracked = getattr(old, "num_batches_tracked", None)
             if tracked is not None:
                 layer.num_batches_tracked = tracked
+        layer.train(training)  # the mode the program was exported in
         parent_name, _, child = prefix.rpartition(".")
         setattr(graph_module.get_submodule(parent_name), child, layer)
         with graph.inserting_after(node):
             call = graph.call_module(prefix, (x,))
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        for output in outputs:
+            output.replace_all_uses_with(call)
         lifted += 1
     graph.eliminate_dead_code()
     graph_module.recompile()
