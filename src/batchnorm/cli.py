@@ -5,6 +5,7 @@ Sub-commands:
     check    every available backend against the NumPy reference (a table of errors)
     lab      the experiments (``batchnorm lab --help``)
     bench    GPU benchmarks of the kernels (``batchnorm bench --help``)
+    doctor   what is wrong with a model's batch norm, and the fix (``batchnorm doctor --help``)
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_optional(sub, "lab", "batchnorm.lab.cli", "run the experiments")
     _add_optional(sub, "bench", "batchnorm.ops.bench", "benchmark the GPU kernels")
+    _add_optional(
+        sub, "doctor", "batchnorm.inference.doctor_cli", "diagnose and fix a model's batch norm"
+    )
     return parser
 
 

@@ -11,6 +11,7 @@
 ``ghost``               ghost batch size for large-batch training (CNN)
 ``precise-bn``          population statistics (Algorithm 2) vs moving averages (CNN)
 ``agc``                 unnormalized CNN with / without adaptive gradient clipping vs BN
+``adapt``               test-time adaptation on corrupted data: AdaBN and TENT (Wang et al. 2021)
 ``noisy-bn``            Santurkar et al. Figure 2: BN with injected noise still helps
 ``ics``                 Santurkar et al. Definition 2.1: BN does not reduce covariate shift
 ``landscape``           Santurkar et al. Sec. 3.1: BN smooths the loss landscape
@@ -48,6 +49,7 @@ _MODULES = {
     "ghost": "ghost",
     "precise-bn": "precise_bn",
     "agc": "agc",
+    "adapt": "adapt",
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)
 
