@@ -7,9 +7,14 @@ Backends:
   (:mod:`batchnorm.explicit`). Slower; it exists to check the others against the paper.
 - ``"triton"``: the project's Triton kernels (:mod:`batchnorm.ops`), for CUDA tensors (or the CPU
   under the Triton interpreter, ``TRITON_INTERPRET=1``, for testing).
-- ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run,
-  else ``"torch"`` (always ``"torch"`` on the CPU, and while ``torch.export`` traces: exported
-  programs hold standard ATen ops). BENCHMARKS.md tells how to measure both.
+- ``"cpu"``: the project's C++ kernels for CPU tensors in float32 and bfloat16
+  (:mod:`batchnorm.ops.cpu`), compiled once on first use and cached; where no compiler is
+  available it falls back to ``"torch"`` with a warning (``batchnorm env`` tells which).
+- ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run;
+  on the CPU, ``"cpu"`` for the dtypes in :data:`CPU_AUTO_DTYPES` (where BENCHMARKS.md measured
+  it faster) when its kernels can run; else ``"torch"`` (always while ``torch.export`` traces or
+  ``torch.compile`` compiles: those graphs hold standard ATen ops). BENCHMARKS.md tells how to
+  measure them.
 
 The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
 :func:`use_backend` context, the ``BATCHNORM_BACKEND`` environment variable, then ``"auto"``.
@@ -31,7 +36,9 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton", "cpu")
+# The CPU dtypes for which "auto" picks the C++ kernels (measured in BENCHMARKS.md, CPU section).
+CPU_AUTO_DTYPES: tuple[str, ...] = ()
 ENV_VAR = "BATCHNORM_BACKEND"
 
 _local = threading.local()
@@ -90,6 +97,17 @@ def triton_status() -> tuple[bool, str]:
     return status()
 
 
+def cpu_status(load: bool = False) -> tuple[bool, str]:
+    """Whether the C++ CPU kernels can run here, and how; ``load=True`` builds them if needed."""
+    try:
+        from batchnorm.ops import cpu
+    except ImportError as exc:  # pragma: no cover - ops.cpu ships with the package
+        return False, f"batchnorm.ops.cpu failed to import: {exc}"
+    if load and cpu.ready():
+        return True, ""
+    return cpu.status()
+
+
 def resolve(
     backend: str | None, *, device_type: str, dtype_name: str, zero_eps: bool = False
 ) -> str:
@@ -113,6 +131,8 @@ def resolve(
             # An exported program (torch.export, ONNX) should hold standard ATen ops that any
             # runtime can run, not this package's custom ops.
             name = "torch"
+        elif device_type == "cpu" and dtype_name in CPU_AUTO_DTYPES and not _compiling():
+            name = "cpu" if cpu_status(load=True)[0] else "torch"
         else:
             name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
     if name == "triton":
@@ -130,8 +150,29 @@ def resolve(
         if not ok:
             _warn_once(f"batch norm: backend 'triton' unavailable ({reason}); using 'torch'")
             name = "torch"
+    if name == "cpu":
+        ok, reason = True, ""
+        if device_type != "cpu":
+            ok, reason = False, f"the C++ kernels need a CPU tensor (got a {device_type} tensor)"
+        elif dtype_name not in ("float32", "bfloat16"):
+            ok, reason = False, f"the C++ kernels handle float32 and bfloat16, not {dtype_name}"
+        elif _compiling():
+            ok, reason = False, "torch.compile traces standard ATen ops"
+        else:
+            ok, reason = cpu_status(load=True)
+        if not ok:
+            _warn_once(f"batch norm: backend 'cpu' unavailable ({reason}); using 'torch'")
+            name = "torch"
     _local.last = name
     return name
+
+
+def _compiling() -> bool:
+    """Whether torch.compile (Dynamo) is tracing the call: the C++ kernels are opaque to it."""
+    import torch
+
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
 
 
 _auto_cache: dict[tuple[str, str, str], str] = {}
@@ -176,4 +217,5 @@ def available() -> dict[str, tuple[bool, str]]:
         "torch": (True, f"PyTorch {torch.__version__} native kernel"),
         "explicit": (True, "pure torch ops, the paper's backward written out"),
         "triton": (triton_ok, triton_reason),
+        "cpu": cpu_status(),
     }

@@ -28,9 +28,9 @@ from types import ModuleType
 
 import torch
 
-from batchnorm.ops.cpu._build import load, status
+from batchnorm.ops.cpu._build import load, ready, status
 
-__all__ = ["SUPPORTED_DTYPES", "batch_norm", "load", "status"]
+__all__ = ["SUPPORTED_DTYPES", "batch_norm", "load", "ready", "status"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -57,10 +57,7 @@ class _BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        # once_differentiable: a second derivative through this backward raises a RuntimeError
-        # (never a silent zero); backend="torch" or "explicit" give second derivatives.
         input, weight, shift, mean, invstd = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
@@ -75,7 +72,31 @@ class _BatchNormFunction(torch.autograd.Function):
             dbeta = None
         elif dbeta.dtype != ctx.bias_dtype:
             dbeta = dbeta.to(ctx.bias_dtype)
-        return (dx if need_dx else None), dgamma, dbeta, None, None, None, None, None
+        grads = [dx if need_dx else None, dgamma, dbeta]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients get a node whose own backward raises, so that a
+            # second derivative fails loudly instead of coming out as zero or "unused".
+            tied = [g for g in grads if g is not None]
+            sources = [t for t in (input, weight, grad_output) if t is not None]
+            tied = _NoDoubleBackward.apply(len(tied), *tied, *sources)
+            tied = iter(tied if isinstance(tied, tuple) else (tied,))
+            grads = [None if g is None else next(tied) for g in grads]
+        return (*grads, None, None, None, None, None)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises (no double backward here)."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "the 'cpu' batch-norm backend has no second derivatives (double backward); use "
+            "backend='torch' or 'explicit' for gradients of gradients (e.g. gradient penalties)"
+        )
 
 
 def batch_norm(

@@ -3,14 +3,17 @@
 The extension is built by ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler) into
 ``$TORCH_EXTENSIONS_DIR`` if set, else ``~/.cache/batchnorm/ext``, under a name keyed by the
 torch version, the source's hash and the vector instruction set. The instruction set follows
-torch's own runtime CPU check (``torch.backends.cpu.get_cpu_capability()``): ATen's vector types
-are compiled for AVX2 (``-mavx2 -mfma``) only where torch itself found AVX2 or better at run time,
-else with the default flags, so a cached binary never runs instructions its machine lacks (the
-instruction set is part of the name, so two machines sharing a cache build one binary each).
+torch's own runtime CPU check (``torch.backends.cpu.get_cpu_capability()``, which also honours
+``ATEN_CPU_CAPABILITY``): ATen's vector types are compiled for AVX512 or AVX2 (``-mavx512f ...``,
+``-mavx2 -mfma``, with ATen's ``CPU_CAPABILITY`` macros) only where torch itself selected that
+instruction set at run time, else with the default flags; never ``-march=native``. The
+instruction set is part of the name, so a cached binary never runs on a machine that lacks its
+instructions (two machines sharing a cache build one binary each).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -26,9 +29,15 @@ SOURCE = Path(__file__).with_name("batch_norm.cpp")
 # ATen's vector code for AVX2 is selected by these macros (as in torch's own per-ISA builds).
 _ISA_FLAGS = {
     "AVX512": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
-    ],  # fmt: skip
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "DEFAULT": [],
 }
@@ -53,6 +62,7 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "batchnorm" / "ext"
 
 
+@functools.cache
 def module_name() -> str:
     """The extension's name: torch version, source hash and instruction set."""
     digest = hashlib.sha256()
@@ -103,6 +113,11 @@ def status() -> tuple[bool, str]:
         f"C++ kernels ({isa()}) compile on first use with {compiler} (about a minute, once), "
         f"cached in {build_dir()}"
     )
+
+
+def ready() -> bool:
+    """Whether the kernels are loaded, building or loading them now if not tried yet (fast)."""
+    return _module is not None or (_error is None and load() is not None)
 
 
 def load() -> ModuleType | None:
