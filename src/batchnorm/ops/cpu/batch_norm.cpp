@@ -61,6 +61,14 @@ inline void vstore<BF16>(BF16* p, const Vec& v) {
   at::vec::convert_float_bfloat16(v, v).store(p, kW);
 }
 
+// Asks for a short row (a channel's run of S values in NCHW) ahead of its use: the hardware
+// prefetchers do not follow runs of a few hundred bytes spread C * S values apart.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  if (bytes > 16384) return;  // long rows: the hardware prefetchers keep up on their own
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
+}
+
 inline float hsum(const Vec& v) {
   float tmp[kW];
   v.store(tmp);
@@ -249,7 +257,10 @@ Moments planar_channel_moments(const T* x, const Geometry& g, int64_t c, float s
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
     Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
     float tail = 0.f;
-    for (int64_t n = n0; n < n1; ++n) row_sum(x + n * stride + c * S, S, shift, acc, tail);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (n + 1 < g.N) prefetch_row(x + (n + 1) * stride + c * S, S * sizeof(T));
+      row_sum(x + n * stride + c * S, S, shift, acc, tail);
+    }
     const double count = static_cast<double>((n1 - n0) * S);
     const float group_mean = static_cast<float>((hsum4(acc) + tail) / count);
     Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
@@ -505,16 +516,38 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
     // Centre every channel on its first value.
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(xp[g.inner ? c : c * g.S]);
     std::vector<double> mean_s(C), var(C);
-    training_moments(xp, g, shift, mean_s, var);
-    const double m = static_cast<double>(g.per_channel());
-    std::vector<double> mean(C), unbiased(C);
-    for (int64_t c = 0; c < C; ++c) {
+    auto finalize = [&](int64_t c) {
       const double invstd = 1.0 / std::sqrt(var[c] + eps);
       scale[c] = static_cast<float>(gamma[c] * invstd);
       offset[c] = static_cast<float>(beta[c] - mean_s[c] * gamma[c] * invstd);
       shift_out[c] = shift[c];
       mean_out[c] = static_cast<float>(mean_s[c]);
       invstd_out[c] = static_cast<float>(invstd);
+    };
+    if (!g.inner) {
+      // One channel at a time: statistics, then its output while its slice is still in cache.
+      T* yp = y.data_ptr<T>();
+      const int64_t S = g.S;
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const Moments mo = planar_channel_moments(xp, g, c, shift[c]);
+          mean_s[c] = mo.mean;
+          var[c] = mo.m2 / mo.n;
+          finalize(c);
+          for (int64_t n = 0; n < g.N; ++n) {
+            const int64_t off = (n * C + c) * S;
+            row_affine(xp + off, yp + off, S, shift[c], scale[c], offset[c]);
+          }
+        }
+      });
+    } else {
+      training_moments(xp, g, shift, mean_s, var);
+      for (int64_t c = 0; c < C; ++c) finalize(c);
+      affine(xp, y.data_ptr<T>(), g, shift, scale, offset);
+    }
+    const double m = static_cast<double>(g.per_channel());
+    std::vector<double> mean(C), unbiased(C);
+    for (int64_t c = 0; c < C; ++c) {
       mean[c] = shift[c] + mean_s[c];
       unbiased[c] = var[c] * m / (m - 1);
     }
@@ -522,6 +555,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       blend_into(*running_mean, mean, momentum);
       blend_into(*running_var, unbiased, momentum);
     }
+    return;
   } else {
     const std::vector<float> rm = floats_or(running_mean, C, 0.f);
     const std::vector<float> rv = floats_or(running_var, C, 1.f);
@@ -572,30 +606,40 @@ std::vector<Tensor> forward(const Tensor& input, const c10::optional<Tensor>& we
 // Backward
 // ------------------------------------------------------------------------------------------
 
+// One channel of the planar layout: sum of dy and of dy * (x - shift), float64.
+template <typename T>
+void planar_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t c, float shift,
+                      double& sum_dy, double& sum_dyx) {
+  const int64_t C = g.C, S = g.S;
+  const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
+  double s_dy = 0, s_dyx = 0;
+  for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
+    const int64_t n1 = std::min(g.N, n0 + rows_per_group);
+    Vec v_dy[2] = {Vec(0.f), Vec(0.f)}, v_dyx[2] = {Vec(0.f), Vec(0.f)};
+    float t_dy = 0.f, t_dyx = 0.f;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t off = (n * C + c) * S;
+      if (n + 1 < g.N) {
+        prefetch_row(x + off + C * S, S * sizeof(T));
+        prefetch_row(dy + off + C * S, S * sizeof(T));
+      }
+      row_grad_sums(x + off, dy + off, S, shift, v_dy, v_dyx, t_dy, t_dyx);
+    }
+    s_dy += hsum(v_dy[0] + v_dy[1]) + t_dy;
+    s_dyx += hsum(v_dyx[0] + v_dyx[1]) + t_dyx;
+  }
+  sum_dy = s_dy;
+  sum_dyx = s_dyx;
+}
+
 // Per channel: sum of dy and of dy * (x - shift), float64.
 template <typename T>
 void grad_sums(const T* x, const T* dy, const Geometry& g, const float* shift,
                std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
   const int64_t C = g.C, S = g.S;
   if (!g.inner) {
-    const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double s_dy = 0, s_dyx = 0;
-        for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
-          const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-          Vec v_dy[2] = {Vec(0.f), Vec(0.f)}, v_dyx[2] = {Vec(0.f), Vec(0.f)};
-          float t_dy = 0.f, t_dyx = 0.f;
-          for (int64_t n = n0; n < n1; ++n) {
-            const int64_t off = (n * C + c) * S;
-            row_grad_sums(x + off, dy + off, S, shift[c], v_dy, v_dyx, t_dy, t_dyx);
-          }
-          s_dy += hsum(v_dy[0] + v_dy[1]) + t_dy;
-          s_dyx += hsum(v_dyx[0] + v_dyx[1]) + t_dyx;
-        }
-        sum_dy[c] = s_dy;
-        sum_dyx[c] = s_dyx;
-      }
+      for (int64_t c = c0; c < c1; ++c) planar_grad_sums(x, dy, g, c, shift[c], sum_dy[c], sum_dyx[c]);
     });
     return;
   }
@@ -660,12 +704,11 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
   const float* invstd = invstd_t.data_ptr<float>();
   const bool need_sums = need_params || (need_dx && training);
   std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
-  if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
   const double m = static_cast<double>(g.per_channel());
   std::vector<float> a(C), k(C), c0(C);
   float* dg = need_params ? dgamma.data_ptr<float>() : nullptr;
   float* db = need_params ? dbeta.data_ptr<float>() : nullptr;
-  for (int64_t c = 0; c < C; ++c) {
+  auto coefficients = [&](int64_t c) {
     // sum dy * (x - mean) with mean = shift + mean_s.
     const double s_dyxc = sum_dyx[c] - static_cast<double>(mean_s[c]) * sum_dy[c];
     const double is = invstd[c];
@@ -684,7 +727,25 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
       k[c] = 0.f;
       c0[c] = 0.f;
     }
+  };
+  if (!g.inner && need_sums && need_dx) {
+    // One channel at a time: the sums, then dx while the channel's x and dy are in cache.
+    T* dxp = dx.data_ptr<T>();
+    const int64_t S = g.S;
+    at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        planar_grad_sums(xp, gp, g, c, shift[c], sum_dy[c], sum_dyx[c]);
+        coefficients(c);
+        for (int64_t n = 0; n < g.N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          row_dx(xp + off, gp + off, dxp + off, S, shift[c], a[c], k[c], c0[c]);
+        }
+      }
+    });
+    return;
   }
+  if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
+  for (int64_t c = 0; c < C; ++c) coefficients(c);
   if (need_dx) dx_pass(xp, gp, dx.data_ptr<T>(), g, shift, a, k, c0);
 }
 
