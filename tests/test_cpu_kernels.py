@@ -339,3 +339,29 @@ def test_compiled_graphs_use_standard_ops(monkeypatch):
         warnings.simplefilter("ignore", RuntimeWarning)
         backends.resolve("cpu", device_type="cpu", dtype_name="float32")
     assert backends.last_backend() == "torch"
+
+
+def test_cpu_bench_pipeline(tmp_path):
+    """`batchnorm bench --device cpu` on a tiny shape: every mode and provider gives a row with
+    a time, a ratio to the copy measured in the same rounds, and a small error against float64;
+    the CSV, table, summary and plot come out. (Timings are not asserted.)"""
+    from batchnorm.ops.bench import cpu as bench
+
+    shape = bench.CpuShape((4, 8, 6, 6), "tiny")
+    rows = bench.measure(shape, "nhwc", "float32", [1], bench.MODES, ["ours", "native"],
+                         rounds=3, min_seconds=0.0)  # fmt: skip
+    assert len(rows) == len(bench.MODES) * 3  # ours, native, copy
+    for row in rows:
+        assert row.time_us > 0 and row.x_copy > 0 and row.rounds >= 3, row
+        if row.provider != "copy":
+            assert row.max_rel_err < 1e-5, row
+            assert row.speedup_vs_native > 0
+    path = tmp_path / "cpu.csv"
+    bench.write_csv(str(path), rows, {"cpu": "test"})
+    text = path.read_text()
+    assert text.startswith("# cpu: test") and text.count("\n") == len(rows) + 2
+    assert "4x8x6x6" in bench.format_table(rows)
+    assert "train_fwd: ours/copy median" in bench.summary(rows)
+    pytest.importorskip("matplotlib")
+    assert bench.plot_csv(str(path), str(tmp_path / "cpu.png")).endswith("cpu.png")
+    assert (tmp_path / "cpu.png").stat().st_size > 0

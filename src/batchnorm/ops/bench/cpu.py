@@ -17,8 +17,9 @@ and beta, as one training step of the layer costs).
 Method: for each configuration (shape, layout, dtype, threads, mode) every provider is warmed up,
 then the providers are timed in interleaved rounds (one call each per round, in a rotating
 order) so that a neighbour's load on a shared machine hits all of them alike; the reported time
-is the median over rounds, and the ratios (to the copy, to native, to compile) are taken between
-medians of the same rounds. Each provider's output is checked against float64 first.
+is the median over rounds, and each ratio (to the copy, to native, to compile) is the median over
+rounds of the ratio of the two calls in the same round, which cancels a neighbour's load that
+slows a whole round. Each provider's output is checked against float64 first.
 
 Example:
     batchnorm bench --device cpu --quick
@@ -89,9 +90,10 @@ class CpuRow:
     threads: int
     mode: str
     provider: str
-    time_us: float = float("nan")
+    time_us: float = float("nan")  # median over rounds
+    best_us: float = float("nan")  # fastest round
     copy_us: float = float("nan")
-    x_copy: float = float("nan")  # time / copy time
+    x_copy: float = float("nan")  # median over rounds of time / copy time in the same round
     speedup_vs_native: float = float("nan")
     speedup_vs_compile: float = float("nan")
     rounds: int = 0
@@ -193,6 +195,7 @@ def measure(
     before = torch.get_num_threads()
     try:
         for mode in modes:
+            torch._dynamo.reset()  # one compiled graph per configuration (no recompile limit)
             expected = _expected(mode, x, dy, weight, bias)
             calls: dict[str, Callable[[], torch.Tensor]] = {
                 "copy": _call("copy", mode, x, dy, weight, bias)
@@ -211,6 +214,7 @@ def measure(
                 times = _interleaved(calls, rounds, min_seconds)
                 copy_us = statistics.median(times["copy"])
                 medians = {p: statistics.median(t) for p, t in times.items()}
+
                 for provider in [*providers, "copy"]:
                     row = CpuRow(
                         shape.name,
@@ -226,19 +230,25 @@ def measure(
                     if provider in medians:
                         t = medians[provider]
                         row.time_us = t
+                        row.best_us = min(times[provider])
                         row.rounds = len(times[provider])
-                        row.x_copy = t / copy_us
+                        row.x_copy = _paired(times, provider, "copy")
                         row.max_rel_err = errors.get(provider, 0.0)
                         if "native" in medians:
-                            row.speedup_vs_native = medians["native"] / t
+                            row.speedup_vs_native = _paired(times, "native", provider)
                         if "compile" in medians:
-                            row.speedup_vs_compile = medians["compile"] / t
+                            row.speedup_vs_compile = _paired(times, "compile", provider)
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
     finally:
         torch.set_num_threads(before)
     return rows
+
+
+def _paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b) within the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def _interleaved(
@@ -362,6 +372,61 @@ def summary(rows: list[CpuRow]) -> str:
     return "\n".join(lines)
 
 
+def read_csv(path: str) -> list[CpuRow]:
+    """Rows of a CSV written by :func:`write_csv`."""
+    types = {fl.name: fl.type for fl in fields(CpuRow)}
+    out = []
+    with open(path) as f:
+        for rec in csv.DictReader(line for line in f if not line.startswith("#")):
+            kwargs = {}
+            for key, value in rec.items():
+                kind = types[key]
+                if kind in (int, "int"):
+                    kwargs[key] = int(value)
+                elif kind in (float, "float"):
+                    kwargs[key] = float(value) if value else float("nan")
+                else:
+                    kwargs[key] = value
+            out.append(CpuRow(**kwargs))
+    return out
+
+
+def markdown(rows: list[CpuRow]) -> str:
+    """The BENCHMARKS.md table: per configuration, time / copy time of each provider for the
+    forwards, and the fwd_bwd speedups of ours over native and compile (paired medians)."""
+    by_key: dict[tuple, dict[tuple[str, str], CpuRow]] = {}
+    for r in rows:
+        key = (r.shape, r.layout, r.dtype, r.threads)
+        by_key.setdefault(key, {})[(r.mode, r.provider)] = r
+
+    def ratio(p: dict, mode: str, provider: str) -> str:
+        r = p.get((mode, provider))
+        return f"{r.x_copy:.2f}" if r is not None and r.x_copy == r.x_copy else "-"
+
+    def speed(p: dict, attr: str) -> str:
+        r = p.get(("fwd_bwd", "ours"))
+        v = getattr(r, attr) if r is not None else float("nan")
+        return f"{v:.2f}" if v == v else "-"
+
+    lines = [
+        "| shape | layout | dtype | thr | copy us | train fwd ours / native / compile (x copy) "
+        "| eval fwd ours / native / compile (x copy) | fwd+bwd ours us | vs native | vs compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (shape, layout, dtype, threads), p in by_key.items():
+        copy = p.get(("train_fwd", "copy")) or next(iter(p.values()))
+        fb = p.get(("fwd_bwd", "ours"))
+        lines.append(
+            f"| {shape} | {layout} | {dtype} | {threads} | {copy.copy_us:.0f} | "
+            f"{ratio(p, 'train_fwd', 'ours')} / {ratio(p, 'train_fwd', 'native')} / "
+            f"{ratio(p, 'train_fwd', 'compile')} | {ratio(p, 'eval_fwd', 'ours')} / "
+            f"{ratio(p, 'eval_fwd', 'native')} / {ratio(p, 'eval_fwd', 'compile')} | "
+            f"{fb.time_us if fb else float('nan'):.0f} | {speed(p, 'speedup_vs_native')} | "
+            f"{speed(p, 'speedup_vs_compile')} |"
+        )
+    return "\n".join(lines)
+
+
 def plot_csv(path: str, out: str) -> str:
     """Bar chart from a CSV of this benchmark: ours / native / compile time over copy time, per
     configuration (fwd_bwd and train_fwd), one panel per thread count."""
@@ -372,6 +437,7 @@ def plot_csv(path: str, out: str) -> str:
 
     with open(path) as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    rows = [r for r in rows if r["dtype"] == rows[0]["dtype"]]
     threads = sorted({int(r["threads"]) for r in rows})
     modes = [m for m in ("train_fwd", "fwd_bwd") if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(
@@ -466,6 +532,8 @@ def main(args) -> int:
     print(format_table(rows))
     print()
     print(summary(rows))
+    print()
+    print(markdown(rows))
     write_csv(args.csv, rows, env)
     print(f"wrote {args.csv} ({len(rows)} rows)")
     return 0
