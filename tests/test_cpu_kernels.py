@@ -132,6 +132,8 @@ def _layout(name: str, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(2, 5, 2, 3, 4, generator=gen).to(memory_format=torch.channels_last_3d)
     if name == "channels_last_wide":  # C = 37: full vector chunks, one vector and a scalar tail
         return torch.randn(4, 37, 3, 5, generator=gen).to(memory_format=torch.channels_last)
+    if name == "channels_last_1d":  # (N, C, L) stored as (N, L, C), as a transposed sequence
+        return torch.randn(4, 5, 6, generator=gen).transpose(1, 2)
     if name == "transposed_2d":
         return torch.randn(6, 9, generator=gen).t()  # (9, 6) with strides (1, 9)
     if name == "strided_slice":
@@ -143,7 +145,8 @@ def _layout(name: str, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(3, 5, 4, 6, generator=gen).permute(0, 3, 2, 1)  # N, W, H, C storage
 
 
-LAYOUTS = ["channels_last", "channels_last_3d", "channels_last_wide", "transposed_2d",
+LAYOUTS = ["channels_last", "channels_last_3d", "channels_last_wide", "channels_last_1d",
+           "transposed_2d",
            "strided_slice", "channel_slice", "expanded", "permuted"]  # fmt: skip
 
 
@@ -163,8 +166,7 @@ def test_layouts(layout, dtype):
         xg = x.detach().clone().requires_grad_(True)
         y = batch_norm(xg, None, None, training=True, backend="cpu")
         (a,) = torch.autograd.grad(y, xg, dy.contiguous(), retain_graph=True)
-        (b,) = torch.autograd.grad(y, xg, dy.contiguous(memory_format=torch.channels_last)
-                                   if x.dim() == 4 else dy)  # fmt: skip
+        (b,) = torch.autograd.grad(y, xg, dy)  # fmt: skip
         assert torch.equal(a, b)
 
 
@@ -271,6 +273,19 @@ def test_buffers_edited_between_forward_and_backward():
     assert torch.equal(expected, again)
 
 
+def test_strided_running_statistics():
+    """Running statistics that are strided views (every other element of a buffer) are updated
+    in place like torch updates them."""
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(13))
+    ours, theirs = torch.zeros(2, 6), torch.zeros(2, 6)
+    ours[1].fill_(1.0)
+    theirs[1].fill_(1.0)
+    batch_norm(x, ours[0, ::2], ours[1, ::2], training=True, backend="cpu")
+    torch.nn.functional.batch_norm(x, theirs[0, ::2], theirs[1, ::2], training=True)
+    assert_close(ours, theirs, rtol=1e-6, atol=1e-6, name="running statistics")
+    assert torch.equal(ours[:, 1::2], torch.tensor([[0.0] * 3, [1.0] * 3]))
+
+
 def test_one_value_per_channel_rejected_in_training():
     """As torch: a training batch with one value per channel is an error (eval is fine)."""
     x = torch.randn(1, 4)
@@ -365,3 +380,15 @@ def test_cpu_bench_pipeline(tmp_path):
     pytest.importorskip("matplotlib")
     assert bench.plot_csv(str(path), str(tmp_path / "cpu.png")).endswith("cpu.png")
     assert (tmp_path / "cpu.png").stat().st_size > 0
+
+
+def test_auto_picks_cpu_only_for_listed_dtypes(monkeypatch):
+    """ "auto" takes the C++ kernels for the CPU dtypes in CPU_AUTO_DTYPES (empty by default:
+    BENCHMARKS.md explains why), never for other dtypes or devices, nor under torch.compile."""
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
+    monkeypatch.setattr(backends, "CPU_AUTO_DTYPES", ("float32",))
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "cpu"
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float64") == "torch"
+    assert backends.resolve("auto", device_type="cpu", dtype_name="bfloat16") == "torch"
+    monkeypatch.setattr(backends, "_compiling", lambda: True)
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"

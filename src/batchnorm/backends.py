@@ -37,7 +37,9 @@ import warnings
 from collections.abc import Iterator
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton", "cpu")
-# The CPU dtypes for which "auto" picks the C++ kernels (measured in BENCHMARKS.md, CPU section).
+# The CPU dtypes for which "auto" picks the C++ kernels. Empty: on the measured suite
+# (BENCHMARKS.md, CPU section) they win clearly on NCHW but not on every channels-last and (N, C)
+# shape, and this choice sees only the device and dtype; "cpu" is opt-in until it wins on all.
 CPU_AUTO_DTYPES: tuple[str, ...] = ()
 ENV_VAR = "BATCHNORM_BACKEND"
 

@@ -195,7 +195,8 @@ std::pair<Tensor, Geometry> as_kernel_layout(const Tensor& input) {
   const int64_t S = C == 0 || N == 0 ? 0 : input.numel() / (N * C);
   if (input.is_contiguous()) return {input, Geometry{S == 1, N, C, S}};
   if ((input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-      (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+      (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) ||
+      (input.dim() == 3 && input.transpose(1, 2).is_contiguous())) {  // (N, L, C) storage
     return {input, Geometry{true, N, C, S}};
   }
   return {input.contiguous(), Geometry{S == 1, N, C, S}};
@@ -203,7 +204,8 @@ std::pair<Tensor, Geometry> as_kernel_layout(const Tensor& input) {
 
 // A tensor laid out like the kernel's view of x (dy for backward).
 Tensor like_layout(const Tensor& t, const Tensor& x, const Geometry& g) {
-  if (g.inner && x.dim() >= 4 && !x.is_contiguous()) {
+  if (g.inner && !x.is_contiguous()) {
+    if (x.dim() == 3) return t.transpose(1, 2).contiguous().transpose(1, 2);
     return t.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
                                      : at::MemoryFormat::ChannelsLast3d);
   }
@@ -226,8 +228,13 @@ std::vector<float> floats_or(const c10::optional<Tensor>& t, int64_t C, float fi
 
 // running = (1 - momentum) * running + momentum * value, in the buffer's own dtype.
 void blend_into(Tensor& running, const std::vector<double>& value, double momentum) {
+  if (!running.is_contiguous()) {  // a strided view of a buffer: update a copy, write it back
+    Tensor dense = running.contiguous();
+    blend_into(dense, value, momentum);
+    running.copy_(dense);
+    return;
+  }
   const int64_t C = running.numel();
-  TORCH_CHECK(running.is_contiguous(), "running statistics must be contiguous");
   if (running.scalar_type() == at::kFloat) {
     float* p = running.data_ptr<float>();
     for (int64_t c = 0; c < C; ++c) p[c] = (1 - momentum) * p[c] + momentum * value[c];
