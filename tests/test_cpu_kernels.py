@@ -392,3 +392,14 @@ def test_auto_picks_cpu_only_for_listed_dtypes(monkeypatch):
     assert backends.resolve("auto", device_type="cpu", dtype_name="bfloat16") == "torch"
     monkeypatch.setattr(backends, "_compiling", lambda: True)
     assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
+
+
+def test_status_without_the_compiler_named_by_cxx(monkeypatch, tmp_path):
+    """With $CXX naming a compiler that does not exist and nothing cached, status() says the
+    kernels cannot be built (and why) instead of promising a build that would fail."""
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_error", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    ok, reason = cpu.status()
+    assert not ok and "no C++ compiler" in reason

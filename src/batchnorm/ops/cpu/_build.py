@@ -78,7 +78,8 @@ def build_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    # torch.utils.cpp_extension compiles with $CXX, else c++: look for exactly that one.
+    return shutil.which(os.environ.get("CXX") or "c++")
 
 
 def _cached_binary() -> Path | None:
