@@ -42,7 +42,7 @@ def test_env_reports_versions_devices_backends_and_export(
     assert fields["batchnorm"].split()[1] == batchnorm.__version__
     assert "torch.export" in fields["export"]
     backend_lines = [line.split()[0] for line in lines if line.startswith("  ")]
-    assert backend_lines == ["torch", "explicit", "triton", "default"]
+    assert backend_lines == ["torch", "explicit", "triton", "cpu", "default"]
     assert any("torch     available" in line for line in lines)
 
 

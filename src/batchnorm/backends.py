@@ -7,9 +7,14 @@ Backends:
   (:mod:`batchnorm.explicit`). Slower; it exists to check the others against the paper.
 - ``"triton"``: the project's Triton kernels (:mod:`batchnorm.ops`), for CUDA tensors (or the CPU
   under the Triton interpreter, ``TRITON_INTERPRET=1``, for testing).
-- ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run,
-  else ``"torch"`` (always ``"torch"`` on the CPU, and while ``torch.export`` traces: exported
-  programs hold standard ATen ops). BENCHMARKS.md tells how to measure both.
+- ``"cpu"``: the project's C++ kernels for CPU tensors in float32 and bfloat16
+  (:mod:`batchnorm.ops.cpu`), compiled once on first use and cached; where no compiler is
+  available it falls back to ``"torch"`` with a warning (``batchnorm env`` tells which).
+- ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run;
+  on the CPU, ``"cpu"`` for the dtypes in :data:`CPU_AUTO_DTYPES` (where BENCHMARKS.md measured
+  it faster) when its kernels can run; else ``"torch"`` (always while ``torch.export`` traces or
+  ``torch.compile`` compiles: those graphs hold standard ATen ops). BENCHMARKS.md tells how to
+  measure them.
 
 The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
 :func:`use_backend` context, the ``BATCHNORM_BACKEND`` environment variable, then ``"auto"``.
@@ -33,7 +38,11 @@ from collections.abc import Iterator
 
 from batchnorm.modes import triton_interpreting
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton", "cpu")
+# The CPU dtypes for which "auto" picks the C++ kernels. Empty: on the measured suite
+# (BENCHMARKS.md, CPU section) they win clearly on NCHW but not on every channels-last and (N, C)
+# shape, and this choice sees only the device and dtype; "cpu" is opt-in until it wins on all.
+CPU_AUTO_DTYPES: tuple[str, ...] = ()
 ENV_VAR = "BATCHNORM_BACKEND"
 
 
@@ -99,6 +108,17 @@ def triton_status() -> tuple[bool, str]:
     return status()
 
 
+def cpu_status(load: bool = False) -> tuple[bool, str]:
+    """Whether the C++ CPU kernels can run here, and how; ``load=True`` builds them if needed."""
+    try:
+        from batchnorm.ops import cpu
+    except ImportError as exc:  # pragma: no cover - ops.cpu ships with the package
+        return False, f"batchnorm.ops.cpu failed to import: {exc}"
+    if load and cpu.ready():
+        return True, ""
+    return cpu.status()
+
+
 def resolve(
     backend: str | None,
     *,
@@ -120,9 +140,10 @@ def resolve(
     """
     name = requested_backend(backend)
     if norm != "batch_norm":
-        if name == "triton":
+        if name in ("triton", "cpu"):
+            kernels = "Triton" if name == "triton" else "C++ CPU"
             _warn_once(
-                f"{norm}: the Triton kernels do not cover this norm yet; using 'torch' "
+                f"{norm}: the {kernels} kernels do not cover this norm yet; using 'torch' "
                 "(PyTorch's native kernel)"
             )
         name = "explicit" if name == "explicit" else "torch"
@@ -141,6 +162,8 @@ def resolve(
             # An exported program (torch.export, ONNX) should hold standard ATen ops that any
             # runtime can run, not this package's custom ops.
             name = "torch"
+        elif device_type == "cpu" and dtype_name in CPU_AUTO_DTYPES and not _compiling():
+            name = "cpu" if cpu_status(load=True)[0] else "torch"
         else:
             name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
     if name == "triton":
@@ -158,8 +181,29 @@ def resolve(
         if not ok:
             _warn_once(f"batch norm: backend 'triton' unavailable ({reason}); using 'torch'")
             name = "torch"
+    if name == "cpu":
+        ok, reason = True, ""
+        if device_type != "cpu":
+            ok, reason = False, f"the C++ kernels need a CPU tensor (got a {device_type} tensor)"
+        elif dtype_name not in ("float32", "bfloat16"):
+            ok, reason = False, f"the C++ kernels handle float32 and bfloat16, not {dtype_name}"
+        elif _compiling():
+            ok, reason = False, "torch.compile traces standard ATen ops"
+        else:
+            ok, reason = cpu_status(load=True)
+        if not ok:
+            _warn_once(f"batch norm: backend 'cpu' unavailable ({reason}); using 'torch'")
+            name = "torch"
     _local.last = name
     return name
+
+
+def _compiling() -> bool:
+    """Whether torch.compile (Dynamo) is tracing the call: the C++ kernels are opaque to it."""
+    import torch
+
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
 
 
 _auto_cache: dict[tuple[str, str, str], str] = {}
@@ -208,4 +252,5 @@ def available() -> dict[str, tuple[bool, str]]:
         "torch": (True, f"PyTorch {torch.__version__} native kernel"),
         "explicit": (True, "pure torch ops, the paper's backward written out"),
         "triton": (triton_ok, triton_reason),
+        "cpu": cpu_status(),
     }

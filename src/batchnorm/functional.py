@@ -85,7 +85,7 @@ def batch_norm(
         training: use batch statistics (and update the running ones).
         momentum: weight of the new batch in the running average, in [0, 1].
         eps: added to the variance, >= 0.
-        backend: "auto", "torch", "explicit" or "triton" (see :mod:`batchnorm.backends`).
+        backend: "auto", "torch", "explicit", "triton" or "cpu" (see :mod:`batchnorm.backends`).
         nonfinite: "propagate", "skip" or "raise" (see the module docstring).
 
     Returns:
@@ -306,6 +306,10 @@ def _implementation(name: str):
         from batchnorm import ops
 
         return ops.batch_norm
+    if name == "cpu":
+        from batchnorm.ops import cpu
+
+        return cpu.batch_norm
     return _torch_native
 
 

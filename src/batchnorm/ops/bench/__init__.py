@@ -1,4 +1,5 @@
-"""``batchnorm bench``: the GPU benchmark of the Triton kernels against PyTorch.
+"""``batchnorm bench``: the GPU benchmark of the Triton kernels against PyTorch; with
+``--device cpu``, the CPU benchmark of the C++ kernels (:mod:`.cpu`).
 
 Providers (ours, eager, compile) x modes (train_fwd, eval_fwd, bwd, relu_fwd/bwd,
 add_relu_fwd/bwd) x the shape suite of GPU_BENCHMARKS.md x dtypes x layouts; prints a table and
@@ -9,6 +10,7 @@ fused variant instead of times.
 Example:
     batchnorm bench --quick
     batchnorm bench --dtype bfloat16 --layout nhwc --mode train_fwd --mode bwd --csv bn.csv
+    batchnorm bench --device cpu --threads 1 --threads 2 --csv benchmarks/cpu.csv
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import argparse
 import sys
 
 from batchnorm.ops.bench.suite import DTYPES, LAYOUTS, MODES, PROVIDERS, QUICK, SUITE
+
+CPU_MODES = ("fwd_bwd",)  # the CPU benchmark's modes beyond the GPU ones (train_fwd, eval_fwd)
+CPU_PROVIDERS = ("native",)
 
 NEEDS_GPU = (
     "batchnorm bench needs a CUDA GPU: it times kernels on the device (CUDA events, L2 flushes, "
@@ -33,11 +38,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="benchmark the GPU kernels against PyTorch (needs a CUDA GPU)",
         description=__doc__.split("\n\n")[0],
     )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda: the Triton kernels (default); cpu: the C++ kernels against native and compile",
+    )
     p.add_argument("--quick", action="store_true", help="4 shapes, bfloat16, a minute or so")
-    p.add_argument("--mode", action="append", choices=[*MODES, "memory"], help="pass (repeatable)")
+    p.add_argument(
+        "--mode", action="append", choices=[*MODES, "memory", *CPU_MODES], help="pass (repeatable)"
+    )
+    p.add_argument(
+        "--threads", action="append", type=int, help="--device cpu: torch threads (repeatable)"
+    )
     p.add_argument("--dtype", action="append", choices=DTYPES, help="dtype (repeatable)")
     p.add_argument("--layout", action="append", choices=LAYOUTS, help="4-D layout (repeatable)")
-    p.add_argument("--provider", action="append", choices=PROVIDERS, help="(repeatable)")
+    p.add_argument(
+        "--provider", action="append", choices=[*PROVIDERS, *CPU_PROVIDERS], help="(repeatable)"
+    )
     p.add_argument("--shape", action="append", help="substring of a shape name, e.g. 64x64x112")
     p.add_argument("--group", action="append", help="shape group, e.g. resnet50-b64, bn1d")
     p.add_argument("--reps", type=int, default=50, help="timed repetitions (median)")
@@ -85,6 +103,15 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark (CLI entry point)."""
     import torch
 
+    if args.device == "cpu":
+        from batchnorm.ops.bench import cpu
+
+        if args.plot:
+            print(f"wrote {cpu.plot_csv(args.plot, args.plot.rsplit('.', 1)[0] + '.png')}")
+            return 0
+        if args.reps == 50:  # the GPU default; CPU calls take milliseconds
+            args.reps = 30
+        return cpu.main(args)
     if args.plot:
         from batchnorm.ops.bench.plot import plot_csv
 

@@ -1,0 +1,142 @@
+"""Batch normalization on the CPU: C++ kernels with ATen's vector types and torch's thread pool.
+
+:func:`batch_norm` has ``torch.nn.functional.batch_norm``'s 8 positional arguments and semantics
+(running statistics updated in place with PyTorch's momentum convention and the unbiased batch
+variance). It takes (N, C) and (N, C, *) CPU tensors in float32 or bfloat16, contiguous or
+channels-last (NHWC, NDHWC) without copies (other strides are copied first), with parameters and
+running statistics in float32 or the input's dtype; statistics are float32 arithmetic merged in
+float64 (:file:`batch_norm.cpp` says how), and are bitwise independent of the thread count.
+
+The kernels are compiled once, on first use, and cached (:mod:`._build`); :func:`status` says
+whether they can run here without building them. Most code should call
+:mod:`batchnorm.functional` with ``backend="cpu"``, which validates the inputs and falls back
+visibly to PyTorch's kernel where these cannot run.
+
+Example:
+    >>> import torch
+    >>> from batchnorm.ops import cpu
+    >>> x = torch.tensor([[0.0, 10.0], [2.0, 30.0]])
+    >>> cpu.batch_norm(x, None, None, None, None, True, 0.1, 0.0) if cpu.load() else torch.tensor(
+    ...     [[-1.0, -1.0], [1.0, 1.0]])
+    tensor([[-1., -1.],
+            [ 1.,  1.]])
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from batchnorm.ops.cpu._build import load, ready, status
+
+__all__ = ["SUPPORTED_DTYPES", "batch_norm", "load", "ready", "status"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _ext() -> ModuleType:
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"the CPU batch-norm kernels cannot run here: {status()[1]}")
+    return ext
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Forward and backward through the C++ kernels; saves x, gamma and float32 statistics."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, shift, mean, invstd = _ext().forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        ctx.training = training
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(input, weight, shift, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, shift, mean, invstd = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dx, dgamma, dbeta = _ext().backward(
+            grad_output, input, weight, shift, mean, invstd, ctx.training, need_dx, need_params
+        )
+        if not ctx.needs_input_grad[1]:
+            dgamma = None
+        elif dgamma.dtype != ctx.weight_dtype:
+            dgamma = dgamma.to(ctx.weight_dtype)
+        if not ctx.needs_input_grad[2]:
+            dbeta = None
+        elif dbeta.dtype != ctx.bias_dtype:
+            dbeta = dbeta.to(ctx.bias_dtype)
+        grads = [dx if need_dx else None, dgamma, dbeta]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients get a node whose own backward raises, so that a
+            # second derivative fails loudly instead of coming out as zero or "unused".
+            tied = [g for g in grads if g is not None]
+            sources = [t for t in (input, weight, grad_output) if t is not None]
+            tied = _NoDoubleBackward.apply(len(tied), *tied, *sources)
+            tied = iter(tied if isinstance(tied, tuple) else (tied,))
+            grads = [None if g is None else next(tied) for g in grads]
+        return (*grads, None, None, None, None, None)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises (no double backward here)."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "the 'cpu' batch-norm backend has no second derivatives (double backward); use "
+            "backend='torch' or 'explicit' for gradients of gradients (e.g. gradient penalties)"
+        )
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """``y = gamma * (x - mu) / sqrt(var + eps) + beta`` with the C++ kernels.
+
+    Training normalizes with the batch statistics and updates ``running_mean`` /
+    ``running_var`` in place (``running = (1 - momentum) * running + momentum * batch``, the
+    unbiased batch variance); eval normalizes with the running statistics.
+
+    Args:
+        input: (N, C) or (N, C, *) CPU tensor, float32 or bfloat16.
+        running_mean, running_var: (C,) buffers or None (training only).
+        weight, bias: (C,) gamma and beta, or None.
+        training, momentum, eps: as ``torch.nn.functional.batch_norm``.
+
+    Returns:
+        y, shaped and laid out like the input (channels-last stays channels-last).
+
+    Raises:
+        RuntimeError: the kernels cannot be built here; or a second derivative is requested.
+    """
+    if running_mean is not None:
+        running_mean = running_mean.detach()
+        running_var = running_var.detach()
+    if not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )):  # fmt: skip
+        # Nothing records a graph: no autograd node, no saved tensors.
+        return _ext().forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )[0]
+    return _BatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )

@@ -1,0 +1,162 @@
+"""Compiling the C++ kernels once, on first use, into a cache shared by later processes.
+
+The extension is built by ``torch.utils.cpp_extension.load`` (ninja and a C++ compiler) into
+``$TORCH_EXTENSIONS_DIR`` if set, else ``~/.cache/batchnorm/ext``, under a name keyed by the
+torch version, the source's hash and the vector instruction set. The instruction set follows
+torch's own runtime CPU check (``torch.backends.cpu.get_cpu_capability()``, which also honours
+``ATEN_CPU_CAPABILITY``): ATen's vector types are compiled for AVX512 or AVX2 (``-mavx512f ...``,
+``-mavx2 -mfma``, with ATen's ``CPU_CAPABILITY`` macros) only where torch itself selected that
+instruction set at run time, else with the default flags; never ``-march=native``. The
+instruction set is part of the name, so a cached binary never runs on a machine that lacks its
+instructions (two machines sharing a cache build one binary each).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("batch_norm.cpp")
+
+# ATen's vector code for AVX2 is selected by these macros (as in torch's own per-ISA builds).
+_ISA_FLAGS = {
+    "AVX512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": [],
+}
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def isa() -> str:
+    """The instruction set to compile for: "AVX2" where torch's runtime check allows it."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        capability = "DEFAULT"
+    return capability if capability in _ISA_FLAGS else "DEFAULT"
+
+
+def cache_root() -> Path:
+    """Where built extensions live: $TORCH_EXTENSIONS_DIR, else ~/.cache/batchnorm/ext."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "batchnorm" / "ext"
+
+
+@functools.cache
+def module_name() -> str:
+    """The extension's name: torch version, source hash and instruction set."""
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(torch.__version__.encode())
+    digest.update(" ".join(_ISA_FLAGS[isa()]).encode())
+    return f"batchnorm_cpu_{isa().lower()}_{digest.hexdigest()[:12]}"
+
+
+def build_dir() -> Path:
+    """The folder holding this build of the extension."""
+    return cache_root() / module_name()
+
+
+def _compiler() -> str | None:
+    # torch.utils.cpp_extension compiles with $CXX, else c++: look for exactly that one.
+    return shutil.which(os.environ.get("CXX") or "c++")
+
+
+def _cached_binary() -> Path | None:
+    folder = build_dir()
+    if not folder.is_dir():
+        return None
+    found = sorted(folder.glob(f"{module_name()}*.so")) + sorted(folder.glob("*.pyd"))
+    return found[0] if found else None
+
+
+def status() -> tuple[bool, str]:
+    """Whether the kernels can run here, and how (loaded, cached, or to be compiled); never builds.
+
+    Returns:
+        (ok, reason): ok is False when no compiler or ninja is found (and nothing is cached),
+        or when an earlier build in this process failed.
+    """
+    if _module is not None:
+        return True, f"C++ kernels ({isa()}) loaded from {build_dir()}"
+    if _error is not None:
+        return False, _error
+    if _cached_binary() is not None:
+        return True, f"C++ kernels ({isa()}) compiled and cached in {build_dir()}"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = _compiler()
+    if compiler is None:
+        return False, "no C++ compiler found (install g++ or set CXX) to build the C++ kernels"
+    if not is_ninja_available():
+        return False, "ninja is missing (pip install ninja) to build the C++ kernels"
+    return True, (
+        f"C++ kernels ({isa()}) compile on first use with {compiler} (about a minute, once), "
+        f"cached in {build_dir()}"
+    )
+
+
+def ready() -> bool:
+    """Whether the kernels are loaded, building or loading them now if not tried yet (fast)."""
+    return _module is not None or (_error is None and load() is not None)
+
+
+def load() -> ModuleType | None:
+    """The compiled extension (building it if needed), or None if it cannot be built here.
+
+    After a failure, :func:`status` gives the reason and no further build is attempted in this
+    process.
+    """
+    global _module, _error
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        if _module is not None or _error is not None:
+            return _module
+        ok, reason = status()
+        if not ok:
+            _error = reason
+            return None
+        from torch.utils.cpp_extension import load as load_extension
+
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if _cached_binary() is None:
+            print(
+                f"batchnorm: compiling the C++ CPU kernels ({isa()}) once into {folder} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            _module = load_extension(
+                name=module_name(),
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-std=c++17", *_ISA_FLAGS[isa()]],
+                build_directory=str(folder),
+                verbose=False,
+            )
+        except Exception as exc:  # a failed build falls back to torch's kernel, visibly
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            _error = f"the C++ kernels failed to build ({lines[-1] if lines else exc})"
+            return None
+    return _module

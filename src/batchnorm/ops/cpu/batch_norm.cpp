@@ -1,0 +1,800 @@
+// Batch normalization kernels for the CPU: training and eval forward, backward.
+//
+// Layouts (no copies for these): an input (N, C, *) is seen either as
+//   planar:        x[n, c, s] at (n * C + c) * S + s   (NCHW, NCDHW: contiguous, S = prod(*))
+//   channel-inner: x[r, c]    at r * C + c             ((N, C), NHWC, NDHWC: R = N * S rows)
+// Any other strides are copied to the contiguous layout first.
+//
+// Statistics are float32 arithmetic on vectors, merged in float64 in a fixed order:
+// - every channel is centred on a shift, its first value x[0, c], so that x - shift is exact
+//   in float32 for a large mean with a small spread (1e4 + randn keeps float32 accuracy);
+// - the data are cut in fixed-size groups (planar: whole rows of a channel, about 4096 values;
+//   channel-inner: fixed blocks of rows); each group gets its mean and M2 = sum (x - mean)^2 by
+//   two passes over the group (the second from L1/L2), and the groups are merged with Chan's
+//   formula in float64, in group order. No E[x^2] - E[x]^2 anywhere.
+// - the work split never depends on the thread count (planar: one channel per task;
+//   channel-inner: fixed blocks), so results are bitwise independent of torch's thread count.
+//
+// Saved for backward (float32, (C,)): shift, mean_s (the mean of x - shift) and invstd; the mean
+// is shift + mean_s. Eval mode stores shift = running_mean, mean_s = 0.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+using BF16 = c10::BFloat16;
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kGroupElems = 4096;  // planar: values per statistics group (in L1/L2)
+
+template <typename T>
+inline Vec vload(const T* p);
+template <>
+inline Vec vload<float>(const float* p) {
+  return Vec::loadu(p);
+}
+template <>
+inline Vec vload<BF16>(const BF16* p) {
+  Vec out;
+  at::vec::load_fp32_from_bf16(p, out);
+  return out;
+}
+
+template <typename T>
+inline void vstore(T* p, const Vec& v);
+template <>
+inline void vstore<float>(float* p, const Vec& v) {
+  v.store(p);
+}
+template <>
+inline void vstore<BF16>(BF16* p, const Vec& v) {
+  at::vec::convert_float_bfloat16(v, v).store(p, kW);
+}
+
+// Asks for a short row (a channel's run of S values in NCHW) ahead of its use: the hardware
+// prefetchers do not follow runs of a few hundred bytes spread C * S values apart.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  if (bytes > 16384) return;  // long rows: the hardware prefetchers keep up on their own
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
+}
+
+inline float hsum(const Vec& v) {
+  float tmp[kW];
+  v.store(tmp);
+  float s = 0.f;
+  for (int64_t i = 0; i < kW; ++i) s += tmp[i];
+  return s;
+}
+
+// Running (count, mean, M2) in float64, merged with Chan et al.'s pairwise formula.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mean_b, double m2_b) {
+    if (nb == 0) return;
+    const double total = n + nb;
+    const double delta = mean_b - mean;
+    mean += delta * (nb / total);
+    m2 += m2_b + delta * delta * (n * nb / total);
+    n = total;
+  }
+};
+
+// Sum of (p[i] - shift) over a row of len values (four independent vector chains).
+template <typename T>
+inline void row_sum(const T* p, int64_t len, float shift, Vec* acc, float& tail) {
+  const Vec vs(shift);
+  int64_t i = 0;
+  for (; i + 4 * kW <= len; i += 4 * kW) {
+    acc[0] += vload(p + i) - vs;
+    acc[1] += vload(p + i + kW) - vs;
+    acc[2] += vload(p + i + 2 * kW) - vs;
+    acc[3] += vload(p + i + 3 * kW) - vs;
+  }
+  for (; i + kW <= len; i += kW) acc[0] += vload(p + i) - vs;
+  for (; i < len; ++i) tail += static_cast<float>(p[i]) - shift;
+}
+
+// Sum of ((p[i] - shift) - centre)^2 over a row (x - shift is exact; centre is small).
+template <typename T>
+inline void row_m2(const T* p, int64_t len, float shift, float centre, Vec* acc, float& tail) {
+  const Vec vs(shift), vc(centre);
+  int64_t i = 0;
+  for (; i + 4 * kW <= len; i += 4 * kW) {
+    for (int j = 0; j < 4; ++j) {
+      const Vec d = (vload(p + i + j * kW) - vs) - vc;
+      acc[j] = at::vec::fmadd(d, d, acc[j]);
+    }
+  }
+  for (; i + kW <= len; i += kW) {
+    const Vec d = (vload(p + i) - vs) - vc;
+    acc[0] = at::vec::fmadd(d, d, acc[0]);
+  }
+  for (; i < len; ++i) {
+    const float d = (static_cast<float>(p[i]) - shift) - centre;
+    tail += d * d;
+  }
+}
+
+inline float hsum4(const Vec* acc) { return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])); }
+
+// out = (p - shift) * scale + offset over a row.
+template <typename T>
+inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale, float offset) {
+  const Vec vs(shift), va(scale), vb(offset);
+  int64_t i = 0;
+  for (; i + kW <= len; i += kW) vstore(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
+  for (; i < len; ++i) out[i] = static_cast<T>((static_cast<float>(p[i]) - shift) * scale + offset);
+}
+
+// Sums of dy and of dy * (x - shift) over a row (two chains each).
+template <typename T>
+inline void row_grad_sums(const T* x, const T* dy, int64_t len, float shift, Vec* s_dy,
+                          Vec* s_dyx, float& t_dy, float& t_dyx) {
+  const Vec vs(shift);
+  int64_t i = 0;
+  for (; i + 2 * kW <= len; i += 2 * kW) {
+    for (int j = 0; j < 2; ++j) {
+      const Vec g = vload(dy + i + j * kW);
+      s_dy[j] += g;
+      s_dyx[j] = at::vec::fmadd(g, vload(x + i + j * kW) - vs, s_dyx[j]);
+    }
+  }
+  for (; i + kW <= len; i += kW) {
+    const Vec g = vload(dy + i);
+    s_dy[0] += g;
+    s_dyx[0] = at::vec::fmadd(g, vload(x + i) - vs, s_dyx[0]);
+  }
+  for (; i < len; ++i) {
+    const float g = static_cast<float>(dy[i]);
+    t_dy += g;
+    t_dyx += g * (static_cast<float>(x[i]) - shift);
+  }
+}
+
+// dx = dy * a + (x - shift) * k + c0 over a row.
+template <typename T>
+inline void row_dx(const T* x, const T* dy, T* dx, int64_t len, float shift, float a, float k,
+                   float c0) {
+  const Vec vs(shift), va(a), vk(k), vc(c0);
+  int64_t i = 0;
+  for (; i + kW <= len; i += kW) {
+    const Vec v = at::vec::fmadd(vload(dy + i), va, at::vec::fmadd(vload(x + i) - vs, vk, vc));
+    vstore(dx + i, v);
+  }
+  for (; i < len; ++i) {
+    const float v = static_cast<float>(dy[i]) * a + (static_cast<float>(x[i]) - shift) * k + c0;
+    dx[i] = static_cast<T>(v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Layout
+// ------------------------------------------------------------------------------------------
+
+struct Geometry {
+  bool inner;     // channel-inner (x[r, c] at r * C + c) or planar
+  int64_t N, C, S;
+  int64_t rows() const { return N * S; }
+  int64_t per_channel() const { return N * S; }
+};
+
+// The input as one of the two layouts, copying only when it is neither.
+std::pair<Tensor, Geometry> as_kernel_layout(const Tensor& input) {
+  const int64_t N = input.size(0), C = input.size(1);
+  const int64_t S = C == 0 || N == 0 ? 0 : input.numel() / (N * C);
+  if (input.is_contiguous()) return {input, Geometry{S == 1, N, C, S}};
+  if ((input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) ||
+      (input.dim() == 3 && input.transpose(1, 2).is_contiguous())) {  // (N, L, C) storage
+    return {input, Geometry{true, N, C, S}};
+  }
+  return {input.contiguous(), Geometry{S == 1, N, C, S}};
+}
+
+// A tensor laid out like the kernel's view of x (dy for backward).
+Tensor like_layout(const Tensor& t, const Tensor& x, const Geometry& g) {
+  if (g.inner && !x.is_contiguous()) {
+    if (x.dim() == 3) return t.transpose(1, 2).contiguous().transpose(1, 2);
+    return t.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                     : at::MemoryFormat::ChannelsLast3d);
+  }
+  return t.contiguous();
+}
+
+// Rows per block for the channel-inner layout: fixed by C alone (never by the thread count).
+int64_t inner_block_rows(int64_t C) {
+  return std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 64, 1024);
+}
+
+std::vector<float> floats_or(const c10::optional<Tensor>& t, int64_t C, float fill) {
+  std::vector<float> out(C, fill);
+  if (t.has_value() && t->defined()) {
+    const Tensor f = t->detach().to(at::kFloat).contiguous();
+    std::copy(f.data_ptr<float>(), f.data_ptr<float>() + C, out.begin());
+  }
+  return out;
+}
+
+// running = (1 - momentum) * running + momentum * value, in the buffer's own dtype.
+void blend_into(Tensor& running, const std::vector<double>& value, double momentum) {
+  if (!running.is_contiguous()) {  // a strided view of a buffer: update a copy, write it back
+    Tensor dense = running.contiguous();
+    blend_into(dense, value, momentum);
+    running.copy_(dense);
+    return;
+  }
+  const int64_t C = running.numel();
+  if (running.scalar_type() == at::kFloat) {
+    float* p = running.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) p[c] = (1 - momentum) * p[c] + momentum * value[c];
+  } else if (running.scalar_type() == at::kBFloat16) {
+    BF16* p = running.data_ptr<BF16>();
+    for (int64_t c = 0; c < C; ++c)
+      p[c] = static_cast<BF16>((1 - momentum) * static_cast<float>(p[c]) + momentum * value[c]);
+  } else if (running.scalar_type() == at::kDouble) {
+    double* p = running.data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) p[c] = (1 - momentum) * p[c] + momentum * value[c];
+  } else {
+    TORCH_CHECK(false, "running statistics must be float32, bfloat16 or float64");
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Training statistics
+// ------------------------------------------------------------------------------------------
+
+// Planar: per channel, groups of whole rows (about kGroupElems values), two passes per group.
+template <typename T>
+Moments planar_channel_moments(const T* x, const Geometry& g, int64_t c, float shift) {
+  const int64_t S = g.S, stride = g.C * S;
+  const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
+  Moments m;
+  for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
+    const int64_t n1 = std::min(g.N, n0 + rows_per_group);
+    Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+    float tail = 0.f;
+    for (int64_t n = n0; n < n1; ++n) {
+      if (n + 1 < g.N) prefetch_row(x + (n + 1) * stride + c * S, S * sizeof(T));
+      row_sum(x + n * stride + c * S, S, shift, acc, tail);
+    }
+    const double count = static_cast<double>((n1 - n0) * S);
+    const float group_mean = static_cast<float>((hsum4(acc) + tail) / count);
+    Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+    float tail2 = 0.f;
+    for (int64_t n = n0; n < n1; ++n)
+      row_m2(x + n * stride + c * S, S, shift, group_mean, acc2, tail2);
+    // M2 around the float32 group_mean: its rounding error enters M2 only squared.
+    m.merge(count, group_mean, hsum4(acc2) + tail2);
+  }
+  return m;
+}
+
+// Channel-inner layout: within a block of rows, channels go in chunks of K vectors whose
+// accumulators and constants stay in registers while the chunk walks down the rows (the block
+// is in L1/L2 after the first chunk). `for_chunks` calls f(c, K) for K = 4 and K = 1 chunks,
+// then `tail(c)` for the channels left over (C % kW).
+template <typename F, typename G>
+inline void for_chunks(int64_t C, F&& f, G&& tail) {
+  int64_t c = 0;
+  for (; c + 4 * kW <= C; c += 4 * kW) f(c, std::integral_constant<int, 4>{});
+  for (; c + kW <= C; c += kW) f(c, std::integral_constant<int, 1>{});
+  for (; c < C; ++c) tail(c);
+}
+
+// Per channel of the block rows [r0, r1): mean of (x - shift) and M2 around it (float32).
+template <typename T>
+void inner_block_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const float* shift,
+                         float* mean_out, float* m2_out) {
+  const float inv = 1.f / static_cast<float>(r1 - r0);
+  for_chunks(
+      C,
+      [&](int64_t c, auto k_const) {
+        constexpr int K = decltype(k_const)::value;
+        Vec vs[K], acc[K], acc2[K], mean[K];
+        for (int k = 0; k < K; ++k) {
+          vs[k] = Vec::loadu(shift + c + k * kW);
+          acc[k] = Vec(0.f);
+          acc2[k] = Vec(0.f);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* p = x + r * C + c;
+          for (int k = 0; k < K; ++k) acc[k] += vload(p + k * kW) - vs[k];
+        }
+        for (int k = 0; k < K; ++k) {
+          mean[k] = acc[k] * Vec(inv);
+          mean[k].store(mean_out + c + k * kW);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* p = x + r * C + c;
+          for (int k = 0; k < K; ++k) {
+            const Vec d = (vload(p + k * kW) - vs[k]) - mean[k];
+            acc2[k] = at::vec::fmadd(d, d, acc2[k]);
+          }
+        }
+        for (int k = 0; k < K; ++k) acc2[k].store(m2_out + c + k * kW);
+      },
+      [&](int64_t c) {
+        float sum = 0.f, m2 = 0.f;
+        for (int64_t r = r0; r < r1; ++r) sum += static_cast<float>(x[r * C + c]) - shift[c];
+        const float mean = sum * inv;
+        for (int64_t r = r0; r < r1; ++r) {
+          const float d = (static_cast<float>(x[r * C + c]) - shift[c]) - mean;
+          m2 += d * d;
+        }
+        mean_out[c] = mean;
+        m2_out[c] = m2;
+      });
+}
+
+// y = (x - shift) * scale + offset over the block rows [r0, r1), row after row: the writes
+// stream in memory order (walking a chunk of channels down the rows, as the reductions do,
+// scatters the stores over pages and costs twice the time for large C); the per-channel
+// constants come from L1.
+template <typename T>
+void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* shift,
+                        const float* scale, const float* offset) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* p = x + r * C;
+    T* q = y + r * C;
+    int64_t c = 0;
+    for (; c + kW <= C; c += kW) {
+      vstore(q + c, at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
+                                   Vec::loadu(offset + c)));
+    }
+    for (; c < C; ++c)
+      q[c] = static_cast<T>((static_cast<float>(p[c]) - shift[c]) * scale[c] + offset[c]);
+  }
+}
+
+// Per channel of the block rows [r0, r1): sums of dy and of dy * (x - shift) (float32).
+template <typename T>
+void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64_t r1,
+                           const float* shift, float* sum_dy, float* sum_dyx) {
+  for_chunks(
+      C,
+      [&](int64_t c, auto k_const) {
+        constexpr int K = decltype(k_const)::value;
+        Vec vs[K], a[K], b[K];
+        for (int k = 0; k < K; ++k) {
+          vs[k] = Vec::loadu(shift + c + k * kW);
+          a[k] = Vec(0.f);
+          b[k] = Vec(0.f);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t off = r * C + c;
+          for (int k = 0; k < K; ++k) {
+            const Vec g = vload(dy + off + k * kW);
+            a[k] += g;
+            b[k] = at::vec::fmadd(g, vload(x + off + k * kW) - vs[k], b[k]);
+          }
+        }
+        for (int k = 0; k < K; ++k) {
+          a[k].store(sum_dy + c + k * kW);
+          b[k].store(sum_dyx + c + k * kW);
+        }
+      },
+      [&](int64_t c) {
+        float a = 0.f, b = 0.f;
+        for (int64_t r = r0; r < r1; ++r) {
+          const float g = static_cast<float>(dy[r * C + c]);
+          a += g;
+          b += g * (static_cast<float>(x[r * C + c]) - shift[c]);
+        }
+        sum_dy[c] = a;
+        sum_dyx[c] = b;
+      });
+}
+
+// dx = dy * a + (x - shift) * k + c0 over the block rows [r0, r1), a chunk of channels at a
+// time (row after row measured 2x slower here: x, dy and dx share their offsets modulo 4 KiB,
+// so the loads of the next row wait on the stores of this one).
+template <typename T>
+void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
+                    const float* shift, const float* a, const float* kk, const float* c0) {
+  for_chunks(
+      C,
+      [&](int64_t c, auto k_const) {
+        constexpr int K = decltype(k_const)::value;
+        Vec vs[K], va[K], vk[K], vc[K];
+        for (int k = 0; k < K; ++k) {
+          vs[k] = Vec::loadu(shift + c + k * kW);
+          va[k] = Vec::loadu(a + c + k * kW);
+          vk[k] = Vec::loadu(kk + c + k * kW);
+          vc[k] = Vec::loadu(c0 + c + k * kW);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t off = r * C + c;
+          for (int k = 0; k < K; ++k) {
+            const Vec xs = vload(x + off + k * kW) - vs[k];
+            vstore(dx + off + k * kW,
+                   at::vec::fmadd(vload(dy + off + k * kW), va[k], at::vec::fmadd(xs, vk[k], vc[k])));
+          }
+        }
+      },
+      [&](int64_t c) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t off = r * C + c;
+          dx[off] = static_cast<T>(static_cast<float>(dy[off]) * a[c] +
+                                   (static_cast<float>(x[off]) - shift[c]) * kk[c] + c0[c]);
+        }
+      });
+}
+
+// Fills mean (of x - shift, float64) and biased variance per channel.
+template <typename T>
+void training_moments(const T* x, const Geometry& g, const std::vector<float>& shift,
+                      std::vector<double>& mean_s, std::vector<double>& var) {
+  const int64_t C = g.C;
+  if (!g.inner) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Moments m = planar_channel_moments(x, g, c, shift[c]);
+        mean_s[c] = m.mean;
+        var[c] = m.m2 / m.n;
+      }
+    });
+    return;
+  }
+  const int64_t R = g.rows(), block = inner_block_rows(C);
+  const int64_t blocks = (R + block - 1) / block;
+  std::vector<float> means(blocks * C), m2s(blocks * C);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift.data(),
+                          means.data() + b * C, m2s.data() + b * C);
+    }
+  });
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Moments m;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const double count = static_cast<double>(std::min(R, (b + 1) * block) - b * block);
+        m.merge(count, means[b * C + c], m2s[b * C + c]);
+      }
+      mean_s[c] = m.mean;
+      var[c] = m.m2 / m.n;
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Elementwise passes
+// ------------------------------------------------------------------------------------------
+
+// y = (x - shift) * scale + offset, per channel.
+template <typename T>
+void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift,
+            const std::vector<float>& scale, const std::vector<float>& offset) {
+  const int64_t C = g.C, S = g.S;
+  if (!g.inner) {
+    at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
+                     [&](int64_t i0, int64_t i1) {
+                       for (int64_t i = i0; i < i1; ++i) {
+                         const int64_t c = i % C;
+                         row_affine(x + i * S, y + i * S, S, shift[c], scale[c], offset[c]);
+                       }
+                     });
+    return;
+  }
+  const int64_t R = g.rows(), block = inner_block_rows(C);
+  at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
+                         scale.data(), offset.data());
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
+                  const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                  c10::optional<Tensor>& running_mean, c10::optional<Tensor>& running_var,
+                  bool training, double momentum, double eps, Tensor& shift_t, Tensor& mean_t,
+                  Tensor& invstd_t) {
+  const int64_t C = g.C;
+  const T* xp = x.data_ptr<T>();
+  const std::vector<float> gamma = floats_or(weight, C, 1.f), beta = floats_or(bias, C, 0.f);
+  std::vector<float> shift(C), scale(C), offset(C);
+  float* shift_out = shift_t.data_ptr<float>();
+  float* mean_out = mean_t.data_ptr<float>();
+  float* invstd_out = invstd_t.data_ptr<float>();
+  if (training) {
+    // Centre every channel on its first value.
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(xp[g.inner ? c : c * g.S]);
+    std::vector<double> mean_s(C), var(C);
+    auto finalize = [&](int64_t c) {
+      const double invstd = 1.0 / std::sqrt(var[c] + eps);
+      scale[c] = static_cast<float>(gamma[c] * invstd);
+      offset[c] = static_cast<float>(beta[c] - mean_s[c] * gamma[c] * invstd);
+      shift_out[c] = shift[c];
+      mean_out[c] = static_cast<float>(mean_s[c]);
+      invstd_out[c] = static_cast<float>(invstd);
+    };
+    if (!g.inner) {
+      // One channel at a time: statistics, then its output while its slice is still in cache.
+      T* yp = y.data_ptr<T>();
+      const int64_t S = g.S;
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const Moments mo = planar_channel_moments(xp, g, c, shift[c]);
+          mean_s[c] = mo.mean;
+          var[c] = mo.m2 / mo.n;
+          finalize(c);
+          for (int64_t n = 0; n < g.N; ++n) {
+            const int64_t off = (n * C + c) * S;
+            row_affine(xp + off, yp + off, S, shift[c], scale[c], offset[c]);
+          }
+        }
+      });
+    } else {
+      training_moments(xp, g, shift, mean_s, var);
+      for (int64_t c = 0; c < C; ++c) finalize(c);
+      affine(xp, y.data_ptr<T>(), g, shift, scale, offset);
+    }
+    const double m = static_cast<double>(g.per_channel());
+    std::vector<double> mean(C), unbiased(C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = shift[c] + mean_s[c];
+      unbiased[c] = var[c] * m / (m - 1);
+    }
+    if (running_mean.has_value() && running_mean->defined()) {
+      blend_into(*running_mean, mean, momentum);
+      blend_into(*running_var, unbiased, momentum);
+    }
+    return;
+  } else {
+    const std::vector<float> rm = floats_or(running_mean, C, 0.f);
+    const std::vector<float> rv = floats_or(running_var, C, 1.f);
+    for (int64_t c = 0; c < C; ++c) {
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(rv[c]) + eps);
+      shift[c] = rm[c];
+      scale[c] = static_cast<float>(gamma[c] * invstd);
+      offset[c] = beta[c];
+      shift_out[c] = rm[c];
+      mean_out[c] = 0.f;
+      invstd_out[c] = static_cast<float>(invstd);
+    }
+  }
+  affine(xp, y.data_ptr<T>(), g, shift, scale, offset);
+}
+
+// Returns (y, shift, mean_s, invstd).
+std::vector<Tensor> forward(const Tensor& input, const c10::optional<Tensor>& weight,
+                            const c10::optional<Tensor>& bias, c10::optional<Tensor> running_mean,
+                            c10::optional<Tensor> running_var, bool training, double momentum,
+                            double eps) {
+  TORCH_CHECK(input.dim() >= 2, "batch norm expects an (N, C) or (N, C, *) input");
+  TORCH_CHECK(input.device().is_cpu(), "the cpu kernels need a CPU tensor");
+  auto [x, g] = as_kernel_layout(input);
+  TORCH_CHECK(!training || g.per_channel() > 1,
+              "batch norm in training mode needs more than one value per channel");
+  TORCH_CHECK(training || (running_mean.has_value() && running_mean->defined()),
+              "eval-mode batch norm needs running statistics");
+  Tensor y = at::empty_like(x);
+  const auto opts = input.options().dtype(at::kFloat);
+  Tensor shift = at::empty({g.C}, opts), mean = at::empty({g.C}, opts),
+         invstd = at::empty({g.C}, opts);
+  if (x.numel() > 0) {
+    if (x.scalar_type() == at::kFloat) {
+      forward_impl<float>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
+                          eps, shift, mean, invstd);
+    } else if (x.scalar_type() == at::kBFloat16) {
+      forward_impl<BF16>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
+                         eps, shift, mean, invstd);
+    } else {
+      TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
+    }
+  }
+  return {y, shift, mean, invstd};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
+// One channel of the planar layout: sum of dy and of dy * (x - shift), float64.
+template <typename T>
+void planar_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t c, float shift,
+                      double& sum_dy, double& sum_dyx) {
+  const int64_t C = g.C, S = g.S;
+  const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
+  double s_dy = 0, s_dyx = 0;
+  for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
+    const int64_t n1 = std::min(g.N, n0 + rows_per_group);
+    Vec v_dy[2] = {Vec(0.f), Vec(0.f)}, v_dyx[2] = {Vec(0.f), Vec(0.f)};
+    float t_dy = 0.f, t_dyx = 0.f;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t off = (n * C + c) * S;
+      if (n + 1 < g.N) {
+        prefetch_row(x + off + C * S, S * sizeof(T));
+        prefetch_row(dy + off + C * S, S * sizeof(T));
+      }
+      row_grad_sums(x + off, dy + off, S, shift, v_dy, v_dyx, t_dy, t_dyx);
+    }
+    s_dy += hsum(v_dy[0] + v_dy[1]) + t_dy;
+    s_dyx += hsum(v_dyx[0] + v_dyx[1]) + t_dyx;
+  }
+  sum_dy = s_dy;
+  sum_dyx = s_dyx;
+}
+
+// Per channel: sum of dy and of dy * (x - shift), float64.
+template <typename T>
+void grad_sums(const T* x, const T* dy, const Geometry& g, const float* shift,
+               std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
+  const int64_t C = g.C, S = g.S;
+  if (!g.inner) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) planar_grad_sums(x, dy, g, c, shift[c], sum_dy[c], sum_dyx[c]);
+    });
+    return;
+  }
+  const int64_t R = g.rows(), block = inner_block_rows(C);
+  const int64_t blocks = (R + block - 1) / block;
+  std::vector<float> part_dy(blocks * C, 0.f), part_dyx(blocks * C, 0.f);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      inner_block_grad_sums(x, dy, C, b * block, std::min(R, (b + 1) * block), shift,
+                            part_dy.data() + b * C, part_dyx.data() + b * C);
+    }
+  });
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double s_dy = 0, s_dyx = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        s_dy += part_dy[b * C + c];
+        s_dyx += part_dyx[b * C + c];
+      }
+      sum_dy[c] = s_dy;
+      sum_dyx[c] = s_dyx;
+    }
+  });
+}
+
+// dx = dy * a + (x - shift) * k + c0, per channel.
+template <typename T>
+void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shift,
+             const std::vector<float>& a, const std::vector<float>& k,
+             const std::vector<float>& c0v) {
+  const int64_t C = g.C, S = g.S;
+  if (!g.inner) {
+    at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
+                     [&](int64_t i0, int64_t i1) {
+                       for (int64_t i = i0; i < i1; ++i) {
+                         const int64_t c = i % C;
+                         row_dx(x + i * S, dy + i * S, dx + i * S, S, shift[c], a[c], k[c],
+                                c0v[c]);
+                       }
+                     });
+    return;
+  }
+  const int64_t R = g.rows(), block = inner_block_rows(C);
+  at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      inner_block_dx(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift, a.data(),
+                     k.data(), c0v.data());
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
+                   const std::vector<float>& gamma, const Tensor& shift_t, const Tensor& mean_t,
+                   const Tensor& invstd_t, bool training, bool need_dx, bool need_params,
+                   Tensor& dx, Tensor& dgamma, Tensor& dbeta) {
+  const int64_t C = g.C;
+  const T* xp = x.data_ptr<T>();
+  const T* gp = dy.data_ptr<T>();
+  const float* shift = shift_t.data_ptr<float>();
+  const float* mean_s = mean_t.data_ptr<float>();
+  const float* invstd = invstd_t.data_ptr<float>();
+  const bool need_sums = need_params || (need_dx && training);
+  std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
+  const double m = static_cast<double>(g.per_channel());
+  std::vector<float> a(C), k(C), c0(C);
+  float* dg = need_params ? dgamma.data_ptr<float>() : nullptr;
+  float* db = need_params ? dbeta.data_ptr<float>() : nullptr;
+  auto coefficients = [&](int64_t c) {
+    // sum dy * (x - mean) with mean = shift + mean_s.
+    const double s_dyxc = sum_dyx[c] - static_cast<double>(mean_s[c]) * sum_dy[c];
+    const double is = invstd[c];
+    if (need_params) {
+      dg[c] = static_cast<float>(s_dyxc * is);
+      db[c] = static_cast<float>(sum_dy[c]);
+    }
+    const double ga = gamma[c] * is;
+    a[c] = static_cast<float>(ga);
+    if (training) {
+      // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+      const double kk = -ga * is * is * s_dyxc / m;
+      k[c] = static_cast<float>(kk);
+      c0[c] = static_cast<float>(-kk * mean_s[c] - ga * sum_dy[c] / m);
+    } else {
+      k[c] = 0.f;
+      c0[c] = 0.f;
+    }
+  };
+  if (!g.inner && need_sums && need_dx) {
+    // One channel at a time: the sums, then dx while the channel's x and dy are in cache.
+    T* dxp = dx.data_ptr<T>();
+    const int64_t S = g.S;
+    at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        planar_grad_sums(xp, gp, g, c, shift[c], sum_dy[c], sum_dyx[c]);
+        coefficients(c);
+        for (int64_t n = 0; n < g.N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          row_dx(xp + off, gp + off, dxp + off, S, shift[c], a[c], k[c], c0[c]);
+        }
+      }
+    });
+    return;
+  }
+  if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
+  for (int64_t c = 0; c < C; ++c) coefficients(c);
+  if (need_dx) dx_pass(xp, gp, dx.data_ptr<T>(), g, shift, a, k, c0);
+}
+
+// Returns (dx, dgamma, dbeta) (undefined tensors where not needed); dgamma/dbeta are float32.
+std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
+                             const c10::optional<Tensor>& weight, const Tensor& shift,
+                             const Tensor& mean, const Tensor& invstd, bool training,
+                             bool need_dx, bool need_params) {
+  auto [x, g] = as_kernel_layout(input);
+  const Tensor dy = like_layout(grad_output, x, g);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides(),
+              "grad_output does not match the input's layout");
+  const std::vector<float> gamma = floats_or(weight, g.C, 1.f);
+  Tensor dx, dgamma, dbeta;
+  if (need_dx) dx = at::empty_like(x);
+  if (need_params) {
+    dgamma = at::zeros({g.C}, input.options().dtype(at::kFloat));
+    dbeta = at::zeros({g.C}, input.options().dtype(at::kFloat));
+  }
+  if (x.numel() > 0 && (need_dx || need_params)) {
+    if (x.scalar_type() == at::kFloat) {
+      backward_impl<float>(x, dy, g, gamma, shift, mean, invstd, training, need_dx, need_params,
+                           dx, dgamma, dbeta);
+    } else if (x.scalar_type() == at::kBFloat16) {
+      backward_impl<BF16>(x, dy, g, gamma, shift, mean, invstd, training, need_dx, need_params,
+                          dx, dgamma, dbeta);
+    } else {
+      TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
+    }
+  }
+  return {dx, dgamma, dbeta};
+}
+
+std::string capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "batch norm forward: (y, shift, mean_s, invstd)");
+  m.def("backward", &backward, "batch norm backward: (dx, dgamma, dbeta)");
+  m.def("capability", &capability, "the vector instruction set compiled in");
+  m.def("vector_width", []() { return kW; }, "floats per vector");
+}

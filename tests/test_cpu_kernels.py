@@ -1,0 +1,405 @@
+"""The C++ CPU kernels (backend "cpu", batchnorm.ops.cpu) against the float64 NumPy reference
+and against torch: the shared shape catalogue in train and eval, forward, every gradient and the
+running statistics, float32 and bfloat16, contiguous, channels-last and strided inputs, thread
+count independence, and the backend's fallback and second-derivative behaviour.
+
+The extension is compiled once (about half a minute to a minute) the first time this module runs
+and cached; without a C++ compiler or ninja the module is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import backends, reference
+from batchnorm.functional import batch_norm
+from batchnorm.ops import cpu
+from batchnorm.ops.cpu import _build
+from tests.helpers import SHAPES, assert_close, make_input, tolerance
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """Build (or load) the kernels once; skip only when this machine cannot build them."""
+    ok, reason = cpu.status()
+    if not ok:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
+    if cpu.load() is None:  # a compiler is present but the build failed: a real failure
+        pytest.fail(f"the C++ CPU kernels failed to build: {cpu.status()[1]}")
+
+
+def _params(c: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.uniform(0.5, 1.5, c),
+        rng.standard_normal(c),
+        rng.standard_normal(c) * 0.1,
+        rng.uniform(0.5, 2.0, c),
+    )
+
+
+def _t(a, dtype=torch.float32, grad=False):
+    return torch.tensor(a, dtype=dtype, requires_grad=grad)
+
+
+def _step(x, gamma, beta, rm, rv, training, dy, backend="cpu"):
+    x = x.detach().clone().requires_grad_(True)
+    g = gamma.detach().clone().requires_grad_(True)
+    b = beta.detach().clone().requires_grad_(True)
+    y = batch_norm(x, rm, rv, g, b, training, 0.2, 1e-5, backend=backend)
+    assert backends.last_backend() == backend
+    dx, dg, db = torch.autograd.grad(y, (x, g, b), dy)
+    return y, dx, dg, db
+
+
+def _check(x, dy, gamma, beta, rm0, rv0, pdtype=torch.float32):
+    """One training step then one eval step with backend="cpu", against the reference computed
+    on exactly the values the kernels see (inputs and parameters after rounding)."""
+    dtype_name = str(x.dtype).replace("torch.", "")
+    c = x.shape[1]
+    gamma = _t(gamma, pdtype).double().numpy()
+    beta = _t(beta, pdtype).double().numpy()
+    rm0, rv0 = _t(rm0, pdtype).double().numpy(), _t(rv0, pdtype).double().numpy()
+    x64, dy64 = x.double().numpy(), dy.double().numpy()
+    gamma_t, beta_t = _t(gamma, pdtype), _t(beta, pdtype)
+    rm, rv = _t(rm0, pdtype), _t(rv0, pdtype)
+    fwd, grad = tolerance(dtype_name), tolerance(dtype_name, "gradient")
+    stat_tol = 1e-5 if pdtype == torch.float32 else tolerance("bfloat16")[0]
+    m = x64.size // c
+    half = x.dtype == torch.bfloat16
+
+    if m > 1:
+        y, dx, dg, db = _step(x, gamma_t, beta_t, rm, rv, True, dy)
+        y_ref, cache = reference.bn_forward(x64, gamma, beta, 1e-5)
+        dx_ref, dg_ref, db_ref = reference.bn_backward(dy64, cache)
+        rm_ref, rv_ref = reference.running_update(rm0, rv0, cache.mu, cache.var, m, 0.2)
+        assert y.dtype == x.dtype and y.shape == x.shape and dg.dtype == pdtype
+        assert_close(y, y_ref, rtol=fwd[0], atol=fwd[1], name="y")
+        dx_scale = max(1.0, float(np.abs(dx_ref).max()))
+        assert_close(dx, dx_ref, rtol=grad[0], atol=grad[1] * dx_scale * (4 if half else 1),
+                     name="dx")  # fmt: skip
+        sums = np.sqrt(m) if half else m
+        assert_close(dg, dg_ref, rtol=grad[0], atol=grad[1] * sums, name="dgamma")
+        assert_close(db, db_ref, rtol=grad[0], atol=grad[1] * sums, name="dbeta")
+        assert_close(rm, rm_ref, rtol=stat_tol, atol=stat_tol, name="running_mean")
+        assert_close(rv, rv_ref, rtol=stat_tol, atol=stat_tol, name="running_var")
+        # The running statistics as stored (rounded to their dtype) feed the eval step.
+        rm_ref, rv_ref = rm.double().numpy(), rv.double().numpy()
+    else:
+        rm_ref, rv_ref = rm0, rv0
+
+    before = (rm.clone(), rv.clone())
+    y, dx, dg, db = _step(x, gamma_t, beta_t, rm, rv, False, dy)
+    y_ref = reference.bn_inference(x64, gamma, beta, rm_ref, rv_ref, 1e-5)
+    grads_ref = reference.bn_inference_backward(dy64, x64, gamma, rm_ref, rv_ref, 1e-5)
+    assert_close(y, y_ref, rtol=fwd[0], atol=fwd[1] * (4 if half else 1), name="eval y")
+    for name, a, e in zip(("dx", "dgamma", "dbeta"), (dx, dg, db), grads_ref):
+        atol = grad[1] * max(1.0, float(np.abs(e).max())) * (m if name != "dx" else 1)
+        assert_close(a, e, rtol=grad[0], atol=atol, name=f"eval {name}")
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]), "eval moved the statistics"
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=[c.id for c in SHAPES])
+def test_catalogue_float32(case):
+    """Every catalogue shape (large mean and tiny std included), train then eval, float32."""
+    x = torch.tensor(make_input(case, seed=3), dtype=torch.float32)
+    dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(4))
+    _check(x, dy, *_params(case.shape[1]))
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=["f32-params", "bf16"])
+@pytest.mark.parametrize(
+    "case", [c for c in SHAPES if c.mean == 0.0], ids=[c.id for c in SHAPES if c.mean == 0.0]
+)
+def test_catalogue_bfloat16(case, pdtype):
+    """bfloat16 inputs with float32 (mixed precision) or bfloat16 parameters and statistics.
+
+    The large-mean cases are left out: bfloat16 holds 1e4 to within 64, so those inputs carry
+    no spread to normalize."""
+    x = torch.tensor(make_input(case, seed=5)).to(torch.bfloat16)
+    dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    _check(x, dy, *_params(case.shape[1]), pdtype=pdtype)
+
+
+def _layout(name: str, gen: torch.Generator) -> torch.Tensor:
+    if name == "channels_last":
+        return torch.randn(3, 6, 4, 5, generator=gen).to(memory_format=torch.channels_last)
+    if name == "channels_last_3d":
+        return torch.randn(2, 5, 2, 3, 4, generator=gen).to(memory_format=torch.channels_last_3d)
+    if name == "channels_last_wide":  # C = 37: full vector chunks, one vector and a scalar tail
+        return torch.randn(4, 37, 3, 5, generator=gen).to(memory_format=torch.channels_last)
+    if name == "channels_last_1d":  # (N, C, L) stored as (N, L, C), as a transposed sequence
+        return torch.randn(4, 5, 6, generator=gen).transpose(1, 2)
+    if name == "transposed_2d":
+        return torch.randn(6, 9, generator=gen).t()  # (9, 6) with strides (1, 9)
+    if name == "strided_slice":
+        return torch.randn(4, 3, 6, 7, generator=gen)[:, :, ::2]
+    if name == "channel_slice":
+        return torch.randn(4, 7, 3, 3, generator=gen)[:, 1:6]
+    if name == "expanded":
+        return torch.randn(1, 4, 3, 3, generator=gen).expand(3, 4, 3, 3)
+    return torch.randn(3, 5, 4, 6, generator=gen).permute(0, 3, 2, 1)  # N, W, H, C storage
+
+
+LAYOUTS = ["channels_last", "channels_last_3d", "channels_last_wide", "channels_last_1d",
+           "transposed_2d",
+           "strided_slice", "channel_slice", "expanded", "permuted"]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts(layout, dtype):
+    """Channels-last runs without a copy (the output keeps the input's strides, and a gradient
+    laid out differently from x is handled); other strides give the same numbers."""
+    gen = torch.Generator().manual_seed(7)
+    x = _layout(layout, gen).to(dtype)
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    _check(x, dy, *_params(x.shape[1]))
+    if layout.startswith("channels_last"):
+        y = batch_norm(x, None, None, training=True, backend="cpu")
+        assert y.stride() == x.stride()
+        # dy contiguous while x is channels-last: same gradient as a channels-last dy
+        xg = x.detach().clone().requires_grad_(True)
+        y = batch_norm(xg, None, None, training=True, backend="cpu")
+        (a,) = torch.autograd.grad(y, xg, dy.contiguous(), retain_graph=True)
+        (b,) = torch.autograd.grad(y, xg, dy)  # fmt: skip
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+def test_large_mean_keeps_float32_accuracy(layout):
+    """x = 1e4 + randn: the output, dgamma and the variance keep float32 accuracy (no
+    E[x^2] - E[x]^2, whose cancellation would lose every digit here), on shapes with many
+    statistics groups per channel."""
+    gen = torch.Generator().manual_seed(8)
+    shape = (2048, 24) if layout == "nc" else (16, 8, 24, 24)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).add(1e4).float()
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen)
+    _check(x, dy, *_params(shape[1]))
+
+
+def _run_all(x, dy, gamma, beta):
+    rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    xg = x.clone().requires_grad_(True)
+    g, b = gamma.clone().requires_grad_(True), beta.clone().requires_grad_(True)
+    y = batch_norm(xg, rm, rv, g, b, True, 0.1, 1e-5, backend="cpu")
+    grads = torch.autograd.grad(y, (xg, g, b), dy)
+    y_eval = batch_norm(x, rm, rv, gamma, beta, False, 0.1, 1e-5, backend="cpu")
+    return (y, *grads, rm, rv, y_eval)
+
+
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((8, 6, 20, 20), "nchw"), ((8, 40, 10, 10), "nhwc"), ((5000, 12), "nc"),
+     ((4, 3, 70, 70), "nchw")],
+)  # fmt: skip
+def test_results_independent_of_thread_count(shape, layout):
+    """1 and 2 threads give bitwise equal outputs, gradients and running statistics (the work is
+    split per channel or in fixed blocks, merged in a fixed order)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(shape, generator=gen) * 3 + 1
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen)
+    gamma, beta = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_all(x, dy, gamma, beta)
+        torch.set_num_threads(2)
+        two = _run_all(x, dy, gamma, beta)
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "rm", "rv", "eval y"), one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+
+
+def test_matches_torch_on_a_resnet_shape():
+    """A ResNet-like layer in both layouts agrees with torch's own kernel (float32)."""
+    gen = torch.Generator().manual_seed(10)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 64, 14, 14, generator=gen).to(memory_format=fmt)
+        dy = torch.randn(x.shape, generator=gen)
+        w, b = torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen)
+        out = []
+        for backend in ("cpu", "torch"):
+            rm, rv = torch.zeros(64), torch.ones(64)
+            y, dx, dg, db = _step(x, w, b, rm, rv, True, dy, backend=backend)
+            out.append((y, dx, dg, db, rm, rv))
+        for name, a, e in zip(("y", "dx", "dgamma", "dbeta", "rm", "rv"), *out):
+            assert_close(a, e, rtol=1e-4, atol=1e-4, name=name)
+
+
+def test_only_requested_gradients():
+    """x without grad (dgamma/dbeta only) and parameters without grad (dx only) both work."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 5, 4, 4, generator=gen)
+    w = torch.rand(5, generator=gen).add(0.5).requires_grad_(True)
+    b = torch.randn(5, generator=gen).requires_grad_(True)
+    dy = torch.randn(x.shape, generator=gen)
+    y = batch_norm(x, None, None, w, b, True, backend="cpu")
+    dg, db = torch.autograd.grad(y, (w, b), dy)
+    y_t = torch.nn.functional.batch_norm(x, None, None, w, b, True)
+    ref = torch.autograd.grad(y_t, (w, b), dy)
+    assert_close(dg, ref[0], rtol=1e-4, atol=1e-4, name="dgamma")
+    assert_close(db, ref[1], rtol=1e-4, atol=1e-4, name="dbeta")
+    xg = x.clone().requires_grad_(True)
+    y = batch_norm(xg, None, None, w.detach(), b.detach(), True, backend="cpu")
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    xt = x.clone().requires_grad_(True)
+    (dx_t,) = torch.autograd.grad(
+        torch.nn.functional.batch_norm(xt, None, None, w.detach(), b.detach(), True), xt, dy
+    )
+    assert_close(dx, dx_t, rtol=1e-4, atol=1e-4, name="dx")
+
+
+def test_buffers_edited_between_forward_and_backward():
+    """The running statistics are not saved for backward: editing them in place between forward
+    and backward (a second forward, DDP's broadcast) neither breaks nor changes the gradient."""
+    x = torch.randn(8, 3, 5, 5).requires_grad_(True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = batch_norm(x, rm, rv, training=True, backend="cpu")
+    (expected,) = torch.autograd.grad(y, x, torch.ones_like(y) * torch.arange(3.0).view(3, 1, 1),
+                                      retain_graph=True)  # fmt: skip
+    rm.add_(5.0)
+    rv.mul_(3.0)
+    (again,) = torch.autograd.grad(y, x, torch.ones_like(y) * torch.arange(3.0).view(3, 1, 1))
+    assert torch.equal(expected, again)
+
+
+def test_strided_running_statistics():
+    """Running statistics that are strided views (every other element of a buffer) are updated
+    in place like torch updates them."""
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(13))
+    ours, theirs = torch.zeros(2, 6), torch.zeros(2, 6)
+    ours[1].fill_(1.0)
+    theirs[1].fill_(1.0)
+    batch_norm(x, ours[0, ::2], ours[1, ::2], training=True, backend="cpu")
+    torch.nn.functional.batch_norm(x, theirs[0, ::2], theirs[1, ::2], training=True)
+    assert_close(ours, theirs, rtol=1e-6, atol=1e-6, name="running statistics")
+    assert torch.equal(ours[:, 1::2], torch.tensor([[0.0] * 3, [1.0] * 3]))
+
+
+def test_one_value_per_channel_rejected_in_training():
+    """As torch: a training batch with one value per channel is an error (eval is fine)."""
+    x = torch.randn(1, 4)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        batch_norm(x, torch.zeros(4), torch.ones(4), training=True, backend="cpu")
+    with pytest.raises(RuntimeError, match="more than one value per channel"):
+        cpu.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    y = batch_norm(x, torch.zeros(4), torch.ones(4), training=False, backend="cpu")
+    assert_close(y, x / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-6, name="eval y")
+
+
+def test_second_derivative_raises():
+    """create_graph=True then a second grad raises a clear RuntimeError, never a silent zero."""
+    x = torch.randn(6, 3, 4).requires_grad_(True)
+    w = torch.rand(3).add(0.5).requires_grad_(True)
+    y = batch_norm(x, None, None, w, None, True, backend="cpu")
+    (dx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivatives"):
+        torch.autograd.grad(dx.sum(), (x, w))
+    # the first derivative itself is right
+    xt, wt = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    yt = torch.nn.functional.batch_norm(xt, None, None, wt, None, True)
+    (dx_t,) = torch.autograd.grad((yt**3).sum(), xt)
+    assert_close(dx, dx_t, rtol=1e-4, atol=1e-4, name="dx")
+
+
+def test_unsupported_dtype_falls_back_visibly():
+    """float64 is not run by the C++ kernels: the call falls back to torch with a warning and
+    last_backend() says so."""
+    backends._warned.clear()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' unavailable.*float64"):
+        y = batch_norm(x, None, None, training=True, backend="cpu")
+    assert backends.last_backend() == "torch"
+    assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True),
+                 rtol=1e-12, atol=1e-12)  # fmt: skip
+
+
+def test_no_compiler_falls_back_visibly(monkeypatch):
+    """Where the extension cannot be built, backend="cpu" warns and runs torch's kernel, and
+    available() (what `batchnorm env` prints) gives the reason."""
+    backends._warned.clear()
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_error", "no C++ compiler found (install g++ or set CXX)")
+    x = torch.randn(5, 3)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        batch_norm(x, None, None, training=True, backend="cpu")
+    assert backends.last_backend() == "torch"
+    ok, reason = backends.available()["cpu"]
+    assert not ok and "compiler" in reason
+
+
+def test_status_names_the_build():
+    """status() says where the cached build lives and which instruction set it uses."""
+    ok, reason = cpu.status()
+    assert ok and _build.isa() in reason and str(_build.build_dir()) in reason
+    assert _build.module_name().startswith(f"batchnorm_cpu_{_build.isa().lower()}_")
+
+
+def test_compiled_graphs_use_standard_ops(monkeypatch):
+    """While torch.compile traces, backend="cpu" runs torch's kernel (the C++ call is opaque to
+    Dynamo), so compiled models keep one graph."""
+    backends._warned.clear()
+    monkeypatch.setattr(backends, "_compiling", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        backends.resolve("cpu", device_type="cpu", dtype_name="float32")
+    assert backends.last_backend() == "torch"
+
+
+def test_cpu_bench_pipeline(tmp_path):
+    """`batchnorm bench --device cpu` on a tiny shape: every mode and provider gives a row with
+    a time, a ratio to the copy measured in the same rounds, and a small error against float64;
+    the CSV, table, summary and plot come out. (Timings are not asserted.)"""
+    from batchnorm.ops.bench import cpu as bench
+
+    shape = bench.CpuShape((4, 8, 6, 6), "tiny")
+    rows = bench.measure(shape, "nhwc", "float32", [1], bench.MODES, ["ours", "native"],
+                         rounds=3, min_seconds=0.0)  # fmt: skip
+    assert len(rows) == len(bench.MODES) * 3  # ours, native, copy
+    for row in rows:
+        assert row.time_us > 0 and row.x_copy > 0 and row.rounds >= 3, row
+        if row.provider != "copy":
+            assert row.max_rel_err < 1e-5, row
+            assert row.speedup_vs_native > 0
+    path = tmp_path / "cpu.csv"
+    bench.write_csv(str(path), rows, {"cpu": "test"})
+    text = path.read_text()
+    assert text.startswith("# cpu: test") and text.count("\n") == len(rows) + 2
+    assert "4x8x6x6" in bench.format_table(rows)
+    assert "train_fwd: ours/copy median" in bench.summary(rows)
+    pytest.importorskip("matplotlib")
+    assert bench.plot_csv(str(path), str(tmp_path / "cpu.png")).endswith("cpu.png")
+    assert (tmp_path / "cpu.png").stat().st_size > 0
+
+
+def test_auto_picks_cpu_only_for_listed_dtypes(monkeypatch):
+    """ "auto" takes the C++ kernels for the CPU dtypes in CPU_AUTO_DTYPES (empty by default:
+    BENCHMARKS.md explains why), never for other dtypes or devices, nor under torch.compile."""
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
+    monkeypatch.setattr(backends, "CPU_AUTO_DTYPES", ("float32",))
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "cpu"
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float64") == "torch"
+    assert backends.resolve("auto", device_type="cpu", dtype_name="bfloat16") == "torch"
+    monkeypatch.setattr(backends, "_compiling", lambda: True)
+    assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
+
+
+def test_status_without_the_compiler_named_by_cxx(monkeypatch, tmp_path):
+    """With $CXX naming a compiler that does not exist and nothing cached, status() says the
+    kernels cannot be built (and why) instead of promising a build that would fail."""
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_error", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    ok, reason = cpu.status()
+    assert not ok and "no C++ compiler" in reason
