@@ -9,7 +9,8 @@ import math
 import pytest
 
 from batchnorm.lab import experiments
-from batchnorm.lab.experiments import fig1
+from batchnorm.lab.experiments import fig1, init_scale, lr_sweep, nonlinearity, regularization
+from batchnorm.lab.experiments.common import CellNumbers
 from batchnorm.lab.numbers import numbers_from_json, numbers_to_json
 
 
@@ -116,10 +117,259 @@ def test_fig1_stable(drift_bn, ratio_bn, expected) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# lr: learning-rate sweep
+
+INF = math.inf
+
+
+def cells(*steps_and_diverged) -> list[CellNumbers]:
+    return [CellNumbers(list(steps), diverged) for steps, diverged in steps_and_diverged]
+
+
+def lr_numbers(**changes) -> lr_sweep.Numbers:
+    """BN trains up to lr 10 and reaches the target in 200 steps; without BN up to lr 1, 500."""
+    base = lr_sweep.Numbers(
+        target=0.9,
+        lrs=[0.1, 1.0, 10.0],
+        with_bn=cells(([900, 1000], 0), ([200, 200], 0), ([300, 300], 0)),
+        without_bn=cells(([800, 900], 0), ([500, 500], 0), ([INF, INF], 2)),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_lr_all_hold_and_evidence() -> None:
+    claims = lr_sweep.judge(lr_numbers())
+    assert verdicts(claims) == {"higher": True, "faster": True}
+    assert claims[0].evidence == "largest trainable lr: 10 with BN vs 1 without"
+    assert claims[1].evidence == "200 steps at lr 1 with BN vs 500 at lr 1 without"
+
+
+@pytest.mark.parametrize(
+    ("with_bn", "without_bn", "expected"),
+    [
+        # the same largest trainable lr: a tie fails
+        (cells(([1], 0), ([1], 0), ([INF], 1)), cells(([1], 0), ([1], 0), ([INF], 1)), False),
+        # one seed of BN at lr 10 never reaches the target: BN's largest is 1, a tie
+        (cells(([1], 0), ([1], 0), ([1, INF], 0)), cells(([1], 0), ([1], 0), ([INF], 0)), False),
+        # one seed diverged (though both reached the target first) does not train
+        (cells(([1], 0), ([1], 0), ([1, 1], 1)), cells(([1], 0), ([1], 0), ([INF], 0)), False),
+        # BN trains somewhere, the plain network nowhere: holds
+        (cells(([INF], 0), ([INF], 0), ([5], 0)), cells(([INF], 0), ([INF], 0), ([INF], 0)), True),
+        # neither trains anywhere: fails
+        (
+            cells(([INF], 0), ([INF], 0), ([INF], 0)),
+            cells(([INF], 0), ([INF], 0), ([INF], 0)),
+            False,
+        ),
+        # BN's largest is lower
+        (cells(([1], 0), ([INF], 0), ([INF], 0)), cells(([1], 0), ([1], 0), ([INF], 0)), False),
+    ],
+)
+def test_lr_higher(with_bn, without_bn, expected) -> None:
+    numbers = lr_numbers(with_bn=with_bn, without_bn=without_bn)
+    assert held(lr_sweep.judge, numbers, "higher") is expected
+
+
+@pytest.mark.parametrize(
+    ("bn_best", "plain_best", "margin", "expected"),
+    [
+        (200, 500, 0.0, True),
+        (500, 500, 0.0, False),  # a tie fails
+        (499, 500, 0.0, True),  # a near-tie holds
+        (499, 500, 1.0, False),  # but not by more than a margin of 1 step
+        (INF, INF, 0.0, False),  # neither reaches the target
+        (900, INF, 0.0, True),  # only BN reaches it
+    ],
+)
+def test_lr_faster(bn_best, plain_best, margin, expected) -> None:
+    numbers = lr_numbers(
+        with_bn=cells(([bn_best], 0), ([INF], 0), ([INF], 0)),
+        without_bn=cells(([INF], 0), ([plain_best], 0), ([INF], 0)),
+    )
+    assert held(lr_sweep.judge, numbers, "faster", steps_margin=margin) is expected
+
+
+def test_lr_fastest_tie_takes_the_smallest_lr() -> None:
+    numbers = lr_numbers(with_bn=cells(([300], 0), ([300], 0), ([300], 0)))
+    assert numbers.fastest("with BN") == 0.1
+    assert "at lr 0.1 with BN" in lr_sweep.judge(numbers)[1].evidence
+
+
+# ---------------------------------------------------------------------------------------------
+# init: initialization scale
+
+
+def init_numbers(**changes) -> init_scale.Numbers:
+    base = init_scale.Numbers(
+        scales=[0.1, 1.0, 10.0],
+        final_bn=[[0.95, 0.95], [0.96, 0.96], [0.94, 0.94]],
+        final_plain=[[0.50, 0.60], [0.95, 0.95], [0.11, 0.11]],
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_init_all_hold_and_evidence() -> None:
+    claims = init_scale.judge(init_numbers())
+    assert verdicts(claims) == {"worst case": True, "insensitive": True}
+    assert claims[0].evidence == "worst: 0.9400 (scale 10) with BN vs 0.1100 (scale 10) without"
+    assert claims[1].evidence == "range 0.0200 with BN vs 0.8400 without"
+
+
+@pytest.mark.parametrize(
+    ("bn", "plain", "worst", "insensitive"),
+    [
+        ([[0.5], [0.9], [0.7]], [[0.5], [0.9], [0.7]], False, False),  # identical: ties fail
+        ([[0.5], [0.6], [0.7]], [[0.5], [0.95], [0.7]], False, True),  # same worst, narrower
+        ([[0.5001], [0.9], [0.7]], [[0.5], [0.9], [0.7]], True, True),  # near-ties hold
+        ([[0.3], [0.4], [0.35]], [[0.5], [0.95], [0.7]], False, True),  # narrower but lower
+        ([[0.5, 0.7], [0.9], [0.9]], [[0.6], [0.9], [0.9]], False, False),  # mean 0.6 ties
+        ([[float("nan")], [0.9], [0.9]], [[0.5], [0.9], [0.9]], False, False),  # NaN: fails
+    ],
+)
+def test_init_rules(bn, plain, worst, insensitive) -> None:
+    claims = verdicts(init_scale.judge(init_numbers(final_bn=bn, final_plain=plain)))
+    assert claims == {"worst case": worst, "insensitive": insensitive}
+
+
+def test_init_margins() -> None:
+    numbers = init_numbers(final_bn=[[0.55], [0.6], [0.6]], final_plain=[[0.5], [0.7], [0.7]])
+    assert verdicts(init_scale.judge(numbers)) == {"worst case": True, "insensitive": True}
+    strict = init_scale.judge(numbers, worst_margin=0.1, range_margin=0.2)
+    assert verdicts(strict) == {"worst case": False, "insensitive": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# nonlinearity
+
+
+def nonlinearity_numbers(**changes) -> nonlinearity.Numbers:
+    base = nonlinearity.Numbers(
+        target=0.9,
+        saturating=["sigmoid", "tanh"],
+        final_bn={"sigmoid": [0.95, 0.96], "tanh": [0.97, 0.97]},
+        bn={"sigmoid": CellNumbers([300, 400], 0), "tanh": CellNumbers([200, 200], 0)},
+        plain={"sigmoid": CellNumbers([INF, 2000], 0), "tanh": CellNumbers([500, 600], 0)},
+        saturation_bn={"sigmoid": [0.01, 0.02], "tanh": [0.0, 0.0]},
+        saturation_plain={"sigmoid": [0.5, 0.4], "tanh": [0.1, 0.1]},
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_nonlinearity_all_hold_and_evidence() -> None:
+    claims = nonlinearity.judge(nonlinearity_numbers())
+    assert verdicts(claims) == {"trainable": True, "faster": True, "unsaturated": True}
+    assert claims[0].evidence == (
+        "sigmoid: final 0.9550, reached on 2/2 seeds; tanh: final 0.9700, reached on 2/2 seeds"
+    )
+    assert (
+        claims[1].evidence
+        == "sigmoid: 350 with BN vs never without; tanh: 200 with BN vs 550 without"
+    )
+
+
+def test_nonlinearity_trainable_needs_every_seed_of_every_one() -> None:
+    bn = {"sigmoid": CellNumbers([300, INF], 0), "tanh": CellNumbers([200, 200], 0)}
+    assert not held(nonlinearity.judge, nonlinearity_numbers(bn=bn), "trainable")
+    bn = {"sigmoid": CellNumbers([300, 300], 1), "tanh": CellNumbers([200, 200], 0)}
+    assert not held(nonlinearity.judge, nonlinearity_numbers(bn=bn), "trainable")
+
+
+@pytest.mark.parametrize(
+    ("bn_steps", "plain_steps", "margin", "expected"),
+    [
+        ([550, 550], [550, 550], 0.0, False),  # a tie fails
+        ([549, 550], [550, 550], 0.0, True),  # a near-tie holds
+        ([549, 550], [550, 550], 1.0, False),
+        ([INF, 100], [INF, 100], 0.0, False),  # never in both: a tie of infinities fails
+        ([5000, 5000], [INF, 100], 0.0, True),  # never without BN counts as infinitely many
+    ],
+)
+def test_nonlinearity_faster(bn_steps, plain_steps, margin, expected) -> None:
+    numbers = nonlinearity_numbers(
+        bn={"sigmoid": CellNumbers([100], 0), "tanh": CellNumbers(bn_steps, 0)},
+        plain={"sigmoid": CellNumbers([200], 0), "tanh": CellNumbers(plain_steps, 0)},
+    )
+    assert held(nonlinearity.judge, numbers, "faster", steps_margin=margin) is expected
+
+
+@pytest.mark.parametrize(
+    ("tanh_bn", "tanh_plain", "margin", "expected"),
+    [
+        ([0.1, 0.1], [0.1, 0.1], 0.0, False),  # a tie fails
+        ([0.0999, 0.1], [0.1, 0.1], 0.0, True),
+        ([0.0999, 0.1], [0.1, 0.1], 0.01, False),
+        ([0.0, 0.0], [0.0, 0.0], 0.0, False),  # nothing saturates in either: no difference
+    ],
+)
+def test_nonlinearity_unsaturated(tanh_bn, tanh_plain, margin, expected) -> None:
+    numbers = nonlinearity_numbers(
+        saturation_bn={"sigmoid": [0.0], "tanh": tanh_bn},
+        saturation_plain={"sigmoid": [0.5], "tanh": tanh_plain},
+    )
+    assert held(nonlinearity.judge, numbers, "unsaturated", saturation_margin=margin) is expected
+
+
+# ---------------------------------------------------------------------------------------------
+# regularization
+
+
+def regularization_numbers(**changes) -> regularization.Numbers:
+    N, D, B, BD = regularization.VARIANTS
+    base = regularization.Numbers(
+        dropout=0.3,
+        test={N: [0.90, 0.90], D: [0.92, 0.92], B: [0.93, 0.93], BD: [0.93, 0.93]},
+        train={N: [1.0, 1.0], D: [0.97, 0.97], B: [0.98, 0.98], BD: [0.96, 0.96]},
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_regularization_all_hold_and_evidence() -> None:
+    claims = regularization.judge(regularization_numbers())
+    assert verdicts(claims) == {"regularizes": True, "replaces dropout": True}
+    assert claims[0].evidence == "gap 0.0500 vs 0.1000; test 0.9300 vs 0.9000"
+    assert claims[1].evidence == "test 0.9300 (BN) vs 0.9200 (dropout 0.3)"
+
+
+@pytest.mark.parametrize(
+    ("bn_test", "bn_train", "regularizes", "replaces"),
+    [
+        ([0.93], [0.98], True, True),
+        ([0.92], [0.97], True, True),  # ties dropout's test accuracy: "at least" holds
+        ([0.9199], [0.97], True, False),  # a near-tie below dropout fails
+        ([0.90], [0.95], False, False),  # ties neither's test accuracy: fails
+        ([0.93], [1.03], False, True),  # gap 0.1 ties neither's: fails
+        ([0.95], [0.99], True, True),
+    ],
+)
+def test_regularization_rules(bn_test, bn_train, regularizes, replaces) -> None:
+    base = regularization_numbers()
+    test = {**base.test, "BN": bn_test}
+    train = {**base.train, "BN": bn_train}
+    claims = verdicts(regularization.judge(regularization_numbers(test=test, train=train)))
+    assert claims == {"regularizes": regularizes, "replaces dropout": replaces}
+
+
+def test_regularization_margins() -> None:
+    numbers = regularization_numbers()
+    assert not held(regularization.judge, numbers, "regularizes", gap_margin=0.06)
+    assert not held(regularization.judge, numbers, "regularizes", accuracy_margin=0.03)
+    assert held(regularization.judge, numbers, "regularizes", accuracy_margin=0.02)
+    lower = regularization_numbers(test={**numbers.test, "BN": [0.91, 0.91]})
+    assert not held(regularization.judge, lower, "replaces dropout")
+    assert held(regularization.judge, lower, "replaces dropout", dropout_margin=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
 # Every experiment: the numbers survive the file, and the judge is pure
 
 
-SAMPLES = {"fig1": fig1_numbers}
+SAMPLES = {
+    "fig1": fig1_numbers,
+    "lr": lr_numbers,
+    "init": init_numbers,
+    "nonlinearity": nonlinearity_numbers,
+    "regularization": regularization_numbers,
+}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
