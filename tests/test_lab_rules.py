@@ -9,7 +9,16 @@ import math
 import pytest
 
 from batchnorm.lab import experiments
-from batchnorm.lab.experiments import fig1, init_scale, lr_sweep, nonlinearity, regularization
+from batchnorm.lab.experiments import (
+    decoupling,
+    explosion,
+    fig1,
+    init_scale,
+    lr_sweep,
+    nonlinearity,
+    regularization,
+    theorems,
+)
 from batchnorm.lab.experiments.common import CellNumbers
 from batchnorm.lab.numbers import numbers_from_json, numbers_to_json
 
@@ -360,6 +369,281 @@ def test_regularization_margins() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# explosion
+
+
+def explosion_numbers(**changes) -> explosion.Numbers:
+    L = explosion.LambdaNumbers
+    base = explosion.Numbers(
+        rel_tol=0.1,
+        trainable_acc=0.5,
+        remedy_eps=0.1,
+        lambdas=[
+            L("relu", 4, 1.30, 1.25),
+            L("tanh", 4, 1.10, math.nan),
+            L("linear", 4, 1.20, 1.20),
+            L("relu", 8, 1.21, 1.20),
+            L("linear", 8, 1.10, 1.11),
+        ],
+        grid=[
+            explosion.GridCell(2, 4, [0.9, 0.9]),
+            explosion.GridCell(50, 4, [0.1, math.nan]),
+            explosion.GridCell(2, 16, [0.9, 0.8]),
+            explosion.GridCell(50, 16, [0.7, 0.7]),
+        ],
+        predicted_depth={4: 20.0, 16: 60.0},
+        b_min=4,
+        plain_lambda=1.30,
+        remedy_lambda={"residual": 1.01, "eps=0.1": 1.2},
+        deep=50,
+        small=4,
+        plain_acc=[0.1, math.nan],
+        remedy_acc={"residual": [0.5, 0.6], "eps": [0.2, 0.2]},
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_explosion_all_hold_and_evidence() -> None:
+    claims = explosion.judge(explosion_numbers())
+    assert all(verdicts(claims).values()), claims
+    assert claims[0].evidence == "largest relative gap 0.009 (linear, B=8)"  # B=4 is not checked
+    assert claims[2].evidence == "agreement on 4/4 cells"
+    assert claims[4].evidence == "plain 0.050; residual 0.550; eps=0.1 0.200"  # NaN counts as 0
+
+
+@pytest.mark.parametrize(
+    ("relu8", "expected"),
+    [(3.0, True), (3.0000001, False), (1.0, True), (0.9999999, False)],  # tol 0.5 of 2.0
+)
+def test_explosion_closed_form_tolerance(relu8: float, expected: bool) -> None:
+    lambdas = [explosion.LambdaNumbers("relu", 8, relu8, 2.0)]
+    numbers = explosion_numbers(lambdas=lambdas, rel_tol=0.5)
+    assert held(explosion.judge, numbers, "closed form") is expected
+
+
+def test_explosion_closed_form_needs_a_checked_batch_size() -> None:
+    numbers = explosion_numbers(lambdas=[explosion.LambdaNumbers("relu", 4, 1.25, 1.25)])
+    claims = explosion.judge(numbers)
+    assert not verdicts(claims)["closed form"]
+    assert claims[0].evidence == "no batch size >= 8 measured"
+    assert held(explosion.judge, numbers, "closed form", closed_form_min_batch=4)
+
+
+@pytest.mark.parametrize(("smallest", "expected"), [(1.0, False), (1.0001, True), (0.9, False)])
+def test_explosion_lambda_above_one(smallest: float, expected: bool) -> None:
+    lambdas = [
+        explosion.LambdaNumbers("relu", 8, 1.2, 1.2),
+        explosion.LambdaNumbers("tanh", 8, smallest, math.nan),
+    ]
+    assert held(explosion.judge, explosion_numbers(lambdas=lambdas), "explosion") is expected
+
+
+@pytest.mark.parametrize(
+    ("accs", "expected"),
+    [
+        ([[0.9], [0.1], [0.9], [0.7]], True),  # 4/4 agree
+        ([[0.9], [0.9], [0.9], [0.7]], True),  # 3/4 = 75%: a tie holds
+        ([[0.9], [0.9], [0.1], [0.7]], False),  # 2/4
+        ([[0.9], [0.1], [0.9], [0.4999]], True),  # a cell just below trainable_acc fails to train
+        ([[0.9], [0.1], [0.9], [0.5]], True),  # at trainable_acc it trains
+    ],
+)
+def test_explosion_trainable_depth(accs, expected) -> None:
+    grid = [
+        explosion.GridCell(d, b, a) for (d, b), a in zip([(2, 4), (50, 4), (2, 16), (50, 16)], accs)
+    ]
+    assert held(explosion.judge, explosion_numbers(grid=grid), "trainable depth") is expected
+
+
+def test_explosion_trainable_depth_share() -> None:
+    grid = [explosion.GridCell(2, 4, [0.9]), explosion.GridCell(50, 4, [0.9])]  # 1/2 agree
+    numbers = explosion_numbers(grid=grid)
+    assert not held(explosion.judge, numbers, "trainable depth")
+    assert held(explosion.judge, numbers, "trainable depth", agreement_share=0.5)
+
+
+@pytest.mark.parametrize(
+    ("remedies", "expected"),
+    [({"residual": 1.2, "eps=0.1": 1.29}, True), ({"residual": 1.2, "eps=0.1": 1.30}, False)],
+)
+def test_explosion_remedies_reduce_lambda(remedies, expected) -> None:
+    numbers = explosion_numbers(remedy_lambda=remedies)
+    assert held(explosion.judge, numbers, "remedies reduce lambda") is expected
+
+
+@pytest.mark.parametrize(
+    ("eps_accs", "margin", "expected"),
+    [
+        ([0.05, 0.05], 0.0, False),  # ties plain's mean 0.05 (NaN counted as 0)
+        ([0.0501, 0.05], 0.0, True),
+        ([0.0501, 0.05], 0.01, False),
+        ([math.nan, math.nan], 0.0, False),  # diverged: 0
+    ],
+)
+def test_explosion_remedies_train(eps_accs, margin, expected) -> None:
+    numbers = explosion_numbers(remedy_acc={"residual": [0.9, 0.9], "eps": eps_accs})
+    assert held(explosion.judge, numbers, "remedies train", remedy_margin=margin) is expected
+
+
+# ---------------------------------------------------------------------------------------------
+# decoupling
+
+
+def decoupling_numbers(**changes) -> decoupling.Numbers:
+    P = decoupling.ProblemNumbers
+    base = decoupling.Numbers(
+        problems=[
+            P("OLS", 3.0, 0.2, 0.5, 0.45),
+            P("halfspace", 3.0, 0.3, 0.6, 0.45),
+            P("OLS", 10.0, 0.5, 0.82, 0.83),
+            P("halfspace", 10.0, 0.6, 0.82, 0.83),
+        ],
+        ts_rate=0.5,
+        ts_first=0,
+        ts_last=9,
+        mlp_initial=1.0,
+        mlp_final=0.2,
+        mlp_last_dg=1e-5,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_decoupling_all_hold_and_evidence() -> None:
+    claims = decoupling.judge(decoupling_numbers())
+    assert all(verdicts(claims).values())
+    assert claims[1].evidence == "2/2 problems with kappa >= 10"
+    assert claims[2].evidence == "rate 0.500 per bisection step over T_s = 0..9"
+    assert claims[3].evidence == "loss 1.0000 -> 0.2000; max |dL/dg_i| in the last sweep 1.0e-05"
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [(0.83, True), (0.8300001, False), (math.nan, False), (math.inf, False), (-math.inf, False)],
+)
+def test_decoupling_linear_rate(rate: float, expected: bool) -> None:
+    problems = [decoupling.ProblemNumbers("OLS", 10.0, rate, 0.9, 0.83)]
+    numbers = decoupling_numbers(problems=problems)
+    assert held(decoupling.judge, numbers, "linear rate") is expected
+
+
+@pytest.mark.parametrize(
+    ("kappa", "gdnp", "gd", "expected"),
+    [
+        (10.0, 0.5, 0.8, True),
+        (10.0, 0.8, 0.8, False),  # a tie fails
+        (9.99, 0.5, 0.8, False),  # no problem with kappa >= 10: no evidence
+        (100.0, 0.9, 0.8, False),
+    ],
+)
+def test_decoupling_faster(kappa, gdnp, gd, expected) -> None:
+    problems = [decoupling.ProblemNumbers("OLS", kappa, gdnp, gd, 1.0)]
+    numbers = decoupling_numbers(problems=problems)
+    assert held(decoupling.judge, numbers, "faster than GD") is expected
+
+
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [(0.35, True), (0.65, True), (0.3499, False), (0.6501, False), (math.nan, False)],
+)
+def test_decoupling_bisection_band(rate: float, expected: bool) -> None:
+    assert held(decoupling.judge, decoupling_numbers(ts_rate=rate), "bisection") is expected
+
+
+@pytest.mark.parametrize(("final", "expected"), [(0.5, False), (0.4999, True), (2.0, False)])
+def test_decoupling_mlp(final: float, expected: bool) -> None:
+    numbers = decoupling_numbers(mlp_initial=1.0, mlp_final=final)
+    assert held(decoupling.judge, numbers, "MLP") is expected
+    assert held(decoupling.judge, numbers, "MLP", mlp_fraction=2.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# theorems
+
+
+def instance(eps=0.0, lhs=1.0, rhs=1.0, hess=(1.0, 2.0), applies=True, second=3.0):
+    return theorems.InstanceNumbers(
+        eps=eps,
+        grad_lhs=lhs,
+        grad_rhs=rhs,
+        grad_ratio=lhs / rhs,
+        hess_lhs=hess[0],
+        hess_rhs=hess[1],
+        hess_rel_gap=(hess[1] - hess[0]) / max(abs(hess[0]), abs(hess[1])),
+        second_applies=applies,
+        second_rhs=second,
+    )
+
+
+def theorems_numbers(*instances) -> theorems.Numbers:
+    rows = list(instances) or [instance(), instance(0.01, 0.9, 1.0), instance(applies=False)]
+    return theorems.Numbers(eps_values=sorted({r.eps for r in rows}), instances=rows)
+
+
+def test_theorems_all_hold_and_evidence() -> None:
+    claims = theorems.judge(theorems_numbers())
+    assert all(verdicts(claims).values())
+    assert claims[0].rule == "lhs <= rhs (up to 1e-9 relative) on every instance, at every eps"
+    assert claims[0].evidence == "3/3 instances hold (eps values 0, 0.01)"
+    assert claims[3].evidence == "1/1 instances (the assumption held on 1/2)"
+
+
+@pytest.mark.parametrize(
+    ("lhs", "rhs", "expected"),
+    [
+        (1.0, 1.0, True),  # equality holds
+        (1.0 + 1e-9, 1.0, True),  # within the rounding allowance: holds
+        (1.0 + 3e-9, 1.0, False),  # beyond it: fails
+        (1e6 + 1e-4, 1e6, True),  # the allowance is relative to the larger side
+        (1e6 + 1e-2, 1e6, False),
+    ],
+)
+def test_theorems_41_holds(lhs: float, rhs: float, expected: bool) -> None:
+    # At eps = 0.01 so that the eps = 0 "tight" rule is not involved.
+    numbers = theorems_numbers(instance(), instance(eps=0.01, lhs=lhs, rhs=rhs))
+    assert held(theorems.judge, numbers, "thm 4.1 holds") is expected
+
+
+@pytest.mark.parametrize(
+    ("ratio", "expected"), [(1.0, True), (1.0 + 5e-9, True), (1.0 + 2e-8, False), (0.99, False)]
+)
+def test_theorems_41_tight(ratio: float, expected: bool) -> None:
+    numbers = theorems_numbers(instance(lhs=ratio, rhs=1.0))
+    assert held(theorems.judge, numbers, "thm 4.1 tight") is expected
+
+
+def test_theorems_tight_without_eps_zero_fails() -> None:
+    claims = verdicts(theorems.judge(theorems_numbers(instance(eps=0.1))))
+    assert claims["thm 4.1 tight"] is False and claims["thm 4.2 second form"] is False
+
+
+@pytest.mark.parametrize(
+    ("hess", "eps", "expected"),
+    [
+        ((2.0, 2.0), 0.0, True),
+        ((2.1, 2.0), 0.0, False),
+        ((2.1, 2.0), 0.1, True),
+    ],  # eps > 0: not checked
+)
+def test_theorems_42_holds(hess, eps: float, expected: bool) -> None:
+    numbers = theorems_numbers(instance(), instance(eps=eps, hess=hess))
+    assert held(theorems.judge, numbers, "thm 4.2 holds") is expected
+
+
+@pytest.mark.parametrize(
+    ("applies", "second", "expected"),
+    [
+        (True, 1.0, True),  # lhs 1.0 <= 1.0
+        (True, 0.9, False),
+        (False, 0.9, None),  # the assumption fails: not checked (then no instance is: fails)
+    ],
+)
+def test_theorems_42_second_form(applies: bool, second: float, expected) -> None:
+    numbers = theorems_numbers(instance(applies=applies, second=second))
+    result = held(theorems.judge, numbers, "thm 4.2 second form")
+    assert result is (False if expected is None else expected)
+
+
+# ---------------------------------------------------------------------------------------------
 # Every experiment: the numbers survive the file, and the judge is pure
 
 
@@ -369,6 +653,9 @@ SAMPLES = {
     "init": init_numbers,
     "nonlinearity": nonlinearity_numbers,
     "regularization": regularization_numbers,
+    "explosion": explosion_numbers,
+    "decoupling": decoupling_numbers,
+    "theorems": theorems_numbers,
 }
 
 
