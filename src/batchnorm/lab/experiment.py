@@ -1266,7 +1266,13 @@ def judge_run(run_dir: str | os.PathLike[str], write: bool = True) -> JudgedRun:
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    claims = experiment.judge(numbers)
+    try:
+        claims = experiment.judge(numbers)
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise ConfigError(
+            f"{path} does not hold {experiment.name}'s numbers (judging them failed: "
+            f"{type(exc).__name__}: {exc}); run the experiment again"
+        ) from None
     verdict = overall_verdict(claims)
 
     metrics = _load_json(run_dir / "metrics.json")
