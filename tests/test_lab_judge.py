@@ -91,8 +91,6 @@ def test_only_numbers_can_be_saved() -> None:
 
 def test_every_experiment_splits_measuring_from_judging() -> None:
     for experiment in experiments.all_experiments():
-        if experiment.run is not None:  # TEMPORARY
-            continue
         assert dataclasses.is_dataclass(experiment.numbers_cls), experiment.name
         assert callable(experiment.measure) and callable(experiment.judge), experiment.name
 
@@ -237,3 +235,25 @@ def test_judge_refuses_a_report_it_cannot_rewrite(run_dir: Path) -> None:
     (run_dir / "report.md").write_text("# a report without verdicts\n")
     with pytest.raises(Exception, match="has no '## Verdicts' section"):
         judge_run(run_dir)
+
+
+def test_judge_in_a_read_only_run_is_one_line(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # We run as root, which ignores permissions: a failing write stands in for a read-only folder.
+    import batchnorm.lab.experiment as experiment_module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(experiment_module, "atomic_write_json", refuse)
+    line = _judge_error(capsys, run_dir)
+    assert "cannot rewrite the verdicts" in line and "Permission denied" in line
+    assert main(["lab", "judge", str(run_dir), "--dry-run"]) == 0  # judging still works
+
+
+def test_judge_refuses_metrics_that_are_not_a_runs(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run_dir / "metrics.json").write_text("[1, 2]")
+    assert "is not a run's metrics" in _judge_error(capsys, run_dir)

@@ -11,16 +11,21 @@ import pytest
 
 from batchnorm.lab import experiments
 from batchnorm.lab.experiments import (
+    agc,
     decoupling,
     explosion,
     fig1,
+    ghost,
     ics,
     init_scale,
     landscape,
     lr_sweep,
     noisy_bn,
+    non_iid,
     nonlinearity,
+    precise_bn,
     regularization,
+    small_batch,
     theorems,
 )
 from batchnorm.lab.experiments.common import CellNumbers
@@ -837,6 +842,268 @@ def test_landscape_margins() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# small-batch (Wu & He 2018)
+
+
+def small_batch_numbers(bn=(0.10, 0.20), gn=(0.12, 0.13), min_degradation=0.05):
+    """BN's and GN's mean errors at batch 32 and at batch 2."""
+    return small_batch.Numbers(
+        big=32,
+        small=2,
+        min_degradation=min_degradation,
+        error={"bn": {32: [bn[0]], 2: [bn[1]]}, "gn": {32: [gn[0]], 2: [gn[1]]}},
+    )
+
+
+def test_small_batch_all_hold_and_evidence() -> None:
+    claims = small_batch.judge(small_batch_numbers())
+    assert verdicts(claims) == {"BN degrades": True, "GN does not": True}
+    assert claims[0].evidence == "BN error 0.1000 at batch 32 -> 0.2000 at batch 2 (change +0.1000)"
+
+
+@pytest.mark.parametrize(
+    ("bn", "min_degradation", "expected"),
+    [
+        ((0.25, 0.5), 0.25, True),  # exactly the least degradation: a tie holds
+        ((0.25, 0.4999), 0.25, False),
+        ((0.2, 0.1), 0.0, False),  # BN's error falls
+        ((0.2, 0.2), 0.0, True),  # no change at a zero threshold holds
+    ],
+)
+def test_small_batch_bn_degrades(bn, min_degradation, expected) -> None:
+    numbers = small_batch_numbers(bn=bn, min_degradation=min_degradation)
+    assert held(small_batch.judge, numbers, "BN degrades") is expected
+
+
+@pytest.mark.parametrize(
+    ("gn", "expected"),
+    [
+        ((0.25, 0.5), False),  # GN changes as much as BN (+0.25 each): a tie fails
+        ((0.0, 0.2499), True),
+        ((0.3, 0.5), False),  # GN's change is smaller, but its error at batch 2 ties BN's
+        ((0.45, 0.4999), True),
+    ],
+)
+def test_small_batch_gn_does_not(gn, expected) -> None:
+    numbers = small_batch_numbers(bn=(0.25, 0.5), gn=gn)
+    assert held(small_batch.judge, numbers, "GN does not") is expected
+
+
+def test_small_batch_gn_margin() -> None:
+    numbers = small_batch_numbers(bn=(0.25, 0.5), gn=(0.4, 0.45))  # change 0.05 vs 0.25
+    assert held(small_batch.judge, numbers, "GN does not", gn_margin=0.04)
+    assert not held(small_batch.judge, numbers, "GN does not", gn_margin=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-iid (Ioffe 2017, Batch Renormalization)
+
+
+def non_iid_numbers(bn_iid=0.9, bn_non=0.7, renorm_non=0.8, min_drop=0.05) -> non_iid.Numbers:
+    return non_iid.Numbers(
+        min_drop=min_drop,
+        classes_per_batch=2,
+        acc={non_iid.BN_IID: [bn_iid], non_iid.BN_NON: [bn_non], non_iid.RENORM_NON: [renorm_non]},
+    )
+
+
+def test_non_iid_all_hold_and_evidence() -> None:
+    claims = non_iid.judge(non_iid_numbers())
+    assert verdicts(claims) == {"BN suffers": True, "renorm helps": True}
+    assert claims[0].evidence == "0.9000 (i.i.d.) -> 0.7000 (non-i.i.d.), drop +0.2000"
+    assert "(2 classes per batch)" in claims[0].rule
+
+
+@pytest.mark.parametrize(
+    ("bn_iid", "bn_non", "min_drop", "expected"),
+    [
+        (0.75, 0.5, 0.25, True),
+        (0.75, 0.5001, 0.25, False),
+        (0.5, 0.5, 0.0, True),
+        (0.5, 0.6, 0.0, False),
+    ],
+)
+def test_non_iid_bn_suffers(bn_iid, bn_non, min_drop, expected) -> None:
+    numbers = non_iid_numbers(bn_iid=bn_iid, bn_non=bn_non, min_drop=min_drop)
+    assert held(non_iid.judge, numbers, "BN suffers") is expected
+
+
+@pytest.mark.parametrize(
+    ("renorm", "margin", "expected"),
+    [(0.7, 0.0, False), (0.7001, 0.0, True), (0.7001, 0.001, False), (0.6, 0.0, False)],
+)
+def test_non_iid_renorm_helps(renorm, margin, expected) -> None:
+    numbers = non_iid_numbers(bn_non=0.7, renorm_non=renorm)
+    assert held(non_iid.judge, numbers, "renorm helps", renorm_margin=margin) is expected
+
+
+# ---------------------------------------------------------------------------------------------
+# ghost (Hoffer et al. 2017)
+
+
+def ghost_numbers(small_acc=0.9, big_acc=0.8, ghosts=(0.82, 0.85)) -> ghost.Numbers:
+    names = [f"ghost BN {v}, batch 512" for v in (64, 16)]
+    return ghost.Numbers(
+        big=512,
+        small=32,
+        ghosts=names,
+        acc={
+            "BN, batch 32": [small_acc],
+            "BN, batch 512": [big_acc],
+            names[0]: [ghosts[0]],
+            names[1]: [ghosts[1]],
+        },
+    )
+
+
+def test_ghost_all_hold_and_evidence() -> None:
+    claims = ghost.judge(ghost_numbers())
+    assert verdicts(claims) == {"large batch worse": True, "ghost helps": True}
+    assert claims[1].evidence == "0.8500 (ghost BN 16, batch 512) vs 0.8000 (BN, batch 512)"
+
+
+@pytest.mark.parametrize(
+    ("small_acc", "margin", "expected"),
+    [(0.8, 0.0, False), (0.8001, 0.0, True), (0.8001, 0.001, False), (0.7, 0.0, False)],
+)
+def test_ghost_large_batch_worse(small_acc, margin, expected) -> None:
+    numbers = ghost_numbers(small_acc=small_acc)
+    assert held(ghost.judge, numbers, "large batch worse", large_margin=margin) is expected
+
+
+@pytest.mark.parametrize(
+    ("ghosts", "margin", "expected"),
+    [
+        ((0.8, 0.8), 0.0, False),  # the best ghost ties plain BN: fails
+        ((0.7, 0.8001), 0.0, True),  # one ghost size suffices
+        ((0.7, 0.8001), 0.001, False),
+        ((0.7, 0.75), 0.0, False),
+    ],
+)
+def test_ghost_helps(ghosts, margin, expected) -> None:
+    numbers = ghost_numbers(ghosts=ghosts)
+    assert held(ghost.judge, numbers, "ghost helps", ghost_margin=margin) is expected
+
+
+def test_ghost_best_on_a_tie_is_the_first() -> None:
+    claims = ghost.judge(ghost_numbers(ghosts=(0.85, 0.85)))
+    assert "(ghost BN 64, batch 512)" in claims[1].evidence
+
+
+# ---------------------------------------------------------------------------------------------
+# precise-bn (Wu & Johnson 2021)
+
+
+def precise_numbers(ema=(0.9, 0.5), precise=(0.9, 0.9), shift=(0.1, 2.0), **changes):
+    """Momenta 0.1 (good) and 0.9 (bad); one value per seed for each."""
+    base = precise_bn.Numbers(
+        good=0.1,
+        bad=0.9,
+        min_gain=0.05,
+        tolerance=0.01,
+        momenta=[0.1, 0.9],
+        ema={0.1: [ema[0]], 0.9: [ema[1]]},
+        precise={0.1: [precise[0]], 0.9: [precise[1]]},
+        shift={0.1: [shift[0]], 0.9: [shift[1]]},
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_precise_all_hold_and_evidence() -> None:
+    claims = precise_bn.judge(precise_numbers())
+    assert all(verdicts(claims).values())
+    assert claims[0].evidence == "0.9000 (precise) vs 0.5000 (moving averages), gain +0.4000"
+    assert claims[1].evidence == "smallest gain +0.0000 (momentum 0.1)"
+
+
+@pytest.mark.parametrize(
+    ("ema_bad", "precise_bad", "min_gain", "expected"),
+    [
+        (0.5, 0.75, 0.25, True),
+        (0.5, 0.7499, 0.25, False),
+        (0.5, 0.5, 0.0, True),
+        (0.6, 0.5, 0.0, False),
+    ],
+)
+def test_precise_repairs(ema_bad, precise_bad, min_gain, expected) -> None:
+    numbers = precise_numbers(ema=(0.9, ema_bad), precise=(0.9, precise_bad), min_gain=min_gain)
+    assert held(precise_bn.judge, numbers, "repairs a bad momentum") is expected
+
+
+@pytest.mark.parametrize(
+    ("precise_good", "tolerance", "expected"),
+    [(0.75, 0.25, True), (0.7499, 0.25, False), (1.0, 0.0, True), (0.9999, 0.0, False)],
+)
+def test_precise_never_worse(precise_good, tolerance, expected) -> None:
+    # the moving averages give 1.0 at the good momentum; a tie at 1.0 - tolerance holds
+    numbers = precise_numbers(ema=(1.0, 0.5), precise=(precise_good, 0.9), tolerance=tolerance)
+    assert held(precise_bn.judge, numbers, "never worse") is expected
+
+
+@pytest.mark.parametrize(
+    ("shift", "margin", "expected"),
+    [((1.0, 1.0), 0.0, False), ((1.0, 1.0001), 0.0, True), ((1.0, 1.0001), 0.001, False)],
+)
+def test_precise_drift(shift, margin, expected) -> None:
+    numbers = precise_numbers(shift=shift)
+    assert held(precise_bn.judge, numbers, "drift", drift_margin=margin) is expected
+
+
+# ---------------------------------------------------------------------------------------------
+# agc (Brock et al. 2021)
+
+
+def agc_numbers(acc=None, diverged=None, target=0.5, tolerance=0.05) -> agc.Numbers:
+    """Learning rates 0.1, 1, 10; two seeds each."""
+    acc = acc or {
+        agc.PLAIN: [[0.8, 0.8], [0.3, 0.9], [0.1, 0.1]],
+        agc.CLIPPED: [[0.8, 0.8], [0.85, 0.86], [0.7, 0.7]],
+        agc.BN: [[0.85, 0.85], [0.88, 0.88], [0.6, 0.6]],
+    }
+    diverged = diverged or {agc.PLAIN: [0, 0, 2], agc.CLIPPED: [0, 0, 0], agc.BN: [0, 0, 0]}
+    return agc.Numbers(
+        lrs=[0.1, 1.0, 10.0], target=target, tolerance=tolerance, acc=acc, diverged=diverged
+    )
+
+
+def test_agc_all_hold_and_evidence() -> None:
+    claims = agc.judge(agc_numbers())
+    assert verdicts(claims) == {"AGC stabilizes": True, "close to BN": True}
+    assert claims[0].evidence == "10 (AGC) vs 0.1 (no AGC); BN: 10"
+    assert claims[1].evidence == "0.8550 (AGC) vs 0.8800 (BN); no AGC: 0.8000"
+
+
+def test_agc_stabilizes_rules() -> None:
+    numbers = agc_numbers()
+    acc = {**numbers.acc, agc.PLAIN: [[0.8, 0.8], [0.5, 0.9], [0.1, 0.1]]}  # at the target
+    assert held(agc.judge, agc_numbers(acc=acc), "AGC stabilizes")  # lr 10 vs 1
+    # the same largest lr is a tie: fails
+    acc = {**numbers.acc, agc.PLAIN: [[0.8, 0.8], [0.5, 0.9], [0.5, 0.5]]}
+    diverged = {**numbers.diverged, agc.PLAIN: [0, 0, 0]}
+    assert not held(agc.judge, agc_numbers(acc=acc, diverged=diverged), "AGC stabilizes")
+    # a diverged seed at lr 10 (even with a good final accuracy) does not train
+    diverged = {**numbers.diverged, agc.PLAIN: [0, 0, 0], agc.CLIPPED: [0, 0, 1]}
+    claims = agc.judge(agc_numbers(acc=acc, diverged=diverged))
+    assert not verdicts(claims)["AGC stabilizes"]
+    # nothing trains anywhere: -inf against -inf fails, shown as "none"
+    low = {v: [[0.1, 0.1]] * 3 for v in numbers.acc}
+    claims = agc.judge(agc_numbers(acc=low))
+    assert not verdicts(claims)["AGC stabilizes"]
+    assert claims[0].evidence == "none (AGC) vs none (no AGC); BN: none"
+
+
+@pytest.mark.parametrize(
+    ("clipped_best", "tolerance", "expected"),
+    [(0.9, 0.0, True), (0.755, 0.125, True), (0.7549, 0.125, False), (0.88, 0.0, True)],
+)
+def test_agc_close_to_bn(clipped_best, tolerance, expected) -> None:
+    # BN's best mean 0.88; 0.88 - 0.125 = 0.755 (a tie holds)
+    numbers = agc_numbers()
+    acc = {**numbers.acc, agc.CLIPPED: [[0.1, 0.1], [clipped_best, clipped_best], [0.1, 0.1]]}
+    assert held(agc.judge, agc_numbers(acc=acc, tolerance=tolerance), "close to BN") is expected
+
+
+# ---------------------------------------------------------------------------------------------
 # Every experiment: the numbers survive the file, and the judge is pure
 
 
@@ -852,7 +1119,16 @@ SAMPLES = {
     "noisy-bn": noisy_numbers,
     "ics": ics_numbers,
     "landscape": landscape_numbers,
+    "small-batch": small_batch_numbers,
+    "non-iid": non_iid_numbers,
+    "ghost": ghost_numbers,
+    "precise-bn": precise_numbers,
+    "agc": agc_numbers,
 }
+
+
+def test_every_experiment_has_rule_tests() -> None:
+    assert set(SAMPLES) == set(experiments.NAMES)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))

@@ -196,17 +196,14 @@ class Experiment:
     claim: str
     paper: str
     config_cls: type
-    numbers_cls: type = type(None)
-    measure: Callable[[Any, Context], Measurement] | None = None
-    judge: Callable[[Any], list[Claim]] | None = None
+    numbers_cls: type
+    measure: Callable[[Any, Context], Measurement]
+    judge: Callable[[Any], list[Claim]]
     aliases: tuple[str, ...] = ()
     summary: str = ""
-    run: Callable[[Any, Context], Outcome] | None = None  # TEMPORARY: until every one is split
 
     def outcome(self, config: Any, context: Context) -> Outcome:
         """Measure, save the numbers in the run directory, and judge the saved numbers."""
-        if self.run is not None:
-            return self.run(config, context)
         measurement = self.measure(config, context)
         if not isinstance(measurement.numbers, self.numbers_cls):
             raise TypeError(
@@ -1234,13 +1231,12 @@ def judge_run(run_dir: str | os.PathLike[str], write: bool = True) -> JudgedRun:
             "this version of the lab cannot judge it"
         ) from None
     status = _load_json(run_dir / STATUS_FILE) if (run_dir / STATUS_FILE).is_file() else {}
+    status = status if isinstance(status, dict) else {}
     if status.get("status") != "complete":
         raise ConfigError(
             f"{run_dir} is not complete (status: {status.get('status', 'unknown')}); finish it "
             f"with `batchnorm lab run {experiment.name} --resume {shlex.quote(str(run_dir))}`"
         )
-    if experiment.judge is None:
-        raise ConfigError(f"the experiment {experiment.name} cannot be judged apart from a run")
     path = run_dir / NUMBERS_FILE
     if not path.is_file():
         raise ConfigError(
@@ -1276,7 +1272,11 @@ def judge_run(run_dir: str | os.PathLike[str], write: bool = True) -> JudgedRun:
     verdict = overall_verdict(claims)
 
     metrics = _load_json(run_dir / "metrics.json")
-    before = {c.get("name"): c.get("verdict") for c in metrics.get("claims", [])}
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("claims", []), list):
+        raise ConfigError(f"{run_dir / 'metrics.json'} is not a run's metrics; run it again")
+    before = {
+        c.get("name"): c.get("verdict") for c in metrics.get("claims", []) if isinstance(c, dict)
+    }
     changed = [
         f"{c.name}: {before.get(c.name, 'not judged')} -> {c.verdict}"
         for c in claims
