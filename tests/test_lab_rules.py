@@ -1140,3 +1140,32 @@ def test_numbers_round_trip_and_judge_is_deterministic(name: str) -> None:
     first = experiment.judge(numbers)
     assert experiment.judge(again) == first == experiment.judge(numbers)
     assert again == numbers
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_judge_opens_no_file_and_draws_no_random_number(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+    import io
+    import os
+
+    import numpy as np
+
+    numbers = SAMPLES[name]()
+    expected = experiments.get(name).judge(numbers)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"{name}'s judge touched a file or drew a random number")
+
+    for module, attribute in (
+        (builtins, "open"),
+        (io, "open"),
+        (os, "open"),
+        (np.random, "default_rng"),
+        (np.random, "random"),
+    ):
+        monkeypatch.setattr(module, attribute, forbidden)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert experiments.get(name).judge(numbers) == expected
