@@ -8,9 +8,11 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from batchnorm.cli import main
 from batchnorm.lab import experiments
@@ -100,12 +102,18 @@ def test_every_experiment_splits_measuring_from_judging() -> None:
 
 
 @pytest.fixture(scope="module")
-def fig1_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fig1_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Module-scoped, so set up before lab_quiet: restore what a run changes here.
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BATCHNORM_PROGRESS", "0")
         fig1 = experiments.get("fig1")
         config = make_config(fig1, quick=True, overrides=COMMON + SMALL["fig1"])
-        return run_experiment(fig1, config, quick=True, out=tmp_path_factory.mktemp("runs")).run_dir
+        try:
+            out = tmp_path_factory.mktemp("runs")
+            yield run_experiment(fig1, config, quick=True, out=out).run_dir
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture
