@@ -1,9 +1,10 @@
-"""Checks the lab's experiment tests share: a finished quick run's directory is complete and its
-report agrees with metrics.json."""
+"""Checks the lab's experiment tests share: a finished quick run's directory is complete, its
+report agrees with metrics.json, and its saved numbers judge to the same claims."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.lab.experiment import MARKER_FILE, Claim, overall_verdict
+from batchnorm.lab.experiment import MARKER_FILE, NUMBERS_FILE, Claim, judge_run, overall_verdict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,6 +43,7 @@ def check_run_dir(run_dir: Path, name: str, csv_files: Sequence[str] = ("curves.
         "status.json",
         "metrics.json",
         "report.md",
+        NUMBERS_FILE,
         *csv_files,
     ):
         assert (run_dir / required).is_file(), f"{required} missing in {run_dir}"
@@ -62,6 +64,10 @@ def check_run_dir(run_dir: Path, name: str, csv_files: Sequence[str] = ("curves.
     assert claims and metrics["verdict"] == overall_verdict(
         [Claim(**{k: c[k] for k in fields}) for c in claims]
     )
+    # Judged again from the saved numbers alone, the claims are the run's.
+    judged = judge_run(run_dir, write=False)
+    assert [dataclasses.asdict(c) | {"verdict": c.verdict} for c in judged.claims] == claims
+    assert judged.verdict == metrics["verdict"] and not judged.changed
     report = (run_dir / "report.md").read_text()
     assert "**Quick mode**" in report
     assert f"**Overall verdict: {metrics['verdict']}.**" in report

@@ -8,6 +8,8 @@
     batchnorm lab run NAME --resume RUN_DIR  continue an interrupted run
     batchnorm lab run NAME --resume RUN_DIR --restart-job JOB   ... training JOB again from scratch
     batchnorm lab run NAME --help            the options, and NAME's config fields
+    batchnorm lab judge RUN_DIR [--dry-run]  decide a finished run's claims again from its saved
+                                             numbers (no training); rewrite its verdicts
     batchnorm lab report [--out D]           index of all runs with their verdicts
 
 Every user error is one line on stderr, with exit status 2 (3 when data is unavailable; 128 +
@@ -84,6 +86,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "damaged; repeatable)",
     )
     run.set_defaults(func=_cmd_run, run_parser=run)
+
+    judge = sub.add_parser(
+        "judge",
+        help="decide a finished run's claims again from its saved numbers",
+        description="Decide the claims of a finished run again from its numbers.json, without "
+        "training, and rewrite the verdicts in its report.md, metrics.json and status.json.",
+    )
+    judge.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `batchnorm lab run`")
+    judge.add_argument(
+        "--dry-run", action="store_true", help="print the verdicts, do not rewrite any file"
+    )
+    judge.set_defaults(func=_cmd_judge)
 
     report = sub.add_parser("report", help="index of all runs with their verdicts")
     report.add_argument(
@@ -199,9 +213,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     print(f"{experiment.name}: {result.verdict} ({result.wall_seconds:.1f} s)")
-    for claim in result.outcome.claims:
-        print(f"  {claim.verdict:>12}: {claim.statement}  [{claim.evidence}]")
+    _print_claims(result.outcome.claims)
     print(f"report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def _print_claims(claims: Any) -> None:
+    for claim in claims:
+        print(f"  {claim.verdict:>12}: {claim.statement}  [{claim.evidence}]")
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from batchnorm.lab.config import ConfigError
+    from batchnorm.lab.experiment import judge_run
+
+    try:
+        judged = judge_run(args.run_dir, write=not args.dry_run)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{judged.experiment.name}: {judged.verdict} (judged again from its saved numbers)")
+    _print_claims(judged.claims)
+    if judged.changed:
+        print("changed since the run: " + "; ".join(judged.changed))
+    else:
+        print("every verdict is the one the run gave")
+    if args.dry_run:
+        print("(dry run: no file rewritten)")
+    else:
+        print(f"report: {judged.run_dir / 'report.md'}")
     return 0
 
 

@@ -3,9 +3,18 @@
 An experiment (one module under :mod:`batchnorm.lab.experiments`) provides an :class:`Experiment`:
 a name, the claim it tests, the paper figure it reproduces, a frozen config dataclass (fields
 declared with :func:`batchnorm.lab.config.param`, with a ``quick()`` method giving the smoke-test
-variant), and a ``run(config, context)`` function returning an :class:`Outcome`: the claims with
-the verdict of each (decided by a rule written in the experiment's code), the measured numbers
-beside the paper's, extra tables and figures.
+variant), and two functions that keep measuring apart from judging:
+
+- ``measure(config, context)`` trains and evaluates and returns a :class:`Measurement`: the
+  *numbers* (a dataclass of everything the verdicts need), the measured numbers beside the
+  paper's, extra tables and figures;
+- ``judge(numbers)`` decides every claim from the numbers alone (no training, no file access, no
+  randomness) and returns the :class:`Claim` list. Each rule's margin is a keyword parameter of
+  the judge, with its default the margin the rule uses.
+
+The run saves the numbers in ``numbers.json`` (see :mod:`batchnorm.lab.numbers`) and judges the
+saved numbers, so that :func:`judge_run` (``batchnorm lab judge RUN_DIR``) decides a run's claims
+again exactly as the run did, without training.
 
 :func:`run_experiment` gives every run its own directory (``<runs>/<UTC time>-<name>[-quick]``;
 ``<runs>`` is ``--out``, else ``$BATCHNORM_RUNS_DIR``, else ``./runs``), never reusing one, and
@@ -20,6 +29,7 @@ writes into it:
 ``jobs/``           each finished training job's results (JSON), the running job's checkpoint,
                     each with its SHA-256 in ``<file>.sha256``
 ``LOCK``            while a process works in the directory: its process id
+``numbers.json``    the numbers the verdicts are decided on (with ``numbers.json.sha256``)
 ``metrics.json``    claims, verdicts, numbers, timings and the experiment's own metrics
 ``*.csv``, ``*.png`` curves and figures
 ``report.md``       the Markdown report: verdicts, numbers beside the paper's, protocol, timing
@@ -81,6 +91,12 @@ from batchnorm.lab.io import (
     to_jsonable,
     write_checked_json,
 )
+from batchnorm.lab.numbers import (
+    NUMBERS_FORMAT,
+    NumbersError,
+    numbers_from_json,
+    numbers_to_json,
+)
 from batchnorm.lab.progress import log
 from batchnorm.lab.runlock import RunLockedError, lock_run_dir
 
@@ -102,11 +118,16 @@ __all__ = [
     "RunInterrupted",
     "DamagedRunError",
     "scan_runs",
+    "Measurement",
+    "JudgedRun",
+    "judge_run",
+    "NUMBERS_FILE",
 ]
 
 RUNS_DIR_ENV = "BATCHNORM_RUNS_DIR"
 STATUS_FILE = "status.json"
 MARKER_FILE = "INCOMPLETE"
+NUMBERS_FILE = "numbers.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,8 +161,22 @@ class Comparison:
 
 
 @dataclass
+class Measurement:
+    """What an experiment's ``measure`` returns: the numbers its ``judge`` decides on, and the
+    rest of the report (which the claims do not depend on)."""
+
+    numbers: Any  # the experiment's numbers dataclass
+    comparisons: list[Comparison]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tables: list[tuple[str, str]] = field(default_factory=list)  # (title, Markdown)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    choices: list[str] = field(default_factory=list)  # protocol choices the paper left open
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Outcome:
-    """Everything an experiment's ``run`` returns."""
+    """A finished run's results: the judge's claims and the measurement's report parts."""
 
     claims: list[Claim]
     comparisons: list[Comparison]
@@ -161,9 +196,40 @@ class Experiment:
     claim: str
     paper: str
     config_cls: type
-    run: Callable[[Any, Context], Outcome]
+    numbers_cls: type
+    measure: Callable[[Any, Context], Measurement]
+    judge: Callable[[Any], list[Claim]]
     aliases: tuple[str, ...] = ()
     summary: str = ""
+
+    def outcome(self, config: Any, context: Context) -> Outcome:
+        """Measure, save the numbers in the run directory, and judge the saved numbers."""
+        measurement = self.measure(config, context)
+        if not isinstance(measurement.numbers, self.numbers_cls):
+            raise TypeError(
+                f"{self.name}: measure returned {type(measurement.numbers).__name__}, "
+                f"not {self.numbers_cls.__name__}"
+            )
+        path = context.run_dir / NUMBERS_FILE
+        write_checked_json(
+            path,
+            {
+                "experiment": self.name,
+                "format": NUMBERS_FORMAT,
+                "numbers": numbers_to_json(measurement.numbers),
+            },
+        )
+        # Judged from what was saved, so that `batchnorm lab judge` decides exactly as this run.
+        numbers = numbers_from_json(self.numbers_cls, read_checked_json(path)["numbers"])
+        return Outcome(
+            claims=self.judge(numbers),
+            comparisons=measurement.comparisons,
+            metrics=measurement.metrics,
+            tables=measurement.tables,
+            figures=measurement.figures,
+            choices=measurement.choices,
+            notes=measurement.notes,
+        )
 
     def default_config(self, quick: bool = False) -> Any:
         config = self.config_cls()
@@ -784,7 +850,7 @@ def _run_locked(
     context = Context(run_dir, experiment, config, quick, data_dir)
     try:
         with _sigterm_interrupts(), context.timer("total"):
-            outcome = experiment.run(config, context)
+            outcome = experiment.outcome(config, context)
     except KeyboardInterrupt as exc:
         signal_name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
         wall = previous_seconds + time.perf_counter() - start
@@ -869,6 +935,14 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def verdicts_table(claims: Sequence[Claim]) -> str:
+    """The report's table of claims, rules, evidence and verdicts."""
+    return md_table(
+        ["claim", "rule (decided in code)", "evidence", "verdict"],
+        [[c.statement, c.rule, c.evidence, f"**{c.verdict}**"] for c in claims],
+    )
+
+
 def render_report(
     experiment: Experiment,
     config: Any,
@@ -896,10 +970,7 @@ def render_report(
         "",
         "## Verdicts",
         "",
-        md_table(
-            ["claim", "rule (decided in code)", "evidence", "verdict"],
-            [[c.statement, c.rule, c.evidence, f"**{c.verdict}**"] for c in outcome.claims],
-        ),
+        verdicts_table(outcome.claims),
         "",
         "## Numbers beside the paper's",
         "",
@@ -1072,3 +1143,176 @@ def render_index(runs: Sequence[RunSummary]) -> str:
             "",
         ]
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Judging a saved run again
+
+
+@dataclass
+class JudgedRun:
+    """What :func:`judge_run` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        experiment: its experiment.
+        claims: the claims as decided now from the saved numbers.
+        verdict: their overall verdict.
+        changed: one line per claim whose verdict differs from the one saved before (empty when
+            none does).
+    """
+
+    run_dir: Path
+    experiment: Experiment
+    claims: list[Claim]
+    verdict: str
+    changed: list[str]
+
+
+def replace_verdicts(report: str, claims: Sequence[Claim], verdict: str) -> str:
+    """``report`` (as :func:`render_report` wrote it) with the overall verdict and the table of
+    verdicts replaced by those of ``claims``; everything else is kept.
+
+    Raises:
+        ValueError: the report has no overall verdict line or no verdicts table.
+    """
+    lines = report.split("\n")
+    overall = [i for i, line in enumerate(lines) if line.startswith("**Overall verdict: ")]
+    try:
+        heading = lines.index("## Verdicts")
+    except ValueError:
+        raise ValueError("it has no '## Verdicts' section") from None
+    if not overall:
+        raise ValueError("it has no '**Overall verdict: ...**' line")
+    start = heading + 1
+    while start < len(lines) and not lines[start].startswith("|"):
+        start += 1
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    if start == end:
+        raise ValueError("its '## Verdicts' section has no table")
+    lines[overall[0]] = f"**Overall verdict: {verdict}.**"
+    lines[start:end] = verdicts_table(claims).split("\n")
+    return "\n".join(lines)
+
+
+def judge_run(run_dir: str | os.PathLike[str], write: bool = True) -> JudgedRun:
+    """Decide a finished run's claims again from its saved ``numbers.json``, without training.
+
+    With ``write``, the verdict parts of ``metrics.json`` (``claims``, ``verdict``),
+    ``report.md`` (the overall verdict and the table of verdicts) and ``status.json``
+    (``verdict``, and ``rejudged``: when) are rewritten; the rest of each file is kept.
+
+    Raises:
+        ConfigError: not a run directory, a run of an unknown experiment, a run that is not
+            complete, a missing, damaged or unreadable ``numbers.json``, a directory another
+            process holds, or files that cannot be rewritten; the message says what to do.
+    """
+    from batchnorm.lab import experiments
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"{run_dir} is not a folder; name a run directory (`batchnorm lab report` lists them)"
+        )
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{run_dir} is not a run directory (it has no config.json); name one that "
+            "`batchnorm lab run` made (`batchnorm lab report` lists them)"
+        )
+    saved = _load_json(run_dir / "config.json")
+    name = saved.get("experiment") if isinstance(saved, dict) else None
+    try:
+        experiment = experiments.get(str(name))
+    except KeyError:
+        raise ConfigError(
+            f"{run_dir} holds a run of an unknown experiment {name!r}; "
+            "this version of the lab cannot judge it"
+        ) from None
+    status = _load_json(run_dir / STATUS_FILE) if (run_dir / STATUS_FILE).is_file() else {}
+    status = status if isinstance(status, dict) else {}
+    if status.get("status") != "complete":
+        raise ConfigError(
+            f"{run_dir} is not complete (status: {status.get('status', 'unknown')}); finish it "
+            f"with `batchnorm lab run {experiment.name} --resume {shlex.quote(str(run_dir))}`"
+        )
+    path = run_dir / NUMBERS_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no {NUMBERS_FILE} (the run was made before runs saved their numbers); "
+            f"run `batchnorm lab run {experiment.name}` again to judge it"
+        )
+    try:
+        record = read_checked_json(path)
+        if not isinstance(record, dict) or "numbers" not in record:
+            raise NumbersError("it is not a numbers record")
+        if record.get("experiment") != experiment.name:
+            raise NumbersError(
+                f"it holds numbers of {record.get('experiment')!r}, not {experiment.name!r}"
+            )
+        if record.get("format") != NUMBERS_FORMAT:
+            raise NumbersError(f"unknown format {record.get('format')!r}")
+        numbers = numbers_from_json(experiment.numbers_cls, record["numbers"])
+    except CorruptFileError as exc:
+        raise ConfigError(f"{exc}; it cannot be judged again (run the experiment again)") from None
+    except NumbersError as exc:
+        raise ConfigError(
+            f"{path} does not hold {experiment.name}'s numbers ({exc}); run the experiment again"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        claims = experiment.judge(numbers)
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise ConfigError(
+            f"{path} does not hold {experiment.name}'s numbers (judging them failed: "
+            f"{type(exc).__name__}: {exc}); run the experiment again"
+        ) from None
+    verdict = overall_verdict(claims)
+
+    metrics = _load_json(run_dir / "metrics.json")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("claims", []), list):
+        raise ConfigError(f"{run_dir / 'metrics.json'} is not a run's metrics; run it again")
+    before = {
+        c.get("name"): c.get("verdict") for c in metrics.get("claims", []) if isinstance(c, dict)
+    }
+    changed = [
+        f"{c.name}: {before.get(c.name, 'not judged')} -> {c.verdict}"
+        for c in claims
+        if before.get(c.name) != c.verdict
+    ]
+    changed += [
+        f"{n}: {v} -> no longer a claim"
+        for n, v in before.items()
+        if n not in {c.name for c in claims}
+    ]
+    if write:
+        _write_verdicts(run_dir, claims, verdict, metrics)
+    return JudgedRun(run_dir, experiment, claims, verdict, changed)
+
+
+def _write_verdicts(
+    run_dir: Path, claims: Sequence[Claim], verdict: str, metrics: dict[str, Any]
+) -> None:
+    report_path = run_dir / "report.md"
+    try:
+        report = replace_verdicts(report_path.read_text(), claims, verdict)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {report_path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"cannot rewrite {report_path}: {exc}") from None
+    metrics["verdict"] = verdict
+    metrics["claims"] = [dataclasses.asdict(c) | {"verdict": c.verdict} for c in claims]
+    try:
+        with lock_run_dir(run_dir):
+            atomic_write_json(run_dir / "metrics.json", metrics)
+            atomic_write_text(report_path, report)
+            _write_status(run_dir, "complete", verdict=verdict, rejudged=_now())
+    except RunLockedError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot rewrite the verdicts in {run_dir}: {exc.strerror or exc}; make it writable "
+            "(or judge without writing, --dry-run)"
+        ) from None

@@ -28,7 +28,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -45,7 +45,7 @@ from batchnorm.lab.experiments.cnn import (
     train_net,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 PLAIN, CLIPPED, BN = "no norm", "no norm + AGC", "BN"
 VARIANTS = {PLAIN: ("none", False), CLIPPED: ("none", True), BN: ("bn", False)}
@@ -79,8 +79,66 @@ class Config(ConvConfig):
         return replace(super().quick(), epochs=2.0, lrs=(0.1, 3.2))
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train each variant at each learning rate and seed, decide the claims, tabulate, plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on, keyed by variant, then one entry per learning rate."""
+
+    lrs: list[float]  # in the config's order
+    target: float  # the config's test accuracy that counts as training
+    tolerance: float  # the config's allowance of "close to BN"
+    acc: dict[str, list[list[float]]]  # final test accuracy, [lr][seed]
+    diverged: dict[str, list[int]]  # seeds that diverged, [lr]
+
+    def largest(self, variant: str) -> float:
+        """The largest lr at which no seed diverged and every seed reached the target (-inf:
+        none)."""
+        return max(
+            (
+                lr
+                for lr, a, d in zip(self.lrs, self.acc[variant], self.diverged[variant])
+                if d == 0 and bool(np.all(np.asarray(a, dtype=np.float64) >= self.target))
+            ),
+            default=-math.inf,
+        )
+
+    def best(self, variant: str) -> float:
+        """The best mean final test accuracy over the learning rates."""
+        return max(float(np.mean(a)) for a in self.acc[variant])
+
+
+def judge(numbers: Numbers) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    "AGC stabilizes" holds when AGC's largest trainable learning rate is strictly larger than
+    the unclipped network's; "close to BN" when AGC's best mean accuracy is at least BN's best
+    minus the config's ``tolerance`` (saved in the numbers; a tie holds).
+    """
+    n = numbers
+    largest = {v: n.largest(v) for v in VARIANTS}
+    best = {v: n.best(v) for v in VARIANTS}
+    return [
+        Claim(
+            "AGC stabilizes",
+            "With AGC an unnormalized network trains at higher learning rates than without.",
+            f"the largest learning rate at which every seed reaches {n.target} test accuracy "
+            "without diverging is larger with AGC",
+            bool(largest[CLIPPED] > largest[PLAIN]),
+            f"{_fmt_lr(largest[CLIPPED])} (AGC) vs {_fmt_lr(largest[PLAIN])} (no AGC); BN: "
+            f"{_fmt_lr(largest[BN])}",
+        ),
+        Claim(
+            "close to BN",
+            "The clipped unnormalized network comes close to the BN network.",
+            f"the best mean final test accuracy over learning rates with AGC is within "
+            f"{n.tolerance} of BN's best",
+            bool(best[CLIPPED] >= best[BN] - n.tolerance),
+            f"{best[CLIPPED]:.4f} (AGC) vs {best[BN]:.4f} (BN); no AGC: {best[PLAIN]:.4f}",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train each variant at each learning rate and seed, tabulate, plot."""
     data = image_data(ctx, config)
     n = len(data.train_y)
     b = config.batch_size
@@ -122,25 +180,13 @@ def run(config: Config, ctx: Context) -> Outcome:
 
     largest = {v: max((lr for lr in lrs if trains(v, lr)), default=-math.inf) for v in VARIANTS}
     best = {v: max(float(np.mean(acc[v][lr])) for lr in lrs) for v in VARIANTS}
-    claims = [
-        Claim(
-            "AGC stabilizes",
-            "With AGC an unnormalized network trains at higher learning rates than without.",
-            f"the largest learning rate at which every seed reaches {config.target} test accuracy "
-            "without diverging is larger with AGC",
-            bool(largest[CLIPPED] > largest[PLAIN]),
-            f"{_fmt_lr(largest[CLIPPED])} (AGC) vs {_fmt_lr(largest[PLAIN])} (no AGC); BN: "
-            f"{_fmt_lr(largest[BN])}",
-        ),
-        Claim(
-            "close to BN",
-            "The clipped unnormalized network comes close to the BN network.",
-            f"the best mean final test accuracy over learning rates with AGC is within "
-            f"{config.tolerance} of BN's best",
-            bool(best[CLIPPED] >= best[BN] - config.tolerance),
-            f"{best[CLIPPED]:.4f} (AGC) vs {best[BN]:.4f} (BN); no AGC: {best[PLAIN]:.4f}",
-        ),
-    ]
+    numbers = Numbers(
+        lrs=list(lrs),
+        target=config.target,
+        tolerance=config.tolerance,
+        acc={v: [acc[v][lr].tolist() for lr in lrs] for v in VARIANTS},
+        diverged={v: [int(diverged[v][lr]) for lr in lrs] for v in VARIANTS},
+    )
     comparisons = [
         Comparison(
             "largest learning rate that trains: no norm / no norm + AGC / BN",
@@ -166,8 +212,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, lrs, acc)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "lrs": lrs,
@@ -223,6 +269,8 @@ EXPERIMENT = Experiment(
         "Stand-in: a small CNN on Fashion-MNIST over a learning-rate sweep."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="unnormalized CNN with/without AGC vs BN over learning rates",
 )

@@ -248,6 +248,27 @@ class Cell:
         return mean_steps(self.to_target)
 
 
+@dataclass
+class CellNumbers:
+    """What a rule needs of a :class:`Cell`: steps to the target per seed and divergences."""
+
+    to_target: list[float]  # steps to the target accuracy per seed (inf: never)
+    diverged: int  # networks whose loss became non-finite
+
+    @classmethod
+    def of(cls, c: Cell) -> CellNumbers:
+        return cls(to_target=[float(v) for v in c.to_target], diverged=int(c.diverged))
+
+    @property
+    def trains(self) -> bool:
+        """No seed diverged and every seed reached the target (as :attr:`Cell.trains`)."""
+        return self.diverged == 0 and all(math.isfinite(s) for s in self.to_target)
+
+    @property
+    def mean_steps(self) -> float:
+        return mean_steps(self.to_target)
+
+
 def cell(result: JobResult, target: float, **match: Any) -> Cell:
     """The :class:`Cell` of the networks matching ``match``."""
     indices = variant_indices(result, **match)

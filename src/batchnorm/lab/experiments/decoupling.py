@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from batchnorm.lab.config import param
-from batchnorm.lab.experiment import Claim, Comparison, Context, Experiment, Outcome, md_table
+from batchnorm.lab.experiment import Claim, Comparison, Context, Experiment, Measurement, md_table
 from batchnorm.lab.progress import bar
 from batchnorm.lab.theory.decoupling import (
     fit_linear_rate,
@@ -44,7 +44,7 @@ from batchnorm.lab.theory.decoupling import (
     train_mlp_unitwise,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 METHODS = ("GD on w~", "GD on (w, g)", "GDNP")
 
@@ -100,8 +100,96 @@ def _rate(sub: np.ndarray) -> float:
         return math.nan
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Run every method on every problem, the T_s sweep and the MLP; decide; plot."""
+@dataclass
+class ProblemNumbers:
+    """The fitted rates on one problem."""
+
+    problem: str  # "OLS" or "halfspace"
+    kappa: float  # its condition number
+    rate_gdnp: float  # fitted linear rate of GDNP (per iteration)
+    rate_gd: float  # ... of plain GD on w~
+    bound: float  # (1 - mu/L)^2
+
+
+@dataclass
+class Numbers:
+    """What the claims are decided on."""
+
+    problems: list[ProblemNumbers]
+    ts_rate: float  # fitted per-step rate of the final |df/dg| over T_s
+    ts_first: int  # the T_s values swept, first and last
+    ts_last: int
+    mlp_initial: float  # the MLP's training loss before and after GDNP
+    mlp_final: float
+    mlp_last_dg: float  # max |dL/dg_i| in the last sweep
+
+
+def judge(
+    numbers: Numbers,
+    *,
+    hard_kappa: float = 10.0,
+    bisection_band: tuple[float, float] = (0.35, 0.65),
+    mlp_fraction: float = 0.5,
+) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        hard_kappa: "faster than GD" is checked on the problems of at least this condition number
+            (GDNP's rate must be strictly below GD's).
+        bisection_band: "bisection" holds when the fitted per-step rate lies in this closed
+            interval (2^-1 = 0.5 in theory).
+        mlp_fraction: "MLP" holds when the final loss is below this fraction of the initial one.
+    """
+    n = numbers
+
+    def ok(x: float, limit: float) -> bool:
+        return math.isfinite(x) and x <= limit
+
+    below_bound = [p for p in n.problems if ok(p.rate_gdnp, p.bound)]
+    hard = [p for p in n.problems if p.kappa >= hard_kappa]
+    faster = [p for p in hard if p.rate_gdnp < p.rate_gd]
+    low, high = bisection_band
+    return [
+        Claim(
+            "linear rate",
+            "GDNP converges linearly, at rate (1 - mu/L)^2 or better.",
+            "fitted GDNP rate <= (1 - mu/L)^2 on every problem",
+            len(below_bound) == len(n.problems),
+            f"{len(below_bound)}/{len(n.problems)} problems; "
+            + ", ".join(
+                f"{p.problem} k={p.kappa:g}: {p.rate_gdnp:.3f} <= {p.bound:.3f}" for p in n.problems
+            ),
+        ),
+        Claim(
+            "faster than GD",
+            "Decoupling length and direction speeds up ill-conditioned problems.",
+            f"fitted GDNP rate < plain GD's on every problem with kappa >= {hard_kappa:g}",
+            bool(hard) and len(faster) == len(hard),
+            f"{len(faster)}/{len(hard)} problems with kappa >= {hard_kappa:g}",
+        ),
+        Claim(
+            "bisection",
+            "The length error shrinks like 2^-T_s with the bisection steps T_s.",
+            f"fitted per-step rate of the final |df/dg| over T_s lies in [{low}, {high}]",
+            bool(low <= n.ts_rate <= high),
+            f"rate {n.ts_rate:.3f} per bisection step over T_s = {n.ts_first}..{n.ts_last}",
+        ),
+        Claim(
+            "MLP",
+            "A one-hidden-layer tanh MLP trains unit by unit with GDNP.",
+            "final training loss < "
+            + ("half" if mlp_fraction == 0.5 else f"{mlp_fraction:g} times")
+            + " the initial loss",
+            bool(n.mlp_final < mlp_fraction * n.mlp_initial),
+            f"loss {n.mlp_initial:.4f} -> {n.mlp_final:.4f}; max |dL/dg_i| in the last "
+            f"sweep {n.mlp_last_dg:.1e}",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Run every method on every problem, the T_s sweep and the MLP; measure; plot."""
     rng = np.random.default_rng(config.seed)
     runs: dict[tuple[str, float], dict[str, np.ndarray]] = {}
     bounds: dict[tuple[str, float], float] = {}
@@ -158,47 +246,18 @@ def run(config: Config, ctx: Context) -> Outcome:
     with ctx.timer("MLP"):
         mlp = _mlp(config)
 
-    def ok(x: float, limit: float) -> bool:
-        return math.isfinite(x) and x <= limit
-
-    keys = list(runs)
-    below_bound = [k for k in keys if ok(rates[k]["GDNP"], bounds[k])]
-    hard = [k for k in keys if k[1] >= 10]
-    faster = [k for k in hard if rates[k]["GDNP"] < rates[k]["GD on w~"]]
-    claims = [
-        Claim(
-            "linear rate",
-            "GDNP converges linearly, at rate (1 - mu/L)^2 or better.",
-            "fitted GDNP rate <= (1 - mu/L)^2 on every problem",
-            len(below_bound) == len(keys),
-            f"{len(below_bound)}/{len(keys)} problems; "
-            + ", ".join(
-                f"{p} k={k:g}: {rates[p, k]['GDNP']:.3f} <= {bounds[p, k]:.3f}" for p, k in keys
-            ),
-        ),
-        Claim(
-            "faster than GD",
-            "Decoupling length and direction speeds up ill-conditioned problems.",
-            "fitted GDNP rate < plain GD's on every problem with kappa >= 10",
-            bool(hard) and len(faster) == len(hard),
-            f"{len(faster)}/{len(hard)} problems with kappa >= 10",
-        ),
-        Claim(
-            "bisection",
-            "The length error shrinks like 2^-T_s with the bisection steps T_s.",
-            "fitted per-step rate of the final |df/dg| over T_s lies in [0.35, 0.65]",
-            bool(0.35 <= ts_rate <= 0.65),
-            f"rate {ts_rate:.3f} per bisection step over T_s = {ts[0]}..{ts[-1]}",
-        ),
-        Claim(
-            "MLP",
-            "A one-hidden-layer tanh MLP trains unit by unit with GDNP.",
-            "final training loss < half the initial loss",
-            bool(mlp["final"] < 0.5 * mlp["initial"]),
-            f"loss {mlp['initial']:.4f} -> {mlp['final']:.4f}; max |dL/dg_i| in the last "
-            f"sweep {mlp['last_dg']:.1e}",
-        ),
-    ]
+    numbers = Numbers(
+        problems=[
+            ProblemNumbers(p, float(k), rates[p, k]["GDNP"], rates[p, k]["GD on w~"], bounds[p, k])
+            for p, k in runs
+        ],
+        ts_rate=ts_rate,
+        ts_first=ts[0],
+        ts_last=ts[-1],
+        mlp_initial=float(mlp["initial"]),
+        mlp_final=float(mlp["final"]),
+        mlp_last_dg=float(mlp["last_dg"]),
+    )
     comparisons = [
         Comparison(
             f"{p}, kappa={k:g}: fitted rate GD on w~ / GD on (w, g) / GDNP (bound)",
@@ -206,7 +265,7 @@ def run(config: Config, ctx: Context) -> Outcome:
             " / ".join(f"{rates[p, k][m]:.3f}" for m in METHODS) + f" ({bounds[p, k]:.3f})",
             value=rates[p, k]["GDNP"],
         )
-        for p, k in keys
+        for p, k in runs
     ]
     comparisons.append(
         Comparison("length error per bisection step", "1/2 (2^-T_s)", f"{ts_rate:.3f}", ts_rate)
@@ -217,14 +276,14 @@ def run(config: Config, ctx: Context) -> Outcome:
         [
             [p, f"{k:g}", *[f"{rates[p, k][m]:.4f}" for m in METHODS], f"{bounds[p, k]:.4f}"]
             + [f"{runs[p, k][m][-1]:.2e}" for m in METHODS]
-            for p, k in keys
+            for p, k in runs
         ],
     )
     ts_table = md_table(["T_s", "final |df/dg|"], [[t, f"{d:.2e}"] for t, d in zip(ts, dg)])
     with ctx.timer("plots"):
         _plot(ctx, runs, ts, dg, mlp["losses"])
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "rates": {f"{p} kappa={k:g}": r for (p, k), r in rates.items()},
@@ -326,6 +385,8 @@ EXPERIMENT = Experiment(
         "variant (Sec. 5), and their GD vs GDNP convergence plots."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="GD vs GD on (w, g) vs GDNP; rates, T_s, unit-wise MLP",
 )

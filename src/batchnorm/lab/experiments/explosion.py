@@ -40,7 +40,14 @@ import torch
 
 from batchnorm.lab.config import param
 from batchnorm.lab.data import DATASETS
-from batchnorm.lab.experiment import Claim, Comparison, Context, Experiment, Outcome, md_table
+from batchnorm.lab.experiment import (
+    Claim,
+    Comparison,
+    Context,
+    Experiment,
+    Measurement,
+    md_table,
+)
 from batchnorm.lab.progress import bar
 from batchnorm.lab.theory.gradient_explosion import (
     gradient_growth,
@@ -50,7 +57,7 @@ from batchnorm.lab.theory.gradient_explosion import (
 )
 from batchnorm.nn import BatchNorm1d
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 MC_NONLINEARITIES = ("relu", "tanh", "linear")
 CLOSED = {"relu": relu_lambda, "linear": linear_lambda}
@@ -185,8 +192,130 @@ def _train_cell(data, config: Config, depth: int, batch: int, seed: int, **varia
     return float((pred == ty[:n]).double().mean())
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Monte Carlo lambda, the trainability grid, the remedies; decide; plot."""
+@dataclass
+class LambdaNumbers:
+    """One Monte Carlo estimate of lambda."""
+
+    nonlinearity: str
+    batch_size: int
+    growth: float  # the measured lambda
+    theory: float  # the closed form's lambda (nan: none for this nonlinearity)
+
+
+@dataclass
+class GridCell:
+    """One cell of the trainability grid: final test accuracy per seed (nan: diverged)."""
+
+    depth: int
+    batch_size: int
+    accs: list[float]
+
+
+@dataclass
+class Numbers:
+    """What the claims are decided on."""
+
+    rel_tol: float  # the config's tolerance of the closed forms
+    trainable_acc: float  # the config's test accuracy that counts as trained
+    remedy_eps: float
+    lambdas: list[LambdaNumbers]  # in the order measured
+    grid: list[GridCell]
+    predicted_depth: dict[int, float]  # 16 / ln lambda_ReLU(B), by batch size B
+    b_min: int  # the smallest Monte Carlo batch size
+    plain_lambda: float  # lambda of the plain ReLU network at b_min
+    remedy_lambda: dict[str, float]  # lambda of each remedy at b_min
+    deep: int  # the deepest grid depth
+    small: int  # the smallest grid batch size
+    plain_acc: list[float]  # the plain network at (deep, small), per seed
+    remedy_acc: dict[str, list[float]]  # each remedy at (deep, small), per seed
+
+
+def _mean_acc(values: list[float]) -> float:
+    return float(np.mean(np.nan_to_num(values, nan=0.0)))  # diverged counts as 0
+
+
+def judge(
+    numbers: Numbers,
+    *,
+    closed_form_min_batch: int = 8,
+    explosion_floor: float = 1.0,
+    agreement_share: float = 0.75,
+    remedy_margin: float = 0.0,
+) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        closed_form_min_batch: "closed form" checks the batch sizes from this one up (the
+            tolerance itself is the config's ``rel_tol``, saved in the numbers).
+        explosion_floor: "explosion" holds when every lambda is above this (1: no growth).
+        agreement_share: "trainable depth" holds when the prediction agrees with the grid on at
+            least this share of its cells (a tie holds).
+        remedy_margin: "remedies train" holds when each remedy's mean test accuracy is above
+            the plain network's by more than this (a tie does not hold).
+    """
+    n = numbers
+    checked = [
+        e for e in n.lambdas if e.nonlinearity in CLOSED and e.batch_size >= closed_form_min_batch
+    ]
+    rel = {(e.nonlinearity, e.batch_size): abs(e.growth / e.theory - 1.0) for e in checked}
+    trains = {(c.depth, c.batch_size): _mean_acc(c.accs) >= n.trainable_acc for c in n.grid}
+    agree = {k: trains[k] == (k[0] <= n.predicted_depth[k[1]]) for k in trains}
+    agreement = float(np.mean(list(agree.values())))
+    plain_acc = _mean_acc(n.plain_acc)
+    return [
+        Claim(
+            "closed form",
+            "The closed forms of lambda(B) for ReLU and linear match the measured growth.",
+            f"|lambda_MC / lambda_theory - 1| <= {n.rel_tol:g} for ReLU and linear, "
+            f"B >= {closed_form_min_batch}",
+            bool(checked) and max(rel.values()) <= n.rel_tol,
+            (
+                f"largest relative gap {max(rel.values()):.3f} "
+                f"({max(rel, key=rel.get)[0]}, B={max(rel, key=rel.get)[1]})"
+                if checked
+                else f"no batch size >= {closed_form_min_batch} measured"
+            ),
+        ),
+        Claim(
+            "explosion",
+            "Gradients explode at initialization for every batch size: lambda > 1.",
+            "Monte Carlo lambda > "
+            + ("1" if explosion_floor == 1.0 else f"{explosion_floor:g}")
+            + " for ReLU, tanh and linear at every B",
+            all(e.growth > explosion_floor for e in n.lambdas),
+            f"smallest lambda {min(e.growth for e in n.lambdas):.4f}",
+        ),
+        Claim(
+            "trainable depth",
+            "Networks train up to a depth of about 16 / ln(lambda).",
+            "trained (mean test acc >= trainable_acc) == (depth <= 16/ln lambda_ReLU(B)) on "
+            f">= {agreement_share:.0%} of the grid cells",
+            bool(agreement >= agreement_share),
+            f"agreement on {sum(agree.values())}/{len(agree)} cells",
+        ),
+        Claim(
+            "remedies reduce lambda",
+            "Residual connections and a larger eps reduce the gradient explosion.",
+            f"Monte Carlo lambda (ReLU, B={n.b_min}) with each remedy below the plain network's",
+            all(g < n.plain_lambda for g in n.remedy_lambda.values()),
+            f"plain {n.plain_lambda:.3f}; "
+            + ", ".join(f"{k} {g:.3f}" for k, g in n.remedy_lambda.items()),
+        ),
+        Claim(
+            "remedies train",
+            "With the remedies, the deepest small-batch network trains better.",
+            f"mean test acc at depth {n.deep}, B={n.small}: each remedy above plain"
+            + (f" by more than {remedy_margin}" if remedy_margin else ""),
+            all(_mean_acc(v) > plain_acc + remedy_margin for v in n.remedy_acc.values()),
+            f"plain {plain_acc:.3f}; residual {_mean_acc(n.remedy_acc['residual']):.3f}; "
+            f"eps={n.remedy_eps:g} {_mean_acc(n.remedy_acc['eps']):.3f}",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Monte Carlo lambda, the trainability grid, the remedies; measure; plot."""
     mc_kwargs = dict(
         depth=config.mc_depth,
         repeats=config.mc_repeats,
@@ -254,55 +383,25 @@ def run(config: Config, ctx: Context) -> Outcome:
     trains = {k: mean_acc(v) >= config.trainable_acc for k, v in grid.items()}
     agree = {k: trains[k] == (k[0] <= predicted[k[1]]) for k in grid}
     agreement = float(np.mean(list(agree.values())))
-    checked = [(nl, b) for (nl, b) in lam if nl in CLOSED and b >= 8]
-    rel = {k: abs(lam[k].growth / CLOSED[k[0]](k[1]) - 1.0) for k in checked}
     plain_small = lam["relu", b_min].growth
-    plain_acc = mean_acc(grid[deep, small])
-    claims = [
-        Claim(
-            "closed form",
-            "The closed forms of lambda(B) for ReLU and linear match the measured growth.",
-            f"|lambda_MC / lambda_theory - 1| <= {config.rel_tol:g} for ReLU and linear, B >= 8",
-            bool(checked) and max(rel.values()) <= config.rel_tol,
-            (
-                f"largest relative gap {max(rel.values()):.3f} "
-                f"({max(rel, key=rel.get)[0]}, B={max(rel, key=rel.get)[1]})"
-                if checked
-                else "no batch size >= 8 measured"
-            ),
-        ),
-        Claim(
-            "explosion",
-            "Gradients explode at initialization for every batch size: lambda > 1.",
-            "Monte Carlo lambda > 1 for ReLU, tanh and linear at every B",
-            all(est.growth > 1.0 for est in lam.values()),
-            f"smallest lambda {min(e.growth for e in lam.values()):.4f}",
-        ),
-        Claim(
-            "trainable depth",
-            "Networks train up to a depth of about 16 / ln(lambda).",
-            "trained (mean test acc >= trainable_acc) == (depth <= 16/ln lambda_ReLU(B)) on "
-            ">= 75% of the grid cells",
-            bool(agreement >= 0.75),
-            f"agreement on {sum(agree.values())}/{len(agree)} cells",
-        ),
-        Claim(
-            "remedies reduce lambda",
-            "Residual connections and a larger eps reduce the gradient explosion.",
-            f"Monte Carlo lambda (ReLU, B={b_min}) with each remedy below the plain network's",
-            all(e.growth < plain_small for e in remedy_lam.values()),
-            f"plain {plain_small:.3f}; "
-            + ", ".join(f"{k} {e.growth:.3f}" for k, e in remedy_lam.items()),
-        ),
-        Claim(
-            "remedies train",
-            "With the remedies, the deepest small-batch network trains better.",
-            f"mean test acc at depth {deep}, B={small}: each remedy above plain",
-            all(mean_acc(v) > plain_acc for v in remedy_acc.values()),
-            f"plain {plain_acc:.3f}; residual {mean_acc(remedy_acc['residual']):.3f}; "
-            f"eps={config.remedy_eps:g} {mean_acc(remedy_acc['eps']):.3f}",
-        ),
-    ]
+    numbers = Numbers(
+        rel_tol=config.rel_tol,
+        trainable_acc=config.trainable_acc,
+        remedy_eps=config.remedy_eps,
+        lambdas=[
+            LambdaNumbers(nl, b, float(est.growth), CLOSED[nl](b) if nl in CLOSED else math.nan)
+            for (nl, b), est in lam.items()
+        ],
+        grid=[GridCell(d, b, [float(a) for a in accs]) for (d, b), accs in grid.items()],
+        predicted_depth={b: float(v) for b, v in predicted.items()},
+        b_min=b_min,
+        plain_lambda=float(plain_small),
+        remedy_lambda={k: float(e.growth) for k, e in remedy_lam.items()},
+        deep=deep,
+        small=small,
+        plain_acc=[float(a) for a in grid[deep, small]],
+        remedy_acc={k: [float(a) for a in v] for k, v in remedy_acc.items()},
+    )
     comparisons = []
     for b in config.mc_batch_sizes:
         for nl in MC_NONLINEARITIES:
@@ -341,8 +440,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, config, lam, grid, predicted)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "lambda": lambda_rows,
@@ -430,6 +529,8 @@ EXPERIMENT = Experiment(
         "trainability map on MNIST (scaled down here: smaller width, fewer steps)."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="gradient growth lambda(B), trainable depth, remedies",
 )

@@ -49,7 +49,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
     mean_std,
@@ -67,10 +67,11 @@ from batchnorm.lab.experiments.common import (
     variant_indices,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run", "drift"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge", "drift"]
 
 WITH, WITHOUT = "with BN", "without BN"
-# Rules (fixed here, not settings): BN must lead by this much at the first plotted point.
+# The default margin of the "faster" rule (see judge): BN must lead by this much at the first
+# plotted point.
 EARLY_MARGIN = 0.05
 TARGET = 0.95  # for "steps to reach", reported beside the curves
 
@@ -123,8 +124,76 @@ def drift(percentiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return median_drift, ratio
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train both models on all seeds, evaluate, decide the claims and draw Figure 1."""
+@dataclass
+class Numbers:
+    """What the claims of Figure 1 are decided on: per-seed values, paired by seed."""
+
+    first_step: int  # the first plotted point after step 0
+    last_step: int
+    tracked_unit: int
+    early_bn: list[float]  # test accuracy at first_step, with BN, one per seed
+    early_plain: list[float]  # ... without BN
+    final_bn: list[float]  # test accuracy at last_step, with BN
+    final_plain: list[float]
+    median_drift_bn: list[float]  # the tracked unit's median drift, with BN
+    median_drift_plain: list[float]
+    spread_ratio_bn: list[float]  # the tracked unit's spread ratio, with BN
+    spread_ratio_plain: list[float]
+
+
+def judge(
+    numbers: Numbers, *, early_margin: float = EARLY_MARGIN, final_margin: float = 0.0
+) -> list[Claim]:
+    """Decide the claims of Figure 1 from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        early_margin: "faster" holds when BN's mean test accuracy at the first plotted point
+            leads by at least this much (a tie at the margin holds).
+        final_margin: "higher" holds when, for every seed, BN's final test accuracy exceeds the
+            plain network's by more than this (a tie does not hold).
+    """
+    n = numbers
+    early_bn, early_plain = mean_std(n.early_bn)[0], mean_std(n.early_plain)[0]
+    lead = early_bn - early_plain
+    paired_final = np.asarray(n.final_bn, dtype=np.float64) - np.asarray(
+        n.final_plain, dtype=np.float64
+    )
+    center_bn, center_plain = mean_std(n.median_drift_bn)[0], mean_std(n.median_drift_plain)[0]
+    ratio_bn, ratio_plain = mean_std(n.spread_ratio_bn)[0], mean_std(n.spread_ratio_plain)[0]
+    return [
+        Claim(
+            "faster",
+            "With BN the network reaches a higher test accuracy faster (Fig. 1a).",
+            f"mean test accuracy with BN at the first plotted point (step {n.first_step}) exceeds "
+            f"that without BN by at least {early_margin}",
+            bool(lead >= early_margin),
+            f"step {n.first_step}: {early_bn:.4f} vs {early_plain:.4f} (lead {lead:+.4f})",
+        ),
+        Claim(
+            "higher",
+            f"With BN the final test accuracy is higher (Fig. 1a, at {n.last_step:,} steps).",
+            "test accuracy with BN above that without BN for every seed (paired runs: same "
+            "initial weights and data order)"
+            + (f", by more than {final_margin}" if final_margin else ""),
+            bool(len(paired_final) > 0 and np.all(paired_final > final_margin)),
+            "BN minus no BN per seed: " + ", ".join(f"{d:+.4f}" for d in paired_final),
+        ),
+        Claim(
+            "stable",
+            "With BN the input distribution of a sigmoid stays stable; without BN its mean and "
+            "spread drift (Fig. 1b, c).",
+            f"for the tracked unit {n.tracked_unit}, both the median drift and the spread ratio, "
+            "averaged over seeds, are smaller with BN",
+            bool(center_bn < center_plain and ratio_bn < ratio_plain),
+            f"median drift {center_bn:.3f} vs {center_plain:.3f}; spread ratio "
+            f"{ratio_bn:.3f} vs {ratio_plain:.3f}",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train both models on all seeds, evaluate, and draw Figure 1."""
     data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
     specs = specs_for(
         config, [{"variant": WITH, "batch_norm": True}, {"variant": WITHOUT, "batch_norm": False}]
@@ -146,7 +215,6 @@ def run(config: Config, ctx: Context) -> Outcome:
 
     early_bn, early_plain = acc[first, bn], acc[first, plain]
     final_bn, final_plain = acc[-1, bn], acc[-1, plain]
-    paired_final = final_bn - final_plain
     to_target_bn = [steps_to_target(result, g, TARGET) for g in bn]
     to_target_plain = [steps_to_target(result, g, TARGET) for g in plain]
 
@@ -170,40 +238,19 @@ def run(config: Config, ctx: Context) -> Outcome:
     late_center = {WITH: [d[0][unit] for d in late_bn], WITHOUT: [d[0][unit] for d in late_plain]}
     late_ratio = {WITH: [d[1][unit] for d in late_bn], WITHOUT: [d[1][unit] for d in late_plain]}
 
-    lead = mean_std(early_bn)[0] - mean_std(early_plain)[0]
-    claims = [
-        Claim(
-            "faster",
-            "With BN the network reaches a higher test accuracy faster (Fig. 1a).",
-            f"mean test accuracy with BN at the first plotted point (step {first_step}) exceeds "
-            f"that without BN by at least {EARLY_MARGIN}",
-            bool(lead >= EARLY_MARGIN),
-            f"step {first_step}: {mean_std(early_bn)[0]:.4f} vs {mean_std(early_plain)[0]:.4f} "
-            f"(lead {lead:+.4f})",
-        ),
-        Claim(
-            "higher",
-            f"With BN the final test accuracy is higher (Fig. 1a, at {last_step:,} steps).",
-            "test accuracy with BN above that without BN for every seed (paired runs: same "
-            "initial weights and data order)",
-            bool(len(paired_final) > 0 and np.all(paired_final > 0)),
-            "BN minus no BN per seed: " + ", ".join(f"{d:+.4f}" for d in paired_final),
-        ),
-        Claim(
-            "stable",
-            "With BN the input distribution of a sigmoid stays stable; without BN its mean and "
-            "spread drift (Fig. 1b, c).",
-            f"for the tracked unit {unit}, both the median drift and the spread ratio, averaged "
-            "over seeds, are smaller with BN",
-            bool(
-                mean_std(unit_center_bn)[0] < mean_std(unit_center_plain)[0]
-                and mean_std(unit_ratio_bn)[0] < mean_std(unit_ratio_plain)[0]
-            ),
-            f"median drift {mean_std(unit_center_bn)[0]:.3f} vs "
-            f"{mean_std(unit_center_plain)[0]:.3f}; spread ratio "
-            f"{mean_std(unit_ratio_bn)[0]:.3f} vs {mean_std(unit_ratio_plain)[0]:.3f}",
-        ),
-    ]
+    numbers = Numbers(
+        first_step=first_step,
+        last_step=last_step,
+        tracked_unit=unit,
+        early_bn=early_bn.tolist(),
+        early_plain=early_plain.tolist(),
+        final_bn=final_bn.tolist(),
+        final_plain=final_plain.tolist(),
+        median_drift_bn=[float(v) for v in unit_center_bn],
+        median_drift_plain=[float(v) for v in unit_center_plain],
+        spread_ratio_bn=[float(v) for v in unit_ratio_bn],
+        spread_ratio_plain=[float(v) for v in unit_ratio_plain],
+    )
 
     comparisons = [
         Comparison(
@@ -376,8 +423,8 @@ def run(config: Config, ctx: Context) -> Outcome:
         notes.append(f"{diverged} network(s) diverged (non-finite loss); see metrics.json")
     if config.dataset != "mnist":
         notes.append(f"data set {config.dataset!r}, not MNIST: the paper's numbers do not apply")
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics=metrics,
         tables=tables,
@@ -440,6 +487,8 @@ EXPERIMENT = Experiment(
         "~0.70 early and ~0.97 at 50k (read off the plot)."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="MNIST sigmoid MLP with/without BN: accuracy curves and sigmoid-input percentiles",
 )

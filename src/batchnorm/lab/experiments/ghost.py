@@ -28,7 +28,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -45,7 +45,7 @@ from batchnorm.lab.experiments.cnn import (
     train_net,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,54 @@ class Config(ConvConfig):
         return replace(super().quick(), epochs=3.0, large_batch=256, ghost_sizes=(64, 16))
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train each variant and seed, decide the claims, tabulate and plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: final test accuracy per seed, keyed by variant name."""
+
+    big: int  # the large batch size
+    small: int  # the small one
+    ghosts: list[str]  # the ghost variants' names, largest virtual batch first
+    acc: dict[str, list[float]]
+
+
+def judge(numbers: Numbers, *, large_margin: float = 0.0, ghost_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone (every comparison is of means over seeds).
+
+    Args:
+        numbers: what :func:`measure` measured.
+        large_margin: "large batch worse" holds when plain BN at the small batch is above plain
+            BN at the large batch by more than this (a tie does not hold).
+        ghost_margin: "ghost helps" holds when the best ghost variant is above plain BN at the
+            large batch by more than this (a tie does not hold; the first best on a tie).
+    """
+    n = numbers
+    big, small = n.big, n.small
+    plain_big, plain_small = f"BN, batch {big}", f"BN, batch {small}"
+    mean = {v: float(np.mean(a)) for v, a in n.acc.items()}
+    best = max(n.ghosts, key=lambda v: mean[v])
+    return [
+        Claim(
+            "large batch worse",
+            "At the same number of epochs, large-batch training generalizes worse.",
+            f"plain BN's mean final test accuracy at batch {small} is above that at batch {big}"
+            + (f" by more than {large_margin}" if large_margin else ""),
+            bool(mean[plain_small] > mean[plain_big] + large_margin),
+            f"{mean[plain_small]:.4f} (batch {small}) vs {mean[plain_big]:.4f} (batch {big})",
+        ),
+        Claim(
+            "ghost helps",
+            "Ghost batch norm (statistics over small virtual batches) improves large-batch "
+            "training.",
+            f"the best ghost variant's mean final test accuracy is above plain BN's at batch {big}"
+            + (f" by more than {ghost_margin}" if ghost_margin else ""),
+            bool(mean[best] > mean[plain_big] + ghost_margin),
+            f"{mean[best]:.4f} ({best}) vs {mean[plain_big]:.4f} ({plain_big})",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train each variant and seed, tabulate and plot."""
     data = image_data(ctx, config)
     n = len(data.train_y)
     big, small = config.large_batch, config.batch_size
@@ -128,23 +174,12 @@ def run(config: Config, ctx: Context) -> Outcome:
         v: float(np.mean([r["train_acc_final"] for r in results[v]])) - mean[v] for v in variants
     }
     best = max(ghosts, key=lambda v: mean[v])
-    claims = [
-        Claim(
-            "large batch worse",
-            "At the same number of epochs, large-batch training generalizes worse.",
-            f"plain BN's mean final test accuracy at batch {small} is above that at batch {big}",
-            bool(mean[plain_small] > mean[plain_big]),
-            f"{mean[plain_small]:.4f} (batch {small}) vs {mean[plain_big]:.4f} (batch {big})",
-        ),
-        Claim(
-            "ghost helps",
-            "Ghost batch norm (statistics over small virtual batches) improves large-batch "
-            "training.",
-            f"the best ghost variant's mean final test accuracy is above plain BN's at batch {big}",
-            bool(mean[best] > mean[plain_big]),
-            f"{mean[best]:.4f} ({best}) vs {mean[plain_big]:.4f} ({plain_big})",
-        ),
-    ]
+    numbers = Numbers(
+        big=big,
+        small=small,
+        ghosts=list(ghosts),
+        acc={v: acc[v].tolist() for v in variants},
+    )
     comparisons = [
         Comparison(
             f"test accuracy: BN batch {small} / BN batch {big} / best ghost ({best})",
@@ -167,8 +202,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, variants, acc, big)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "final_test_acc": {v: acc[v] for v in variants},
@@ -219,6 +254,8 @@ EXPERIMENT = Experiment(
         "normalization). Stand-in: a small CNN on Fashion-MNIST at batch 512."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="ghost batch size at a large batch vs plain BN",
 )

@@ -36,7 +36,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -54,7 +54,7 @@ from batchnorm.lab.experiments.cnn import (
 )
 from batchnorm.lab.progress import log
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 CNN, DLN = "CNN", "deep linear"
 SETTINGS = (CNN, DLN)
@@ -173,8 +173,58 @@ def _relative(jobs: list[dict]) -> np.ndarray:
     return np.nanmedian(np.array(ratios, dtype=np.float64), axis=1).mean(0)
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train both settings with and without BN, measuring the shift; decide the claims; plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: per seed, the median over probes and layers 2..k, keyed
+    by setting (CNN, deep linear) and then by network (standard, BN)."""
+
+    tolerance: float  # the config's allowance of "l2" (a fraction)
+    cos_tolerance: float  # the config's allowance of "cosine"
+    l2: dict[str, dict[str, list[float]]]  # median ||G - G'||
+    cos: dict[str, dict[str, list[float]]]  # median cos(G, G')
+
+
+def _evidence(values: dict, digits: int) -> str:
+    return "; ".join(
+        f"{s}: {values[s, BN]:.{digits}g} with BN vs {values[s, STANDARD]:.{digits}g} without"
+        for s in SETTINGS
+    )
+
+
+def judge(numbers: Numbers) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    The margins are the config's, saved in the numbers: "l2" holds when, in both settings, BN's
+    mean median ||G - G'|| is at least ``1 - tolerance`` times the standard network's (a tie
+    holds); "cosine" when BN's mean median cos(G, G') is at most the standard network's plus
+    ``cos_tolerance`` (a tie holds).
+    """
+    n = numbers
+    l2 = {(s, v): float(np.mean(n.l2[s][v])) for s in SETTINGS for v in NETS}
+    cos = {(s, v): float(np.mean(n.cos[s][v])) for s in SETTINGS for v in NETS}
+    l2_held = all(l2[s, BN] >= (1 - n.tolerance) * l2[s, STANDARD] for s in SETTINGS)
+    cos_held = all(cos[s, BN] <= cos[s, STANDARD] + n.cos_tolerance for s in SETTINGS)
+    return [
+        Claim(
+            "l2",
+            "BN does not reduce internal covariate shift measured as ||G - G'||.",
+            f"in both settings, median ||G - G'|| (probes x layers 2..k, mean over seeds) with "
+            f"BN >= {1 - n.tolerance:g} x that without BN",
+            l2_held,
+            _evidence(l2, 4),
+        ),
+        Claim(
+            "cosine",
+            "BN does not make G' better aligned with G (cos(G, G') is not higher with BN).",
+            f"in both settings, median cos(G, G') with BN <= that without BN + {n.cos_tolerance:g}",
+            cos_held,
+            _evidence(cos, 4),
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train both settings with and without BN, measuring the shift; plot."""
     data = image_data(ctx, config)
     jobs: dict[tuple[str, str], list[dict]] = {}
     with ctx.timer("CNN"):
@@ -205,33 +255,13 @@ def run(config: Config, ctx: Context) -> Outcome:
     med = {key: _medians(value) for key, value in jobs.items()}
     l2 = {key: float(np.mean(m[0])) for key, m in med.items()}
     cos = {key: float(np.mean(m[1])) for key, m in med.items()}
-    l2_held = all(l2[s, BN] >= (1 - config.tolerance) * l2[s, STANDARD] for s in SETTINGS)
-    cos_held = all(cos[s, BN] <= cos[s, STANDARD] + config.cos_tolerance for s in SETTINGS)
+    numbers = Numbers(
+        tolerance=config.tolerance,
+        cos_tolerance=config.cos_tolerance,
+        l2={s: {v: med[s, v][0].tolist() for v in NETS} for s in SETTINGS},
+        cos={s: {v: med[s, v][1].tolist() for v in NETS} for s in SETTINGS},
+    )
 
-    def evidence(values: dict, digits: int) -> str:
-        return "; ".join(
-            f"{s}: {values[s, BN]:.{digits}g} with BN vs {values[s, STANDARD]:.{digits}g} without"
-            for s in SETTINGS
-        )
-
-    claims = [
-        Claim(
-            "l2",
-            "BN does not reduce internal covariate shift measured as ||G - G'||.",
-            f"in both settings, median ||G - G'|| (probes x layers 2..k, mean over seeds) with "
-            f"BN >= {1 - config.tolerance:g} x that without BN",
-            l2_held,
-            evidence(l2, 4),
-        ),
-        Claim(
-            "cosine",
-            "BN does not make G' better aligned with G (cos(G, G') is not higher with BN).",
-            f"in both settings, median cos(G, G') with BN <= that without BN + "
-            f"{config.cos_tolerance:g}",
-            cos_held,
-            evidence(cos, 4),
-        ),
-    ]
     comparisons = [
         Comparison(
             "CNN: median ||G - G'|| / cos(G, G'), without BN -> with BN",
@@ -309,8 +339,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, jobs)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "median_l2": {f"{s}|{v}": l2[s, v] for s, v in l2},
@@ -388,6 +418,8 @@ EXPERIMENT = Experiment(
         "25-layer deep linear network. Stand-in for VGG: a small CNN on Fashion-MNIST."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="||G - G'|| and cos(G, G') per layer with/without BN (CNN, deep linear net)",
 )

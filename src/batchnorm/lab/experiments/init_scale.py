@@ -29,7 +29,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -45,7 +45,7 @@ from batchnorm.lab.experiments.common import (
     specs_for,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 WITH, WITHOUT = "with BN", "without BN"
 
@@ -72,8 +72,67 @@ class Config(SweepConfig):
         return replace(super().quick(), init_scales=(0.1, 1.0, 10.0), eval_every=150)
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train both models at every scale, decide the claims, plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: the final test accuracy of each seed at each scale."""
+
+    scales: list[float]  # sorted ascending
+    final_bn: list[list[float]]  # [scale][seed], with BN
+    final_plain: list[list[float]]  # [scale][seed], without BN
+
+    def means(self, name: str) -> dict[float, float]:
+        """The mean final test accuracy over seeds at each scale, of model ``name``."""
+        finals = self.final_bn if name == WITH else self.final_plain
+        return {
+            s: float(np.mean(np.asarray(f, dtype=np.float64))) for s, f in zip(self.scales, finals)
+        }
+
+    def worst(self, name: str) -> tuple[float, float]:
+        """The worst mean final accuracy over the scales, and its scale (the smallest on a tie)."""
+        means = self.means(name)
+        return min(means.values()), min(self.scales, key=lambda s: means[s])
+
+    def spread(self, name: str) -> float:
+        """The range (max - min) over the scales of the mean final accuracy."""
+        means = self.means(name)
+        return max(means.values()) - min(means.values())
+
+
+def judge(numbers: Numbers, *, worst_margin: float = 0.0, range_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        worst_margin: "worst case" holds when BN's worst mean final accuracy over the scales is
+            above the plain network's by more than this (a tie does not hold).
+        range_margin: "insensitive" holds when BN's range over the scales is below the plain
+            network's by more than this (a tie does not hold).
+    """
+    worst = {name: numbers.worst(name) for name in (WITH, WITHOUT)}
+    spread = {name: numbers.spread(name) for name in (WITH, WITHOUT)}
+    return [
+        Claim(
+            "worst case",
+            "With BN, a badly scaled initialization costs less accuracy.",
+            "the worst final test accuracy over the scales (mean over seeds) is higher with BN"
+            + (f" by more than {worst_margin}" if worst_margin else ""),
+            bool(worst[WITH][0] > worst[WITHOUT][0] + worst_margin),
+            f"worst: {worst[WITH][0]:.4f} (scale {worst[WITH][1]:g}) with BN vs "
+            f"{worst[WITHOUT][0]:.4f} (scale {worst[WITHOUT][1]:g}) without",
+        ),
+        Claim(
+            "insensitive",
+            "With BN, the final accuracy depends less on the initial scale.",
+            "the range (max - min) over scales of the mean final test accuracy is smaller with BN"
+            + (f" by more than {range_margin}" if range_margin else ""),
+            bool(spread[WITH] < spread[WITHOUT] - range_margin),
+            f"range {spread[WITH]:.4f} with BN vs {spread[WITHOUT]:.4f} without",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train both models at every scale, measure, plot."""
     data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
     scales = tuple(sorted(set(config.init_scales)))
     variants = []
@@ -92,27 +151,13 @@ def run(config: Config, ctx: Context) -> Outcome:
         name: {s: cell(result, config.target, variant=name, init_scale=s) for s in scales}
         for name in (WITH, WITHOUT)
     }
-    means = {name: {s: float(np.mean(cells[name][s].final)) for s in scales} for name in cells}
-    worst = {name: min(means[name].values()) for name in cells}
-    spread = {name: max(means[name].values()) - min(means[name].values()) for name in cells}
-    worst_scale = {name: min(scales, key=lambda s: means[name][s]) for name in cells}
-    claims = [
-        Claim(
-            "worst case",
-            "With BN, a badly scaled initialization costs less accuracy.",
-            "the worst final test accuracy over the scales (mean over seeds) is higher with BN",
-            bool(worst[WITH] > worst[WITHOUT]),
-            f"worst: {worst[WITH]:.4f} (scale {worst_scale[WITH]:g}) with BN vs "
-            f"{worst[WITHOUT]:.4f} (scale {worst_scale[WITHOUT]:g}) without",
-        ),
-        Claim(
-            "insensitive",
-            "With BN, the final accuracy depends less on the initial scale.",
-            "the range (max - min) over scales of the mean final test accuracy is smaller with BN",
-            bool(spread[WITH] < spread[WITHOUT]),
-            f"range {spread[WITH]:.4f} with BN vs {spread[WITHOUT]:.4f} without",
-        ),
-    ]
+    numbers = Numbers(
+        scales=list(scales),
+        final_bn=[cells[WITH][s].final.tolist() for s in scales],
+        final_plain=[cells[WITHOUT][s].final.tolist() for s in scales],
+    )
+    worst = {name: numbers.worst(name)[0] for name in (WITH, WITHOUT)}
+    spread = {name: numbers.spread(name) for name in (WITH, WITHOUT)}
     comparisons = [
         Comparison(
             "range of final test accuracy over init scales "
@@ -159,8 +204,8 @@ def run(config: Config, ctx: Context) -> Outcome:
         "worst_mean_final_acc": worst,
         "range_mean_final_acc": spread,
     }
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics=metrics,
         tables=[("Final test accuracy by initial scale", table)],
@@ -237,6 +282,8 @@ EXPERIMENT = Experiment(
         "over a sweep of initial weight scales."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="initial weight scale sweep with/without BN",
 )

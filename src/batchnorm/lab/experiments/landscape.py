@@ -37,7 +37,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -54,7 +54,7 @@ from batchnorm.lab.experiments.cnn import (
     train_with_probes,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 NETS = (STANDARD, BN)
 QUANTITIES = {
@@ -122,8 +122,56 @@ def _job(config: Config, data, variant: str, seed: int, etas: tuple[float, ...],
     )
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train and probe both networks; compare maxima and spreads over training; plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: every probed value (all probes of all seeds), keyed by
+    quantity and then by network (standard, BN)."""
+
+    values: dict[str, dict[str, list[float]]]
+
+
+def _stats(x: np.ndarray) -> tuple[float, float]:
+    """The maximum and the spread (max - min) of the finite values (nan, nan: none)."""
+    x = x[np.isfinite(x)]
+    return (float(x.max()), float(x.max() - x.min())) if len(x) else (math.nan, math.nan)
+
+
+def judge(numbers: Numbers, *, max_margin: float = 0.0, spread_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims, one per quantity, from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        max_margin: a quantity's claim needs BN's maximum below the standard network's by more
+            than this...
+        spread_margin: ... and BN's spread below it by more than this (ties do not hold; no
+            finite value at all does not hold).
+    """
+    claims = []
+    for q, label in QUANTITIES.items():
+        bn_max, bn_spread = _stats(np.asarray(numbers.values[q][BN], dtype=np.float64))
+        st_max, st_spread = _stats(np.asarray(numbers.values[q][STANDARD], dtype=np.float64))
+        held = bool(bn_max < st_max - max_margin and bn_spread < st_spread - spread_margin)
+        claims.append(
+            Claim(
+                q,
+                f"With BN the {label} is smaller and steadier over training.",
+                "over the probed steps (pooled over seeds), both the maximum and the spread "
+                "(max - min) are smaller with BN"
+                + (
+                    f" (by more than {max_margin:g} and {spread_margin:g})"
+                    if max_margin or spread_margin
+                    else ""
+                ),
+                held,
+                f"max {bn_max:.4g} with BN vs {st_max:.4g} without; spread {bn_spread:.4g} vs "
+                f"{st_spread:.4g}",
+            )
+        )
+    return claims
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train and probe both networks; plot."""
     from batchnorm.lab.theory.landscape import step_grid
 
     data = image_data(ctx, config)
@@ -146,29 +194,11 @@ def run(config: Config, ctx: Context) -> Outcome:
         for q in QUANTITIES
     }
 
-    def stats(x: np.ndarray) -> tuple[float, float]:
-        x = x[np.isfinite(x)]
-        return (float(x.max()), float(x.max() - x.min())) if len(x) else (math.nan, math.nan)
-
-    summary = {key: stats(x) for key, x in values.items()}
-    claims = []
-    for q, label in QUANTITIES.items():
-        (bn_max, bn_spread), (st_max, st_spread) = summary[BN, q], summary[STANDARD, q]
-        held = bool(bn_max < st_max and bn_spread < st_spread)
-        claims.append(
-            Claim(
-                q,
-                f"With BN the {label} is smaller and steadier over training.",
-                "over the probed steps (pooled over seeds), both the maximum and the spread "
-                "(max - min) are smaller with BN",
-                held,
-                f"max {bn_max:.4g} with BN vs {st_max:.4g} without; spread {bn_spread:.4g} vs "
-                f"{st_spread:.4g}",
-            )
-        )
+    numbers = Numbers(values={q: {v: values[v, q].tolist() for v in NETS} for q in QUANTITIES})
+    summary = {key: _stats(x) for key, x in values.items()}
     comparisons = []
     for q, label in QUANTITIES.items():
-        (bn_max, bn_spread), (st_max, st_spread) = summary[BN, q], summary[STANDARD, q]
+        (bn_max, _), (st_max, _) = summary[BN, q], summary[STANDARD, q]
         ratio = st_max / bn_max if bn_max > 0 else math.nan
         comparisons.append(
             Comparison(
@@ -212,8 +242,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     ctx.write_csv("landscape.csv", probe_rows, ["step", "variant", "seed", *QUANTITIES])
     with ctx.timer("plots"):
         _plot(ctx, jobs)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "step_sizes": etas,
@@ -281,6 +311,8 @@ EXPERIMENT = Experiment(
         "VGG-style CNN on Fashion-MNIST."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="loss range, gradient predictiveness, beta-smoothness along the gradient",
 )

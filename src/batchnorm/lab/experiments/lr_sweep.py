@@ -31,12 +31,13 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
 from batchnorm.lab.experiments.common import (
     CURVE_FIELDS,
+    CellNumbers,
     SweepConfig,
     build_model,
     cell,
@@ -47,7 +48,7 @@ from batchnorm.lab.experiments.common import (
     specs_for,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 WITH, WITHOUT = "with BN", "without BN"
 
@@ -74,13 +75,72 @@ class Config(SweepConfig):
         return replace(super().quick(), lrs=(0.1, 1.0, 10.0))
 
 
-def _max_trainable(cells: dict[float, object]) -> float | None:
-    ok = [lr for lr, c in cells.items() if c.trains]  # type: ignore[attr-defined]
-    return max(ok) if ok else None
+@dataclass
+class Numbers:
+    """What the claims are decided on: each model's cells, one per learning rate."""
+
+    target: float  # the test accuracy a network must reach to count as training
+    lrs: list[float]  # sorted ascending
+    with_bn: list[CellNumbers]  # one per lr, in the order of lrs
+    without_bn: list[CellNumbers]
+
+    def cells(self, name: str) -> list[CellNumbers]:
+        return self.with_bn if name == WITH else self.without_bn
+
+    def largest_trainable(self, name: str) -> float | None:
+        """The largest lr at which every seed of model ``name`` trains (None: none)."""
+        ok = [lr for lr, c in zip(self.lrs, self.cells(name)) if c.trains]
+        return max(ok) if ok else None
+
+    def fastest(self, name: str) -> float:
+        """The lr with the fewest mean steps to the target (the smallest such lr on a tie)."""
+        steps = dict(zip(self.lrs, (c.mean_steps for c in self.cells(name))))
+        return min(self.lrs, key=lambda lr: steps[lr])
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train both models at every learning rate, decide the claims, plot."""
+def _fmt_lr(lr: float | None) -> str:
+    return "none" if lr is None else f"{lr:g}"
+
+
+def judge(numbers: Numbers, *, steps_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        steps_margin: "faster" holds when BN's fewest mean steps to the target are smaller than
+            the plain network's by more than this many steps (a tie does not hold).
+    """
+    n = numbers
+    best = {name: n.largest_trainable(name) for name in (WITH, WITHOUT)}
+    fastest = {name: n.fastest(name) for name in (WITH, WITHOUT)}
+    steps = {name: n.cells(name)[n.lrs.index(fastest[name])].mean_steps for name in (WITH, WITHOUT)}
+    higher = best[WITH] is not None and (best[WITHOUT] is None or best[WITH] > best[WITHOUT])
+    faster = math.isfinite(steps[WITH]) and steps[WITH] < steps[WITHOUT] - steps_margin
+    return [
+        Claim(
+            "higher",
+            "Batch norm lets the network train at higher learning rates.",
+            f"the largest learning rate at which every seed reaches {n.target} test "
+            "accuracy without diverging is larger with BN",
+            bool(higher),
+            f"largest trainable lr: {_fmt_lr(best[WITH])} with BN vs "
+            f"{_fmt_lr(best[WITHOUT])} without",
+        ),
+        Claim(
+            "faster",
+            "With its higher learning rates, the BN network reaches a given accuracy in fewer "
+            "steps.",
+            f"fewest steps to {n.target} test accuracy (mean over seeds, best lr of each) "
+            "is smaller with BN" + (f" by more than {steps_margin:g}" if steps_margin else ""),
+            bool(faster),
+            f"{fmt_steps(steps[WITH])} steps at lr {fastest[WITH]:g} with BN vs "
+            f"{fmt_steps(steps[WITHOUT])} at lr {fastest[WITHOUT]:g} without",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train both models at every learning rate, measure, plot."""
     data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
     lrs = tuple(sorted(set(config.lrs)))
     variants = []
@@ -99,40 +159,19 @@ def run(config: Config, ctx: Context) -> Outcome:
         name: {lr: cell(result, config.target, variant=name, lr=lr) for lr in lrs}
         for name in (WITH, WITHOUT)
     }
-    best_lr = {WITH: _max_trainable(cells[WITH]), WITHOUT: _max_trainable(cells[WITHOUT])}
-    fastest = {
-        name: min(lrs, key=lambda lr: cells[name][lr].mean_steps) for name in (WITH, WITHOUT)
-    }
+    numbers = Numbers(
+        target=config.target,
+        lrs=list(lrs),
+        with_bn=[CellNumbers.of(cells[WITH][lr]) for lr in lrs],
+        without_bn=[CellNumbers.of(cells[WITHOUT][lr]) for lr in lrs],
+    )
+    best_lr = {WITH: numbers.largest_trainable(WITH), WITHOUT: numbers.largest_trainable(WITHOUT)}
+    fastest = {WITH: numbers.fastest(WITH), WITHOUT: numbers.fastest(WITHOUT)}
     fastest_steps = {name: cells[name][fastest[name]].mean_steps for name in (WITH, WITHOUT)}
 
     def fmt_lr(lr: float | None) -> str:
         return "none" if lr is None else f"{lr:g}"
 
-    higher = best_lr[WITH] is not None and (
-        best_lr[WITHOUT] is None or best_lr[WITH] > best_lr[WITHOUT]
-    )
-    faster = math.isfinite(fastest_steps[WITH]) and fastest_steps[WITH] < fastest_steps[WITHOUT]
-    claims = [
-        Claim(
-            "higher",
-            "Batch norm lets the network train at higher learning rates.",
-            f"the largest learning rate at which every seed reaches {config.target} test "
-            "accuracy without diverging is larger with BN",
-            bool(higher),
-            f"largest trainable lr: {fmt_lr(best_lr[WITH])} with BN vs "
-            f"{fmt_lr(best_lr[WITHOUT])} without",
-        ),
-        Claim(
-            "faster",
-            "With its higher learning rates, the BN network reaches a given accuracy in fewer "
-            "steps.",
-            f"fewest steps to {config.target} test accuracy (mean over seeds, best lr of each) "
-            "is smaller with BN",
-            bool(faster),
-            f"{fmt_steps(fastest_steps[WITH])} steps at lr {fastest[WITH]:g} with BN vs "
-            f"{fmt_steps(fastest_steps[WITHOUT])} at lr {fastest[WITHOUT]:g} without",
-        ),
-    ]
     ratio = (
         fastest_steps[WITHOUT] / fastest_steps[WITH]
         if math.isfinite(fastest_steps[WITH]) and fastest_steps[WITH] > 0
@@ -188,8 +227,8 @@ def run(config: Config, ctx: Context) -> Outcome:
         "fastest": {n: {"lr": fastest[n], "steps": fastest_steps[n]} for n in cells},
         "target": config.target,
     }
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics=metrics,
         tables=[(f"Final test accuracy and steps to {config.target}, by learning rate", table)],
@@ -260,6 +299,8 @@ EXPERIMENT = Experiment(
         "ImageNet). Stand-in: the Figure 1 MNIST network over a learning-rate sweep."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="learning-rate sweep with/without BN: where each trains, diverges, how fast",
 )

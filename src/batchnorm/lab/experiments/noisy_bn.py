@@ -38,7 +38,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -58,7 +58,7 @@ from batchnorm.lab.experiments.cnn import (
 )
 from batchnorm.lab.progress import bar
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 QUANTILES = (0.15, 0.5, 0.85)
 
@@ -154,8 +154,88 @@ def _train(config: Config, data, variant: str, lr: float, seed: int, desc: str) 
     }
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train the three variants at every learning rate and seed; decide the claims; plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on, keyed by variant, then [lr][seed]."""
+
+    lrs: list[float]  # sorted ascending
+    margin: float  # the config's allowance of "as-bn"
+    test: dict[str, list[list[float]]]  # final test accuracy
+    median_drift: dict[str, list[list[float]]]  # the tracked unit's median drift (nan: diverged)
+
+
+def judge(numbers: Numbers, *, standard_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured; its ``margin`` (the config's) is how far noisy
+            BN's mean accuracy may fall below BN's for "as-bn" (a tie at the margin holds).
+        standard_margin: "beats-standard" holds when noisy BN's mean accuracy is at least the
+            standard network's minus this (a tie holds).
+    """
+    n = numbers
+    lrs = n.lrs
+    mean = {
+        (v, lr): float(np.mean(np.asarray(accs, dtype=np.float64)))
+        for v, per_lr in n.test.items()
+        for lr, accs in zip(lrs, per_lr)
+    }
+    mean_drift = {
+        (v, lr): float(np.nanmean(np.asarray(d, dtype=np.float64)))
+        for v, per_lr in n.median_drift.items()
+        for lr, d in zip(lrs, per_lr)
+    }
+
+    def per_lr(fmt) -> str:
+        return "; ".join(f"lr {lr:g}: {fmt(lr)}" for lr in lrs)
+
+    as_bn = all(mean[NOISY, lr] >= mean[BN, lr] - n.margin for lr in lrs)
+    beats_standard = all(mean[NOISY, lr] >= mean[STANDARD, lr] - standard_margin for lr in lrs)
+    less_stable = all(
+        math.isfinite(mean_drift[NOISY, lr])
+        and (
+            not math.isfinite(mean_drift[STANDARD, lr])
+            or mean_drift[NOISY, lr] > mean_drift[STANDARD, lr]
+        )
+        for lr in lrs
+    )
+    return [
+        Claim(
+            "as-bn",
+            "Noisy BN trains about as well as BN.",
+            f"at every lr, mean final test accuracy of noisy BN >= BN's - {n.margin}",
+            as_bn,
+            per_lr(lambda lr: f"noisy BN {mean[NOISY, lr]:.4f} vs BN {mean[BN, lr]:.4f}"),
+        ),
+        Claim(
+            "beats-standard",
+            "Noisy BN trains better than the standard network.",
+            "at every lr, mean final test accuracy of noisy BN >= the standard network's"
+            + (f" - {standard_margin}" if standard_margin else ""),
+            beats_standard,
+            per_lr(
+                lambda lr: f"noisy BN {mean[NOISY, lr]:.4f} vs standard {mean[STANDARD, lr]:.4f}"
+            ),
+        ),
+        Claim(
+            "less-stable",
+            "Yet the layer input distributions of noisy BN are less stable than the standard "
+            "network's.",
+            "at every lr, the tracked unit's median drift (mean over seeds) is larger with noisy "
+            "BN than in the standard network (a diverged standard network counts as less stable)",
+            less_stable,
+            per_lr(
+                lambda lr: (
+                    f"noisy BN {mean_drift[NOISY, lr]:.3f} vs standard "
+                    f"{mean_drift[STANDARD, lr]:.3f}"
+                )
+            ),
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train the three variants at every learning rate and seed; measure; plot."""
     data = image_data(ctx, config)
     lrs = tuple(sorted(set(config.lrs)))
     jobs: dict[tuple[str, float, int], dict] = {}
@@ -192,48 +272,12 @@ def run(config: Config, ctx: Context) -> Outcome:
     def per_lr(fmt) -> str:
         return "; ".join(f"lr {lr:g}: {fmt(lr)}" for lr in lrs)
 
-    as_bn = all(mean[NOISY, lr] >= mean[BN, lr] - config.margin for lr in lrs)
-    beats_standard = all(mean[NOISY, lr] >= mean[STANDARD, lr] for lr in lrs)
-    less_stable = all(
-        math.isfinite(mean_drift[NOISY, lr])
-        and (
-            not math.isfinite(mean_drift[STANDARD, lr])
-            or mean_drift[NOISY, lr] > mean_drift[STANDARD, lr]
-        )
-        for lr in lrs
+    numbers = Numbers(
+        lrs=list(lrs),
+        margin=config.margin,
+        test={v: [test[v, lr].tolist() for lr in lrs] for v in VARIANTS},
+        median_drift={v: [drift[v, lr][:, 0].tolist() for lr in lrs] for v in VARIANTS},
     )
-    claims = [
-        Claim(
-            "as-bn",
-            "Noisy BN trains about as well as BN.",
-            f"at every lr, mean final test accuracy of noisy BN >= BN's - {config.margin}",
-            as_bn,
-            per_lr(lambda lr: f"noisy BN {mean[NOISY, lr]:.4f} vs BN {mean[BN, lr]:.4f}"),
-        ),
-        Claim(
-            "beats-standard",
-            "Noisy BN trains better than the standard network.",
-            "at every lr, mean final test accuracy of noisy BN >= the standard network's",
-            beats_standard,
-            per_lr(
-                lambda lr: f"noisy BN {mean[NOISY, lr]:.4f} vs standard {mean[STANDARD, lr]:.4f}"
-            ),
-        ),
-        Claim(
-            "less-stable",
-            "Yet the layer input distributions of noisy BN are less stable than the standard "
-            "network's.",
-            "at every lr, the tracked unit's median drift (mean over seeds) is larger with noisy "
-            "BN than in the standard network (a diverged standard network counts as less stable)",
-            less_stable,
-            per_lr(
-                lambda lr: (
-                    f"noisy BN {mean_drift[NOISY, lr]:.3f} vs standard "
-                    f"{mean_drift[STANDARD, lr]:.3f}"
-                )
-            ),
-        ),
-    ]
     comparisons = []
     paper_acc = {0.1: ("~83% (BN), ~80% (standard), noisy BN close to BN (CIFAR-10, VGG)")}
     for lr in lrs:
@@ -321,8 +365,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, config, jobs, lrs)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "lrs": lrs,
@@ -406,6 +450,8 @@ EXPERIMENT = Experiment(
         "Stand-in: a small VGG-style CNN on Fashion-MNIST."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="standard vs BN vs noisy BN: accuracy and layer input stability",
 )

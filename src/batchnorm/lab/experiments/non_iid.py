@@ -27,7 +27,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -46,7 +46,7 @@ from batchnorm.lab.experiments.cnn import (
     train_net,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 # name -> (norm, i.i.d. batches?)
 VARIANTS = {
@@ -87,8 +87,49 @@ class Config(ConvConfig):
         return replace(super().quick(), epochs=1.0, seeds=2)
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train each variant and seed, decide the claims, tabulate and plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: final test accuracy per seed, keyed by variant."""
+
+    min_drop: float  # the config's least drop of BN's accuracy for "BN suffers"
+    classes_per_batch: int
+    acc: dict[str, list[float]]
+
+
+def judge(numbers: Numbers, *, renorm_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured; "BN suffers" holds when BN's mean accuracy drops
+            by at least the config's ``min_drop`` (saved in the numbers; a tie holds).
+        renorm_margin: "renorm helps" holds when BatchRenorm's mean accuracy on non-i.i.d.
+            batches is above BN's by more than this (a tie does not hold).
+    """
+    n = numbers
+    mean = {v: float(np.mean(a)) for v, a in n.acc.items()}
+    drop = mean[BN_IID] - mean[BN_NON]
+    return [
+        Claim(
+            "BN suffers",
+            "Batch norm trained on non-i.i.d. batches tests worse than on i.i.d. batches.",
+            f"BN's mean final test accuracy drops by at least {n.min_drop} from i.i.d. to "
+            f"non-i.i.d. batches ({n.classes_per_batch} classes per batch)",
+            bool(drop >= n.min_drop),
+            f"{mean[BN_IID]:.4f} (i.i.d.) -> {mean[BN_NON]:.4f} (non-i.i.d.), drop {drop:+.4f}",
+        ),
+        Claim(
+            "renorm helps",
+            "Batch renormalization loses less on non-i.i.d. batches than batch norm.",
+            "BatchRenorm's mean final test accuracy on non-i.i.d. batches is above BN's"
+            + (f" by more than {renorm_margin}" if renorm_margin else ""),
+            bool(mean[RENORM_NON] > mean[BN_NON] + renorm_margin),
+            f"{mean[RENORM_NON]:.4f} (BatchRenorm) vs {mean[BN_NON]:.4f} (BN)",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train each variant and seed, tabulate and plot."""
     data = image_data(ctx, config)
     n = len(data.train_y)
     steps = config.steps_for(config.batch_size, n)
@@ -126,24 +167,11 @@ def run(config: Config, ctx: Context) -> Outcome:
 
     acc = {v: final_acc(results[v]) for v in VARIANTS}
     mean = {v: float(np.mean(acc[v])) for v in VARIANTS}
-    drop = mean[BN_IID] - mean[BN_NON]
-    claims = [
-        Claim(
-            "BN suffers",
-            "Batch norm trained on non-i.i.d. batches tests worse than on i.i.d. batches.",
-            f"BN's mean final test accuracy drops by at least {config.min_drop} from i.i.d. to "
-            f"non-i.i.d. batches ({config.classes_per_batch} classes per batch)",
-            bool(drop >= config.min_drop),
-            f"{mean[BN_IID]:.4f} (i.i.d.) -> {mean[BN_NON]:.4f} (non-i.i.d.), drop {drop:+.4f}",
-        ),
-        Claim(
-            "renorm helps",
-            "Batch renormalization loses less on non-i.i.d. batches than batch norm.",
-            "BatchRenorm's mean final test accuracy on non-i.i.d. batches is above BN's",
-            bool(mean[RENORM_NON] > mean[BN_NON]),
-            f"{mean[RENORM_NON]:.4f} (BatchRenorm) vs {mean[BN_NON]:.4f} (BN)",
-        ),
-    ]
+    numbers = Numbers(
+        min_drop=config.min_drop,
+        classes_per_batch=config.classes_per_batch,
+        acc={v: acc[v].tolist() for v in (BN_IID, BN_NON, RENORM_NON)},
+    )
     comparisons = [
         Comparison(
             "test accuracy: BN i.i.d. / BN non-i.i.d. / BatchRenorm non-i.i.d.",
@@ -171,8 +199,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, results)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "final_test_acc": {v: acc[v] for v in VARIANTS},
@@ -223,6 +251,8 @@ EXPERIMENT = Experiment(
         "ImageNet). Stand-in: a small CNN on Fashion-MNIST, batches drawn from 2 classes each."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="BN vs BatchRenorm (and GN) on few-class batches",
 )

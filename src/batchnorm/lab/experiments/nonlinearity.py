@@ -32,12 +32,13 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
 from batchnorm.lab.experiments.common import (
     CURVE_FIELDS,
+    CellNumbers,
     SweepConfig,
     build_model,
     cell,
@@ -50,7 +51,7 @@ from batchnorm.lab.experiments.common import (
 )
 from batchnorm.lab.wide import ACTIVATIONS
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 SATURATING = ("sigmoid", "tanh")
 
@@ -87,8 +88,83 @@ class Config(SweepConfig):
         return replace(super().quick(), hidden=(100,) * 4, eval_every=150)
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train every (nonlinearity, BN) pair, decide the claims, plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on, for each saturating nonlinearity (keyed by its name)."""
+
+    target: float  # the test accuracy a network must reach to count as trained
+    saturating: list[str]  # the saturating nonlinearities run, in listing order
+    final_bn: dict[str, list[float]]  # final test accuracy per seed, with BN
+    bn: dict[str, CellNumbers]  # steps to the target and divergences, with BN
+    plain: dict[str, CellNumbers]  # ... without BN
+    saturation_bn: dict[str, list[float]]  # saturated fraction at the end per seed, with BN
+    saturation_plain: dict[str, list[float]]
+
+
+def judge(
+    numbers: Numbers, *, steps_margin: float = 0.0, saturation_margin: float = 0.0
+) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        steps_margin: "faster" holds when, for each saturating nonlinearity, BN's mean steps to
+            the target are fewer by more than this (a tie does not hold; never = infinitely many).
+        saturation_margin: "unsaturated" holds when, for each, BN's mean saturated fraction is
+            smaller by more than this (a tie does not hold).
+    """
+    n = numbers
+    sat_bn = {a: float(np.mean(n.saturation_bn[a])) for a in n.saturating}
+    sat_plain = {a: float(np.mean(n.saturation_plain[a])) for a in n.saturating}
+    trainable = [n.bn[a].trains for a in n.saturating]
+    faster = [n.bn[a].mean_steps < n.plain[a].mean_steps - steps_margin for a in n.saturating]
+    less_saturated = [sat_bn[a] < sat_plain[a] - saturation_margin for a in n.saturating]
+    listed = " and ".join(n.saturating)
+    return [
+        Claim(
+            "trainable",
+            f"With BN, deep {listed} networks train.",
+            f"with BN every seed of every saturating nonlinearity reaches {n.target} "
+            "test accuracy without diverging",
+            all(trainable),
+            "; ".join(
+                f"{a}: final {np.mean(n.final_bn[a]):.4f}, reached on "
+                f"{sum(math.isfinite(s) for s in n.bn[a].to_target)}/"
+                f"{len(n.bn[a].to_target)} seeds"
+                for a in n.saturating
+            ),
+        ),
+        Claim(
+            "faster",
+            f"BN trains the {listed} networks faster than they train without it.",
+            f"for each saturating nonlinearity, fewer steps to {n.target} with BN (mean "
+            "over seeds; never = infinitely many)"
+            + (f", by more than {steps_margin:g}" if steps_margin else ""),
+            all(faster),
+            "; ".join(
+                f"{a}: {fmt_steps(n.bn[a].mean_steps)} with BN vs "
+                f"{fmt_steps(n.plain[a].mean_steps)} without"
+                for a in n.saturating
+            ),
+        ),
+        Claim(
+            "unsaturated",
+            "BN keeps the nonlinearities out of their saturated regime.",
+            "for each saturating nonlinearity, a smaller fraction of saturated last-layer units "
+            "(derivative < 5% of its maximum) at the end with BN"
+            + (f", by more than {saturation_margin}" if saturation_margin else ""),
+            all(less_saturated),
+            "; ".join(
+                f"{a}: {np.mean(n.saturation_bn[a]):.3f} with BN vs "
+                f"{np.mean(n.saturation_plain[a]):.3f} without"
+                for a in n.saturating
+            ),
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train every (nonlinearity, BN) pair, measure, plot."""
     data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
     activations = tuple(a for a in ACTIVATIONS if a in config.activations)
     variants = [
@@ -113,52 +189,15 @@ def run(config: Config, ctx: Context) -> Outcome:
     saturation = {key: result.saturation[-1, c.indices] for key, c in cells.items()}
     saturating = [a for a in activations if a in SATURATING]
 
-    trainable = {a: cells[(a, True)].trains for a in saturating}
-    faster = {a: cells[(a, True)].mean_steps < cells[(a, False)].mean_steps for a in saturating}
-    less_saturated = {
-        a: float(np.mean(saturation[(a, True)])) < float(np.mean(saturation[(a, False)]))
-        for a in saturating
-    }
-    listed = " and ".join(saturating)
-    claims = [
-        Claim(
-            "trainable",
-            f"With BN, deep {listed} networks train.",
-            f"with BN every seed of every saturating nonlinearity reaches {config.target} "
-            "test accuracy without diverging",
-            all(trainable.values()),
-            "; ".join(
-                f"{a}: final {np.mean(cells[(a, True)].final):.4f}, reached on "
-                f"{sum(math.isfinite(s) for s in cells[(a, True)].to_target)}/"
-                f"{len(cells[(a, True)].to_target)} seeds"
-                for a in saturating
-            ),
-        ),
-        Claim(
-            "faster",
-            f"BN trains the {listed} networks faster than they train without it.",
-            f"for each saturating nonlinearity, fewer steps to {config.target} with BN (mean "
-            "over seeds; never = infinitely many)",
-            all(faster.values()),
-            "; ".join(
-                f"{a}: {fmt_steps(cells[(a, True)].mean_steps)} with BN vs "
-                f"{fmt_steps(cells[(a, False)].mean_steps)} without"
-                for a in saturating
-            ),
-        ),
-        Claim(
-            "unsaturated",
-            "BN keeps the nonlinearities out of their saturated regime.",
-            "for each saturating nonlinearity, a smaller fraction of saturated last-layer units "
-            "(derivative < 5% of its maximum) at the end with BN",
-            all(less_saturated.values()),
-            "; ".join(
-                f"{a}: {np.mean(saturation[(a, True)]):.3f} with BN vs "
-                f"{np.mean(saturation[(a, False)]):.3f} without"
-                for a in saturating
-            ),
-        ),
-    ]
+    numbers = Numbers(
+        target=config.target,
+        saturating=saturating,
+        final_bn={a: cells[(a, True)].final.tolist() for a in saturating},
+        bn={a: CellNumbers.of(cells[(a, True)]) for a in saturating},
+        plain={a: CellNumbers.of(cells[(a, False)]) for a in saturating},
+        saturation_bn={a: saturation[(a, True)].tolist() for a in saturating},
+        saturation_plain={a: saturation[(a, False)].tolist() for a in saturating},
+    )
     comparisons = []
     if "sigmoid" in activations:
         comparisons.append(
@@ -225,8 +264,8 @@ def run(config: Config, ctx: Context) -> Outcome:
         "saturation_curve": {_name(*k): result.saturation[:, c.indices] for k, c in cells.items()},
         "steps": result.steps,
     }
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics=metrics,
         tables=[("By nonlinearity", table)],
@@ -296,6 +335,8 @@ EXPERIMENT = Experiment(
         "layer MNIST MLP with sigmoid, tanh and ReLU."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="sigmoid/tanh vs ReLU in a deeper net, with/without BN",
 )

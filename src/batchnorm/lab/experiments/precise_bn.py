@@ -35,7 +35,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -52,7 +52,7 @@ from batchnorm.lab.experiments.cnn import (
     train_net,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,71 @@ class Config(ConvConfig):
         return replace(super().quick(), epochs=1.0, popstat_batches=30)
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train per seed and momentum, evaluate with EMA and with precise BN, decide the claims."""
+@dataclass
+class Numbers:
+    """What the claims are decided on, per seed, keyed by BN momentum."""
+
+    good: float  # the config's good and bad momenta
+    bad: float
+    min_gain: float  # the config's least gain of "repairs a bad momentum"
+    tolerance: float  # the config's allowance of "never worse"
+    momenta: list[float]  # in the config's order
+    ema: dict[float, list[float]]  # final test accuracy with the moving averages
+    precise: dict[float, list[float]]  # ... with the population statistics (Algorithm 2)
+    shift: dict[float, list[float]]  # largest mean shift, in population std units
+
+
+def judge(numbers: Numbers, *, drift_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone (every comparison is of means over seeds).
+
+    The config's margins are saved in the numbers: "repairs a bad momentum" holds when, at the
+    bad momentum, precise BN gains at least ``min_gain`` (a tie holds); "never worse" when at
+    every momentum precise BN is at least the moving averages minus ``tolerance`` (a tie holds).
+
+    Args:
+        numbers: what :func:`measure` measured.
+        drift_margin: "drift" holds when the mean shift at the bad momentum is above that at the
+            good one by more than this (a tie does not hold).
+    """
+    n = numbers
+    momenta = n.momenta
+    ema = {m: float(np.mean(n.ema[m])) for m in momenta}
+    precise = {m: float(np.mean(n.precise[m])) for m in momenta}
+    shift = {m: float(np.mean(n.shift[m])) for m in momenta}
+    good, bad = n.good, n.bad
+    worst_m = min(momenta, key=lambda m: precise[m] - ema[m])
+    return [
+        Claim(
+            "repairs a bad momentum",
+            "Recomputing the population statistics repairs a badly chosen moving-average momentum.",
+            f"with momentum {bad:g}, precise BN's mean test accuracy exceeds the moving "
+            f"averages' by at least {n.min_gain}",
+            bool(precise[bad] - ema[bad] >= n.min_gain),
+            f"{precise[bad]:.4f} (precise) vs {ema[bad]:.4f} (moving averages), "
+            f"gain {precise[bad] - ema[bad]:+.4f}",
+        ),
+        Claim(
+            "never worse",
+            "Precise BN is never worse than the moving averages.",
+            f"for every momentum, precise BN's mean test accuracy >= the moving averages' - "
+            f"{n.tolerance}",
+            bool(all(precise[m] >= ema[m] - n.tolerance for m in momenta)),
+            f"smallest gain {precise[worst_m] - ema[worst_m]:+.4f} (momentum {worst_m:g})",
+        ),
+        Claim(
+            "drift",
+            "A badly chosen momentum leaves the moving averages far from the population "
+            "statistics.",
+            f"the largest mean shift (population std units) is larger with momentum {bad:g} than "
+            f"with {good:g}" + (f" by more than {drift_margin}" if drift_margin else ""),
+            bool(shift[bad] > shift[good] + drift_margin),
+            f"{shift[bad]:.3f} (momentum {bad:g}) vs {shift[good]:.3f} (momentum {good:g})",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train per seed and momentum, evaluate with EMA and with precise BN, measure."""
     from batchnorm.inference import recalibrate
 
     data = image_data(ctx, config)
@@ -166,35 +229,16 @@ def run(config: Config, ctx: Context) -> Outcome:
     precise = {m: float(np.mean(values(m, "precise_acc"))) for m in momenta}
     shift = {m: float(np.mean(values(m, "mean_shift"))) for m in momenta}
     good, bad = config.good_momentum, config.bad_momentum
-    worst_m = min(momenta, key=lambda m: precise[m] - ema[m])
-    claims = [
-        Claim(
-            "repairs a bad momentum",
-            "Recomputing the population statistics repairs a badly chosen moving-average momentum.",
-            f"with momentum {bad:g}, precise BN's mean test accuracy exceeds the moving "
-            f"averages' by at least {config.min_gain}",
-            bool(precise[bad] - ema[bad] >= config.min_gain),
-            f"{precise[bad]:.4f} (precise) vs {ema[bad]:.4f} (moving averages), "
-            f"gain {precise[bad] - ema[bad]:+.4f}",
-        ),
-        Claim(
-            "never worse",
-            "Precise BN is never worse than the moving averages.",
-            f"for every momentum, precise BN's mean test accuracy >= the moving averages' - "
-            f"{config.tolerance}",
-            bool(all(precise[m] >= ema[m] - config.tolerance for m in momenta)),
-            f"smallest gain {precise[worst_m] - ema[worst_m]:+.4f} (momentum {worst_m:g})",
-        ),
-        Claim(
-            "drift",
-            "A badly chosen momentum leaves the moving averages far from the population "
-            "statistics.",
-            f"the largest mean shift (population std units) is larger with momentum {bad:g} than "
-            f"with {good:g}",
-            bool(shift[bad] > shift[good]),
-            f"{shift[bad]:.3f} (momentum {bad:g}) vs {shift[good]:.3f} (momentum {good:g})",
-        ),
-    ]
+    numbers = Numbers(
+        good=good,
+        bad=bad,
+        min_gain=config.min_gain,
+        tolerance=config.tolerance,
+        momenta=list(momenta),
+        ema={m: values(m, "ema_acc").tolist() for m in momenta},
+        precise={m: values(m, "precise_acc").tolist() for m in momenta},
+        shift={m: values(m, "mean_shift").tolist() for m in momenta},
+    )
     comparisons = [
         Comparison(
             f"test accuracy, moving averages / precise BN, momentum {m:g}",
@@ -225,8 +269,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, momenta, ema, precise, shift)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "bn_momenta": momenta,
@@ -288,6 +332,8 @@ EXPERIMENT = Experiment(
         "BatchNorm', Sec. 3 (precise BN). Stand-in: a small CNN on Fashion-MNIST."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="recalibrated population statistics vs EMA (incl. a bad momentum)",
 )

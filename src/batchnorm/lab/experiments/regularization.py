@@ -29,7 +29,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
     mean_std,
@@ -46,7 +46,7 @@ from batchnorm.lab.experiments.common import (
 )
 from batchnorm.lab.plots import COLORS
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 NEITHER, DROPOUT, BN, BOTH = "neither", "dropout", "BN", "BN + dropout"
 VARIANTS = (NEITHER, DROPOUT, BN, BOTH)
@@ -92,8 +92,72 @@ class Config(CommonConfig):
         )
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train the four variants, decide the claims, plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: final accuracies per seed, keyed by variant."""
+
+    dropout: float  # the dropout rate of the dropout variants
+    test: dict[str, list[float]]  # final test accuracy per seed
+    train: dict[str, list[float]]  # final training accuracy (on the subset) per seed
+
+
+def judge(
+    numbers: Numbers,
+    *,
+    gap_margin: float = 0.0,
+    accuracy_margin: float = 0.0,
+    dropout_margin: float = 0.0,
+) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone (every comparison is of means over seeds).
+
+    Args:
+        numbers: what :func:`measure` measured.
+        gap_margin: "regularizes" needs BN's train/test gap below neither's by more than this...
+        accuracy_margin: ... and BN's test accuracy above neither's by more than this (ties do
+            not hold).
+        dropout_margin: "replaces dropout" holds when BN's test accuracy is at least dropout's
+            minus this (a tie holds).
+    """
+    test = {v: np.asarray(a, dtype=np.float64) for v, a in numbers.test.items()}
+    train = {v: np.asarray(a, dtype=np.float64) for v, a in numbers.train.items()}
+    gap = {v: train[v] - test[v] for v in test}
+
+    def m(values: np.ndarray) -> float:
+        return mean_std(values)[0]
+
+    regularizes = (
+        m(gap[BN]) < m(gap[NEITHER]) - gap_margin
+        and m(test[BN]) > m(test[NEITHER]) + accuracy_margin
+    )
+    replaces = m(test[BN]) >= m(test[DROPOUT]) - dropout_margin
+    margins = ", ".join(
+        f"{name} margin {value}"
+        for name, value in (("gap", gap_margin), ("accuracy", accuracy_margin))
+        if value
+    )
+    return [
+        Claim(
+            "regularizes",
+            "Batch norm regularizes: it narrows the train/test gap and raises test accuracy.",
+            "BN alone has a smaller train/test gap and a higher test accuracy than neither "
+            "(means over seeds)" + (f" ({margins})" if margins else ""),
+            bool(regularizes),
+            f"gap {m(gap[BN]):.4f} vs {m(gap[NEITHER]):.4f}; test {m(test[BN]):.4f} vs "
+            f"{m(test[NEITHER]):.4f}",
+        ),
+        Claim(
+            "replaces dropout",
+            "Batch norm can take the place of dropout.",
+            "BN alone reaches at least the mean test accuracy of dropout alone"
+            + (f" minus {dropout_margin}" if dropout_margin else ""),
+            bool(replaces),
+            f"test {m(test[BN]):.4f} (BN) vs {m(test[DROPOUT]):.4f} (dropout {numbers.dropout})",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train the four variants, measure, plot."""
     data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
     variants = [
         {"variant": NEITHER, "batch_norm": False, "dropout": 0.0},
@@ -115,29 +179,11 @@ def run(config: Config, ctx: Context) -> Outcome:
     train = {v: result.train_acc[-1, idx[v]] for v in VARIANTS}
     gap = {v: train[v] - test[v] for v in VARIANTS}
 
-    def m(values: np.ndarray) -> float:
-        return mean_std(values)[0]
-
-    regularizes = m(gap[BN]) < m(gap[NEITHER]) and m(test[BN]) > m(test[NEITHER])
-    replaces = m(test[BN]) >= m(test[DROPOUT])
-    claims = [
-        Claim(
-            "regularizes",
-            "Batch norm regularizes: it narrows the train/test gap and raises test accuracy.",
-            "BN alone has a smaller train/test gap and a higher test accuracy than neither "
-            "(means over seeds)",
-            bool(regularizes),
-            f"gap {m(gap[BN]):.4f} vs {m(gap[NEITHER]):.4f}; test {m(test[BN]):.4f} vs "
-            f"{m(test[NEITHER]):.4f}",
-        ),
-        Claim(
-            "replaces dropout",
-            "Batch norm can take the place of dropout.",
-            "BN alone reaches at least the mean test accuracy of dropout alone",
-            bool(replaces),
-            f"test {m(test[BN]):.4f} (BN) vs {m(test[DROPOUT]):.4f} (dropout {config.dropout})",
-        ),
-    ]
+    numbers = Numbers(
+        dropout=config.dropout,
+        test={v: test[v].tolist() for v in VARIANTS},
+        train={v: train[v].tolist() for v in VARIANTS},
+    )
     comparisons = [
         Comparison(
             "test accuracy: BN alone vs dropout alone",
@@ -169,8 +215,8 @@ def run(config: Config, ctx: Context) -> Outcome:
         "dropout": config.dropout,
         "train_examples": len(data.train_y),
     }
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics=metrics,
         tables=[("By variant (at the end)", table)],
@@ -227,6 +273,8 @@ EXPERIMENT = Experiment(
         "the effect alone. Stand-in: an MNIST MLP on a 10,000-example subset, four variants."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="BN vs dropout vs both vs neither: test accuracy and train/test gap",
 )

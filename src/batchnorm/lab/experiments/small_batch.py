@@ -27,7 +27,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -45,7 +45,7 @@ from batchnorm.lab.experiments.cnn import (
     train_net,
 )
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 LABELS = {
     "bn": "BN",
@@ -102,8 +102,60 @@ class Config(ConvConfig):
         )
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Train every (norm, batch size, seed), decide the claims, tabulate and plot."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: BN's and GN's test errors at the largest and the smallest
+    batch size, per seed (keyed by norm, "bn" or "gn", then by batch size)."""
+
+    big: int  # the largest batch size
+    small: int  # the smallest
+    min_degradation: float  # the config's least growth of BN's error for "BN degrades"
+    error: dict[str, dict[int, list[float]]]  # final test error (1 - accuracy)
+
+
+def judge(numbers: Numbers, *, gn_margin: float = 0.0) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured; "BN degrades" holds when BN's mean error grows
+            by at least the config's ``min_degradation`` (saved in the numbers; a tie holds).
+        gn_margin: "GN does not" needs GN's change in error below BN's, and GN's error at the
+            smallest batch below BN's, each by more than this (ties do not hold).
+    """
+    n = numbers
+    big, small = n.big, n.small
+    mean_err = {m: {b: float(np.mean(v)) for b, v in per_b.items()} for m, per_b in n.error.items()}
+    bn_change = mean_err["bn"][small] - mean_err["bn"][big]
+    gn_change = mean_err["gn"][small] - mean_err["gn"][big]
+    gn_holds = (
+        gn_change < bn_change - gn_margin
+        and mean_err["gn"][small] < mean_err["bn"][small] - gn_margin
+    )
+    return [
+        Claim(
+            "BN degrades",
+            "Batch norm's test error grows as the batch shrinks.",
+            f"BN's mean test error at batch {small} exceeds that at batch {big} by at least "
+            f"{n.min_degradation}",
+            bool(bn_change >= n.min_degradation),
+            f"BN error {mean_err['bn'][big]:.4f} at batch {big} -> {mean_err['bn'][small]:.4f} "
+            f"at batch {small} (change {bn_change:+.4f})",
+        ),
+        Claim(
+            "GN does not",
+            "Group norm's test error does not depend on the batch size the way BN's does.",
+            f"GN's change in mean test error from batch {big} to {small} is smaller than BN's, "
+            f"and GN's error at batch {small} is below BN's"
+            + (f" (each by more than {gn_margin})" if gn_margin else ""),
+            bool(gn_holds),
+            f"change {gn_change:+.4f} (GN) vs {bn_change:+.4f} (BN); at batch {small}: "
+            f"{mean_err['gn'][small]:.4f} (GN) vs {mean_err['bn'][small]:.4f} (BN)",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Train every (norm, batch size, seed), tabulate and plot."""
     data = image_data(ctx, config)
     n = len(data.train_y)
     batch_sizes = tuple(sorted(set(config.batch_sizes), reverse=True))
@@ -142,28 +194,12 @@ def run(config: Config, ctx: Context) -> Outcome:
     error = {m: {b: 1.0 - final_acc(results[m][b]) for b in batch_sizes} for m in norms}
     mean_err = {m: {b: float(np.mean(error[m][b])) for b in batch_sizes} for m in norms}
     big, small = batch_sizes[0], batch_sizes[-1]
-    bn_change = mean_err["bn"][small] - mean_err["bn"][big]
-    gn_change = mean_err["gn"][small] - mean_err["gn"][big]
-    claims = [
-        Claim(
-            "BN degrades",
-            "Batch norm's test error grows as the batch shrinks.",
-            f"BN's mean test error at batch {small} exceeds that at batch {big} by at least "
-            f"{config.min_degradation}",
-            bool(bn_change >= config.min_degradation),
-            f"BN error {mean_err['bn'][big]:.4f} at batch {big} -> {mean_err['bn'][small]:.4f} "
-            f"at batch {small} (change {bn_change:+.4f})",
-        ),
-        Claim(
-            "GN does not",
-            "Group norm's test error does not depend on the batch size the way BN's does.",
-            f"GN's change in mean test error from batch {big} to {small} is smaller than BN's, "
-            f"and GN's error at batch {small} is below BN's",
-            bool(gn_change < bn_change and mean_err["gn"][small] < mean_err["bn"][small]),
-            f"change {gn_change:+.4f} (GN) vs {bn_change:+.4f} (BN); at batch {small}: "
-            f"{mean_err['gn'][small]:.4f} (GN) vs {mean_err['bn'][small]:.4f} (BN)",
-        ),
-    ]
+    numbers = Numbers(
+        big=big,
+        small=small,
+        min_degradation=config.min_degradation,
+        error={m: {b: error[m][b].tolist() for b in (big, small)} for m in ("bn", "gn")},
+    )
     comparisons = []
     for m in ("bn", "gn"):
         comparisons.append(
@@ -196,8 +232,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, norms, batch_sizes, error)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "batch_sizes": batch_sizes,
@@ -253,6 +289,8 @@ EXPERIMENT = Experiment(
         "batch size). Stand-in: a small CNN on Fashion-MNIST, batch 32 ... 2."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="BN vs GN/LN/IN/BatchRenorm across batch sizes 32..2",
 )

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from batchnorm.lab.config import param
-from batchnorm.lab.experiment import Claim, Comparison, Context, Experiment, Outcome, md_table
+from batchnorm.lab.experiment import Claim, Comparison, Context, Experiment, Measurement, md_table
 from batchnorm.lab.progress import bar
 from batchnorm.lab.theory.single_layer import gradient_norm_bound, hessian_bound
 
-__all__ = ["Config", "EXPERIMENT", "run"]
+__all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 TOL = 1e-9  # relative rounding allowance in "holds"
 TIGHT = 1e-8  # |ratio - 1| allowed for "tight" at eps = 0
@@ -97,9 +97,89 @@ def _holds(lhs: float, rhs: float) -> bool:
     return lhs <= rhs + TOL * max(1.0, abs(lhs), abs(rhs))
 
 
-def run(config: Config, ctx: Context) -> Outcome:
-    """Evaluate both theorems on random instances at every eps, decide the claims, plot."""
+@dataclass
+class InstanceNumbers:
+    """Both theorems' sides on one random instance."""
+
+    eps: float
+    grad_lhs: float  # Theorem 4.1
+    grad_rhs: float
+    grad_ratio: float  # lhs / rhs
+    hess_lhs: float  # Theorem 4.2, first form
+    hess_rhs: float
+    hess_rel_gap: float  # (rhs - lhs) / max(|lhs|, |rhs|)
+    second_applies: bool  # the second form's assumption v^T H v <= g^T H g holds
+    second_rhs: float  # the second form's right-hand side
+
+
+@dataclass
+class Numbers:
+    """What the claims are decided on: every instance at every eps."""
+
+    eps_values: list[float]
+    instances: list[InstanceNumbers]
+
+
+def judge(numbers: Numbers, *, tolerance: float = TOL, tight: float = TIGHT) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone.
+
+    Args:
+        numbers: what :func:`measure` measured.
+        tolerance: a bound holds when lhs <= rhs + tolerance * max(1, |lhs|, |rhs|) (rounding).
+        tight: "thm 4.1 tight" holds when every eps = 0 ratio lhs/rhs is within this of 1 (a
+            tie holds).
+    """
+
+    def holds(lhs: float, rhs: float) -> bool:
+        return lhs <= rhs + tolerance * max(1.0, abs(lhs), abs(rhs))
+
+    rows = numbers.instances
+    zero = [r for r in rows if r.eps == 0.0]
+    zero_dev = max((abs(r.grad_ratio - 1.0) for r in zero), default=math.nan)
+    hess_zero = [holds(r.hess_lhs, r.hess_rhs) for r in zero]
+    second_zero = [holds(r.hess_lhs, r.second_rhs) for r in zero if r.second_applies]
+    grad_holds = [holds(r.grad_lhs, r.grad_rhs) for r in rows]
+    rel_gap_median = float(np.median([r.hess_rel_gap for r in zero])) if zero else math.nan
+    relative = f"up to {tolerance:g} relative".replace("e-0", "e-")  # 1e-9, not 1e-09
+    return [
+        Claim(
+            "thm 4.1 holds",
+            "Theorem 4.1: BN's gradient norm is bounded as stated.",
+            f"lhs <= rhs ({relative}) on every instance, at every eps",
+            all(grad_holds),
+            f"{sum(grad_holds)}/{len(rows)} instances hold "
+            f"(eps values {', '.join(f'{e:g}' for e in numbers.eps_values)})",
+        ),
+        Claim(
+            "thm 4.1 tight",
+            "At eps = 0, Theorem 4.1 holds with equality (Fact C.1 makes it an identity).",
+            f"every eps = 0 ratio lhs/rhs within {tight:g} of 1",
+            bool(zero_dev <= tight),
+            f"max |ratio - 1| = {zero_dev:.2e} over {len(zero)} instances",
+        ),
+        Claim(
+            "thm 4.2 holds",
+            "Theorem 4.2 (first form): the curvature along the gradient is bounded as stated.",
+            f"lhs <= rhs ({relative}) on every eps = 0 instance",
+            all(hess_zero),
+            f"{sum(hess_zero)}/{len(zero)} eps = 0 instances hold; "
+            f"median relative gap {rel_gap_median:.1e}",
+        ),
+        Claim(
+            "thm 4.2 second form",
+            "Theorem 4.2 (second form) holds where its assumption v^T H v <= g^T H g holds.",
+            "lhs <= second-form rhs on every eps = 0 instance satisfying the assumption",
+            bool(second_zero) and all(second_zero),
+            f"{sum(second_zero)}/{len(second_zero)} instances "
+            f"(the assumption held on {len(second_zero)}/{len(zero)})",
+        ),
+    ]
+
+
+def measure(config: Config, ctx: Context) -> Measurement:
+    """Evaluate both theorems on random instances at every eps, plot."""
     rows = []
+    instances = []
     with ctx.timer("instances"):
         for eps in config.eps_values:
             rng = np.random.default_rng(config.seed)  # the same instances at every eps
@@ -126,6 +206,19 @@ def run(config: Config, ctx: Context) -> Outcome:
                         "second_holds": _holds(h.lhs, h.rhs_second_form),
                     }
                 )
+                instances.append(
+                    InstanceNumbers(
+                        eps=float(eps),
+                        grad_lhs=float(g.lhs),
+                        grad_rhs=float(g.rhs),
+                        grad_ratio=float(g.ratio),
+                        hess_lhs=float(h.lhs),
+                        hess_rhs=float(h.rhs),
+                        hess_rel_gap=float(rows[-1]["hess_rel_gap"]),
+                        second_applies=bool(h.second_form_applies),
+                        second_rhs=float(h.rhs_second_form),
+                    )
+                )
     fields = list(rows[0])
     ctx.write_csv("instances.csv", rows, fields)
 
@@ -151,43 +244,7 @@ def run(config: Config, ctx: Context) -> Outcome:
             "thm42_second_applies": frac(rs, "second_applies"),
             "thm42_second_holds_where_applies": frac(second, "second_holds"),
         }
-    zero = sel(0.0)
-    zero_dev = max(abs(r["grad_ratio"] - 1.0) for r in zero)
-    second_zero = [r for r in zero if r["second_applies"]]
-    all_41 = all(r["grad_holds"] for r in rows)
-    claims = [
-        Claim(
-            "thm 4.1 holds",
-            "Theorem 4.1: BN's gradient norm is bounded as stated.",
-            "lhs <= rhs (up to 1e-9 relative) on every instance, at every eps",
-            all_41,
-            f"{sum(r['grad_holds'] for r in rows)}/{len(rows)} instances hold "
-            f"(eps values {', '.join(f'{e:g}' for e in config.eps_values)})",
-        ),
-        Claim(
-            "thm 4.1 tight",
-            "At eps = 0, Theorem 4.1 holds with equality (Fact C.1 makes it an identity).",
-            f"every eps = 0 ratio lhs/rhs within {TIGHT:g} of 1",
-            bool(zero_dev <= TIGHT),
-            f"max |ratio - 1| = {zero_dev:.2e} over {len(zero)} instances",
-        ),
-        Claim(
-            "thm 4.2 holds",
-            "Theorem 4.2 (first form): the curvature along the gradient is bounded as stated.",
-            "lhs <= rhs (up to 1e-9 relative) on every eps = 0 instance",
-            all(r["hess_holds"] for r in zero),
-            f"{sum(r['hess_holds'] for r in zero)}/{len(zero)} eps = 0 instances hold; "
-            f"median relative gap {per_eps[0.0]['thm42_rel_gap_median']:.1e}",
-        ),
-        Claim(
-            "thm 4.2 second form",
-            "Theorem 4.2 (second form) holds where its assumption v^T H v <= g^T H g holds.",
-            "lhs <= second-form rhs on every eps = 0 instance satisfying the assumption",
-            bool(second_zero) and all(r["second_holds"] for r in second_zero),
-            f"{sum(r['second_holds'] for r in second_zero)}/{len(second_zero)} instances "
-            f"(the assumption held on {len(second_zero)}/{len(zero)})",
-        ),
-    ]
+    numbers = Numbers(eps_values=[float(e) for e in config.eps_values], instances=instances)
     comparisons = []
     for eps in config.eps_values:
         p = per_eps[eps]
@@ -239,8 +296,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, rows, config.eps_values)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={"per_eps": {f"{e:g}": p for e, p in per_eps.items()}, "instances": len(rows)},
         tables=[("By eps (fractions over instances)", table)],
@@ -308,6 +365,8 @@ EXPERIMENT = Experiment(
         "evaluated on random instances, eps = 0 and eps > 0."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="single-layer gradient and Hessian bounds on random instances",
 )
