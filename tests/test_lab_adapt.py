@@ -11,7 +11,14 @@ import pytest
 from batchnorm.lab import experiments
 from batchnorm.lab.config import ConfigError
 from batchnorm.lab.experiment import make_config, run_experiment
-from batchnorm.lab.experiments.adapt import CORRUPTIONS, METHODS, Config, corrupt, judge
+from batchnorm.lab.experiments.adapt import (
+    CORRUPTIONS,
+    METHODS,
+    Config,
+    Numbers,
+    corrupt,
+    judge,
+)
 from tests.lab_helpers import check_run_dir, table
 
 pytestmark = pytest.mark.usefixtures("lab_quiet")
@@ -63,7 +70,7 @@ def _errors(source: float, bn: float, adabn: float, tent: float) -> dict[str, fl
 )
 def test_rules_on_made_up_numbers(corrupted, expected):
     clean = _errors(0.10, 0.11, 0.10, 0.11)
-    claims = judge(clean, {"blur": corrupted, "contrast": corrupted}, Config())
+    claims = judge(Numbers(Config().min_shift, clean, {"blur": corrupted, "contrast": corrupted}))
     assert [c.held for c in claims] == expected
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from batchnorm.lab import experiments
 from batchnorm.lab.experiments import (
+    adapt,
     agc,
     decoupling,
     explosion,
@@ -1125,6 +1126,42 @@ SAMPLES = {
     "precise-bn": precise_numbers,
     "agc": agc_numbers,
 }
+
+
+# --- adapt (Wang et al. 2021, TENT; AdaBN) ---------------------------------------------------
+
+
+def adapt_numbers(**changes) -> adapt.Numbers:
+    def errors(source, batch_bn, adabn, tent):
+        return {"source": source, "test-batch BN": batch_bn, "AdaBN": adabn, "TENT": tent}
+
+    values = {
+        "min_shift": 0.05,
+        "clean": errors(0.10, 0.11, 0.10, 0.11),
+        "corrupted": {"blur": errors(0.40, 0.17, 0.18, 0.14),
+                      "noise": errors(0.30, 0.15, 0.16, 0.12)},
+    }  # fmt: skip
+    values.update(changes)
+    return adapt.Numbers(**values)
+
+
+def test_adapt_rules_hold_on_the_papers_shape_and_fail_at_ties() -> None:
+    assert [c.held for c in adapt.judge(adapt_numbers())] == [True, True, True]
+    # A shift exactly at the margin holds; a margin just above it does not (binary-exact values).
+    corrupted = {
+        "a": {"source": 0.5, "test-batch BN": 0.2, "AdaBN": 0.2, "TENT": 0.1},
+        "b": {"source": 0.25, "test-batch BN": 0.2, "AdaBN": 0.2, "TENT": 0.1},
+    }
+    clean = {"source": 0.25, "test-batch BN": 0.1, "AdaBN": 0.1, "TENT": 0.1}  # shift 0.125
+    assert adapt.judge(adapt_numbers(min_shift=0.125, clean=clean, corrupted=corrupted))[0].held
+    near = adapt_numbers(min_shift=0.125 + 1e-9, clean=clean, corrupted=corrupted)
+    assert not adapt.judge(near)[0].held
+    # AdaBN equal to the source: not lower, so it does not hold; TENT tied with BN neither.
+    tie = {"x": {"source": 0.3, "test-batch BN": 0.2, "AdaBN": 0.3, "TENT": 0.2}}
+    assert [c.held for c in adapt.judge(adapt_numbers(corrupted=tie))] == [True, False, False]
+
+
+SAMPLES["adapt"] = adapt_numbers
 
 
 def test_every_experiment_has_rule_tests() -> None:

@@ -48,7 +48,7 @@ from batchnorm.lab.experiment import (
     Comparison,
     Context,
     Experiment,
-    Outcome,
+    Measurement,
     fmt_mean_std,
     md_table,
 )
@@ -64,7 +64,16 @@ from batchnorm.lab.experiments.cnn import (
     train_net,
 )
 
-__all__ = ["CORRUPTIONS", "Config", "EXPERIMENT", "METHODS", "corrupt", "judge", "run"]
+__all__ = [
+    "CORRUPTIONS",
+    "Config",
+    "EXPERIMENT",
+    "METHODS",
+    "Numbers",
+    "corrupt",
+    "judge",
+    "measure",
+]
 
 CORRUPTIONS: tuple[str, ...] = ("gaussian-noise", "impulse-noise", "blur", "contrast", "pixelate")
 METHODS: tuple[str, ...] = ("source", "test-batch BN", "AdaBN", "TENT")
@@ -227,11 +236,18 @@ def evaluate_methods(
     return errors
 
 
-def judge(
-    clean: dict[str, float], corrupted: dict[str, dict[str, float]], config: Config
-) -> list[Claim]:
-    """The three rules of the module docstring, on mean errors (over seeds): ``clean[method]``
-    and ``corrupted[corruption][method]``."""
+@dataclass
+class Numbers:
+    """What the claims are decided on: mean errors over seeds."""
+
+    min_shift: float  # the config's least error increase of "corruptions hurt"
+    clean: dict[str, float]  # method -> error on the clean test set
+    corrupted: dict[str, dict[str, float]]  # corruption -> method -> error
+
+
+def judge(numbers: Numbers) -> list[Claim]:
+    """The three rules of the module docstring, on mean errors (over seeds)."""
+    clean, corrupted = numbers.clean, numbers.corrupted
     mean = {m: float(np.mean([corrupted[c][m] for c in corrupted])) for m in METHODS}
     shift = mean["source"] - clean["source"]
     return [
@@ -239,8 +255,8 @@ def judge(
             "corruptions hurt",
             "A network trained on clean data loses accuracy on corrupted test data.",
             f"the source error, averaged over the corruptions, exceeds the clean error by at "
-            f"least {config.min_shift}",
-            bool(shift >= config.min_shift),
+            f"least {numbers.min_shift}",
+            bool(shift >= numbers.min_shift),
             f"{mean['source']:.4f} corrupted vs {clean['source']:.4f} clean ({shift:+.4f})",
         ),
         Claim(
@@ -261,7 +277,7 @@ def judge(
     ]
 
 
-def run(config: Config, ctx: Context) -> Outcome:
+def measure(config: Config, ctx: Context) -> Measurement:
     """Train per seed, evaluate every method on the clean and every corrupted test set."""
     from batchnorm.inference import recalibrate
 
@@ -320,10 +336,10 @@ def run(config: Config, ctx: Context) -> Outcome:
         return float(np.mean(errors[name][method]))
 
     corrupted = [c for c in names if c != "clean"]
-    claims = judge(
-        {m: mean("clean", m) for m in METHODS},
-        {c: {m: mean(c, m) for m in METHODS} for c in corrupted},
-        config,
+    numbers = Numbers(
+        min_shift=config.min_shift,
+        clean={m: mean("clean", m) for m in METHODS},
+        corrupted={c: {m: mean(c, m) for m in METHODS} for c in corrupted},
     )
     per_seed_mean = {
         m: np.mean([errors[c][m] for c in corrupted], axis=0) for m in METHODS
@@ -356,8 +372,8 @@ def run(config: Config, ctx: Context) -> Outcome:
     )
     with ctx.timer("plots"):
         _plot(ctx, names, errors)
-    return Outcome(
-        claims=claims,
+    return Measurement(
+        numbers=numbers,
         comparisons=comparisons,
         metrics={
             "errors": {name: {m: errors[name][m] for m in METHODS} for name in names},
@@ -419,6 +435,8 @@ EXPERIMENT = Experiment(
         "corruptions."
     ),
     config_cls=Config,
-    run=run,
+    numbers_cls=Numbers,
+    measure=measure,
+    judge=judge,
     summary="corrupted test sets: source vs test-batch BN vs AdaBN vs TENT",
 )
