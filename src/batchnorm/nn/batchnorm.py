@@ -372,9 +372,13 @@ class BatchNorm3d(BatchNormMixin, torch.nn.BatchNorm3d):
     _dims_text = "a 5-D (N, C, D, H, W) input"
 
 
-class _LazyBatchNormMixin:
-    """Torch's lazy batch norm (``num_features`` from the first input), becoming this package's
-    class when it is materialized; ``backend`` and ``nonfinite`` as the layers take them."""
+class LazyNormMixin:
+    """Torch's lazy norms (``num_features`` from the first input), becoming this package's class
+    (``cls_to_become``) when materialized, with ``backend`` (and, for batch norm, ``nonfinite``)
+    as the layers take them. Shared by the lazy batch-norm and instance-norm classes."""
+
+    # The keyword-only options of cls_to_become beyond torch's, with their defaults.
+    _own_options: dict[str, Any] = {"nonfinite": "propagate"}
 
     def __init__(
         self,
@@ -387,45 +391,54 @@ class _LazyBatchNormMixin:
         *,
         bias: bool = True,
         backend: str | None = None,
-        nonfinite: str = "propagate",
+        **options: Any,
     ) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        unknown = set(options) - set(self._own_options)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}"
+            )
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps != eps:
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         check_momentum(momentum, stacklevel=3)
         kwargs = {"bias": bias} if _TORCH_HAS_BIAS_ARG else {}
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **kwargs)  # type: ignore[call-arg]
         if backend is not None:
             backends.requested_backend(backend)
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        values = {**self._own_options, **options}
+        if "nonfinite" in values and values["nonfinite"] not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite must be one of {NONFINITE_POLICIES}, got {values['nonfinite']!r}"
+            )
         self.backend = backend
-        self.nonfinite = nonfinite
+        for name, value in values.items():
+            setattr(self, name, value)
         self.last_backend: str | None = None
         mark_fx_leaf(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # torch's lazy pre-hook turned this module into cls_to_become before forward runs.
         forward = type(self).forward
-        if forward is _LazyBatchNormMixin.forward:
+        if forward is LazyNormMixin.forward:
             raise RuntimeError(
                 f"{type(self).__name__} has not inferred num_features yet; call it on an input"
             )
         return forward(self, input)
 
 
-class LazyBatchNorm1d(_LazyBatchNormMixin, torch.nn.LazyBatchNorm1d):
+class LazyBatchNorm1d(LazyNormMixin, torch.nn.LazyBatchNorm1d):
     """Drop-in ``torch.nn.LazyBatchNorm1d``: becomes :class:`BatchNorm1d` at the first input."""
 
     cls_to_become = BatchNorm1d  # type: ignore[assignment]
 
 
-class LazyBatchNorm2d(_LazyBatchNormMixin, torch.nn.LazyBatchNorm2d):
+class LazyBatchNorm2d(LazyNormMixin, torch.nn.LazyBatchNorm2d):
     """Drop-in ``torch.nn.LazyBatchNorm2d``: becomes :class:`BatchNorm2d` at the first input."""
 
     cls_to_become = BatchNorm2d  # type: ignore[assignment]
 
 
-class LazyBatchNorm3d(_LazyBatchNormMixin, torch.nn.LazyBatchNorm3d):
+class LazyBatchNorm3d(LazyNormMixin, torch.nn.LazyBatchNorm3d):
     """Drop-in ``torch.nn.LazyBatchNorm3d``: becomes :class:`BatchNorm3d` at the first input."""
 
     cls_to_become = BatchNorm3d  # type: ignore[assignment]

@@ -47,7 +47,7 @@ from batchnorm.functional import (
     instance_norm,
     layer_norm,
 )
-from batchnorm.nn.batchnorm import BackendChoice
+from batchnorm.nn.batchnorm import BackendChoice, LazyNormMixin
 
 __all__ = [
     "GroupNorm",
@@ -275,39 +275,10 @@ class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
     """
 
 
-class _LazyInstanceNormMixin:
+class _LazyInstanceNormMixin(LazyNormMixin):
     """Torch's lazy instance norm, becoming this package's class at the first input."""
 
-    cls_to_become: type
-
-    def __init__(
-        self,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-        backend: str | None = None,
-    ) -> None:
-        check_eps(eps, allow_negative=True)
-        check_momentum(momentum, stacklevel=3)
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)  # type: ignore[call-arg]
-        if backend is not None:
-            backends.requested_backend(backend)
-        self.backend = backend
-        self.last_backend: str | None = None
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # The lazy pre-hook has already turned this module into cls_to_become: run its forward.
-        forward = type(self).forward
-        if forward is _LazyInstanceNormMixin.forward:
-            raise RuntimeError(
-                f"{type(self).__name__} has not inferred num_features yet; call it on an input"
-            )
-        return forward(self, input)
+    _own_options: dict[str, Any] = {}
 
 
 class LazyInstanceNorm1d(_LazyInstanceNormMixin, torch.nn.LazyInstanceNorm1d):
