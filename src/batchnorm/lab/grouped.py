@@ -155,12 +155,56 @@ def _norm_layer(norm: str, channels: int, nets: int, kwargs: Mapping[str, Any]) 
     return create_norm(norm, width, **options)
 
 
+class _SameNormNets(nn.Module):
+    """n networks with the same normalization as one: grouped convolutions, one norm layer per
+    conv layer, a batched classifier.
+
+    Shape:
+        input: (N, C_in, H, W) shared by the n networks, or (N, n * C_in, H, W).
+        output: (n, N, num_classes).
+    """
+
+    def __init__(
+        self,
+        spec: ConvNetSpec,
+        nets: int,
+        in_channels: int,
+        channels: tuple[int, ...],
+        classes: int,
+    ) -> None:
+        super().__init__()
+        self.nets, self.channels, self.num_classes = nets, channels, classes
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        c_in = in_channels
+        for c in channels:
+            self.convs.append(_GroupedConv2d(nets, c_in, c))
+            self.norms.append(_norm_layer(spec.norm, c, nets, spec.norm_kwargs))
+            c_in = c
+        self.classifier_weight = nn.Parameter(torch.empty(nets * classes, c_in))
+        self.classifier_bias = nn.Parameter(torch.empty(nets * classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            z = norm(conv(x))  # (N, n * c, H, W)
+            # Pooling before the ReLU gives the same numbers (max and ReLU commute, and a
+            # window whose max is <= 0 gets a zero gradient either way) on 4x fewer values.
+            x = torch.relu(F.max_pool2d(z, 2, ceil_mode=True))
+        features = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, n * C)
+        n, c = self.nets, self.channels[-1]
+        per_net = features.view(-1, n, c).transpose(0, 1)  # (n, N, C)
+        weight = self.classifier_weight.view(n, self.num_classes, c).transpose(1, 2)  # (n, C, out)
+        return torch.baddbmm(self.classifier_bias.view(n, 1, self.num_classes), per_net, weight)
+
+
 class GroupedConvNet(nn.Module):
     """K networks :func:`batchnorm.lab.experiments.cnn.conv_net` builds, as one (module doc).
 
-    Networks keep the order of ``specs``; consecutive networks with the same
-    :meth:`ConvNetSpec.norm_key` share one normalization layer per conv layer (:attr:`runs`), so
-    list the networks of one norm together.
+    Networks keep the order of ``specs``. Consecutive networks with the same
+    :meth:`ConvNetSpec.norm_key` form a run (:attr:`runs`) computed as one block of grouped
+    layers; different runs are different blocks (splitting one tensor by channels instead would
+    hand the norm layers non-contiguous slices, which their CPU kernels process several times
+    slower), so list the networks of one norm together.
 
     Args:
         specs: one :class:`ConvNetSpec` per network.
@@ -169,10 +213,10 @@ class GroupedConvNet(nn.Module):
         in_channels: channels of the images (1: grey).
 
     Attributes:
-        runs: ``(start, stop, spec)`` per run of networks sharing a normalization layer.
-        convs: one :class:`_GroupedConv2d` per conv layer; ``norms``: per conv layer, one
-            layer per run; ``classifier_weight`` (K * classes, C), ``classifier_bias``
-            (K * classes,).
+        runs: ``(start, stop, spec)`` per run of networks with the same norm.
+        blocks: one module per run, with ``convs`` (one grouped convolution per layer),
+            ``norms`` (one norm layer per conv layer), ``classifier_weight``
+            (n * classes, C) and ``classifier_bias`` (n * classes,).
 
     Shape:
         input: (N, in_channels, H, W), shared by every network, or (K, N, in_channels, H, W),
@@ -197,27 +241,17 @@ class GroupedConvNet(nn.Module):
         self.channels = tuple(int(c) for c in channels)
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
-        self.num_nets = K = len(self.specs)
+        self.num_nets = len(self.specs)
         self.runs: list[tuple[int, int, ConvNetSpec]] = []
         for k, spec in enumerate(self.specs):
             if self.runs and self.runs[-1][2].norm_key() == spec.norm_key():
                 self.runs[-1] = (self.runs[-1][0], k + 1, self.runs[-1][2])
             else:
                 self.runs.append((k, k + 1, spec))
-        self.convs = nn.ModuleList()
-        self.norms = nn.ModuleList()
-        c_in = self.in_channels
-        for c in self.channels:
-            self.convs.append(_GroupedConv2d(K, c_in, c))
-            self.norms.append(
-                nn.ModuleList(
-                    _norm_layer(spec.norm, c, stop - start, spec.norm_kwargs)
-                    for start, stop, spec in self.runs
-                )
-            )
-            c_in = c
-        self.classifier_weight = nn.Parameter(torch.empty(K * self.num_classes, c_in))
-        self.classifier_bias = nn.Parameter(torch.empty(K * self.num_classes))
+        self.blocks = nn.ModuleList(
+            _SameNormNets(spec, stop - start, self.in_channels, self.channels, self.num_classes)
+            for start, stop, spec in self.runs
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -235,10 +269,12 @@ class GroupedConvNet(nn.Module):
 
     def _run_of(self, k: int) -> tuple[int, int]:
         """(index of network k's run, k's position in it)."""
+        if not 0 <= k < self.num_nets:
+            raise IndexError(f"network {k} out of range: the model holds {self.num_nets}")
         for r, (start, stop, _) in enumerate(self.runs):
             if start <= k < stop:
                 return r, k - start
-        raise IndexError(f"network {k} out of range: the model holds {self.num_nets}")
+        raise AssertionError("the runs cover every network")
 
     def network_tensors(self, k: int, *, grads: bool = False) -> dict[str, torch.Tensor]:
         """Network k's parameters and buffers (or, with ``grads``, the parameters' gradients),
@@ -247,36 +283,35 @@ class GroupedConvNet(nn.Module):
         A scalar buffer (``num_batches_tracked``) is shared by the networks of a run; with
         ``grads``, a parameter without a gradient is left out.
         """
-        if not 0 <= k < self.num_nets:
-            raise IndexError(f"network {k} out of range: the model holds {self.num_nets}")
         run, position = self._run_of(k)
-        spec = self.specs[k]
+        block = self.blocks[run]
         out: dict[str, torch.Tensor] = {}
 
-        def put(key: str, tensor: torch.Tensor, rows: int, index: int, *, param: bool) -> None:
-            # Rows [index * rows, (index + 1) * rows) of axis 0; a scalar is shared.
+        def put(key: str, tensor: torch.Tensor, rows: int, *, param: bool) -> None:
+            # Rows [position * rows, (position + 1) * rows) of axis 0; a scalar is shared.
             if grads:
                 if not param or tensor.grad is None:
                     return
                 tensor = tensor.grad
-            out[key] = tensor if tensor.dim() == 0 else tensor[rows * index : rows * (index + 1)]
+            out[key] = (
+                tensor if tensor.dim() == 0 else tensor[rows * position : rows * (position + 1)]
+            )
 
         j = 0  # the module index in conv_net's nn.Sequential
-        for conv, norms, c in zip(self.convs, self.norms, self.channels):
-            put(f"{j}.weight", conv.weight, c, k, param=True)
-            norm = norms[run]  # holds the networks of k's run only: k is at `position` there
-            if spec.norm == "none":
-                put(f"{j}.bias", norm.bias, c, position, param=True)
+        for conv, norm, c in zip(block.convs, block.norms, self.channels):
+            put(f"{j}.weight", conv.weight, c, param=True)
+            if self.specs[k].norm == "none":
+                put(f"{j}.bias", norm.bias, c, param=True)
                 j += 3  # conv, ReLU, pool
                 continue
             params = dict(norm.named_parameters(recurse=False))
             for name, tensor in norm.state_dict(keep_vars=True).items():
                 if tensor is not None:
-                    put(f"{j + 1}.{name}", tensor, c, position, param=name in params)
+                    put(f"{j + 1}.{name}", tensor, c, param=name in params)
             j += 4  # conv, norm, ReLU, pool
         j += 2  # global average pool, flatten
-        put(f"{j}.weight", self.classifier_weight, self.num_classes, k, param=True)
-        put(f"{j}.bias", self.classifier_bias, self.num_classes, k, param=True)
+        put(f"{j}.weight", block.classifier_weight, self.num_classes, param=True)
+        put(f"{j}.bias", block.classifier_bias, self.num_classes, param=True)
         return out
 
     @torch.no_grad()
@@ -310,35 +345,21 @@ class GroupedConvNet(nn.Module):
         Returns:
             (K, N, num_classes) logits.
         """
-        K = self.num_nets
-        if x.dim() == 5 and x.shape[0] == K and x.shape[2] == self.in_channels:
-            # (K, N, C, H, W) -> (N, K * C, H, W): network k's channels at k * C + c.
-            x = x.transpose(0, 1).reshape(x.shape[1], K * self.in_channels, *x.shape[3:])
-        elif not (x.dim() == 4 and x.shape[1] == self.in_channels):
+        K, c_in = self.num_nets, self.in_channels
+        if x.dim() == 4 and x.shape[1] == c_in:
+            parts = [block(x) for block in self.blocks]
+        elif x.dim() == 5 and x.shape[0] == K and x.shape[2] == c_in:
+            parts = []
+            for block, (start, stop, _) in zip(self.blocks, self.runs):
+                # (n, N, C, H, W) -> (N, n * C, H, W): network k's channels at k * C + c.
+                mine = x[start:stop].transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+                parts.append(block(mine))
+        else:
             raise ValueError(
-                f"GroupedConvNet expects a (N, {self.in_channels}, H, W) batch shared by all "
-                f"networks or a ({K}, N, {self.in_channels}, H, W) one per network; got "
-                f"{tuple(x.shape)}"
+                f"GroupedConvNet expects a (N, {c_in}, H, W) batch shared by all networks or a "
+                f"({K}, N, {c_in}, H, W) one per network; got {tuple(x.shape)}"
             )
-        for conv, norms, c in zip(self.convs, self.norms, self.channels):
-            z = conv(x)  # (N, K * c, H, W)
-            if len(self.runs) == 1:
-                z = norms[0](z)
-            else:
-                z = torch.cat(
-                    [
-                        norm(z[:, start * c : stop * c])
-                        for norm, (start, stop, _) in zip(norms, self.runs)
-                    ],
-                    dim=1,
-                )
-            x = F.max_pool2d(torch.relu(z), 2, ceil_mode=True)
-        features = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, K * C)
-        n, c = features.shape[0], self.channels[-1]
-        per_net = features.view(n, K, c).transpose(0, 1)  # (K, N, C)
-        weight = self.classifier_weight.view(K, self.num_classes, c).transpose(1, 2)  # (K, C, out)
-        bias = self.classifier_bias.view(K, 1, self.num_classes)
-        return torch.baddbmm(bias, per_net, weight)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def clip_units(self, *, include_classifier: bool = False) -> list[torch.Tensor]:
         """Views of the parameters, shaped so that :func:`batchnorm.optim.unitwise_norm` takes
@@ -358,19 +379,22 @@ class GroupedConvNet(nn.Module):
             view.grad = param.grad.view(shape)
             units.append(view)
 
-        for conv, norms, c in zip(self.convs, self.norms, self.channels):
-            add(conv.weight, tuple(conv.weight.shape))
-            for norm, (start, stop, _) in zip(norms, self.runs):
+        for block in self.blocks:
+            for conv, norm, c in zip(block.convs, block.norms, self.channels):
+                add(conv.weight, tuple(conv.weight.shape))
                 for param in norm.parameters():
-                    add(param, (stop - start, c))
-        if include_classifier:
-            add(self.classifier_weight, tuple(self.classifier_weight.shape))
-            add(self.classifier_bias, (self.num_nets, self.num_classes))
+                    add(param, (block.nets, c))
+            if include_classifier:
+                add(block.classifier_weight, tuple(block.classifier_weight.shape))
+                add(block.classifier_bias, (block.nets, self.num_classes))
         return units
 
     def classifier_parameters(self) -> list[nn.Parameter]:
-        """The final linear layer's weight and bias (AGC leaves them unclipped, as NFNets do)."""
-        return [self.classifier_weight, self.classifier_bias]
+        """The final linear layers' weights and biases (AGC leaves them unclipped, as NFNets
+        do)."""
+        return [
+            p for block in self.blocks for p in (block.classifier_weight, block.classifier_bias)
+        ]
 
 
 def clip_grad_per_network_(
