@@ -220,7 +220,7 @@ def test_vectors_are_clipped_per_network_not_across_networks() -> None:
     network 0's is clipped."""
     specs = [ConvNetSpec("none", seed=s, norm="none") for s in (0, 1)]
     grouped, _ = build(specs)
-    bias = grouped.blocks[0].norms[0].bias
+    bias = grouped.blocks[0].convs[0].bias
     results = []
     for scale in (1.0, 1000.0):
         grouped.zero_grad()

@@ -13,27 +13,31 @@ does for MLPs:
   ``k * C_out + c`` is network k's channel c computed from network k's input channels only. The
   first layer sees the images: a (N, 1, H, W) batch shared by all networks is convolved with
   ``groups = 1`` (every network reads the same channel), a per-network batch with ``groups = K``;
-- a normalization is one layer over the channels of a run of networks that use the same norm
-  with the same options (usually all K): batch norm, ghost batch norm, batch renorm and instance
+- consecutive networks that use the same norm with the same options (usually all K) form a run,
+  computed as one block of grouped layers; its normalization is one layer over the channels of
+  all its networks: batch norm, ghost batch norm, batch renorm and instance
   norm work per channel (over the batch and/or the spatial positions), so channel ``k * C + c``
   is normalized exactly as network k's channel c; group norm with ``G`` groups per network is
   group norm with ``n * G`` groups over the ``n * C`` channels of n networks (a group is a
   contiguous block of ``C / G`` channels, which never straddles two networks); layer norm over
-  (C, H, W) is group norm with one group per network. A network without normalization adds its
-  convolution bias instead. Ghost batches split the batch axis, which every network shares with
-  the same batch size, into the same ghost batches as a single network does;
+  (C, H, W) is group norm with one group per network. Networks without normalization keep
+  their convolution bias (in the grouped convolution). Ghost batches split the batch axis, which
+  every network shares with the same batch size, into the same ghost batches as a single
+  network does;
+- max pooling comes before the ReLU (the same numbers, since max and ReLU commute and a window
+  whose max is <= 0 gets a zero gradient either way, on a quarter of the values);
 - the classifier is one batched matrix product over K, ``logits[k] = pool(x)[k] @ W[k]^T + b[k]``
   (``torch.baddbmm``), with the weights stored as (K * classes, C);
 - the loss is the sum of the K networks' mean cross-entropies
   (:func:`grouped_cross_entropy`), so each network's gradient is that of its own loss.
 
-Every parameter and buffer has the single network's tensor of network k at rows
-``[k * n_k, (k + 1) * n_k)`` of its axis 0 (axis 0 of the single tensor has n_k entries), and
-nothing else of network k anywhere; so an elementwise optimizer (SGD with momentum and weight
+Every parameter and buffer of a run's block holds network k's tensor at rows ``[p * n_k, (p + 1) *
+n_k)`` of its axis 0 (p: k's position in its run; axis 0 of the single tensor has n_k entries), and
+nothing else of network k is anywhere; so an elementwise optimizer (SGD with momentum and weight
 decay) steps each network exactly as its own optimizer would. Adaptive gradient clipping, which
 takes norms over units, is applied per network by :func:`clip_grad_per_network_` (each network's
-bias and gain vectors are one unit each, as for a single network). Network k starts from the
-weights :func:`conv_net` draws from its seed, copied in (:meth:`GroupedConvNet.load_network`), and
+bias and gain vectors are one unit each, as for a single network). Network k starts from the weights
+:func:`conv_net` draws from its seed, copied in (:meth:`GroupedConvNet.load_network`), and
 :meth:`GroupedConvNet.network_tensors` gives its tensors under :func:`conv_net`'s state-dict keys.
 So the K networks train exactly as K separate runs would, up to float rounding order (tests:
 ``tests/test_lab_grouped.py``, float64).
@@ -100,34 +104,24 @@ class ConvNetSpec:
         return self.norm, tuple(sorted(self.norm_kwargs.items()))
 
 
-class _ConvBias(nn.Module):
-    """The bias of the convolutions of networks without normalization: ``x + b`` per channel."""
-
-    def __init__(self, num_channels: int) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bias.view(1, -1, 1, 1)
-
-
 class _GroupedConv2d(nn.Module):
-    """K 3x3 convolutions (padding 1, no bias) of C_in -> C_out channels as one grouped one.
+    """K 3x3 convolutions (padding 1) of C_in -> C_out channels as one grouped one.
 
     Shape:
         input: (N, C_in, H, W) shared by all K networks, or (N, K * C_in, H, W).
         output: (N, K * C_out, H, W).
     """
 
-    def __init__(self, num_nets: int, in_channels: int, out_channels: int) -> None:
+    def __init__(self, num_nets: int, in_channels: int, out_channels: int, bias: bool) -> None:
         super().__init__()
         self.num_nets, self.in_channels = num_nets, in_channels
         self.weight = nn.Parameter(torch.empty(num_nets * out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.empty(num_nets * out_channels)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A shared input (C_in channels) feeds every output channel: groups = 1.
         groups = 1 if x.shape[1] == self.in_channels else self.num_nets
-        return F.conv2d(x, self.weight, None, padding=1, groups=groups)
+        return F.conv2d(x, self.weight, self.bias, padding=1, groups=groups)
 
 
 def _norm_layer(norm: str, channels: int, nets: int, kwargs: Mapping[str, Any]) -> nn.Module:
@@ -137,8 +131,8 @@ def _norm_layer(norm: str, channels: int, nets: int, kwargs: Mapping[str, Any]) 
     from batchnorm.nn import create_norm
 
     width = nets * channels
-    if norm == "none":
-        return _ConvBias(width)
+    if norm == "none":  # the convolution keeps its bias
+        return nn.Identity()
     if norm == "ln":  # conv_net: group norm with one group, whatever the options
         return create_norm("gn", width, num_groups=nets)
     if norm == "in":
@@ -178,7 +172,7 @@ class _SameNormNets(nn.Module):
         self.norms = nn.ModuleList()
         c_in = in_channels
         for c in channels:
-            self.convs.append(_GroupedConv2d(nets, c_in, c))
+            self.convs.append(_GroupedConv2d(nets, c_in, c, bias=spec.norm == "none"))
             self.norms.append(_norm_layer(spec.norm, c, nets, spec.norm_kwargs))
             c_in = c
         self.classifier_weight = nn.Parameter(torch.empty(nets * classes, c_in))
@@ -301,7 +295,7 @@ class GroupedConvNet(nn.Module):
         for conv, norm, c in zip(block.convs, block.norms, self.channels):
             put(f"{j}.weight", conv.weight, c, param=True)
             if self.specs[k].norm == "none":
-                put(f"{j}.bias", norm.bias, c, param=True)
+                put(f"{j}.bias", conv.bias, c, param=True)
                 j += 3  # conv, ReLU, pool
                 continue
             params = dict(norm.named_parameters(recurse=False))
@@ -382,7 +376,8 @@ class GroupedConvNet(nn.Module):
         for block in self.blocks:
             for conv, norm, c in zip(block.convs, block.norms, self.channels):
                 add(conv.weight, tuple(conv.weight.shape))
-                for param in norm.parameters():
+                vectors = [*norm.parameters()] + ([conv.bias] if conv.bias is not None else [])
+                for param in vectors:
                     add(param, (block.nets, c))
             if include_classifier:
                 add(block.classifier_weight, tuple(block.classifier_weight.shape))
