@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.lab.experiments.cnn import conv_net, evaluate
+from batchnorm.lab.experiments.cnn import ImageData, conv_net, evaluate, iid_batches, train_net
 from batchnorm.lab.grouped import (
     ConvNetSpec,
     GroupedAGC,
@@ -19,6 +20,7 @@ from batchnorm.lab.grouped import (
     clip_grad_per_network_,
     evaluate_grouped,
     grouped_cross_entropy,
+    train_grouped,
 )
 from batchnorm.optim import AGC
 from tests.helpers import assert_close, tolerance
@@ -288,3 +290,67 @@ def test_bad_input_is_refused_with_what_to_do() -> None:
         model.load_network(0, conv_net("none", CHANNELS, CLASSES, 0))
     with pytest.raises(IndexError, match="holds 2"):
         model.network_tensors(2)
+
+
+def tiny_images(n_train: int = 60, n_test: int = 30) -> ImageData:
+    generator = torch.Generator().manual_seed(3)
+    return ImageData(
+        name="tiny",
+        train_x=torch.rand(n_train, 1, IMAGE, IMAGE, generator=generator, dtype=torch.float64),
+        train_y=torch.randint(0, CLASSES, (n_train,), generator=generator),
+        test_x=torch.rand(n_test, 1, IMAGE, IMAGE, generator=generator, dtype=torch.float64),
+        test_y=torch.randint(0, CLASSES, (n_test,), generator=generator),
+        image_shape=(IMAGE, IMAGE),
+        num_classes=CLASSES,
+        description="random images",
+    )
+
+
+def assert_results_equal(grouped: dict, single: dict, name: str) -> None:
+    assert grouped.keys() == single.keys()
+    assert grouped["steps"] == single["steps"], name
+    assert grouped["diverged_at"] == single["diverged_at"], name
+    for key in ("test_acc", "test_loss", "train_loss", "train_acc_final"):
+        a = np.asarray(grouped[key], dtype=np.float64)
+        e = np.asarray(single[key], dtype=np.float64)
+        assert_close(a, e, rtol=1e-9, atol=1e-12, name=f"{name} {key}")
+
+
+@pytest.mark.parametrize("agc", [False, True], ids=["sgd", "agc on networks 0 and 2"])
+def test_train_grouped_equals_train_net(agc: bool) -> None:
+    """Each network's result equals train_net's alone, network 1 diverging within its first
+    steps (weights scaled to overflow) without disturbing the others."""
+    data = tiny_images()
+    specs = [
+        ConvNetSpec("none", seed=0, norm="none"),
+        ConvNetSpec("none", seed=1, norm="none"),
+        ConvNetSpec("bn", seed=0),
+        ConvNetSpec("gn", seed=1, norm="gn", norm_kwargs={"num_groups": 2}),
+    ]
+    grouped, singles = build(specs)
+    with torch.no_grad():
+        singles[1][0].weight.mul_(1e300)  # conv outputs overflow: a non-finite loss at step 1
+    grouped.load_network(1, singles[1])
+    clipped = [True, False, True, False] if agc else None
+    options = {"steps": 9, "lr": 0.05, "momentum": 0.9, "evals": 3, "desc": "test"}
+    results = train_grouped(
+        grouped,
+        data,
+        [iid_batches(len(data.train_y), 8, seed=10 + k) for k in range(len(specs))],
+        agc_clipping=0.01 if agc else None,
+        clipped=clipped,
+        **options,
+    )
+    for k, net in enumerate(singles):
+        clip = 0.01 if agc and clipped[k] else None
+        single = train_net(
+            net, data, iid_batches(len(data.train_y), 8, seed=10 + k), agc_clipping=clip, **options
+        )
+        assert_results_equal(results[k], single, f"net {k}")
+        # Also the diverged network's: frozen where train_net stopped it.
+        views = grouped.network_tensors(k)
+        for key, value in net.state_dict().items():
+            assert_close(views[key], value, rtol=1e-9, atol=1e-12, name=f"{key} of net {k}")
+    assert 1 <= results[1]["diverged_at"] <= 3  # before the first evaluation
+    assert results[1]["test_acc"] == [1 / CLASSES] * 3
+    assert all(r["diverged_at"] == -1 for k, r in enumerate(results) if k != 1)

@@ -56,13 +56,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from batchnorm.lab.experiments.cnn import ImageData
 
 __all__ = [
     "ConvNetSpec",
@@ -71,6 +76,7 @@ __all__ = [
     "clip_grad_per_network_",
     "grouped_cross_entropy",
     "evaluate_grouped",
+    "train_grouped",
 ]
 
 
@@ -484,3 +490,135 @@ def evaluate_grouped(
         correct += (logits.argmax(2) == target).sum(1)
     model.train(was_training)
     return [int(c) / len(y) for c in correct], [float(v) / len(y) for v in loss]
+
+
+def train_grouped(
+    model: GroupedConvNet,
+    data: ImageData,
+    batches: Sequence[Iterator[np.ndarray]],
+    *,
+    steps: int,
+    lr: float,
+    momentum: float,
+    evals: int,
+    desc: str,
+    agc_clipping: float | None = None,
+    clipped: Sequence[bool] | None = None,
+    eval_fn: Callable[[GroupedConvNet], tuple[list[float], list[float]]] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`batchnorm.lab.experiments.cnn.train_net` for the K networks of ``model`` at once:
+    network k trains on the mini-batches of ``batches[k]`` and gets the result ``train_net``
+    would give it alone (its entry k of the returned list, in the same format).
+
+    One SGD optimizer steps all networks (elementwise, so each as its own would). A network
+    whose loss is not finite is stopped as ``train_net`` stops it: from that step on its
+    gradients are zeroed and its parameters and buffers are put back after every step (its
+    numbers are confined to its own slices, so the others go on unaffected), and its
+    evaluations from then on are chance.
+
+    Args:
+        model: the networks (left trained, in train mode).
+        data: the training and test images.
+        batches: one iterator of mini-batch indices per network, all of one batch size.
+        steps, lr, momentum, evals, desc: as for ``train_net``.
+        agc_clipping: adaptive gradient clipping ``lambda`` for the networks ``clipped`` marks
+            (default all), per network and classifier excluded, as ``train_net`` does.
+        clipped: which networks AGC clips (K booleans).
+        eval_fn: how to evaluate (default :func:`evaluate_grouped` on the test set).
+
+    Returns:
+        One ``train_net`` result per network, in the order of ``model.specs``.
+    """
+    from batchnorm.lab.experiments.cnn import eval_steps
+    from batchnorm.lab.progress import bar
+
+    K = model.num_nets
+    if len(batches) != K:
+        raise ValueError(f"give one batch iterator per network: {K}, got {len(batches)}")
+    if clipped is not None and len(clipped) != K:
+        raise ValueError(f"clipped must have one entry per network ({K}), got {len(clipped)}")
+    train_x, train_y = data.train_x, data.train_y
+    evaluate_now = eval_fn or (lambda m: evaluate_grouped(m, data.test_x, data.test_y))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    unclipped = [] if clipped is None else [k for k in range(K) if not clipped[k]]
+    schedule = set(eval_steps(steps, evals))
+    outs: list[dict[str, Any]] = [
+        {"steps": [], "test_acc": [], "test_loss": [], "train_loss": [], "diverged_at": -1}
+        for _ in range(K)
+    ]
+    running, count = [0.0] * K, [0] * K
+    tail_correct, tail_seen = [0] * K, [0] * K
+    tail_from = steps - max(1, steps // 10)
+    frozen: dict[int, dict[str, torch.Tensor]] = {}  # diverged network -> its saved tensors
+    model.train()
+    with bar(total=steps, desc=desc, leave=False, unit="step") as progress:
+        for step in range(1, steps + 1):
+            idx = torch.from_numpy(np.stack([next(b) for b in batches]))  # (K, N)
+            targets = train_y[idx]
+            logits = model(train_x[idx])  # (K, N, classes)
+            losses = grouped_cross_entropy(logits, targets, per_network=True)
+            values = losses.detach().tolist()
+            for k in range(K):
+                if k not in frozen and not math.isfinite(values[k]):
+                    outs[k]["diverged_at"] = step
+                    frozen[k] = {  # after this forward, as train_net leaves a diverged network
+                        key: t.detach().clone()
+                        for key, t in model.network_tensors(k).items()
+                        if t.dim() > 0
+                    }
+            if len(frozen) == K:
+                break
+            alive = torch.tensor([k not in frozen for k in range(K)])
+            optimizer.zero_grad(set_to_none=True)
+            losses.masked_fill(~alive, 0.0).sum().backward()
+            with torch.no_grad():
+                for k in frozen:
+                    for grad in model.network_tensors(k, grads=True).values():
+                        grad.zero_()
+                if agc_clipping is not None:
+                    keep = [
+                        {key: g.clone() for key, g in model.network_tensors(k, grads=True).items()}
+                        for k in unclipped
+                    ]
+                    clip_grad_per_network_(model, agc_clipping)
+                    for k, saved in zip(unclipped, keep):
+                        for key, grad in model.network_tensors(k, grads=True).items():
+                            grad.copy_(saved[key])
+            optimizer.step()
+            with torch.no_grad():
+                for k, saved in frozen.items():
+                    for key, tensor in model.network_tensors(k).items():
+                        if key in saved:
+                            tensor.copy_(saved[key])
+            correct = (logits.detach().argmax(2) == targets).sum(1).tolist()
+            for k in range(K):
+                if k in frozen:
+                    continue
+                running[k] += values[k]
+                count[k] += 1
+                if step > tail_from:
+                    tail_correct[k] += int(correct[k])
+                    tail_seen[k] += idx.shape[1]
+            progress.update(1)
+            if step in schedule:
+                accs, test_losses = evaluate_now(model)
+                for k in range(K):
+                    if k in frozen:
+                        continue
+                    outs[k]["steps"].append(step)
+                    outs[k]["test_acc"].append(accs[k])
+                    outs[k]["test_loss"].append(test_losses[k])
+                    outs[k]["train_loss"].append(running[k] / max(count[k], 1))
+                    running[k], count[k] = 0.0, 0
+                progress.set_postfix_str(f"mean test acc {sum(accs) / K:.3f}")
+    for k, out in enumerate(outs):
+        if out["diverged_at"] > 0:
+            # A diverged network predicts nothing useful: chance accuracy from there on.
+            for step in sorted(schedule):
+                if step >= out["diverged_at"]:
+                    out["steps"].append(step)
+                    out["test_acc"].append(1.0 / data.num_classes)
+                    out["test_loss"].append(math.nan)
+                    out["train_loss"].append(math.nan)
+        out["train_acc_final"] = tail_correct[k] / tail_seen[k] if tail_seen[k] else math.nan
+    return outs
