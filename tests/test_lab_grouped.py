@@ -354,3 +354,19 @@ def test_train_grouped_equals_train_net(agc: bool) -> None:
     assert 1 <= results[1]["diverged_at"] <= 3  # before the first evaluation
     assert results[1]["test_acc"] == [1 / CLASSES] * 3
     assert all(r["diverged_at"] == -1 for k, r in enumerate(results) if k != 1)
+
+
+def test_network_copy_is_the_separate_network() -> None:
+    specs = [ConvNetSpec("gn", 0, "gn", {"num_groups": 2}), ConvNetSpec("ghost", 1, "ghost")]
+    grouped, singles = build(specs)
+    train_both(grouped, singles, steps=2, shared_input=False, check_each_step=False)
+    x = torch.randn(BATCH, 1, IMAGE, IMAGE, dtype=torch.float64)
+    for k, net in enumerate(singles):
+        copy_k = grouped.network(k)
+        assert copy_k.training and next(copy_k.parameters()).dtype == torch.float64
+        views = grouped.network_tensors(k)
+        assert copy_k.state_dict().keys() == net.state_dict().keys()
+        for key, value in copy_k.state_dict().items():
+            assert torch.equal(value, views[key]), key
+        rtol, atol = tolerance("float64", "forward")
+        assert_close(copy_k.eval()(x), net.eval()(x), rtol=rtol, atol=atol, name=f"net {k}")

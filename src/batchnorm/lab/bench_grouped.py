@@ -192,6 +192,7 @@ def run(
         torch.set_num_threads(cell["threads"])
         per_round = _time_rounds(cell["step"], images, labels, cell["order"], 2)
         cell["rounds"] = max(2, int(seconds / max(per_round, 1e-6)))
+    rows: list[dict] = []
     for repeat in range(repeats):
         for cell in cells:
             torch.set_num_threads(cell["threads"])
@@ -199,6 +200,19 @@ def run(
                 _time_rounds(cell["step"], images, labels, cell["order"], cell["rounds"])
             )
         print(f"[bench] repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
+        rows = _summary(cells)
+        if out is not None:  # after every repeat, so that a long run leaves its numbers so far
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+    _print(rows)
+    return rows
+
+
+def _summary(cells: list[dict]) -> list[dict]:
+    """Median and quartiles of the rounds per second of every cell, and the speedups."""
     rows = []
     by_key = {}
     for cell in cells:
@@ -206,23 +220,17 @@ def run(
         q = statistics.quantiles(rates, n=4) if len(rates) > 1 else [rates[0]] * 3
         row = {k: cell[k] for k in ("scenario", "K", "batch", "threads", "format", "kind")}
         row |= {"rounds_per_s": statistics.median(rates), "p25": q[0], "p75": q[2]}
+        row["repeats"] = len(rates)
         by_key[(cell["scenario"], cell["threads"], cell["format"], cell["kind"])] = row
         rows.append(row)
     for row in rows:
         base = by_key[(row["scenario"], row["threads"], row["format"], "separate")]
         row["speedup"] = row["rounds_per_s"] / base["rounds_per_s"]
-    _print(rows, by_key)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"[bench] wrote {out}", file=sys.stderr)
     return rows
 
 
-def _print(rows: list[dict], by_key: dict) -> None:
+def _print(rows: list[dict]) -> None:
+    by_key = {(r["scenario"], r["threads"], r["format"], r["kind"]): r for r in rows}
     print(
         f"torch {torch.__version__}, {platform.machine()}, {platform.processor() or '?'}; "
         "rounds/s = steps/s of all K networks; median [25th-75th percentile]"

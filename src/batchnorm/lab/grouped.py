@@ -314,6 +314,21 @@ class GroupedConvNet(nn.Module):
         put(f"{j}.bias", block.classifier_bias, self.num_classes, param=True)
         return out
 
+    def network(self, k: int) -> nn.Sequential:
+        """Network k as its own :func:`conv_net` module: a copy of its parameters and buffers,
+        in the model's dtype and mode (torch's global random state is left as it was)."""
+        from batchnorm.lab.experiments.cnn import conv_net
+
+        spec = self.specs[k]
+        with torch.random.fork_rng(devices=[]):
+            net = conv_net(
+                spec.norm, self.channels, self.num_classes, spec.seed, **spec.norm_kwargs
+            )
+        reference = self.blocks[0].convs[0].weight
+        net = net.to(dtype=reference.dtype, device=reference.device)
+        net.load_state_dict({key: t.detach().clone() for key, t in self.network_tensors(k).items()})
+        return net.train(self.training)
+
     @torch.no_grad()
     def load_network(self, k: int, network: nn.Module) -> None:
         """Copy a :func:`conv_net` network's parameters and buffers into network k.
