@@ -316,8 +316,12 @@ def assert_results_equal(grouped: dict, single: dict, name: str) -> None:
         assert_close(a, e, rtol=1e-9, atol=1e-12, name=f"{name} {key}")
 
 
-@pytest.mark.parametrize("agc", [False, True], ids=["sgd", "agc on networks 0 and 2"])
-def test_train_grouped_equals_train_net(agc: bool) -> None:
+@pytest.mark.parametrize(
+    ("agc", "channels_last"),
+    [(False, False), (True, False), (False, True)],
+    ids=["sgd", "agc on networks 0 and 2", "sgd channels-last"],
+)
+def test_train_grouped_equals_train_net(agc: bool, channels_last: bool) -> None:
     """Each network's result equals train_net's alone, network 1 diverging within its first
     steps (weights scaled to overflow) without disturbing the others."""
     data = tiny_images()
@@ -339,8 +343,11 @@ def test_train_grouped_equals_train_net(agc: bool) -> None:
         [iid_batches(len(data.train_y), 8, seed=10 + k) for k in range(len(specs))],
         agc_clipping=0.01 if agc else None,
         clipped=clipped,
+        channels_last=channels_last,
         **options,
     )
+    weight = grouped.blocks[0].convs[1].weight  # (n * 6, 4, 3, 3): the format is visible
+    assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
     for k, net in enumerate(singles):
         clip = 0.01 if agc and clipped[k] else None
         single = train_net(

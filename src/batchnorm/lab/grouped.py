@@ -520,6 +520,7 @@ def train_grouped(
     agc_clipping: float | None = None,
     clipped: Sequence[bool] | None = None,
     eval_fn: Callable[[GroupedConvNet], tuple[list[float], list[float]]] | None = None,
+    channels_last: bool = True,
 ) -> list[dict[str, Any]]:
     """:func:`batchnorm.lab.experiments.cnn.train_net` for the K networks of ``model`` at once:
     network k trains on the mini-batches of ``batches[k]`` and gets the result ``train_net``
@@ -540,6 +541,9 @@ def train_grouped(
             (default all), per network and classifier excluded, as ``train_net`` does.
         clipped: which networks AGC clips (K booleans).
         eval_fn: how to evaluate (default :func:`evaluate_grouped` on the test set).
+        channels_last: keep the weights, and so the activations, in channels-last (NHWC)
+            memory format, faster on CPUs for these layers (docs/lab.md, "Grouped CNNs"); the
+            same numbers up to float rounding order.
 
     Returns:
         One ``train_net`` result per network, in the order of ``model.specs``.
@@ -554,6 +558,8 @@ def train_grouped(
         raise ValueError(f"clipped must have one entry per network ({K}), got {len(clipped)}")
     train_x, train_y = data.train_x, data.train_y
     evaluate_now = eval_fn or (lambda m: evaluate_grouped(m, data.test_x, data.test_y))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     unclipped = [] if clipped is None else [k for k in range(K) if not clipped[k]]
     schedule = set(eval_steps(steps, evals))
