@@ -13,8 +13,10 @@ with 1 and 2 torch threads, in contiguous (NCHW) and channels-last (NHWC) memory
 "round" is one step of every one of the K networks; the table gives rounds per second and the
 speedup ``grouped / separate`` at the same threads and format. Shared machines are noisy, so the
 cells are measured interleaved (every cell once, then every cell again, ``--repeats`` times) and
-the median is reported with the spread (the 25th and 75th percentiles). This is a benchmark,
-not a test: nothing asserts a timing.
+the median is reported with the spread (the 25th and 75th percentiles); the speedup is the
+median over repeats of the ratio of the two cells measured back to back in that repeat (paired,
+so a change of load between repeats cancels). This is a benchmark, not a test: nothing asserts a
+timing.
 """
 
 from __future__ import annotations
@@ -223,9 +225,14 @@ def _summary(cells: list[dict]) -> list[dict]:
         row["repeats"] = len(rates)
         by_key[(cell["scenario"], cell["threads"], cell["format"], cell["kind"])] = row
         rows.append(row)
+    times = {(c["scenario"], c["threads"], c["format"], c["kind"]): c["times"] for c in cells}
     for row in rows:
-        base = by_key[(row["scenario"], row["threads"], row["format"], "separate")]
-        row["speedup"] = row["rounds_per_s"] / base["rounds_per_s"]
+        key = (row["scenario"], row["threads"], row["format"])
+        # Paired: grouped and separate of one repeat ran back to back, under the same load.
+        ratios = [s / g for s, g in zip(times[(*key, "separate")], times[(*key, row["kind"])])]
+        row["speedup"] = statistics.median(ratios)
+        row["speedup_min"], row["speedup_max"] = min(ratios), max(ratios)
+        row["seconds_per_round"] = " ".join(f"{t:.5f}" for t in times[(*key, row["kind"])])
     return rows
 
 
@@ -233,11 +240,12 @@ def _print(rows: list[dict]) -> None:
     by_key = {(r["scenario"], r["threads"], r["format"], r["kind"]): r for r in rows}
     print(
         f"torch {torch.__version__}, {platform.machine()}, {platform.processor() or '?'}; "
-        "rounds/s = steps/s of all K networks; median [25th-75th percentile]"
+        "rounds/s = steps/s of all K networks; median [25th-75th percentile]; speedup: median "
+        "[min-max] over repeats of separate / grouped seconds in the same repeat"
     )
     print(
         "| scenario | K | batch | threads | format | separate rounds/s | grouped rounds/s | "
-        "speedup |"
+        "speedup (paired) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -248,7 +256,7 @@ def _print(rows: list[dict]) -> None:
             f"| {row['scenario']} | {row['K']} | {row['batch']} | {row['threads']} | "
             f"{row['format']} | {sep['rounds_per_s']:.1f} [{sep['p25']:.1f}-{sep['p75']:.1f}] | "
             f"{row['rounds_per_s']:.1f} [{row['p25']:.1f}-{row['p75']:.1f}] | "
-            f"{row['speedup']:.2f}x |"
+            f"{row['speedup']:.2f}x [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}] |"
         )
 
 

@@ -30,7 +30,9 @@ Two networks, each with its own protocol (docs/lab.md describes both):
   with momentum for a fixed number of steps, each step drawing its mini-batch from a sampler
   (:func:`iid_batches` reshuffles each epoch; :func:`few_class_batches` builds every batch from
   a few classes); see :func:`train_net`. A network whose loss becomes non-finite is stopped and
-  counted as diverged (its accuracy is then chance, ``1 / num_classes``).
+  counted as diverged (its accuracy is then chance, ``1 / num_classes``). The networks that share
+  a batch size and learning rate train together as one grouped network
+  (:mod:`batchnorm.lab.grouped`, through :func:`train_jobs`) unless ``grouped`` is false.
 
 Both use the mean cross-entropy over the mini-batch and PyTorch's default initialization, drawn
 from the seed, so the variants of a seed start from the same weights and see the same batches
