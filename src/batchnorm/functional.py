@@ -598,7 +598,7 @@ def layer_norm(
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0, 3.0]])
-        >>> layer_norm(x, (3,), eps=0.0, backend="explicit").mul(2 / 3**0.5).round(decimals=4)
+        >>> layer_norm(x, (3,), eps=0.0, backend="explicit").mul((2 / 3) ** 0.5).round(decimals=4)
         tensor([[-1.,  0.,  1.]])
     """
     _check_tensor(input, "layer_norm")
