@@ -131,26 +131,33 @@ def test_bad_configs_are_refused(name: str, override: str, message: str) -> None
         make_config(experiments.get(name), quick=True, overrides=[override])
 
 
-def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchnorm.lab.experiments import non_iid
+@pytest.mark.parametrize("grouped", [False, True], ids=["one by one", "grouped"])
+def test_interrupted_run_resumes_exactly(
+    grouped: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchnorm.lab import grouped as grouped_module
 
-    reference = quick_run("non-iid", tmp_path / "reference")
-    real = non_iid.train_net
+    setting = [f"grouped={str(grouped).lower()}"]
+    reference = quick_run("non-iid", tmp_path / "reference", setting)
+    # One by one, the third network is interrupted (two jobs saved); grouped, the whole group
+    # (no job saved).
+    module, name = (grouped_module, "train_grouped") if grouped else (cnn, "train_net")
+    real = getattr(module, name)
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == (1 if grouped else 3):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(non_iid, "train_net", interrupting)
+    monkeypatch.setattr(module, name, interrupting)
     with pytest.raises(KeyboardInterrupt):
-        quick_run("non-iid", tmp_path / "runs")
+        quick_run("non-iid", tmp_path / "runs", setting)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / MARKER_FILE).is_file()
-    assert len(list((run_dir / "jobs").glob("*.json"))) == 2
-    monkeypatch.setattr(non_iid, "train_net", real)
+    assert len(list((run_dir / "jobs").glob("*.json"))) == (0 if grouped else 2)
+    monkeypatch.setattr(module, name, real)
     resumed = run_experiment(experiments.get("non-iid"), None, resume=run_dir)
     check_run_dir(resumed.run_dir, "non-iid")
     a = json.loads((run_dir / "metrics.json").read_text())

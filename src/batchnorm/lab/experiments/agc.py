@@ -35,14 +35,13 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
+    NetJob,
     common_choices,
-    conv_net,
     final_acc,
     iid_batches,
     image_data,
     job_curve_rows,
-    train_job,
-    train_net,
+    train_jobs,
 )
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
@@ -147,25 +146,24 @@ def measure(config: Config, ctx: Context) -> Measurement:
     results: dict[str, dict[float, list[dict]]] = {v: {lr: [] for lr in lrs} for v in VARIANTS}
     rows = []
     for lr in lrs:
-        for name, (norm, clip) in VARIANTS.items():
+        jobs = [
+            NetJob(
+                key=f"{norm}{'-agc' if clip else ''}-lr{lr:g}-s{seed}",
+                norm=norm,
+                seed=seed,
+                batches=lambda seed=seed: iid_batches(n, b, seed),
+                desc=f"{name} lr {lr:g} seed {seed}",
+                clipped=clip,
+            )
+            for name, (norm, clip) in VARIANTS.items()
+            for seed in config.seed_list()
+        ]
+        trained = iter(
+            train_jobs(ctx, config, data, jobs, steps=steps, lr=lr, agc_clipping=config.clipping)
+        )
+        for name in VARIANTS:
             for seed in config.seed_list():
-
-                def job(norm=norm, clip=clip, lr=lr, seed=seed, name=name):
-                    model = conv_net(norm, config.channels, data.num_classes, seed)
-                    return train_net(
-                        model,
-                        data,
-                        iid_batches(n, b, seed),
-                        steps=steps,
-                        lr=lr,
-                        momentum=config.momentum,
-                        evals=config.evals,
-                        desc=f"{name} lr {lr:g} seed {seed}",
-                        agc_clipping=config.clipping if clip else None,
-                    )
-
-                key = f"{norm}{'-agc' if clip else ''}-lr{lr:g}-s{seed}"
-                result = train_job(ctx, key, job)
+                result = next(trained)
                 results[name][lr].append(result)
                 rows += job_curve_rows(result, name, seed, {"lr": lr})
     ctx.write_csv("curves.csv", rows, [*CURVE_FIELDS, "lr"])

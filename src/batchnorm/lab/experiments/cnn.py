@@ -30,7 +30,9 @@ Two networks, each with its own protocol (docs/lab.md describes both):
   with momentum for a fixed number of steps, each step drawing its mini-batch from a sampler
   (:func:`iid_batches` reshuffles each epoch; :func:`few_class_batches` builds every batch from
   a few classes); see :func:`train_net`. A network whose loss becomes non-finite is stopped and
-  counted as diverged (its accuracy is then chance, ``1 / num_classes``).
+  counted as diverged (its accuracy is then chance, ``1 / num_classes``). The networks that share
+  a batch size and learning rate train together as one grouped network
+  (:mod:`batchnorm.lab.grouped`, through :func:`train_jobs`) unless ``grouped`` is false.
 
 Both use the mean cross-entropy over the mini-batch and PyTorch's default initialization, drawn
 from the seed, so the variants of a seed start from the same weights and see the same batches
@@ -46,7 +48,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +86,8 @@ __all__ = [
     "few_class_batches",
     "train_net",
     "train_job",
+    "NetJob",
+    "train_jobs",
     "job_curve_rows",
     "CURVE_FIELDS",
 ]
@@ -444,6 +448,11 @@ class ConvConfig:
     seeds: int = param(2, "number of seeds (each: initial weights and data order)")
     seed: int = param(0, "the first seed; the seeds are seed, seed+1, ...")
     threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
+    grouped: bool = param(
+        True,
+        "train the networks of one batch size and learning rate together as one grouped network "
+        "(batchnorm.lab.grouped; the same numbers up to float rounding order); false: one by one",
+    )
 
     def validate(self) -> None:
         """Checks across fields; raises ValueError with what to change."""
@@ -656,6 +665,104 @@ def train_job(ctx: Context, key: str, run: Callable[[], dict[str, Any]]) -> dict
             return run()
 
     return _nan_back(cached_job(ctx, key, timed))
+
+
+@dataclass(frozen=True)
+class NetJob:
+    """One :func:`conv_net` network to train, as one job of :func:`train_jobs`.
+
+    Attributes:
+        key: its job name (``jobs/<key>.json``).
+        norm, seed, options: ``conv_net(norm, channels, classes, seed, **options)``.
+        batches: builds its mini-batch sampler (called once, when it trains).
+        desc: its progress-bar label.
+        clipped: adaptive gradient clipping applies to it (when ``agc_clipping`` is given).
+    """
+
+    key: str
+    norm: str
+    seed: int
+    batches: Callable[[], Iterator[np.ndarray]]
+    desc: str
+    options: dict[str, Any] = field(default_factory=dict)
+    clipped: bool = True
+
+
+def train_jobs(
+    ctx: Context,
+    config: ConvConfig,
+    data: ImageData,
+    jobs: Sequence[NetJob],
+    *,
+    steps: int,
+    lr: float,
+    agc_clipping: float | None = None,
+    finish: Callable[[NetJob, nn.Module, dict[str, Any]], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Train networks that share a batch size, step count and learning rate; one
+    :func:`train_net` result per job, in order, each saved as its job (resumed runs load it).
+
+    With ``config.grouped`` the jobs not yet saved train together as one
+    :class:`batchnorm.lab.grouped.GroupedConvNet` (:func:`batchnorm.lab.grouped.train_grouped`:
+    each gets the result it would get alone, up to float rounding order); otherwise one by one
+    with :func:`train_net`. ``finish(job, network, result)``, if given, runs on each trained network
+    (a :func:`conv_net` module holding its weights) and returns its final result.
+    """
+    from batchnorm.lab.grouped import ConvNetSpec, GroupedConvNet, train_grouped
+
+    results: dict[str, dict[str, Any]] = {}
+    missing = []
+    for job in jobs:
+        path = ctx.run_dir / "jobs" / f"{job.key}.json"
+        if path.is_file():
+            results[job.key] = train_job(ctx, job.key, lambda: {})  # loads the saved result
+        else:
+            missing.append(job)
+    if len(missing) > 1 and config.grouped:
+        specs = [ConvNetSpec(j.key, j.seed, j.norm, j.options) for j in missing]
+        model = GroupedConvNet(specs, config.channels, data.num_classes)
+        with ctx.timer("train"):
+            trained = train_grouped(
+                model,
+                data,
+                [j.batches() for j in missing],
+                steps=steps,
+                lr=lr,
+                momentum=config.momentum,
+                evals=config.evals,
+                desc=f"{len(missing)} networks together",
+                agc_clipping=agc_clipping,
+                clipped=[j.clipped for j in missing],
+            )
+            if finish is not None:
+                trained = [
+                    finish(job, model.network(k), result)
+                    for k, (job, result) in enumerate(zip(missing, trained))
+                ]
+        for job, result in zip(missing, trained):
+            results[job.key] = train_job(ctx, job.key, lambda result=result: result)
+    else:
+        for job in missing:
+
+            def alone(job: NetJob = job) -> dict[str, Any]:
+                model = conv_net(
+                    job.norm, config.channels, data.num_classes, job.seed, **job.options
+                )
+                result = train_net(
+                    model,
+                    data,
+                    job.batches(),
+                    steps=steps,
+                    lr=lr,
+                    momentum=config.momentum,
+                    evals=config.evals,
+                    desc=job.desc,
+                    agc_clipping=agc_clipping if job.clipped else None,
+                )
+                return result if finish is None else finish(job, model, result)
+
+            results[job.key] = train_job(ctx, job.key, alone)
+    return [results[job.key] for job in jobs]
 
 
 def _nan_back(value: Any) -> Any:

@@ -35,14 +35,13 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
+    NetJob,
     common_choices,
-    conv_net,
     final_acc,
     iid_batches,
     image_data,
     job_curve_rows,
-    train_job,
-    train_net,
+    train_jobs,
 )
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
@@ -144,28 +143,30 @@ def measure(config: Config, ctx: Context) -> Measurement:
     variants |= {name: ("ghost", big, v) for name, v in ghosts.items()}
     results: dict[str, list[dict]] = {v: [] for v in variants}
     rows = []
-    for name, (norm, b, virtual) in variants.items():
+    # The networks of one batch size train together (same steps and learning rate).
+    for b in sorted({b for _, b, _ in variants.values()}):
         steps = config.steps_for(b, n)
-        for seed in config.seed_list():
-
-            def job(norm=norm, b=b, virtual=virtual, seed=seed, name=name, steps=steps):
-                kwargs = {} if virtual is None else {"virtual_batch_size": virtual}
-                model = conv_net(norm, config.channels, data.num_classes, seed, **kwargs)
-                return train_net(
-                    model,
-                    data,
-                    iid_batches(n, b, seed),
-                    steps=steps,
-                    lr=config.scaled_lr(b),
-                    momentum=config.momentum,
-                    evals=config.evals,
-                    desc=f"{name} seed {seed}",
+        mine = [(name, norm, virtual) for name, (norm, vb, virtual) in variants.items() if vb == b]
+        jobs = [
+            NetJob(
+                key=f"{norm}-b{b}-v{virtual or b}-s{seed}",
+                norm=norm,
+                seed=seed,
+                batches=lambda b=b, seed=seed: iid_batches(n, b, seed),
+                desc=f"{name} seed {seed}",
+                options={} if virtual is None else {"virtual_batch_size": virtual},
+            )
+            for name, norm, virtual in mine
+            for seed in config.seed_list()
+        ]
+        trained = iter(train_jobs(ctx, config, data, jobs, steps=steps, lr=config.scaled_lr(b)))
+        for name, _, virtual in mine:
+            for seed in config.seed_list():
+                result = next(trained)
+                results[name].append(result)
+                rows += job_curve_rows(
+                    result, name, seed, {"batch_size": b, "virtual": virtual or b}
                 )
-
-            key = f"{norm}-b{b}-v{virtual or b}-s{seed}"
-            result = train_job(ctx, key, job)
-            results[name].append(result)
-            rows += job_curve_rows(result, name, seed, {"batch_size": b, "virtual": virtual or b})
     ctx.write_csv("curves.csv", rows, [*CURVE_FIELDS, "batch_size", "virtual"])
 
     acc = {v: final_acc(results[v]) for v in variants}

@@ -34,16 +34,15 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
+    NetJob,
     common_choices,
-    conv_net,
     few_class_batches,
     final_acc,
     iid_batches,
     image_data,
     job_curve_rows,
     norm_kwargs,
-    train_job,
-    train_net,
+    train_jobs,
 )
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
@@ -134,33 +133,35 @@ def measure(config: Config, ctx: Context) -> Measurement:
     n = len(data.train_y)
     steps = config.steps_for(config.batch_size, n)
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    rows = []
+    jobs = []
     for name, (norm, iid) in VARIANTS.items():
         for seed in config.seed_list():
 
-            def job(norm=norm, iid=iid, seed=seed, name=name):
-                kwargs = norm_kwargs(norm, steps, config.gn_groups)
-                model = conv_net(norm, config.channels, data.num_classes, seed, **kwargs)
-                batches = (
-                    iid_batches(n, config.batch_size, seed)
-                    if iid
-                    else few_class_batches(
-                        data.train_y.numpy(), config.batch_size, config.classes_per_batch, seed
-                    )
-                )
-                return train_net(
-                    model,
-                    data,
-                    batches,
-                    steps=steps,
-                    lr=config.scaled_lr(config.batch_size),
-                    momentum=config.momentum,
-                    evals=config.evals,
-                    desc=f"{name} seed {seed}",
+            def batches(iid=iid, seed=seed):
+                if iid:
+                    return iid_batches(n, config.batch_size, seed)
+                return few_class_batches(
+                    data.train_y.numpy(), config.batch_size, config.classes_per_batch, seed
                 )
 
-            key = f"{norm}-{'iid' if iid else 'noniid'}-s{seed}"
-            result = train_job(ctx, key, job)
+            jobs.append(
+                NetJob(
+                    key=f"{norm}-{'iid' if iid else 'noniid'}-s{seed}",
+                    norm=norm,
+                    seed=seed,
+                    batches=batches,
+                    desc=f"{name} seed {seed}",
+                    options=norm_kwargs(norm, steps, config.gn_groups),
+                )
+            )
+    trained = train_jobs(
+        ctx, config, data, jobs, steps=steps, lr=config.scaled_lr(config.batch_size)
+    )
+    rows = []
+    done = iter(trained)
+    for name in VARIANTS:
+        for seed in config.seed_list():
+            result = next(done)
             results[name].append(result)
             rows += job_curve_rows(result, name, seed)
     ctx.write_csv("curves.csv", rows, list(CURVE_FIELDS))

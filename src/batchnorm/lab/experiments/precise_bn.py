@@ -42,14 +42,13 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
+    NetJob,
     common_choices,
-    conv_net,
     evaluate,
     iid_batches,
     image_data,
     job_curve_rows,
-    train_job,
-    train_net,
+    train_jobs,
 )
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
@@ -164,50 +163,61 @@ def measure(config: Config, ctx: Context) -> Measurement:
     per: dict[float, list[dict]] = {m: [] for m in momenta}
     rows = []
     weight_gap = 0.0
+
+    def finish(model: torch.nn.Module, result: dict, seed: int) -> dict:
+        """Evaluate a trained network with its moving averages, then after recalibration."""
+        ema_acc, _ = evaluate(model, data.test_x, data.test_y)
+        order = np.random.default_rng(10_000 + seed).permutation(n)
+        chunks = torch.from_numpy(order[: (n // b) * b]).split(b)
+        report = recalibrate(
+            model,
+            (data.train_x[c] for c in chunks),
+            num_batches=config.popstat_batches,
+            progress=False,
+        )
+        precise_acc, _ = evaluate(model, data.test_x, data.test_y)
+        layers = list(report.layers.values())
+        return result | {
+            "ema_acc": ema_acc,
+            "precise_acc": precise_acc,
+            "mean_shift": max(layer.mean_shift for layer in layers),
+            "var_change": max(layer.var_change for layer in layers),
+            "popstat_batches": report.num_batches,
+            "weights": [p.detach().flatten().tolist() for p in model.parameters() if p.dim() > 1],
+        }
+
+    # One job per (momentum, seed), listed momentum by momentum so that the seeds of one
+    # momentum form one block of a grouped network.
+    jobs = [
+        NetJob(
+            key=f"bn-m{m:g}-s{seed}",
+            norm="bn",
+            seed=seed,
+            batches=lambda seed=seed: iid_batches(n, b, seed),
+            desc=f"BN momentum {m:g} seed {seed}",
+            options={"momentum": m},
+        )
+        for m in momenta
+        for seed in config.seed_list()
+    ]
+    with warnings.catch_warnings():
+        # A large momentum is chosen on purpose here; the layer's warning about Keras-style
+        # momenta does not apply.
+        warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
+        trained = train_jobs(
+            ctx,
+            config,
+            data,
+            jobs,
+            steps=steps,
+            lr=config.scaled_lr(b),
+            finish=lambda job, model, result: finish(model, result, job.seed),
+        )
+    by_key = {job.key: result for job, result in zip(jobs, trained)}
     for seed in config.seed_list():
         reference: list[torch.Tensor] | None = None
         for m in momenta:
-
-            def job(m=m, seed=seed):
-                with warnings.catch_warnings():
-                    # A large momentum is chosen on purpose here; the layer's warning about
-                    # Keras-style momenta does not apply.
-                    warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
-                    model = conv_net("bn", config.channels, data.num_classes, seed, momentum=m)
-                result = train_net(
-                    model,
-                    data,
-                    iid_batches(n, b, seed),
-                    steps=steps,
-                    lr=config.scaled_lr(b),
-                    momentum=config.momentum,
-                    evals=config.evals,
-                    desc=f"BN momentum {m:g} seed {seed}",
-                )
-                ema_acc, _ = evaluate(model, data.test_x, data.test_y)
-                order = np.random.default_rng(10_000 + seed).permutation(n)
-                chunks = torch.from_numpy(order[: (n // b) * b]).split(b)
-                report = recalibrate(
-                    model,
-                    (data.train_x[c] for c in chunks),
-                    num_batches=config.popstat_batches,
-                    progress=False,
-                )
-                precise_acc, _ = evaluate(model, data.test_x, data.test_y)
-                layers = list(report.layers.values())
-                result |= {
-                    "ema_acc": ema_acc,
-                    "precise_acc": precise_acc,
-                    "mean_shift": max(layer.mean_shift for layer in layers),
-                    "var_change": max(layer.var_change for layer in layers),
-                    "popstat_batches": report.num_batches,
-                    "weights": [
-                        p.detach().flatten().tolist() for p in model.parameters() if p.dim() > 1
-                    ],
-                }
-                return result
-
-            result = train_job(ctx, f"bn-m{m:g}-s{seed}", job)
+            result = dict(by_key[f"bn-m{m:g}-s{seed}"])
             weights = [torch.tensor(w) for w in result.pop("weights")]
             if reference is None:
                 reference = weights

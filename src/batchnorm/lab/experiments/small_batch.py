@@ -34,15 +34,14 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
     ConvConfig,
+    NetJob,
     common_choices,
-    conv_net,
     final_acc,
     iid_batches,
     image_data,
     job_curve_rows,
     norm_kwargs,
-    train_job,
-    train_net,
+    train_jobs,
 )
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
@@ -164,29 +163,22 @@ def measure(config: Config, ctx: Context) -> Measurement:
     rows = []
     for b in batch_sizes:
         steps = config.steps_for(b, n)
+        jobs = [
+            NetJob(
+                key=f"{norm}-b{b}-s{seed}",
+                norm=norm,
+                seed=seed,
+                batches=lambda b=b, seed=seed: iid_batches(n, b, seed),
+                desc=f"{LABELS[norm]} batch {b} seed {seed}",
+                options=norm_kwargs(norm, steps, config.gn_groups),
+            )
+            for norm in norms
+            for seed in config.seed_list()
+        ]
+        trained = iter(train_jobs(ctx, config, data, jobs, steps=steps, lr=config.scaled_lr(b)))
         for norm in norms:
             for seed in config.seed_list():
-
-                def job(norm=norm, b=b, seed=seed, steps=steps):
-                    model = conv_net(
-                        norm,
-                        config.channels,
-                        data.num_classes,
-                        seed,
-                        **norm_kwargs(norm, steps, config.gn_groups),
-                    )
-                    return train_net(
-                        model,
-                        data,
-                        iid_batches(n, b, seed),
-                        steps=steps,
-                        lr=config.scaled_lr(b),
-                        momentum=config.momentum,
-                        evals=config.evals,
-                        desc=f"{LABELS[norm]} batch {b} seed {seed}",
-                    )
-
-                result = train_job(ctx, f"{norm}-b{b}-s{seed}", job)
+                result = next(trained)
                 results[norm][b].append(result)
                 rows += job_curve_rows(result, LABELS[norm], seed, {"batch_size": b})
     ctx.write_csv("curves.csv", rows, [*CURVE_FIELDS, "batch_size"])
