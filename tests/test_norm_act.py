@@ -69,3 +69,16 @@ def test_unfreeze_of_a_directly_built_frozen_layer_gives_trainable_batch_norm() 
     assert thawed.weight.requires_grad and torch.equal(thawed.running_mean, torch.full((3,), 0.5))
     x = torch.randn(4, 3, 2)
     torch.testing.assert_close(thawed.eval()(x), frozen(x), rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_conversion_leaves_a_subclass_with_its_own_forward_with_a_warning() -> None:
+    import pytest
+
+    class Doubling(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), Doubling(4), torch.nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match="left these batch-norm subclasses unfrozen"):
+        frozen = FrozenBatchNorm.convert_frozen_batchnorm(model)
+    assert type(frozen[1]) is Doubling and isinstance(frozen[2], FrozenBatchNorm)

@@ -58,6 +58,9 @@ SCENARIOS: dict[str, dict] = {
         "layer": {"momentum": 0.2},
         "norm_act": True,
     },
+    # A subclass whose forward computes F.batch_norm itself, without drop/act: conversion cannot
+    # synchronize it, so its first training forward under the process group must raise.
+    "refused-direct-forward": {"sizes": (2, 2, 2), "tail": (3,), "layer": {}, "refused": True},
     "ddp-empty": {"sizes": (3, 0, 4), "tail": (2, 3), "layer": {"momentum": 0.1}, "ddp": True},
     # A NaN on one process at step 1: with nonfinite="skip" no process updates its statistics.
     "nonfinite-skip": {
@@ -127,9 +130,27 @@ def _count_collectives(counts: dict[str, int]) -> None:
         setattr(dist, fn_name, counted)
 
 
+class DirectForwardBN(torch.nn.BatchNorm1d):
+    """Batch norm written out with F.batch_norm in its own forward (no super().forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            0.1, self.eps,
+        )  # fmt: skip
+
+
 def _run_scenario(name: str, rank: int, group, counts: dict[str, int]) -> dict:
     spec = SCENARIOS[name]
     channels = spec["tail"][0]
+    if spec.get("refused"):
+        model = convert_sync_batchnorm(torch.nn.Sequential(DirectForwardBN(channels).double()))
+        x = _data(name, 0)[0][_rank_slice(name, rank)]
+        try:
+            model(x)
+        except RuntimeError as error:
+            return {"error": str(error), "class": type(model[0]).__name__}
+        return {"error": None, "class": type(model[0]).__name__}
     if spec.get("subclass") or spec.get("norm_act"):
         cls = NormActStandIn if spec.get("norm_act") else BatchNormReLU1d
         model = torch.nn.Sequential(_init(cls(channels, **spec["layer"]).double()))
@@ -263,7 +284,9 @@ def _reference(name: str) -> dict:
     return ref
 
 
-@pytest.mark.parametrize("name", [n for n, spec in SCENARIOS.items() if "nan_at" not in spec])
+@pytest.mark.parametrize(
+    "name", [n for n, spec in SCENARIOS.items() if "nan_at" not in spec and "refused" not in spec]
+)
 def test_equals_batch_norm_on_the_concatenated_batch(process_results, name):
     ranks = range(len(SCENARIOS[name]["sizes"]))
     ref = _reference(name)
@@ -303,7 +326,9 @@ def test_equals_batch_norm_on_the_concatenated_batch(process_results, name):
         assert got["eval_last_sync"] is False and got["eval_calls"] == 0
 
 
-@pytest.mark.parametrize("name", [n for n, spec in SCENARIOS.items() if not spec.get("ddp")])
+@pytest.mark.parametrize(
+    "name", [n for n, spec in SCENARIOS.items() if not spec.get("ddp") and not spec.get("refused")]
+)
 def test_one_collective_per_forward_and_per_backward(process_results, name):
     for r in range(len(SCENARIOS[name]["sizes"])):
         for step in process_results[r][name]["steps"]:
@@ -333,6 +358,13 @@ def test_norm_act_layers_synchronize_and_keep_their_activation(process_results):
         assert got["class"] == "SyncBatchNormAct"
         assert all(s["last_sync"] is True for s in got["steps"])
         assert got["reverted_class"] == "NormActStandIn"
+
+
+def test_a_subclass_that_bypasses_super_forward_is_refused_loudly(process_results):
+    for r in range(3):
+        got = process_results[r]["refused-direct-forward"]
+        assert got["class"] == "SyncDirectForwardBN"
+        assert got["error"] is not None and "without calling super().forward" in got["error"]
 
 
 def test_conversion_keeps_the_subclass_behaviour_across_processes(process_results):

@@ -143,10 +143,16 @@ class FrozenBatchNorm(BatchStatisticsVariant):
         :func:`unfreeze_batchnorm` is the inverse.
         """
 
+        left: list[str] = []
+
         def swap(name: str, m: torch.nn.Module) -> torch.nn.Module:
             if not isinstance(m, _BatchNorm) or isinstance(m, FrozenBatchNorm):
                 return m
             if m.running_mean is None:
+                return m
+            if not is_norm_act(m) and not _plain_forward(m):
+                # The same rule as convert: a subclass with its own forward would lose it.
+                left.append(f"{name or '<root>'} ({type(m).__name__})")
                 return m
             if is_norm_act(m):
                 frozen: FrozenBatchNorm = FrozenBatchNormAct.from_batchnorm(m)
@@ -158,7 +164,33 @@ class FrozenBatchNorm(BatchStatisticsVariant):
             frozen._unfrozen_state = (m, m.momentum)  # type: ignore[assignment]
             return frozen
 
-        return replace_modules(module, swap)
+        root = replace_modules(module, swap)
+        if left:
+            warnings.warn(
+                "convert_frozen_batchnorm left these batch-norm subclasses unfrozen, since "
+                "replacing them would drop their own forward: " + ", ".join(left),
+                UserWarning,
+                stacklevel=2,
+            )
+        return root
+
+
+def _plain_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward is batch norm's own (torch's, or one of this package's
+    drop-ins, whose eval output is the affine map of the statistics)."""
+    from batchnorm.nn.batchnorm import BatchNormMixin
+
+    forward = type(module).forward
+    return forward is _BatchNorm.forward or forward in (
+        BatchNormMixin.forward,
+        *(c.forward for c in _own_batch_norm_classes()),
+    )
+
+
+def _own_batch_norm_classes() -> tuple[type, ...]:
+    from batchnorm.nn.sync import SyncBatchNorm, _BatchNormXd
+
+    return (SyncBatchNorm, _BatchNormXd)
 
 
 class FrozenBatchNormAct(NormActTail, FrozenBatchNorm):

@@ -276,6 +276,27 @@ def _new_sync_instance(cls: type) -> Any:
     return sync_cls.__new__(sync_cls)
 
 
+def _checked_sync_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The user's forward, refusing loudly if it never reached the synchronized batch norm.
+
+    A subclass whose forward computes batch norm itself (``F.batch_norm``) instead of calling
+    ``super().forward`` would silently use per-process statistics. Every process raises alike at
+    its first such training forward (none has joined a collective, so none waits).
+    """
+    cls = type(self)._sync_original_class
+    self.last_sync = None
+    output = cls.forward(self, *args, **kwargs)
+    if self.training and self.last_sync is None and _group_world_size(self.process_group) > 1:
+        raise RuntimeError(
+            f"{cls.__name__}.forward computes batch norm without calling super().forward, so "
+            "convert_sync_batchnorm cannot synchronize its statistics (they would silently stay "
+            "per process). Call super().forward(x) in its forward, or give it 'drop' and 'act' "
+            "submodules around a plain batch norm (the norm-act pattern, which is converted), "
+            "or leave it out of the conversion."
+        )
+    return output
+
+
 def _sync_class_for(cls: type) -> type | None:
     """``Sync<cls>``: the user's class with SyncBatchNorm's forward where it calls super()."""
     if cls not in _SYNC_CLASSES:
@@ -286,6 +307,7 @@ def _sync_class_for(cls: type) -> type | None:
                 {
                     "__module__": cls.__module__,
                     "_sync_original_class": cls,
+                    "forward": _checked_sync_forward,
                     "__reduce_ex__": _reduce_sync_instance,
                     "__doc__": f"{cls.__name__} with batch statistics synchronized across "
                     "processes (made by batchnorm.nn.convert_sync_batchnorm).",
