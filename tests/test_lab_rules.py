@@ -7,6 +7,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 
 from batchnorm.lab import experiments
@@ -345,38 +346,76 @@ def regularization_numbers(**changes) -> regularization.Numbers:
 
 def test_regularization_all_hold_and_evidence() -> None:
     claims = regularization.judge(regularization_numbers())
-    assert verdicts(claims) == {"regularizes": True, "replaces dropout": True}
-    assert claims[0].evidence == "gap 0.0500 vs 0.1000; test 0.9300 vs 0.9000"
-    assert claims[1].evidence == "test 0.9300 (BN) vs 0.9200 (dropout 0.3)"
+    assert verdicts(claims) == {"regularizes": True, "dropout can be removed": True}
+    assert claims[0].evidence.startswith("gap 0.0500 vs 0.1000 (reduction +0.0500, tolerance")
+    assert "test 0.9300 (BN) vs 0.9300 (BN + dropout 0.3): +0.0000" in claims[1].evidence
+    assert "dropout alone 0.9200" in claims[1].evidence
+
+
+def test_paired_tolerance_is_two_standard_errors_with_a_floor() -> None:
+    assert regularization.paired_tolerance(np.array([0.01])) == 0.002  # one seed: the floor
+    assert regularization.paired_tolerance(np.array([0.01, 0.01])) == 0.002  # no spread
+    d = np.array([0.0, 0.04])  # sd 0.02828, se 0.02
+    assert regularization.paired_tolerance(d) == pytest.approx(0.04)
+    assert regularization.paired_tolerance(d, spread_factor=1.0) == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize(
-    ("bn_test", "bn_train", "regularizes", "replaces"),
+    ("bn_test", "removable"),
     [
-        ([0.93], [0.98], True, True),
-        ([0.92], [0.97], True, True),  # ties dropout's test accuracy: "at least" holds
-        ([0.9199], [0.97], True, False),  # a near-tie below dropout fails
-        ([0.90], [0.95], False, False),  # ties neither's test accuracy: fails
-        ([0.93], [1.03], False, True),  # gap 0.1 ties neither's: fails
-        ([0.95], [0.99], True, True),
+        ([0.93, 0.93], True),  # equal to BN + dropout
+        ([0.9281, 0.9281], True),  # below by less than the floor 0.002: holds
+        ([0.9279, 0.9279], False),  # just beyond the floor, seeds agree: fails
+        ([0.90, 0.94], True),  # mean -0.01, but spread: se 0.02, tolerance 0.04
+        ([0.88, 0.90], False),  # mean -0.04 with se 0.01: tolerance 0.02, fails
+        ([0.95, 0.96], True),  # better without dropout
     ],
 )
-def test_regularization_rules(bn_test, bn_train, regularizes, replaces) -> None:
+def test_regularization_removing_dropout_rule(bn_test, removable) -> None:
     base = regularization_numbers()
-    test = {**base.test, "BN": bn_test}
-    train = {**base.train, "BN": bn_train}
-    claims = verdicts(regularization.judge(regularization_numbers(test=test, train=train)))
-    assert claims == {"regularizes": regularizes, "replaces dropout": replaces}
+    numbers = regularization_numbers(test={**base.test, "BN": bn_test})
+    assert verdicts(regularization.judge(numbers))["dropout can be removed"] is removable
 
 
-def test_regularization_margins() -> None:
+@pytest.mark.parametrize(
+    ("bn_test", "bn_train", "regularizes"),
+    [
+        ([0.93, 0.93], [0.98, 0.98], True),
+        ([0.9019, 0.9019], [0.95, 0.95], False),  # gain just under the floor 0.002
+        ([0.9021, 0.9021], [0.95, 0.95], True),  # just beyond
+        ([0.93, 0.93], [1.03, 1.03], False),  # gap ties neither's
+        ([0.95, 0.91], [0.99, 0.95], False),  # gain 0.03 but se 0.02: tolerance 0.04
+    ],
+)
+def test_regularization_regularizes_rule(bn_test, bn_train, regularizes) -> None:
+    base = regularization_numbers()
+    numbers = regularization_numbers(
+        test={**base.test, "BN": bn_test}, train={**base.train, "BN": bn_train}
+    )
+    assert verdicts(regularization.judge(numbers))["regularizes"] is regularizes
+
+
+def test_regularization_margins_are_parameters() -> None:
     numbers = regularization_numbers()
-    assert not held(regularization.judge, numbers, "regularizes", gap_margin=0.06)
-    assert not held(regularization.judge, numbers, "regularizes", accuracy_margin=0.03)
-    assert held(regularization.judge, numbers, "regularizes", accuracy_margin=0.02)
+    assert not held(regularization.judge, numbers, "regularizes", min_tolerance=0.06)
     lower = regularization_numbers(test={**numbers.test, "BN": [0.91, 0.91]})
-    assert not held(regularization.judge, lower, "replaces dropout")
-    assert held(regularization.judge, lower, "replaces dropout", dropout_margin=0.02)
+    assert not held(regularization.judge, lower, "dropout can be removed")
+    assert held(regularization.judge, lower, "dropout can be removed", min_tolerance=0.021)
+
+
+def test_regularization_exact_ties_at_the_margin() -> None:
+    """Binary-exact accuracies: a loss exactly equal to the tolerance holds ("at least minus");
+    a gain exactly equal to it does not ("beyond")."""
+    step = 2.0**-9
+    both = {"neither": [0.5, 0.5], "dropout": [0.5, 0.5], "BN": [0.5, 0.5],
+            "BN + dropout": [0.5, 0.5]}  # fmt: skip
+    train = {v: [0.75, 0.75] for v in both}
+    tie = regularization_numbers(test={**both, "BN": [0.5 - step] * 2}, train=train)
+    assert held(regularization.judge, tie, "dropout can be removed", min_tolerance=step)
+    gain = regularization_numbers(
+        test={**both, "BN": [0.5 + step] * 2}, train={**train, "BN": [0.75 - step] * 2}
+    )
+    assert not held(regularization.judge, gain, "regularizes", min_tolerance=step)
 
 
 # ---------------------------------------------------------------------------------------------
