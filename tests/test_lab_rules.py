@@ -161,7 +161,10 @@ def lr_numbers(**changes) -> lr_sweep.Numbers:
 def test_lr_all_hold_and_evidence() -> None:
     claims = lr_sweep.judge(lr_numbers())
     assert verdicts(claims) == {"higher": True, "faster": True}
-    assert claims[0].evidence == "largest trainable lr: 10 with BN vs 1 without"
+    assert claims[0].evidence == (
+        "largest trainable lr: 10 with BN vs 1 without (BN trains at the top of the grid, 10: "
+        "its limit is higher)"
+    )
     assert claims[1].evidence == "200 steps at lr 1 with BN vs 500 at lr 1 without"
 
 

@@ -59,7 +59,9 @@ class Config(SweepConfig):
 
     eval_every: int = param(100, "evaluate every this many steps")
     lrs: tuple[float, ...] = param(
-        (0.1, 0.3, 1.0, 3.0, 10.0, 30.0), "learning rates to sweep (the lr field is unused)"
+        (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0),
+        "learning rates to sweep (the lr field is unused); the top must lie beyond where batch "
+        "norm trains, or its largest trainable rate is censored (the report says so)",
     )
     target: float = param(0.9, "test accuracy a network must reach to count as training")
 
@@ -124,7 +126,12 @@ def judge(numbers: Numbers, *, steps_margin: float = 0.0) -> list[Claim]:
             "accuracy without diverging is larger with BN",
             bool(higher),
             f"largest trainable lr: {_fmt_lr(best[WITH])} with BN vs "
-            f"{_fmt_lr(best[WITHOUT])} without",
+            f"{_fmt_lr(best[WITHOUT])} without"
+            + (
+                f" (BN trains at the top of the grid, {max(n.lrs):g}: its limit is higher)"
+                if best[WITH] is not None and best[WITH] == max(n.lrs)
+                else ""
+            ),
         ),
         Claim(
             "faster",
