@@ -469,8 +469,7 @@ def _validate(
         )
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_eps(eps)
     if momentum is None:
         raise TypeError(
             "the functional batch_norm needs a float momentum; the cumulative average "

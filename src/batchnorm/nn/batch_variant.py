@@ -19,7 +19,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.errors import NormDtypeError
-from batchnorm.functional import NONFINITE_POLICIES, check_momentum
+from batchnorm.functional import NONFINITE_POLICIES, check_eps, check_momentum
 from batchnorm.nn.batchnorm import check_channels, init_batch_norm_state
 from batchnorm.nn.surgery import mark_fx_leaf
 from batchnorm.primitives import accumulation_dtype, invstd, normalize, track_running_statistics
@@ -90,12 +90,7 @@ class BatchStatisticsVariant(_BatchNorm):
         """``momentum`` and ``eps`` as the constructor checks them, also after a change
         (``layer.momentum = ...``): NaN or a non-number raises before it can poison the state."""
         check_momentum(self.momentum, stacklevel=4)
-        if (
-            isinstance(self.eps, bool)
-            or not isinstance(self.eps, (int, float))
-            or not self.eps >= 0
-        ):
-            raise ValueError(f"{type(self).__name__}: eps must be a number >= 0, got {self.eps!r}")
+        check_eps(self.eps)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_channels(self, input, any_rank=True)

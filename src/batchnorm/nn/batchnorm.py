@@ -39,7 +39,12 @@ import torch
 
 from batchnorm import backends
 from batchnorm.errors import NormInputError, NotATensorError
-from batchnorm.functional import NONFINITE_POLICIES, batch_norm_with_status, check_momentum
+from batchnorm.functional import (
+    NONFINITE_POLICIES,
+    batch_norm_with_status,
+    check_eps,
+    check_momentum,
+)
 from batchnorm.nn.surgery import mark_fx_leaf
 from batchnorm.primitives import update_running_statistics
 
@@ -89,8 +94,7 @@ def init_batch_norm_state(
             UserWarning,
             stacklevel=3,
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_eps(eps)
     # Point a momentum warning at the user's line, past every constructor in this package.
     frame, nn_frames = sys._getframe(0), 0
     while frame is not None and frame.f_code.co_filename.startswith(_NN_DIR):
@@ -460,6 +464,8 @@ class LazyNormMixin:
 
     # The keyword-only options of cls_to_become beyond torch's, with their defaults.
     _own_options: dict[str, Any] = {"nonfinite": "propagate"}
+    # Whether cls_to_become takes a negative eps (with a warning), as torch's instance norm does.
+    _negative_eps_allowed = False
 
     def __init__(
         self,
@@ -479,8 +485,7 @@ class LazyNormMixin:
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}"
             )
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps != eps:
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        check_eps(eps, allow_negative=self._negative_eps_allowed)
         check_momentum(momentum, stacklevel=3)
         kwargs = {"bias": bias} if _TORCH_HAS_BIAS_ARG else {}
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **kwargs)  # type: ignore[call-arg]

@@ -23,7 +23,7 @@ from batchnorm import backends
 from batchnorm.functional import NONFINITE_POLICIES
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormMixin
 from batchnorm.nn.norm_act import NormActTail, is_norm_act, norm_act_class_for
-from batchnorm.nn.surgery import OWN_ATTRIBUTES, mark_fx_leaf, rebuild_as, replace_modules
+from batchnorm.nn.surgery import rebuild_layer, replace_modules
 from batchnorm.nn.sync import SyncBatchNorm
 
 _TORCH_TO_OURS: dict[type, type] = {
@@ -101,10 +101,5 @@ def _rebuild(
     if issubclass(target, BatchNormMixin):  # torch's class -> ours
         if backend is not None:
             backends.requested_backend(backend)
-        new = rebuild_as(module, target, backend=backend, nonfinite=nonfinite, last_backend=None)
-        mark_fx_leaf(new)
-        return new
-    new = rebuild_as(module, target)
-    for name in OWN_ATTRIBUTES:
-        new.__dict__.pop(name, None)
-    return new
+        return rebuild_layer(module, target, ours=True, backend=backend, nonfinite=nonfinite)
+    return rebuild_layer(module, target, ours=False)

@@ -279,6 +279,7 @@ class _LazyInstanceNormMixin(LazyNormMixin):
     """Torch's lazy instance norm, becoming this package's class at the first input."""
 
     _own_options: dict[str, Any] = {}
+    _negative_eps_allowed = True
 
 
 class LazyInstanceNorm1d(_LazyInstanceNormMixin, torch.nn.LazyInstanceNorm1d):

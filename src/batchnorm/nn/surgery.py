@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["mark_fx_leaf", "rebuild_as", "replace_modules"]
+__all__ = ["mark_fx_leaf", "rebuild_as", "rebuild_layer", "replace_modules"]
 
 # torch.fx's default Tracer.is_leaf_module keeps a module opaque when ``m.__module__`` starts with
 # "torch.nn". Our layers' classes live in this package, so each instance says where the behaviour
@@ -61,6 +61,31 @@ def rebuild_as(module: torch.nn.Module, target: type, **attributes: Any) -> torc
     new.__dict__.update(state)
     for name, value in attributes.items():
         setattr(new, name, value)
+    return new
+
+
+def rebuild_layer(
+    module: torch.nn.Module, target: type, *, ours: bool, **attributes: Any
+) -> torch.nn.Module:
+    """:func:`rebuild_as` for a conversion between torch's norm layers and this package's.
+
+    Into one of ours (``ours=True``): the layer gets this package's own attributes (``backend``
+    and ``nonfinite`` kept from the original where it had them, ``last_backend`` reset, then
+    ``attributes``) and is marked as an fx leaf. Into torch's (or a user's) class: those
+    attributes are dropped again, and ``attributes`` set.
+    """
+    if ours:
+        defaults = {
+            "backend": getattr(module, "backend", None),
+            "nonfinite": getattr(module, "nonfinite", "propagate"),
+            "last_backend": None,
+        }
+        new = rebuild_as(module, target, **{**defaults, **attributes})
+        mark_fx_leaf(new)
+        return new
+    new = rebuild_as(module, target, **attributes)
+    for name in OWN_ATTRIBUTES:
+        new.__dict__.pop(name, None)
     return new
 
 

@@ -57,7 +57,7 @@ from batchnorm.nn.batchnorm import (
     check_channels,
 )
 from batchnorm.nn.norm_act import NormActTail, is_norm_act
-from batchnorm.nn.surgery import OWN_ATTRIBUTES, mark_fx_leaf, rebuild_as, replace_modules
+from batchnorm.nn.surgery import rebuild_layer, replace_modules
 from batchnorm.primitives import (
     Moments,
     combine_statistics,
@@ -320,24 +320,11 @@ def _sync_class_for(cls: type) -> type | None:
 
 def _rebuild(module: _BatchNorm, target: type, **extra: Any) -> _BatchNorm:
     """A ``target`` layer carrying ``module``'s whole state (:func:`rebuild_as`)."""
-    if issubclass(target, BatchNormMixin):
-        attributes: dict[str, Any] = {
-            "backend": getattr(module, "backend", None),
-            "nonfinite": getattr(module, "nonfinite", "propagate"),
-            "last_backend": None,
-            **extra,
-        }
-        if issubclass(target, SyncBatchNorm):
-            attributes.setdefault("last_sync", None)
-        new = rebuild_as(module, target, **attributes)
-        mark_fx_leaf(new)
-        if not issubclass(target, SyncBatchNorm):
-            new.__dict__.pop("process_group", None)
-            new.__dict__.pop("last_sync", None)
-        return new
-    new = rebuild_as(module, target, **extra)
-    for name in OWN_ATTRIBUTES:
-        new.__dict__.pop(name, None)
+    if issubclass(target, SyncBatchNorm):
+        extra.setdefault("last_sync", None)
+    new = rebuild_layer(module, target, ours=issubclass(target, BatchNormMixin), **extra)
+    if not issubclass(target, SyncBatchNorm):
+        new.__dict__.pop("last_sync", None)
     if not issubclass(target, torch.nn.SyncBatchNorm):
         new.__dict__.pop("process_group", None)
     return new
