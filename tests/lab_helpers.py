@@ -60,7 +60,7 @@ def check_run_dir(run_dir: Path, name: str, csv_files: Sequence[str] = ("curves.
 
     # The verdict follows from the claims by the rule in code.
     claims = metrics["claims"]
-    fields = ("name", "statement", "rule", "held", "evidence")
+    fields = ("name", "statement", "rule", "held", "evidence", "tested")
     assert claims and metrics["verdict"] == overall_verdict(
         [Claim(**{k: c[k] for k in fields}) for c in claims]
     )
@@ -70,6 +70,8 @@ def check_run_dir(run_dir: Path, name: str, csv_files: Sequence[str] = ("curves.
     assert judged.verdict == metrics["verdict"] and not judged.changed
     report = (run_dir / "report.md").read_text()
     assert "**Quick mode**" in report
+    if "baseline_train_accuracy" in metrics:  # the report says whether the networks trained
+        assert f"final train accuracy {metrics['baseline_train_accuracy']:.4f}" in report
     assert f"**Overall verdict: {metrics['verdict']}.**" in report
     assert [(r[0], r[3]) for r in table(report, "Verdicts")] == [
         (c["statement"], f"**{c['verdict']}**") for c in claims

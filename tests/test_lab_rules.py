@@ -1248,3 +1248,43 @@ def test_judge_opens_no_file_and_draws_no_random_number(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert experiments.get(name).judge(numbers) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# The shared rule primitives (batchnorm.lab.rules)
+
+
+def test_margins_come_from_the_seed_spread() -> None:
+    from batchnorm.lab import rules
+
+    d = np.array([0.01, 0.03, 0.02])
+    assert rules.paired_tolerance(d) == pytest.approx(2 * 0.01 / np.sqrt(3))
+    assert rules.paired_tolerance(d, spread_factor=1.0) == pytest.approx(0.01 / np.sqrt(3))
+    assert rules.paired_tolerance([0.5]) == 0.0005  # one seed: only the floor
+    assert rules.beyond_tolerance(d) and not rules.within_tolerance(d)
+    noisy = np.array([0.02, -0.015, 0.01])  # mean 0.005, spread much larger
+    assert not rules.beyond_tolerance(noisy) and rules.within_tolerance(noisy)
+    # A NaN seed (a diverged run) does not shrink the spread or move the mean.
+    assert rules.standard_error([1.0, 2.0, 3.0, float("nan")]) == rules.standard_error([1, 2, 3])
+
+
+def test_an_untrained_network_gives_not_tested_never_did_not_hold() -> None:
+    from batchnorm.lab import rules
+    from batchnorm.lab.experiment import Claim, overall_verdict
+
+    assert rules.untrained({"bn": [0.9, 0.95], "plain": [0.92]}, floor=0.5) is None
+    reason = rules.untrained({"bn": [0.9], "plain": [0.1, float("nan")]}, floor=0.5)
+    assert reason is not None and "plain reached 0.1000" in reason and "bn" not in reason
+    assert "plain" in rules.untrained({"plain": [float("nan")]}, floor=0.5)
+    failed = Claim("faster", "BN trains faster.", "steps", False, "inf vs inf")
+    gated = rules.gate(failed, reason)
+    assert gated.verdict == "not tested" and not gated.tested and not gated.held
+    assert gated.evidence.startswith("not tested: plain reached") and "inf vs inf" in gated.evidence
+    held = Claim("stable", "", "", True, "")
+    assert overall_verdict([gated]) == "not tested"
+    assert overall_verdict([held, gated]) == "held (1 of 2 claims not tested)"
+    assert overall_verdict([failed, gated]) == "did not hold (1 of 2 claims not tested)"
+    assert rules.baseline_metrics([0.99, 0.97], 0.9) == {
+        "baseline_train_accuracy": pytest.approx(0.98),
+        "baseline_test_accuracy": pytest.approx(0.9),
+    }

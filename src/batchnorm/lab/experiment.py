@@ -136,16 +136,24 @@ NUMBERS_FILE = "numbers.json"
 
 @dataclass
 class Claim:
-    """One claim and whether it held, decided by ``rule`` on the numbers in ``evidence``."""
+    """One claim and whether it held, decided by ``rule`` on the numbers in ``evidence``.
+
+    ``tested`` is False when the run could not test the claim (the networks it is about did not
+    train, a quantity could not be measured): the verdict is then "not tested", never "did not
+    hold", and ``held`` is False. :mod:`batchnorm.lab.rules` makes such claims.
+    """
 
     name: str
     statement: str
     rule: str
     held: bool
     evidence: str
+    tested: bool = True
 
     @property
     def verdict(self) -> str:
+        if not self.tested:
+            return "not tested"
         return "held" if self.held else "did not hold"
 
 
@@ -240,17 +248,29 @@ class Experiment:
 
 
 def overall_verdict(claims: Sequence[Claim]) -> str:
-    """The overall verdict: "held" if every claim held, "did not hold" if none, else "partly held".
+    """The overall verdict over the claims the run tested: "held" if every one held, "did not
+    hold" if none, else "partly held"; claims that were not tested are counted after it, and a
+    run that tested none is "not tested".
 
     >>> overall_verdict([Claim("a", "", "", True, ""), Claim("b", "", "", False, "")])
     'partly held'
+    >>> overall_verdict([Claim("a", "", "", True, ""), Claim("b", "", "", False, "", False)])
+    'held (1 of 2 claims not tested)'
     """
     if not claims:
         return "no claim tested"
-    held = sum(c.held for c in claims)
-    if held == len(claims):
-        return "held"
-    return "did not hold" if held == 0 else "partly held"
+    tested = [c for c in claims if c.tested]
+    if not tested:
+        return "not tested"
+    held = sum(c.held for c in tested)
+    if held == len(tested):
+        verdict = "held"
+    else:
+        verdict = "did not hold" if held == 0 else "partly held"
+    untested = len(claims) - len(tested)
+    if untested:
+        verdict += f" ({untested} of {len(claims)} claims not tested)"
+    return verdict
 
 
 # --------------------------------------------------------------------------------------------
@@ -968,6 +988,7 @@ def render_report(
         "",
         f"**Overall verdict: {verdict}.**",
         "",
+        *_baseline_lines(outcome.metrics),
         "## Verdicts",
         "",
         verdicts_table(outcome.claims),
@@ -1026,6 +1047,25 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _baseline_lines(metrics: dict[str, Any]) -> list[str]:
+    """The report's statement of the baseline's final accuracies, when the experiment records
+    them (``baseline_train_accuracy``, ``baseline_test_accuracy``, means over seeds)."""
+    train = metrics.get("baseline_train_accuracy")
+    test = metrics.get("baseline_test_accuracy")
+    if train is None and test is None:
+        return []
+    what = metrics.get("baseline", "the baseline network")
+
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{float(value):.4f}"
+
+    return [
+        f"**Trained?** {what}: final train accuracy {fmt(train)}, test accuracy {fmt(test)} "
+        "(means over seeds).",
+        "",
+    ]
 
 
 def _fmt_resumptions(environment: dict[str, Any]) -> list[str]:

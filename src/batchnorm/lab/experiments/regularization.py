@@ -46,6 +46,7 @@ from batchnorm.lab.experiments.common import (
     variant_indices,
 )
 from batchnorm.lab.plots import COLORS
+from batchnorm.lab.rules import baseline_metrics, paired_tolerance
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge", "paired_tolerance"]
 
@@ -100,24 +101,6 @@ class Numbers:
     dropout: float  # the dropout rate of the dropout variants
     test: dict[str, list[float]]  # final test accuracy per seed
     train: dict[str, list[float]]  # final training accuracy (on the subset) per seed
-
-
-def paired_tolerance(
-    differences: np.ndarray, *, spread_factor: float = 2.0, min_tolerance: float = 0.0005
-) -> float:
-    """The margin a difference of means must clear: ``spread_factor`` standard errors of the
-    per-seed (paired) differences, and at least ``min_tolerance`` (with one seed, or seeds
-    that agree exactly, the spread says nothing; 0.0005 is 5 images of MNIST's 10,000).
-
-    Example:
-        >>> round(paired_tolerance(np.array([0.01, 0.03, 0.02])), 4)  # 2 * 0.01 / sqrt(3)
-        0.0115
-    """
-    n = len(differences)
-    if n < 2:
-        return min_tolerance
-    standard_error = float(np.std(differences, ddof=1)) / float(np.sqrt(n))
-    return float(max(spread_factor * standard_error, min_tolerance))
 
 
 def judge(
@@ -238,8 +221,8 @@ def measure(config: Config, ctx: Context) -> Measurement:
         "dropout": config.dropout,
         "train_examples": len(data.train_y),
         # The batch-norm network (without dropout) is the baseline: it trained, as these say.
-        "baseline_train_accuracy": float(np.mean(train[BN])),
-        "baseline_test_accuracy": float(np.mean(test[BN])),
+        "baseline": "BN alone (784-256-256-10 ReLU)",
+        **baseline_metrics(train[BN], test[BN]),
     }
     return Measurement(
         numbers=numbers,
