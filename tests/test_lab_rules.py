@@ -165,7 +165,9 @@ def test_lr_all_hold_and_evidence() -> None:
         "largest trainable lr: 10 with BN vs 1 without (BN trains at the top of the grid, 10: "
         "its limit is higher)"
     )
-    assert claims[1].evidence == "200 steps at lr 1 with BN vs 500 at lr 1 without"
+    assert claims[1].evidence == (
+        "200 steps at lr 1 with BN vs 500 at lr 1 without (paired gain 300 steps, tolerance 0)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -195,22 +197,33 @@ def test_lr_higher(with_bn, without_bn, expected) -> None:
 
 
 @pytest.mark.parametrize(
-    ("bn_best", "plain_best", "margin", "expected"),
+    ("bn_best", "plain_best", "min_steps", "expected"),
     [
-        (200, 500, 0.0, True),
-        (500, 500, 0.0, False),  # a tie fails
-        (499, 500, 0.0, True),  # a near-tie holds
-        (499, 500, 1.0, False),  # but not by more than a margin of 1 step
-        (INF, INF, 0.0, False),  # neither reaches the target
-        (900, INF, 0.0, True),  # only BN reaches it
+        ([200, 200], [500, 500], 0.0, True),
+        ([500, 500], [500, 500], 0.0, False),  # a tie fails
+        ([499, 499], [500, 500], 0.0, True),  # a near-tie the seeds agree on holds
+        ([499, 499], [500, 500], 1.0, False),  # but not by more than a floor of 1 step
+        ([200, 700], [500, 500], 0.0, False),  # a gain of 50 steps within the seed spread fails
+        ([400, 360], [500, 500], 0.0, True),  # 120 steps, beyond 2 standard errors (40)
+        ([900, 900], [INF, INF], 0.0, None),  # the plain network never trains: not tested
+        ([INF, INF], [500, 500], 0.0, False),  # only the plain network reaches it
     ],
 )
-def test_lr_faster(bn_best, plain_best, margin, expected) -> None:
+def test_lr_faster(bn_best, plain_best, min_steps, expected) -> None:
     numbers = lr_numbers(
-        with_bn=cells(([bn_best], 0), ([INF], 0), ([INF], 0)),
-        without_bn=cells(([INF], 0), ([plain_best], 0), ([INF], 0)),
+        with_bn=cells((bn_best, 0), ([INF, INF], 0), ([INF, INF], 0)),
+        without_bn=cells(([INF, INF], 0), (plain_best, 0), ([INF, INF], 0)),
     )
-    assert held(lr_sweep.judge, numbers, "faster", steps_margin=margin) is expected
+    claim = {c.name: c for c in lr_sweep.judge(numbers, min_steps=min_steps)}["faster"]
+    assert (claim.held if claim.tested else None) is expected
+    if expected is None:
+        assert claim.verdict == "not tested" and "at no learning rate" in claim.evidence
+
+
+def test_lr_higher_is_not_tested_when_nothing_trains() -> None:
+    never = cells(([INF], 0), ([INF], 0), ([INF], 3))
+    claim = lr_sweep.judge(lr_numbers(with_bn=never, without_bn=never))[0]
+    assert claim.verdict == "not tested" and "neither network" in claim.evidence
 
 
 def test_lr_fastest_tie_takes_the_smallest_lr() -> None:
@@ -235,8 +248,13 @@ def init_numbers(**changes) -> init_scale.Numbers:
 def test_init_all_hold_and_evidence() -> None:
     claims = init_scale.judge(init_numbers())
     assert verdicts(claims) == {"worst case": True, "insensitive": True}
-    assert claims[0].evidence == "worst: 0.9400 (scale 10) with BN vs 0.1100 (scale 10) without"
-    assert claims[1].evidence == "range 0.0200 with BN vs 0.8400 without"
+    assert claims[0].evidence == (
+        "worst: 0.9400 (scale 10) with BN vs 0.1100 (scale 10) without (paired gain +0.8300, "
+        "tolerance 0.0005)"
+    )
+    assert claims[1].evidence == (
+        "range 0.0200 with BN vs 0.8400 without (per-seed reduction +0.8200, tolerance 0.0005)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -244,10 +262,10 @@ def test_init_all_hold_and_evidence() -> None:
     [
         ([[0.5], [0.9], [0.7]], [[0.5], [0.9], [0.7]], False, False),  # identical: ties fail
         ([[0.5], [0.6], [0.7]], [[0.5], [0.95], [0.7]], False, True),  # same worst, narrower
-        ([[0.5001], [0.9], [0.7]], [[0.5], [0.9], [0.7]], True, True),  # near-ties hold
-        ([[0.3], [0.4], [0.35]], [[0.5], [0.95], [0.7]], False, True),  # narrower but lower
-        ([[0.5, 0.7], [0.9], [0.9]], [[0.6], [0.9], [0.9]], False, False),  # mean 0.6 ties
-        ([[float("nan")], [0.9], [0.9]], [[0.5], [0.9], [0.9]], False, False),  # NaN: fails
+        ([[0.5001], [0.9], [0.7]], [[0.5], [0.9], [0.7]], False, False),  # within the floor
+        ([[0.502], [0.9], [0.7]], [[0.5], [0.9], [0.7]], True, True),  # beyond it
+        ([[0.3], [0.6], [0.35]], [[0.5], [0.95], [0.7]], False, True),  # narrower but lower
+        ([[float("nan")], [0.9], [0.9]], [[0.5], [0.9], [0.9]], False, False),  # NaN counts 0
     ],
 )
 def test_init_rules(bn, plain, worst, insensitive) -> None:
@@ -255,11 +273,27 @@ def test_init_rules(bn, plain, worst, insensitive) -> None:
     assert claims == {"worst case": worst, "insensitive": insensitive}
 
 
-def test_init_margins() -> None:
-    numbers = init_numbers(final_bn=[[0.55], [0.6], [0.6]], final_plain=[[0.5], [0.7], [0.7]])
-    assert verdicts(init_scale.judge(numbers)) == {"worst case": True, "insensitive": True}
-    strict = init_scale.judge(numbers, worst_margin=0.1, range_margin=0.2)
-    assert verdicts(strict) == {"worst case": False, "insensitive": False}
+def test_init_margins_come_from_the_seed_spread() -> None:
+    # Worst-case gains of +0.10 and -0.02 over two seeds: mean +0.04, 2 standard errors 0.12.
+    numbers = init_numbers(
+        final_bn=[[0.60, 0.60], [0.9, 0.9], [0.9, 0.9]],
+        final_plain=[[0.50, 0.62], [0.9, 0.9], [0.9, 0.9]],
+    )
+    claims = {c.name: c for c in init_scale.judge(numbers)}
+    assert not claims["worst case"].held and "tolerance 0.1200" in claims["worst case"].evidence
+    assert {c.name: c.held for c in init_scale.judge(numbers, spread_factor=0.5)} == {
+        "worst case": True,
+        "insensitive": True,
+    }
+
+
+def test_init_is_not_tested_when_the_standard_scale_does_not_train() -> None:
+    numbers = init_numbers(final_plain=[[0.5, 0.6], [0.2, 0.3], [0.11, 0.11]])
+    claims = init_scale.judge(numbers)
+    assert [c.verdict for c in claims] == ["not tested", "not tested"]
+    assert "without BN at scale 1 reached 0.2500" in claims[0].evidence
+    with pytest.raises(ValueError, match="same scales and seeds"):
+        init_scale.judge(init_numbers(final_bn=[[0.9], [0.9], [0.9]]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,10 +44,18 @@ from batchnorm.lab.experiments.common import (
     settings,
     specs_for,
 )
+from batchnorm.lab.rules import (
+    DEFAULT_SPREAD_FACTOR,
+    baseline_metrics,
+    gate,
+    paired_tolerance,
+    untrained,
+)
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 WITH, WITHOUT = "with BN", "without BN"
+TRAIN_EVAL_EXAMPLES = 5000  # training examples the final train accuracy is measured on
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,15 @@ class Numbers:
     final_bn: list[list[float]]  # [scale][seed], with BN
     final_plain: list[list[float]]  # [scale][seed], without BN
 
+    def per_seed(self, name: str) -> np.ndarray:
+        """(scales, seeds) final test accuracies of model ``name``; a non-finite one (a diverged
+        network) counts as 0."""
+        finals = np.asarray(self.final_bn if name == WITH else self.final_plain, dtype=np.float64)
+        return np.where(np.isfinite(finals), finals, 0.0)
+
     def means(self, name: str) -> dict[float, float]:
         """The mean final test accuracy over seeds at each scale, of model ``name``."""
-        finals = self.final_bn if name == WITH else self.final_plain
-        return {
-            s: float(np.mean(np.asarray(f, dtype=np.float64))) for s, f in zip(self.scales, finals)
-        }
+        return {s: float(m) for s, m in zip(self.scales, self.per_seed(name).mean(axis=1))}
 
     def worst(self, name: str) -> tuple[float, float]:
         """The worst mean final accuracy over the scales, and its scale (the smallest on a tie)."""
@@ -97,36 +108,84 @@ class Numbers:
         means = self.means(name)
         return max(means.values()) - min(means.values())
 
+    def standard_scale(self) -> float:
+        """The scale nearest (in ratio) to 1, the standard initialization."""
+        return min(self.scales, key=lambda s: abs(math.log(s)))
 
-def judge(numbers: Numbers, *, worst_margin: float = 0.0, range_margin: float = 0.0) -> list[Claim]:
-    """Decide the claims from ``numbers`` alone.
 
-    Args:
-        numbers: what :func:`measure` measured.
-        worst_margin: "worst case" holds when BN's worst mean final accuracy over the scales is
-            above the plain network's by more than this (a tie does not hold).
-        range_margin: "insensitive" holds when BN's range over the scales is below the plain
-            network's by more than this (a tie does not hold).
+def judge(
+    numbers: Numbers,
+    *,
+    spread_factor: float = DEFAULT_SPREAD_FACTOR,
+    min_difference: float = 0.0005,
+    trained_floor: float = 0.5,
+) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone; both rules compare seeds paired (the same seed
+    gives both models the same data order).
+
+    - "worst case": BN's accuracy at its worst scale minus the plain network's at its own worst
+      scale has a mean above ``spread_factor`` standard errors of the per-seed differences (at
+      least ``min_difference``);
+    - "insensitive": each seed's range (max - min over the scales) of final accuracy is smaller
+      with BN, the mean paired reduction beyond the same margin.
+
+    Both are "not tested" when either model falls below ``trained_floor`` test accuracy at the
+    standard scale (the one nearest 1): the sweep is about the scale, so the networks must train
+    at the usual one.
     """
+    acc = {name: numbers.per_seed(name) for name in (WITH, WITHOUT)}
+    if acc[WITH].shape != acc[WITHOUT].shape:
+        raise ValueError(
+            f"with and without BN must have the same scales and seeds, got {acc[WITH].shape} "
+            f"and {acc[WITHOUT].shape}"
+        )
     worst = {name: numbers.worst(name) for name in (WITH, WITHOUT)}
     spread = {name: numbers.spread(name) for name in (WITH, WITHOUT)}
+    worst_seed = {name: acc[name][numbers.scales.index(worst[name][1])] for name in (WITH, WITHOUT)}
+    worst_gain = worst_seed[WITH] - worst_seed[WITHOUT]
+    ranges = {name: acc[name].max(axis=0) - acc[name].min(axis=0) for name in (WITH, WITHOUT)}
+    range_cut = ranges[WITHOUT] - ranges[WITH]
+
+    def tol(d: np.ndarray) -> float:
+        return paired_tolerance(d, spread_factor=spread_factor, min_tolerance=min_difference)
+
+    margin = (
+        f"exceeds {spread_factor:g} standard errors of the per-seed differences (at least "
+        f"{min_difference:g})"
+    )
+    standard = numbers.standard_scale()
+    reason = untrained(
+        {
+            f"{name} at scale {standard:g}": acc[name][numbers.scales.index(standard)]
+            for name in (WITH, WITHOUT)
+        },
+        trained_floor,
+    )
     return [
-        Claim(
-            "worst case",
-            "With BN, a badly scaled initialization costs less accuracy.",
-            "the worst final test accuracy over the scales (mean over seeds) is higher with BN"
-            + (f" by more than {worst_margin}" if worst_margin else ""),
-            bool(worst[WITH][0] > worst[WITHOUT][0] + worst_margin),
-            f"worst: {worst[WITH][0]:.4f} (scale {worst[WITH][1]:g}) with BN vs "
-            f"{worst[WITHOUT][0]:.4f} (scale {worst[WITHOUT][1]:g}) without",
+        gate(
+            Claim(
+                "worst case",
+                "With BN, a badly scaled initialization costs less accuracy.",
+                "BN's final test accuracy at its worst scale minus the plain network's at its "
+                f"worst, paired by seed, {margin}",
+                bool(worst_gain.mean() > tol(worst_gain)),
+                f"worst: {worst[WITH][0]:.4f} (scale {worst[WITH][1]:g}) with BN vs "
+                f"{worst[WITHOUT][0]:.4f} (scale {worst[WITHOUT][1]:g}) without (paired gain "
+                f"{worst_gain.mean():+.4f}, tolerance {tol(worst_gain):.4f})",
+            ),
+            reason,
         ),
-        Claim(
-            "insensitive",
-            "With BN, the final accuracy depends less on the initial scale.",
-            "the range (max - min) over scales of the mean final test accuracy is smaller with BN"
-            + (f" by more than {range_margin}" if range_margin else ""),
-            bool(spread[WITH] < spread[WITHOUT] - range_margin),
-            f"range {spread[WITH]:.4f} with BN vs {spread[WITHOUT]:.4f} without",
+        gate(
+            Claim(
+                "insensitive",
+                "With BN, the final accuracy depends less on the initial scale.",
+                "each seed's range (max - min over scales) of final test accuracy is smaller with "
+                f"BN: the mean paired reduction {margin}",
+                bool(range_cut.mean() > tol(range_cut)),
+                f"range {spread[WITH]:.4f} with BN vs {spread[WITHOUT]:.4f} without (per-seed "
+                f"reduction {range_cut.mean():+.4f}, tolerance {tol(range_cut):.4f})",
+            ),
+            reason,
         ),
     ]
 
@@ -143,7 +202,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
     result = ctx.job(
         "init_scale",
         lambda: build_model(config, specs, data),
-        settings(config),
+        settings(config, train_eval_examples=min(TRAIN_EVAL_EXAMPLES, len(data.train_y))),
         data,
         desc=f"init scale ({len(specs)} nets)",
     )
@@ -197,7 +256,12 @@ def measure(config: Config, ctx: Context) -> Measurement:
     )
     with ctx.timer("plots"):
         _plot(ctx, result, scales)
+    standard = numbers.standard_scale()
+    baseline = cells[WITHOUT][standard].indices
+    assert result.train_acc is not None
     metrics = {
+        "baseline": f"the network without BN at the standard scale {standard:g}",
+        **baseline_metrics(result.train_acc[-1, baseline], result.test_acc[-1, baseline]),
         "init_scales": scales,
         "final_test_acc": {n: {f"{s:g}": cells[n][s].final for s in scales} for n in cells},
         "steps_to_target": {n: {f"{s:g}": cells[n][s].to_target for s in scales} for n in cells},

@@ -47,10 +47,18 @@ from batchnorm.lab.experiments.common import (
     settings,
     specs_for,
 )
+from batchnorm.lab.rules import (
+    DEFAULT_SPREAD_FACTOR,
+    baseline_metrics,
+    gate,
+    not_tested,
+    paired_tolerance,
+)
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
 WITH, WITHOUT = "with BN", "without BN"
+TRAIN_EVAL_EXAMPLES = 5000  # training examples the final train accuracy is measured on
 
 
 @dataclass(frozen=True)
@@ -104,46 +112,88 @@ def _fmt_lr(lr: float | None) -> str:
     return "none" if lr is None else f"{lr:g}"
 
 
-def judge(numbers: Numbers, *, steps_margin: float = 0.0) -> list[Claim]:
+def judge(
+    numbers: Numbers, *, spread_factor: float = DEFAULT_SPREAD_FACTOR, min_steps: float = 0.0
+) -> list[Claim]:
     """Decide the claims from ``numbers`` alone.
+
+    - "higher": the largest learning rate at which every seed trains is larger with BN. Not
+      tested when neither network trains at any rate of the grid.
+    - "faster": at each network's fastest learning rate, the plain network's steps to the target
+      minus BN's, paired by seed, have a mean above ``spread_factor`` standard errors of those
+      differences (and above ``min_steps``; a tie does not hold). Not tested when the plain
+      network reaches the target at no rate: there is then no speed to compare against.
 
     Args:
         numbers: what :func:`measure` measured.
-        steps_margin: "faster" holds when BN's fewest mean steps to the target are smaller than
-            the plain network's by more than this many steps (a tie does not hold).
+        spread_factor, min_steps: the margin of :func:`batchnorm.lab.rules.paired_tolerance`,
+            in steps.
     """
     n = numbers
     best = {name: n.largest_trainable(name) for name in (WITH, WITHOUT)}
     fastest = {name: n.fastest(name) for name in (WITH, WITHOUT)}
+    per_seed = {
+        name: np.asarray(n.cells(name)[n.lrs.index(fastest[name])].to_target, dtype=np.float64)
+        for name in (WITH, WITHOUT)
+    }
     steps = {name: n.cells(name)[n.lrs.index(fastest[name])].mean_steps for name in (WITH, WITHOUT)}
     higher = best[WITH] is not None and (best[WITHOUT] is None or best[WITH] > best[WITHOUT])
-    faster = math.isfinite(steps[WITH]) and steps[WITH] < steps[WITHOUT] - steps_margin
-    return [
-        Claim(
-            "higher",
-            "Batch norm lets the network train at higher learning rates.",
-            f"the largest learning rate at which every seed reaches {n.target} test "
-            "accuracy without diverging is larger with BN",
-            bool(higher),
-            f"largest trainable lr: {_fmt_lr(best[WITH])} with BN vs "
-            f"{_fmt_lr(best[WITHOUT])} without"
-            + (
-                f" (BN trains at the top of the grid, {max(n.lrs):g}: its limit is higher)"
-                if best[WITH] is not None and best[WITH] == max(n.lrs)
-                else ""
-            ),
+    higher_claim = Claim(
+        "higher",
+        "Batch norm lets the network train at higher learning rates.",
+        f"the largest learning rate at which every seed reaches {n.target} test "
+        "accuracy without diverging is larger with BN",
+        bool(higher),
+        f"largest trainable lr: {_fmt_lr(best[WITH])} with BN vs "
+        f"{_fmt_lr(best[WITHOUT])} without"
+        + (
+            f" (BN trains at the top of the grid, {max(n.lrs):g}: its limit is higher)"
+            if best[WITH] is not None and best[WITH] == max(n.lrs)
+            else ""
         ),
-        Claim(
+    )
+    rule = (
+        f"at each model's fastest lr, steps to {n.target} test accuracy without BN minus with "
+        f"BN, paired by seed, exceed {spread_factor:g} standard errors of the differences"
+        + (f" (at least {min_steps:g} steps)" if min_steps else "")
+    )
+    statement = (
+        "With its higher learning rates, the BN network reaches a given accuracy in fewer steps."
+    )
+    if not math.isfinite(steps[WITHOUT]):
+        faster_claim = not_tested(
             "faster",
-            "With its higher learning rates, the BN network reaches a given accuracy in fewer "
-            "steps.",
-            f"fewest steps to {n.target} test accuracy (mean over seeds, best lr of each) "
-            "is smaller with BN" + (f" by more than {steps_margin:g}" if steps_margin else ""),
-            bool(faster),
+            statement,
+            rule,
+            f"the network without BN reached {n.target} at no learning rate of the grid "
+            f"(with BN: {fmt_steps(steps[WITH])} steps at lr {fastest[WITH]:g})",
+        )
+    else:
+        if math.isfinite(steps[WITH]) and len(per_seed[WITH]) == len(per_seed[WITHOUT]):
+            gain = per_seed[WITHOUT] - per_seed[WITH]
+            tol = paired_tolerance(gain, spread_factor=spread_factor, min_tolerance=min_steps)
+            faster = bool(gain.mean() > tol)
+            margin = f" (paired gain {gain.mean():,.0f} steps, tolerance {tol:,.0f})"
+        else:
+            tol = paired_tolerance(
+                [steps[WITHOUT] - steps[WITH]], spread_factor=spread_factor, min_tolerance=min_steps
+            )
+            faster = bool(steps[WITHOUT] - steps[WITH] > tol)
+            margin = ""
+        faster_claim = Claim(
+            "faster",
+            statement,
+            rule,
+            faster,
             f"{fmt_steps(steps[WITH])} steps at lr {fastest[WITH]:g} with BN vs "
-            f"{fmt_steps(steps[WITHOUT])} at lr {fastest[WITHOUT]:g} without",
-        ),
-    ]
+            f"{fmt_steps(steps[WITHOUT])} at lr {fastest[WITHOUT]:g} without" + margin,
+        )
+    trained = (
+        None
+        if best[WITH] is not None or best[WITHOUT] is not None
+        else (f"neither network reached {n.target} test accuracy at any learning rate of the grid")
+    )
+    return [gate(higher_claim, trained), faster_claim]
 
 
 def measure(config: Config, ctx: Context) -> Measurement:
@@ -158,7 +208,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
     result = ctx.job(
         "lr_sweep",
         lambda: build_model(config, specs, data),
-        settings(config),
+        settings(config, train_eval_examples=min(TRAIN_EVAL_EXAMPLES, len(data.train_y))),
         data,
         desc=f"lr sweep ({len(specs)} nets)",
     )
@@ -225,7 +275,11 @@ def measure(config: Config, ctx: Context) -> Measurement:
     )
     with ctx.timer("plots"):
         _plot(ctx, lrs, cells, config.target)
+    baseline = cells[WITHOUT][fastest[WITHOUT]].indices
+    assert result.train_acc is not None
     metrics = {
+        "baseline": f"the network without BN at its fastest learning rate ({fastest[WITHOUT]:g})",
+        **baseline_metrics(result.train_acc[-1, baseline], result.test_acc[-1, baseline]),
         "lrs": lrs,
         "final_test_acc": {n: {f"{lr:g}": cells[n][lr].final for lr in lrs} for n in cells},
         "steps_to_target": {n: {f"{lr:g}": cells[n][lr].to_target for lr in lrs} for n in cells},
