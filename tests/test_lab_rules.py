@@ -446,11 +446,11 @@ def test_regularization_exact_ties_at_the_margin() -> None:
     step = 2.0**-9
     both = {"neither": [0.5, 0.5], "dropout": [0.5, 0.5], "BN": [0.5, 0.5],
             "BN + dropout": [0.5, 0.5]}  # fmt: skip
-    train = {v: [0.75, 0.75] for v in both}
+    train = {v: [0.9375, 0.9375] for v in both}
     tie = regularization_numbers(test={**both, "BN": [0.5 - step] * 2}, train=train)
     assert held(regularization.judge, tie, "dropout can be removed", min_tolerance=step)
     gain = regularization_numbers(
-        test={**both, "BN": [0.5 + step] * 2}, train={**train, "BN": [0.75 - step] * 2}
+        test={**both, "BN": [0.5 + step] * 2}, train={**train, "BN": [0.9375 - step] * 2}
     )
     assert not held(regularization.judge, gain, "regularizes", min_tolerance=step)
 
@@ -1322,3 +1322,14 @@ def test_an_untrained_network_gives_not_tested_never_did_not_hold() -> None:
         "baseline_train_accuracy": pytest.approx(0.98),
         "baseline_test_accuracy": pytest.approx(0.9),
     }
+
+
+def test_regularization_is_not_tested_on_networks_that_did_not_fit() -> None:
+    N, D, B, BD = regularization.VARIANTS
+    numbers = regularization_numbers(
+        train={N: [0.5, 0.6], D: [0.97, 0.97], B: [0.98, 0.98], BD: [0.96, 0.96]}
+    )
+    claims = regularization.judge(numbers)
+    assert [c.verdict for c in claims] == ["not tested", "held"]
+    assert "neither reached 0.5500" in claims[0].evidence
+    assert regularization.judge(numbers, trained_floor=0.5)[0].tested

@@ -46,7 +46,7 @@ from batchnorm.lab.experiments.common import (
     variant_indices,
 )
 from batchnorm.lab.plots import COLORS
-from batchnorm.lab.rules import baseline_metrics, paired_tolerance
+from batchnorm.lab.rules import baseline_metrics, gate, paired_tolerance, untrained
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge", "paired_tolerance"]
 
@@ -108,8 +108,12 @@ def judge(
     *,
     spread_factor: float = 2.0,
     min_tolerance: float = 0.0005,
+    trained_floor: float = 0.9,
 ) -> list[Claim]:
     """Decide the claims from ``numbers`` alone; every comparison is paired by seed.
+
+    Both claims are about trained networks: when a variant they compare stays below
+    ``trained_floor`` training accuracy, the claim is "not tested".
 
     - "regularizes": BN alone narrows the train/test gap and raises test accuracy against
       neither, each mean paired difference beyond its :func:`paired_tolerance`;
@@ -134,29 +138,35 @@ def judge(
     removal = test[BN] - test[BOTH]  # >= -tolerance: removing dropout does not hurt
     removable = removal.mean() >= -tol(removal)
     return [
-        Claim(
-            "regularizes",
-            "Batch norm regularizes: it narrows the train/test gap and raises test accuracy.",
-            "against neither, BN alone's paired mean gap reduction and test-accuracy gain each "
-            f"exceed {spread_factor:g} standard errors of their per-seed differences (at least "
-            f"{min_tolerance:g})",
-            bool(regularizes),
-            f"gap {gap[BN].mean():.4f} vs {gap[NEITHER].mean():.4f} (reduction "
-            f"{gap_gain.mean():+.4f}, tolerance {tol(gap_gain):.4f}); test {test[BN].mean():.4f}"
-            f" vs {test[NEITHER].mean():.4f} (gain {test_gain.mean():+.4f}, tolerance "
-            f"{tol(test_gain):.4f})",
+        gate(
+            Claim(
+                "regularizes",
+                "Batch norm regularizes: it narrows the train/test gap and raises test accuracy.",
+                "against neither, BN alone's paired mean gap reduction and test-accuracy gain each "
+                f"exceed {spread_factor:g} standard errors of their per-seed differences (at least "
+                f"{min_tolerance:g})",
+                bool(regularizes),
+                f"gap {gap[BN].mean():.4f} vs {gap[NEITHER].mean():.4f} (reduction "
+                f"{gap_gain.mean():+.4f}, tolerance {tol(gap_gain):.4f}); test {test[BN].mean():.4f}"
+                f" vs {test[NEITHER].mean():.4f} (gain {test_gain.mean():+.4f}, tolerance "
+                f"{tol(test_gain):.4f})",
+            ),
+            untrained({v: train[v] for v in (NEITHER, BN)}, trained_floor),
         ),
-        Claim(
-            "dropout can be removed",
-            "Removing dropout from a batch-norm network does not hurt its test accuracy "
-            "(Sec. 4.2.1).",
-            "BN alone minus BN + dropout, test accuracy paired by seed, has a mean of at least "
-            f"minus {spread_factor:g} standard errors of the differences (at least "
-            f"{min_tolerance:g})",
-            bool(removable),
-            f"test {test[BN].mean():.4f} (BN) vs {test[BOTH].mean():.4f} (BN + dropout "
-            f"{numbers.dropout}): {removal.mean():+.4f}, tolerance {tol(removal):.4f}; dropout "
-            f"alone {test[DROPOUT].mean():.4f}",
+        gate(
+            Claim(
+                "dropout can be removed",
+                "Removing dropout from a batch-norm network does not hurt its test accuracy "
+                "(Sec. 4.2.1).",
+                "BN alone minus BN + dropout, test accuracy paired by seed, has a mean of at least "
+                f"minus {spread_factor:g} standard errors of the differences (at least "
+                f"{min_tolerance:g})",
+                bool(removable),
+                f"test {test[BN].mean():.4f} (BN) vs {test[BOTH].mean():.4f} (BN + dropout "
+                f"{numbers.dropout}): {removal.mean():+.4f}, tolerance {tol(removal):.4f}; dropout "
+                f"alone {test[DROPOUT].mean():.4f}",
+            ),
+            untrained({v: train[v] for v in (BN, BOTH)}, trained_floor),
         ),
     ]
 
