@@ -148,8 +148,8 @@ def judge(
                 bool(regularizes),
                 f"gap {gap[BN].mean():.4f} vs {gap[NEITHER].mean():.4f} (reduction "
                 f"{gap_gain.mean():+.4f}, tolerance {tol(gap_gain):.4f}); test "
-                f"{test[BN].mean():.4f} vs {test[NEITHER].mean():.4f} (gain {test_gain.mean():+.4f}, tolerance "
-                f"{tol(test_gain):.4f})",
+                f"{test[BN].mean():.4f} vs {test[NEITHER].mean():.4f} (gain "
+                f"{test_gain.mean():+.4f}, tolerance {tol(test_gain):.4f})",
             ),
             untrained({v: train[v] for v in (NEITHER, BN)}, trained_floor),
         ),
