@@ -1333,3 +1333,35 @@ def test_regularization_is_not_tested_on_networks_that_did_not_fit() -> None:
     assert [c.verdict for c in claims] == ["not tested", "held"]
     assert "neither reached 0.5500" in claims[0].evidence
     assert regularization.judge(numbers, trained_floor=0.5)[0].tested
+
+
+def test_adapt_margins_come_from_the_paired_seeds() -> None:
+    def errors(source, batch_bn, adabn, tent):
+        return {"source": source, "test-batch BN": batch_bn, "AdaBN": adabn, "TENT": tent}
+
+    # AdaBN beats the source by 0.10 on one seed and loses by 0.06 on the other: mean +0.02,
+    # 2 standard errors 0.16, so the gain is within the seed spread.
+    per_seed = {
+        "clean": errors([0.1, 0.1], [0.1, 0.1], [0.1, 0.1], [0.1, 0.1]),
+        "blur": errors([0.4, 0.3], [0.2, 0.2], [0.3, 0.36], [0.1, 0.1]),
+    }
+    numbers = adapt_numbers(per_seed=per_seed, corrupted={"blur": errors(0.35, 0.2, 0.33, 0.1)})
+    claims = {c.name: c for c in adapt.judge(numbers)}
+    assert claims["corruptions hurt"].held and claims["TENT adapts further"].held
+    assert not claims["statistics adapt"].held
+    assert "tolerance 0.1600" in claims["statistics adapt"].evidence
+    assert adapt.judge(numbers, spread_factor=0.1)[1].held
+
+
+def test_adapt_is_not_tested_when_the_source_network_did_not_learn() -> None:
+    def errors(source, batch_bn, adabn, tent):
+        return {"source": source, "test-batch BN": batch_bn, "AdaBN": adabn, "TENT": tent}
+
+    per_seed = {
+        "clean": errors([0.8, 0.9], [0.8, 0.9], [0.8, 0.9], [0.8, 0.9]),
+        "blur": errors([0.9, 0.9], [0.8, 0.8], [0.8, 0.8], [0.7, 0.7]),
+    }
+    numbers = adapt_numbers(per_seed=per_seed, corrupted={"blur": errors(0.9, 0.8, 0.8, 0.7)})
+    claims = adapt.judge(numbers)
+    assert [c.verdict for c in claims] == ["not tested"] * 3
+    assert "source network (clean test) reached 0.1500" in claims[0].evidence

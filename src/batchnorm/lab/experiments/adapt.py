@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -62,6 +62,13 @@ from batchnorm.lab.experiments.cnn import (
     job_curve_rows,
     train_job,
     train_net,
+)
+from batchnorm.lab.rules import (
+    DEFAULT_SPREAD_FACTOR,
+    baseline_metrics,
+    gate,
+    paired_tolerance,
+    untrained,
 )
 
 __all__ = [
@@ -238,43 +245,89 @@ def evaluate_methods(
 
 @dataclass
 class Numbers:
-    """What the claims are decided on: mean errors over seeds."""
+    """What the claims are decided on: mean errors over seeds, and each seed's errors."""
 
     min_shift: float  # the config's least error increase of "corruptions hurt"
     clean: dict[str, float]  # method -> error on the clean test set
     corrupted: dict[str, dict[str, float]]  # corruption -> method -> error
+    # test set ("clean" or a corruption) -> method -> error per seed (the margins' spread)
+    per_seed: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def seed_means(self, method: str) -> np.ndarray:
+        """The error of ``method`` averaged over the corruptions, per seed (one value, the mean
+        over seeds, when no per-seed errors were saved)."""
+        corruptions = list(self.corrupted)
+        if self.per_seed:
+            return np.mean([self.per_seed[c][method] for c in corruptions], axis=0)
+        return np.array([np.mean([self.corrupted[c][method] for c in corruptions])])
+
+    def clean_errors(self, method: str) -> np.ndarray:
+        """The clean-test error of ``method`` per seed (or the mean, as :meth:`seed_means`)."""
+        if self.per_seed:
+            return np.asarray(self.per_seed["clean"][method], dtype=np.float64)
+        return np.array([self.clean[method]])
 
 
-def judge(numbers: Numbers) -> list[Claim]:
-    """The three rules of the module docstring, on mean errors (over seeds)."""
-    clean, corrupted = numbers.clean, numbers.corrupted
-    mean = {m: float(np.mean([corrupted[c][m] for c in corrupted])) for m in METHODS}
-    shift = mean["source"] - clean["source"]
-    return [
+def judge(
+    numbers: Numbers,
+    *,
+    spread_factor: float = DEFAULT_SPREAD_FACTOR,
+    min_gain: float = 0.0005,
+    trained_floor: float = 0.5,
+) -> list[Claim]:
+    """The three rules of the module docstring, each on per-seed differences paired by seed:
+    (1) the corrupted-minus-clean source error has a mean of at least ``min_shift`` and beyond
+    ``spread_factor`` standard errors; (2) source minus AdaBN and (3) test-batch BN minus TENT
+    (mean over corruptions) each have a mean beyond ``spread_factor`` standard errors of the
+    differences (at least ``min_gain``). All three are "not tested" when the source network's
+    clean test accuracy is below ``trained_floor`` (it did not learn the task)."""
+    mean = {m: float(np.mean(numbers.seed_means(m))) for m in METHODS}
+    clean_source = numbers.clean_errors("source")
+    shift = numbers.seed_means("source") - clean_source
+    adabn_gain = numbers.seed_means("source") - numbers.seed_means("AdaBN")
+    tent_gain = numbers.seed_means("test-batch BN") - numbers.seed_means("TENT")
+    shift_tol = paired_tolerance(
+        shift, spread_factor=spread_factor, min_tolerance=numbers.min_shift
+    )
+
+    def tol(d: np.ndarray) -> float:
+        return paired_tolerance(d, spread_factor=spread_factor, min_tolerance=min_gain)
+
+    margin = (
+        f"exceeds {spread_factor:g} standard errors of the per-seed differences (at least "
+        f"{min_gain:g})"
+    )
+    reason = untrained({"the source network (clean test)": 1.0 - clean_source}, trained_floor)
+    claims = [
         Claim(
             "corruptions hurt",
             "A network trained on clean data loses accuracy on corrupted test data.",
-            f"the source error, averaged over the corruptions, exceeds the clean error by at "
-            f"least {numbers.min_shift}",
-            bool(shift >= numbers.min_shift),
-            f"{mean['source']:.4f} corrupted vs {clean['source']:.4f} clean ({shift:+.4f})",
+            "the source error, averaged over the corruptions, minus the clean error, paired by "
+            f"seed, is at least {numbers.min_shift} and {spread_factor:g} standard errors",
+            bool(shift.mean() >= shift_tol),
+            f"{mean['source']:.4f} corrupted vs {float(clean_source.mean()):.4f} clean "
+            f"({shift.mean():+.4f}, margin {shift_tol:.4f})",
         ),
         Claim(
             "statistics adapt",
             "Re-estimating the batch-norm statistics on the test data (AdaBN) lowers the error.",
-            "AdaBN's mean error over the corruptions is below the source's",
-            bool(mean["AdaBN"] < mean["source"]),
-            f"{mean['AdaBN']:.4f} (AdaBN) vs {mean['source']:.4f} (source)",
+            f"the source's mean error over the corruptions minus AdaBN's, paired by seed, {margin}",
+            bool(adabn_gain.mean() > tol(adabn_gain)),
+            f"{mean['AdaBN']:.4f} (AdaBN) vs {mean['source']:.4f} (source) (gain "
+            f"{adabn_gain.mean():+.4f}, tolerance {tol(adabn_gain):.4f})",
         ),
         Claim(
             "TENT adapts further",
             "Entropy minimisation over the batch-norm affine parameters (TENT) lowers the error "
             "below test-time normalization alone.",
-            "TENT's mean error over the corruptions is below the test-batch BN's",
-            bool(mean["TENT"] < mean["test-batch BN"]),
-            f"{mean['TENT']:.4f} (TENT) vs {mean['test-batch BN']:.4f} (test-batch BN)",
+            "the test-batch BN's mean error over the corruptions minus TENT's, paired by seed, "
+            + margin,
+            bool(tent_gain.mean() > tol(tent_gain)),
+            f"{mean['TENT']:.4f} (TENT) vs {mean['test-batch BN']:.4f} (test-batch BN) (gain "
+            f"{tent_gain.mean():+.4f}, tolerance {tol(tent_gain):.4f})",
         ),
     ]
+    return [gate(c, reason) for c in claims]
 
 
 def measure(config: Config, ctx: Context) -> Measurement:
@@ -289,6 +342,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
     names = ("clean", *dict.fromkeys(config.corruptions))
     errors: dict[str, dict[str, list[float]]] = {c: {m: [] for m in METHODS} for c in names}
     rows = []
+    train_acc: list[float] = []  # training-batch accuracy over the last 10% of steps, per seed
     for seed in config.seed_list():
 
         def job(seed: int = seed) -> dict:
@@ -326,6 +380,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             return result
 
         result = train_job(ctx, f"adapt-s{seed}", job)
+        train_acc.append(float(result["train_acc_final"]))
         for name in names:
             for method in METHODS:
                 errors[name][method].append(float(result[f"errors/{name}"][method]))
@@ -340,6 +395,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
         min_shift=config.min_shift,
         clean={m: mean("clean", m) for m in METHODS},
         corrupted={c: {m: mean(c, m) for m in METHODS} for c in corrupted},
+        per_seed={c: {m: list(errors[c][m]) for m in METHODS} for c in names},
     )
     per_seed_mean = {
         m: np.mean([errors[c][m] for c in corrupted], axis=0) for m in METHODS
@@ -376,6 +432,9 @@ def measure(config: Config, ctx: Context) -> Measurement:
         numbers=numbers,
         comparisons=comparisons,
         metrics={
+            "baseline": "the source network (BN, clean training; training-batch accuracy over "
+            "the last 10% of steps, source error on the clean test set)",
+            **baseline_metrics(train_acc, 1.0 - np.asarray(errors["clean"]["source"])),
             "errors": {name: {m: errors[name][m] for m in METHODS} for name in names},
             "mean_over_corruptions": {m: per_seed_mean[m].tolist() for m in METHODS},
             "steps": steps,
