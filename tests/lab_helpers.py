@@ -70,7 +70,8 @@ def check_run_dir(run_dir: Path, name: str, csv_files: Sequence[str] = ("curves.
     assert judged.verdict == metrics["verdict"] and not judged.changed
     report = (run_dir / "report.md").read_text()
     assert "**Quick mode**" in report
-    if "baseline_train_accuracy" in metrics:  # the report says whether the networks trained
+    if metrics["baseline_train_accuracy"] is not None:  # the report says whether they trained
+        assert metrics["baseline_train_accuracy"] == metrics["metrics"]["baseline_train_accuracy"]
         assert f"final train accuracy {metrics['baseline_train_accuracy']:.4f}" in report
     assert f"**Overall verdict: {metrics['verdict']}.**" in report
     assert [(r[0], r[3]) for r in table(report, "Verdicts")] == [

@@ -128,6 +128,7 @@ RUNS_DIR_ENV = "BATCHNORM_RUNS_DIR"
 STATUS_FILE = "status.json"
 MARKER_FILE = "INCOMPLETE"
 NUMBERS_FILE = "numbers.json"
+BASELINE_KEYS = ("baseline", "baseline_train_accuracy", "baseline_test_accuracy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -904,6 +905,9 @@ def _run_locked(
         "title": experiment.title,
         "quick": quick,
         "verdict": verdict,
+        # The baseline's final accuracies (means over seeds) at the top level as well, where a
+        # reader of many runs looks for them first; None for experiments without a classifier.
+        **{key: outcome.metrics.get(key) for key in BASELINE_KEYS},
         "claims": [dataclasses.asdict(c) | {"verdict": c.verdict} for c in outcome.claims],
         "comparisons": [dataclasses.asdict(c) for c in outcome.comparisons],
         "metrics": outcome.metrics,
