@@ -377,3 +377,62 @@ def test_network_copy_is_the_separate_network() -> None:
             assert torch.equal(value, views[key]), key
         rtol, atol = tolerance("float64", "forward")
         assert_close(copy_k.eval()(x), net.eval()(x), rtol=rtol, atol=atol, name=f"net {k}")
+
+
+def test_an_interrupted_group_continues_where_it_stopped(tmp_path) -> None:
+    """A group interrupted after a checkpoint resumes from it (draws and drops the batches it
+    trained on) and ends with exactly the results and weights of an uninterrupted group,
+    including a network that diverged before the interruption."""
+    data = tiny_images()
+    specs = [
+        ConvNetSpec("bn", seed=0),
+        ConvNetSpec("none", seed=1, norm="none"),
+        ConvNetSpec("gn", seed=2, norm="gn", norm_kwargs={"num_groups": 2}),
+    ]
+    options = {"steps": 12, "lr": 0.05, "momentum": 0.9, "evals": 4, "desc": "test"}
+
+    def samplers() -> list:
+        return [iid_batches(len(data.train_y), 8, seed=20 + k) for k in range(len(specs))]
+
+    def fresh() -> GroupedConvNet:
+        model, singles = build(specs)
+        with torch.no_grad():
+            singles[1][0].weight.mul_(1e300)  # diverges at once
+        model.load_network(1, singles[1])
+        return model
+
+    whole = fresh()
+    expected = train_grouped(whole, data, samplers(), **options)
+
+    calls = {"n": 0}
+
+    def evaluate_then_stop(model: GroupedConvNet) -> tuple[list[float], list[float]]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # after the checkpoints of evaluations 1 and 2
+        return evaluate_grouped(model, data.test_x, data.test_y)
+
+    checkpoint = tmp_path / "group.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_grouped(
+            fresh(),
+            data,
+            samplers(),
+            eval_fn=evaluate_then_stop,
+            checkpoint=checkpoint,
+            checkpoint_seconds=0.0,
+            **options,
+        )
+    assert checkpoint.is_file()
+    resumed_model = fresh()
+    resumed = train_grouped(
+        resumed_model, data, samplers(), checkpoint=checkpoint, checkpoint_seconds=0.0, **options
+    )
+    for k in range(len(specs)):
+        assert_results_equal(resumed[k], expected[k], f"net {k}")
+        for key, value in whole.network_tensors(k).items():
+            assert torch.equal(resumed_model.network_tensors(k)[key], value), (k, key)
+    assert 1 <= resumed[1]["diverged_at"] == expected[1]["diverged_at"] <= 3  # before the stop
+    other = GroupedConvNet([ConvNetSpec("bn", seed=5)] * 2, CHANNELS, CLASSES)
+    with pytest.raises(ValueError, match="written for other networks"):
+        train_grouped(other, data, samplers()[:2], checkpoint=checkpoint, **options)

@@ -56,9 +56,12 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -521,6 +524,8 @@ def train_grouped(
     clipped: Sequence[bool] | None = None,
     eval_fn: Callable[[GroupedConvNet], tuple[list[float], list[float]]] | None = None,
     channels_last: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_seconds: float = 30.0,
 ) -> list[dict[str, Any]]:
     """:func:`batchnorm.lab.experiments.cnn.train_net` for the K networks of ``model`` at once:
     network k trains on the mini-batches of ``batches[k]`` and gets the result ``train_net``
@@ -544,6 +549,11 @@ def train_grouped(
         channels_last: keep the weights, and so the activations, in channels-last (NHWC)
             memory format, faster on CPUs for these layers (docs/lab.md, "Grouped CNNs"); the
             same numbers up to float rounding order.
+        checkpoint: a file to resume from if it exists, and to write the whole training state
+            to (weights, optimizer, results so far, diverged networks; with its SHA-256) at
+            evaluation steps, at most every ``checkpoint_seconds``. A resumed group draws and
+            drops the mini-batches it already trained on, so it continues exactly where it
+            stopped: an interrupted group does not start again.
 
     Returns:
         One ``train_net`` result per network, in the order of ``model.specs``.
@@ -571,9 +581,22 @@ def train_grouped(
     tail_correct, tail_seen = [0] * K, [0] * K
     tail_from = steps - max(1, steps // 10)
     frozen: dict[int, dict[str, torch.Tensor]] = {}  # diverged network -> its saved tensors
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = _read_group_checkpoint(checkpoint, model)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, outs = int(state["step"]), state["outs"]
+        running, count = state["running"], state["count"]
+        tail_correct, tail_seen = state["tail_correct"], state["tail_seen"]
+        frozen = {int(k): v for k, v in state["frozen"].items()}
+        for sampler in batches:  # the batches already trained on, drawn again and dropped
+            for _ in range(start):
+                next(sampler)
+    last_checkpoint = time.monotonic()
     model.train()
-    with bar(total=steps, desc=desc, leave=False, unit="step") as progress:
-        for step in range(1, steps + 1):
+    with bar(total=steps, initial=start, desc=desc, leave=False, unit="step") as progress:
+        for step in range(start + 1, steps + 1):
             idx = torch.from_numpy(np.stack([next(b) for b in batches]))  # (K, N)
             targets = train_y[idx]
             logits = model(train_x[idx])  # (K, N, classes)
@@ -632,6 +655,25 @@ def train_grouped(
                     outs[k]["train_loss"].append(running[k] / max(count[k], 1))
                     running[k], count[k] = 0.0, 0
                 progress.set_postfix_str(f"mean test acc {sum(accs) / K:.3f}")
+                if checkpoint is not None and (
+                    step < steps and time.monotonic() - last_checkpoint >= checkpoint_seconds
+                ):
+                    _write_group_checkpoint(
+                        checkpoint,
+                        model,
+                        {
+                            "step": step,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "outs": outs,
+                            "running": running,
+                            "count": count,
+                            "tail_correct": tail_correct,
+                            "tail_seen": tail_seen,
+                            "frozen": {str(k): v for k, v in frozen.items()},
+                        },
+                    )
+                    last_checkpoint = time.monotonic()
     for k, out in enumerate(outs):
         if out["diverged_at"] > 0:
             # A diverged network predicts nothing useful: chance accuracy from there on.
@@ -643,3 +685,33 @@ def train_grouped(
                     out["train_loss"].append(math.nan)
         out["train_acc_final"] = tail_correct[k] / tail_seen[k] if tail_seen[k] else math.nan
     return outs
+
+
+def _spec_records(model: GroupedConvNet) -> list[dict[str, Any]]:
+    return [
+        {
+            "variant": sp.variant,
+            "seed": sp.seed,
+            "norm": sp.norm,
+            "norm_kwargs": repr(sorted(sp.norm_kwargs.items())),
+        }
+        for sp in model.specs
+    ]
+
+
+def _write_group_checkpoint(path: Path, model: GroupedConvNet, state: dict[str, Any]) -> None:
+    from batchnorm.lab.io import atomic_write_checked
+
+    buffer = io.BytesIO()
+    torch.save({**state, "specs": _spec_records(model)}, buffer)
+    atomic_write_checked(path, buffer.getvalue())
+
+
+def _read_group_checkpoint(path: Path, model: GroupedConvNet) -> dict[str, Any]:
+    from batchnorm.lab.io import read_checked
+
+    # read_checked refuses an empty, truncated or corrupted checkpoint (CorruptFileError).
+    state = torch.load(io.BytesIO(read_checked(path)), weights_only=True)
+    if state.get("specs") != _spec_records(model):
+        raise ValueError(f"checkpoint {path} was written for other networks; delete it to restart")
+    return state

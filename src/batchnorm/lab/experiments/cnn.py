@@ -44,6 +44,7 @@ interrupted midway restarts from its beginning).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import time
@@ -59,7 +60,7 @@ from torch import nn
 from batchnorm.lab.config import param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
-from batchnorm.lab.io import read_checked_json, to_jsonable, write_checked_json
+from batchnorm.lab.io import read_checked_json, remove_checked, to_jsonable, write_checked_json
 from batchnorm.lab.progress import bar, log
 
 __all__ = [
@@ -721,6 +722,13 @@ def train_jobs(
     if len(missing) > 1 and config.grouped:
         specs = [ConvNetSpec(j.key, j.seed, j.norm, j.options) for j in missing]
         model = GroupedConvNet(specs, config.channels, data.num_classes)
+        # The group's checkpoint is named by its networks: a resumed run finds the same ones
+        # missing, and continues the group where it stopped.
+        digest = hashlib.sha256("\n".join(j.key for j in missing).encode()).hexdigest()[:12]
+        checkpoint = ctx.run_dir / "jobs" / f"group-{digest}.ckpt"
+        checkpoint.parent.mkdir(exist_ok=True)
+        if checkpoint.is_file():
+            log(f"[lab] {len(missing)} networks together: resuming from {checkpoint}")
         with ctx.timer("train"):
             trained = train_grouped(
                 model,
@@ -733,6 +741,7 @@ def train_jobs(
                 desc=f"{len(missing)} networks together",
                 agc_clipping=agc_clipping,
                 clipped=[j.clipped for j in missing],
+                checkpoint=checkpoint,
             )
             if finish is not None:
                 trained = [
@@ -741,6 +750,7 @@ def train_jobs(
                 ]
         for job, result in zip(missing, trained):
             results[job.key] = train_job(ctx, job.key, lambda result=result: result)
+        remove_checked(checkpoint)
     else:
         for job in missing:
 
