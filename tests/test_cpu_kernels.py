@@ -377,6 +377,8 @@ def test_cpu_bench_pipeline(tmp_path):
     assert text.startswith("# cpu: test") and text.count("\n") == len(rows) + 2
     assert "4x8x6x6" in bench.format_table(rows)
     assert "train_fwd: ours/copy median" in bench.summary(rows)
+    assert "add_relu_fwd_bwd: vs native geomean" in bench.summary(rows)
+    assert "relu(bn(x) + z) fwd" in bench.markdown(rows)
     pytest.importorskip("matplotlib")
     assert bench.plot_csv(str(path), str(tmp_path / "cpu.png")).endswith("cpu.png")
     assert (tmp_path / "cpu.png").stat().st_size > 0

@@ -14,7 +14,9 @@
 - Fused tails: :func:`batch_norm_relu` (``relu(batch_norm(x))``) and :func:`batch_norm_add_relu`
   (``relu(batch_norm(x) + z)``, a ResNet block's tail) on every backend: one kernel per pass on
   ``"triton"``, where ``save=`` chooses what the backward pass keeps ("output": y; "mask": 1 bit
-  per element; "recompute": nothing, the pre-activation is recomputed from x); plain torch
+  per element; "recompute": nothing, the pre-activation is recomputed from x); one output pass
+  on ``"cpu"`` (the C++ kernels: residual and ReLU applied as y is written, the same numbers as
+  the composition, ``save=`` as on Triton with a byte per element for "mask"); plain torch
   composition elsewhere (``save=`` is then ignored).
 
 The momentum convention is PyTorch's: ``running = (1 - momentum) * running + momentum * batch``, so
@@ -359,6 +361,10 @@ def _fused_implementation(name: str, impl, residual: torch.Tensor | None, save: 
         if residual is None:
             return lambda *args: ops.batch_norm_relu(*args, save=save)
         return lambda input, *args: ops.batch_norm_add_relu(input, residual, *args, save=save)
+    if name == "cpu":
+        from batchnorm.ops import cpu
+
+        return lambda input, *args: cpu.batch_norm_relu(input, residual, *args, save=save)
     if residual is None:
         return lambda *args: torch.relu(impl(*args))
     return lambda *args: torch.relu(impl(*args) + residual)

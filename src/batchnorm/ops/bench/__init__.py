@@ -20,7 +20,11 @@ import sys
 
 from batchnorm.ops.bench.suite import DTYPES, LAYOUTS, MODES, PROVIDERS, QUICK, SUITE
 
-CPU_MODES = ("fwd_bwd",)  # the CPU benchmark's modes beyond the GPU ones (train_fwd, eval_fwd)
+CPU_MODES = (
+    "fwd_bwd",
+    "add_relu_fwd",
+    "add_relu_fwd_bwd",
+)  # the CPU benchmark's modes beyond the GPU ones (train_fwd, eval_fwd)
 CPU_PROVIDERS = ("native",)
 
 NEEDS_GPU = (

@@ -12,7 +12,12 @@ Providers, timed in one process on the same tensors:
 
 Modes: ``train_fwd`` (training forward with the running-statistics update, no graph),
 ``eval_fwd`` (eval forward, no graph), ``fwd_bwd`` (training forward + backward for x, gamma
-and beta, as one training step of the layer costs).
+and beta, as one training step of the layer costs); and the ResNet block tail
+``relu(batch_norm(x) + z)``: ``add_relu_fwd`` (training forward, no graph) and
+``add_relu_fwd_bwd`` (forward + backward for x, z, gamma and beta), where ``ours`` is the fused
+:func:`batchnorm.ops.cpu.batch_norm_relu` (``save="mask"``, as ``batch_norm_add_relu``'s
+default) and ``native`` / ``compile`` the composition ``F.relu(F.batch_norm(x) + z)`` (which
+Inductor fuses).
 
 Method: for each configuration (shape, layout, dtype, threads, mode) every provider is warmed up,
 then the providers are timed in interleaved rounds (one call each per round, in a rotating
@@ -39,7 +44,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 PROVIDERS: tuple[str, ...] = ("ours", "native", "compile")
-MODES: tuple[str, ...] = ("train_fwd", "eval_fwd", "fwd_bwd")
+MODES: tuple[str, ...] = ("train_fwd", "eval_fwd", "fwd_bwd", "add_relu_fwd", "add_relu_fwd_bwd")
+FUSED_MODES: tuple[str, ...] = ("add_relu_fwd", "add_relu_fwd_bwd")
 
 
 @dataclass(frozen=True)
@@ -130,12 +136,43 @@ def _batch_norm_fn(provider: str) -> Callable:
     return torch.compile(plain, fullgraph=True, dynamic=False)
 
 
+def _add_relu_fn(provider: str) -> Callable:
+    """relu(batch_norm(x) + z) with x, z first, then batch_norm's other 7 arguments."""
+    import torch.nn.functional as F
+
+    if provider == "ours":
+        from batchnorm.ops import cpu
+
+        def fused(x, z, rm, rv, w, b, training, momentum, eps):
+            return cpu.batch_norm_relu(x, z, rm, rv, w, b, training, momentum, eps, save="mask")
+
+        return fused
+
+    def plain(x, z, rm, rv, w, b, training, momentum, eps):
+        return F.relu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps) + z)
+
+    return plain if provider == "native" else torch.compile(plain, fullgraph=True, dynamic=False)
+
+
+def _residual(x: torch.Tensor) -> torch.Tensor:
+    """The block's residual input z: fixed values shaped and laid out like x."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(x.shape, generator=gen).to(x.dtype)
+    return (
+        z.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 4 and not (x.is_contiguous())
+        else z
+    )
+
+
 def _call(provider: str, mode: str, x, dy, weight, bias) -> Callable[[], torch.Tensor]:
     """The call to time: returns y (forward modes) or dx (fwd_bwd)."""
     c = x.shape[1]
     rm, rv = torch.zeros(c), torch.ones(c)
     if provider == "copy":
         return x.clone
+    if mode in FUSED_MODES:
+        return _call_add_relu(provider, mode, x, dy, weight, bias, rm, rv)
     fn = _batch_norm_fn(provider)
     if mode != "fwd_bwd":
         training = mode == "train_fwd"
@@ -156,14 +193,39 @@ def _call(provider: str, mode: str, x, dy, weight, bias) -> Callable[[], torch.T
     return step
 
 
+def _call_add_relu(provider, mode, x, dy, weight, bias, rm, rv) -> Callable[[], torch.Tensor]:
+    fn = _add_relu_fn(provider)
+    z = _residual(x)
+    if mode == "add_relu_fwd":
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return fn(x, z, rm, rv, weight, bias, True, 0.1, 1e-5)
+
+        return forward
+    xg = x.detach().clone().requires_grad_(True)
+    zg = z.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True)
+
+    def step() -> torch.Tensor:
+        y = fn(xg, zg, rm, rv, w, b, True, 0.1, 1e-5)
+        return torch.autograd.grad(y, (xg, zg, w, b), dy)[0]
+
+    return step
+
+
 def _expected(mode: str, x, dy, weight, bias) -> torch.Tensor:
     import torch.nn.functional as F
 
     c = x.shape[1]
     rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
-    x64 = x.double().requires_grad_(mode == "fwd_bwd")
+    grad = mode in ("fwd_bwd", "add_relu_fwd_bwd")
+    x64 = x.double().requires_grad_(grad)
     y = F.batch_norm(x64, rm, rv, weight.double(), bias.double(), mode != "eval_fwd", 0.1, 1e-5)
-    if mode != "fwd_bwd":
+    if mode in FUSED_MODES:
+        y = F.relu(y + _residual(x).double())
+    if not grad:
         return y.detach()
     return torch.autograd.grad(y, x64, dy.double())[0]
 
@@ -360,15 +422,16 @@ def summary(rows: list[CpuRow]) -> str:
                     f"{threads} thread(s) {mode}: ours/copy median {statistics.median(sel):.2f}, "
                     f"max {max(sel):.2f} over {len(sel)} configurations"
                 )
-        fb = [r for r in ours if r.mode == "fwd_bwd"]
-        if fb:
-            nat = [r.speedup_vs_native for r in fb]
-            comp = [r.speedup_vs_compile for r in fb]
-            lines.append(
-                f"{threads} thread(s) fwd_bwd: vs native geomean {geomean(nat):.2f} "
-                f"(min {min(nat):.2f}), vs compile geomean {geomean(comp):.2f} "
-                f"(min {min(comp):.2f}) over {len(fb)} configurations"
-            )
+        for mode in ("fwd_bwd", *FUSED_MODES):
+            fb = [r for r in ours if r.mode == mode]
+            if fb:
+                nat = [r.speedup_vs_native for r in fb]
+                comp = [r.speedup_vs_compile for r in fb]
+                lines.append(
+                    f"{threads} thread(s) {mode}: vs native geomean {geomean(nat):.2f} "
+                    f"(min {min(nat):.2f}), vs compile geomean {geomean(comp):.2f} "
+                    f"(min {min(comp):.2f}) over {len(fb)} configurations"
+                )
     return "\n".join(lines)
 
 
@@ -424,6 +487,28 @@ def markdown(rows: list[CpuRow]) -> str:
             f"{fb.time_us if fb else float('nan'):.0f} | {speed(p, 'speedup_vs_native')} | "
             f"{speed(p, 'speedup_vs_compile')} |"
         )
+    fused = {k: p for k, p in by_key.items() if any(m in FUSED_MODES for m, _ in p)}
+    if fused:
+        lines += [
+            "",
+            "| shape | layout | dtype | thr | relu(bn(x) + z) fwd: ours / native / compile "
+            "(x copy) | fwd+bwd ours us | vs native | vs compile |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for (shape, layout, dtype, threads), p in fused.items():
+            fb = p.get(("add_relu_fwd_bwd", "ours"))
+
+            def fused_speed(attr: str, fb: CpuRow | None = fb) -> str:
+                v = getattr(fb, attr) if fb is not None else float("nan")
+                return f"{v:.2f}" if v == v else "-"
+
+            lines.append(
+                f"| {shape} | {layout} | {dtype} | {threads} | "
+                f"{ratio(p, 'add_relu_fwd', 'ours')} / {ratio(p, 'add_relu_fwd', 'native')} / "
+                f"{ratio(p, 'add_relu_fwd', 'compile')} | "
+                f"{fb.time_us if fb else float('nan'):.0f} | "
+                f"{fused_speed('speedup_vs_native')} | {fused_speed('speedup_vs_compile')} |"
+            )
     return "\n".join(lines)
 
 

@@ -28,9 +28,10 @@ from types import ModuleType
 
 import torch
 
+from batchnorm.modes import FusedSave
 from batchnorm.ops.cpu._build import load, ready, status
 
-__all__ = ["SUPPORTED_DTYPES", "batch_norm", "load", "ready", "status"]
+__all__ = ["SUPPORTED_DTYPES", "batch_norm", "batch_norm_relu", "load", "ready", "status"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -64,24 +65,74 @@ class _BatchNormFunction(torch.autograd.Function):
         dx, dgamma, dbeta = _ext().backward(
             grad_output, input, weight, shift, mean, invstd, ctx.training, need_dx, need_params
         )
-        if not ctx.needs_input_grad[1]:
-            dgamma = None
-        elif dgamma.dtype != ctx.weight_dtype:
-            dgamma = dgamma.to(ctx.weight_dtype)
-        if not ctx.needs_input_grad[2]:
-            dbeta = None
-        elif dbeta.dtype != ctx.bias_dtype:
-            dbeta = dbeta.to(ctx.bias_dtype)
+        dgamma, dbeta = _param_grads(ctx, dgamma, dbeta, 1)
         grads = [dx if need_dx else None, dgamma, dbeta]
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradients get a node whose own backward raises, so that a
-            # second derivative fails loudly instead of coming out as zero or "unused".
-            tied = [g for g in grads if g is not None]
-            sources = [t for t in (input, weight, grad_output) if t is not None]
-            tied = _NoDoubleBackward.apply(len(tied), *tied, *sources)
-            tied = iter(tied if isinstance(tied, tuple) else (tied,))
-            grads = [None if g is None else next(tied) for g in grads]
+        grads = _no_double_backward(grads, (input, weight, grad_output))
         return (*grads, None, None, None, None, None)
+
+
+def _param_grads(ctx, dgamma, dbeta, first: int):
+    """dgamma and dbeta in the parameters' dtypes, or None where not needed."""
+    if not ctx.needs_input_grad[first]:
+        dgamma = None
+    elif dgamma.dtype != ctx.weight_dtype:
+        dgamma = dgamma.to(ctx.weight_dtype)
+    if not ctx.needs_input_grad[first + 1]:
+        dbeta = None
+    elif dbeta.dtype != ctx.bias_dtype:
+        dbeta = dbeta.to(ctx.bias_dtype)
+    return dgamma, dbeta
+
+
+def _no_double_backward(grads: list, sources: tuple) -> list:
+    """With create_graph=True, ``grads`` get a node whose own backward raises, so that a second
+    derivative fails loudly instead of coming out as zero or "unused"."""
+    if not torch.is_grad_enabled():
+        return grads
+    tied = [g for g in grads if g is not None]
+    sources = [t for t in sources if t is not None]
+    tied = _NoDoubleBackward.apply(len(tied), *tied, *sources)
+    tied = iter(tied if isinstance(tied, tuple) else (tied,))
+    return [None if g is None else next(tied) for g in grads]
+
+
+class _FusedFunction(torch.autograd.Function):
+    """relu(batch_norm(x) [+ z]) through the C++ kernels; saves x, gamma, the float32 statistics
+    and the forward's scale and offset, plus y, a mask or the residual as ``save`` says."""
+
+    @staticmethod
+    def forward(
+        ctx, input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+        code,
+    ):  # fmt: skip
+        y, shift, mean, invstd, scale, offset, mask = _ext().forward_fused(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
+            code,
+        )  # fmt: skip
+        ctx.training, ctx.code = training, code
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.has_residual = residual is not None
+        gate = {FusedSave.OUTPUT.code: y, FusedSave.MASK.code: mask}.get(code, residual)
+        ctx.save_for_backward(input, weight, shift, mean, invstd, scale, offset, gate)
+        if mask is not None:
+            ctx.mark_non_differentiable(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, shift, mean, invstd, scale, offset, gate = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_dz = ctx.has_residual and ctx.needs_input_grad[1]
+        need_params = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        dx, dgamma, dbeta, dz = _ext().backward_fused(
+            grad_output, input, weight, shift, mean, invstd, scale, offset, ctx.training,
+            need_dx, need_params, need_dz, ctx.code, gate,
+        )  # fmt: skip
+        dgamma, dbeta = _param_grads(ctx, dgamma, dbeta, 2)
+        grads = [dx if need_dx else None, dz if need_dz else None, dgamma, dbeta]
+        grads = _no_double_backward(grads, (input, weight, grad_output))
+        return (*grads, None, None, None, None, None, None)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -139,4 +190,45 @@ def batch_norm(
         )[0]
     return _BatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+
+
+def batch_norm_relu(
+    input: torch.Tensor,
+    residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    *,
+    save: str = "recompute",
+) -> torch.Tensor:
+    """``relu(batch_norm(x) [+ residual])`` in one output pass, with the C++ kernels.
+
+    The same numbers as the composition ``torch.relu(batch_norm(x) + residual)`` on these
+    kernels (the residual is added to the batch-norm value rounded to the input's dtype), and the
+    same gradients: the ReLU passes the gradient where its output is not <= 0, as torch's does.
+    ``save`` chooses what the backward keeps besides x and the statistics: ``"output"`` y,
+    ``"mask"`` one byte per element, ``"recompute"`` nothing (the residual, if any), the gate
+    being recomputed from x with the forward's own per-channel scale and offset.
+
+    Raises:
+        RuntimeError: the kernels cannot be built here; or a second derivative is requested.
+    """
+    code = FusedSave(save).code
+    if running_mean is not None:
+        running_mean = running_mean.detach()
+        running_var = running_var.detach()
+    if not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias)
+    )):  # fmt: skip
+        return _ext().forward_fused(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
+            FusedSave.RECOMPUTE.code,  # nothing is kept for a backward: no mask to write
+        )[0]  # fmt: skip
+    return _FusedFunction.apply(
+        input, residual, weight, bias, running_mean, running_var, training, momentum, eps, code
     )

@@ -17,6 +17,13 @@
 //
 // Saved for backward (float32, (C,)): shift, mean_s (the mean of x - shift) and invstd; the mean
 // is shift + mean_s. Eval mode stores shift = running_mean, mean_s = 0.
+//
+// Fused tails (batch norm + ReLU, batch norm + residual + ReLU): the output pass adds the residual
+// z and applies the ReLU before it stores y (and, for save="mask", one byte per element saying
+// y > 0); the residual is added to the batch-norm value rounded to the input's dtype, as the
+// unfused composition relu(bn(x) + z) computes it, so both give the same numbers. The backward
+// first gates dy by the ReLU (from y, the mask, or the pre-activation recomputed from x and z with
+// the forward's own per-channel scale and offset) into dz, then runs the batch-norm backward on it.
 
 #include <torch/extension.h>
 
@@ -128,13 +135,70 @@ inline void row_m2(const T* p, int64_t len, float shift, float centre, Vec* acc,
 
 inline float hsum4(const Vec* acc) { return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])); }
 
-// out = (p - shift) * scale + offset over a row.
+// What the output pass does after the affine map: add a residual, apply a ReLU, write a mask
+// (1 where the gradient passes the ReLU: !(y <= 0), as torch's threshold_backward, so a NaN
+// passes its gradient).
+// The pointers address element 0 of tensors laid out like x (null: not used).
 template <typename T>
-inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale, float offset) {
+struct Fuse {
+  bool relu = false;
+  const T* z = nullptr;
+  uint8_t* mask = nullptr;
+  bool any() const { return relu || z != nullptr; }
+};
+
+// v rounded to T and back (the value an unfused op would have stored).
+template <typename T>
+inline Vec round_like(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T tmp[kW];
+    vstore(tmp, v);
+    return vload(tmp);
+  }
+}
+
+inline float relu1(float v) { return (v > 0.f || std::isnan(v)) ? v : 0.f; }  // NaN propagates
+
+template <typename T>
+inline Vec fuse_tail(Vec v, const Fuse<T>& f, int64_t off) {
+  if (f.z != nullptr) v = round_like<T>(v) + vload(f.z + off);
+  if (f.relu) v = at::vec::clamp_min(v, Vec(0.f));  // max(0, v): NaN propagates
+  return v;
+}
+
+template <typename T>
+inline float fuse_tail1(float v, const Fuse<T>& f, int64_t off) {
+  if (f.z != nullptr) v = static_cast<float>(static_cast<T>(v)) + static_cast<float>(f.z[off]);
+  if (f.relu) v = relu1(v);
+  return v;
+}
+
+// mask[i] = !(y[i] <= 0) over a row just written (still in L1); a loop the compiler vectorizes.
+template <typename T>
+inline void write_mask(const T* y, uint8_t* mask, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) mask[i] = !(static_cast<float>(y[i]) <= 0.f);
+}
+
+// out = (p - shift) * scale + offset over a row (then the fused tail; p is x + off).
+template <typename T>
+inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale, float offset,
+                       const Fuse<T>& f = Fuse<T>(), int64_t off = 0) {
   const Vec vs(shift), va(scale), vb(offset);
   int64_t i = 0;
-  for (; i + kW <= len; i += kW) vstore(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
-  for (; i < len; ++i) out[i] = static_cast<T>((static_cast<float>(p[i]) - shift) * scale + offset);
+  if (!f.any()) {
+    for (; i + kW <= len; i += kW) vstore(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
+    for (; i < len; ++i)
+      out[i] = static_cast<T>(std::fma(static_cast<float>(p[i]) - shift, scale, offset));
+    return;
+  }
+  for (; i + kW <= len; i += kW)
+    vstore(out + i, fuse_tail(at::vec::fmadd(vload(p + i) - vs, va, vb), f, off + i));
+  for (; i < len; ++i)
+    out[i] = static_cast<T>(
+        fuse_tail1(std::fma(static_cast<float>(p[i]) - shift, scale, offset), f, off + i));
+  if (f.mask != nullptr) write_mask(out, f.mask + off, len);
 }
 
 // Sums of dy and of dy * (x - shift) over a row (two chains each).
@@ -343,17 +407,30 @@ void inner_block_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const fl
 // constants come from L1.
 template <typename T>
 void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* shift,
-                        const float* scale, const float* offset) {
+                        const float* scale, const float* offset, const Fuse<T>& f) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* p = x + r * C;
     T* q = y + r * C;
     int64_t c = 0;
-    for (; c + kW <= C; c += kW) {
-      vstore(q + c, at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
-                                   Vec::loadu(offset + c)));
+    if (!f.any()) {
+      for (; c + kW <= C; c += kW) {
+        vstore(q + c, at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
+                                     Vec::loadu(offset + c)));
+      }
+      for (; c < C; ++c)
+        q[c] = static_cast<T>(std::fma(static_cast<float>(p[c]) - shift[c], scale[c], offset[c]));
+      continue;
     }
-    for (; c < C; ++c)
-      q[c] = static_cast<T>((static_cast<float>(p[c]) - shift[c]) * scale[c] + offset[c]);
+    for (; c + kW <= C; c += kW) {
+      const Vec v = at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
+                                   Vec::loadu(offset + c));
+      vstore(q + c, fuse_tail(v, f, r * C + c));
+    }
+    for (; c < C; ++c) {
+      const float v = std::fma(static_cast<float>(p[c]) - shift[c], scale[c], offset[c]);
+      q[c] = static_cast<T>(fuse_tail1(v, f, r * C + c));
+    }
+    if (f.mask != nullptr) write_mask(q, f.mask + r * C, C);
   }
 }
 
@@ -475,14 +552,16 @@ void training_moments(const T* x, const Geometry& g, const std::vector<float>& s
 // y = (x - shift) * scale + offset, per channel.
 template <typename T>
 void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift,
-            const std::vector<float>& scale, const std::vector<float>& offset) {
+            const std::vector<float>& scale, const std::vector<float>& offset,
+            const Fuse<T>& f) {
   const int64_t C = g.C, S = g.S;
   if (!g.inner) {
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
                        for (int64_t i = i0; i < i1; ++i) {
                          const int64_t c = i % C;
-                         row_affine(x + i * S, y + i * S, S, shift[c], scale[c], offset[c]);
+                         row_affine(x + i * S, y + i * S, S, shift[c], scale[c], offset[c], f,
+                                    i * S);
                        }
                      });
     return;
@@ -491,7 +570,7 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                         scale.data(), offset.data());
+                         scale.data(), offset.data(), f);
     }
   });
 }
@@ -505,7 +584,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
                   const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                   c10::optional<Tensor>& running_mean, c10::optional<Tensor>& running_var,
                   bool training, double momentum, double eps, Tensor& shift_t, Tensor& mean_t,
-                  Tensor& invstd_t) {
+                  Tensor& invstd_t, Tensor& scale_t, Tensor& offset_t, const Fuse<T>& fuse) {
   const int64_t C = g.C;
   const T* xp = x.data_ptr<T>();
   const std::vector<float> gamma = floats_or(weight, C, 1.f), beta = floats_or(bias, C, 0.f);
@@ -537,15 +616,17 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
           finalize(c);
           for (int64_t n = 0; n < g.N; ++n) {
             const int64_t off = (n * C + c) * S;
-            row_affine(xp + off, yp + off, S, shift[c], scale[c], offset[c]);
+            row_affine(xp + off, yp + off, S, shift[c], scale[c], offset[c], fuse, off);
           }
         }
       });
     } else {
       training_moments(xp, g, shift, mean_s, var);
       for (int64_t c = 0; c < C; ++c) finalize(c);
-      affine(xp, y.data_ptr<T>(), g, shift, scale, offset);
+      affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
     }
+    std::copy(scale.begin(), scale.end(), scale_t.data_ptr<float>());
+    std::copy(offset.begin(), offset.end(), offset_t.data_ptr<float>());
     const double m = static_cast<double>(g.per_channel());
     std::vector<double> mean(C), unbiased(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -570,7 +651,61 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       invstd_out[c] = static_cast<float>(invstd);
     }
   }
-  affine(xp, y.data_ptr<T>(), g, shift, scale, offset);
+  std::copy(scale.begin(), scale.end(), scale_t.data_ptr<float>());
+  std::copy(offset.begin(), offset.end(), offset_t.data_ptr<float>());
+  affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
+}
+
+// ReLU codes, as batchnorm.modes.FusedSave: what the backward of a fused ReLU keeps.
+constexpr int64_t kReluNone = 0, kSaveOutput = 1, kSaveMask = 2, kSaveRecompute = 3;
+
+// Returns (y, shift, mean_s, invstd, scale, offset, mask); mask is undefined unless
+// relu == kSaveMask. `residual` (laid out as the input is seen) is added before the ReLU.
+std::vector<Tensor> forward_fused(const Tensor& input, const c10::optional<Tensor>& weight,
+                                  const c10::optional<Tensor>& bias,
+                                  c10::optional<Tensor> running_mean,
+                                  c10::optional<Tensor> running_var, bool training,
+                                  double momentum, double eps,
+                                  const c10::optional<Tensor>& residual, int64_t relu) {
+  TORCH_CHECK(input.dim() >= 2, "batch norm expects an (N, C) or (N, C, *) input");
+  TORCH_CHECK(input.device().is_cpu(), "the cpu kernels need a CPU tensor");
+  TORCH_CHECK(relu >= kReluNone && relu <= kSaveRecompute, "unknown ReLU code ", relu);
+  auto [x, g] = as_kernel_layout(input);
+  TORCH_CHECK(!training || g.per_channel() > 1,
+              "batch norm in training mode needs more than one value per channel");
+  TORCH_CHECK(training || (running_mean.has_value() && running_mean->defined()),
+              "eval-mode batch norm needs running statistics");
+  const bool has_z = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_z || relu != kReluNone, "a residual is only added before a ReLU");
+  Tensor z;
+  if (has_z) {
+    TORCH_CHECK(residual->sizes() == input.sizes() && residual->scalar_type() == x.scalar_type(),
+                "the residual must have the input's shape and dtype");
+    z = like_layout(*residual, x, g);
+    TORCH_CHECK(z.strides() == x.strides(), "the residual does not match the input's layout");
+  }
+  Tensor y = at::empty_like(x);
+  Tensor mask;
+  if (relu == kSaveMask) mask = at::empty_like(x, x.options().dtype(at::kBool));
+  const auto opts = input.options().dtype(at::kFloat);
+  Tensor shift = at::empty({g.C}, opts), mean = at::empty({g.C}, opts),
+         invstd = at::empty({g.C}, opts), scale = at::empty({g.C}, opts),
+         offset = at::empty({g.C}, opts);
+  if (x.numel() > 0) {
+    uint8_t* mp = mask.defined() ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+    if (x.scalar_type() == at::kFloat) {
+      Fuse<float> f{relu != kReluNone, has_z ? z.data_ptr<float>() : nullptr, mp};
+      forward_impl<float>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
+                          eps, shift, mean, invstd, scale, offset, f);
+    } else if (x.scalar_type() == at::kBFloat16) {
+      Fuse<BF16> f{relu != kReluNone, has_z ? z.data_ptr<BF16>() : nullptr, mp};
+      forward_impl<BF16>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
+                         eps, shift, mean, invstd, scale, offset, f);
+    } else {
+      TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
+    }
+  }
+  return {y, shift, mean, invstd, scale, offset, mask};
 }
 
 // Returns (y, shift, mean_s, invstd).
@@ -578,29 +713,9 @@ std::vector<Tensor> forward(const Tensor& input, const c10::optional<Tensor>& we
                             const c10::optional<Tensor>& bias, c10::optional<Tensor> running_mean,
                             c10::optional<Tensor> running_var, bool training, double momentum,
                             double eps) {
-  TORCH_CHECK(input.dim() >= 2, "batch norm expects an (N, C) or (N, C, *) input");
-  TORCH_CHECK(input.device().is_cpu(), "the cpu kernels need a CPU tensor");
-  auto [x, g] = as_kernel_layout(input);
-  TORCH_CHECK(!training || g.per_channel() > 1,
-              "batch norm in training mode needs more than one value per channel");
-  TORCH_CHECK(training || (running_mean.has_value() && running_mean->defined()),
-              "eval-mode batch norm needs running statistics");
-  Tensor y = at::empty_like(x);
-  const auto opts = input.options().dtype(at::kFloat);
-  Tensor shift = at::empty({g.C}, opts), mean = at::empty({g.C}, opts),
-         invstd = at::empty({g.C}, opts);
-  if (x.numel() > 0) {
-    if (x.scalar_type() == at::kFloat) {
-      forward_impl<float>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
-                          eps, shift, mean, invstd);
-    } else if (x.scalar_type() == at::kBFloat16) {
-      forward_impl<BF16>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
-                         eps, shift, mean, invstd);
-    } else {
-      TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
-    }
-  }
-  return {y, shift, mean, invstd};
+  auto out = forward_fused(input, weight, bias, running_mean, running_var, training, momentum,
+                           eps, c10::nullopt, kReluNone);
+  return {out[0], out[1], out[2], out[3]};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -780,6 +895,146 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
   return {dx, dgamma, dbeta};
 }
 
+// ------------------------------------------------------------------------------------------
+// Backward of the fused ReLU: dy gated by the ReLU
+// ------------------------------------------------------------------------------------------
+
+// Where the ReLU's gradient is zero: y <= 0 (from y, the mask, or the recomputed pre-activation,
+// with the forward's own scale and offset, so the gate is the forward's bit for bit). Pointers
+// address element 0 of tensors laid out like x.
+template <typename T>
+struct Gate {
+  int64_t mode;
+  const T* x;
+  const T* y;          // kSaveOutput
+  const uint8_t* mask; // kSaveMask
+  const T* z;          // kSaveRecompute: the residual, or null
+
+  // The lanes [o, o + kW) whose gradient is cut, as a vector mask; vs/va/vb: the channels'
+  // shift, scale and offset.
+  Vec cut(int64_t o, const Vec& vs, const Vec& va, const Vec& vb) const {  // recompute
+    Vec pre = at::vec::fmadd(vload(x + o) - vs, va, vb);
+    if (z != nullptr) pre = round_like<T>(pre) + vload(z + o);
+    return pre <= Vec(0.f);
+  }
+
+  bool cut1(int64_t o, float s, float a, float b) const {  // recompute, one value
+    float pre = std::fma(static_cast<float>(x[o]) - s, a, b);
+    if (z != nullptr) pre = static_cast<float>(static_cast<T>(pre)) + static_cast<float>(z[o]);
+    return pre <= 0.f;
+  }
+};
+
+// out = dy where the ReLU passes its gradient, else 0.
+template <typename T>
+void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const float* shift,
+               const float* scale, const float* offset) {
+  const int64_t C = geo.C, S = geo.S;
+  const Vec zero(0.f);
+  const T t0 = static_cast<T>(0.f);
+  if (g.mode != kSaveRecompute) {
+    // The gate is elementwise: one flat pass over the tensor (simple loops the compiler
+    // vectorizes).
+    at::parallel_for(0, geo.N * C * S, 16384, [&](int64_t i0, int64_t i1) {
+      if (g.mode == kSaveMask) {
+        for (int64_t i = i0; i < i1; ++i) out[i] = g.mask[i] ? dy[i] : t0;
+      } else {
+        for (int64_t i = i0; i < i1; ++i)
+          out[i] = static_cast<float>(g.y[i]) <= 0.f ? t0 : dy[i];
+      }
+    });
+    return;
+  }
+  if (!geo.inner) {
+    at::parallel_for(0, geo.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
+                     [&](int64_t i0, int64_t i1) {
+                       for (int64_t i = i0; i < i1; ++i) {
+                         const int64_t c = i % C, base = i * S;
+                         const Vec vs(shift[c]), va(scale[c]), vb(offset[c]);
+                         int64_t j = 0;
+                         for (; j + kW <= S; j += kW) {
+                           const int64_t o = base + j;
+                           vstore(out + o, Vec::blendv(vload(dy + o), zero, g.cut(o, vs, va, vb)));
+                         }
+                         for (; j < S; ++j) {
+                           const int64_t o = base + j;
+                           out[o] = g.cut1(o, shift[c], scale[c], offset[c]) ? t0 : dy[o];
+                         }
+                       }
+                     });
+    return;
+  }
+  const int64_t R = geo.rows(), block = inner_block_rows(C);
+  at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r = b0 * block; r < std::min(R, b1 * block); ++r) {
+      int64_t c = 0;
+      for (; c + kW <= C; c += kW) {
+        const int64_t o = r * C + c;
+        const Vec cut =
+            g.cut(o, Vec::loadu(shift + c), Vec::loadu(scale + c), Vec::loadu(offset + c));
+        vstore(out + o, Vec::blendv(vload(dy + o), zero, cut));
+      }
+      for (; c < C; ++c) {
+        const int64_t o = r * C + c;
+        out[o] = g.cut1(o, shift[c], scale[c], offset[c]) ? t0 : dy[o];
+      }
+    }
+  });
+}
+
+// Returns (dx, dgamma, dbeta, dz) of relu(bn(x) [+ z]); dz (dy gated by the ReLU) is defined
+// when need_dz. `gate` is y (kSaveOutput), the mask (kSaveMask) or the residual or nothing
+// (kSaveRecompute); scale and offset are the forward's.
+std::vector<Tensor> backward_fused(const Tensor& grad_output, const Tensor& input,
+                                   const c10::optional<Tensor>& weight, const Tensor& shift,
+                                   const Tensor& mean, const Tensor& invstd, const Tensor& scale,
+                                   const Tensor& offset, bool training, bool need_dx,
+                                   bool need_params, bool need_dz, int64_t relu,
+                                   const c10::optional<Tensor>& gate) {
+  TORCH_CHECK(relu >= kSaveOutput && relu <= kSaveRecompute, "unknown ReLU code ", relu);
+  auto [x, geo] = as_kernel_layout(input);
+  const Tensor dy = like_layout(grad_output, x, geo);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides(),
+              "grad_output does not match the input's layout");
+  const bool has_gate = gate.has_value() && gate->defined();
+  TORCH_CHECK(has_gate || relu == kSaveRecompute, "the ReLU's saved tensor is missing");
+  Tensor gt;
+  if (has_gate) {
+    gt = like_layout(*gate, x, geo);
+    TORCH_CHECK(gt.sizes() == x.sizes() && gt.strides() == x.strides(),
+                "the ReLU's saved tensor does not match the input's layout");
+  }
+  Tensor dpre = at::empty_like(x);
+  if (x.numel() > 0) {
+    const float* sp = shift.data_ptr<float>();
+    const float* ap = scale.data_ptr<float>();
+    const float* bp = offset.data_ptr<float>();
+    const uint8_t* mp =
+        relu == kSaveMask ? reinterpret_cast<const uint8_t*>(gt.data_ptr<bool>()) : nullptr;
+    if (x.scalar_type() == at::kFloat) {
+      const float* gp = has_gate && relu != kSaveMask ? gt.data_ptr<float>() : nullptr;
+      Gate<float> g{relu, x.data_ptr<float>(), relu == kSaveOutput ? gp : nullptr, mp,
+                    relu == kSaveRecompute ? gp : nullptr};
+      gate_pass<float>(dy.data_ptr<float>(), dpre.data_ptr<float>(), geo, g, sp, ap, bp);
+    } else if (x.scalar_type() == at::kBFloat16) {
+      const BF16* gp = has_gate && relu != kSaveMask ? gt.data_ptr<BF16>() : nullptr;
+      Gate<BF16> g{relu, x.data_ptr<BF16>(), relu == kSaveOutput ? gp : nullptr, mp,
+                   relu == kSaveRecompute ? gp : nullptr};
+      gate_pass<BF16>(dy.data_ptr<BF16>(), dpre.data_ptr<BF16>(), geo, g, sp, ap, bp);
+    } else {
+      TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
+    }
+  }
+  std::vector<Tensor> grads;
+  if (need_dx || need_params) {
+    grads = backward(dpre, x, weight, shift, mean, invstd, training, need_dx, need_params);
+  } else {
+    grads = {Tensor(), Tensor(), Tensor()};
+  }
+  grads.push_back(need_dz ? dpre : Tensor());
+  return grads;
+}
+
 std::string capability() {
 #if defined(CPU_CAPABILITY_AVX512)
   return "AVX512";
@@ -795,6 +1050,10 @@ std::string capability() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "batch norm forward: (y, shift, mean_s, invstd)");
   m.def("backward", &backward, "batch norm backward: (dx, dgamma, dbeta)");
+  m.def("forward_fused", &forward_fused,
+        "batch norm (+ residual) + ReLU forward: (y, shift, mean_s, invstd, scale, offset, mask)");
+  m.def("backward_fused", &backward_fused,
+        "batch norm (+ residual) + ReLU backward: (dx, dgamma, dbeta, dz)");
   m.def("capability", &capability, "the vector instruction set compiled in");
   m.def("vector_width", []() { return kW; }, "floats per vector");
 }

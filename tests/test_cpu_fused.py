@@ -1,0 +1,120 @@
+"""The C++ CPU kernels' fused batch norm + ReLU and batch norm + residual + ReLU
+(``batchnorm.functional.batch_norm_relu`` / ``batch_norm_add_relu`` with backend "cpu"):
+the same output, running statistics and gradients (dx, dz, dgamma, dbeta) as the unfused
+composition on the same kernels, for every ``save=`` mode, training and eval, float32 and
+bfloat16, (N, C), NCHW, channels-last and strided inputs; NaN handled as torch's ReLU handles it;
+second derivatives raise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm import backends
+from batchnorm.functional import batch_norm, batch_norm_add_relu, batch_norm_relu
+from batchnorm.ops import cpu
+
+SAVES = ("output", "mask", "recompute")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    ok, reason = cpu.status()
+    if not ok:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
+    if cpu.load() is None:
+        pytest.fail(f"the C++ CPU kernels failed to build: {cpu.status()[1]}")
+
+
+def _input(shape, layout, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2 + 0.3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(shape[0], shape[1] * 2, *shape[2:], generator=g)[:, ::2]
+    return x.to(dtype)
+
+
+def _run(fused: bool, x, z, dy, training, save, dtype):
+    c = x.shape[1]
+    g = torch.Generator().manual_seed(5)
+    gamma = (torch.rand(c, generator=g) + 0.5).requires_grad_(True)
+    beta = torch.randn(c, generator=g).requires_grad_(True)
+    rm, rv = torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5
+    x = x.detach().clone().requires_grad_(True)
+    z = None if z is None else z.detach().clone().requires_grad_(True)
+    args = (rm, rv, gamma, beta, training, 0.2, 1e-5)
+    if fused:
+        if z is None:
+            y = batch_norm_relu(x, *args, backend="cpu", save=save)
+        else:
+            y = batch_norm_add_relu(x, z, *args, backend="cpu", save=save)
+        assert backends.last_backend() == "cpu"
+        assert type(y.grad_fn).__name__ == "_FusedFunctionBackward"  # one fused node
+    else:
+        y = batch_norm(x, *args, backend="cpu")
+        y = torch.relu(y if z is None else y + z)
+    inputs = [x, gamma, beta] + ([] if z is None else [z])
+    grads = torch.autograd.grad(y, inputs, dy)
+    return [y, rm, rv, *grads]
+
+
+CASES = [
+    ((6, 12), "contiguous"),
+    ((4, 5, 7, 3), "contiguous"),
+    ((4, 19, 5, 5), "channels_last"),
+    ((3, 6, 4, 9), "strided"),
+    ((2, 3, 4, 5, 6), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+@pytest.mark.parametrize("save", SAVES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "layout"), CASES)
+def test_fused_equals_the_composition(shape, layout, dtype, training, save, residual):
+    x = _input(shape, layout, dtype)
+    z = _input(shape, layout, dtype, seed=1) if residual else None
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    fused = _run(True, x, z, dy, training, save, dtype)
+    plain = _run(False, x, z, dy, training, save, dtype)
+    names = ["y", "running_mean", "running_var", "dx", "dgamma", "dbeta", "dz"]
+    for name, a, e in zip(names, fused, plain):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        # The same kernels, the same rounding: equal bit for bit.
+        assert torch.equal(a, e), f"{name}: max |diff| {(a.float() - e.float()).abs().max()}"
+    y = fused[0]
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert (y >= 0).all()
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_nan_passes_its_gradient_as_torch_relu_does(save):
+    x = torch.randn(4, 3, 5)
+    x[1, 2, 3] = float("nan")
+    dy = torch.ones_like(x)
+    fused = _run(True, x, None, dy, False, save, torch.float32)
+    plain = _run(False, x, None, dy, False, save, torch.float32)
+    assert torch.isnan(fused[0][1, 2, 3])
+    for a, e in zip(fused, plain):
+        assert torch.equal(a.nan_to_num(7.0), e.nan_to_num(7.0))
+
+
+def test_second_derivative_raises():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = batch_norm_relu(x, None, None, None, None, True, 0.1, 1e-5, backend="cpu")
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivatives"):
+        g.sum().backward()
+
+
+def test_no_grad_forward_keeps_nothing_and_matches():
+    x = torch.randn(8, 4, 3, 3)
+    z = torch.randn(8, 4, 3, 3)
+    with torch.no_grad():
+        fused = batch_norm_add_relu(x, z, None, None, None, None, True, 0.1, 1e-5, backend="cpu")
+        plain = torch.relu(batch_norm(x, None, None, None, None, True, 0.1, 1e-5, backend="cpu") + z)
+    assert fused.grad_fn is None and torch.equal(fused, plain)
