@@ -116,5 +116,7 @@ def test_no_grad_forward_keeps_nothing_and_matches():
     z = torch.randn(8, 4, 3, 3)
     with torch.no_grad():
         fused = batch_norm_add_relu(x, z, None, None, None, None, True, 0.1, 1e-5, backend="cpu")
-        plain = torch.relu(batch_norm(x, None, None, None, None, True, 0.1, 1e-5, backend="cpu") + z)
+        plain = torch.relu(
+            batch_norm(x, None, None, None, None, True, 0.1, 1e-5, backend="cpu") + z
+        )
     assert fused.grad_fn is None and torch.equal(fused, plain)
