@@ -793,7 +793,7 @@ def _beyond_mismatch(bn: dict[str, Any], steps_t: int) -> dict[str, dict[str, fl
     return out
 
 
-CURVE_FIELDS = ["arm", "seed", "step", "test_acc", "train_loss"]
+CURVE_FIELDS = ["variant", "seed", "step", "test_acc", "train_loss"]
 
 
 def _curve_rows(jobs: dict[str, dict[str, Any]], eval_steps: list[int]) -> list[dict[str, Any]]:
@@ -805,7 +805,7 @@ def _curve_rows(jobs: dict[str, dict[str, Any]], eval_steps: list[int]) -> list[
             for g, seed in enumerate(job["seeds"]):
                 rows.append(
                     {
-                        "arm": arm,
+                        "variant": arm,
                         "seed": seed,
                         "step": step,
                         "test_acc": job["curve"][mode][e][g],
