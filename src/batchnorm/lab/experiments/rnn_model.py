@@ -65,21 +65,23 @@ class PopulationStats:
 
 class StepRecorder:
     """Collects, for each term and time step, the mini-batch mean and biased variance of the
-    pre-normalization values (each (G, K)) over the forward passes it sees."""
+    pre-normalization values (each (G, K)) over the forward passes it sees; a step counts the
+    batches that reached it (sequences of different lengths reach different steps)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, list[list[torch.Tensor]]] = {t: [] for t in TERMS}
-        self.batches = 0
+        self.counts: dict[str, list[int]] = {t: [] for t in TERMS}
 
     def add(self, term: str, step: int, values: torch.Tensor) -> None:
         """``values`` (G, B, K) at ``step``."""
         var, mean = torch.var_mean(values.detach(), dim=1, unbiased=False)
-        rows = self.sums[term]
+        rows, counts = self.sums[term], self.counts[term]
         while len(rows) <= step:
-            rows.append([torch.zeros_like(mean), torch.zeros_like(var), torch.zeros_like(mean)])
+            rows.append([torch.zeros_like(mean), torch.zeros_like(var)])
+            counts.append(0)
         rows[step][0] += mean
         rows[step][1] += var
-        rows[step][2] += mean * mean
+        counts[step] += 1
 
     def per_step(self, batch_size: int) -> PopulationStats:
         """Algorithm 2 of Ioffe & Szegedy (2015) at every time step: the mean of the batch means,
@@ -87,8 +89,9 @@ class StepRecorder:
         means, variances = {}, {}
         correction = batch_size / (batch_size - 1)
         for term, rows in self.sums.items():
-            means[term] = torch.stack([r[0] / self.batches for r in rows])
-            variances[term] = torch.stack([r[1] / self.batches * correction for r in rows])
+            counts = self.counts[term]
+            means[term] = torch.stack([r[0] / n for r, n in zip(rows, counts)])
+            variances[term] = torch.stack([r[1] / n * correction for r, n in zip(rows, counts)])
         return PopulationStats(means, variances)
 
     def shared(self, batch_size: int) -> PopulationStats:
@@ -226,6 +229,8 @@ class GroupedLSTM(nn.Module):
         x: torch.Tensor,
         stats: PopulationStats | None = None,
         recorder: StepRecorder | None = None,
+        h0_noise: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Logits (G, B, C) for the sequences ``x`` (G, B, T, D), read one step at a time.
 
@@ -233,6 +238,11 @@ class GroupedLSTM(nn.Module):
             stats: batch norm's inference statistics; None = the mini-batch's statistics at each
                 step (training mode). Ignored unless ``norm == "bn"``.
             recorder: receives each term's pre-normalization values at each step.
+            h0_noise: standard deviation of Gaussian noise in the initial hidden state (0: h_0
+                = 0). Cooijmans et al. (Sec. 5.1) add it for batch norm: where every sequence
+                starts alike (blank rows) the recurrent term's batch variance is otherwise
+                exactly zero, and dividing by it makes gradients explode.
+            generator: the noise's random generator.
         """
         groups, batch, steps, _ = x.shape
         hidden = self.hidden
@@ -260,6 +270,8 @@ class GroupedLSTM(nn.Module):
         # full-size gradient for every step).
         x_steps = x_term.unbind(2)
         h = x.new_zeros(groups, batch, hidden)
+        if h0_noise > 0:
+            h = torch.randn(h.shape, generator=generator) * h0_noise
         c = x.new_zeros(groups, batch, hidden)
         for t in range(steps):
             h_term = torch.bmm(h, self.w_h)  # (G, B, F)
@@ -284,6 +296,18 @@ class GroupedLSTM(nn.Module):
                 c_out = c
             h = torch.sigmoid(o) * torch.tanh(c_out)
         return torch.bmm(h, self.w_o) + self.b_o
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale each network's gradient so that its norm (over all its parameters) is at most
+        ``max_norm``, as clipping each network alone would; returns the norms before, (G,)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
+        norms = torch.as_tensor(squares).sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.reshape(-1, *([1] * (g.dim() - 1))))
+        return norms
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The sum over groups of each group's mean cross-entropy (so each group's gradient is
