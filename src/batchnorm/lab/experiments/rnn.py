@@ -235,7 +235,9 @@ def judge(
 
     A claim is "not tested" when an arm it compares did not train (its mean final train
     accuracy below ``trained_floor``); the shared arm is the per-step networks, so its gate is
-    theirs.
+    theirs. Claims 5 and 6 compare drops with the plain LSTM's, which say something only where
+    the plain LSTM still works on that longer test: they are "not tested" where its mean
+    accuracy there is below ``trained_floor``.
     """
 
     def arr(table: dict[str, list[float]], arm: str) -> np.ndarray:
