@@ -42,6 +42,7 @@ SMALL = {
     "init": ["init_scales=0.3,3", "hidden=16,16"],
     "nonlinearity": ["activations=sigmoid,relu", "hidden=16,16,16,16"],
     "regularization": ["hidden=32,32", "train_subset=600"],
+    "rnn": ["hidden=8", "train_subset=600", "test_subset=300"],
 }
 
 

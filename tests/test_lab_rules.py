@@ -32,6 +32,7 @@ from batchnorm.lab.experiments import (
 )
 from batchnorm.lab.experiments.common import CellNumbers
 from batchnorm.lab.numbers import numbers_from_json, numbers_to_json
+from tests.test_lab_rules_rnn import numbers as rnn_numbers
 
 
 def verdicts(claims) -> dict[str, bool]:
@@ -1238,6 +1239,9 @@ def test_adapt_rules_hold_on_the_papers_shape_and_fail_at_ties() -> None:
 
 
 SAMPLES["adapt"] = adapt_numbers
+
+# rnn: its rules are tested in tests/test_lab_rules_rnn.py
+SAMPLES["rnn"] = rnn_numbers
 
 
 def test_every_experiment_has_rule_tests() -> None:

@@ -18,6 +18,7 @@
 ``explosion``           gradient explosion at init in deep BN nets (Yang et al. 2019)
 ``decoupling``          length-direction decoupling and GDNP (Kohler et al. 2019)
 ``theorems``            single-layer bounds, Theorems 4.1 and 4.2 (Santurkar et al. 2018)
+``rnn``                 LSTM on row-by-row MNIST: BN per time step / shared / layer norm
 ======================  ===================================================================
 
 Each module opens with the claim it tests, the figure it reproduces and the choices it made.
@@ -50,6 +51,7 @@ _MODULES = {
     "precise-bn": "precise_bn",
     "agc": "agc",
     "adapt": "adapt",
+    "rnn": "rnn",
 }
 NAMES: tuple[str, ...] = tuple(_MODULES)
 
