@@ -123,6 +123,11 @@ def test_interrupted_run_is_marked_and_resumes_exactly(
     a = json.loads((run_dir / "metrics.json").read_text())
     b = json.loads((reference.run_dir / "metrics.json").read_text())
     assert a["resumed"] is True
+    # status.json says how the run ended, and keeps how the interrupted attempt ended apart.
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "complete" and "signal" not in status and "error" not in status
+    assert [e["status"] for e in status["earlier_attempts"]] == ["interrupted"]
+    assert status["earlier_attempts"][0]["signal"] == "SIGINT"
     assert a["metrics"]["test_acc"] == b["metrics"]["test_acc"]
     assert a["comparisons"] == b["comparisons"]
     with pytest.raises(Exception, match="already complete"):

@@ -620,9 +620,21 @@ class RunResult:
     wall_seconds: float
 
 
+_ATTEMPT_KEYS = ("error", "traceback", "signal")  # what one attempt's end leaves in status.json
+
+
 def _write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """Update ``status.json``. A new attempt (status "running") moves how the previous one ended
+    (its error, traceback or signal) into ``earlier_attempts``, so that a resumed run that
+    completes does not still show the failure it recovered from."""
     path = run_dir / STATUS_FILE
     previous = json.loads(path.read_text()) if path.is_file() else {}
+    if status == "running" and any(key in previous for key in _ATTEMPT_KEYS):
+        ended = {key: previous.pop(key) for key in _ATTEMPT_KEYS if key in previous}
+        earlier = previous.setdefault("earlier_attempts", [])
+        earlier.append(
+            {"status": previous.get("status"), "updated": previous.get("updated"), **ended}
+        )
     record = {**previous, "status": status, "updated": _now(), **extra}
     record.setdefault("started", record["updated"])
     atomic_write_json(path, record)
