@@ -72,15 +72,25 @@ from batchnorm.lab.progress import log
 from batchnorm.lab.rules import (
     baseline_metrics,
     beyond_tolerance,
-    gate,
+    not_tested,
     paired_tolerance,
     untrained,
 )
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
-CNN, DLN = "CNN", "deep linear"
-SETTINGS = (CNN, DLN)
+CNN = "CNN"
+
+
+def dln_setting(lr: float) -> str:
+    """The name of the deep-linear setting at GD step ``lr``.
+
+    >>> dln_setting(1e-6)
+    'deep linear, lr 1e-06'
+    """
+    return f"deep linear, lr {lr:g}"
+
+
 NETS = (STANDARD, BN)
 
 
@@ -90,14 +100,16 @@ class Config(CNNConfig):
 
     steps: int = param(1000, "SGD steps per CNN")
     seeds: int = param(3, "CNN seeds (each: initial weights, data order)")
-    probe_every: int = param(50, "measure the CNN's covariate shift every this many steps")
+    probe_every: int = param(100, "measure the CNN's covariate shift every this many steps")
     dln_depth: int = param(25, "layers of the deep linear network (the paper: 25)")
     dln_dim: int = param(10, "width of its square layers (the paper: 10)")
     dln_samples: int = param(1000, "Gaussian samples (the paper: 1000)")
-    dln_lr: float = param(1e-6, "its full-batch GD step, loss summed over samples (paper: 1e-6)")
+    dln_lrs: tuple[float, ...] = param(
+        (1e-6, 1e-7), "its full-batch GD steps, loss summed over samples (paper: 1e-6, 1e-7)"
+    )
     dln_steps: int = param(10_000, "its GD steps (the paper: 10k)")
-    dln_probe_every: int = param(500, "measure its covariate shift every this many steps")
-    dln_seeds: int = param(4, "seeds of the deep linear network (problem and initialization)")
+    dln_probe_every: int = param(1000, "measure its covariate shift every this many steps")
+    dln_seeds: int = param(3, "seeds of the deep linear network (problem and initialization)")
 
     def validate(self) -> None:
         super().validate()
@@ -108,8 +120,8 @@ class Config(CNNConfig):
             raise ValueError("dln_depth must be at least 2 (layer 1 has no shift)")
         if self.dln_samples < 2 or self.dln_seeds < 1:
             raise ValueError("dln_samples must be at least 2 and dln_seeds at least 1")
-        if not (math.isfinite(self.dln_lr) and self.dln_lr > 0):
-            raise ValueError(f"dln_lr must be a positive finite number, got {self.dln_lr}")
+        if not self.dln_lrs or not all(math.isfinite(lr) and lr > 0 for lr in self.dln_lrs):
+            raise ValueError(f"dln_lrs must list positive learning rates, got {self.dln_lrs}")
 
     def quick(self) -> Config:
         """A smoke test: 200 CNN steps, 1 seed, 1000 deep-linear steps, 1 DLN seed."""
@@ -148,7 +160,7 @@ def _cnn_job(config: Config, data, variant: str, seed: int, key: str) -> dict:
     return result
 
 
-def _dln_job(config: Config, batch_norm: bool, seed: int) -> dict:
+def _dln_job(config: Config, batch_norm: bool, lr: float, seed: int) -> dict:
     import time
 
     from batchnorm.lab.theory.deep_linear import make_problem, train_deep_linear
@@ -159,7 +171,7 @@ def _dln_job(config: Config, batch_norm: bool, seed: int) -> dict:
         problem,
         depth=config.dln_depth,
         batch_norm=batch_norm,
-        lr=config.dln_lr,
+        lr=lr,
         steps=config.dln_steps,
         seed=seed,
         shift_every=config.dln_probe_every,
@@ -201,13 +213,15 @@ def per_layer_medians(jobs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 @dataclass
 class Numbers:
-    """What the claims are decided on, keyed by setting (CNN, deep linear), then network
-    (standard, BN): per seed, per layer 2..k, the median over the probed steps."""
+    """What the claims are decided on, keyed by setting (the CNN, the deep linear network at
+    each learning rate), then network (standard, BN): per seed, per layer 2..k, the median over
+    the probed steps."""
 
+    settings: list[str]  # CNN first, then one deep-linear setting per learning rate
     relative: dict[str, dict[str, list[list[float]]]]  # ||G - G'|| / ||G||, [seed][layer]
     cos: dict[str, dict[str, list[list[float]]]]  # cos(G, G'), [seed][layer]
     cnn_train: dict[str, list[float]]  # the CNNs' final training accuracy per seed
-    dln_loss_ratio: dict[str, list[float]]  # the DLNs' final / initial loss per seed
+    dln_loss_ratio: dict[str, dict[str, list[float]]]  # per DLN setting: final / initial loss
 
 
 def _layer_tests(
@@ -254,24 +268,28 @@ def judge(
         f"{spread_factor:g} standard errors of the per-seed differences (at least "
         f"{min_tolerance:g})"
     )
-    dln_ratio = {v: float(np.nanmean(n.dln_loss_ratio[v])) for v in NETS}
-    dln_reason = (
-        None
-        if all(r <= max_loss_ratio for r in dln_ratio.values())
-        else ", ".join(f"{v} final/initial loss {r:.3g}" for v, r in dln_ratio.items())
-        + f" (a trained DLN reaches <= {max_loss_ratio:g})"
-    )
-    reasons = {CNN: untrained(n.cnn_train, train_floor), DLN: dln_reason}
+    dln_settings = [s for s in n.settings if s != CNN]
+
+    def dln_reason(s: str) -> str | None:
+        ratio = {v: float(np.nanmean(n.dln_loss_ratio[s][v])) for v in NETS}
+        if all(r <= max_loss_ratio for r in ratio.values()):
+            return None
+        return (
+            ", ".join(f"{v} final/initial loss {r:.3g}" for v, r in ratio.items())
+            + f" (a trained DLN reaches <= {max_loss_ratio:g})"
+        )
+
+    reasons = {CNN: untrained(n.cnn_train, train_floor)} | {s: dln_reason(s) for s in dln_settings}
     arrays = {
         (what, s, v): np.asarray(getattr(n, what)[s][v], dtype=np.float64)
         for what in ("relative", "cos")
-        for s in SETTINGS
+        for s in n.settings
         for v in NETS
     }
     tests = {
         (what, s): _layer_tests(arrays[what, s, BN], arrays[what, s, STANDARD], kw)
         for what in ("relative", "cos")
-        for s in SETTINGS
+        for s in n.settings
     }
 
     def summary(what: str, s: str) -> str:
@@ -286,52 +304,67 @@ def judge(
             f"{_layers(below)} (of 2..{len(above) + 1}); per layer standard/BN: {per_layer}"
         )
 
+    def decide(name: str, statement: str, rule: str, settings: list[str], held_at) -> Claim:
+        """The claim over ``settings``: it holds when ``held_at(s)`` (held, evidence) holds at
+        every setting whose networks trained; not tested when none did."""
+        parts, tested = [], []
+        for s in settings:
+            held, evidence = held_at(s)
+            if reasons[s] is None:
+                tested.append(held)
+                parts.append(f"{s}: {evidence}")
+            else:
+                parts.append(f"{s}: not tested ({reasons[s]}); {evidence}")
+        evidence = " || ".join(parts)
+        if not tested:
+            return not_tested(name, statement, rule, evidence)
+        return Claim(name, statement, rule, all(tested), evidence)
+
     claims = []
-    for s, prefix in ((CNN, "cnn"), (DLN, "dln")):
-        where = "the CNN" if s == CNN else "the deep linear network"
+    for prefix, settings, where in (
+        ("cnn", [CNN], "the CNN"),
+        ("dln", dln_settings, "the deep linear network (at every learning rate)"),
+    ):
         claims.append(
-            gate(
-                Claim(
-                    f"{prefix}-relative",
-                    f"In {where}, BN does not reduce internal covariate shift measured as "
-                    "||G - G'|| / ||G||.",
-                    "at no layer 2..k is BN's median ||G - G'|| / ||G|| below the standard "
-                    f"network's by more than {margin}",
-                    not any(tests["relative", s][1]),
-                    summary("relative", s),
-                ),
-                reasons[s],
+            decide(
+                f"{prefix}-relative",
+                f"In {where}, BN does not reduce internal covariate shift measured as "
+                "||G - G'|| / ||G||.",
+                "at no layer 2..k is BN's median ||G - G'|| / ||G|| below the standard "
+                f"network's by more than {margin}",
+                settings,
+                lambda s: (not any(tests["relative", s][1]), summary("relative", s)),
             )
         )
         claims.append(
-            gate(
-                Claim(
-                    f"{prefix}-cosine",
-                    f"In {where}, BN does not make G' better aligned with G.",
-                    "at no layer 2..k is BN's median cos(G, G') above the standard network's by "
-                    f"more than {margin}",
-                    not any(tests["cos", s][0]),
-                    summary("cos", s),
-                ),
-                reasons[s],
-            )
-        )
-    rel_above = tests["relative", DLN][0]
-    cos_below = tests["cos", DLN][1]
-    layers = len(rel_above)
-    claims.append(
-        gate(
-            Claim(
-                "dln-increases",
-                "In the deep linear network, BN increases internal covariate shift.",
-                "at a majority of layers 2..k, BN's median ||G - G'|| / ||G|| is above the "
-                f"standard network's, and at a majority its median cos(G, G') is below, each by "
+            decide(
+                f"{prefix}-cosine",
+                f"In {where}, BN does not make G' better aligned with G.",
+                "at no layer 2..k is BN's median cos(G, G') above the standard network's by "
                 f"more than {margin}",
-                sum(rel_above) > layers / 2 and sum(cos_below) > layers / 2,
-                f"relative shift higher with BN at {sum(rel_above)} of {layers} layers, cosine "
-                f"lower at {sum(cos_below)} of {layers}",
-            ),
-            reasons[DLN],
+                settings,
+                lambda s: (not any(tests["cos", s][0]), summary("cos", s)),
+            )
+        )
+
+    def increases(s: str) -> tuple[bool, str]:
+        rel_above, cos_below = tests["relative", s][0], tests["cos", s][1]
+        layers = len(rel_above)
+        return (
+            sum(rel_above) > layers / 2 and sum(cos_below) > layers / 2,
+            f"relative shift higher with BN at {sum(rel_above)} of {layers} layers, cosine "
+            f"lower at {sum(cos_below)} of {layers}",
+        )
+
+    claims.append(
+        decide(
+            "dln-increases",
+            "In the deep linear network, BN increases internal covariate shift.",
+            "at every learning rate, at a majority of layers 2..k BN's median ||G - G'|| / ||G||"
+            " is above the standard network's, and at a majority its median cos(G, G') is "
+            f"below, each by more than {margin}",
+            dln_settings,
+            increases,
         )
     )
     return claims
@@ -352,29 +385,37 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 )
                 for seed in config.seed_list()
             ]
+    dln_lrs = sorted(set(config.dln_lrs), reverse=True)
+    settings = [CNN] + [dln_setting(lr) for lr in dln_lrs]
     with ctx.timer("deep linear"):
-        for variant in NETS:
-            runs = []
-            for seed in range(config.seed, config.seed + config.dln_seeds):
-                log(f"[lab] deep linear network, {variant}, seed {seed}: {config.dln_steps} steps")
-                runs.append(
-                    cached_job(
-                        ctx,
-                        f"dln-{variant}-seed{seed}",
-                        lambda v=variant, s=seed: _dln_job(config, v == BN, s),
-                        as_json=True,
+        for lr in dln_lrs:
+            for variant in NETS:
+                runs = []
+                for seed in range(config.seed, config.seed + config.dln_seeds):
+                    log(
+                        f"[lab] deep linear network, {variant}, lr {lr:g}, seed {seed}: "
+                        f"{config.dln_steps} steps"
                     )
-                )
-            jobs[DLN, variant] = runs
+                    runs.append(
+                        cached_job(
+                            ctx,
+                            f"dln-{variant}-lr{lr:g}-seed{seed}",
+                            lambda v=variant, s=seed, lr=lr: _dln_job(config, v == BN, lr, s),
+                            as_json=True,
+                        )
+                    )
+                jobs[dln_setting(lr), variant] = runs
     med = {key: per_layer_medians(runs) for key, runs in jobs.items()}
     cnn_train = {v: [j["final_train_acc"] for j in jobs[CNN, v]] for v in NETS}
     cnn_test = {v: [j["final_test_acc"] for j in jobs[CNN, v]] for v in NETS}
     numbers = Numbers(
-        relative={s: {v: med[s, v][0].tolist() for v in NETS} for s in SETTINGS},
-        cos={s: {v: med[s, v][1].tolist() for v in NETS} for s in SETTINGS},
+        settings=settings,
+        relative={s: {v: med[s, v][0].tolist() for v in NETS} for s in settings},
+        cos={s: {v: med[s, v][1].tolist() for v in NETS} for s in settings},
         cnn_train=cnn_train,
         dln_loss_ratio={
-            v: [j["final_loss"] / j["initial_loss"] for j in jobs[DLN, v]] for v in NETS
+            s: {v: [j["final_loss"] / j["initial_loss"] for j in jobs[s, v]] for v in NETS}
+            for s in settings[1:]
         },
     )
 
@@ -395,7 +436,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             f"{overall(s, BN, 0):.4g} / {overall(s, BN, 1):.4f}",
             overall(s, BN, 0),
         )
-        for s in SETTINGS
+        for s in settings
     ]
     comparisons += [
         Comparison(
@@ -404,15 +445,18 @@ def measure(config: Config, ctx: Context) -> Measurement:
             f"{fmt_mean_std(cnn_train[STANDARD])} / {fmt_mean_std(cnn_test[STANDARD])}; "
             f"{fmt_mean_std(cnn_train[BN])} / {fmt_mean_std(cnn_test[BN])}",
         ),
+    ]
+    comparisons += [
         Comparison(
-            "deep linear network, final / initial loss: without / with BN",
+            f"{s}, final / initial loss: without / with BN",
             "both decrease",
-            f"{fmt_mean_std(numbers.dln_loss_ratio[STANDARD])} / "
-            f"{fmt_mean_std(numbers.dln_loss_ratio[BN])}",
-        ),
+            f"{fmt_mean_std(numbers.dln_loss_ratio[s][STANDARD])} / "
+            f"{fmt_mean_std(numbers.dln_loss_ratio[s][BN])}",
+        )
+        for s in settings[1:]
     ]
     rows = []
-    for s in SETTINGS:
+    for s in settings:
         for v in NETS:
             relative, cosine, raw = (layer_means(s, v, k) for k in range(3))
             for layer in range(len(relative)):
@@ -464,7 +508,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
         ["setting", "variant", "run", "step", "layer", "l2_difference", "cosine"],
     )
     with ctx.timer("plots"):
-        _plot(ctx, jobs)
+        _plot(ctx, jobs, settings)
     return Measurement(
         numbers=numbers,
         comparisons=comparisons,
@@ -497,7 +541,8 @@ def measure(config: Config, ctx: Context) -> Measurement:
             "statistics untouched",
             f"deep linear network: {config.dln_depth} layers of {config.dln_dim} x "
             f"{config.dln_dim}, {config.dln_samples} samples, loss summed over samples, lr "
-            f"{config.dln_lr:g}, {config.dln_steps} steps, Glorot normal init, BN after every "
+            f"{' and '.join(f'{lr:g}' for lr in dln_lrs)}, {config.dln_steps} steps, Glorot "
+            "normal init, BN after every "
             f"layer but the last; {config.dln_seeds} seeds (problem and initialization), probed "
             f"every {config.dln_probe_every} steps",
         ],
@@ -506,18 +551,18 @@ def measure(config: Config, ctx: Context) -> Measurement:
             "in. The deep linear network is the paper's setting"
             + (
                 "."
-                if (config.dln_depth, config.dln_steps, config.dln_lr) == (25, 10_000, 1e-6)
+                if (config.dln_depth, config.dln_steps) == (25, 10_000)
                 else f", scaled to {config.dln_depth} layers and {config.dln_steps} steps."
             )
         ],
     )
 
 
-def _plot(ctx: Context, jobs: dict) -> None:
+def _plot(ctx: Context, jobs: dict, settings: list[str]) -> None:
     from batchnorm.lab.plots import new_figure
 
-    figure, axes = new_figure(2, 2)
-    for r, s in enumerate(SETTINGS):
+    figure, axes = new_figure(2, len(settings))
+    for r, s in enumerate(settings):
         for v in NETS:
             job = jobs[s, v][0]
             l2 = np.array(
