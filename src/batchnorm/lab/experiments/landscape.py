@@ -70,6 +70,7 @@ from batchnorm.lab.rules import (
     baseline_metrics,
     beyond_tolerance,
     gate,
+    not_tested,
     paired_tolerance,
     untrained,
 )
@@ -224,7 +225,20 @@ def judge(
     for q, label in QUANTITIES.items():
         per_step, spread, st_spread, bn_spread = _log_ratios(numbers, q, early_steps)
         kw = {"spread_factor": spread_factor, "min_tolerance": min_tolerance}
-        smaller = np.isfinite(per_step).any() and beyond_tolerance(per_step, **kw)
+        statement = f"With BN the {label} is smaller and steadier over training."
+        rule = (
+            f"over the probes at steps >= {early_steps}, paired by seed: the mean of "
+            f"log(standard / BN) step by step, and log(spread without / with BN) (spread "
+            f"= max - min over those steps), each above {margin}"
+        )
+        if not np.isfinite(per_step).any():
+            claims.append(
+                not_tested(
+                    q, statement, rule, f"fewer than two judged probes (steps >= {early_steps})"
+                )
+            )
+            continue
+        smaller = beyond_tolerance(per_step, **kw)
         steadier = np.isfinite(spread).any() and beyond_tolerance(spread, **kw)
         mean_step, mean_spread = np.nanmean(per_step), np.nanmean(spread)
         evidence = (
@@ -233,20 +247,7 @@ def judge(
             f"spread {np.nanmean(st_spread):.4g} without vs {np.nanmean(bn_spread):.4g} with BN, "
             f"mean log ratio {mean_spread:+.3f}, margin {paired_tolerance(spread, **kw):.3g}"
         )
-        claims.append(
-            gate(
-                Claim(
-                    q,
-                    f"With BN the {label} is smaller and steadier over training.",
-                    f"over the probes at steps >= {early_steps}, paired by seed: the mean of "
-                    f"log(standard / BN) step by step, and log(spread without / with BN) (spread "
-                    f"= max - min over those steps), each above {margin}",
-                    bool(smaller and steadier),
-                    evidence,
-                ),
-                reason,
-            )
-        )
+        claims.append(gate(Claim(q, statement, rule, bool(smaller and steadier), evidence), reason))
     return claims
 
 
