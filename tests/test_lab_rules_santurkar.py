@@ -346,3 +346,15 @@ def test_landscape_fewer_than_two_judged_probes_is_not_tested() -> None:
     claims = landscape.judge(numbers)
     assert [c.verdict for c in claims] == ["not tested"] * 3
     assert "fewer than two judged probes" in claims[0].evidence
+
+
+def test_ics_a_diverged_seed_drops_out_and_is_named() -> None:
+    base = ics_numbers()
+    # The diverged seed's probes before it diverged (here a large shift at layer 2) are left
+    # out with it: they would make BN's shift look smaller there.
+    relative = replaced(base.relative, DLN6, STANDARD, 0, [5.0, 0.01, 0.01])
+    ratio = {DLN6: {STANDARD: [NAN, 0.2, 0.2], BN: [0.05] * 3}, DLN7: base.dln_loss_ratio[DLN7]}
+    claims = by_name(ics.judge(ics_numbers(relative=relative, dln_loss_ratio=ratio)))
+    assert claims["dln-relative"].held and claims["dln-increases"].held
+    assert "(standard diverged in 1 of 3 seeds: left out)" in claims["dln-relative"].evidence
+    assert claims["cnn-relative"].evidence.endswith("4: 0.3/0.4")  # nothing added for the CNN

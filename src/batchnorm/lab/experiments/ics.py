@@ -188,6 +188,15 @@ def _dln_job(config: Config, batch_norm: bool, lr: float, seed: int) -> dict:
     }
 
 
+def _nan_back(value):
+    """``value`` with every None (how JSON stored a NaN) turned back into NaN."""
+    if isinstance(value, dict):
+        return {k: _nan_back(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [math.nan if v is None else _nan_back(v) for v in value]
+    return value
+
+
 def per_layer_medians(jobs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per seed (one job each) and layer 2..k, the median over the probed steps of the relative
     shift ||G - G'|| / ||G||, of cos(G, G') and of ||G - G'||; each (seeds, layers - 1)."""
@@ -280,8 +289,17 @@ def judge(
         )
 
     reasons = {CNN: untrained(n.cnn_train, train_floor)} | {s: dln_reason(s) for s in dln_settings}
+
+    def values(what: str, s: str, v: str) -> np.ndarray:
+        """(seeds, layers) of ``what``; the seeds of a diverged DLN (non-finite loss) are nan:
+        their probes before the divergence say nothing about a trained network."""
+        x = np.asarray(getattr(n, what)[s][v], dtype=np.float64).copy()
+        if s != CNN:
+            x[~np.isfinite(np.asarray(n.dln_loss_ratio[s][v], dtype=np.float64))] = np.nan
+        return x
+
     arrays = {
-        (what, s, v): np.asarray(getattr(n, what)[s][v], dtype=np.float64)
+        (what, s, v): values(what, s, v)
         for what in ("relative", "cos")
         for s in n.settings
         for v in NETS
@@ -304,12 +322,29 @@ def judge(
             f"{_layers(below)} (of 2..{len(above) + 1}); per layer standard/BN: {per_layer}"
         )
 
+    def diverged(s: str) -> str:
+        """Which networks of setting ``s`` diverged (a non-finite loss) in how many seeds:
+        their seeds drop out of the paired differences."""
+        if s == CNN:
+            return ""
+        counts = {
+            v: int((~np.isfinite(np.asarray(n.dln_loss_ratio[s][v], dtype=np.float64))).sum())
+            for v in NETS
+        }
+        lost = [
+            f"{v} diverged in {k} of {len(n.dln_loss_ratio[s][v])} seeds"
+            for v, k in counts.items()
+            if k
+        ]
+        return f" ({'; '.join(lost)}: left out)" if lost else ""
+
     def decide(name: str, statement: str, rule: str, settings: list[str], held_at) -> Claim:
         """The claim over ``settings``: it holds when ``held_at(s)`` (held, evidence) holds at
         every setting whose networks trained; not tested when none did."""
         parts, tested = [], []
         for s in settings:
             held, evidence = held_at(s)
+            evidence += diverged(s)
             if reasons[s] is None:
                 tested.append(held)
                 parts.append(f"{s}: {evidence}")
@@ -405,6 +440,8 @@ def measure(config: Config, ctx: Context) -> Measurement:
                         )
                     )
                 jobs[dln_setting(lr), variant] = runs
+    # A saved job holds None where a diverged network's numbers were NaN (JSON has no NaN).
+    jobs = {key: [_nan_back(job) for job in runs] for key, runs in jobs.items()}
     med = {key: per_layer_medians(runs) for key, runs in jobs.items()}
     cnn_train = {v: [j["final_train_acc"] for j in jobs[CNN, v]] for v in NETS}
     cnn_test = {v: [j["final_test_acc"] for j in jobs[CNN, v]] for v in NETS}
