@@ -358,3 +358,10 @@ def test_ics_a_diverged_seed_drops_out_and_is_named() -> None:
     assert claims["dln-relative"].held and claims["dln-increases"].held
     assert "(standard diverged in 1 of 3 seeds: left out)" in claims["dln-relative"].evidence
     assert claims["cnn-relative"].evidence.endswith("4: 0.3/0.4")  # nothing added for the CNN
+
+
+def test_ics_saved_nans_come_back() -> None:
+    job = {"final_loss": None, "probes": [{"l2": [0.0, None], "cos": [1.0, 0.5]}], "seed": 1}
+    back = ics._nan_back(job)
+    assert math.isnan(back["final_loss"]) and math.isnan(back["probes"][0]["l2"][1])
+    assert back["probes"][0]["cos"] == [1.0, 0.5] and back["seed"] == 1

@@ -190,10 +190,12 @@ def _dln_job(config: Config, batch_norm: bool, lr: float, seed: int) -> dict:
 
 def _nan_back(value):
     """``value`` with every None (how JSON stored a NaN) turned back into NaN."""
+    if value is None:
+        return math.nan
     if isinstance(value, dict):
         return {k: _nan_back(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [math.nan if v is None else _nan_back(v) for v in value]
+        return [_nan_back(v) for v in value]
     return value
 
 
