@@ -157,8 +157,8 @@ def instability(pairs: np.ndarray) -> float:
 
     >>> q = np.linspace(-1.0, 1.0, len(GRID))[None, None, :, None].repeat(2, axis=1)
     >>> q[:, 1] += 0.5                  # the whole distribution moved by 0.5 in one step
-    >>> round(instability(q), 4)        # 0.5 / (Q(0.85) - Q(0.15) = 0.7778)
-    0.6429
+    >>> round(instability(q), 4)        # 0.5 / (Q(0.85) - Q(0.15) = 1.5556)
+    0.3214
     """
     p = np.asarray(pairs, dtype=np.float64)
     if p.ndim != 4 or p.shape[1] != 2 or p.shape[2] != len(GRID):
