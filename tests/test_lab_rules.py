@@ -18,11 +18,8 @@ from batchnorm.lab.experiments import (
     explosion,
     fig1,
     ghost,
-    ics,
     init_scale,
-    landscape,
     lr_sweep,
-    noisy_bn,
     non_iid,
     nonlinearity,
     precise_bn,
@@ -33,6 +30,7 @@ from batchnorm.lab.experiments import (
 from batchnorm.lab.experiments.common import CellNumbers
 from batchnorm.lab.numbers import numbers_from_json, numbers_to_json
 from tests.test_lab_rules_rnn import numbers as rnn_numbers
+from tests.test_lab_rules_santurkar import ics_numbers, landscape_numbers, noisy_numbers
 
 
 def verdicts(claims) -> dict[str, bool]:
@@ -729,194 +727,6 @@ def test_theorems_42_second_form(applies: bool, second: float, expected) -> None
     numbers = theorems_numbers(instance(applies=applies, second=second))
     result = held(theorems.judge, numbers, "thm 4.2 second form")
     assert result is (False if expected is None else expected)
-
-
-# ---------------------------------------------------------------------------------------------
-# noisy-bn (Santurkar et al. Figure 2)
-
-STANDARD, BN, NOISY = "standard", "BN", "noisy BN"
-
-
-def noisy_numbers(**changes) -> noisy_bn.Numbers:
-    base = noisy_bn.Numbers(
-        lrs=[0.1, 0.5],
-        margin=0.02,
-        test={
-            STANDARD: [[0.80, 0.80], [0.70, 0.70]],
-            BN: [[0.90, 0.90], [0.92, 0.92]],
-            NOISY: [[0.89, 0.89], [0.91, 0.91]],
-        },
-        median_drift={
-            STANDARD: [[0.5, 0.5], [0.6, 0.6]],
-            BN: [[0.2, 0.2], [0.2, 0.2]],
-            NOISY: [[1.5, 1.5], [2.0, 2.0]],
-        },
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def test_noisy_all_hold_and_evidence() -> None:
-    claims = noisy_bn.judge(noisy_numbers())
-    assert all(verdicts(claims).values())
-    assert claims[0].rule == "at every lr, mean final test accuracy of noisy BN >= BN's - 0.02"
-    assert (
-        claims[0].evidence
-        == "lr 0.1: noisy BN 0.8900 vs BN 0.9000; lr 0.5: noisy BN 0.9100 vs BN 0.9200"
-    )
-
-
-@pytest.mark.parametrize(
-    ("noisy", "bn", "margin", "expected"),
-    [
-        ([0.875], [0.9], 0.025, True),  # 0.9 - 0.025 == 0.875 in floats: a tie at the margin holds
-        ([0.87499], [0.9], 0.025, False),  # a near-tie below: fails
-        ([0.9], [0.9], 0.0, True),  # a tie at margin 0 holds
-        ([0.95], [0.9], 0.0, True),
-    ],
-)
-def test_noisy_as_bn(noisy, bn, margin, expected) -> None:
-    numbers = noisy_numbers(
-        lrs=[0.1],
-        margin=margin,
-        test={STANDARD: [[0.5]], BN: [bn], NOISY: [noisy]},
-        median_drift={STANDARD: [[0.5]], BN: [[0.1]], NOISY: [[1.0]]},
-    )
-    assert held(noisy_bn.judge, numbers, "as-bn") is expected
-
-
-@pytest.mark.parametrize(
-    ("noisy", "standard", "margin", "expected"),
-    [([0.8], [0.8], 0.0, True), ([0.7999], [0.8], 0.0, False), ([0.7999], [0.8], 0.001, True)],
-)
-def test_noisy_beats_standard(noisy, standard, margin, expected) -> None:
-    numbers = noisy_numbers(
-        lrs=[0.1],
-        test={STANDARD: [standard], BN: [[0.8]], NOISY: [noisy]},
-        median_drift={STANDARD: [[0.5]], BN: [[0.1]], NOISY: [[1.0]]},
-    )
-    assert held(noisy_bn.judge, numbers, "beats-standard", standard_margin=margin) is expected
-
-
-def test_noisy_beats_standard_at_every_lr() -> None:
-    test = {STANDARD: [[0.5], [0.95]], BN: [[0.9], [0.9]], NOISY: [[0.9], [0.9]]}
-    assert not held(noisy_bn.judge, noisy_numbers(test=test), "beats-standard")
-
-
-@pytest.mark.parametrize(
-    ("noisy", "standard", "expected"),
-    [
-        ([1.0, 2.0], [1.5, 1.5], False),  # mean 1.5 ties: fails
-        ([1.0, 2.0001], [1.5, 1.5], True),
-        ([1.0, NAN], [0.5, 0.5], True),  # a diverged seed is left out of the mean
-        ([NAN, NAN], [0.5, 0.5], False),  # noisy BN diverged everywhere: no evidence
-        ([0.1, 0.1], [NAN, NAN], True),  # a diverged standard network counts as less stable
-        ([0.1, 0.1], [INF, INF], True),
-    ],
-)
-def test_noisy_less_stable(noisy, standard, expected) -> None:
-    numbers = noisy_numbers(
-        lrs=[0.1],
-        test={STANDARD: [[0.5]], BN: [[0.8]], NOISY: [[0.8]]},
-        median_drift={STANDARD: [standard], BN: [[0.1]], NOISY: [noisy]},
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no finite value
-        assert held(noisy_bn.judge, numbers, "less-stable") is expected
-
-
-# ---------------------------------------------------------------------------------------------
-# ics (Santurkar et al. Definition 2.1)
-
-
-def ics_numbers(**changes) -> ics.Numbers:
-    base = ics.Numbers(
-        tolerance=0.1,
-        cos_tolerance=0.05,
-        l2={
-            "CNN": {STANDARD: [1.0, 1.0], BN: [1.2, 1.4]},
-            "deep linear": {STANDARD: [2.0], BN: [2.5]},
-        },
-        cos={
-            "CNN": {STANDARD: [0.9, 0.9], BN: [0.8, 0.8]},
-            "deep linear": {STANDARD: [0.5], BN: [0.5]},
-        },
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def test_ics_all_hold_and_evidence() -> None:
-    claims = ics.judge(ics_numbers())
-    assert all(verdicts(claims).values())
-    assert claims[0].rule.endswith("with BN >= 0.9 x that without BN")
-    assert (
-        claims[0].evidence == "CNN: 1.3 with BN vs 1 without; deep linear: 2.5 with BN vs 2 without"
-    )
-
-
-@pytest.mark.parametrize(
-    ("bn", "tolerance", "expected"),
-    [
-        ([0.75], 0.25, True),  # exactly (1 - 0.25) x 1.0: a tie holds
-        ([0.7499], 0.25, False),
-        ([1.0], 0.0, True),  # equal at no tolerance
-        ([0.9999], 0.0, False),
-    ],
-)
-def test_ics_l2(bn, tolerance: float, expected: bool) -> None:
-    base = ics_numbers()
-    l2 = {"CNN": {STANDARD: [1.0], BN: bn}, "deep linear": base.l2["deep linear"]}
-    numbers = ics_numbers(l2=l2, tolerance=tolerance)
-    assert held(ics.judge, numbers, "l2") is expected
-
-
-@pytest.mark.parametrize(
-    ("bn", "cos_tolerance", "expected"),
-    [([0.75], 0.25, True), ([0.7501], 0.25, False), ([0.5], 0.0, True), ([0.5001], 0.0, False)],
-)
-def test_ics_cosine(bn, cos_tolerance: float, expected: bool) -> None:
-    base = ics_numbers()
-    cos = {"CNN": base.cos["CNN"], "deep linear": {STANDARD: [0.5], BN: bn}}
-    numbers = ics_numbers(cos=cos, cos_tolerance=cos_tolerance)
-    assert held(ics.judge, numbers, "cosine") is expected
-
-
-# ---------------------------------------------------------------------------------------------
-# landscape (Santurkar et al. Sec. 3.1)
-
-
-def landscape_numbers(bn=(1.0, 2.0), standard=(1.0, 5.0)) -> landscape.Numbers:
-    return landscape.Numbers(
-        values={q: {STANDARD: list(standard), BN: list(bn)} for q in landscape.QUANTITIES}
-    )
-
-
-def test_landscape_one_claim_per_quantity() -> None:
-    claims = landscape.judge(landscape_numbers())
-    assert [c.name for c in claims] == list(landscape.QUANTITIES) and all(c.held for c in claims)
-    assert claims[0].evidence == "max 2 with BN vs 5 without; spread 1 vs 4"
-
-
-@pytest.mark.parametrize(
-    ("bn", "standard", "expected"),
-    [
-        ((1.0, 5.0), (1.0, 5.0), False),  # identical: ties fail
-        ((2.0, 4.9999), (1.0, 5.0), True),  # both just smaller
-        ((4.9999, 0.0), (1.0, 5.0), False),  # a lower maximum but a wider spread
-        ((0.0, 4.0), (1.0, 5.0), False),  # spread 4 ties standard's 4
-        ((1.0, 2.0, NAN, INF), (1.0, 5.0), True),  # non-finite probes are left out
-        ((NAN,), (1.0, 5.0), False),  # nothing finite with BN
-    ],
-)
-def test_landscape_rule(bn, standard, expected) -> None:
-    claims = landscape.judge(landscape_numbers(bn, standard))
-    assert {c.held for c in claims} == {expected}
-
-
-def test_landscape_margins() -> None:
-    numbers = landscape_numbers(bn=(1.0, 4.0), standard=(1.0, 5.0))  # max 4 vs 5, spread 3 vs 4
-    assert all(c.held for c in landscape.judge(numbers, max_margin=0.5, spread_margin=0.5))
-    assert not any(c.held for c in landscape.judge(numbers, max_margin=1.0))
-    assert not any(c.held for c in landscape.judge(numbers, spread_margin=1.0))
 
 
 # ---------------------------------------------------------------------------------------------

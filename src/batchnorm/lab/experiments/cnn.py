@@ -34,12 +34,13 @@ Two networks, each with its own protocol (docs/lab.md describes both):
   a batch size and learning rate train together as one grouped network
   (:mod:`batchnorm.lab.grouped`, through :func:`train_jobs`) unless ``grouped`` is false.
 
-Both use the mean cross-entropy over the mini-batch and PyTorch's default initialization, drawn
-from the seed, so the variants of a seed start from the same weights and see the same batches
-(paired runs). Shared: the data as image tensors (:func:`image_data`), the i.i.d. batch order,
-evaluation in inference mode (:func:`evaluate`) and resumable jobs (:func:`cached_job`): a
-finished network is saved as ``jobs/<key>.json``, so ``--resume`` skips it (a network
-interrupted midway restarts from its beginning).
+Both use the mean cross-entropy over the mini-batch and initial weights drawn from the seed
+(PyTorch's default initialization; :class:`VGGStyle` draws its conv weights with He's instead
+when ``init="kaiming"``, the default of :class:`CNNConfig`), so the variants of a seed start from
+the same weights and see the same batches (paired runs). Shared: the data as image tensors
+(:func:`image_data`), the i.i.d. batch order, evaluation in inference mode (:func:`evaluate`)
+and resumable jobs (:func:`cached_job`): a finished network is saved as ``jobs/<key>.json``, so
+``--resume`` skips it (a network interrupted midway restarts from its beginning).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ __all__ = [
     "cached_job",
     # the VGG-style network (noisy-bn, ics, landscape)
     "VARIANTS",
+    "INITS",
     "CNNConfig",
     "VGGStyle",
     "drift_numbers",
@@ -195,6 +197,7 @@ def cached_job(
 
 STANDARD, BN, NOISY = "standard", "BN", "noisy BN"
 VARIANTS: tuple[str, ...] = (STANDARD, BN, NOISY)
+INITS: tuple[str, ...] = ("default", "kaiming")
 COLORS = {STANDARD: "tab:red", BN: "tab:blue", NOISY: "tab:green"}
 
 
@@ -230,11 +233,19 @@ class CNNConfig:
         20000, "use only this many training examples (none = all 60,000)"
     )
     test_subset: int | None = param(5000, "use only this many test examples (none = all)")
+    init: str = param(
+        "kaiming",
+        "conv weight initialization: kaiming (He et al. 2015, normal, fan-in, ReLU gain; zero "
+        "bias), under which the standard network trains from step 0, or default (PyTorch's, "
+        "whose small weights start the standard network with vanishing gradients)",
+        choices=INITS,
+    )
+    eval_examples: int = param(5000, "training examples on which the training accuracy is taken")
     threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
 
     def validate(self) -> None:
         """Checks across fields; raises ValueError with what to change."""
-        _check_network_fields(self, ("steps", "seeds"))
+        _check_network_fields(self, ("steps", "seeds", "eval_examples"))
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not (math.isfinite(self.eps) and self.eps > 0):
@@ -263,6 +274,11 @@ class VGGStyle(nn.Module):
         variant: one of :data:`VARIANTS`.
         seed: seeds the weights (the same for every variant) and the noise.
         eps: BN epsilon.
+        init: ``"default"`` (PyTorch's initialization) or ``"kaiming"``: every conv weight
+            drawn from N(0, 2 / fan_in) (He et al. 2015, the ReLU gain), conv biases zero, the
+            classifier left at PyTorch's default. With PyTorch's default (uniform with bound
+            1 / sqrt(fan_in), a third of He's variance) each conv layer shrinks the signal of a
+            network without BN, so its first steps see vanishing gradients.
 
     Attributes:
         convs: the convolutions; ``norms``: the BN (or BN + noise) modules, identity if none;
@@ -278,6 +294,7 @@ class VGGStyle(nn.Module):
         variant: str,
         seed: int,
         eps: float = 1e-5,
+        init: str = "default",
     ) -> None:
         super().__init__()
         from batchnorm.lab.theory.noisy_bn import noisy_batch_norm
@@ -285,6 +302,8 @@ class VGGStyle(nn.Module):
 
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         torch.manual_seed(seed)
         self.variant = variant
         self.convs = nn.ModuleList()
@@ -301,6 +320,11 @@ class VGGStyle(nn.Module):
                     f"{image_shape} images; give fewer channels"
                 )
         self.classifier = nn.Linear(previous * h * w, num_classes)
+        if init == "kaiming":
+            # Drawn after the default ones, from the same seed: every variant gets the same.
+            for conv in self.convs:
+                nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
         noise_gen = torch.Generator().manual_seed(10_000 + seed)
         for width in channels:
             if variant == STANDARD:
@@ -315,7 +339,15 @@ class VGGStyle(nn.Module):
     @classmethod
     def for_config(cls, config: CNNConfig, data: ImageData, variant: str, seed: int) -> VGGStyle:
         """The network ``config`` describes, for the images of ``data``."""
-        return cls(data.image_shape, config.channels, data.num_classes, variant, seed, config.eps)
+        return cls(
+            data.image_shape,
+            config.channels,
+            data.num_classes,
+            variant,
+            seed,
+            config.eps,
+            init=config.init,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.pre_activations = []

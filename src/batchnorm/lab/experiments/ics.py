@@ -1,31 +1,46 @@
 """Internal covariate shift, measured: batch norm does not reduce it.
 
 Claim (Santurkar, Tsipras, Ilyas, Madry 2018, arXiv 1805.11604, Sec. 2.2, Definition 2.1,
-**Figure 5** (VGG) and **Figure 12** (25-layer deep linear network)): measured as an optimization
-quantity, internal covariate shift is not reduced by BN; in the deep linear network BN increases
-it. For layer i at step t, G = grad_(W_i) L at the current weights and G' = the same gradient,
-on the same batch, after layers 1..i-1 took their step-t update; reported are ||G - G'||_2 and
-cos(G, G') (:func:`batchnorm.lab.theory.covariate_shift.internal_covariate_shift`; a layer's
-group is its weights and bias with the BN gamma and beta that follow).
+**Figure 5**: VGG and a 25-layer deep linear network (DLN)): measured as an optimization
+quantity, internal covariate shift is not reduced by BN; in the DLN, BN increases it markedly
+(there the standard network's G and G' nearly coincide, while with BN they are almost
+uncorrelated). For layer i at step t, G = grad_(W_i) L at the current weights and G' = the same
+gradient, on the same batch, after layers 1..i-1 took their step-t update; reported are
+||G - G'||_2 and cos(G, G') (:func:`batchnorm.lab.theory.covariate_shift.internal_covariate_shift`;
+a layer's group is its weights and bias with the BN gamma and beta that follow).
 
-Two settings, each with and without BN, paired (same initial weights and batches):
+Two settings, each with and without BN, paired (same initial weights and batches, per seed):
 
 - the small VGG-style CNN of :mod:`batchnorm.lab.experiments.cnn` on a Fashion-MNIST subset
   (the paper: VGG on CIFAR-10, not available here), SGD at ``lr``, probed every ``probe_every``
   steps before that step's update;
-- the deep linear network of :mod:`batchnorm.lab.theory.deep_linear` at the paper's settings
-  (25 layers of 10 x 10, 1000 Gaussian samples, full-batch GD, lr 1e-6, 10k steps, Glorot),
-  probed every ``dln_probe_every`` steps.
+- the DLN of :mod:`batchnorm.lab.theory.deep_linear` at the paper's settings (25 layers of
+  10 x 10, 1000 Gaussian samples, full-batch GD, lr 1e-6, 10k steps, Glorot), probed every
+  ``dln_probe_every`` steps, over ``dln_seeds`` seeds (problem and initialization).
 
-Rules (in code), on the median over probed steps and over layers 2..k (layer 1 has no layer
-below it: G' = G), averaged over seeds, in *each* setting:
-(1) ``||G - G'||`` with BN is at least ``1 - tolerance`` times that without BN;
-(2) ``cos(G, G')`` with BN is at most that without BN plus ``cos_tolerance``.
+Scale-free measures. ||G - G'|| grows with ||G||, and the gradient norms of the two networks
+differ by orders of magnitude (BN rescales every layer's gradient), so the raw difference,
+pooled across layers, says more about gradient scale than about shift. Each layer is compared
+on its own, with the relative shift ``||G - G'|| / ||G||`` and ``cos(G, G')``: per seed and
+layer, the median over the probed steps.
+
+Rules (in code), per setting, layer by layer (layers 2..k: layer 1 has no layer below, G' = G),
+each difference paired by seed with a margin of ``spread_factor`` standard errors of the
+per-seed differences (at least ``min_tolerance``, :func:`batchnorm.lab.rules.paired_tolerance`):
+(1) "<setting>-relative": at no layer is BN's relative shift below the standard network's by
+more than the margin;
+(2) "<setting>-cosine": at no layer is BN's cos(G, G') above the standard network's by more
+than the margin;
+(3) "dln-increases": in the DLN, BN's relative shift is above the standard network's by more
+than the margin, and its cosine below by more than the margin, at a majority of layers.
+The CNN claims need both CNNs trained (training accuracy >= ``train_floor``), the DLN claims
+both DLNs trained (final loss <= ``max_loss_ratio`` x initial loss); else "not tested".
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -48,16 +63,34 @@ from batchnorm.lab.experiments.cnn import (
     CNNConfig,
     VGGStyle,
     cached_job,
+    evaluate,
     image_data,
     probe_curve_rows,
     train_with_probes,
 )
 from batchnorm.lab.progress import log
+from batchnorm.lab.rules import (
+    baseline_metrics,
+    beyond_tolerance,
+    not_tested,
+    paired_tolerance,
+    untrained,
+)
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
 
-CNN, DLN = "CNN", "deep linear"
-SETTINGS = (CNN, DLN)
+CNN = "CNN"
+
+
+def dln_setting(lr: float) -> str:
+    """The name of the deep-linear setting at GD step ``lr``.
+
+    >>> dln_setting(1e-6)
+    'deep linear, lr 1e-06'
+    """
+    return f"deep linear, lr {lr:g}"
+
+
 NETS = (STANDARD, BN)
 
 
@@ -66,16 +99,17 @@ class Config(CNNConfig):
     """Covariate shift per layer with and without BN. Defaults are the full protocol."""
 
     steps: int = param(1000, "SGD steps per CNN")
+    seeds: int = param(3, "CNN seeds (each: initial weights, data order)")
     probe_every: int = param(100, "measure the CNN's covariate shift every this many steps")
     dln_depth: int = param(25, "layers of the deep linear network (the paper: 25)")
     dln_dim: int = param(10, "width of its square layers (the paper: 10)")
     dln_samples: int = param(1000, "Gaussian samples (the paper: 1000)")
-    dln_lr: float = param(1e-6, "its full-batch GD step, loss summed over samples (paper: 1e-6)")
+    dln_lrs: tuple[float, ...] = param(
+        (1e-6, 1e-7), "its full-batch GD steps, loss summed over samples (paper: 1e-6, 1e-7)"
+    )
     dln_steps: int = param(10_000, "its GD steps (the paper: 10k)")
     dln_probe_every: int = param(1000, "measure its covariate shift every this many steps")
-    dln_seeds: int = param(1, "seeds of the deep linear network (problem and initialization)")
-    tolerance: float = param(0.1, "rule (1): BN's ||G - G'|| may be this fraction below")
-    cos_tolerance: float = param(0.05, "rule (2): BN's cos(G, G') may be this much above")
+    dln_seeds: int = param(3, "seeds of the deep linear network (problem and initialization)")
 
     def validate(self) -> None:
         super().validate()
@@ -86,14 +120,19 @@ class Config(CNNConfig):
             raise ValueError("dln_depth must be at least 2 (layer 1 has no shift)")
         if self.dln_samples < 2 or self.dln_seeds < 1:
             raise ValueError("dln_samples must be at least 2 and dln_seeds at least 1")
-        if not (math.isfinite(self.dln_lr) and self.dln_lr > 0):
-            raise ValueError(f"dln_lr must be a positive finite number, got {self.dln_lr}")
-        if not 0 <= self.tolerance < 1 or not self.cos_tolerance >= 0:
-            raise ValueError("tolerance must lie in [0, 1) and cos_tolerance be >= 0")
+        if not self.dln_lrs or not all(math.isfinite(lr) and lr > 0 for lr in self.dln_lrs):
+            raise ValueError(f"dln_lrs must list positive learning rates, got {self.dln_lrs}")
 
     def quick(self) -> Config:
-        """A smoke test: 200 CNN steps, 1 seed, 1000 deep-linear steps."""
-        return replace(super().quick(), probe_every=50, dln_steps=1000, dln_probe_every=250)
+        """A smoke test: 200 CNN steps, 1 seed, 1000 deep-linear steps, 1 DLN seed."""
+        return replace(
+            super().quick(),
+            probe_every=50,
+            dln_steps=1000,
+            dln_probe_every=250,
+            dln_seeds=1,
+            eval_examples=1000,
+        )
 
 
 def _shift_rows(shifts) -> dict:
@@ -113,12 +152,15 @@ def _cnn_job(config: Config, data, variant: str, seed: int, key: str) -> dict:
     def probe(loss_fn, step: int) -> dict:
         return _shift_rows(internal_covariate_shift(groups, loss_fn, config.lr, module=model))
 
-    return train_with_probes(
+    result = train_with_probes(
         model, data, config, seed=seed, probe_every=config.probe_every, probe=probe, desc=key
     )
+    n = min(config.eval_examples, len(data.train_y))
+    result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
+    return result
 
 
-def _dln_job(config: Config, batch_norm: bool, seed: int) -> dict:
+def _dln_job(config: Config, batch_norm: bool, lr: float, seed: int) -> dict:
     import time
 
     from batchnorm.lab.theory.deep_linear import make_problem, train_deep_linear
@@ -129,7 +171,7 @@ def _dln_job(config: Config, batch_norm: bool, seed: int) -> dict:
         problem,
         depth=config.dln_depth,
         batch_norm=batch_norm,
-        lr=config.dln_lr,
+        lr=lr,
         steps=config.dln_steps,
         seed=seed,
         shift_every=config.dln_probe_every,
@@ -140,87 +182,229 @@ def _dln_job(config: Config, batch_norm: bool, seed: int) -> dict:
         "probes": [_shift_rows(s) for s in result.shifts],
         "loss_steps": list(range(0, config.dln_steps + 1, every)),
         "losses": result.losses[::every].tolist(),
+        "initial_loss": float(result.losses[0]),
         "final_loss": float(result.losses[-1]),
         "seconds": time.perf_counter() - start,
     }
 
 
-def _medians(jobs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per seed: the median over probes and layers 2..k of l2 and cos; per layer: the medians
-    over probes, averaged over seeds."""
-    l2 = np.array([[p["l2"][1:] for p in job["probes"]] for job in jobs], dtype=np.float64)
-    cos = np.array([[p["cos"][1:] for p in job["probes"]] for job in jobs], dtype=np.float64)
-    # l2, cos: (S, T, layers-1)
-    per_seed_l2 = np.nanmedian(l2.reshape(len(jobs), -1), axis=1)
-    per_seed_cos = np.nanmedian(cos.reshape(len(jobs), -1), axis=1)
-    return (
-        per_seed_l2,
-        per_seed_cos,
-        np.nanmedian(l2, axis=1).mean(0),
-        np.nanmedian(cos, axis=1).mean(0),
-    )
+def _nan_back(value):
+    """``value`` with every None (how JSON stored a NaN) turned back into NaN."""
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: _nan_back(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_back(v) for v in value]
+    return value
 
 
-def _relative(jobs: list[dict]) -> np.ndarray:
-    """Per layer 2..k: the median over probes of ||G - G'|| / ||G||, averaged over seeds."""
-    ratios = [
-        [
-            [a / g if g > 0 else np.nan for a, g in zip(p["l2"][1:], p["grad_norm"][1:])]
-            for p in job["probes"]
-        ]
-        for job in jobs
-    ]
-    return np.nanmedian(np.array(ratios, dtype=np.float64), axis=1).mean(0)
+def per_layer_medians(jobs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per seed (one job each) and layer 2..k, the median over the probed steps of the relative
+    shift ||G - G'|| / ||G||, of cos(G, G') and of ||G - G'||; each (seeds, layers - 1)."""
+
+    def median(key: str, relative: bool = False) -> np.ndarray:
+        out = []
+        for job in jobs:
+            rows = []
+            for p in job["probes"]:
+                a = np.asarray(p[key][1:], dtype=np.float64)
+                if relative:
+                    g = np.asarray(p["grad_norm"][1:], dtype=np.float64)
+                    a = np.where(g > 0, a / np.where(g > 0, g, 1.0), np.nan)
+                rows.append(a)
+            rows_array = np.asarray(rows, dtype=np.float64)  # (T, layers - 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN layer stays NaN
+                out.append(np.nanmedian(rows_array, axis=0))
+        return np.asarray(out, dtype=np.float64)
+
+    return median("l2", relative=True), median("cos"), median("l2")
 
 
 @dataclass
 class Numbers:
-    """What the claims are decided on: per seed, the median over probes and layers 2..k, keyed
-    by setting (CNN, deep linear) and then by network (standard, BN)."""
+    """What the claims are decided on, keyed by setting (the CNN, the deep linear network at
+    each learning rate), then network (standard, BN): per seed, per layer 2..k, the median over
+    the probed steps."""
 
-    tolerance: float  # the config's allowance of "l2" (a fraction)
-    cos_tolerance: float  # the config's allowance of "cosine"
-    l2: dict[str, dict[str, list[float]]]  # median ||G - G'||
-    cos: dict[str, dict[str, list[float]]]  # median cos(G, G')
-
-
-def _evidence(values: dict, digits: int) -> str:
-    return "; ".join(
-        f"{s}: {values[s, BN]:.{digits}g} with BN vs {values[s, STANDARD]:.{digits}g} without"
-        for s in SETTINGS
-    )
+    settings: list[str]  # CNN first, then one deep-linear setting per learning rate
+    relative: dict[str, dict[str, list[list[float]]]]  # ||G - G'|| / ||G||, [seed][layer]
+    cos: dict[str, dict[str, list[list[float]]]]  # cos(G, G'), [seed][layer]
+    cnn_train: dict[str, list[float]]  # the CNNs' final training accuracy per seed
+    dln_loss_ratio: dict[str, dict[str, list[float]]]  # per DLN setting: final / initial loss
 
 
-def judge(numbers: Numbers) -> list[Claim]:
-    """Decide the claims from ``numbers`` alone.
+def _layer_tests(
+    bn: np.ndarray, standard: np.ndarray, kw: dict
+) -> tuple[list[bool], list[bool], np.ndarray, np.ndarray]:
+    """Per layer: is BN's value above the standard network's beyond the margin, below it
+    beyond the margin; the mean paired difference (BN - standard) and its margin."""
+    above, below, mean, margin = [], [], [], []
+    for layer in range(bn.shape[1]):
+        d = bn[:, layer] - standard[:, layer]
+        above.append(bool(np.isfinite(d).any() and beyond_tolerance(d, **kw)))
+        below.append(bool(np.isfinite(d).any() and beyond_tolerance(-d, **kw)))
+        finite = d[np.isfinite(d)]
+        mean.append(float(finite.mean()) if finite.size else math.nan)
+        margin.append(paired_tolerance(d, **kw))
+    return above, below, np.asarray(mean), np.asarray(margin)
 
-    The margins are the config's, saved in the numbers: "l2" holds when, in both settings, BN's
-    mean median ||G - G'|| is at least ``1 - tolerance`` times the standard network's (a tie
-    holds); "cosine" when BN's mean median cos(G, G') is at most the standard network's plus
-    ``cos_tolerance`` (a tie holds).
+
+def _layers(flags: list[bool]) -> str:
+    chosen = [str(i + 2) for i, f in enumerate(flags) if f]
+    return ", ".join(chosen) if chosen else "none"
+
+
+def judge(
+    numbers: Numbers,
+    *,
+    spread_factor: float = 2.0,
+    min_tolerance: float = 0.0005,
+    train_floor: float = 0.5,
+    max_loss_ratio: float = 0.5,
+) -> list[Claim]:
+    """Decide the claims from ``numbers`` alone (rules in the module docstring).
+
+    Args:
+        numbers: what :func:`measure` measured.
+        spread_factor, min_tolerance: the margin of :func:`batchnorm.lab.rules.paired_tolerance`
+            on the per-seed differences BN - standard of one layer.
+        train_floor: a CNN whose mean final training accuracy is below this did not train.
+        max_loss_ratio: a DLN whose mean final / initial loss is above this did not train.
     """
     n = numbers
-    l2 = {(s, v): float(np.mean(n.l2[s][v])) for s in SETTINGS for v in NETS}
-    cos = {(s, v): float(np.mean(n.cos[s][v])) for s in SETTINGS for v in NETS}
-    l2_held = all(l2[s, BN] >= (1 - n.tolerance) * l2[s, STANDARD] for s in SETTINGS)
-    cos_held = all(cos[s, BN] <= cos[s, STANDARD] + n.cos_tolerance for s in SETTINGS)
-    return [
-        Claim(
-            "l2",
-            "BN does not reduce internal covariate shift measured as ||G - G'||.",
-            f"in both settings, median ||G - G'|| (probes x layers 2..k, mean over seeds) with "
-            f"BN >= {1 - n.tolerance:g} x that without BN",
-            l2_held,
-            _evidence(l2, 4),
-        ),
-        Claim(
-            "cosine",
-            "BN does not make G' better aligned with G (cos(G, G') is not higher with BN).",
-            f"in both settings, median cos(G, G') with BN <= that without BN + {n.cos_tolerance:g}",
-            cos_held,
-            _evidence(cos, 4),
-        ),
-    ]
+    kw = {"spread_factor": spread_factor, "min_tolerance": min_tolerance}
+    margin = (
+        f"{spread_factor:g} standard errors of the per-seed differences (at least "
+        f"{min_tolerance:g})"
+    )
+    dln_settings = [s for s in n.settings if s != CNN]
+
+    def dln_reason(s: str) -> str | None:
+        ratio = {v: float(np.nanmean(n.dln_loss_ratio[s][v])) for v in NETS}
+        if all(r <= max_loss_ratio for r in ratio.values()):
+            return None
+        return (
+            ", ".join(f"{v} final/initial loss {r:.3g}" for v, r in ratio.items())
+            + f" (a trained DLN reaches <= {max_loss_ratio:g})"
+        )
+
+    reasons = {CNN: untrained(n.cnn_train, train_floor)} | {s: dln_reason(s) for s in dln_settings}
+
+    def values(what: str, s: str, v: str) -> np.ndarray:
+        """(seeds, layers) of ``what``; the seeds of a diverged DLN (non-finite loss) are nan:
+        their probes before the divergence say nothing about a trained network."""
+        x = np.asarray(getattr(n, what)[s][v], dtype=np.float64).copy()
+        if s != CNN:
+            x[~np.isfinite(np.asarray(n.dln_loss_ratio[s][v], dtype=np.float64))] = np.nan
+        return x
+
+    arrays = {
+        (what, s, v): values(what, s, v)
+        for what in ("relative", "cos")
+        for s in n.settings
+        for v in NETS
+    }
+    tests = {
+        (what, s): _layer_tests(arrays[what, s, BN], arrays[what, s, STANDARD], kw)
+        for what in ("relative", "cos")
+        for s in n.settings
+    }
+
+    def summary(what: str, s: str) -> str:
+        above, below, mean, _ = tests[what, s]
+        bn = np.nanmean(arrays[what, s, BN], axis=0)
+        st = np.nanmean(arrays[what, s, STANDARD], axis=0)
+        per_layer = ", ".join(
+            f"{i + 2}: {a:.3g}/{b:.3g}" for i, (a, b) in enumerate(zip(st.tolist(), bn.tolist()))
+        )
+        return (
+            f"BN higher beyond the margin at layers {_layers(above)}; lower at layers "
+            f"{_layers(below)} (of 2..{len(above) + 1}); per layer standard/BN: {per_layer}"
+        )
+
+    def diverged(s: str) -> str:
+        """Which networks of setting ``s`` diverged (a non-finite loss) in how many seeds:
+        their seeds drop out of the paired differences."""
+        if s == CNN:
+            return ""
+        counts = {
+            v: int((~np.isfinite(np.asarray(n.dln_loss_ratio[s][v], dtype=np.float64))).sum())
+            for v in NETS
+        }
+        lost = [
+            f"{v} diverged in {k} of {len(n.dln_loss_ratio[s][v])} seeds"
+            for v, k in counts.items()
+            if k
+        ]
+        return f" ({'; '.join(lost)}: left out)" if lost else ""
+
+    def decide(name: str, statement: str, rule: str, settings: list[str], held_at) -> Claim:
+        """The claim over ``settings``: it holds when ``held_at(s)`` (held, evidence) holds at
+        every setting whose networks trained; not tested when none did."""
+        parts, tested = [], []
+        for s in settings:
+            held, evidence = held_at(s)
+            evidence += diverged(s)
+            if reasons[s] is None:
+                tested.append(held)
+                parts.append(f"{s}: {evidence}")
+            else:
+                parts.append(f"{s}: not tested ({reasons[s]}); {evidence}")
+        evidence = " || ".join(parts)
+        if not tested:
+            return not_tested(name, statement, rule, evidence)
+        return Claim(name, statement, rule, all(tested), evidence)
+
+    claims = []
+    for prefix, settings, where in (
+        ("cnn", [CNN], "the CNN"),
+        ("dln", dln_settings, "the deep linear network (at every learning rate)"),
+    ):
+        claims.append(
+            decide(
+                f"{prefix}-relative",
+                f"In {where}, BN does not reduce internal covariate shift measured as "
+                "||G - G'|| / ||G||.",
+                "at no layer 2..k is BN's median ||G - G'|| / ||G|| below the standard "
+                f"network's by more than {margin}",
+                settings,
+                lambda s: (not any(tests["relative", s][1]), summary("relative", s)),
+            )
+        )
+        claims.append(
+            decide(
+                f"{prefix}-cosine",
+                f"In {where}, BN does not make G' better aligned with G.",
+                "at no layer 2..k is BN's median cos(G, G') above the standard network's by "
+                f"more than {margin}",
+                settings,
+                lambda s: (not any(tests["cos", s][0]), summary("cos", s)),
+            )
+        )
+
+    def increases(s: str) -> tuple[bool, str]:
+        rel_above, cos_below = tests["relative", s][0], tests["cos", s][1]
+        layers = len(rel_above)
+        return (
+            sum(rel_above) > layers / 2 and sum(cos_below) > layers / 2,
+            f"relative shift higher with BN at {sum(rel_above)} of {layers} layers, cosine "
+            f"lower at {sum(cos_below)} of {layers}",
+        )
+
+    claims.append(
+        decide(
+            "dln-increases",
+            "In the deep linear network, BN increases internal covariate shift.",
+            "at every learning rate, at a majority of layers 2..k BN's median ||G - G'|| / ||G||"
+            " is above the standard network's, and at a majority its median cos(G, G') is "
+            f"below, each by more than {margin}",
+            dln_settings,
+            increases,
+        )
+    )
+    return claims
 
 
 def measure(config: Config, ctx: Context) -> Measurement:
@@ -238,76 +422,101 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 )
                 for seed in config.seed_list()
             ]
+    dln_lrs = sorted(set(config.dln_lrs), reverse=True)
+    settings = [CNN] + [dln_setting(lr) for lr in dln_lrs]
     with ctx.timer("deep linear"):
-        for variant in NETS:
-            runs = []
-            for seed in range(config.seed, config.seed + config.dln_seeds):
-                log(f"[lab] deep linear network, {variant}, seed {seed}: {config.dln_steps} steps")
-                runs.append(
-                    cached_job(
-                        ctx,
-                        f"dln-{variant}-seed{seed}",
-                        lambda v=variant, s=seed: _dln_job(config, v == BN, s),
-                        as_json=True,
+        for lr in dln_lrs:
+            for variant in NETS:
+                runs = []
+                for seed in range(config.seed, config.seed + config.dln_seeds):
+                    log(
+                        f"[lab] deep linear network, {variant}, lr {lr:g}, seed {seed}: "
+                        f"{config.dln_steps} steps"
                     )
-                )
-            jobs[DLN, variant] = runs
-    med = {key: _medians(value) for key, value in jobs.items()}
-    l2 = {key: float(np.mean(m[0])) for key, m in med.items()}
-    cos = {key: float(np.mean(m[1])) for key, m in med.items()}
+                    runs.append(
+                        cached_job(
+                            ctx,
+                            f"dln-{variant}-lr{lr:g}-seed{seed}",
+                            lambda v=variant, s=seed, lr=lr: _dln_job(config, v == BN, lr, s),
+                            as_json=True,
+                        )
+                    )
+                jobs[dln_setting(lr), variant] = runs
+    # A saved job holds None where a diverged network's numbers were NaN (JSON has no NaN).
+    jobs = {key: [_nan_back(job) for job in runs] for key, runs in jobs.items()}
+    med = {key: per_layer_medians(runs) for key, runs in jobs.items()}
+    cnn_train = {v: [j["final_train_acc"] for j in jobs[CNN, v]] for v in NETS}
+    cnn_test = {v: [j["final_test_acc"] for j in jobs[CNN, v]] for v in NETS}
     numbers = Numbers(
-        tolerance=config.tolerance,
-        cos_tolerance=config.cos_tolerance,
-        l2={s: {v: med[s, v][0].tolist() for v in NETS} for s in SETTINGS},
-        cos={s: {v: med[s, v][1].tolist() for v in NETS} for s in SETTINGS},
+        settings=settings,
+        relative={s: {v: med[s, v][0].tolist() for v in NETS} for s in settings},
+        cos={s: {v: med[s, v][1].tolist() for v in NETS} for s in settings},
+        cnn_train=cnn_train,
+        dln_loss_ratio={
+            s: {v: [j["final_loss"] / j["initial_loss"] for j in jobs[s, v]] for v in NETS}
+            for s in settings[1:]
+        },
     )
+
+    def layer_means(s: str, v: str, which: int) -> np.ndarray:
+        return np.nanmean(med[s, v][which], axis=0)  # mean over seeds, per layer 2..k
+
+    def overall(s: str, v: str, which: int) -> float:
+        return float(np.nanmedian(layer_means(s, v, which)))
 
     comparisons = [
         Comparison(
-            "CNN: median ||G - G'|| / cos(G, G'), without BN -> with BN",
-            "VGG, CIFAR-10 (Fig. 5): with BN the l2 difference is similar or larger, the cosine "
-            "similar or smaller",
-            f"{l2[CNN, STANDARD]:.4g} / {cos[CNN, STANDARD]:.4f} -> {l2[CNN, BN]:.4g} / "
-            f"{cos[CNN, BN]:.4f}",
-            l2[CNN, BN],
-        ),
+            f"{s}: median over layers of ||G - G'|| / ||G|| and cos(G, G'), without BN -> with BN",
+            "VGG (Fig. 5): with BN the shift is similar or larger, the cosine similar or smaller"
+            if s == CNN
+            else "DLN (Fig. 5): BN increases the shift; without BN G and G' nearly coincide, "
+            "with BN they are almost uncorrelated",
+            f"{overall(s, STANDARD, 0):.4g} / {overall(s, STANDARD, 1):.4f} -> "
+            f"{overall(s, BN, 0):.4g} / {overall(s, BN, 1):.4f}",
+            overall(s, BN, 0),
+        )
+        for s in settings
+    ]
+    comparisons += [
         Comparison(
-            "deep linear network: median ||G - G'|| / cos(G, G'), without BN -> with BN",
-            "25-layer DLN (Fig. 12): BN increases the shift (larger l2, cosine far from 1)",
-            f"{l2[DLN, STANDARD]:.4g} / {cos[DLN, STANDARD]:.4f} -> {l2[DLN, BN]:.4g} / "
-            f"{cos[DLN, BN]:.4f}",
-            l2[DLN, BN],
-        ),
-        Comparison(
-            "final test accuracy of the CNN: without / with BN",
-            "VGG: 80% / 83%",
-            f"{fmt_mean_std([j['final_test_acc'] for j in jobs[CNN, STANDARD]])} / "
-            f"{fmt_mean_std([j['final_test_acc'] for j in jobs[CNN, BN]])}",
-        ),
-        Comparison(
-            "final loss of the deep linear network: without / with BN",
-            "both decrease (Fig. 12)",
-            f"{fmt_mean_std([j['final_loss'] for j in jobs[DLN, STANDARD]], 1)} / "
-            f"{fmt_mean_std([j['final_loss'] for j in jobs[DLN, BN]], 1)}",
+            "final train / test accuracy of the CNN: without BN; with BN",
+            "VGG: 80% / 83% test",
+            f"{fmt_mean_std(cnn_train[STANDARD])} / {fmt_mean_std(cnn_test[STANDARD])}; "
+            f"{fmt_mean_std(cnn_train[BN])} / {fmt_mean_std(cnn_test[BN])}",
         ),
     ]
+    comparisons += [
+        Comparison(
+            f"{s}, final / initial loss: without / with BN",
+            "both decrease",
+            f"{fmt_mean_std(numbers.dln_loss_ratio[s][STANDARD])} / "
+            f"{fmt_mean_std(numbers.dln_loss_ratio[s][BN])}",
+        )
+        for s in settings[1:]
+    ]
     rows = []
-    for s in SETTINGS:
+    for s in settings:
         for v in NETS:
-            per_layer_l2, per_layer_cos = med[s, v][2], med[s, v][3]
-            relative = _relative(jobs[s, v])
-            for layer, (a, b) in enumerate(zip(per_layer_l2, per_layer_cos), start=2):
+            relative, cosine, raw = (layer_means(s, v, k) for k in range(3))
+            for layer in range(len(relative)):
                 rows.append(
-                    [s, v, str(layer), f"{a:.4g}", f"{relative[layer - 2]:.4g}", f"{b:.4f}"]
+                    [
+                        s,
+                        v,
+                        str(layer + 2),
+                        f"{relative[layer]:.4g}",
+                        f"{cosine[layer]:.4f}",
+                        f"{raw[layer]:.4g}",
+                    ]
                 )
     table = md_table(
         [
             "setting",
             "network",
             "layer",
-            "median ||G - G'||",
-            "median ||G - G'|| / ||G|| (outside the rules)",
-            "median cos",
+            "median ||G - G'|| / ||G||",
+            "median cos(G, G')",
+            "median ||G - G'|| (raw, outside the rules)",
         ],
         rows,
     )
@@ -338,25 +547,32 @@ def measure(config: Config, ctx: Context) -> Measurement:
         ["setting", "variant", "run", "step", "layer", "l2_difference", "cosine"],
     )
     with ctx.timer("plots"):
-        _plot(ctx, jobs)
+        _plot(ctx, jobs, settings)
     return Measurement(
         numbers=numbers,
         comparisons=comparisons,
         metrics={
-            "median_l2": {f"{s}|{v}": l2[s, v] for s, v in l2},
-            "median_cos": {f"{s}|{v}": cos[s, v] for s, v in cos},
-            "per_layer_median_l2": {f"{s}|{v}": m[2] for (s, v), m in med.items()},
-            "per_layer_median_cos": {f"{s}|{v}": m[3] for (s, v), m in med.items()},
+            **baseline_metrics(cnn_train[BN], cnn_test[BN]),
+            "baseline": "the CNN with BN",
+            "cnn_final_train_acc": cnn_train,
+            "cnn_final_test_acc": cnn_test,
+            "per_layer_relative": {f"{s}|{v}": layer_means(s, v, 0) for s, v in med},
+            "per_layer_cos": {f"{s}|{v}": layer_means(s, v, 1) for s, v in med},
+            "per_layer_l2": {f"{s}|{v}": layer_means(s, v, 2) for s, v in med},
             "jobs": {f"{s}|{v}": runs for (s, v), runs in jobs.items()},
         },
         tables=[("Covariate shift per layer (median over probed steps, mean over seeds)", table)],
         figures=[
-            ("ics.png", "||G - G'|| and cos(G, G') over training, per layer (first seed)"),
+            ("ics.png", "||G - G'|| / ||G|| and cos(G, G') over training, per layer (first seed)"),
         ],
         choices=[
             f"CNN: conv 3x3 widths {config.channels}, each [BN], ReLU, 2x2 max pool, linear "
-            f"classifier; SGD lr {config.lr}, batch {config.batch_size}, {config.steps} steps, "
+            f"classifier; conv init {config.init} (kaiming: He et al. 2015); SGD lr {config.lr}, "
+            f"batch {config.batch_size}, {config.steps} steps, {config.seeds} seeds, "
             f"{data.description}",
+            "measures: per layer, ||G - G'|| / ||G|| and cos(G, G') (scale-free: the two "
+            "networks' gradient norms differ by orders of magnitude), median over the probed "
+            "steps per seed, compared layer by layer and paired by seed",
             "a CNN layer's group: conv weight and bias with the BN gamma and beta after it; the "
             "classifier is the last layer",
             "the probe runs on the step's own batch, before its update, with the step's lr; BN "
@@ -364,29 +580,36 @@ def measure(config: Config, ctx: Context) -> Measurement:
             "statistics untouched",
             f"deep linear network: {config.dln_depth} layers of {config.dln_dim} x "
             f"{config.dln_dim}, {config.dln_samples} samples, loss summed over samples, lr "
-            f"{config.dln_lr:g}, {config.dln_steps} steps, Glorot normal init, BN after every "
-            "layer but the last",
+            f"{' and '.join(f'{lr:g}' for lr in dln_lrs)}, {config.dln_steps} steps, Glorot "
+            "normal init, BN after every "
+            f"layer but the last; {config.dln_seeds} seeds (problem and initialization), probed "
+            f"every {config.dln_probe_every} steps",
         ],
         notes=[
             "CIFAR-10 and the paper's VGG cannot run here: a small CNN on Fashion-MNIST stands "
             "in. The deep linear network is the paper's setting"
             + (
                 "."
-                if (config.dln_depth, config.dln_steps, config.dln_lr) == (25, 10_000, 1e-6)
+                if (config.dln_depth, config.dln_steps) == (25, 10_000)
                 else f", scaled to {config.dln_depth} layers and {config.dln_steps} steps."
             )
         ],
     )
 
 
-def _plot(ctx: Context, jobs: dict) -> None:
+def _plot(ctx: Context, jobs: dict, settings: list[str]) -> None:
     from batchnorm.lab.plots import new_figure
 
-    figure, axes = new_figure(2, 2)
-    for r, s in enumerate(SETTINGS):
+    figure, axes = new_figure(2, len(settings))
+    for r, s in enumerate(settings):
         for v in NETS:
             job = jobs[s, v][0]
-            l2 = np.array([p["l2"][1:] for p in job["probes"]])
+            l2 = np.array(
+                [
+                    np.divide(p["l2"][1:], np.maximum(p["grad_norm"][1:], 1e-300))
+                    for p in job["probes"]
+                ]
+            )
             cos = np.array([p["cos"][1:] for p in job["probes"]])
             style = "-" if v == BN else "--"
             for layer in range(l2.shape[1]):
@@ -398,7 +621,9 @@ def _plot(ctx: Context, jobs: dict) -> None:
                 axes[r, 1].plot(
                     job["steps"], cos[:, layer], style, color=COLORS[v], alpha=alpha, label=label
                 )
-        axes[r, 0].set(xlabel="step", ylabel="||G - G'||", yscale="log", title=f"{s}: l2")
+        axes[r, 0].set(
+            xlabel="step", ylabel="||G - G'|| / ||G||", yscale="log", title=f"{s}: relative shift"
+        )
         axes[r, 1].set(xlabel="step", ylabel="cos(G, G')", title=f"{s}: cosine")
         for ax in axes[r]:
             ax.grid(alpha=0.3)

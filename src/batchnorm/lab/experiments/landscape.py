@@ -10,18 +10,30 @@ With BN the three are far smaller and vary less over training (up to two orders 
 early in training) (:func:`batchnorm.lab.theory.landscape.probe_landscape`).
 
 Stand-in: the small VGG-style CNN of :mod:`batchnorm.lab.experiments.cnn` on a Fashion-MNIST
-subset (the paper: VGG on CIFAR-10, not available here), standard and BN, paired, plain SGD at
-``lr``; every ``probe_every`` steps, before that step's update, the landscape is probed on the
-step's batch over all parameters. Fashion-MNIST is hard enough that the standard network is still
-learning over the probed steps (its test accuracy is reported at each probe).
+subset (the paper: VGG on CIFAR-10, not available here), standard and BN, paired (same initial
+weights and batches), plain SGD at ``lr``; every ``probe_every`` steps, before that step's
+update, the landscape is probed on the step's batch over all parameters.
+
+Initialization. Under PyTorch's default conv initialization (a third of He's variance) the
+standard network starts with vanishing gradients: its landscape at step 0 is flat for want of a
+gradient, not because it is smooth, and its first steps are a transient out of that regime. The
+conv weights are therefore drawn with He et al.'s (2015) initialization (``init="kaiming"``:
+N(0, 2 / fan_in), the ReLU gain, zero bias), under which the standard network trains from the
+first step; both networks of a seed start from the same weights.
 
 Per probe: the loss range ``max_eta L - min_eta L``, the largest gradient change
-``max_eta ||grad L(theta - eta g) - grad L(theta)||`` and the effective beta-smoothness. Over
-training (the probed steps, pooled over seeds) the *maximum* and the *spread* (max - min) of each
-are compared, not means.
+``max_eta ||grad L(theta - eta g) - grad L(theta)||`` and the effective beta-smoothness.
 
-Rules (in code), one per quantity: with BN both the maximum and the spread over training are
-smaller than without BN.
+Rules (in code), one claim per quantity, judged on the probes at steps >= ``early_steps`` (the
+earlier probes are reported apart), every comparison paired by seed with a margin of
+``spread_factor`` standard errors of the per-seed values (at least ``min_tolerance``,
+:func:`batchnorm.lab.rules.paired_tolerance`):
+(a) smaller: the mean over the judged steps of log(standard / BN), step by step, is above the
+margin;
+(b) steadier: log(spread without BN / spread with BN), the spread being max - min over the
+judged steps, is above the margin.
+A claim holds when both do. Networks that did not train (final training accuracy below
+``train_floor``) leave the claims "not tested".
 """
 
 from __future__ import annotations
@@ -49,9 +61,18 @@ from batchnorm.lab.experiments.cnn import (
     CNNConfig,
     VGGStyle,
     cached_job,
+    evaluate,
     image_data,
     probe_curve_rows,
     train_with_probes,
+)
+from batchnorm.lab.rules import (
+    baseline_metrics,
+    beyond_tolerance,
+    gate,
+    not_tested,
+    paired_tolerance,
+    untrained,
 )
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge"]
@@ -74,7 +95,11 @@ class Config(CNNConfig):
     """Landscape probes with and without BN. Defaults are the full protocol."""
 
     steps: int = param(1000, "SGD steps per network")
+    seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     probe_every: int = param(50, "probe the landscape every this many steps")
+    early_steps: int = param(
+        100, "probes before this step are the early transient: reported apart, not judged"
+    )
     eta_low: float = param(0.5, "smallest step length, in multiples of lr (the paper: 0.5)")
     eta_high: float = param(4.0, "largest step length, in multiples of lr (the paper: 4)")
     eta_num: int = param(8, "step lengths in the grid")
@@ -86,6 +111,11 @@ class Config(CNNConfig):
         super().validate()
         if self.probe_every < 1 or self.eta_num < 1:
             raise ValueError("probe_every and eta_num must be at least 1")
+        if not 0 <= self.early_steps < self.steps:
+            raise ValueError(
+                f"early_steps must lie in 0..steps-1 (some probes must be judged), got "
+                f"{self.early_steps}"
+            )
         if not 0 < self.eta_low <= self.eta_high:
             raise ValueError(
                 f"need 0 < eta_low <= eta_high, got {self.eta_low} and {self.eta_high}"
@@ -95,7 +125,9 @@ class Config(CNNConfig):
 
     def quick(self) -> Config:
         """A smoke test: 200 steps, 1 seed, 4 step lengths."""
-        return replace(super().quick(), probe_every=50, eta_num=4)
+        return replace(
+            super().quick(), probe_every=50, eta_num=4, early_steps=50, eval_examples=1000
+        )
 
 
 def _job(config: Config, data, variant: str, seed: int, etas: tuple[float, ...], key: str) -> dict:
@@ -117,56 +149,105 @@ def _job(config: Config, data, variant: str, seed: int, etas: tuple[float, ...],
             "beta": result.beta_smoothness,
         }
 
-    return train_with_probes(
+    result = train_with_probes(
         model, data, config, seed=seed, probe_every=config.probe_every, probe=probe, desc=key
     )
+    n = min(config.eval_examples, len(data.train_y))
+    result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
+    return result
 
 
 @dataclass
 class Numbers:
-    """What the claims are decided on: every probed value (all probes of all seeds), keyed by
-    quantity and then by network (standard, BN)."""
+    """What the claims are decided on: the probed steps, and every probed value keyed by
+    quantity, then network (standard, BN), as [seed][probe] (nan: not probed, diverged); the
+    final accuracies per seed."""
 
-    values: dict[str, dict[str, list[float]]]
+    steps: list[int]  # the probed steps, the same for every network
+    early_steps: int  # the config's: probes before this step are not judged
+    values: dict[str, dict[str, list[list[float]]]]
+    train: dict[str, list[float]]  # final training accuracy per seed
+    test: dict[str, list[float]]  # final test accuracy per seed
 
 
-def _stats(x: np.ndarray) -> tuple[float, float]:
-    """The maximum and the spread (max - min) of the finite values (nan, nan: none)."""
-    x = x[np.isfinite(x)]
-    return (float(x.max()), float(x.max() - x.min())) if len(x) else (math.nan, math.nan)
+def _log_ratios(
+    numbers: Numbers, q: str, early_steps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per seed, over the judged probes (step >= early_steps, both finite and positive): the
+    mean of log(standard / BN) step by step, log(spread without / spread with BN), and the two
+    spreads."""
+    judged = np.asarray(numbers.steps) >= early_steps
+    st = np.asarray(numbers.values[q][STANDARD], dtype=np.float64)[:, judged]
+    bn = np.asarray(numbers.values[q][BN], dtype=np.float64)[:, judged]
+    per_step, spread_ratio, st_spread, bn_spread = [], [], [], []
+    for a, b in zip(st, bn):
+        ok = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+        if ok.sum() < 2:
+            per_step.append(math.nan)
+            spread_ratio.append(math.nan)
+            st_spread.append(math.nan)
+            bn_spread.append(math.nan)
+            continue
+        a, b = a[ok], b[ok]
+        per_step.append(float(np.mean(np.log(a / b))))
+        sa, sb = float(a.max() - a.min()), float(b.max() - b.min())
+        st_spread.append(sa)
+        bn_spread.append(sb)
+        spread_ratio.append(math.log(sa / sb) if sa > 0 and sb > 0 else math.nan)
+    return tuple(
+        np.array(x, dtype=np.float64) for x in (per_step, spread_ratio, st_spread, bn_spread)
+    )
 
 
-def judge(numbers: Numbers, *, max_margin: float = 0.0, spread_margin: float = 0.0) -> list[Claim]:
-    """Decide the claims, one per quantity, from ``numbers`` alone.
+def judge(
+    numbers: Numbers,
+    *,
+    spread_factor: float = 2.0,
+    min_tolerance: float = 0.0005,
+    train_floor: float = 0.5,
+) -> list[Claim]:
+    """Decide the claims, one per quantity, from ``numbers`` alone (rules in the module
+    docstring).
 
     Args:
-        numbers: what :func:`measure` measured.
-        max_margin: a quantity's claim needs BN's maximum below the standard network's by more
-            than this...
-        spread_margin: ... and BN's spread below it by more than this (ties do not hold; no
-            finite value at all does not hold).
+        numbers: what :func:`measure` measured; probes before its ``early_steps`` (the
+            config's) are the early transient, not judged.
+        spread_factor, min_tolerance: the margin of :func:`batchnorm.lab.rules.paired_tolerance`
+            on the per-seed log ratios.
+        train_floor: a network whose mean final training accuracy is below this did not train.
     """
+    reason = untrained(numbers.train, train_floor)
+    early_steps = numbers.early_steps
     claims = []
+    margin = (
+        f"{spread_factor:g} standard errors of the per-seed values (at least {min_tolerance:g})"
+    )
     for q, label in QUANTITIES.items():
-        bn_max, bn_spread = _stats(np.asarray(numbers.values[q][BN], dtype=np.float64))
-        st_max, st_spread = _stats(np.asarray(numbers.values[q][STANDARD], dtype=np.float64))
-        held = bool(bn_max < st_max - max_margin and bn_spread < st_spread - spread_margin)
-        claims.append(
-            Claim(
-                q,
-                f"With BN the {label} is smaller and steadier over training.",
-                "over the probed steps (pooled over seeds), both the maximum and the spread "
-                "(max - min) are smaller with BN"
-                + (
-                    f" (by more than {max_margin:g} and {spread_margin:g})"
-                    if max_margin or spread_margin
-                    else ""
-                ),
-                held,
-                f"max {bn_max:.4g} with BN vs {st_max:.4g} without; spread {bn_spread:.4g} vs "
-                f"{st_spread:.4g}",
-            )
+        per_step, spread, st_spread, bn_spread = _log_ratios(numbers, q, early_steps)
+        kw = {"spread_factor": spread_factor, "min_tolerance": min_tolerance}
+        statement = f"With BN the {label} is smaller and steadier over training."
+        rule = (
+            f"over the probes at steps >= {early_steps}, paired by seed: the mean of "
+            f"log(standard / BN) step by step, and log(spread without / with BN) (spread "
+            f"= max - min over those steps), each above {margin}"
         )
+        if not np.isfinite(per_step).any():
+            claims.append(
+                not_tested(
+                    q, statement, rule, f"fewer than two judged probes (steps >= {early_steps})"
+                )
+            )
+            continue
+        smaller = beyond_tolerance(per_step, **kw)
+        steadier = np.isfinite(spread).any() and beyond_tolerance(spread, **kw)
+        mean_step, mean_spread = np.nanmean(per_step), np.nanmean(spread)
+        evidence = (
+            f"steps >= {early_steps}: mean log(standard / BN) {mean_step:+.3f} "
+            f"(x{math.exp(mean_step):.3g}), margin {paired_tolerance(per_step, **kw):.3g}; "
+            f"spread {np.nanmean(st_spread):.4g} without vs {np.nanmean(bn_spread):.4g} with BN, "
+            f"mean log ratio {mean_spread:+.3f}, margin {paired_tolerance(spread, **kw):.3g}"
+        )
+        claims.append(gate(Claim(q, statement, rule, bool(smaller and steadier), evidence), reason))
     return claims
 
 
@@ -188,32 +269,54 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 )
                 for seed in config.seed_list()
             ]
-    values = {
-        (v, q): np.array([p[q] for job in jobs[v] for p in job["probes"]], dtype=np.float64)
-        for v in NETS
-        for q in QUANTITIES
-    }
+    schedule = list(range(0, config.steps, config.probe_every))
 
-    numbers = Numbers(values={q: {v: values[v, q].tolist() for v in NETS} for q in QUANTITIES})
-    summary = {key: _stats(x) for key, x in values.items()}
+    def padded(job: dict, q: str) -> list[float]:
+        got = {step: p[q] for step, p in zip(job["steps"], job["probes"])}
+        return [math.nan if got.get(t) is None else float(got[t]) for t in schedule]
+
+    train = {v: [job["final_train_acc"] for job in jobs[v]] for v in NETS}
+    test = {v: [job["final_test_acc"] for job in jobs[v]] for v in NETS}
+    numbers = Numbers(
+        steps=schedule,
+        early_steps=config.early_steps,
+        values={q: {v: [padded(job, q) for job in jobs[v]] for v in NETS} for q in QUANTITIES},
+        train=train,
+        test=test,
+    )
+    grid = {
+        (v, q): np.asarray(numbers.values[q][v], dtype=np.float64) for v in NETS for q in QUANTITIES
+    }  # (S, T)
+    early = np.asarray(schedule) < config.early_steps
     comparisons = []
     for q, label in QUANTITIES.items():
-        (bn_max, _), (st_max, _) = summary[BN, q], summary[STANDARD, q]
-        ratio = st_max / bn_max if bn_max > 0 else math.nan
+        st, bn = grid[STANDARD, q], grid[BN, q]
+        ratio = np.nanmean(np.log(st[:, ~early] / bn[:, ~early]))
         comparisons.append(
             Comparison(
-                f"{label}: max over training without / with BN (ratio)",
+                f"{label}, steps >= {config.early_steps}: mean without / with BN (geometric "
+                "mean of the paired ratios)",
                 PAPER[q],
-                f"{st_max:.4g} / {bn_max:.4g} ({ratio:.3g}x)",
-                float(ratio) if math.isfinite(ratio) else None,
+                f"{np.nanmean(st[:, ~early]):.4g} / {np.nanmean(bn[:, ~early]):.4g} "
+                f"(x{math.exp(ratio):.3g})",
+                float(math.exp(ratio)) if math.isfinite(ratio) else None,
             )
         )
+        if early.any():
+            comparisons.append(
+                Comparison(
+                    f"{label}, early steps (< {config.early_steps}, not judged): mean without / "
+                    "with BN",
+                    "the paper's gap is largest early in training",
+                    f"{np.nanmean(st[:, early]):.4g} / {np.nanmean(bn[:, early]):.4g}",
+                )
+            )
     comparisons.append(
         Comparison(
-            "test accuracy at the end: without / with BN",
-            "VGG, CIFAR-10: 80% / 83%",
-            f"{fmt_mean_std([j['final_test_acc'] for j in jobs[STANDARD]])} / "
-            f"{fmt_mean_std([j['final_test_acc'] for j in jobs[BN]])}",
+            "final train / test accuracy without BN; with BN",
+            "VGG, CIFAR-10: 80% / 83% test",
+            f"{fmt_mean_std(train[STANDARD])} / {fmt_mean_std(test[STANDARD])}; "
+            f"{fmt_mean_std(train[BN])} / {fmt_mean_std(test[BN])}",
         )
     )
     # Per probed step (mean over seeds): is the standard network still learning?
@@ -246,9 +349,12 @@ def measure(config: Config, ctx: Context) -> Measurement:
         numbers=numbers,
         comparisons=comparisons,
         metrics={
+            **baseline_metrics(train[BN], test[BN]),
+            "baseline": "BN",
+            "final_train_acc": train,
+            "final_test_acc": test,
             "step_sizes": etas,
-            "max": {f"{v}|{q}": summary[v, q][0] for v, q in summary},
-            "spread": {f"{v}|{q}": summary[v, q][1] for v, q in summary},
+            "early_steps": config.early_steps,
             "jobs": jobs,
         },
         tables=[("Per probed step (mean over seeds)", table)],
@@ -263,14 +369,24 @@ def measure(config: Config, ctx: Context) -> Measurement:
             f"network: conv 3x3 widths {config.channels}, each [BN], ReLU, 2x2 max pool, linear "
             f"classifier; SGD lr {config.lr}, batch {config.batch_size}, {config.steps} steps, "
             f"{data.description}",
-            "step lengths eta: " + ", ".join(f"{e:.4g}" for e in etas),
+            f"initialization: conv weights {config.init} (kaiming: He et al. 2015, N(0, 2 / "
+            "fan_in), zero bias; classifier PyTorch's default), the same for both networks of a "
+            "seed; under PyTorch's default conv init the standard network starts with vanishing "
+            "gradients (a flat landscape at step 0 for want of a gradient)",
+            "step lengths eta (Sec. 3.1: [0.5, 4] x lr, capped at 0.4 for VGG): "
+            + ", ".join(f"{e:.4g}" for e in etas),
+            f"judged: the probes at steps >= {config.early_steps}, paired by seed and step; the "
+            "earlier ones (the first steps' transient) are reported apart",
             "the probe uses all parameters (BN gamma and beta included), the step's own batch, "
             "BN in training mode; it leaves weights and running statistics untouched",
             "loss range = max - min over eta of L(theta - eta g); gradient change = max over eta",
         ],
         notes=[
             "CIFAR-10 and the paper's VGG cannot run here: a small CNN on Fashion-MNIST stands "
-            "in, so the comparison is of the shape of the result, not of the paper's numbers."
+            "in, so the comparison is of the shape of the result, not of the paper's numbers.",
+            "Fig. 4 plots the range over eta at each step; the rules compare, step by step and "
+            "seed by seed, the standard network's value with BN's, and the spread of each over "
+            "the judged steps.",
         ],
     )
 
