@@ -313,7 +313,7 @@ def _layer_stats(
                         saturated[g, layer] += float(_saturated(z[g], spec.activation).sum())
         finally:
             model.train(was_training)
-    saturated /= x_test.shape[0] * np.array(model.hidden, dtype=np.float64)
+    saturated /= x_test.shape[0] * torch.tensor(model.hidden, dtype=torch.float64)
     generator_state = model.dropout_generator.get_state()
     model.train()
     grads = [torch.zeros_like(w) for w in model.weights]

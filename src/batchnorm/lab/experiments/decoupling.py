@@ -92,8 +92,6 @@ class Config:
         for name in ("dim", "iterations", "mlp_hidden", "mlp_samples", "mlp_sweeps", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.mlp_sweeps < 2:
-            raise ValueError(f"mlp_sweeps must be at least 2 (a rate), got {self.mlp_sweeps}")
         if not self.condition_numbers or min(self.condition_numbers) < 1:
             raise ValueError(f"condition_numbers must be >= 1, got {self.condition_numbers}")
         if self.ts_kappa < 1:

@@ -195,6 +195,11 @@ class Numbers:
     lr: float | None = None  # the Figure 1 learning rate ("higher", the drift)
 
 
+def _mean(values) -> float:
+    """The mean of ``values``, NaN (without a warning) when there are none."""
+    return float(np.mean(values)) if len(values) else math.nan
+
+
 def best_lr_index(values: list[list[float]], diverged: list[int]) -> int:
     """The grid index with the highest mean over seeds among the rates where no seed diverged
     (all rates if every one diverged somewhere); the lower rate wins a tie.
@@ -284,7 +289,7 @@ def judge(
         + f", paired by seed (same initial weights and data order), exceeds {spread_factor:g} "
         f"standard errors of the differences (at least {min_tolerance:g})",
         bool(len(paired_final) > 0 and paired_final.mean() > tol(paired_final)),
-        f"{np.mean(n.final_bn):.4f} vs {np.mean(n.final_plain):.4f}; BN minus no BN per seed: "
+        f"{_mean(n.final_bn):.4f} vs {_mean(n.final_plain):.4f}; BN minus no BN per seed: "
         + ", ".join(f"{d:+.4f}" for d in paired_final)
         + f" (tolerance {tol(paired_final):.4f})",
     )
