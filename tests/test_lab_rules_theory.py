@@ -416,3 +416,16 @@ def test_decoupling_numbers_round_trip() -> None:
     numbers = decoupling_numbers()
     again = numbers_from_json(decoupling.Numbers, numbers_to_json(numbers))
     assert decoupling.judge(again) == decoupling.judge(numbers)
+
+
+def test_decoupling_each_seed_against_its_own_bound() -> None:
+    """Halfspace problems differ by seed (S = Sigma + u u^T), and so do their bounds."""
+    P = decoupling.ProblemNumbers
+    problems = [P("halfspace", 3.0, [0.50, 0.45], [0.7, 0.7], [0.48, 0.52])]
+    assert outcome(decoupling.judge(decoupling_numbers(problems=problems)), "linear rate") == (
+        "did not hold"
+    )  # 0.50 is below the larger bound but above its own
+    problems = [P("halfspace", 3.0, [0.47, 0.51], [0.7, 0.7], [0.48, 0.52])]
+    assert outcome(decoupling.judge(decoupling_numbers(problems=problems)), "linear rate") == (
+        "held"
+    )
