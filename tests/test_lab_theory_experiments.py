@@ -109,9 +109,9 @@ def test_decoupling_quick_run(tmp_path: Path) -> None:
     assert set(m["rates"]) == {f"{p} kappa={k}" for p in ("OLS", "halfspace") for k in (3, 10)}
     for key, rates in m["rates"].items():
         assert set(rates) == {"GD on w~", "GD on (w, g)", "GDNP"}
-        assert 0 < rates["GDNP"] < 1, key  # GDNP converges linearly even in the short run
+        assert all(0 < r < 1 for r in rates["GDNP"]), key  # linear even in the short run
     rows = csv_rows(run_dir / "convergence.csv")
-    assert len(rows) == 4 * 3 * 61  # problems x methods x (iterations + 1)
+    assert len(rows) == 4 * 2 * 3 * 61  # problems x seeds x methods x (iterations + 1)
     assert m["mlp_losses"][-1] < m["mlp_losses"][0]
     assert "reconstructed" in (run_dir / "report.md").read_text()
 

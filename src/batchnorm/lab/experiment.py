@@ -574,6 +574,7 @@ def _job_to_json(result: Any) -> dict[str, Any]:
         "final_test_acc_moving_average": result.final_test_acc_moving_average,
         "train_seconds": result.train_seconds,
         "eval_seconds": result.eval_seconds,
+        **({"extra": result.extra} if result.extra else {}),
     }
 
 
@@ -607,6 +608,7 @@ def _job_from_json(d: dict[str, Any]) -> Any:
         final_test_acc_moving_average=_array(d["final_test_acc_moving_average"]),
         train_seconds=float(d["train_seconds"]),
         eval_seconds=float(d["eval_seconds"]),
+        extra={k: _array(v) for k, v in (d.get("extra") or {}).items()},
     )
 
 

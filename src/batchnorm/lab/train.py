@@ -85,6 +85,14 @@ class TrainSettings:
             last hidden layer where the nonlinearity is saturated: its derivative is below 5% of
             its maximum (sigmoid: |z| > 4.4; tanh: |z| > 2.2; ReLU: z <= 0).
         checkpoint_seconds: minimum time between two checkpoints.
+        layer_stats: record, at every evaluation, each hidden layer's saturated fraction (as
+            ``saturation``, on the evaluation's test examples) and each weight layer's gradient
+            norm (the training loss over the first ``LAYER_STAT_BATCHES`` training mini-batches,
+            batch statistics as in training), in ``JobResult.extra`` as "layer_saturation"
+            (T, G, hidden layers) and "layer_grad_norm" (T, G, weight layers): where gradients
+            vanish, and whether saturation is why.
+        train_eval_final_only: measure the training accuracy at the last evaluation only
+            (``train_acc`` is NaN before it), where earlier values are not needed.
     """
 
     steps: int
@@ -98,6 +106,8 @@ class TrainSettings:
     percentiles: bool = False
     saturation: bool = False
     checkpoint_seconds: float = 30.0
+    layer_stats: bool = False
+    train_eval_final_only: bool = False
 
 
 @dataclass
@@ -273,6 +283,61 @@ def _evaluate(
     return (correct / n).numpy(), (loss / n).numpy(), quantiles, saturated
 
 
+LAYER_STAT_BATCHES = 10  # training mini-batches for the per-layer gradient norms
+
+
+def _layer_stats(
+    model: WideMLP,
+    x_test: torch.Tensor,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    batch_size: int,
+    chunk: int = 2000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(G, hidden layers) saturated fractions on ``x_test`` (inference mode) and (G, weight
+    layers) gradient norms of the mean training loss over the first ``LAYER_STAT_BATCHES``
+    mini-batches (training mode: batch statistics). The parameters, their gradients and the
+    dropout generator are left as they were; the caller restores BN's running averages."""
+    was_training = model.training
+    G = model.num_nets
+    layers = len(model.hidden)
+    saturated = torch.zeros(G, layers, dtype=torch.float64)
+    with torch.no_grad():
+        model.eval()
+        try:
+            for lo in range(0, x_test.shape[0], chunk):
+                captured: list[torch.Tensor] = []
+                model(x_test[lo : lo + chunk], capture_layers=captured)
+                for layer, z in enumerate(captured):
+                    for g, spec in enumerate(model.specs):
+                        saturated[g, layer] += float(_saturated(z[g], spec.activation).sum())
+        finally:
+            model.train(was_training)
+    saturated /= x_test.shape[0] * torch.tensor(model.hidden, dtype=torch.float64)
+    generator_state = model.dropout_generator.get_state()
+    model.train()
+    grads = [torch.zeros_like(w) for w in model.weights]
+    n_batches = max(1, min(LAYER_STAT_BATCHES, x_train.shape[0] // batch_size))
+    try:
+        for b in range(n_batches):
+            xb = x_train[b * batch_size : (b + 1) * batch_size]
+            yb = y_train[b * batch_size : (b + 1) * batch_size]
+            with torch.enable_grad():
+                logits = model(xb)  # (G, B, C), the batch shared by every network
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), yb.repeat(G), reduction="none"
+                )
+                total = loss.view(G, -1).mean(1).sum() / n_batches
+                parts = torch.autograd.grad(total, list(model.weights))
+            for acc, part in zip(grads, parts):
+                acc += part
+    finally:
+        model.train(was_training)
+        model.dropout_generator.set_state(generator_state)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1)  # (G, layers + 1)
+    return saturated.numpy(), norms.double().numpy()
+
+
 def _saturated(z: torch.Tensor, activation: str) -> torch.Tensor:
     """Where the nonlinearity's derivative is below 5% of its maximum."""
     if activation == "sigmoid":
@@ -444,8 +509,14 @@ def train(
                     model, xt, yt, percentiles=s.percentiles, saturation=s.saturation
                 )
                 train_acc = None
-                if n_train_eval:
+                if n_train_eval and (final or not s.train_eval_final_only):
                     train_acc, _, _, _ = _evaluate(model, x_train_eval, y_train_eval)
+                elif n_train_eval:
+                    train_acc = np.full(G, np.nan)
+                if s.layer_stats:
+                    layer_sat, layer_grad = _layer_stats(model, xt, x_train, y_train, s.batch_size)
+                    history.setdefault("layer_saturation", []).append(layer_sat.tolist())
+                    history.setdefault("layer_grad_norm", []).append(layer_grad.tolist())
                 _restore_running(model, saved)
                 mean_train_loss = (
                     (loss_sum / loss_count).numpy() if loss_count else np.full(G, np.nan)
@@ -543,6 +614,11 @@ def train(
         ),
         train_seconds=seconds["train"],
         eval_seconds=seconds["eval"],
+        extra={
+            key: np.asarray(history[key], dtype=np.float64)
+            for key in ("layer_saturation", "layer_grad_norm")
+            if history.get(key)
+        },
     )
 
 

@@ -249,13 +249,20 @@ class WideMLP(nn.Module):
             views += [b[g - Gb] for b in self.hidden_biases]
         return views
 
-    def forward(self, x: torch.Tensor, capture: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        capture: list[torch.Tensor] | None = None,
+        capture_layers: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits of every network.
 
         Args:
             x: (B, D) shared by all networks, or (G, B, D).
             capture: if given, the input of the last hidden layer's nonlinearity, (G, B, F), is
                 appended to it (for batch-norm networks: BN's output y).
+            capture_layers: if given, the input of every hidden layer's nonlinearity, (G, B, F)
+                each, is appended to it, first layer first (for per-layer saturation).
 
         Returns:
             (G, B, C) logits.
@@ -278,6 +285,8 @@ class WideMLP(nn.Module):
             z = self._pre_activation(layer, h)
             if capture is not None and layer == last:
                 capture.append(z.detach())
+            if capture_layers is not None:
+                capture_layers.append(z.detach())
             a = self._activate(z)
             if self.uses_dropout and self.training:
                 draws = torch.rand(a.shape, generator=self.dropout_generator, dtype=a.dtype)

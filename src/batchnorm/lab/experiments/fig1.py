@@ -31,8 +31,25 @@ them over the second half of training alone, outside the verdict):
 ``median drift = (max_t p50 - min_t p50) / mean_t (p85 - p15)`` (how far the centre moves, in
 units of the typical spread) and ``spread ratio = max_t (p85 - p15) / min_t (p85 - p15)``.
 
-Speed: both models and all seeds train at once as one wide network (:mod:`batchnorm.lab.wide`);
-each network in it still follows exactly the protocol above.
+"Faster" at each model's best learning rate: the paper does not state its learning rate, and at
+0.1 the network without batch norm is still near chance at step 500, which makes "faster" easy.
+So both models are also trained at every learning rate of ``lr_grid`` (same seeds, initial
+weights and data order, in the same wide network), and "faster" compares the test accuracy at the
+first plotted point with each model at ITS best rate of the grid (the one with the highest mean
+accuracy there, among those where no seed diverged): the most favourable choice for the network
+without batch norm. "Higher" keeps the Figure 1 learning rate; the final accuracies at each
+model's best rate (by final accuracy) are reported beside it.
+
+Rules (in code; every difference paired by seed, with the margin of
+:func:`batchnorm.lab.rules.paired_tolerance`, two standard errors of the per-seed differences and
+at least 0.0005): "faster": with BN minus without, each at its best rate, at the first plotted
+point, beyond the margin; "higher": with BN minus without at ``lr``, final test accuracy, beyond
+the margin; "stable": the drift numbers of the tracked unit (median drift and spread ratio) are
+smaller with BN, each paired difference beyond its margin. A claim whose networks did not train
+(final training accuracy below ``trained_floor``) is "not tested".
+
+Speed: both models, all learning rates and all seeds train at once as one wide network
+(:mod:`batchnorm.lab.wide`); each network in it still follows exactly the protocol above.
 """
 
 from __future__ import annotations
@@ -66,14 +83,20 @@ from batchnorm.lab.experiments.common import (
     steps_to_target,
     variant_indices,
 )
+from batchnorm.lab.rules import baseline_metrics, gate, paired_tolerance, untrained
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge", "drift"]
 
 WITH, WITHOUT = "with BN", "without BN"
-# The default margin of the "faster" rule (see judge): BN must lead by this much at the first
-# plotted point.
-EARLY_MARGIN = 0.05
 TARGET = 0.95  # for "steps to reach", reported beside the curves
+TRAINED_FLOOR = 0.5  # final training accuracy below which a network counts as untrained
+
+
+def grid_variant(bn: bool, lr: float, default_lr: float) -> str:
+    """The variant name of a model at a learning rate of the grid (the Figure 1 rate keeps the
+    plain names "with BN" / "without BN", so that the metrics' keys stay as they were)."""
+    name = WITH if bn else WITHOUT
+    return name if lr == default_lr else f"{name}, lr {lr:g}"
 
 
 @dataclass(frozen=True)
@@ -81,9 +104,23 @@ class Config(CommonConfig):
     """Figure 1: the paper's MNIST protocol. Defaults are the full protocol."""
 
     tracked_unit: int = param(0, "the last-hidden-layer unit whose input Fig. 1(b, c) follow")
+    lr_grid: tuple[float, ...] = param(
+        (0.1, 1.0),
+        "learning rates both models also train at; 'faster' is judged at each model's best "
+        "(lr itself is always included)",
+    )
+    train_eval_examples: int = param(
+        10_000, "training examples on which the final training accuracy is measured"
+    )
 
     def validate(self) -> None:
         super().validate()
+        if not all(math.isfinite(r) and r > 0 for r in self.lr_grid):
+            raise ValueError(f"lr_grid must list positive learning rates, got {self.lr_grid}")
+        if self.train_eval_examples < 1:
+            raise ValueError(
+                f"train_eval_examples must be at least 1, got {self.train_eval_examples}"
+            )
         if not 0 <= self.tracked_unit < self.hidden[-1]:
             raise ValueError(
                 f"tracked_unit must be a unit of the last hidden layer, 0..{self.hidden[-1] - 1}; "
@@ -100,7 +137,13 @@ class Config(CommonConfig):
             eval_examples=2000,
             popstat_batches=20,
             final_popstat_batches=100,
+            lr_grid=(0.1, 1.0),
+            train_eval_examples=2000,
         )
+
+    def grid(self) -> list[float]:
+        """The learning rates trained, ascending (``lr`` and the grid)."""
+        return sorted({float(self.lr), *(float(r) for r in self.lr_grid)})
 
 
 def drift(percentiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,74 +182,180 @@ class Numbers:
     median_drift_plain: list[float]
     spread_ratio_bn: list[float]  # the tracked unit's spread ratio, with BN
     spread_ratio_plain: list[float]
+    # The learning-rate grid (absent in runs made before it existed: "faster" then uses lr).
+    grid_lrs: list[float] | None = None  # ascending
+    early_grid_bn: list[list[float]] | None = None  # [lr][seed] test acc at first_step, with BN
+    early_grid_plain: list[list[float]] | None = None
+    final_grid_bn: list[list[float]] | None = None  # [lr][seed] final test accuracy
+    final_grid_plain: list[list[float]] | None = None
+    diverged_grid_bn: list[int] | None = None  # [lr] networks that diverged
+    diverged_grid_plain: list[int] | None = None
+    train_grid_bn: list[list[float]] | None = None  # [lr][seed] final training accuracy
+    train_grid_plain: list[list[float]] | None = None
+    lr: float | None = None  # the Figure 1 learning rate ("higher", the drift)
+
+
+def _mean(values) -> float:
+    """The mean of ``values``, NaN (without a warning) when there are none."""
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def best_lr_index(values: list[list[float]], diverged: list[int]) -> int:
+    """The grid index with the highest mean over seeds among the rates where no seed diverged
+    (all rates if every one diverged somewhere); the lower rate wins a tie.
+
+    >>> best_lr_index([[0.5, 0.6], [0.9, 0.8], [0.95, 0.9]], [0, 0, 1])
+    1
+    """
+    means = [float(np.mean(v)) if len(v) else -math.inf for v in values]
+    allowed = [i for i, d in enumerate(diverged) if d == 0] or list(range(len(values)))
+    return max(allowed, key=lambda i: (means[i], -i))
 
 
 def judge(
-    numbers: Numbers, *, early_margin: float = EARLY_MARGIN, final_margin: float = 0.0
+    numbers: Numbers,
+    *,
+    spread_factor: float = 2.0,
+    min_tolerance: float = 0.0005,
+    trained_floor: float = TRAINED_FLOOR,
 ) -> list[Claim]:
-    """Decide the claims of Figure 1 from ``numbers`` alone.
+    """Decide the claims of Figure 1 from ``numbers`` alone (see the module docstring).
 
     Args:
         numbers: what :func:`measure` measured.
-        early_margin: "faster" holds when BN's mean test accuracy at the first plotted point
-            leads by at least this much (a tie at the margin holds).
-        final_margin: "higher" holds when, for every seed, BN's final test accuracy exceeds the
-            plain network's by more than this (a tie does not hold).
+        spread_factor, min_tolerance: the margin of :func:`paired_tolerance` (every difference
+            is paired by seed and must exceed it).
+        trained_floor: the final training accuracy below which the networks of a claim count as
+            untrained, which makes the claim "not tested".
     """
     n = numbers
-    early_bn, early_plain = mean_std(n.early_bn)[0], mean_std(n.early_plain)[0]
-    lead = early_bn - early_plain
-    paired_final = np.asarray(n.final_bn, dtype=np.float64) - np.asarray(
-        n.final_plain, dtype=np.float64
+
+    def tol(d: np.ndarray) -> float:
+        return paired_tolerance(d, spread_factor=spread_factor, min_tolerance=min_tolerance)
+
+    def arr(values) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+    grid = n.grid_lrs is not None and n.early_grid_bn is not None
+    if grid:
+        assert n.early_grid_plain is not None and n.grid_lrs is not None
+        div_bn = n.diverged_grid_bn or [0] * len(n.grid_lrs)
+        div_plain = n.diverged_grid_plain or [0] * len(n.grid_lrs)
+        i_bn = best_lr_index(n.early_grid_bn, div_bn)
+        i_plain = best_lr_index(n.early_grid_plain, div_plain)
+        fast_bn, fast_plain = arr(n.early_grid_bn[i_bn]), arr(n.early_grid_plain[i_plain])
+        where = f"BN at lr {n.grid_lrs[i_bn]:g}, no BN at lr {n.grid_lrs[i_plain]:g}"
+        fast_train = {
+            f"with BN (lr {n.grid_lrs[i_bn]:g})": (n.train_grid_bn or [[]] * 99)[i_bn],
+            f"without BN (lr {n.grid_lrs[i_plain]:g})": (n.train_grid_plain or [[]] * 99)[i_plain],
+        }
+        fast_train = {k: v for k, v in fast_train.items() if len(v)}
+        at_default = (
+            f"; at lr {n.lr:g}: {np.mean(n.early_bn):.4f} vs {np.mean(n.early_plain):.4f}"
+            if n.lr is not None
+            else ""
+        )
+        grid_text = ", ".join(f"{r:g}" for r in n.grid_lrs)
+        fast_rule = (
+            f"each model at its best learning rate of the grid ({grid_text}: the highest mean "
+            f"test accuracy at step {n.first_step} among rates where no seed diverged), with BN "
+            f"minus without, paired by seed, exceeds {spread_factor:g} standard errors of the "
+            f"differences (at least {min_tolerance:g})"
+        )
+    else:
+        fast_bn, fast_plain = arr(n.early_bn), arr(n.early_plain)
+        where, at_default, fast_train = "one learning rate", "", {}
+        fast_rule = (
+            f"test accuracy at step {n.first_step} with BN minus without, paired by seed, "
+            f"exceeds {spread_factor:g} standard errors of the differences (at least "
+            f"{min_tolerance:g})"
+        )
+    lead = fast_bn - fast_plain
+    faster = Claim(
+        "faster",
+        "With BN the network reaches a higher test accuracy faster (Fig. 1a).",
+        fast_rule,
+        bool(lead.mean() > tol(lead)),
+        f"step {n.first_step} ({where}): {fast_bn.mean():.4f} vs {fast_plain.mean():.4f} "
+        f"(lead {lead.mean():+.4f}, tolerance {tol(lead):.4f}){at_default}",
     )
-    center_bn, center_plain = mean_std(n.median_drift_bn)[0], mean_std(n.median_drift_plain)[0]
-    ratio_bn, ratio_plain = mean_std(n.spread_ratio_bn)[0], mean_std(n.spread_ratio_plain)[0]
+
+    paired_final = arr(n.final_bn) - arr(n.final_plain)
+    higher = Claim(
+        "higher",
+        f"With BN the final test accuracy is higher (Fig. 1a, at {n.last_step:,} steps).",
+        "final test accuracy with BN minus without"
+        + (f" at lr {n.lr:g}" if n.lr is not None else "")
+        + f", paired by seed (same initial weights and data order), exceeds {spread_factor:g} "
+        f"standard errors of the differences (at least {min_tolerance:g})",
+        bool(len(paired_final) > 0 and paired_final.mean() > tol(paired_final)),
+        f"{_mean(n.final_bn):.4f} vs {_mean(n.final_plain):.4f}; BN minus no BN per seed: "
+        + ", ".join(f"{d:+.4f}" for d in paired_final)
+        + f" (tolerance {tol(paired_final):.4f})",
+    )
+
+    center = arr(n.median_drift_plain) - arr(n.median_drift_bn)  # > 0: BN drifts less
+    ratio = arr(n.spread_ratio_plain) - arr(n.spread_ratio_bn)
+    stable = Claim(
+        "stable",
+        "With BN the input distribution of a sigmoid stays stable; without BN its mean and "
+        "spread drift (Fig. 1b, c).",
+        f"for the tracked unit {n.tracked_unit}, the median drift and the spread ratio are each "
+        f"smaller with BN, the paired differences beyond {spread_factor:g} standard errors (at "
+        f"least {min_tolerance:g})",
+        bool(center.mean() > tol(center) and ratio.mean() > tol(ratio)),
+        f"median drift {np.mean(n.median_drift_bn):.3f} vs {np.mean(n.median_drift_plain):.3f} "
+        f"(tolerance {tol(center):.3f}); spread ratio {np.mean(n.spread_ratio_bn):.3f} vs "
+        f"{np.mean(n.spread_ratio_plain):.3f} (tolerance {tol(ratio):.3f})",
+    )
+
+    default_train: dict[str, list[float]] = {}
+    if grid and n.lr is not None and n.train_grid_bn and n.train_grid_plain:
+        i = n.grid_lrs.index(n.lr) if n.lr in n.grid_lrs else None
+        if i is not None:
+            default_train = {
+                f"with BN (lr {n.lr:g})": n.train_grid_bn[i],
+                f"without BN (lr {n.lr:g})": n.train_grid_plain[i],
+            }
+    at_default_reason = untrained(default_train, trained_floor) if default_train else None
     return [
-        Claim(
-            "faster",
-            "With BN the network reaches a higher test accuracy faster (Fig. 1a).",
-            f"mean test accuracy with BN at the first plotted point (step {n.first_step}) exceeds "
-            f"that without BN by at least {early_margin}",
-            bool(lead >= early_margin),
-            f"step {n.first_step}: {early_bn:.4f} vs {early_plain:.4f} (lead {lead:+.4f})",
-        ),
-        Claim(
-            "higher",
-            f"With BN the final test accuracy is higher (Fig. 1a, at {n.last_step:,} steps).",
-            "test accuracy with BN above that without BN for every seed (paired runs: same "
-            "initial weights and data order)"
-            + (f", by more than {final_margin}" if final_margin else ""),
-            bool(len(paired_final) > 0 and np.all(paired_final > final_margin)),
-            "BN minus no BN per seed: " + ", ".join(f"{d:+.4f}" for d in paired_final),
-        ),
-        Claim(
-            "stable",
-            "With BN the input distribution of a sigmoid stays stable; without BN its mean and "
-            "spread drift (Fig. 1b, c).",
-            f"for the tracked unit {n.tracked_unit}, both the median drift and the spread ratio, "
-            "averaged over seeds, are smaller with BN",
-            bool(center_bn < center_plain and ratio_bn < ratio_plain),
-            f"median drift {center_bn:.3f} vs {center_plain:.3f}; spread ratio "
-            f"{ratio_bn:.3f} vs {ratio_plain:.3f}",
-        ),
+        gate(faster, untrained(fast_train, trained_floor) if fast_train else None),
+        gate(higher, at_default_reason),
+        gate(stable, at_default_reason),
     ]
 
 
 def measure(config: Config, ctx: Context) -> Measurement:
     """Train both models on all seeds, evaluate, and draw Figure 1."""
     data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
+    lrs = config.grid()
     specs = specs_for(
-        config, [{"variant": WITH, "batch_norm": True}, {"variant": WITHOUT, "batch_norm": False}]
+        config,
+        [
+            {"variant": grid_variant(bn, lr, config.lr), "batch_norm": bn, "lr": lr}
+            for bn in (True, False)
+            for lr in lrs
+        ],
     )
     result = ctx.job(
         "fig1",
         lambda: build_model(config, specs, data),
-        settings(config, percentiles=True),
+        replace(
+            settings(
+                config,
+                percentiles=True,
+                train_eval_examples=min(config.train_eval_examples, len(data.train_y)),
+            ),
+            train_eval_final_only=True,
+        ),
         data,
         desc=f"fig1 {config.dataset} ({len(specs)} nets)",
     )
     bn = variant_indices(result, variant=WITH)
     plain = variant_indices(result, variant=WITHOUT)
+    grid_bn = [variant_indices(result, variant=grid_variant(True, lr, config.lr)) for lr in lrs]
+    grid_plain = [variant_indices(result, variant=grid_variant(False, lr, config.lr)) for lr in lrs]
+    assert result.train_acc is not None
     steps = result.steps
     acc = result.test_acc
     first = 1 if len(steps) > 1 else 0  # the first plotted point after step 0
@@ -250,7 +399,22 @@ def measure(config: Config, ctx: Context) -> Measurement:
         median_drift_plain=[float(v) for v in unit_center_plain],
         spread_ratio_bn=[float(v) for v in unit_ratio_bn],
         spread_ratio_plain=[float(v) for v in unit_ratio_plain],
+        grid_lrs=lrs,
+        early_grid_bn=[acc[first, g].tolist() for g in grid_bn],
+        early_grid_plain=[acc[first, g].tolist() for g in grid_plain],
+        final_grid_bn=[acc[-1, g].tolist() for g in grid_bn],
+        final_grid_plain=[acc[-1, g].tolist() for g in grid_plain],
+        diverged_grid_bn=[int(np.sum(result.diverged_at[g] >= 0)) for g in grid_bn],
+        diverged_grid_plain=[int(np.sum(result.diverged_at[g] >= 0)) for g in grid_plain],
+        train_grid_bn=[result.train_acc[-1, g].tolist() for g in grid_bn],
+        train_grid_plain=[result.train_acc[-1, g].tolist() for g in grid_plain],
+        lr=float(config.lr),
     )
+    assert numbers.diverged_grid_bn is not None and numbers.diverged_grid_plain is not None
+    fast_bn = best_lr_index(numbers.early_grid_bn or [], numbers.diverged_grid_bn)
+    fast_plain = best_lr_index(numbers.early_grid_plain or [], numbers.diverged_grid_plain)
+    best_bn = best_lr_index(numbers.final_grid_bn or [], numbers.diverged_grid_bn)
+    best_plain = best_lr_index(numbers.final_grid_plain or [], numbers.diverged_grid_plain)
 
     comparisons = [
         Comparison(
@@ -333,6 +497,27 @@ def measure(config: Config, ctx: Context) -> Measurement:
             "Algorithm 2 used",
             fmt_mean_std(result.final_test_acc_moving_average[bn]),
         ),
+        Comparison(
+            f"test accuracy at step {first_step}, each model at its best learning rate for it "
+            f"(BN: {lrs[fast_bn]:g}, no BN: {lrs[fast_plain]:g}), with / without BN",
+            "BN faster (lr not stated)",
+            f"{fmt_mean_std(acc[first, grid_bn[fast_bn]])} / "
+            f"{fmt_mean_std(acc[first, grid_plain[fast_plain]])}",
+        ),
+        Comparison(
+            f"final test accuracy, each model at its best learning rate for it (BN: "
+            f"{lrs[best_bn]:g}, no BN: {lrs[best_plain]:g}), with / without BN",
+            "~0.98 / ~0.97 (lr not stated)",
+            f"{fmt_mean_std(acc[-1, grid_bn[best_bn]])} / "
+            f"{fmt_mean_std(acc[-1, grid_plain[best_plain]])}",
+        ),
+        Comparison(
+            f"final training accuracy (first {min(config.train_eval_examples, len(data.train_y)):,}"
+            f" training images) at lr {config.lr:g}, with / without BN",
+            "-",
+            f"{fmt_mean_std(result.train_acc[-1, bn])} / "
+            f"{fmt_mean_std(result.train_acc[-1, plain])}",
+        ),
     ]
 
     # Accuracy at a few steps, for reading the curves.
@@ -347,10 +532,46 @@ def measure(config: Config, ctx: Context) -> Measurement:
         for s in marks
     ]
     tables = [("Test accuracy over training", md_table(["step", WITH, WITHOUT], rows))]
+    grid_rows = []
+    for i, lr in enumerate(lrs):
+        for name, gs, div in (
+            (WITH, grid_bn[i], numbers.diverged_grid_bn[i]),
+            (WITHOUT, grid_plain[i], numbers.diverged_grid_plain[i]),
+        ):
+            grid_rows.append(
+                [
+                    f"{lr:g}",
+                    name,
+                    fmt_mean_std(acc[first, gs]),
+                    fmt_mean_std(acc[list(steps).index(marks[min(1, len(marks) - 1)]), gs]),
+                    fmt_mean_std(acc[-1, gs]),
+                    fmt_mean_std(result.train_acc[-1, gs]),
+                    fmt_steps(mean_steps([steps_to_target(result, g, TARGET) for g in gs])),
+                    str(div),
+                ]
+            )
+    tables.append(
+        (
+            "Learning-rate grid (each model's best rate decides 'faster')",
+            md_table(
+                [
+                    "lr",
+                    "model",
+                    f"test acc, step {first_step}",
+                    f"step {marks[min(1, len(marks) - 1)]:,}",
+                    f"final ({last_step:,})",
+                    "final train acc",
+                    f"steps to {TARGET}",
+                    "diverged",
+                ],
+                grid_rows,
+            ),
+        )
+    )
 
     ctx.write_csv("curves.csv", curve_rows(result), CURVE_FIELDS)
     pct_rows = []
-    for g in bn + plain:
+    for g in bn + plain:  # the Figure 1 learning rate
         spec = result.specs[g]
         for t, step in enumerate(steps):
             p = result.percentiles[t, g, :, unit]
@@ -370,6 +591,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
     )
     with ctx.timer("plots"):
         _plot(ctx, result, bn, plain, unit)
+        _plot_grid(ctx, result, lrs, grid_bn, grid_plain)
 
     metrics: dict[str, Any] = {
         "steps": steps,
@@ -388,10 +610,38 @@ def measure(config: Config, ctx: Context) -> Measurement:
         "spread_ratio_tracked_unit_second_half": late_ratio,
         "diverged_at": result.diverged_at,
         "seeds": [result.specs[g].seed for g in bn],
+        "lr_grid": lrs,
+        "early_test_acc_by_lr": {
+            WITH: {f"{lr:g}": acc[first, g] for lr, g in zip(lrs, grid_bn)},
+            WITHOUT: {f"{lr:g}": acc[first, g] for lr, g in zip(lrs, grid_plain)},
+        },
+        "final_test_acc_by_lr": {
+            WITH: {f"{lr:g}": acc[-1, g] for lr, g in zip(lrs, grid_bn)},
+            WITHOUT: {f"{lr:g}": acc[-1, g] for lr, g in zip(lrs, grid_plain)},
+        },
+        "final_train_acc_by_lr": {
+            WITH: {f"{lr:g}": result.train_acc[-1, g] for lr, g in zip(lrs, grid_bn)},
+            WITHOUT: {f"{lr:g}": result.train_acc[-1, g] for lr, g in zip(lrs, grid_plain)},
+        },
+        "best_lr_early": {WITH: lrs[fast_bn], WITHOUT: lrs[fast_plain]},
+        "best_lr_final": {WITH: lrs[best_bn], WITHOUT: lrs[best_plain]},
+        "final_train_acc": {WITH: result.train_acc[-1, bn], WITHOUT: result.train_acc[-1, plain]},
+        # The network without batch norm at the Figure 1 rate is the baseline: it trained.
+        "baseline": f"without BN (784-100-100-100-10 sigmoid, lr {config.lr:g})",
+        **baseline_metrics(result.train_acc[-1, plain], final_plain),
     }
     choices = [
         f"optimizer: plain SGD, learning rate {config.lr}, momentum {config.momentum}, no weight "
-        "decay, no schedule",
+        "decay, no schedule (the paper does not state its rate, Sec. 4.1)",
+        "learning-rate grid " + ", ".join(f"{r:g}" for r in lrs) + ": both models train at "
+        "every rate (same seeds, weights, data order); 'faster' compares each model at its best "
+        f"rate by mean test accuracy at step {first_step} (no seed diverged), the choice most "
+        f"favourable to the network without BN; 'higher' and Fig. 1(b, c) use lr {config.lr:g}",
+        f"training accuracy on the first {min(config.train_eval_examples, len(data.train_y)):,} "
+        "training images, inference mode (population statistics), at the end",
+        "rules paired by seed: a difference counts when its mean clears 2 standard errors of the "
+        "per-seed differences (at least 0.0005); a claim whose networks end below "
+        f"{TRAINED_FLOOR} training accuracy is 'not tested'",
         f"initialization: W ~ N(0, {config.init_scale}^2 / fan_in), biases 0, gamma 1, beta 0",
         f"eps = {config.eps}; loss: mean cross-entropy over the mini-batch",
         "BN on Wu before each sigmoid, bias of Wu dropped; no BN on the output layer",
@@ -434,6 +684,11 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 "Figure 1 reproduced: (a) test accuracy, mean and min-max band over "
                 f"seeds; (b, c) 15th/50th/85th percentiles of unit {unit}'s input (first seed)",
             ),
+            (
+                "fig1_lr.png",
+                "Test accuracy (mean over seeds) at every learning rate of the grid, with BN "
+                "(solid) and without (dashed)",
+            ),
         ],
         choices=choices,
         notes=notes,
@@ -471,6 +726,30 @@ def _plot(ctx: Context, result: Any, bn: list[int], plain: list[int], unit: int)
     for i in (1, 2):
         axes[0, i].set_ylim(min(lows), max(highs))
     ctx.save_figure(figure, "fig1.png")
+
+
+def _plot_grid(
+    ctx: Context,
+    result: Any,
+    lrs: list[float],
+    grid_bn: list[list[int]],
+    grid_plain: list[list[int]],
+) -> None:
+    from batchnorm.lab.plots import new_figure
+
+    figure, axes = new_figure(1, 1, size=(5.5, 3.8))
+    ax = axes[0, 0]
+    colors = [f"C{i}" for i in range(len(lrs))]
+    for lr, gb, gp, color in zip(lrs, grid_bn, grid_plain, colors):
+        ax.plot(result.steps, result.test_acc[:, gb].mean(1), "-", color=color, label=f"BN, {lr:g}")
+        ax.plot(
+            result.steps, result.test_acc[:, gp].mean(1), "--", color=color, label=f"no BN, {lr:g}"
+        )
+    ax.set_xscale("symlog", linthresh=max(1, int(result.steps[1]) if len(result.steps) > 1 else 1))
+    ax.set(xlabel="training step", ylabel="test accuracy", ylim=(0, 1), title="learning rates")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ctx.save_figure(figure, "fig1_lr.png")
 
 
 EXPERIMENT = Experiment(

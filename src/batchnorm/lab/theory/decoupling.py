@@ -34,14 +34,20 @@ Algorithms (each returns per-iteration suboptimality ``f(w~_t) - f*``):
   reconstructed below), and :func:`fit_linear_rate` for the rate on a log scale.
 - :func:`train_mlp_unitwise` -- a one-hidden-layer tanh MLP trained unit by unit with GDNP.
 
-GDNP, as implemented. At iteration t, with ``w~_t = g_t w_t / ||w_t||_S``:
+GDNP, as implemented (``length_search="end"``, the default). With ``w~_t = g_t w_t / ||w_t||_S``:
 
-1. length: ``g_t = Bisection(T_s, d f(w_t, .) / d g)`` -- T_s halvings of a bracket [a, b]
-   with ``df/dg(a) < 0 < df/dg(b)``, returning the midpoint (so ``|g_t - g*(w_t)| <= (b - a)
-   2^-(T_s + 1)``, the source of the paper's ``2^-T_s`` error term);
-2. direction, if ``h(w_t, g_t) != 0``: ``w_(t+1) = w_t - s_t grad_w f(w_t, g_t)`` with the
-   scale-adapted step ``s_t = -||w_t||_S^3 / (L g_t h(w_t, g_t))`` and
-   ``h(w, g) = c1(w~) u^T w``.
+1. direction, for t = 0 .. T_d - 1, if ``h(w_t, g_t) != 0``: ``w_(t+1) = w_t - s_t grad_w
+   f(w_t, g_t)`` with the scale-adapted step ``s_t = -||w_t||_S^3 / (L g_t h(w_t, g_t))`` and
+   ``h(w, g) = c1(w~) u^T w``, the length held at g_0;
+2. length, once at the end: ``g_(T_d) = Bisection(T_s, d f(w_(T_d), .) / d g)`` -- T_s halvings
+   of a bracket [a_0, b_0] with ``df/dg(a) < 0 < df/dg(b)``, returning the midpoint (so
+   ``|g - g*(w_(T_d))| <= (b_0 - a_0) 2^-(T_s + 1)``, the source of the theorem's
+   ``2^-T_s |b_0 - a_0|`` error term, which names the initial bracket).
+
+``length_search="every"`` instead runs the bisection after every direction step (the iterates
+w_t are the same; only the length held between steps differs). Per iteration, the runs record
+the loss at the best length for w_t (``rho(w_t) - rho*`` for least squares): the quantity the
+theorems bound, independent of where the length search happens.
 
 With ``grad f = c1 u + c2 S w~``, ``grad_w f(w, g) = (g c1 / ||w||_S)(u - (u^T w/||w||_S^2) S w)``,
 so the step is ``w_(t+1) = w_t + ||w_t||_S^2 / (L u^T w_t) u - S w_t / L`` whatever g_t and c1:
@@ -64,6 +70,11 @@ What could and could not be verified:
       form is not: it changes when w is rescaled, which cannot leave the iterates unchanged).
       For OLS (c1 = 2) the step reduces to GD on the Rayleigh quotient with step
       ``||w||_S^2 / (2 L |rho(w)|)``, as the summary states for that case.
+    - Where the bisection happens could not be read either: the default runs it once after
+      the T_d direction steps, which is what the theorem's error term ``2^-T_s |b_0 - a_0|``
+      (the initial bracket) describes; ``length_search="every"`` runs it after every step.
+      Since the direction step cancels g, both give the same w_t and the same best-length
+      suboptimality curve.
     - The paper's theorem bounds the squared gradient by ``(1 - mu/L)^(2 T_d) Phi^2
       (rho(w_0) - rho*) + 2^-T_s zeta |b_0 - a_0| / mu^2``; the tests check the two pieces
       separately (the direction rate, and the length error halving with each bisection step).
@@ -98,6 +109,7 @@ __all__ = [
     "HalfspaceProblem",
     "MLPRun",
     "OLSProblem",
+    "best_length_suboptimality",
     "bisection",
     "fit_linear_rate",
     "gaussian_halfspace_problem",
@@ -380,11 +392,15 @@ class DecouplingRun:
     """One optimization run.
 
     Attributes:
-        suboptimality: ``f(w~_t) - f*`` for t = 0 .. iterations (entry 0 at the start).
+        suboptimality: ``f(w~_t) - f*`` for t = 0 .. iterations (entry 0 at the start); for
+            GDNP, the loss at the best length for the direction w_t (what the theorems bound:
+            ``rho(w_t) - rho*`` for least squares), whatever length the algorithm holds then.
         weights: the final w~.
         direction: the final w (None for plain GD on w~).
         length: the final g (None for plain GD on w~).
         length_derivative: ``|df/dg|`` at the end (None for plain GD on w~).
+        final_suboptimality: ``f(w~) - f*`` of the returned weights (for GDNP: with the length
+            of the T_s-step bisection; None where it equals the last ``suboptimality``).
     """
 
     suboptimality: np.ndarray
@@ -392,6 +408,7 @@ class DecouplingRun:
     direction: np.ndarray | None = None
     length: float | None = None
     length_derivative: float | None = None
+    final_suboptimality: float | None = None
 
 
 def gd(
@@ -430,6 +447,24 @@ def gd_length_direction(
     )
 
 
+LENGTH_SEARCHES = ("end", "every")
+
+
+def best_length_suboptimality(problem: Problem, w: np.ndarray, f_star: float) -> float:
+    """``min_g f(g w / ||w||_S) - f*``: how far the direction w is from optimal, the length
+    set to its best (for least squares exactly ``rho(w) - rho*``; for the halfspace by 100
+    bisection steps on the convex 1-D problem in g, a measurement, not part of any algorithm)."""
+    if isinstance(problem, OLSProblem):
+        return problem.y_second_moment + problem.rayleigh_quotient(w) - f_star
+
+    def derivative(g: float) -> float:
+        return reparametrized_gradients(problem, w, g)[1]
+
+    a, b = _bracket(derivative, 0.0)
+    g = bisection(derivative, a, b, 100)
+    return problem.loss(normalized_weights(w, g, problem.S)) - f_star
+
+
 def gdnp(
     problem: Problem,
     w0: np.ndarray,
@@ -438,6 +473,8 @@ def gdnp(
     *,
     smoothness: float | None = None,
     interval: tuple[float, float] | None = None,
+    length_search: str = "end",
+    g0: float | None = None,
 ) -> DecouplingRun:
     """Gradient Descent in Normalized Parameterization (Algorithm 1 as reconstructed above).
 
@@ -445,15 +482,27 @@ def gdnp(
         problem: an :class:`OLSProblem` or :class:`HalfspaceProblem`.
         w0: initial direction, with ``u^T w0 != 0`` (else rho(w0) = 0 is a critical point).
         iterations: T_d, the number of direction steps.
-        bisection_steps: T_s, bisection steps on g at each iteration.
+        bisection_steps: T_s, the bisection steps of each length search.
         smoothness: L in the step size (default lambda_max(S)).
         interval: the bisection bracket [a, b] for g (default: found by doubling [-1, 1]
             until it straddles the minimum; the doublings are not counted in T_s).
+        length_search: "end" (Algorithm 1: the T_d direction steps run with the length held at
+            g0, then one bisection of T_s steps sets it; the theorem's length error
+            ``2^-T_s |b_0 - a_0|`` is of that one search) or "every" (a bisection after every
+            direction step). The direction iterates are the same in both: the scale-adapted
+            step cancels g and c1 (see the module docstring).
+        g0: the length during the direction steps with ``length_search="end"`` (default
+            ``||w0||_S``, so that w~_0 = w0).
 
     Returns:
-        A :class:`DecouplingRun` with ``iterations + 1`` suboptimality values, each measured
-        right after the length step.
+        A :class:`DecouplingRun` with ``iterations + 1`` suboptimality values (the loss at the
+        best length for each w_t; see :func:`best_length_suboptimality`) and the final weights
+        with the bisected length.
     """
+    if length_search not in LENGTH_SEARCHES:
+        raise ValueError(
+            f"length_search must be one of {', '.join(LENGTH_SEARCHES)}, got {length_search!r}"
+        )
     S = problem.S
     w = np.array(w0, dtype=np.float64)
     if float(problem.u @ w) == 0.0:
@@ -468,8 +517,9 @@ def gdnp(
         a, b = interval if interval is not None else _bracket(derivative, 0.0)
         return bisection(derivative, a, b, bisection_steps)
 
-    g = length_step(w)
-    values = [problem.loss(normalized_weights(w, g, S)) - f_star]
+    every = length_search == "every"
+    g = length_step(w) if every else (s_norm(w, S) if g0 is None else float(g0))
+    values = [best_length_suboptimality(problem, w, f_star)]
     for _ in range(iterations):
         c1, _ = problem.coefficients(normalized_weights(w, g, S))
         h = c1 * float(problem.u @ w)
@@ -478,15 +528,20 @@ def gdnp(
         step = -(s_norm(w, S) ** 3) / (lipschitz * g * h)
         grad_w, _ = reparametrized_gradients(problem, w, g)
         w = w - step * grad_w
+        if every:
+            g = length_step(w)
+        values.append(best_length_suboptimality(problem, w, f_star))
+    if not every:
         g = length_step(w)
-        values.append(problem.loss(normalized_weights(w, g, S)) - f_star)
     _, dg = reparametrized_gradients(problem, w, g)
+    weights = normalized_weights(w, g, S)
     return DecouplingRun(
         suboptimality=np.array(values),
-        weights=normalized_weights(w, g, S),
+        weights=weights,
         direction=w,
         length=g,
         length_derivative=abs(dg),
+        final_suboptimality=problem.loss(weights) - f_star,
     )
 
 
@@ -525,6 +580,7 @@ class MLPRun:
     length_derivatives: np.ndarray
     directions: np.ndarray
     lengths: np.ndarray
+    gradient_norms: np.ndarray | None = None  # full gradient norm at the start, after each sweep
 
 
 def mlp_unit_gradients(
@@ -614,8 +670,18 @@ def train_mlp_unitwise(
     def loss_and_grads(i: int, w: np.ndarray, g: float, rest: np.ndarray):
         return mlp_unit_gradients(X, y, v[i], w, g, rest, S)
 
+    def gradient_norm() -> float:
+        """The norm of the gradient in every unit's (w_i, g_i), the others held fixed."""
+        total = outputs.sum(0)
+        squares = 0.0
+        for i in range(v.size):
+            _, grad_w, dg = loss_and_grads(i, W[i], G[i], total - outputs[i])
+            squares += float(grad_w @ grad_w) + dg * dg
+        return math.sqrt(squares)
+
     losses = [float(np.square(outputs.sum(0) - y).mean())]
     derivs = []
+    norms = [gradient_norm()]
     for _ in range(sweeps):
         for i in range(v.size):
             rest = outputs.sum(0) - outputs[i]
@@ -636,9 +702,11 @@ def train_mlp_unitwise(
             outputs[i] = unit_out(i, W[i], G[i])
             losses.append(loss)
             derivs.append(abs(dg))
+        norms.append(gradient_norm())
     return MLPRun(
         losses=np.array(losses),
         length_derivatives=np.array(derivs),
         directions=W,
         lengths=G,
+        gradient_norms=np.array(norms),
     )
