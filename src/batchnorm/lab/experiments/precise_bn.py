@@ -308,14 +308,14 @@ def measure(config: Config, ctx: Context) -> Measurement:
     )
     rows = [
         {
-            "arm": arm,
+            "step": step,
+            "variant": arm,
+            "seed": seed,
+            "test_acc": r["precise_acc"][i],  # precise BN's; the moving averages' beside it
+            "ema_test_acc": r["ema_acc"][i],
+            "train_loss": r["train_loss"][i],
             "lr": lrs[ARMS[arm][0]],
             "schedule": ARMS[arm][1],
-            "seed": seed,
-            "step": step,
-            "ema_acc": r["ema_acc"][i],
-            "precise_acc": r["precise_acc"][i],
-            "train_loss": r["train_loss"][i],
         }
         for arm, rs in results.items()
         for seed, r in zip(seeds, rs)
