@@ -105,7 +105,9 @@ class Config:
         (0.5, 0.75, 1.5, 2.0),
         "grid depths per batch size, as multiples of its predicted limit 16 / ln lambda(B)",
     )
-    batch_sizes: tuple[int, ...] = param((4, 8, 32, 128), "batch sizes of the grid")
+    batch_sizes: tuple[int, ...] = param(
+        (4, 16, 64), "batch sizes of the grid (those of the Monte Carlo, 4 ... 64)"
+    )
     width: int = param(64, "width of the grid networks (the paper: 384)")
     eps: float = param(1e-3, "BN eps of the grid networks (the paper's 1e-3)")
     lr: float = param(0.05, "plain SGD learning rate at batch 32 (scaled linearly with B)")
