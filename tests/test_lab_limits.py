@@ -25,8 +25,8 @@ SMALL = {
     "small-batch": ["train_subset=320", "epochs=0.4", "batch_sizes=16,4"],
     "non-iid": ["train_subset=400"],
     "ghost": ["train_subset=512", "large_batch=128", "ghost_sizes=32,8", "epochs=2"],
-    "precise-bn": ["train_subset=400", "popstat_batches=5"],
-    "agc": ["train_subset=400", "epochs=1", "batch_size=64", "lrs=0.1,50"],
+    "precise-bn": ["train_subset=400", "popstat_batches=5", "test_subset=200"],
+    "agc": ["train_subset=400", "epochs=1", "batch_sizes=16,64", "test_subset=200"],
 }
 
 
@@ -54,15 +54,19 @@ def test_quick_run_is_complete(name: str, tmp_path: Path) -> None:
         paper = next(c for c in metrics["comparisons"] if c["quantity"].startswith("BN"))
         assert paper["paper"].startswith("23.7 / 27.3")
     if name == "precise-bn":
-        # The moving-average momentum changes the buffers only, never the weights.
-        assert m["max_weight_difference_across_momenta"] == 0.0
-        assert set(m["precise_acc"]) == {"0.1", "0.9", "0.001"}
-        # Momentum 0.001 barely moves the buffers off (0, 1): its drift is the largest.
-        shifts = {k: np.mean(v) for k, v in m["mean_shift"].items()}
-        assert shifts["0.001"] > shifts["0.1"]
+        # Every arm evaluated with the moving averages and precise BN at each point.
+        assert set(m["gap_mean"]) == {
+            "base, constant",
+            "base, cosine",
+            "high, constant",
+            "high, cosine",
+        }
+        assert len(m["eval_steps"]) == 2 and m["lrs"]["high"] == 4 * m["lrs"]["base"]
     if name == "agc":
-        assert set(m["diverged"]["no norm"]) == {"0.1", "50"}
-        assert len(m["final_test_acc"]["no norm + AGC"]["50"]) == 2
+        assert set(m["diverged"]["no norm"]) == {"16", "64"}
+        assert len(m["final_test_acc"]["no norm + AGC"]["64"]) == 2
+        # The threshold shrinks as the batch grows (NFNets Sec. 4.1).
+        assert m["clipping"]["64"] < m["clipping"]["16"]
 
 
 def test_diverged_network_is_stopped_and_scored_at_chance() -> None:
@@ -121,9 +125,9 @@ def test_conv_net_norms() -> None:
         ("small-batch", "norms=bn,ln", "must include bn and gn"),
         ("small-batch", "gn_groups=3", "must divide every width"),
         ("ghost", "ghost_sizes=48", "divide it"),
-        ("precise-bn", "bad_momentum=0.5", "must be one of bn_momenta"),
+        ("precise-bn", "high_factor=1", "high_factor must be a number > 1"),
         ("non-iid", "classes_per_batch=20", "at least two examples"),
-        ("agc", "lrs=0.1,-1", "positive learning rates"),
+        ("agc", "batch_sizes=1,8", "batch_sizes must list sizes >= 2"),
     ],
 )
 def test_bad_configs_are_refused(name: str, override: str, message: str) -> None:

@@ -13,16 +13,13 @@ import pytest
 from batchnorm.lab import experiments
 from batchnorm.lab.experiments import (
     adapt,
-    agc,
     decoupling,
-    explosion,
     fig1,
     ghost,
     init_scale,
     lr_sweep,
     non_iid,
     nonlinearity,
-    precise_bn,
     regularization,
     small_batch,
     theorems,
@@ -31,6 +28,7 @@ from batchnorm.lab.experiments.common import CellNumbers
 from batchnorm.lab.numbers import numbers_from_json, numbers_to_json
 from tests.test_lab_rules_rnn import numbers as rnn_numbers
 from tests.test_lab_rules_santurkar import ics_numbers, landscape_numbers, noisy_numbers
+from tests.test_lab_rules_training import agc_numbers, explosion_numbers, precise_numbers
 
 
 def verdicts(claims) -> dict[str, bool]:
@@ -335,120 +333,7 @@ def test_regularization_exact_ties_at_the_margin() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# explosion
-
-
-def explosion_numbers(**changes) -> explosion.Numbers:
-    L = explosion.LambdaNumbers
-    base = explosion.Numbers(
-        rel_tol=0.1,
-        trainable_acc=0.5,
-        remedy_eps=0.1,
-        lambdas=[
-            L("relu", 4, 1.30, 1.25),
-            L("tanh", 4, 1.10, math.nan),
-            L("linear", 4, 1.20, 1.20),
-            L("relu", 8, 1.21, 1.20),
-            L("linear", 8, 1.10, 1.11),
-        ],
-        grid=[
-            explosion.GridCell(2, 4, [0.9, 0.9]),
-            explosion.GridCell(50, 4, [0.1, math.nan]),
-            explosion.GridCell(2, 16, [0.9, 0.8]),
-            explosion.GridCell(50, 16, [0.7, 0.7]),
-        ],
-        predicted_depth={4: 20.0, 16: 60.0},
-        b_min=4,
-        plain_lambda=1.30,
-        remedy_lambda={"residual": 1.01, "eps=0.1": 1.2},
-        deep=50,
-        small=4,
-        plain_acc=[0.1, math.nan],
-        remedy_acc={"residual": [0.5, 0.6], "eps": [0.2, 0.2]},
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def test_explosion_all_hold_and_evidence() -> None:
-    claims = explosion.judge(explosion_numbers())
-    assert all(verdicts(claims).values()), claims
-    assert claims[0].evidence == "largest relative gap 0.009 (linear, B=8)"  # B=4 is not checked
-    assert claims[2].evidence == "agreement on 4/4 cells"
-    assert claims[4].evidence == "plain 0.050; residual 0.550; eps=0.1 0.200"  # NaN counts as 0
-
-
-@pytest.mark.parametrize(
-    ("relu8", "expected"),
-    [(3.0, True), (3.0000001, False), (1.0, True), (0.9999999, False)],  # tol 0.5 of 2.0
-)
-def test_explosion_closed_form_tolerance(relu8: float, expected: bool) -> None:
-    lambdas = [explosion.LambdaNumbers("relu", 8, relu8, 2.0)]
-    numbers = explosion_numbers(lambdas=lambdas, rel_tol=0.5)
-    assert held(explosion.judge, numbers, "closed form") is expected
-
-
-def test_explosion_closed_form_needs_a_checked_batch_size() -> None:
-    numbers = explosion_numbers(lambdas=[explosion.LambdaNumbers("relu", 4, 1.25, 1.25)])
-    claims = explosion.judge(numbers)
-    assert not verdicts(claims)["closed form"]
-    assert claims[0].evidence == "no batch size >= 8 measured"
-    assert held(explosion.judge, numbers, "closed form", closed_form_min_batch=4)
-
-
-@pytest.mark.parametrize(("smallest", "expected"), [(1.0, False), (1.0001, True), (0.9, False)])
-def test_explosion_lambda_above_one(smallest: float, expected: bool) -> None:
-    lambdas = [
-        explosion.LambdaNumbers("relu", 8, 1.2, 1.2),
-        explosion.LambdaNumbers("tanh", 8, smallest, math.nan),
-    ]
-    assert held(explosion.judge, explosion_numbers(lambdas=lambdas), "explosion") is expected
-
-
-@pytest.mark.parametrize(
-    ("accs", "expected"),
-    [
-        ([[0.9], [0.1], [0.9], [0.7]], True),  # 4/4 agree
-        ([[0.9], [0.9], [0.9], [0.7]], True),  # 3/4 = 75%: a tie holds
-        ([[0.9], [0.9], [0.1], [0.7]], False),  # 2/4
-        ([[0.9], [0.1], [0.9], [0.4999]], True),  # a cell just below trainable_acc fails to train
-        ([[0.9], [0.1], [0.9], [0.5]], True),  # at trainable_acc it trains
-    ],
-)
-def test_explosion_trainable_depth(accs, expected) -> None:
-    grid = [
-        explosion.GridCell(d, b, a) for (d, b), a in zip([(2, 4), (50, 4), (2, 16), (50, 16)], accs)
-    ]
-    assert held(explosion.judge, explosion_numbers(grid=grid), "trainable depth") is expected
-
-
-def test_explosion_trainable_depth_share() -> None:
-    grid = [explosion.GridCell(2, 4, [0.9]), explosion.GridCell(50, 4, [0.9])]  # 1/2 agree
-    numbers = explosion_numbers(grid=grid)
-    assert not held(explosion.judge, numbers, "trainable depth")
-    assert held(explosion.judge, numbers, "trainable depth", agreement_share=0.5)
-
-
-@pytest.mark.parametrize(
-    ("remedies", "expected"),
-    [({"residual": 1.2, "eps=0.1": 1.29}, True), ({"residual": 1.2, "eps=0.1": 1.30}, False)],
-)
-def test_explosion_remedies_reduce_lambda(remedies, expected) -> None:
-    numbers = explosion_numbers(remedy_lambda=remedies)
-    assert held(explosion.judge, numbers, "remedies reduce lambda") is expected
-
-
-@pytest.mark.parametrize(
-    ("eps_accs", "margin", "expected"),
-    [
-        ([0.05, 0.05], 0.0, False),  # ties plain's mean 0.05 (NaN counted as 0)
-        ([0.0501, 0.05], 0.0, True),
-        ([0.0501, 0.05], 0.01, False),
-        ([math.nan, math.nan], 0.0, False),  # diverged: 0
-    ],
-)
-def test_explosion_remedies_train(eps_accs, margin, expected) -> None:
-    numbers = explosion_numbers(remedy_acc={"residual": [0.9, 0.9], "eps": eps_accs})
-    assert held(explosion.judge, numbers, "remedies train", remedy_margin=margin) is expected
+# explosion: its rules are tested in test_lab_rules_training.py
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,116 +600,7 @@ def test_ghost_best_on_a_tie_is_the_first() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# precise-bn (Wu & Johnson 2021)
-
-
-def precise_numbers(ema=(0.9, 0.5), precise=(0.9, 0.9), shift=(0.1, 2.0), **changes):
-    """Momenta 0.1 (good) and 0.9 (bad); one value per seed for each."""
-    base = precise_bn.Numbers(
-        good=0.1,
-        bad=0.9,
-        min_gain=0.05,
-        tolerance=0.01,
-        momenta=[0.1, 0.9],
-        ema={0.1: [ema[0]], 0.9: [ema[1]]},
-        precise={0.1: [precise[0]], 0.9: [precise[1]]},
-        shift={0.1: [shift[0]], 0.9: [shift[1]]},
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def test_precise_all_hold_and_evidence() -> None:
-    claims = precise_bn.judge(precise_numbers())
-    assert all(verdicts(claims).values())
-    assert claims[0].evidence == "0.9000 (precise) vs 0.5000 (moving averages), gain +0.4000"
-    assert claims[1].evidence == "smallest gain +0.0000 (momentum 0.1)"
-
-
-@pytest.mark.parametrize(
-    ("ema_bad", "precise_bad", "min_gain", "expected"),
-    [
-        (0.5, 0.75, 0.25, True),
-        (0.5, 0.7499, 0.25, False),
-        (0.5, 0.5, 0.0, True),
-        (0.6, 0.5, 0.0, False),
-    ],
-)
-def test_precise_repairs(ema_bad, precise_bad, min_gain, expected) -> None:
-    numbers = precise_numbers(ema=(0.9, ema_bad), precise=(0.9, precise_bad), min_gain=min_gain)
-    assert held(precise_bn.judge, numbers, "repairs a bad momentum") is expected
-
-
-@pytest.mark.parametrize(
-    ("precise_good", "tolerance", "expected"),
-    [(0.75, 0.25, True), (0.7499, 0.25, False), (1.0, 0.0, True), (0.9999, 0.0, False)],
-)
-def test_precise_never_worse(precise_good, tolerance, expected) -> None:
-    # the moving averages give 1.0 at the good momentum; a tie at 1.0 - tolerance holds
-    numbers = precise_numbers(ema=(1.0, 0.5), precise=(precise_good, 0.9), tolerance=tolerance)
-    assert held(precise_bn.judge, numbers, "never worse") is expected
-
-
-@pytest.mark.parametrize(
-    ("shift", "margin", "expected"),
-    [((1.0, 1.0), 0.0, False), ((1.0, 1.0001), 0.0, True), ((1.0, 1.0001), 0.001, False)],
-)
-def test_precise_drift(shift, margin, expected) -> None:
-    numbers = precise_numbers(shift=shift)
-    assert held(precise_bn.judge, numbers, "drift", drift_margin=margin) is expected
-
-
-# ---------------------------------------------------------------------------------------------
-# agc (Brock et al. 2021)
-
-
-def agc_numbers(acc=None, diverged=None, target=0.5, tolerance=0.05) -> agc.Numbers:
-    """Learning rates 0.1, 1, 10; two seeds each."""
-    acc = acc or {
-        agc.PLAIN: [[0.8, 0.8], [0.3, 0.9], [0.1, 0.1]],
-        agc.CLIPPED: [[0.8, 0.8], [0.85, 0.86], [0.7, 0.7]],
-        agc.BN: [[0.85, 0.85], [0.88, 0.88], [0.6, 0.6]],
-    }
-    diverged = diverged or {agc.PLAIN: [0, 0, 2], agc.CLIPPED: [0, 0, 0], agc.BN: [0, 0, 0]}
-    return agc.Numbers(
-        lrs=[0.1, 1.0, 10.0], target=target, tolerance=tolerance, acc=acc, diverged=diverged
-    )
-
-
-def test_agc_all_hold_and_evidence() -> None:
-    claims = agc.judge(agc_numbers())
-    assert verdicts(claims) == {"AGC stabilizes": True, "close to BN": True}
-    assert claims[0].evidence == "10 (AGC) vs 0.1 (no AGC); BN: 10"
-    assert claims[1].evidence == "0.8550 (AGC) vs 0.8800 (BN); no AGC: 0.8000"
-
-
-def test_agc_stabilizes_rules() -> None:
-    numbers = agc_numbers()
-    acc = {**numbers.acc, agc.PLAIN: [[0.8, 0.8], [0.5, 0.9], [0.1, 0.1]]}  # at the target
-    assert held(agc.judge, agc_numbers(acc=acc), "AGC stabilizes")  # lr 10 vs 1
-    # the same largest lr is a tie: fails
-    acc = {**numbers.acc, agc.PLAIN: [[0.8, 0.8], [0.5, 0.9], [0.5, 0.5]]}
-    diverged = {**numbers.diverged, agc.PLAIN: [0, 0, 0]}
-    assert not held(agc.judge, agc_numbers(acc=acc, diverged=diverged), "AGC stabilizes")
-    # a diverged seed at lr 10 (even with a good final accuracy) does not train
-    diverged = {**numbers.diverged, agc.PLAIN: [0, 0, 0], agc.CLIPPED: [0, 0, 1]}
-    claims = agc.judge(agc_numbers(acc=acc, diverged=diverged))
-    assert not verdicts(claims)["AGC stabilizes"]
-    # nothing trains anywhere: -inf against -inf fails, shown as "none"
-    low = {v: [[0.1, 0.1]] * 3 for v in numbers.acc}
-    claims = agc.judge(agc_numbers(acc=low))
-    assert not verdicts(claims)["AGC stabilizes"]
-    assert claims[0].evidence == "none (AGC) vs none (no AGC); BN: none"
-
-
-@pytest.mark.parametrize(
-    ("clipped_best", "tolerance", "expected"),
-    [(0.9, 0.0, True), (0.755, 0.125, True), (0.7549, 0.125, False), (0.88, 0.0, True)],
-)
-def test_agc_close_to_bn(clipped_best, tolerance, expected) -> None:
-    # BN's best mean 0.88; 0.88 - 0.125 = 0.755 (a tie holds)
-    numbers = agc_numbers()
-    acc = {**numbers.acc, agc.CLIPPED: [[0.1, 0.1], [clipped_best, clipped_best], [0.1, 0.1]]}
-    assert held(agc.judge, agc_numbers(acc=acc, tolerance=tolerance), "close to BN") is expected
+# precise-bn and agc: their rules are tested in test_lab_rules_training.py
 
 
 # ---------------------------------------------------------------------------------------------

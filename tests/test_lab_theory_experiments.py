@@ -28,10 +28,11 @@ SMALL = {
         "mc_depth=12",
         "mc_repeats=3",
         "mc_skip=2",
-        "depths=2,8",
+        "depth_factors=0.2,2",
         "batch_sizes=4,16",
         "width=16",
-        "steps=40",
+        "train_subset=160",
+        "popstat_examples=64",
         "test_subset=200",
     ],
     "decoupling": [
@@ -84,7 +85,9 @@ def test_explosion_quick_run(tmp_path: Path) -> None:
         assert float(r["ci_low"]) <= float(r["lambda_mc"]) <= float(r["ci_high"])
     grid = csv_rows(run_dir / "grid.csv")
     plain = {(int(r["depth"]), int(r["batch_size"])) for r in grid if r["variant"] == "plain"}
-    assert plain == {(2, 4), (2, 16), (8, 4), (8, 16)}
+    # Depths around each batch size's own predicted limit (0.2 and 2 times 16 / ln lambda).
+    assert plain == {(3, 4), (28, 4), (7, 16), (69, 16)}
+    assert {int(r["steps"]) for r in grid if r["batch_size"] == "4"} == {40}
     assert {r["variant"] for r in grid} == {"plain", "residual", "eps"}
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in grid if r["test_acc"] != "")
     m = metrics["metrics"]

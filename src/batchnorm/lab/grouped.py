@@ -379,14 +379,17 @@ class GroupedConvNet(nn.Module):
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def clip_units(self, *, include_classifier: bool = False) -> list[torch.Tensor]:
+    def clip_units(
+        self, *, include_classifier: bool = False, include_classifier_bias: bool = False
+    ) -> list[torch.Tensor]:
         """Views of the parameters, shaped so that :func:`batchnorm.optim.unitwise_norm` takes
         the norms of network k's units, each with its gradient (a view of the parameter's) as
         ``.grad``: what :func:`clip_grad_per_network_` clips.
 
         A conv weight's and the classifier weight's rows are units (output channels, output
         units) as they are; a vector (bias, gain), one unit per network in a single network, is
-        viewed as (networks, C).
+        viewed as (networks, C). ``include_classifier_bias`` adds the classifier's bias alone
+        (NFNets leave only the final layer's weights unclipped).
         """
         units: list[torch.Tensor] = []
 
@@ -405,6 +408,7 @@ class GroupedConvNet(nn.Module):
                     add(param, (block.nets, c))
             if include_classifier:
                 add(block.classifier_weight, tuple(block.classifier_weight.shape))
+            if include_classifier or include_classifier_bias:
                 add(block.classifier_bias, (block.nets, self.num_classes))
         return units
 
@@ -422,13 +426,18 @@ def clip_grad_per_network_(
     eps: float = 1e-3,
     *,
     include_classifier: bool = False,
+    include_classifier_bias: bool = False,
 ) -> None:
     """Adaptive gradient clipping (:func:`batchnorm.optim.adaptive_clip_grad_`) of every network
     of ``model`` exactly as on its own: units are network k's units (see
-    :meth:`GroupedConvNet.clip_units`); the classifier is left out unless asked."""
+    :meth:`GroupedConvNet.clip_units`); the classifier (or only its weights, with
+    ``include_classifier_bias``) is left out unless asked."""
     from batchnorm.optim import adaptive_clip_grad_
 
-    adaptive_clip_grad_(model.clip_units(include_classifier=include_classifier), clipping, eps)
+    units = model.clip_units(
+        include_classifier=include_classifier, include_classifier_bias=include_classifier_bias
+    )
+    adaptive_clip_grad_(units, clipping, eps)
 
 
 class GroupedAGC:
@@ -526,6 +535,7 @@ def train_grouped(
     channels_last: bool = True,
     checkpoint: Path | None = None,
     checkpoint_seconds: float = 30.0,
+    clip_classifier_bias: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`batchnorm.lab.experiments.cnn.train_net` for the K networks of ``model`` at once:
     network k trains on the mini-batches of ``batches[k]`` and gets the result ``train_net``
@@ -545,6 +555,8 @@ def train_grouped(
         agc_clipping: adaptive gradient clipping ``lambda`` for the networks ``clipped`` marks
             (default all), per network and classifier excluded, as ``train_net`` does.
         clipped: which networks AGC clips (K booleans).
+        clip_classifier_bias: AGC clips the classifier's bias too, leaving only its weights
+            unclipped (as the NFNets code does); default: the whole classifier unclipped.
         eval_fn: how to evaluate (default :func:`evaluate_grouped` on the test set).
         channels_last: keep the weights, and so the activations, in channels-last (NHWC)
             memory format, faster on CPUs for these layers (docs/lab.md, "Grouped CNNs"); the
@@ -624,7 +636,9 @@ def train_grouped(
                         {key: g.clone() for key, g in model.network_tensors(k, grads=True).items()}
                         for k in unclipped
                     ]
-                    clip_grad_per_network_(model, agc_clipping)
+                    clip_grad_per_network_(
+                        model, agc_clipping, include_classifier_bias=clip_classifier_bias
+                    )
                     for k, saved in zip(unclipped, keep):
                         for key, grad in model.network_tensors(k, grads=True).items():
                             grad.copy_(saved[key])

@@ -9,8 +9,8 @@
 ``small-batch``         BN vs GN / LN / IN / BatchRenorm across batch sizes 32 ... 2 (CNN)
 ``non-iid``             BN vs BatchRenorm on batches drawn from a few classes each (CNN)
 ``ghost``               ghost batch size for large-batch training (CNN)
-``precise-bn``          population statistics (Algorithm 2) vs moving averages (CNN)
-``agc``                 unnormalized CNN with / without adaptive gradient clipping vs BN
+``precise-bn``          moving averages vs recomputed population statistics during training (CNN)
+``agc``                 unnormalized CNN with / without adaptive gradient clipping vs BN, by batch
 ``adapt``               test-time adaptation on corrupted data: AdaBN and TENT (Wang et al. 2021)
 ``noisy-bn``            Santurkar et al. Figure 2: BN with injected noise still helps
 ``ics``                 Santurkar et al. Definition 2.1: BN does not reduce covariate shift

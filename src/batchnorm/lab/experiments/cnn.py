@@ -612,6 +612,7 @@ def train_net(
     desc: str,
     agc_clipping: float | None = None,
     eval_fn: Callable[[nn.Module], tuple[float, float]] | None = None,
+    clip_classifier_bias: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` SGD steps; evaluate ``evals`` times.
 
@@ -625,6 +626,8 @@ def train_net(
         agc_clipping: if given, adaptive gradient clipping (:class:`batchnorm.optim.AGC`) with
             this ``lambda``; the final linear layer is not clipped (as in NFNets).
         eval_fn: how to evaluate (default :func:`evaluate` on the test set).
+        clip_classifier_bias: AGC clips the final layer's bias too, leaving only its weights
+            unclipped (as the NFNets code does); default: the whole final layer unclipped.
 
     Returns:
         ``steps``, ``test_acc``, ``test_loss``, ``train_loss`` (mean over the steps since the
@@ -638,7 +641,8 @@ def train_net(
     if agc_clipping is not None:
         from batchnorm.optim import AGC
 
-        agc = AGC(optimizer, clipping=agc_clipping, exclude=[model[-1]])
+        excluded = [model[-1].weight] if clip_classifier_bias else [model[-1]]
+        agc = AGC(optimizer, clipping=agc_clipping, exclude=excluded)
     schedule = set(eval_steps(steps, evals))
     out: dict[str, Any] = {
         "steps": [],
@@ -731,6 +735,7 @@ def train_jobs(
     lr: float,
     agc_clipping: float | None = None,
     finish: Callable[[NetJob, nn.Module, dict[str, Any]], dict[str, Any]] | None = None,
+    clip_classifier_bias: bool = False,
 ) -> list[dict[str, Any]]:
     """Train networks that share a batch size, step count and learning rate; one
     :func:`train_net` result per job, in order, each saved as its job (resumed runs load it).
@@ -740,6 +745,7 @@ def train_jobs(
     each gets the result it would get alone, up to float rounding order); otherwise one by one
     with :func:`train_net`. ``finish(job, network, result)``, if given, runs on each trained network
     (a :func:`conv_net` module holding its weights) and returns its final result.
+    ``clip_classifier_bias`` makes AGC clip the final layer's bias (see :func:`train_net`).
     """
     from batchnorm.lab.grouped import ConvNetSpec, GroupedConvNet, train_grouped
 
@@ -774,6 +780,7 @@ def train_jobs(
                 agc_clipping=agc_clipping,
                 clipped=[j.clipped for j in missing],
                 checkpoint=checkpoint,
+                clip_classifier_bias=clip_classifier_bias,
             )
             if finish is not None:
                 trained = [
@@ -800,6 +807,7 @@ def train_jobs(
                     evals=config.evals,
                     desc=job.desc,
                     agc_clipping=agc_clipping if job.clipped else None,
+                    clip_classifier_bias=clip_classifier_bias,
                 )
                 return result if finish is None else finish(job, model, result)
 
