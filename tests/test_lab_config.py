@@ -128,3 +128,19 @@ def test_experiment_names_and_aliases() -> None:
     for e in ALL:
         assert dataclasses.is_dataclass(e.config_cls)
         assert e.claim and e.paper and e.title
+
+
+def test_every_experiment_config_extends_the_root_run_config() -> None:
+    """One family of configs: seed and threads come from RunConfig, the seeds from SeedsConfig,
+    the data set and its subsets from DataConfig (an experiment redeclares a field only to change
+    its default)."""
+    from batchnorm.lab import experiments
+    from batchnorm.lab.config import DataConfig, RunConfig, SeedsConfig
+
+    without_data = {"theorems": RunConfig, "decoupling": SeedsConfig}
+    for experiment in experiments.all_experiments():
+        name, cls = experiment.name, experiment.config_cls
+        assert issubclass(cls, without_data.get(name, DataConfig)), name
+        config = cls()
+        if isinstance(config, SeedsConfig):
+            assert config.seed_list() == list(range(config.seed, config.seed + config.seeds))

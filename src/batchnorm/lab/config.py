@@ -39,6 +39,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, Union
 
 __all__ = [
+    "RunConfig",
+    "SeedsConfig",
+    "DataConfig",
     "ConfigError",
     "param",
     "parse_assignment",
@@ -61,12 +64,63 @@ class ConfigError(ValueError):
     """A ``--set`` override names an unknown key or gives a value of the wrong type."""
 
 
+def _datasets() -> tuple[str, ...]:
+    from batchnorm.lab.data import DATASETS
+
+    return DATASETS
+
+
 def param(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
     """A dataclass field with a default, a help text and optional choices (for str fields)."""
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# The root configs: every experiment's config extends one of these three
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every run has: its first seed and its torch CPU threads.
+
+    The configs form one family: :class:`RunConfig` (seed, threads) for experiments that draw one
+    set of random instances (``theorems``); :class:`SeedsConfig` adds the number of seeds, each
+    a repetition of the whole protocol (``decoupling``); :class:`DataConfig` adds the data set
+    and its subsets, for every experiment that trains on real data. An experiment redeclares a
+    field only to change its default (e.g. ``threads=1`` for single-threaded numerics).
+    ``check_config`` checks these fields for every experiment alike
+    (:data:`COMMON_FIELD_RULES`).
+    """
+
+    seed: int = param(0, "the first seed; the seeds are seed, seed+1, ...")
+    threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedsConfig(RunConfig):
+    """A run repeated over ``seeds`` seeds: seed, seed+1, ..."""
+
+    seeds: int = param(3, "number of seeds (each: initial weights and data order)")
+
+    def seed_list(self) -> list[int]:
+        """The seeds of the run, in order.
+
+        >>> SeedsConfig(seed=5, seeds=3).seed_list()
+        [5, 6, 7]
+        """
+        return [self.seed + i for i in range(self.seeds)]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(SeedsConfig):
+    """A seeded run on a data set (:data:`batchnorm.lab.data.DATASETS`), optionally a subset."""
+
+    dataset: str = param("mnist", "data set", choices=_datasets())
+    train_subset: int | None = param(None, "use only this many training examples (none = all)")
+    test_subset: int | None = param(None, "use only this many test examples (none = all)")
 
 
 def parse_assignment(text: str) -> tuple[str, str]:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.lab.config import param
+from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
 from batchnorm.lab.io import read_checked_json, remove_checked, to_jsonable, write_checked_json
@@ -213,8 +213,9 @@ def _check_network_fields(config: CNNConfig | ConvConfig, at_least_one: Sequence
 
 
 @dataclass(frozen=True)
-class CNNConfig:
-    """Fields the VGG-style experiments share. Defaults give a full run within minutes on 2
+class CNNConfig(DataConfig):
+    """Fields the VGG-style experiments share (with the seeds, threads and data of
+    :class:`batchnorm.lab.config.DataConfig`). Defaults give a full run within minutes on 2
     cores."""
 
     dataset: str = param(
@@ -228,7 +229,6 @@ class CNNConfig:
     lr: float = param(0.1, "SGD learning rate (the paper: 0.1)")
     eps: float = param(1e-5, "batch norm epsilon")
     seeds: int = param(2, "number of seeds (each: initial weights, data order, noise)")
-    seed: int = param(0, "the first seed; the seeds are seed, seed+1, ...")
     train_subset: int | None = param(
         20000, "use only this many training examples (none = all 60,000)"
     )
@@ -241,7 +241,6 @@ class CNNConfig:
         choices=INITS,
     )
     eval_examples: int = param(5000, "training examples on which the training accuracy is taken")
-    threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
 
     def validate(self) -> None:
         """Checks across fields; raises ValueError with what to change."""
@@ -259,9 +258,6 @@ class CNNConfig:
     def quick(self) -> CNNConfig:
         """The smoke-test sizes: 200 steps, 1 seed, 5,000 training and 1,000 test images."""
         return replace(self, steps=200, seeds=1, train_subset=5000, test_subset=1000)
-
-    def seed_list(self) -> list[int]:
-        return [self.seed + i for i in range(self.seeds)]
 
 
 class VGGStyle(nn.Module):
@@ -465,7 +461,7 @@ CURVE_FIELDS = ("step", "variant", "seed", "test_acc", "test_loss", "train_loss"
 
 
 @dataclass(frozen=True)
-class ConvConfig:
+class ConvConfig(DataConfig):
     """Fields the experiments with :func:`conv_net` share. Defaults: Fashion-MNIST, a
     10,000-image subset."""
 
@@ -477,10 +473,7 @@ class ConvConfig:
     momentum: float = param(0.9, "SGD momentum")
     evals: int = param(4, "evaluations on the test set, evenly spaced over training")
     train_subset: int | None = param(10_000, "training examples used (none = all)")
-    test_subset: int | None = param(None, "test examples used (none = all)")
     seeds: int = param(2, "number of seeds (each: initial weights and data order)")
-    seed: int = param(0, "the first seed; the seeds are seed, seed+1, ...")
-    threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
     grouped: bool = param(
         True,
         "train the networks of one batch size and learning rate together as one grouped network "
@@ -504,9 +497,6 @@ class ConvConfig:
     def quick(self) -> ConvConfig:
         """The smoke-test sizes: 2,000 training and 2,000 test images, 2 evaluations."""
         return replace(self, train_subset=2000, test_subset=2000, evals=2)
-
-    def seed_list(self) -> list[int]:
-        return [self.seed + i for i in range(self.seeds)]
 
     def steps_for(self, batch_size: int, n_train: int) -> int:
         """Steps for ``epochs`` passes over ``n_train`` examples at ``batch_size`` (at least 1)."""

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.lab.config import param
-from batchnorm.lab.data import DATASETS
+from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.train import JobResult, TrainSettings, eval_schedule
 from batchnorm.lab.wide import ACTIVATIONS, BN_IMPLEMENTATIONS, NetSpec, WideMLP
 
@@ -37,10 +36,11 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class CommonConfig:
-    """Fields every experiment has. Defaults here are those of the Figure 1 protocol."""
+class CommonConfig(DataConfig):
+    """Fields the MLP experiments share (with the seeds, threads and data of
+    :class:`batchnorm.lab.config.DataConfig`). Defaults here are those of the Figure 1
+    protocol."""
 
-    dataset: str = param("mnist", "data set", choices=DATASETS)
     hidden: tuple[int, ...] = param((100, 100, 100), "widths of the hidden layers")
     activation: str = param("sigmoid", "hidden nonlinearity", choices=ACTIVATIONS)
     steps: int = param(50_000, "SGD steps (mini-batches) per network")
@@ -49,8 +49,6 @@ class CommonConfig:
     momentum: float = param(0.0, "SGD momentum (0 = plain SGD)")
     init_scale: float = param(1.0, "initial weights ~ N(0, init_scale^2 / fan_in)")
     eps: float = param(1e-5, "batch norm epsilon (added to the variance)")
-    seeds: int = param(3, "number of seeds (each: initial weights and data order)")
-    seed: int = param(0, "the first seed; the seeds are seed, seed+1, ...")
     eval_every: int = param(500, "evaluate every this many steps")
     eval_examples: int | None = param(
         None, "test examples used at intermediate evaluations (none = all; the last uses all)"
@@ -61,14 +59,11 @@ class CommonConfig:
     final_popstat_batches: int | None = param(
         None, "the same for the final evaluation (none = one pass over the training set)"
     )
-    train_subset: int | None = param(None, "use only this many training examples (none = all)")
-    test_subset: int | None = param(None, "use only this many test examples (none = all)")
     bn_impl: str = param(
         "batchnorm",
         "batch norm layer: the project's batchnorm.nn.BatchNorm1d, or torch.nn's to cross-check",
         choices=BN_IMPLEMENTATIONS,
     )
-    threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
     checkpoint_seconds: float = param(
         30.0, "seconds between checkpoints, written at evaluations (0 = at every evaluation)"
     )
@@ -124,7 +119,7 @@ class SweepConfig(CommonConfig):
 
 
 def seeds_of(config: CommonConfig) -> list[int]:
-    return [config.seed + i for i in range(config.seeds)]
+    return config.seed_list()
 
 
 def settings(

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from batchnorm.lab.config import param
+from batchnorm.lab.config import SeedsConfig, param
 from batchnorm.lab.experiment import Claim, Comparison, Context, Experiment, Measurement, md_table
 from batchnorm.lab.progress import bar
 from batchnorm.lab.rules import paired_tolerance
@@ -61,7 +61,7 @@ METHODS = ("GD on w~", "GD on (w, g)", "GDNP")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(SeedsConfig):
     """GD vs GD on (w, g) vs GDNP on Gaussian OLS and halfspaces. Defaults: the full protocol."""
 
     dim: int = param(10, "input dimension d")

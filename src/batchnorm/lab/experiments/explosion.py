@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from batchnorm.lab.config import param
+from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import (
     Claim,
@@ -91,7 +91,7 @@ def grid_depths(batch_size: int, factors: tuple[float, ...]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DataConfig):
     """lambda by Monte Carlo, the trainability grid and the remedies. Defaults: full protocol."""
 
     mc_batch_sizes: tuple[int, ...] = param((4, 8, 16, 32, 64), "batch sizes B for lambda")
@@ -123,7 +123,6 @@ class Config:
     test_subset: int = param(2000, "test images evaluated (and training images for train acc)")
     remedy_eps: float = param(1.0, "the larger eps of the eps remedy")
     seeds: int = param(3, "seeds per cell (initial weights and batches)")
-    seed: int = param(0, "the first seed")
     threads: int = param(1, "torch CPU threads (0 = as many as there are idle cores)")
 
     def validate(self) -> None:
@@ -474,7 +473,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
     ctx.write_csv("lambda.csv", lambda_rows, list(lambda_rows[0]))
 
     data = ctx.load_data(config.dataset, config.train_subset, config.test_subset)
-    seeds = [config.seed + i for i in range(config.seeds)]
+    seeds = config.seed_list()
     depths = {b: grid_depths(b, config.depth_factors) for b in config.batch_sizes}
     grid: dict[tuple[int, int], list[tuple[float, float]]] = {}
     grid_rows = []

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from batchnorm.backends import BACKENDS
-from batchnorm.lab.config import param
+from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import (
     Claim,
@@ -90,7 +90,7 @@ AFTER, BEFORE = "after", "before"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(DataConfig):
     """An LSTM reading MNIST row by row, four normalizations. Defaults are the full protocol."""
 
     dataset: str = param("mnist", "data set (images read one row per time step)", choices=DATASETS)
@@ -106,7 +106,6 @@ class Config:
     ln_gain_init: float = param(1.0, "layer norm's initial gains")
     eps: float = param(1e-5, "the norms' epsilon")
     seeds: int = param(3, "number of seeds (each: initial weights and batch order)")
-    seed: int = param(0, "the first seed; the seeds are seed, seed+1, ...")
     eval_every: int = param(250, "evaluate every this many steps")
     eval_examples: int = param(2000, "test examples of the evaluations along the learning curve")
     popstat_batches: int = param(
@@ -133,10 +132,7 @@ class Config:
     )
     rmsprop_decay: float = param(0.9, "RMSProp's decay of the squared gradients (the authors' 0.9)")
     clip: float = param(1.0, "gradient norm clipping per network (Cooijmans et al. Sec. 5.1: 1)")
-    train_subset: int | None = param(None, "use only this many training examples (none = all)")
-    test_subset: int | None = param(None, "use only this many test examples (none = all)")
     bn_backend: str = param("cpu", "batch norm's implementation", choices=BACKENDS)
-    threads: int = param(0, "torch CPU threads (0 = as many as there are idle cores)")
 
     def validate(self) -> None:
         """Checks across fields; raises ValueError with what to change."""
@@ -188,9 +184,6 @@ class Config:
             train_subset=3000,
             test_subset=1000,
         )
-
-    def seed_list(self) -> list[int]:
-        return [self.seed + i for i in range(self.seeds)]
 
 
 @dataclass

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from batchnorm.lab.config import param
+from batchnorm.lab.config import RunConfig, param
 from batchnorm.lab.experiment import Claim, Comparison, Context, Experiment, Measurement, md_table
 from batchnorm.lab.progress import bar
 from batchnorm.lab.theory.single_layer import gradient_norm_bound, hessian_bound
@@ -50,7 +50,7 @@ TIGHT = 1e-8  # |ratio - 1| allowed for "tight" at eps = 0
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(RunConfig):
     """Random instances of Theorems 4.1 and 4.2. Defaults are the full protocol."""
 
     instances: int = param(400, "random instances per eps value")
