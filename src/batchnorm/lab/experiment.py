@@ -517,8 +517,32 @@ class Context:
         log(f"[lab] {data.describe()}")
         return data
 
+    def cached(self, key: str, compute: Callable[[], Any], *, as_json: bool = False) -> Any:
+        """The run's one job cache: ``compute()``, saved as ``jobs/<key>.json`` (with its
+        SHA-256); or, when a resumed run has that file, the saved result (as JSON keeps it:
+        lists for tuples, None for NaN and infinities). A damaged file is refused
+        (:class:`~batchnorm.lab.io.CorruptFileError`), never loaded.
+
+        Args:
+            key: a file-name-safe name, unique within the run.
+            compute: returns the job's result (JSON-serializable).
+            as_json: return a fresh result in that JSON form too, so that a fresh and a resumed
+                run go on with the same values.
+        """
+        path = self.run_dir / "jobs" / f"{key}.json"
+        if path.is_file():
+            log(f"[lab] {key}: already finished, loaded from {path}")
+            return read_checked_json(path)
+        path.parent.mkdir(exist_ok=True)
+        result = compute()
+        if as_json:
+            result = to_jsonable(result)
+        write_checked_json(path, result)
+        return result
+
     def job(self, key: str, build: Callable[[], Any], settings: Any, data: Any, desc: str):
-        """Train one wide model (resumable): a finished job is loaded from ``jobs/<key>.json``.
+        """Train one wide model (resumable) through :meth:`cached`: a finished job is loaded
+        from ``jobs/<key>.json``; a running one continues from ``jobs/<key>.ckpt``.
 
         Args:
             key: a file-name-safe name, unique within the run.
@@ -529,21 +553,18 @@ class Context:
         """
         from batchnorm.lab.train import train
 
-        jobs = self.run_dir / "jobs"
-        done = jobs / f"{key}.json"
-        checkpoint = jobs / f"{key}.ckpt"
-        if done.is_file():
-            log(f"[lab] {key}: already finished, loaded from {done}")
-            return _job_from_json(read_checked_json(done))
-        jobs.mkdir(exist_ok=True)
-        if checkpoint.is_file():
-            log(f"[lab] {key}: resuming from {checkpoint}")
-        model = build()
-        result = train(model, data, settings, desc=desc, checkpoint=checkpoint)
-        write_checked_json(done, _job_to_json(result))
+        checkpoint = self.run_dir / "jobs" / f"{key}.ckpt"
+
+        def run() -> dict[str, Any]:
+            if checkpoint.is_file():
+                log(f"[lab] {key}: resuming from {checkpoint}")
+            trained = train(build(), data, settings, desc=desc, checkpoint=checkpoint)
+            self.timings[f"{key}: train"] = trained.train_seconds
+            self.timings[f"{key}: evaluate"] = trained.eval_seconds
+            return _job_to_json(trained)
+
+        result = _job_from_json(self.cached(key, run, as_json=True))
         remove_checked(checkpoint)
-        self.timings[f"{key}: train"] = result.train_seconds
-        self.timings[f"{key}: evaluate"] = result.eval_seconds
         return result
 
     def write_csv(self, name: str, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:

@@ -61,7 +61,7 @@ from torch import nn
 from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
-from batchnorm.lab.io import read_checked_json, remove_checked, to_jsonable, write_checked_json
+from batchnorm.lab.io import remove_checked
 from batchnorm.lab.progress import bar, log
 
 __all__ = [
@@ -174,23 +174,9 @@ def evaluate(
 def cached_job(
     ctx: Context, key: str, compute: Callable[[], dict[str, Any]], *, as_json: bool = False
 ) -> dict[str, Any]:
-    """``compute()``, saved as ``jobs/<key>.json``; or, when a resumed run has that file, the
-    saved result (as JSON keeps it: lists for tuples, None for NaN and infinities).
-
-    Args:
-        as_json: return a fresh result in that JSON form too, so that a fresh and a resumed run
-            go on with the same values.
-    """
-    path = ctx.run_dir / "jobs" / f"{key}.json"
-    if path.is_file():
-        log(f"[lab] {key}: already finished, loaded from {path}")
-        return read_checked_json(path)  # refuses a damaged file (CorruptFileError)
-    path.parent.mkdir(exist_ok=True)
-    result = compute()
-    if as_json:
-        result = to_jsonable(result)
-    write_checked_json(path, result)
-    return result
+    """``compute()`` through the run's one job cache (:meth:`Context.cached`): saved as
+    ``jobs/<key>.json``, loaded from there when a resumed run has it."""
+    return ctx.cached(key, compute, as_json=as_json)
 
 
 # The VGG-style network (noisy-bn, ics, landscape) -------------------------------------------
