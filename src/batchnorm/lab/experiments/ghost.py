@@ -344,6 +344,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             f"steps) and the large batch's same-epoch arms ({epoch_steps} steps); regime "
             f"adaptation (Sec. 5): the large batch for {small_steps} steps, as many as the small "
             "batch",
+            common_choices(config)[4],
             f"ghost BN (Sec. 4.2, Algorithm 1): batchnorm.nn.GhostBatchNorm over {v} examples, "
             "the small batch, as the paper's 128 is its small batch; moving averages "
             "(momentum 0.1) pool the ghost batches' statistics, used at test time",

@@ -86,6 +86,7 @@ class Config(ConvConfig):
     )
     train_subset: int | None = param(1000, "training examples used (a subset the nets can fit)")
     epochs: float = param(40.0, "passes over the training subset")
+    lr: float = param(0.05, "SGD learning rate, the same for every network")
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     classes_per_batch: int = param(4, "classes each non-i.i.d. training batch is drawn from")
@@ -278,7 +279,9 @@ def measure(config: Config, ctx: Context) -> Measurement:
         choices=[
             *common_choices(config)[:2],
             f"optimizer: SGD, momentum {config.momentum}, learning rate {config.lr:g}, batch "
-            f"{config.batch_size}, {steps} steps for every network; no weight decay or schedule",
+            f"{config.batch_size}, {steps} steps ({config.epochs:g} epochs) for every network; no "
+            "weight decay or schedule",
+            common_choices(config)[4],
             f"non-i.i.d. batches (Sec. 1 and 4.3: few labels, several examples each; the "
             f"paper's 16 labels x 2 images of 1000 ImageNet classes cannot be drawn from 10): "
             f"each batch of {config.batch_size} draws {k} classes at random, then "

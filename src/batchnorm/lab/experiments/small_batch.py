@@ -84,6 +84,7 @@ class Config(ConvConfig):
     )
     train_subset: int | None = param(1000, "training examples used (a subset the nets can fit)")
     epochs: float = param(40.0, "passes over the training subset (the same for every network)")
+    lr: float = param(0.05, "SGD learning rate, the same for every network")
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     stat_sizes: tuple[int, ...] = param(
@@ -320,11 +321,13 @@ def measure(config: Config, ctx: Context) -> Measurement:
         ],
         figures=[("small_batch.png", "Test error against the examples BN's statistics cover")],
         choices=[
-            *common_choices(config),
-            f"every network: batch {config.batch_size}, {steps} steps, learning rate {lr:g} "
-            "(not scaled: the batch does not change); only the group BN's statistics cover "
-            "changes, as the paper's per-worker statistics do (Sec. 4.1: 8 workers, BN over "
-            "each worker's images)",
+            *common_choices(config)[:2],
+            f"optimizer: SGD, momentum {config.momentum}, no weight decay or schedule; every "
+            f"network: batch {config.batch_size}, {steps} steps ({config.epochs:g} epochs), "
+            f"learning rate {lr:g} (not scaled: the batch does not change); only the group "
+            "BN's statistics cover changes, as the paper's per-worker statistics do (Sec. 4.1: "
+            "8 workers, BN over each worker's images)",
+            common_choices(config)[4],
             "BN over a group of g < batch: batchnorm.nn.GhostBatchNorm(virtual_batch_size=g), "
             "its moving averages (momentum 0.1) pool the groups' statistics; test time uses them",
             f"group norm: {config.gn_groups} groups (the paper's default is 32 groups of wider "
