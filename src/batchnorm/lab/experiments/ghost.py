@@ -180,7 +180,7 @@ def judge(
     def acc(arm: str) -> str:
         return f"test {test[arm].mean():.4f}, train {train[arm].mean():.4f}"
 
-    worse = small_minus_large = test[SMALL] - test[LARGE]
+    worse = test[SMALL] - test[LARGE]
     helps = test[GHOST] - test[LARGE]
     test_short = test[SMALL] - test[ADAPTED]  # <= tolerance: the adapted large batch is as good
     gap_excess = gap[ADAPTED] - gap[SMALL]  # <= tolerance: and it generalizes as well
@@ -195,7 +195,7 @@ def judge(
                 f"least {min_tolerance:g})",
                 beyond_tolerance(worse, **margin),
                 f"small: {acc(SMALL)}; large: {acc(LARGE)}; difference "
-                f"{small_minus_large.mean():+.4f} (tolerance {tol(worse):.4f}); train/test gap "
+                f"{worse.mean():+.4f} (tolerance {tol(worse):.4f}); train/test gap "
                 f"{gap[SMALL].mean():+.4f} (small) vs {gap[LARGE].mean():+.4f} (large)",
             ),
             fit(SMALL),
