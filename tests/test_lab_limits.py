@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("lab_quiet")
 NEW = ("small-batch", "non-iid", "ghost", "precise-bn", "agc")
 COMMON = ["dataset=digits", "threads=1", "seeds=2", "evals=2"]
 SMALL = {
-    "small-batch": ["train_subset=320", "epochs=0.4", "batch_sizes=16,4"],
+    "small-batch": ["train_subset=320", "epochs=0.4", "stat_sizes=32,4"],
     "non-iid": ["train_subset=400"],
-    "ghost": ["train_subset=512", "large_batch=128", "ghost_sizes=32,8", "epochs=2"],
+    "ghost": ["train_subset=512", "large_batch=128", "epochs=2"],
     "precise-bn": ["train_subset=400", "popstat_batches=5", "test_subset=200"],
     "agc": ["train_subset=400", "epochs=1", "batch_sizes=16,64", "test_subset=200"],
 }
@@ -48,11 +48,18 @@ def test_quick_run_is_complete(name: str, tmp_path: Path) -> None:
     assert "## Protocol" in report and "Choices the paper leaves open" in report
     m = metrics["metrics"]
     if name == "small-batch":
-        rows = table(report, "Test error (%) by batch size (mean ± std over seeds)")
-        assert [r[0] for r in rows] == ["BN", "GN", "BatchRenorm"]
-        assert set(m["steps"]) == {"16", "4"} and m["steps"]["4"] == 4 * m["steps"]["16"]
+        rows = table(report, "Final accuracy by network (mean ± std over seeds)")
+        assert [r[0] for r in rows] == ["BN over 32", "BN over 4", "GN"]
+        # Only the statistics' group varies: one step count and learning rate for all.
+        assert isinstance(m["steps"], int) and m["batch_size"] == 32
+        assert m["baseline"] == "BN with statistics over the whole batch of 32"
         paper = next(c for c in metrics["comparisons"] if c["quantity"].startswith("BN"))
-        assert paper["paper"].startswith("23.7 / 27.3")
+        assert paper["paper"].startswith("23.6 / 27.3")
+    if name in ("small-batch", "ghost", "non-iid"):
+        assert 0 <= m["baseline_train_accuracy"] <= 1 and 0 <= m["baseline_test_accuracy"] <= 1
+    if name == "ghost":
+        steps = list(m["steps"].values())  # small, large, ghost, adapted
+        assert steps[0] == steps[3] and steps[1] == steps[2] < steps[0]
     if name == "precise-bn":
         # Every arm evaluated with the moving averages and precise BN at each point.
         assert set(m["gap_mean"]) == {
@@ -122,9 +129,9 @@ def test_conv_net_norms() -> None:
 @pytest.mark.parametrize(
     ("name", "override", "message"),
     [
-        ("small-batch", "norms=bn,ln", "must include bn and gn"),
+        ("small-batch", "stat_sizes=32,12", "must divide batch_size"),
         ("small-batch", "gn_groups=3", "must divide every width"),
-        ("ghost", "ghost_sizes=48", "divide it"),
+        ("ghost", "ghost_size=48", "divide it"),
         ("precise-bn", "high_factor=1", "high_factor must be a number > 1"),
         ("non-iid", "classes_per_batch=20", "at least two examples"),
         ("agc", "batch_sizes=1,8", "batch_sizes must list sizes >= 2"),

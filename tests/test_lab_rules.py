@@ -15,17 +15,15 @@ from batchnorm.lab.experiments import (
     adapt,
     decoupling,
     fig1,
-    ghost,
     init_scale,
     lr_sweep,
-    non_iid,
     nonlinearity,
     regularization,
-    small_batch,
     theorems,
 )
 from batchnorm.lab.experiments.common import CellNumbers
 from batchnorm.lab.numbers import numbers_from_json, numbers_to_json
+from tests.test_lab_rules_batchsize import ghost_numbers, non_iid_numbers, small_batch_numbers
 from tests.test_lab_rules_rnn import numbers as rnn_numbers
 from tests.test_lab_rules_santurkar import ics_numbers, landscape_numbers, noisy_numbers
 from tests.test_lab_rules_training import agc_numbers, explosion_numbers, precise_numbers
@@ -451,152 +449,7 @@ def test_theorems_42_second_form(applies: bool, second: float, expected) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# small-batch (Wu & He 2018)
-
-
-def small_batch_numbers(bn=(0.10, 0.20), gn=(0.12, 0.13), min_degradation=0.05):
-    """BN's and GN's mean errors at batch 32 and at batch 2."""
-    return small_batch.Numbers(
-        big=32,
-        small=2,
-        min_degradation=min_degradation,
-        error={"bn": {32: [bn[0]], 2: [bn[1]]}, "gn": {32: [gn[0]], 2: [gn[1]]}},
-    )
-
-
-def test_small_batch_all_hold_and_evidence() -> None:
-    claims = small_batch.judge(small_batch_numbers())
-    assert verdicts(claims) == {"BN degrades": True, "GN does not": True}
-    assert claims[0].evidence == "BN error 0.1000 at batch 32 -> 0.2000 at batch 2 (change +0.1000)"
-
-
-@pytest.mark.parametrize(
-    ("bn", "min_degradation", "expected"),
-    [
-        ((0.25, 0.5), 0.25, True),  # exactly the least degradation: a tie holds
-        ((0.25, 0.4999), 0.25, False),
-        ((0.2, 0.1), 0.0, False),  # BN's error falls
-        ((0.2, 0.2), 0.0, True),  # no change at a zero threshold holds
-    ],
-)
-def test_small_batch_bn_degrades(bn, min_degradation, expected) -> None:
-    numbers = small_batch_numbers(bn=bn, min_degradation=min_degradation)
-    assert held(small_batch.judge, numbers, "BN degrades") is expected
-
-
-@pytest.mark.parametrize(
-    ("gn", "expected"),
-    [
-        ((0.25, 0.5), False),  # GN changes as much as BN (+0.25 each): a tie fails
-        ((0.0, 0.2499), True),
-        ((0.3, 0.5), False),  # GN's change is smaller, but its error at batch 2 ties BN's
-        ((0.45, 0.4999), True),
-    ],
-)
-def test_small_batch_gn_does_not(gn, expected) -> None:
-    numbers = small_batch_numbers(bn=(0.25, 0.5), gn=gn)
-    assert held(small_batch.judge, numbers, "GN does not") is expected
-
-
-def test_small_batch_gn_margin() -> None:
-    numbers = small_batch_numbers(bn=(0.25, 0.5), gn=(0.4, 0.45))  # change 0.05 vs 0.25
-    assert held(small_batch.judge, numbers, "GN does not", gn_margin=0.04)
-    assert not held(small_batch.judge, numbers, "GN does not", gn_margin=0.05)
-
-
-# ---------------------------------------------------------------------------------------------
-# non-iid (Ioffe 2017, Batch Renormalization)
-
-
-def non_iid_numbers(bn_iid=0.9, bn_non=0.7, renorm_non=0.8, min_drop=0.05) -> non_iid.Numbers:
-    return non_iid.Numbers(
-        min_drop=min_drop,
-        classes_per_batch=2,
-        acc={non_iid.BN_IID: [bn_iid], non_iid.BN_NON: [bn_non], non_iid.RENORM_NON: [renorm_non]},
-    )
-
-
-def test_non_iid_all_hold_and_evidence() -> None:
-    claims = non_iid.judge(non_iid_numbers())
-    assert verdicts(claims) == {"BN suffers": True, "renorm helps": True}
-    assert claims[0].evidence == "0.9000 (i.i.d.) -> 0.7000 (non-i.i.d.), drop +0.2000"
-    assert "(2 classes per batch)" in claims[0].rule
-
-
-@pytest.mark.parametrize(
-    ("bn_iid", "bn_non", "min_drop", "expected"),
-    [
-        (0.75, 0.5, 0.25, True),
-        (0.75, 0.5001, 0.25, False),
-        (0.5, 0.5, 0.0, True),
-        (0.5, 0.6, 0.0, False),
-    ],
-)
-def test_non_iid_bn_suffers(bn_iid, bn_non, min_drop, expected) -> None:
-    numbers = non_iid_numbers(bn_iid=bn_iid, bn_non=bn_non, min_drop=min_drop)
-    assert held(non_iid.judge, numbers, "BN suffers") is expected
-
-
-@pytest.mark.parametrize(
-    ("renorm", "margin", "expected"),
-    [(0.7, 0.0, False), (0.7001, 0.0, True), (0.7001, 0.001, False), (0.6, 0.0, False)],
-)
-def test_non_iid_renorm_helps(renorm, margin, expected) -> None:
-    numbers = non_iid_numbers(bn_non=0.7, renorm_non=renorm)
-    assert held(non_iid.judge, numbers, "renorm helps", renorm_margin=margin) is expected
-
-
-# ---------------------------------------------------------------------------------------------
-# ghost (Hoffer et al. 2017)
-
-
-def ghost_numbers(small_acc=0.9, big_acc=0.8, ghosts=(0.82, 0.85)) -> ghost.Numbers:
-    names = [f"ghost BN {v}, batch 512" for v in (64, 16)]
-    return ghost.Numbers(
-        big=512,
-        small=32,
-        ghosts=names,
-        acc={
-            "BN, batch 32": [small_acc],
-            "BN, batch 512": [big_acc],
-            names[0]: [ghosts[0]],
-            names[1]: [ghosts[1]],
-        },
-    )
-
-
-def test_ghost_all_hold_and_evidence() -> None:
-    claims = ghost.judge(ghost_numbers())
-    assert verdicts(claims) == {"large batch worse": True, "ghost helps": True}
-    assert claims[1].evidence == "0.8500 (ghost BN 16, batch 512) vs 0.8000 (BN, batch 512)"
-
-
-@pytest.mark.parametrize(
-    ("small_acc", "margin", "expected"),
-    [(0.8, 0.0, False), (0.8001, 0.0, True), (0.8001, 0.001, False), (0.7, 0.0, False)],
-)
-def test_ghost_large_batch_worse(small_acc, margin, expected) -> None:
-    numbers = ghost_numbers(small_acc=small_acc)
-    assert held(ghost.judge, numbers, "large batch worse", large_margin=margin) is expected
-
-
-@pytest.mark.parametrize(
-    ("ghosts", "margin", "expected"),
-    [
-        ((0.8, 0.8), 0.0, False),  # the best ghost ties plain BN: fails
-        ((0.7, 0.8001), 0.0, True),  # one ghost size suffices
-        ((0.7, 0.8001), 0.001, False),
-        ((0.7, 0.75), 0.0, False),
-    ],
-)
-def test_ghost_helps(ghosts, margin, expected) -> None:
-    numbers = ghost_numbers(ghosts=ghosts)
-    assert held(ghost.judge, numbers, "ghost helps", ghost_margin=margin) is expected
-
-
-def test_ghost_best_on_a_tie_is_the_first() -> None:
-    claims = ghost.judge(ghost_numbers(ghosts=(0.85, 0.85)))
-    assert "(ghost BN 64, batch 512)" in claims[1].evidence
+# small-batch, non-iid, ghost: tests/test_lab_rules_batchsize.py (SAMPLES below uses its numbers)
 
 
 # ---------------------------------------------------------------------------------------------

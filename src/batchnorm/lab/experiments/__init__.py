@@ -6,9 +6,9 @@
 ``init``                initialization scale: how sensitive each model is to it
 ``nonlinearity``        saturating nonlinearities (sigmoid, tanh) vs ReLU in a deeper net
 ``regularization``      BN vs dropout vs both vs neither: test accuracy and train/test gap
-``small-batch``         BN vs GN / LN / IN / BatchRenorm across batch sizes 32 ... 2 (CNN)
-``non-iid``             BN vs BatchRenorm on batches drawn from a few classes each (CNN)
-``ghost``               ghost batch size for large-batch training (CNN)
+``small-batch``         BN with statistics over 32 ... 2 examples of a batch vs GN (CNN)
+``non-iid``             BN vs BatchRenorm on few-class batches, GN as the control (CNN)
+``ghost``               large batches: sqrt learning rate, ghost BN, regime adaptation (CNN)
 ``precise-bn``          moving averages vs recomputed population statistics during training (CNN)
 ``agc``                 unnormalized CNN with / without adaptive gradient clipping vs BN, by batch
 ``adapt``               test-time adaptation on corrupted data: AdaBN and TENT (Wang et al. 2021)
