@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchnorm.inference import recalibrate
-from batchnorm.lab import train as train_module
+from batchnorm.lab import samplers
 from batchnorm.lab.data import load_dataset
 from batchnorm.lab.train import TrainSettings, batch_indices, eval_schedule, train
 from batchnorm.lab.wide import NetSpec, WideMLP
@@ -76,7 +76,7 @@ def test_final_evaluation_uses_population_statistics(data) -> None:
     x_train = torch.from_numpy(data.train_x)
     batches = [
         x_train[torch.from_numpy(i)]
-        for i in train_module._popstat_batches(30, 10, len(data.train_y), 20)
+        for i in samplers.popstat_batches(30, 10, len(data.train_y), 20)
     ]
     recalibrate(frozen, batches, progress=False)
     with torch.no_grad():

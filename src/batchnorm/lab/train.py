@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from batchnorm.lab.io import atomic_write_checked, read_checked
 from batchnorm.lab.progress import bar
+from batchnorm.lab.samplers import EpochBatches, batch_indices, popstat_batches
 from batchnorm.lab.wide import NetSpec, WideMLP
 
 __all__ = ["TrainSettings", "JobResult", "train", "batch_indices", "eval_schedule"]
@@ -154,63 +155,6 @@ class JobResult:
         ]
 
 
-def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
-    """The training examples of one network's mini-batch at ``step`` (see the module doc).
-
-    >>> a = batch_indices(0, 0, 100, 10)
-    >>> b = batch_indices(0, 9, 100, 10)   # the last batch of epoch 0
-    >>> len(set(a) | set(b)), len(a)
-    (20, 10)
-    """
-    per_epoch = num_examples // batch_size
-    if per_epoch < 1:
-        raise ValueError(
-            f"the training set ({num_examples} examples) is smaller than one batch "
-            f"({batch_size}); use a smaller batch_size or a larger training subset"
-        )
-    epoch, position = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    return order[position * batch_size : (position + 1) * batch_size]
-
-
-class _BatchSource:
-    """Mini-batch indices for all networks, caching each seed's permutation for the epoch."""
-
-    def __init__(self, seeds: Sequence[int], num_examples: int, batch_size: int) -> None:
-        self.seeds = list(seeds)
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.per_epoch = num_examples // batch_size
-        if self.per_epoch < 1:
-            batch_indices(0, 0, num_examples, batch_size)  # raises the explanatory error
-        self._epoch = -1
-        self._orders: dict[int, np.ndarray] = {}
-
-    def __call__(self, step: int) -> np.ndarray:
-        """(G, B) example indices, one row per network."""
-        epoch, position = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self._orders = {
-                s: np.random.default_rng([s, epoch]).permutation(self.num_examples)
-                for s in set(self.seeds)
-            }
-            self._epoch = epoch
-        lo, hi = position * self.batch_size, (position + 1) * self.batch_size
-        return np.stack([self._orders[s][lo:hi] for s in self.seeds])
-
-
-def _popstat_batches(step: int, count: int, num_examples: int, batch_size: int) -> list[np.ndarray]:
-    """``count`` mini-batches of training indices for Algorithm 2, fixed by the step."""
-    rng = np.random.default_rng([0xB4, step])
-    per_epoch = num_examples // batch_size
-    batches: list[np.ndarray] = []
-    while len(batches) < count:
-        order = rng.permutation(num_examples)
-        for i in range(min(per_epoch, count - len(batches))):
-            batches.append(order[i * batch_size : (i + 1) * batch_size])
-    return batches
-
-
 def _save_running(model: WideMLP) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(n.running_mean.clone(), n.running_var.clone()) for n in model.norms]
 
@@ -230,7 +174,7 @@ def _recalibrate(
         return
     from batchnorm.inference import recalibrate
 
-    indices = _popstat_batches(step, count, x_train.shape[0], batch_size)
+    indices = popstat_batches(step, count, x_train.shape[0], batch_size)
     batches = (x_train[torch.from_numpy(i)] for i in indices)
     recalibrate(model, batches, progress=False)
 
@@ -438,7 +382,7 @@ def train(
     eval_steps = sorted(set(s.eval_steps) | {s.steps})
 
     G = model.num_nets
-    source = _BatchSource([spec.seed for spec in model.specs], len(y_train), s.batch_size)
+    source = EpochBatches([spec.seed for spec in model.specs], len(y_train), s.batch_size)
     lr = torch.tensor([spec.lr for spec in model.specs], dtype=torch.float32)
     diverged = torch.full((G,), -1, dtype=torch.int64)
     velocity: list[torch.Tensor] | None = None

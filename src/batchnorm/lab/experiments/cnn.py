@@ -46,7 +46,6 @@ and resumable jobs (:func:`cached_job`): a finished network is saved as ``jobs/<
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +62,7 @@ from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
 from batchnorm.lab.io import remove_checked
 from batchnorm.lab.progress import bar, log
+from batchnorm.lab.samplers import batch_order, few_class_batches, iid_batches
 
 __all__ = [
     # shared
@@ -136,21 +136,6 @@ def image_data(ctx: Context, config: CNNConfig | ConvConfig) -> ImageData:
         num_classes=data.num_classes,
         description=data.describe(),
     )
-
-
-def iid_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless mini-batch indices: a fresh permutation each epoch, the last partial batch
-    dropped."""
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
-
-
-def batch_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
-    """The first ``steps`` batches of :func:`iid_batches`, as a (steps, batch_size) array."""
-    return np.stack(list(itertools.islice(iid_batches(n, batch_size, seed), steps)))
 
 
 @torch.no_grad()
@@ -540,31 +525,6 @@ def norm_kwargs(norm: str, steps: int, gn_groups: int) -> dict[str, Any]:
             "r_max_reached_at": int(0.3 * steps),
         }
     return {}
-
-
-def few_class_batches(
-    labels: np.ndarray, batch_size: int, classes_per_batch: int, seed: int
-) -> Iterator[np.ndarray]:
-    """Endless non-i.i.d. mini-batches: each draws ``classes_per_batch`` classes at random, then
-    ``batch_size`` examples from those classes only (equal shares, without replacement within a
-    batch)."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    if not 1 <= classes_per_batch <= len(classes):
-        raise ValueError(
-            f"classes_per_batch must lie in 1..{len(classes)} (the classes present), "
-            f"got {classes_per_batch}"
-        )
-    by_class = {int(c): np.nonzero(labels == c)[0] for c in classes}
-    while True:
-        chosen = rng.choice(classes, size=classes_per_batch, replace=False)
-        shares = np.full(classes_per_batch, batch_size // classes_per_batch)
-        shares[: batch_size - shares.sum()] += 1
-        parts = [
-            rng.choice(by_class[int(c)], size=min(int(s), len(by_class[int(c)])), replace=False)
-            for c, s in zip(chosen, shares, strict=True)
-        ]
-        yield rng.permutation(np.concatenate(parts))
 
 
 def eval_steps(steps: int, evals: int) -> list[int]:
