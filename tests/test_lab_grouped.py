@@ -436,3 +436,39 @@ def test_an_interrupted_group_continues_where_it_stopped(tmp_path) -> None:
     other = GroupedConvNet([ConvNetSpec("bn", seed=5)] * 2, CHANNELS, CLASSES)
     with pytest.raises(ValueError, match="written for other networks"):
         train_grouped(other, data, samplers()[:2], checkpoint=checkpoint, **options)
+
+
+def test_an_interrupted_network_continues_where_it_stopped(tmp_path) -> None:
+    """train_net (one network, with AGC, as the experiments train it alone) resumes from its
+    checkpoint and ends with exactly the results and weights of an uninterrupted run."""
+    data = tiny_images()
+    options = {"steps": 12, "lr": 0.05, "momentum": 0.9, "evals": 4, "desc": "test"}
+
+    def fresh() -> nn.Module:
+        return conv_net("bn", CHANNELS, CLASSES, 3).double()
+
+    whole = fresh()
+    expected = train_net(whole, data, iid_batches(60, 8, 7), agc_clipping=0.01, **options)
+    calls = {"n": 0}
+
+    def evaluate_then_stop(model: nn.Module) -> tuple[float, float]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return evaluate(model, data.test_x, data.test_y)
+
+    checkpoint = tmp_path / "net.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_net(fresh(), data, iid_batches(60, 8, 7), agc_clipping=0.01,
+                  eval_fn=evaluate_then_stop, checkpoint=checkpoint, checkpoint_seconds=0.0,
+                  **options)  # fmt: skip
+    assert checkpoint.is_file()
+    resumed_model = fresh()
+    resumed = train_net(resumed_model, data, iid_batches(60, 8, 7), agc_clipping=0.01,
+                        checkpoint=checkpoint, checkpoint_seconds=0.0, **options)  # fmt: skip
+    assert_results_equal(resumed, expected, "resumed")
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="written for another network"):
+        train_net(conv_net("none", CHANNELS, CLASSES, 3).double(), data, iid_batches(60, 8, 7),
+                  checkpoint=checkpoint, **options)  # fmt: skip

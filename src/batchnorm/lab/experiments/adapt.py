@@ -63,6 +63,7 @@ from batchnorm.lab.experiments.cnn import (
     train_job,
     train_net,
 )
+from batchnorm.lab.io import remove_checked
 from batchnorm.lab.rules import (
     DEFAULT_SPREAD_FACTOR,
     baseline_metrics,
@@ -356,6 +357,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 momentum=config.momentum,
                 evals=config.evals,
                 desc=f"BN seed {seed}",
+                checkpoint=ctx.run_dir / "jobs" / f"adapt-s{seed}.ckpt",
             )
             # The source network's statistics: Algorithm 2 on clean training batches, so the lag
             # of the moving averages is not counted against it (the paper's source networks are
@@ -380,6 +382,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             return result
 
         result = train_job(ctx, f"adapt-s{seed}", job)
+        remove_checked(ctx.run_dir / "jobs" / f"adapt-s{seed}.ckpt")
         train_acc.append(float(result["train_acc_final"]))
         for name in names:
             for method in METHODS:

@@ -46,10 +46,12 @@ and resumable jobs (:func:`cached_job`): a finished network is saved as ``jobs/<
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +62,7 @@ from torch import nn
 from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
-from batchnorm.lab.io import remove_checked
+from batchnorm.lab.io import atomic_write_checked, read_checked, remove_checked
 from batchnorm.lab.progress import bar, log
 from batchnorm.lab.samplers import batch_order, few_class_batches, iid_batches
 
@@ -549,6 +551,8 @@ def train_net(
     agc_clipping: float | None = None,
     eval_fn: Callable[[nn.Module], tuple[float, float]] | None = None,
     clip_classifier_bias: bool = False,
+    checkpoint: Path | None = None,
+    checkpoint_seconds: float = 30.0,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` SGD steps; evaluate ``evals`` times.
 
@@ -564,6 +568,11 @@ def train_net(
         eval_fn: how to evaluate (default :func:`evaluate` on the test set).
         clip_classifier_bias: AGC clips the final layer's bias too, leaving only its weights
             unclipped (as the NFNets code does); default: the whole final layer unclipped.
+        checkpoint: a file to resume from if it exists, and to write the training state to
+            (weights, buffers, optimizer, results so far, random state; with its SHA-256) at
+            evaluation steps, at most every ``checkpoint_seconds``. A resumed network draws and
+            drops the mini-batches it already trained on, so it continues exactly where it
+            stopped.
 
     Returns:
         ``steps``, ``test_acc``, ``test_loss``, ``train_loss`` (mean over the steps since the
@@ -589,9 +598,21 @@ def train_net(
     }
     running, count, tail_correct, tail_seen = 0.0, 0, 0, 0
     tail_from = steps - max(1, steps // 10)
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = _read_net_checkpoint(checkpoint, model)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, out = int(state["step"]), state["out"]
+        running, count = float(state["running"]), int(state["count"])
+        tail_correct, tail_seen = int(state["tail_correct"]), int(state["tail_seen"])
+        for _ in range(start):  # the batches already trained on, drawn again and dropped
+            next(batches)
+    last_checkpoint = time.monotonic()
     model.train()
-    with bar(total=steps, desc=desc, leave=False, unit="step") as progress:
-        for step in range(1, steps + 1):
+    with bar(total=steps, initial=start, desc=desc, leave=False, unit="step") as progress:
+        for step in range(start + 1, steps + 1):
             idx = torch.from_numpy(next(batches))
             logits = model(train_x[idx])
             loss = F.cross_entropy(logits, train_y[idx])
@@ -615,6 +636,25 @@ def train_net(
                 out["train_loss"].append(running / max(count, 1))
                 running, count = 0.0, 0
                 progress.set_postfix_str(f"test acc {acc:.3f}")
+                if checkpoint is not None and (
+                    step < steps and time.monotonic() - last_checkpoint >= checkpoint_seconds
+                ):
+                    _write_net_checkpoint(
+                        checkpoint,
+                        model,
+                        {
+                            "step": step,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng": torch.get_rng_state(),
+                            "out": out,
+                            "running": running,
+                            "count": count,
+                            "tail_correct": tail_correct,
+                            "tail_seen": tail_seen,
+                        },
+                    )
+                    last_checkpoint = time.monotonic()
     if agc is not None:
         agc.remove()
     if out["diverged_at"] > 0:
@@ -627,6 +667,25 @@ def train_net(
                 out["train_loss"].append(math.nan)
     out["train_acc_final"] = tail_correct / tail_seen if tail_seen else math.nan
     return out
+
+
+def _state_signature(model: nn.Module) -> list[list[Any]]:
+    """What a checkpoint must match: the names and shapes of the network's tensors."""
+    return [[name, list(t.shape)] for name, t in model.state_dict().items()]
+
+
+def _write_net_checkpoint(path: Path, model: nn.Module, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save({**state, "signature": _state_signature(model)}, buffer)
+    atomic_write_checked(path, buffer.getvalue())
+
+
+def _read_net_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    # read_checked refuses an empty, truncated or corrupted checkpoint (CorruptFileError).
+    state = torch.load(io.BytesIO(read_checked(path)), weights_only=True)
+    if state.get("signature") != _state_signature(model):
+        raise ValueError(f"checkpoint {path} was written for another network; delete it to restart")
+    return state
 
 
 def train_job(ctx: Context, key: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -743,11 +802,13 @@ def train_jobs(
                     evals=config.evals,
                     desc=job.desc,
                     agc_clipping=agc_clipping if job.clipped else None,
+                    checkpoint=ctx.run_dir / "jobs" / f"{job.key}.ckpt",
                     clip_classifier_bias=clip_classifier_bias,
                 )
                 return result if finish is None else finish(job, model, result)
 
             results[job.key] = train_job(ctx, job.key, alone)
+            remove_checked(ctx.run_dir / "jobs" / f"{job.key}.ckpt")
     return [results[job.key] for job in jobs]
 
 
