@@ -493,10 +493,19 @@ def measure(config: Config, ctx: Context) -> Measurement:
             for s, (a, t) in zip(seeds, results)
         ]
 
+    def cached_cell(key: str, depth: int, batch: int, **variant) -> list[tuple[float, float]]:
+        """One cell's seeds as a job of the run (jobs/<key>.json): a resumed run skips it."""
+
+        def run() -> list[list[float]]:
+            return [list(_train_cell(data, config, depth, batch, s, **variant)) for s in seeds]
+
+        saved = ctx.cached(key, run, as_json=True)  # JSON keeps a NaN as None
+        return [tuple(math.nan if v is None else float(v) for v in pair) for pair in saved]
+
     with ctx.timer("trainability grid"):
         cells = [(d, b) for b in config.batch_sizes for d in depths[b]]
         for d, b in bar(cells, desc="trainability grid"):
-            grid[d, b] = [_train_cell(data, config, d, b, s) for s in seeds]
+            grid[d, b] = cached_cell(f"grid-d{d}-b{b}", d, b)
             grid_rows += rows_of("plain", d, b, grid[d, b])
     small = min(config.batch_sizes)
     deep = max(depths[small])
@@ -506,7 +515,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             ("residual", {"residual": True}),
             ("eps", {"eps": config.remedy_eps}),
         ):
-            remedy[name] = [_train_cell(data, config, deep, small, s, **variant) for s in seeds]
+            remedy[name] = cached_cell(f"remedy-{name}-d{deep}-b{small}", deep, small, **variant)
             grid_rows += rows_of(name, deep, small, remedy[name])
     ctx.write_csv("grid.csv", grid_rows, list(grid_rows[0]))
 
