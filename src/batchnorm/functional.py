@@ -43,7 +43,7 @@ import torch
 
 from batchnorm import backends
 from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
-from batchnorm.modes import FUSED_SAVE_MODES
+from batchnorm.modes import FUSED_SAVE_MODES, records_graph
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -335,10 +335,7 @@ def _torch_native(
     graph is recorded (``torch.no_grad``, inference mode, nothing requires grad) nothing is saved
     for a backward pass and the kernel gets the buffers themselves.
     """
-    records_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    )
-    if running_mean is None or running_var is None or not records_graph:
+    if running_mean is None or running_var is None or not records_graph(input, weight, bias):
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )

@@ -1,4 +1,5 @@
-"""Small shared vocabularies: what a fused ReLU's backward keeps, and whether Triton interprets.
+"""Small shared vocabularies: what a fused ReLU's backward keeps, whether Triton interprets,
+whether autograd records a graph.
 
 Kept in one place (and importing nothing of the package) so that the functional API, the
 backend choice and the Triton launchers cannot drift apart.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import enum
 import os
 
-__all__ = ["FUSED_SAVE_MODES", "RELU_NONE", "FusedSave", "triton_interpreting"]
+__all__ = ["FUSED_SAVE_MODES", "RELU_NONE", "FusedSave", "records_graph", "triton_interpreting"]
 
 
 class FusedSave(str, enum.Enum):
@@ -42,3 +43,21 @@ FUSED_SAVE_MODES: tuple[str, ...] = tuple(mode.value for mode in FusedSave)
 def triton_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET`` set to 1)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def records_graph(*tensors: object) -> bool:
+    """True when autograd would record a graph through these (grad mode on and one of them,
+    ignoring None, requires grad): a kernel then has to keep what its backward pass needs.
+
+    >>> import torch
+    >>> records_graph(torch.ones(2, requires_grad=True), None)
+    True
+    >>> with torch.no_grad():
+    ...     records_graph(torch.ones(2, requires_grad=True))
+    False
+    """
+    import torch
+
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    )

@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from batchnorm.modes import FusedSave
+from batchnorm.modes import FusedSave, records_graph
 from batchnorm.ops.cpu._build import load, ready, status
 
 __all__ = ["SUPPORTED_DTYPES", "batch_norm", "batch_norm_relu", "load", "ready", "status"]
@@ -181,9 +181,7 @@ def batch_norm(
     if running_mean is not None:
         running_mean = running_mean.detach()
         running_var = running_var.detach()
-    if not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    )):  # fmt: skip
+    if not records_graph(input, weight, bias):
         # Nothing records a graph: no autograd node, no saved tensors.
         return _ext().forward(
             input, weight, bias, running_mean, running_var, training, momentum, eps
@@ -222,9 +220,7 @@ def batch_norm_relu(
     if running_mean is not None:
         running_mean = running_mean.detach()
         running_var = running_var.detach()
-    if not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, residual, weight, bias)
-    )):  # fmt: skip
+    if not records_graph(input, residual, weight, bias):
         return _ext().forward_fused(
             input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
             FusedSave.RECOMPUTE.code,  # nothing is kept for a backward: no mask to write
