@@ -469,6 +469,6 @@ def test_an_interrupted_network_continues_where_it_stopped(tmp_path) -> None:
     assert_results_equal(resumed, expected, "resumed")
     for key, value in whole.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key
-    with pytest.raises(ValueError, match="written for another network"):
+    with pytest.raises(ValueError, match="written for other networks"):
         train_net(conv_net("none", CHANNELS, CLASSES, 3).double(), data, iid_batches(60, 8, 7),
                   checkpoint=checkpoint, **options)  # fmt: skip

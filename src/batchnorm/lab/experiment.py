@@ -521,7 +521,8 @@ class Context:
         """The run's one job cache: ``compute()``, saved as ``jobs/<key>.json`` (with its
         SHA-256); or, when a resumed run has that file, the saved result (as JSON keeps it:
         lists for tuples, None for NaN and infinities). A damaged file is refused
-        (:class:`~batchnorm.lab.io.CorruptFileError`), never loaded.
+        (:class:`~batchnorm.lab.io.CorruptFileError`), never loaded. Once the result is saved,
+        the job's training checkpoint (:meth:`checkpoint`) is deleted.
 
         Args:
             key: a file-name-safe name, unique within the run.
@@ -532,13 +533,25 @@ class Context:
         path = self.run_dir / "jobs" / f"{key}.json"
         if path.is_file():
             log(f"[lab] {key}: already finished, loaded from {path}")
-            return read_checked_json(path)
-        path.parent.mkdir(exist_ok=True)
-        result = compute()
-        if as_json:
-            result = to_jsonable(result)
-        write_checked_json(path, result)
+            result = read_checked_json(path)
+        else:
+            path.parent.mkdir(exist_ok=True)
+            result = compute()
+            if as_json:
+                result = to_jsonable(result)
+            write_checked_json(path, result)
+        remove_checked(self.run_dir / "jobs" / f"{key}.ckpt")
         return result
+
+    def checkpoint(self, key: str) -> Path:
+        """Where job ``key`` keeps its training checkpoint, ``jobs/<key>.ckpt``: the lab's loop
+        (:func:`batchnorm.lab.loop.run_loop`) continues from it and writes to it; it is deleted
+        when the job's result is saved (:meth:`cached`)."""
+        path = self.run_dir / "jobs" / f"{key}.ckpt"
+        path.parent.mkdir(exist_ok=True)
+        if path.is_file():
+            log(f"[lab] {key}: resuming from {path}")
+        return path
 
     def job(self, key: str, build: Callable[[], Any], settings: Any, data: Any, desc: str):
         """Train one wide model (resumable) through :meth:`cached`: a finished job is loaded
@@ -553,19 +566,13 @@ class Context:
         """
         from batchnorm.lab.train import train
 
-        checkpoint = self.run_dir / "jobs" / f"{key}.ckpt"
-
         def run() -> dict[str, Any]:
-            if checkpoint.is_file():
-                log(f"[lab] {key}: resuming from {checkpoint}")
-            trained = train(build(), data, settings, desc=desc, checkpoint=checkpoint)
+            trained = train(build(), data, settings, desc=desc, checkpoint=self.checkpoint(key))
             self.timings[f"{key}: train"] = trained.train_seconds
             self.timings[f"{key}: evaluate"] = trained.eval_seconds
             return _job_to_json(trained)
 
-        result = _job_from_json(self.cached(key, run, as_json=True))
-        remove_checked(checkpoint)
-        return result
+        return _job_from_json(self.cached(key, run, as_json=True))
 
     def write_csv(self, name: str, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
         atomic_write_csv(self.run_dir / name, rows, fields)

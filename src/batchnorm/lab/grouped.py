@@ -56,9 +56,7 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +66,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from batchnorm.lab.loop import run_loop
 
 if TYPE_CHECKING:
     from batchnorm.lab.experiments.cnn import ImageData
@@ -534,7 +534,7 @@ def train_grouped(
     eval_fn: Callable[[GroupedConvNet], tuple[list[float], list[float]]] | None = None,
     channels_last: bool = True,
     checkpoint: Path | None = None,
-    checkpoint_seconds: float = 30.0,
+    checkpoint_seconds: float | None = None,
     clip_classifier_bias: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`batchnorm.lab.experiments.cnn.train_net` for the K networks of ``model`` at once:
@@ -563,7 +563,8 @@ def train_grouped(
             same numbers up to float rounding order.
         checkpoint: a file to resume from if it exists, and to write the whole training state
             to (weights, optimizer, results so far, diverged networks; with its SHA-256) at
-            evaluation steps, at most every ``checkpoint_seconds``. A resumed group draws and
+            most every ``checkpoint_seconds`` (None: the loop's default) and at the end, by
+            :func:`batchnorm.lab.loop.run_loop`. A resumed group draws and
             drops the mini-batches it already trained on, so it continues exactly where it
             stopped: an interrupted group does not start again.
 
@@ -571,134 +572,168 @@ def train_grouped(
         One ``train_net`` result per network, in the order of ``model.specs``.
     """
     from batchnorm.lab.experiments.cnn import eval_steps
-    from batchnorm.lab.progress import bar
 
     K = model.num_nets
     if len(batches) != K:
         raise ValueError(f"give one batch iterator per network: {K}, got {len(batches)}")
     if clipped is not None and len(clipped) != K:
         raise ValueError(f"clipped must have one entry per network ({K}), got {len(clipped)}")
-    train_x, train_y = data.train_x, data.train_y
-    evaluate_now = eval_fn or (lambda m: evaluate_grouped(m, data.test_x, data.test_y))
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    unclipped = [] if clipped is None else [k for k in range(K) if not clipped[k]]
-    schedule = set(eval_steps(steps, evals))
-    outs: list[dict[str, Any]] = [
-        {"steps": [], "test_acc": [], "test_loss": [], "train_loss": [], "diverged_at": -1}
-        for _ in range(K)
-    ]
-    running, count = [0.0] * K, [0] * K
-    tail_correct, tail_seen = [0] * K, [0] * K
-    tail_from = steps - max(1, steps // 10)
-    frozen: dict[int, dict[str, torch.Tensor]] = {}  # diverged network -> its saved tensors
-    start = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = _read_group_checkpoint(checkpoint, model)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, outs = int(state["step"]), state["outs"]
-        running, count = state["running"], state["count"]
-        tail_correct, tail_seen = state["tail_correct"], state["tail_seen"]
-        frozen = {int(k): v for k, v in state["frozen"].items()}
-        for sampler in batches:  # the batches already trained on, drawn again and dropped
-            for _ in range(start):
-                next(sampler)
-    last_checkpoint = time.monotonic()
+    job = _GroupJob(
+        model,
+        data,
+        batches,
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+        eval_fn or (lambda m: evaluate_grouped(m, data.test_x, data.test_y)),
+        steps=steps,
+        agc_clipping=agc_clipping,
+        unclipped=[] if clipped is None else [k for k in range(K) if not clipped[k]],
+        clip_classifier_bias=clip_classifier_bias,
+    )
+    schedule = eval_steps(steps, evals)
     model.train()
-    with bar(total=steps, initial=start, desc=desc, leave=False, unit="step") as progress:
-        for step in range(start + 1, steps + 1):
-            idx = torch.from_numpy(np.stack([next(b) for b in batches]))  # (K, N)
-            targets = train_y[idx]
-            logits = model(train_x[idx])  # (K, N, classes)
-            losses = grouped_cross_entropy(logits, targets, per_network=True)
-            values = losses.detach().tolist()
-            for k in range(K):
-                if k not in frozen and not math.isfinite(values[k]):
-                    outs[k]["diverged_at"] = step
-                    frozen[k] = {  # after this forward, as train_net leaves a diverged network
-                        key: t.detach().clone()
-                        for key, t in model.network_tensors(k).items()
-                        if t.dim() > 0
-                    }
-            if len(frozen) == K:
-                break
-            alive = torch.tensor([k not in frozen for k in range(K)])
-            optimizer.zero_grad(set_to_none=True)
-            losses.masked_fill(~alive, 0.0).sum().backward()
-            with torch.no_grad():
-                for k in frozen:
-                    for grad in model.network_tensors(k, grads=True).values():
-                        grad.zero_()
-                if agc_clipping is not None:
-                    keep = [
-                        {key: g.clone() for key, g in model.network_tensors(k, grads=True).items()}
-                        for k in unclipped
-                    ]
-                    clip_grad_per_network_(
-                        model, agc_clipping, include_classifier_bias=clip_classifier_bias
-                    )
-                    for k, saved in zip(unclipped, keep):
-                        for key, grad in model.network_tensors(k, grads=True).items():
-                            grad.copy_(saved[key])
-            optimizer.step()
-            with torch.no_grad():
-                for k, saved in frozen.items():
-                    for key, tensor in model.network_tensors(k).items():
-                        if key in saved:
-                            tensor.copy_(saved[key])
-            correct = (logits.detach().argmax(2) == targets).sum(1).tolist()
-            for k in range(K):
-                if k in frozen:
-                    continue
-                running[k] += values[k]
-                count[k] += 1
-                if step > tail_from:
-                    tail_correct[k] += int(correct[k])
-                    tail_seen[k] += idx.shape[1]
-            progress.update(1)
-            if step in schedule:
-                accs, test_losses = evaluate_now(model)
-                for k in range(K):
-                    if k in frozen:
-                        continue
-                    outs[k]["steps"].append(step)
-                    outs[k]["test_acc"].append(accs[k])
-                    outs[k]["test_loss"].append(test_losses[k])
-                    outs[k]["train_loss"].append(running[k] / max(count[k], 1))
-                    running[k], count[k] = 0.0, 0
-                progress.set_postfix_str(f"mean test acc {sum(accs) / K:.3f}")
-                if checkpoint is not None and (
-                    step < steps and time.monotonic() - last_checkpoint >= checkpoint_seconds
-                ):
-                    _write_group_checkpoint(
-                        checkpoint,
-                        model,
-                        {
-                            "step": step,
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "outs": outs,
-                            "running": running,
-                            "count": count,
-                            "tail_correct": tail_correct,
-                            "tail_seen": tail_seen,
-                            "frozen": {str(k): v for k, v in frozen.items()},
-                        },
-                    )
-                    last_checkpoint = time.monotonic()
-    for k, out in enumerate(outs):
+    run_loop(
+        job,
+        steps=steps,
+        eval_steps=schedule,
+        desc=desc,
+        checkpoint=checkpoint,
+        checkpoint_seconds=checkpoint_seconds,
+        signature=_spec_records(model),
+    )
+    for k, out in enumerate(job.outs):
         if out["diverged_at"] > 0:
             # A diverged network predicts nothing useful: chance accuracy from there on.
-            for step in sorted(schedule):
+            for step in schedule:
                 if step >= out["diverged_at"]:
                     out["steps"].append(step)
                     out["test_acc"].append(1.0 / data.num_classes)
                     out["test_loss"].append(math.nan)
                     out["train_loss"].append(math.nan)
-        out["train_acc_final"] = tail_correct[k] / tail_seen[k] if tail_seen[k] else math.nan
-    return outs
+        seen = job.tail_seen[k]
+        out["train_acc_final"] = job.tail_correct[k] / seen if seen else math.nan
+    return job.outs
+
+
+class _GroupJob:
+    """The K networks of :func:`train_grouped` as one :class:`batchnorm.lab.loop.Task`."""
+
+    def __init__(
+        self,
+        model: GroupedConvNet,
+        data: ImageData,
+        batches: Sequence[Iterator[np.ndarray]],
+        optimizer: torch.optim.Optimizer,
+        evaluate_now: Callable[[GroupedConvNet], tuple[list[float], list[float]]],
+        *,
+        steps: int,
+        agc_clipping: float | None,
+        unclipped: list[int],
+        clip_classifier_bias: bool,
+    ) -> None:
+        K = self.K = model.num_nets
+        self.model, self.data, self.batches = model, data, batches
+        self.optimizer, self.evaluate_now = optimizer, evaluate_now
+        self.agc_clipping, self.unclipped = agc_clipping, unclipped
+        self.clip_classifier_bias = clip_classifier_bias
+        self.outs: list[dict[str, Any]] = [
+            {"steps": [], "test_acc": [], "test_loss": [], "train_loss": [], "diverged_at": -1}
+            for _ in range(K)
+        ]
+        self.running, self.count = [0.0] * K, [0] * K
+        self.tail_correct, self.tail_seen = [0] * K, [0] * K
+        self.tail_from = steps - max(1, steps // 10)
+        self.frozen: dict[int, dict[str, torch.Tensor]] = {}  # diverged network -> its tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "outs": self.outs,
+            "running": self.running,
+            "count": self.count,
+            "tail_correct": self.tail_correct,
+            "tail_seen": self.tail_seen,
+            "frozen": {str(k): v for k, v in self.frozen.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.outs = state["outs"]
+        self.running, self.count = state["running"], state["count"]
+        self.tail_correct, self.tail_seen = state["tail_correct"], state["tail_seen"]
+        self.frozen = {int(k): v for k, v in state["frozen"].items()}
+        for sampler in self.batches:  # the batches already trained on, drawn again and dropped
+            for _ in range(step):
+                next(sampler)
+
+    def train_step(self, step: int) -> bool:
+        model, K, frozen = self.model, self.K, self.frozen
+        step += 1  # this update's number, as diverged_at counts
+        idx = torch.from_numpy(np.stack([next(b) for b in self.batches]))  # (K, N)
+        targets = self.data.train_y[idx]
+        logits = model(self.data.train_x[idx])  # (K, N, classes)
+        losses = grouped_cross_entropy(logits, targets, per_network=True)
+        values = losses.detach().tolist()
+        for k in range(K):
+            if k not in frozen and not math.isfinite(values[k]):
+                self.outs[k]["diverged_at"] = step
+                frozen[k] = {  # after this forward, as train_net leaves a diverged network
+                    key: t.detach().clone()
+                    for key, t in model.network_tensors(k).items()
+                    if t.dim() > 0
+                }
+        if len(frozen) == K:
+            return False
+        alive = torch.tensor([k not in frozen for k in range(K)])
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.masked_fill(~alive, 0.0).sum().backward()
+        with torch.no_grad():
+            for k in frozen:
+                for grad in model.network_tensors(k, grads=True).values():
+                    grad.zero_()
+            if self.agc_clipping is not None:
+                keep = [
+                    {key: g.clone() for key, g in model.network_tensors(k, grads=True).items()}
+                    for k in self.unclipped
+                ]
+                clip_grad_per_network_(
+                    model, self.agc_clipping, include_classifier_bias=self.clip_classifier_bias
+                )
+                for k, saved in zip(self.unclipped, keep):
+                    for key, grad in model.network_tensors(k, grads=True).items():
+                        grad.copy_(saved[key])
+        self.optimizer.step()
+        with torch.no_grad():
+            for k, saved in frozen.items():
+                for key, tensor in model.network_tensors(k).items():
+                    if key in saved:
+                        tensor.copy_(saved[key])
+        correct = (logits.detach().argmax(2) == targets).sum(1).tolist()
+        for k in range(K):
+            if k in frozen:
+                continue
+            self.running[k] += values[k]
+            self.count[k] += 1
+            if step > self.tail_from:
+                self.tail_correct[k] += int(correct[k])
+                self.tail_seen[k] += idx.shape[1]
+        return True
+
+    def evaluate(self, step: int) -> str:
+        accs, test_losses = self.evaluate_now(self.model)
+        for k in range(self.K):
+            if k in self.frozen:
+                continue
+            out = self.outs[k]
+            out["steps"].append(step)
+            out["test_acc"].append(accs[k])
+            out["test_loss"].append(test_losses[k])
+            out["train_loss"].append(self.running[k] / max(self.count[k], 1))
+            self.running[k], self.count[k] = 0.0, 0
+        return f"mean test acc {sum(accs) / self.K:.3f}"
 
 
 def _spec_records(model: GroupedConvNet) -> list[dict[str, Any]]:
@@ -711,21 +746,3 @@ def _spec_records(model: GroupedConvNet) -> list[dict[str, Any]]:
         }
         for sp in model.specs
     ]
-
-
-def _write_group_checkpoint(path: Path, model: GroupedConvNet, state: dict[str, Any]) -> None:
-    from batchnorm.lab.io import atomic_write_checked
-
-    buffer = io.BytesIO()
-    torch.save({**state, "specs": _spec_records(model)}, buffer)
-    atomic_write_checked(path, buffer.getvalue())
-
-
-def _read_group_checkpoint(path: Path, model: GroupedConvNet) -> dict[str, Any]:
-    from batchnorm.lab.io import read_checked
-
-    # read_checked refuses an empty, truncated or corrupted checkpoint (CorruptFileError).
-    state = torch.load(io.BytesIO(read_checked(path)), weights_only=True)
-    if state.get("specs") != _spec_records(model):
-        raise ValueError(f"checkpoint {path} was written for other networks; delete it to restart")
-    return state

@@ -23,16 +23,14 @@ every experiment:
 - Divergence: a network whose loss becomes NaN or infinite is marked diverged at that step; its
   parameters are set to zero and its learning rate to 0, so it predicts a constant from then on
   and cannot disturb anything else.
-- Checkpoints: at evaluation steps, at most every ``checkpoint_seconds``, the whole state (weights,
-  buffers, momentum, step, history, random state) is written atomically with its SHA-256
-  (:func:`batchnorm.lab.io.atomic_write_checked`); :func:`train` with the same checkpoint path
-  continues from it, and refuses one that fails its checksum.
+- Checkpoints and resumption: the lab's one loop (:func:`batchnorm.lab.loop.run_loop`) writes
+  the whole state (weights, buffers, momentum, step, history, random state) with its SHA-256 at
+  most every ``checkpoint_seconds`` and at the end; :func:`train` with the same checkpoint
+  path continues from it, and refuses one that fails its checksum or belongs to other networks.
 """
 
 from __future__ import annotations
 
-import io
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batchnorm.lab.io import atomic_write_checked, read_checked
-from batchnorm.lab.progress import bar
+from batchnorm.lab.loop import run_loop
 from batchnorm.lab.samplers import EpochBatches, batch_indices, popstat_batches
 from batchnorm.lab.wide import NetSpec, WideMLP
 
@@ -292,39 +289,6 @@ def _saturated(z: torch.Tensor, activation: str) -> torch.Tensor:
     return z <= 0
 
 
-def _state(
-    model: WideMLP,
-    velocity: list[torch.Tensor] | None,
-    step: int,
-    lr: torch.Tensor,
-    diverged: torch.Tensor,
-    history: dict[str, list[Any]],
-    loss_sum: torch.Tensor,
-    loss_count: int,
-    seconds: dict[str, float],
-) -> dict[str, Any]:
-    return {
-        "model": model.state_dict(),
-        "velocity": velocity,
-        "step": step,
-        "lr": lr,
-        "diverged": diverged,
-        "history": history,
-        "loss_sum": loss_sum,
-        "loss_count": loss_count,
-        "seconds": dict(seconds),
-        "rng": torch.get_rng_state(),
-        "dropout_rng": model.dropout_generator.get_state(),
-        "specs": [spec.__dict__ for spec in model.specs],
-    }
-
-
-def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_checked(path, buffer.getvalue())
-
-
 def _reset_net(model: WideMLP, g: int, velocity: list[torch.Tensor] | None) -> None:
     """Zero every parameter of network g and reset its running statistics."""
     with torch.no_grad():
@@ -337,6 +301,158 @@ def _reset_net(model: WideMLP, g: int, velocity: list[torch.Tensor] | None) -> N
         if velocity is not None:
             for v in velocity:
                 v.nan_to_num_(0.0, 0.0, 0.0)
+
+
+_HISTORY_KEYS = (
+    "step",
+    "test_acc",
+    "test_loss",
+    "train_loss",
+    "train_acc",
+    "percentiles",
+    "saturation",
+)
+
+
+class _WideJob:
+    """One :func:`train` job as a :class:`batchnorm.lab.loop.Task`."""
+
+    def __init__(self, model: WideMLP, data: Any, s: TrainSettings) -> None:
+        self.model, self.s = model, s
+        self.x_train = torch.from_numpy(np.ascontiguousarray(data.train_x, dtype=np.float32))
+        self.y_train = torch.from_numpy(np.ascontiguousarray(data.train_y, dtype=np.int64))
+        self.x_test = torch.from_numpy(np.ascontiguousarray(data.test_x, dtype=np.float32))
+        self.y_test = torch.from_numpy(np.ascontiguousarray(data.test_y, dtype=np.int64))
+        if s.eval_examples is not None and s.eval_examples < len(self.y_test):
+            self.x_test_part = self.x_test[: s.eval_examples]
+            self.y_test_part = self.y_test[: s.eval_examples]
+        else:
+            self.x_test_part, self.y_test_part = self.x_test, self.y_test
+        self.n_train_eval = min(s.train_eval_examples, len(self.y_train))
+        self.x_train_eval = self.x_train[: self.n_train_eval]
+        self.y_train_eval = self.y_train[: self.n_train_eval]
+        self.final_popstat = (
+            s.final_popstat_batches
+            if s.final_popstat_batches is not None
+            else len(self.y_train) // s.batch_size
+        )
+        G = self.G = model.num_nets
+        self.source = EpochBatches(
+            [spec.seed for spec in model.specs], len(self.y_train), s.batch_size
+        )
+        self.lr = torch.tensor([spec.lr for spec in model.specs], dtype=torch.float32)
+        self.diverged = torch.full((G,), -1, dtype=torch.int64)
+        self.velocity: list[torch.Tensor] | None = (
+            [torch.zeros_like(p) for p in model.parameters()] if s.momentum else None
+        )
+        self.history: dict[str, list[Any]] = {k: [] for k in _HISTORY_KEYS}
+        self.loss_sum = torch.zeros(G, dtype=torch.float64)
+        self.loss_count = 0
+        self.params = list(model.parameters())
+        self.param_lr = _param_lrs(model, self.lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "velocity": self.velocity,
+            "lr": self.lr,
+            "diverged": self.diverged,
+            "history": self.history,
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "dropout_rng": self.model.dropout_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.velocity = state["velocity"]
+        self.lr, self.diverged = state["lr"], state["diverged"]
+        self.history = state["history"]
+        self.loss_sum, self.loss_count = state["loss_sum"], int(state["loss_count"])
+        self.model.dropout_generator.set_state(state["dropout_rng"])
+        self.params = list(self.model.parameters())
+        self.param_lr = _param_lrs(self.model, self.lr)
+
+    def evaluate(self, step: int) -> str:
+        model, s, history, G = self.model, self.s, self.history, self.G
+        final = step == s.steps
+        saved = _save_running(model)
+        moving_average_acc = None
+        if final and model.num_bn:
+            moving_average_acc, _, _, _ = _evaluate(model, self.x_test, self.y_test)
+        _recalibrate(
+            model,
+            self.x_train,
+            step,
+            self.final_popstat if final else s.popstat_batches,
+            s.batch_size,
+        )
+        xt, yt = (self.x_test, self.y_test) if final else (self.x_test_part, self.y_test_part)
+        acc, loss, quantiles, saturated = _evaluate(
+            model, xt, yt, percentiles=s.percentiles, saturation=s.saturation
+        )
+        train_acc = None
+        if self.n_train_eval and (final or not s.train_eval_final_only):
+            train_acc, _, _, _ = _evaluate(model, self.x_train_eval, self.y_train_eval)
+        elif self.n_train_eval:
+            train_acc = np.full(G, np.nan)
+        if s.layer_stats:
+            layer_sat, layer_grad = _layer_stats(
+                model, xt, self.x_train, self.y_train, s.batch_size
+            )
+            history.setdefault("layer_saturation", []).append(layer_sat.tolist())
+            history.setdefault("layer_grad_norm", []).append(layer_grad.tolist())
+        _restore_running(model, saved)
+        mean_train_loss = (
+            (self.loss_sum / self.loss_count).numpy() if self.loss_count else np.full(G, np.nan)
+        )
+        history["step"].append(step)
+        history["test_acc"].append(acc.tolist())
+        history["test_loss"].append(loss.tolist())
+        history["train_loss"].append(mean_train_loss.tolist())
+        history["train_acc"].append(None if train_acc is None else train_acc.tolist())
+        history["percentiles"].append(None if quantiles is None else quantiles.tolist())
+        history["saturation"].append(None if saturated is None else saturated.tolist())
+        self.loss_sum = torch.zeros(G, dtype=torch.float64)
+        self.loss_count = 0
+        if final:
+            history.setdefault("moving_average_acc", []).append(
+                acc.tolist() if moving_average_acc is None else moving_average_acc.tolist()
+            )
+        return _postfix(model, acc)
+
+    def train_step(self, step: int) -> bool:
+        model, G, B = self.model, self.G, self.s.batch_size
+        idx = torch.from_numpy(self.source(step)).view(-1)  # (G*B,)
+        xb = self.x_train.index_select(0, idx).view(G, B, -1)  # (G, B, D)
+        yb = self.y_train.index_select(0, idx).view(G, B)
+        logits = model(xb)  # (G, B, C)
+        losses = (
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.view(-1), reduction="none")
+            .view(G, B)
+            .mean(1)
+        )  # (G,)
+        losses.sum().backward()
+        with torch.no_grad():
+            for i, (p, rate) in enumerate(zip(self.params, self.param_lr)):
+                grad = p.grad
+                if grad is None:  # an empty parameter (e.g. no network without BN)
+                    continue
+                if self.velocity is not None:
+                    self.velocity[i].mul_(self.s.momentum).add_(grad)
+                    grad = self.velocity[i]
+                p.addcmul_(grad, rate, value=-1.0)
+                p.grad = None
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            for g in torch.nonzero(~finite & (self.diverged < 0)).flatten().tolist():
+                self.diverged[g] = step
+                self.lr[g] = 0.0
+                _reset_net(model, g, self.velocity)
+            self.param_lr = _param_lrs(model, self.lr)
+        self.loss_sum += torch.where(finite, losses.detach(), torch.nan).double()
+        self.loss_count += 1
+        return True
 
 
 def train(
@@ -364,178 +480,27 @@ def train(
     s = settings
     if s.steps < 0:
         raise ValueError(f"steps must be >= 0, got {s.steps}")
-    x_train = torch.from_numpy(np.ascontiguousarray(data.train_x, dtype=np.float32))
-    y_train = torch.from_numpy(np.ascontiguousarray(data.train_y, dtype=np.int64))
-    x_test = torch.from_numpy(np.ascontiguousarray(data.test_x, dtype=np.float32))
-    y_test = torch.from_numpy(np.ascontiguousarray(data.test_y, dtype=np.int64))
-    if s.eval_examples is not None and s.eval_examples < len(y_test):
-        x_test_part, y_test_part = x_test[: s.eval_examples], y_test[: s.eval_examples]
-    else:
-        x_test_part, y_test_part = x_test, y_test
-    n_train_eval = min(s.train_eval_examples, len(y_train))
-    x_train_eval, y_train_eval = x_train[:n_train_eval], y_train[:n_train_eval]
-    final_popstat = (
-        s.final_popstat_batches
-        if s.final_popstat_batches is not None
-        else len(y_train) // s.batch_size
-    )
-    eval_steps = sorted(set(s.eval_steps) | {s.steps})
+    job = _WideJob(model, data, s)
+    if on_eval is not None:
+        evaluate = job.evaluate
 
-    G = model.num_nets
-    source = EpochBatches([spec.seed for spec in model.specs], len(y_train), s.batch_size)
-    lr = torch.tensor([spec.lr for spec in model.specs], dtype=torch.float32)
-    diverged = torch.full((G,), -1, dtype=torch.int64)
-    velocity: list[torch.Tensor] | None = None
-    history: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "step",
-            "test_acc",
-            "test_loss",
-            "train_loss",
-            "train_acc",
-            "percentiles",
-            "saturation",
-        )
-    }
-    loss_sum = torch.zeros(G, dtype=torch.float64)
-    loss_count = 0
-    seconds = {"train": 0.0, "eval": 0.0}
-    start_step = 0
-    if s.momentum:
-        velocity = [torch.zeros_like(p) for p in model.parameters()]
+        def evaluate_and_report(step: int) -> str:
+            summary = evaluate(step)
+            on_eval(step, np.asarray(job.history["test_acc"][-1]))
+            return summary
 
-    if checkpoint is not None and checkpoint.is_file():
-        # read_checked refuses an empty, truncated or corrupted checkpoint (CorruptFileError).
-        state = torch.load(io.BytesIO(read_checked(checkpoint)), weights_only=True)
-        saved_specs = [NetSpec(**d) for d in state["specs"]]
-        if saved_specs != list(model.specs):
-            raise ValueError(
-                f"checkpoint {checkpoint} was written for other networks; delete it to restart"
-            )
-        model.load_state_dict(state["model"])
-        velocity = state["velocity"]
-        start_step = int(state["step"])
-        lr, diverged = state["lr"], state["diverged"]
-        history = state["history"]
-        loss_sum, loss_count = state["loss_sum"], int(state["loss_count"])
-        seconds = dict(state["seconds"])
-        torch.set_rng_state(state["rng"])
-        if "dropout_rng" in state:
-            model.dropout_generator.set_state(state["dropout_rng"])
-
-    params = list(model.parameters())
-    param_lr = _param_lrs(model, lr)
+        job.evaluate = evaluate_and_report  # type: ignore[method-assign]
     model.train()
-    last_checkpoint = time.monotonic()
-    pending_evals = [t for t in eval_steps if t >= start_step and t not in history["step"]]
-
-    with bar(total=s.steps, initial=start_step, desc=desc, unit="step") as pbar:
-        step = start_step
-        while True:
-            if pending_evals and pending_evals[0] == step:
-                pending_evals.pop(0)
-                t0 = time.perf_counter()
-                final = step == s.steps
-                saved = _save_running(model)
-                moving_average_acc = None
-                if final and model.num_bn:
-                    moving_average_acc, _, _, _ = _evaluate(model, x_test, y_test)
-                _recalibrate(
-                    model,
-                    x_train,
-                    step,
-                    final_popstat if final else s.popstat_batches,
-                    s.batch_size,
-                )
-                xt, yt = (x_test, y_test) if final else (x_test_part, y_test_part)
-                acc, loss, quantiles, saturated = _evaluate(
-                    model, xt, yt, percentiles=s.percentiles, saturation=s.saturation
-                )
-                train_acc = None
-                if n_train_eval and (final or not s.train_eval_final_only):
-                    train_acc, _, _, _ = _evaluate(model, x_train_eval, y_train_eval)
-                elif n_train_eval:
-                    train_acc = np.full(G, np.nan)
-                if s.layer_stats:
-                    layer_sat, layer_grad = _layer_stats(model, xt, x_train, y_train, s.batch_size)
-                    history.setdefault("layer_saturation", []).append(layer_sat.tolist())
-                    history.setdefault("layer_grad_norm", []).append(layer_grad.tolist())
-                _restore_running(model, saved)
-                mean_train_loss = (
-                    (loss_sum / loss_count).numpy() if loss_count else np.full(G, np.nan)
-                )
-                history["step"].append(step)
-                history["test_acc"].append(acc.tolist())
-                history["test_loss"].append(loss.tolist())
-                history["train_loss"].append(mean_train_loss.tolist())
-                history["train_acc"].append(None if train_acc is None else train_acc.tolist())
-                history["percentiles"].append(None if quantiles is None else quantiles.tolist())
-                history["saturation"].append(None if saturated is None else saturated.tolist())
-                loss_sum = torch.zeros(G, dtype=torch.float64)
-                loss_count = 0
-                if final:
-                    history.setdefault("moving_average_acc", []).append(
-                        acc.tolist() if moving_average_acc is None else moving_average_acc.tolist()
-                    )
-                seconds["eval"] += time.perf_counter() - t0
-                pbar.set_postfix_str(_postfix(model, acc), refresh=False)
-                if on_eval is not None:
-                    on_eval(step, acc)
-                if checkpoint is not None and (
-                    final or time.monotonic() - last_checkpoint >= s.checkpoint_seconds
-                ):
-                    _write_checkpoint(
-                        checkpoint,
-                        _state(
-                            model,
-                            velocity,
-                            step,
-                            lr,
-                            diverged,
-                            history,
-                            loss_sum,
-                            loss_count,
-                            seconds,
-                        ),
-                    )
-                    last_checkpoint = time.monotonic()
-            if step >= s.steps:
-                break
-
-            t0 = time.perf_counter()
-            idx = torch.from_numpy(source(step)).view(-1)  # (G*B,)
-            xb = x_train.index_select(0, idx).view(G, s.batch_size, -1)  # (G, B, D)
-            yb = y_train.index_select(0, idx).view(G, s.batch_size)
-            logits = model(xb)  # (G, B, C)
-            losses = (
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.view(-1), reduction="none")
-                .view(G, s.batch_size)
-                .mean(1)
-            )  # (G,)
-            losses.sum().backward()
-            with torch.no_grad():
-                for i, (p, rate) in enumerate(zip(params, param_lr)):
-                    grad = p.grad
-                    if grad is None:  # an empty parameter (e.g. no network without BN)
-                        continue
-                    if velocity is not None:
-                        velocity[i].mul_(s.momentum).add_(grad)
-                        grad = velocity[i]
-                    p.addcmul_(grad, rate, value=-1.0)
-                    p.grad = None
-            finite = torch.isfinite(losses)
-            if not bool(finite.all()):
-                for g in torch.nonzero(~finite & (diverged < 0)).flatten().tolist():
-                    diverged[g] = step
-                    lr[g] = 0.0
-                    _reset_net(model, g, velocity)
-                param_lr = _param_lrs(model, lr)
-            loss_sum += torch.where(finite, losses.detach(), torch.nan).double()
-            loss_count += 1
-            step += 1
-            seconds["train"] += time.perf_counter() - t0
-            pbar.update(1)
+    loop = run_loop(
+        job,
+        steps=s.steps,
+        eval_steps=set(s.eval_steps) | {s.steps},
+        desc=desc,
+        checkpoint=checkpoint,
+        checkpoint_seconds=s.checkpoint_seconds,
+        signature=[dict(spec.__dict__) for spec in model.specs],
+    )
+    history = job.history
 
     def array(key: str) -> np.ndarray | None:
         values = history[key]
@@ -552,12 +517,12 @@ def train(
         train_acc=array("train_acc"),
         percentiles=array("percentiles"),
         saturation=array("saturation"),
-        diverged_at=diverged.numpy().copy(),
+        diverged_at=job.diverged.numpy().copy(),
         final_test_acc_moving_average=np.asarray(
             history["moving_average_acc"][-1], dtype=np.float64
         ),
-        train_seconds=seconds["train"],
-        eval_seconds=seconds["eval"],
+        train_seconds=loop.train_seconds,
+        eval_seconds=loop.eval_seconds,
         extra={
             key: np.asarray(history[key], dtype=np.float64)
             for key in ("layer_saturation", "layer_grad_norm")

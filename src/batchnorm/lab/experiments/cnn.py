@@ -46,7 +46,6 @@ and resumable jobs (:func:`cached_job`): a finished network is saved as ``jobs/<
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -62,8 +61,9 @@ from torch import nn
 from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
-from batchnorm.lab.io import atomic_write_checked, read_checked, remove_checked
-from batchnorm.lab.progress import bar, log
+from batchnorm.lab.io import remove_checked
+from batchnorm.lab.loop import run_loop
+from batchnorm.lab.progress import log
 from batchnorm.lab.samplers import batch_order, few_class_batches, iid_batches
 
 __all__ = [
@@ -222,11 +222,6 @@ class CNNConfig(DataConfig):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"eps must be a positive finite number, got {self.eps}")
-        if self.train_subset is not None and self.train_subset < self.batch_size:
-            raise ValueError(
-                f"train_subset ({self.train_subset}) must hold at least one batch "
-                f"({self.batch_size})"
-            )
 
     def quick(self) -> CNNConfig:
         """The smoke-test sizes: 200 steps, 1 seed, 5,000 training and 1,000 test images."""
@@ -294,7 +289,8 @@ class VGGStyle(nn.Module):
             for conv in self.convs:
                 nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(conv.bias)
-        noise_gen = torch.Generator().manual_seed(10_000 + seed)
+        # The noise's own random stream (a checkpoint saves its state: noise_generator).
+        noise_gen = self.noise_generator = torch.Generator().manual_seed(10_000 + seed)
         for width in channels:
             if variant == STANDARD:
                 self.norms.append(nn.Identity())
@@ -361,48 +357,101 @@ def train_with_probes(
     probe_every: int,
     probe: Callable[[Callable[[], torch.Tensor], int], dict[str, Any]],
     desc: str,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Plain SGD at ``config.lr`` for ``config.steps`` steps of ``config.batch_size``; at steps
     0, probe_every, ... (before that step's update) call ``probe(loss_fn, step)`` with
-    ``loss_fn`` the loss on that step's batch, and record the test accuracy.
+    ``loss_fn`` the loss on that step's batch, and record the test accuracy. With
+    ``checkpoint``, an interrupted run continues from its last probe (the lab's loop,
+    :func:`batchnorm.lab.loop.run_loop`).
 
     Returns:
         ``{"steps", "probes", "test_acc", "final_test_acc", "train_loss", "diverged_at",
         "seconds"}`` with one entry per probed step (``train_loss``: one per step).
     """
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    order = batch_order(len(data.train_y), config.batch_size, config.steps, seed)
-    probed, probes, test_acc, losses = [], [], [], []
-    diverged_at = -1
+    job = _ProbedJob(model, data, config, seed, probe)
+    loop = run_loop(
+        job,
+        steps=config.steps,
+        eval_steps=range(0, config.steps, probe_every),
+        desc=desc,
+        checkpoint=checkpoint,
+        signature=_state_signature(model),
+    )
     start = time.perf_counter()
-    for step in bar(range(config.steps), desc=desc, unit="step"):
-        x, y = data.train_x[order[step]], data.train_y[order[step]]
-
-        def loss_fn(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            return F.cross_entropy(model(x), y)
-
-        if step % probe_every == 0:
-            probed.append(step)
-            probes.append(probe(loss_fn, step))
-            test_acc.append(evaluate(model, data.test_x, data.test_y)[0])
-        loss = loss_fn()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            diverged_at = step
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    final_test_acc = evaluate(model, data.test_x, data.test_y)[0]
     return {
-        "steps": probed,
-        "probes": probes,
-        "test_acc": test_acc,
-        "final_test_acc": evaluate(model, data.test_x, data.test_y)[0],
-        "train_loss": losses,
-        "diverged_at": diverged_at,
-        "seconds": time.perf_counter() - start,
+        "steps": job.probed,
+        "probes": job.probes,
+        "test_acc": job.test_acc,
+        "final_test_acc": final_test_acc,
+        "train_loss": job.losses,
+        "diverged_at": job.diverged_at,
+        "seconds": loop.train_seconds + loop.eval_seconds + time.perf_counter() - start,
     }
+
+
+class _ProbedJob:
+    """:func:`train_with_probes` as a :class:`batchnorm.lab.loop.Task`."""
+
+    def __init__(
+        self,
+        model: VGGStyle,
+        data: ImageData,
+        config: CNNConfig,
+        seed: int,
+        probe: Callable[[Callable[[], torch.Tensor], int], dict[str, Any]],
+    ) -> None:
+        self.model, self.data, self.probe = model, data, probe
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+        self.order = batch_order(len(data.train_y), config.batch_size, config.steps, seed)
+        self.probed: list[int] = []
+        self.probes: list[dict[str, Any]] = []
+        self.test_acc: list[float] = []
+        self.losses: list[float] = []
+        self.diverged_at = -1
+
+    def _loss_fn(self, step: int) -> Callable[[], torch.Tensor]:
+        x, y = self.data.train_x[self.order[step]], self.data.train_y[self.order[step]]
+        return lambda: F.cross_entropy(self.model(x), y)
+
+    def evaluate(self, step: int) -> str:
+        self.probed.append(step)
+        self.probes.append(self.probe(self._loss_fn(step), step))
+        self.test_acc.append(evaluate(self.model, self.data.test_x, self.data.test_y)[0])
+        return f"test acc {self.test_acc[-1]:.3f}"
+
+    def train_step(self, step: int) -> bool:
+        loss = self._loss_fn(step)()
+        self.losses.append(float(loss.detach()))
+        if not math.isfinite(self.losses[-1]):
+            self.diverged_at = step
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "noise": self.model.noise_generator.get_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "probed": self.probed,
+            "probes": self.probes,
+            "test_acc": self.test_acc,
+            "losses": self.losses,
+            "diverged_at": self.diverged_at,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.noise_generator.set_state(state["noise"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.probed, self.probes = state["probed"], state["probes"]
+        self.test_acc, self.losses = state["test_acc"], state["losses"]
+        self.diverged_at = int(state["diverged_at"])
 
 
 PROBE_CURVE_FIELDS = ("step", "variant", "seed", "test_acc", "train_loss")
@@ -552,7 +601,7 @@ def train_net(
     eval_fn: Callable[[nn.Module], tuple[float, float]] | None = None,
     clip_classifier_bias: bool = False,
     checkpoint: Path | None = None,
-    checkpoint_seconds: float = 30.0,
+    checkpoint_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` SGD steps; evaluate ``evals`` times.
 
@@ -570,7 +619,8 @@ def train_net(
             unclipped (as the NFNets code does); default: the whole final layer unclipped.
         checkpoint: a file to resume from if it exists, and to write the training state to
             (weights, buffers, optimizer, results so far, random state; with its SHA-256) at
-            evaluation steps, at most every ``checkpoint_seconds``. A resumed network draws and
+            most every ``checkpoint_seconds`` (None: the loop's default) and at the end, by
+            :func:`batchnorm.lab.loop.run_loop`. A resumed network draws and
             drops the mini-batches it already trained on, so it continues exactly where it
             stopped.
 
@@ -579,7 +629,6 @@ def train_net(
         previous evaluation) per evaluation, ``diverged_at`` (the step whose loss was not finite,
         or -1) and ``train_acc_final`` (training-batch accuracy over the last 10% of steps).
     """
-    train_x, train_y = data.train_x, data.train_y
     evaluate_now = eval_fn or (lambda m: evaluate(m, data.test_x, data.test_y))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     agc = None
@@ -588,104 +637,110 @@ def train_net(
 
         excluded = [model[-1].weight] if clip_classifier_bias else [model[-1]]
         agc = AGC(optimizer, clipping=agc_clipping, exclude=excluded)
-    schedule = set(eval_steps(steps, evals))
-    out: dict[str, Any] = {
-        "steps": [],
-        "test_acc": [],
-        "test_loss": [],
-        "train_loss": [],
-        "diverged_at": -1,
-    }
-    running, count, tail_correct, tail_seen = 0.0, 0, 0, 0
-    tail_from = steps - max(1, steps // 10)
-    start = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = _read_net_checkpoint(checkpoint, model)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start, out = int(state["step"]), state["out"]
-        running, count = float(state["running"]), int(state["count"])
-        tail_correct, tail_seen = int(state["tail_correct"]), int(state["tail_seen"])
-        for _ in range(start):  # the batches already trained on, drawn again and dropped
-            next(batches)
-    last_checkpoint = time.monotonic()
+    schedule = eval_steps(steps, evals)
+    job = _NetJob(model, data, batches, optimizer, evaluate_now, steps)
     model.train()
-    with bar(total=steps, initial=start, desc=desc, leave=False, unit="step") as progress:
-        for step in range(start + 1, steps + 1):
-            idx = torch.from_numpy(next(batches))
-            logits = model(train_x[idx])
-            loss = F.cross_entropy(logits, train_y[idx])
-            if not torch.isfinite(loss):
-                out["diverged_at"] = step
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += float(loss.detach())
-            count += 1
-            if step > tail_from:
-                tail_correct += int((logits.argmax(1) == train_y[idx]).sum())
-                tail_seen += len(idx)
-            progress.update(1)
-            if step in schedule:
-                acc, test_loss = evaluate_now(model)
-                out["steps"].append(step)
-                out["test_acc"].append(acc)
-                out["test_loss"].append(test_loss)
-                out["train_loss"].append(running / max(count, 1))
-                running, count = 0.0, 0
-                progress.set_postfix_str(f"test acc {acc:.3f}")
-                if checkpoint is not None and (
-                    step < steps and time.monotonic() - last_checkpoint >= checkpoint_seconds
-                ):
-                    _write_net_checkpoint(
-                        checkpoint,
-                        model,
-                        {
-                            "step": step,
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "rng": torch.get_rng_state(),
-                            "out": out,
-                            "running": running,
-                            "count": count,
-                            "tail_correct": tail_correct,
-                            "tail_seen": tail_seen,
-                        },
-                    )
-                    last_checkpoint = time.monotonic()
-    if agc is not None:
-        agc.remove()
+    try:
+        run_loop(
+            job,
+            steps=steps,
+            eval_steps=schedule,
+            desc=desc,
+            checkpoint=checkpoint,
+            checkpoint_seconds=checkpoint_seconds,
+            signature=_state_signature(model),
+        )
+    finally:
+        if agc is not None:
+            agc.remove()
+    out = job.out
     if out["diverged_at"] > 0:
         # A diverged network predicts nothing useful: chance accuracy from there on.
-        for step in sorted(schedule):
+        for step in schedule:
             if step >= out["diverged_at"]:
                 out["steps"].append(step)
                 out["test_acc"].append(1.0 / data.num_classes)
                 out["test_loss"].append(math.nan)
                 out["train_loss"].append(math.nan)
-    out["train_acc_final"] = tail_correct / tail_seen if tail_seen else math.nan
+    out["train_acc_final"] = job.tail_correct / job.tail_seen if job.tail_seen else math.nan
     return out
+
+
+class _NetJob:
+    """One :func:`train_net` network as a :class:`batchnorm.lab.loop.Task`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: ImageData,
+        batches: Iterator[np.ndarray],
+        optimizer: torch.optim.Optimizer,
+        evaluate_now: Callable[[nn.Module], tuple[float, float]],
+        steps: int,
+    ) -> None:
+        self.model, self.data, self.batches = model, data, batches
+        self.optimizer, self.evaluate_now = optimizer, evaluate_now
+        self.out: dict[str, Any] = {
+            "steps": [],
+            "test_acc": [],
+            "test_loss": [],
+            "train_loss": [],
+            "diverged_at": -1,
+        }
+        self.running, self.count, self.tail_correct, self.tail_seen = 0.0, 0, 0, 0
+        self.tail_from = steps - max(1, steps // 10)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "out": self.out,
+            "running": self.running,
+            "count": self.count,
+            "tail_correct": self.tail_correct,
+            "tail_seen": self.tail_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.out = state["out"]
+        self.running, self.count = float(state["running"]), int(state["count"])
+        self.tail_correct, self.tail_seen = int(state["tail_correct"]), int(state["tail_seen"])
+        for _ in range(step):  # the batches already trained on, drawn again and dropped
+            next(self.batches)
+
+    def train_step(self, step: int) -> bool:
+        train_x, train_y = self.data.train_x, self.data.train_y
+        idx = torch.from_numpy(next(self.batches))
+        logits = self.model(train_x[idx])
+        loss = F.cross_entropy(logits, train_y[idx])
+        if not torch.isfinite(loss):
+            self.out["diverged_at"] = step + 1
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.running += float(loss.detach())
+        self.count += 1
+        if step + 1 > self.tail_from:
+            self.tail_correct += int((logits.argmax(1) == train_y[idx]).sum())
+            self.tail_seen += len(idx)
+        return True
+
+    def evaluate(self, step: int) -> str:
+        acc, test_loss = self.evaluate_now(self.model)
+        self.out["steps"].append(step)
+        self.out["test_acc"].append(acc)
+        self.out["test_loss"].append(test_loss)
+        self.out["train_loss"].append(self.running / max(self.count, 1))
+        self.running, self.count = 0.0, 0
+        return f"test acc {acc:.3f}"
 
 
 def _state_signature(model: nn.Module) -> list[list[Any]]:
     """What a checkpoint must match: the names and shapes of the network's tensors."""
     return [[name, list(t.shape)] for name, t in model.state_dict().items()]
-
-
-def _write_net_checkpoint(path: Path, model: nn.Module, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save({**state, "signature": _state_signature(model)}, buffer)
-    atomic_write_checked(path, buffer.getvalue())
-
-
-def _read_net_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
-    # read_checked refuses an empty, truncated or corrupted checkpoint (CorruptFileError).
-    state = torch.load(io.BytesIO(read_checked(path)), weights_only=True)
-    if state.get("signature") != _state_signature(model):
-        raise ValueError(f"checkpoint {path} was written for another network; delete it to restart")
-    return state
 
 
 def train_job(ctx: Context, key: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -802,13 +857,12 @@ def train_jobs(
                     evals=config.evals,
                     desc=job.desc,
                     agc_clipping=agc_clipping if job.clipped else None,
-                    checkpoint=ctx.run_dir / "jobs" / f"{job.key}.ckpt",
+                    checkpoint=ctx.checkpoint(job.key),
                     clip_classifier_bias=clip_classifier_bias,
                 )
                 return result if finish is None else finish(job, model, result)
 
             results[job.key] = train_job(ctx, job.key, alone)
-            remove_checked(ctx.run_dir / "jobs" / f"{job.key}.ckpt")
     return [results[job.key] for job in jobs]
 
 

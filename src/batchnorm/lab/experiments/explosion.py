@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +59,8 @@ from batchnorm.lab.experiment import (
     Measurement,
     md_table,
 )
+from batchnorm.lab.io import remove_checked
+from batchnorm.lab.loop import run_loop
 from batchnorm.lab.progress import bar
 from batchnorm.lab.rules import (
     baseline_metrics,
@@ -217,10 +221,17 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 
 
 def _train_cell(
-    data, config: Config, depth: int, batch: int, seed: int, **variant
+    data,
+    config: Config,
+    depth: int,
+    batch: int,
+    seed: int,
+    checkpoint: Path | None = None,
+    **variant,
 ) -> tuple[float, float]:
     """Train one network; its final (test, train) accuracy with population statistics
-    (nan, nan if the loss became non-finite)."""
+    (nan, nan if the loss became non-finite). With ``checkpoint``, an interrupted network
+    continues where it stopped (the lab's loop, :func:`batchnorm.lab.loop.run_loop`)."""
     from batchnorm.inference import recalibrate
 
     torch.manual_seed(seed)
@@ -233,23 +244,17 @@ def _train_cell(
         eps,
         variant.get("residual", False),
     )
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr_for(batch))
-    x = torch.from_numpy(data.train_x)
-    y = torch.from_numpy(data.train_y)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=gen)
-    pos = 0
-    for _ in range(config.steps_for(batch)):
-        if pos + batch > len(y):
-            order, pos = torch.randperm(len(y), generator=gen), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        if not torch.isfinite(loss):
-            return math.nan, math.nan
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    job = _CellJob(model, data, config.lr_for(batch), batch, seed)
+    loop = run_loop(
+        job,
+        steps=config.steps_for(batch),
+        desc=f"depth {depth}, batch {batch}, seed {seed}",
+        checkpoint=checkpoint,
+        signature=[depth, batch, seed, eps, bool(variant.get("residual", False))],
+    )
+    if loop.stopped:
+        return math.nan, math.nan
+    x, y, gen = job.x, job.y, job.gen
     # Algorithm 2: population statistics over training batches of the training size B.
     pop = torch.randperm(len(y), generator=gen)[: config.popstat_examples]
     batches = [x[c] for c in pop.split(batch) if len(c) == batch]
@@ -258,6 +263,51 @@ def _train_cell(
     test = _accuracy(model, torch.from_numpy(data.test_x[:n]), torch.from_numpy(data.test_y[:n]))
     train = _accuracy(model, x[:n], y[:n])
     return test, train
+
+
+class _CellJob:
+    """One :func:`_train_cell` network as a :class:`batchnorm.lab.loop.Task`: plain SGD on
+    reshuffled epochs (a fresh permutation from the network's generator when one runs out)."""
+
+    def __init__(self, model: torch.nn.Module, data, lr: float, batch: int, seed: int) -> None:
+        self.model, self.batch = model, batch
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr)
+        self.x = torch.from_numpy(data.train_x)
+        self.y = torch.from_numpy(data.train_y)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(self.y), generator=self.gen)
+        self.pos = 0
+
+    def train_step(self, step: int) -> bool:
+        if self.pos + self.batch > len(self.y):
+            self.order, self.pos = torch.randperm(len(self.y), generator=self.gen), 0
+        idx = self.order[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        loss = torch.nn.functional.cross_entropy(self.model(self.x[idx]), self.y[idx])
+        if not torch.isfinite(loss):
+            return False
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return True
+
+    def evaluate(self, step: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "gen": self.gen.get_state(),
+            "order": self.order,
+            "pos": self.pos,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        self.order, self.pos = state["order"], int(state["pos"])
 
 
 @dataclass
@@ -497,9 +547,18 @@ def measure(config: Config, ctx: Context) -> Measurement:
         """One cell's seeds as a job of the run (jobs/<key>.json): a resumed run skips it."""
 
         def run() -> list[list[float]]:
-            return [list(_train_cell(data, config, depth, batch, s, **variant)) for s in seeds]
+            return [
+                list(
+                    _train_cell(
+                        data, config, depth, batch, s, ctx.checkpoint(f"{key}-s{s}"), **variant
+                    )
+                )
+                for s in seeds
+            ]
 
         saved = ctx.cached(key, run, as_json=True)  # JSON keeps a NaN as None
+        for s in seeds:
+            remove_checked(ctx.run_dir / "jobs" / f"{key}-s{s}.ckpt")
         return [tuple(math.nan if v is None else float(v) for v in pair) for pair in saved]
 
     with ctx.timer("trainability grid"):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -143,7 +144,9 @@ def _shift_rows(shifts) -> dict:
     }
 
 
-def _cnn_job(config: Config, data, variant: str, seed: int, key: str) -> dict:
+def _cnn_job(
+    config: Config, data, variant: str, seed: int, key: str, checkpoint: Path | None = None
+) -> dict:
     from batchnorm.lab.theory.covariate_shift import internal_covariate_shift
 
     model = VGGStyle.for_config(config, data, variant, seed)
@@ -153,7 +156,14 @@ def _cnn_job(config: Config, data, variant: str, seed: int, key: str) -> dict:
         return _shift_rows(internal_covariate_shift(groups, loss_fn, config.lr, module=model))
 
     result = train_with_probes(
-        model, data, config, seed=seed, probe_every=config.probe_every, probe=probe, desc=key
+        model,
+        data,
+        config,
+        seed=seed,
+        probe_every=config.probe_every,
+        probe=probe,
+        desc=key,
+        checkpoint=checkpoint,
     )
     n = min(config.eval_examples, len(data.train_y))
     result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
@@ -417,7 +427,14 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 cached_job(
                     ctx,
                     f"cnn-{variant}-seed{seed}",
-                    lambda v=variant, s=seed: _cnn_job(config, data, v, s, f"CNN {v} seed {s}"),
+                    lambda v=variant, s=seed: _cnn_job(
+                        config,
+                        data,
+                        v,
+                        s,
+                        f"CNN {v} seed {s}",
+                        ctx.checkpoint(f"cnn-{v}-seed{s}"),
+                    ),
                     as_json=True,
                 )
                 for seed in config.seed_list()

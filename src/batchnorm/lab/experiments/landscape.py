@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -130,7 +131,15 @@ class Config(CNNConfig):
         )
 
 
-def _job(config: Config, data, variant: str, seed: int, etas: tuple[float, ...], key: str) -> dict:
+def _job(
+    config: Config,
+    data,
+    variant: str,
+    seed: int,
+    etas: tuple[float, ...],
+    key: str,
+    checkpoint: Path | None = None,
+) -> dict:
     from batchnorm.lab.theory.landscape import probe_landscape
 
     model = VGGStyle.for_config(config, data, variant, seed)
@@ -150,7 +159,14 @@ def _job(config: Config, data, variant: str, seed: int, etas: tuple[float, ...],
         }
 
     result = train_with_probes(
-        model, data, config, seed=seed, probe_every=config.probe_every, probe=probe, desc=key
+        model,
+        data,
+        config,
+        seed=seed,
+        probe_every=config.probe_every,
+        probe=probe,
+        desc=key,
+        checkpoint=checkpoint,
     )
     n = min(config.eval_examples, len(data.train_y))
     result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
@@ -264,7 +280,9 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 cached_job(
                     ctx,
                     f"{variant}-seed{seed}",
-                    lambda v=variant, s=seed: _job(config, data, v, s, etas, f"{v} seed {s}"),
+                    lambda v=variant, s=seed: _job(
+                        config, data, v, s, etas, f"{v} seed {s}", ctx.checkpoint(f"{v}-seed{s}")
+                    ),
                     as_json=True,
                 )
                 for seed in config.seed_list()

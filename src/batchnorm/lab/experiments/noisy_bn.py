@@ -53,6 +53,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +84,7 @@ from batchnorm.lab.experiments.cnn import (
     evaluate,
     image_data,
 )
-from batchnorm.lab.progress import bar
+from batchnorm.lab.loop import run_loop
 from batchnorm.lab.rules import (
     baseline_metrics,
     beyond_tolerance,
@@ -191,62 +193,42 @@ def _scores(model: VGGStyle, data: ImageData, n_train: int) -> tuple[float, floa
     return train, evaluate(model, data.test_x, data.test_y)[0]
 
 
-def _train(config: Config, data: ImageData, variant: str, lr: float, seed: int, desc: str) -> dict:
+def _train(
+    config: Config,
+    data: ImageData,
+    variant: str,
+    lr: float,
+    seed: int,
+    desc: str,
+    checkpoint: Path | None = None,
+) -> dict:
     """One network: SGD for ``config.steps`` steps; curves, percentiles, final accuracies."""
     from batchnorm.inference import recalibrate
 
     model = VGGStyle.for_config(config, data, variant, seed)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    order = batch_order(len(data.train_y), config.batch_size, config.steps + 1, seed)
-    n_eval = min(config.eval_examples, len(data.train_y))
-    layer = config.tracked_layer - 1
-    q = torch.tensor(QUANTILES, dtype=torch.float64)
-    grid = torch.tensor(GRID, dtype=torch.float64)
-    steps, train_acc, test_acc, train_loss, pct = [], [], [], [], []
-    pair_steps: list[int] = []
-    pairs: list[list] = []  # per pair: (2, len(GRID), C)
-    pending: torch.Tensor | None = None
-    diverged_at = -1
+    job = _NoisyJob(config, data, model, lr, seed)
+    schedule = sorted(set(range(0, config.steps, config.eval_every)) | {config.steps})
+    loop = run_loop(
+        job,
+        steps=config.steps,
+        eval_steps=schedule,
+        desc=desc,
+        checkpoint=checkpoint,
+        signature=[variant, lr, seed],
+    )
     start = time.perf_counter()
-    # Step ``config.steps`` only evaluates: one more batch for the percentiles, no update.
-    for step in bar(range(config.steps + 1), desc=desc, unit="step"):
-        at_eval = step % config.eval_every == 0 or step == config.steps
-        at_pair = step < config.steps and step % config.stability_every in (0, 1)
-        x, y = data.train_x[order[step]], data.train_y[order[step]]
-        model.keep_pre_activations = at_eval or at_pair
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        model.keep_pre_activations = False
-        if at_eval or at_pair:
-            z = model.pre_activations[layer]  # (N, C, H, W)
-            if at_eval:
-                unit = z[:, config.tracked_unit].reshape(-1).double()
-                pct.append(torch.quantile(unit, q).tolist())
-                steps.append(step)
-                train_loss.append(float(loss.detach()))
-                train_acc.append(evaluate(model, data.train_x[:n_eval], data.train_y[:n_eval])[0])
-                test_acc.append(evaluate(model, data.test_x, data.test_y)[0])
-            if at_pair:
-                per_channel = z.transpose(0, 1).reshape(z.shape[1], -1).double()  # (C, N*H*W)
-                percentiles = torch.quantile(per_channel, grid, dim=1)  # (len(GRID), C)
-                if step % config.stability_every == 0:
-                    pending = percentiles
-                elif pending is not None:
-                    pairs.append(torch.stack([pending, percentiles]).tolist())
-                    pair_steps.append(step - 1)
-                    pending = None
-        if step == config.steps:
-            break
-        if not math.isfinite(float(loss.detach())):
-            diverged_at = step
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    result: dict = {"diverged_at": diverged_at}
-    if diverged_at >= 0:  # a diverged network counts as chance from there on
+    steps, train_acc, test_acc, train_loss, pct = (
+        job.steps,
+        job.train_acc,
+        job.test_acc,
+        job.train_loss,
+        job.pct,
+    )
+    n_eval = job.n_eval
+    result: dict = {"diverged_at": job.diverged_at}
+    if job.diverged_at >= 0:  # a diverged network counts as chance from there on
         chance = 1.0 / data.num_classes
-        schedule = sorted(set(range(0, config.steps, config.eval_every)) | {config.steps})
         for step in schedule[len(steps) :]:
             steps.append(step)
             train_acc.append(chance)
@@ -278,7 +260,7 @@ def _train(config: Config, data: ImageData, variant: str, lr: float, seed: int, 
             final_test_acc=final_test,
             ema_train_acc=ema_train,
             ema_test_acc=ema_test,
-            instability=instability(np.asarray(pairs)) if pairs else math.nan,
+            instability=instability(np.asarray(job.pairs)) if job.pairs else math.nan,
         )
     result.update(
         steps=steps,
@@ -286,10 +268,120 @@ def _train(config: Config, data: ImageData, variant: str, lr: float, seed: int, 
         test_acc=test_acc,
         train_loss=train_loss,
         percentiles=pct,
-        pair_steps=pair_steps,
-        seconds=time.perf_counter() - start,
+        pair_steps=job.pair_steps,
+        seconds=loop.train_seconds + loop.eval_seconds + time.perf_counter() - start,
     )
     return result
+
+
+class _NoisyJob:
+    """One :func:`_train` network as a :class:`batchnorm.lab.loop.Task`.
+
+    Every step's forward pass also observes: at evaluation steps (every ``eval_every`` and the
+    last) the tracked unit's percentiles, the loss and both accuracies; at stability pairs the
+    per-channel percentiles. So the observations live in :meth:`train_step` (one forward, as in
+    training), and :meth:`evaluate` only makes the last step's observation (a forward without an
+    update); at the other evaluation steps it leaves the loop a clean point to checkpoint at,
+    before that step's forward.
+    """
+
+    def __init__(
+        self, config: Config, data: ImageData, model: VGGStyle, lr: float, seed: int
+    ) -> None:
+        self.config, self.data, self.model = config, data, model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.order = batch_order(len(data.train_y), config.batch_size, config.steps + 1, seed)
+        self.n_eval = min(config.eval_examples, len(data.train_y))
+        self.steps: list[int] = []
+        self.train_acc: list[float] = []
+        self.test_acc: list[float] = []
+        self.train_loss: list[float] = []
+        self.pct: list[list[float]] = []
+        self.pair_steps: list[int] = []
+        self.pairs: list[list] = []  # per pair: (2, len(GRID), C)
+        self.pending: torch.Tensor | None = None
+        self.diverged_at = -1
+
+    def _observe(self, step: int) -> torch.Tensor:
+        """The forward pass on step ``step``'s batch, with what it observes; its loss."""
+        config, data, model = self.config, self.data, self.model
+        at_eval = step % config.eval_every == 0 or step == config.steps
+        at_pair = step < config.steps and step % config.stability_every in (0, 1)
+        x, y = data.train_x[self.order[step]], data.train_y[self.order[step]]
+        model.keep_pre_activations = at_eval or at_pair
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        model.keep_pre_activations = False
+        if at_eval or at_pair:
+            z = model.pre_activations[config.tracked_layer - 1]  # (N, C, H, W)
+            if at_eval:
+                unit = z[:, config.tracked_unit].reshape(-1).double()
+                q = torch.tensor(QUANTILES, dtype=torch.float64)
+                self.pct.append(torch.quantile(unit, q).tolist())
+                self.steps.append(step)
+                self.train_loss.append(float(loss.detach()))
+                n = self.n_eval
+                self.train_acc.append(evaluate(model, data.train_x[:n], data.train_y[:n])[0])
+                self.test_acc.append(evaluate(model, data.test_x, data.test_y)[0])
+            if at_pair:
+                per_channel = z.transpose(0, 1).reshape(z.shape[1], -1).double()  # (C, N*H*W)
+                grid = torch.tensor(GRID, dtype=torch.float64)
+                percentiles = torch.quantile(per_channel, grid, dim=1)  # (len(GRID), C)
+                if step % config.stability_every == 0:
+                    self.pending = percentiles
+                elif self.pending is not None:
+                    self.pairs.append(torch.stack([self.pending, percentiles]).tolist())
+                    self.pair_steps.append(step - 1)
+                    self.pending = None
+        return loss
+
+    def train_step(self, step: int) -> bool:
+        loss = self._observe(step)
+        if not math.isfinite(float(loss.detach())):
+            self.diverged_at = step
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return True
+
+    def evaluate(self, step: int) -> str | None:
+        if step == self.config.steps:  # one more batch for the percentiles, no update
+            self._observe(step)
+        return f"test acc {self.test_acc[-1]:.3f}" if self.test_acc else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "noise": self.model.noise_generator.get_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "lists": [
+                self.steps,
+                self.train_acc,
+                self.test_acc,
+                self.train_loss,
+                self.pct,
+                self.pair_steps,
+                self.pairs,
+            ],
+            "pending": self.pending,
+            "diverged_at": self.diverged_at,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.model.noise_generator.set_state(state["noise"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        (
+            self.steps,
+            self.train_acc,
+            self.test_acc,
+            self.train_loss,
+            self.pct,
+            self.pair_steps,
+            self.pairs,
+        ) = state["lists"]
+        self.pending = state["pending"]
+        self.diverged_at = int(state["diverged_at"])
 
 
 @dataclass
@@ -420,7 +512,9 @@ def measure(config: Config, ctx: Context) -> Measurement:
                     jobs[variant, lr, seed] = cached_job(
                         ctx,
                         key,
-                        lambda v=variant, lr=lr, s=seed, k=key: _train(config, data, v, lr, s, k),
+                        lambda v=variant, lr=lr, s=seed, k=key: _train(
+                            config, data, v, lr, s, k, ctx.checkpoint(k)
+                        ),
                         as_json=True,
                     )
     seeds = config.seed_list()

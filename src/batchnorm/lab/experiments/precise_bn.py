@@ -31,6 +31,8 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +58,7 @@ from batchnorm.lab.experiments.cnn import (
     image_data,
     train_job,
 )
-from batchnorm.lab.progress import bar
+from batchnorm.lab.loop import run_loop
 from batchnorm.lab.rules import (
     baseline_metrics,
     beyond_tolerance,
@@ -229,52 +231,114 @@ def judge(
 
 
 def _train_arm(
-    config: Config, data, seed: int, lr: float, schedule: str, desc: str
+    config: Config,
+    data,
+    seed: int,
+    lr: float,
+    schedule: str,
+    desc: str,
+    checkpoint: Path | None = None,
 ) -> dict[str, list[float] | float]:
     """Train one BN network; at each evaluation point, its test accuracy with the moving
     averages and with recomputed population statistics; its final train accuracy."""
-    from batchnorm.inference import recalibrate
-
     n = len(data.train_y)
-    b = config.batch_size
-    steps = config.steps_for(b, n)
-    schedule_points = set(eval_steps(steps, config.evals))
+    steps = config.steps_for(config.batch_size, n)
     model = conv_net("bn", config.channels, data.num_classes, seed, momentum=config.bn_momentum)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
-    batches = iid_batches(n, b, seed)
-    # The recalibration batches: a fixed shuffle of the training set, the same at every point.
-    order = torch.from_numpy(np.random.default_rng(10_000 + seed).permutation(n))
-    pop = [order[i : i + b] for i in range(0, n - b + 1, b)][: config.popstat_batches]
-    out: dict[str, list] = {"steps": [], "ema_acc": [], "precise_acc": [], "train_loss": []}
-    running, count = 0.0, 0
+    job = _ArmJob(config, data, model, seed, lr, schedule, steps, desc)
     model.train()
-    for step in bar(range(1, steps + 1), desc=desc, leave=False, unit="step"):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, schedule)
-        idx = torch.from_numpy(next(batches))
-        loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+    run_loop(
+        job,
+        steps=steps,
+        eval_steps=eval_steps(steps, config.evals),
+        desc=desc,
+        checkpoint=checkpoint,
+        signature=[schedule, lr, seed],
+    )
+    return job.out
+
+
+class _ArmJob:
+    """One :func:`_train_arm` network as a :class:`batchnorm.lab.loop.Task`."""
+
+    def __init__(
+        self,
+        config: Config,
+        data,
+        model: torch.nn.Module,
+        seed: int,
+        lr: float,
+        schedule: str,
+        steps: int,
+        desc: str,
+    ) -> None:
+        n, b = len(data.train_y), config.batch_size
+        self.data, self.model, self.lr, self.schedule = data, model, lr, schedule
+        self.steps, self.desc = steps, desc
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
+        self.batches = iid_batches(n, b, seed)
+        # The recalibration batches: a fixed shuffle of the training set, the same at every
+        # point.
+        order = torch.from_numpy(np.random.default_rng(10_000 + seed).permutation(n))
+        self.pop = [order[i : i + b] for i in range(0, n - b + 1, b)][: config.popstat_batches]
+        self.out: dict[str, Any] = {
+            "steps": [],
+            "ema_acc": [],
+            "precise_acc": [],
+            "train_loss": [],
+        }
+        self.running, self.count = 0.0, 0
+
+    def train_step(self, step: int) -> bool:
+        step += 1  # this update's number, as the schedule counts
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.steps, self.lr, self.schedule)
+        idx = torch.from_numpy(next(self.batches))
+        loss = F.cross_entropy(self.model(self.data.train_x[idx]), self.data.train_y[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"{desc}: the loss became {float(loss)} at step {step}; lower lr or high_factor"
+                f"{self.desc}: the loss became {float(loss)} at step {step}; lower lr or "
+                "high_factor"
             )
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        running, count = running + float(loss.detach()), count + 1
-        if step in schedule_points:
-            ema_acc, _ = evaluate(model, data.test_x, data.test_y)
-            precise = copy.deepcopy(model)
-            recalibrate(precise, (data.train_x[c] for c in pop), progress=False)
-            precise_acc, _ = evaluate(precise, data.test_x, data.test_y)
-            out["steps"].append(step)
-            out["ema_acc"].append(ema_acc)
-            out["precise_acc"].append(precise_acc)
-            out["train_loss"].append(running / count)
-            running, count = 0.0, 0
-    # Final train accuracy with population statistics (the last `precise` copy).
-    train_acc, _ = evaluate(precise, data.train_x[:5000], data.train_y[:5000])
-    out["train_acc"] = train_acc
-    return out
+        self.optimizer.step()
+        self.running, self.count = self.running + float(loss.detach()), self.count + 1
+        return True
+
+    def evaluate(self, step: int) -> str:
+        from batchnorm.inference import recalibrate
+
+        data, out = self.data, self.out
+        ema_acc, _ = evaluate(self.model, data.test_x, data.test_y)
+        precise = copy.deepcopy(self.model)
+        recalibrate(precise, (data.train_x[c] for c in self.pop), progress=False)
+        precise_acc, _ = evaluate(precise, data.test_x, data.test_y)
+        out["steps"].append(step)
+        out["ema_acc"].append(ema_acc)
+        out["precise_acc"].append(precise_acc)
+        out["train_loss"].append(self.running / self.count)
+        self.running, self.count = 0.0, 0
+        if step == self.steps:
+            # Final train accuracy with population statistics.
+            out["train_acc"], _ = evaluate(precise, data.train_x[:5000], data.train_y[:5000])
+        return f"EMA {ema_acc:.3f}, precise {precise_acc:.3f}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "out": self.out,
+            "running": self.running,
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.out = state["out"]
+        self.running, self.count = float(state["running"]), int(state["count"])
+        for _ in range(step):  # the batches already trained on, drawn again and dropped
+            next(self.batches)
 
 
 def measure(config: Config, ctx: Context) -> Measurement:
@@ -290,8 +354,14 @@ def measure(config: Config, ctx: Context) -> Measurement:
                 train_job(
                     ctx,
                     key,
-                    lambda which=which, schedule=schedule, seed=seed, arm=arm: _train_arm(
-                        config, data, seed, lrs[which], schedule, f"{arm} seed {seed}"
+                    lambda which=which, schedule=schedule, seed=seed, arm=arm, key=key: _train_arm(
+                        config,
+                        data,
+                        seed,
+                        lrs[which],
+                        schedule,
+                        f"{arm} seed {seed}",
+                        ctx.checkpoint(key),
                     ),
                 )
             )

@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,8 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import cached_job, iid_batches
 from batchnorm.lab.experiments.rnn_model import TERMS, GroupedLSTM, PopulationStats, StepRecorder
-from batchnorm.lab.progress import bar, log
+from batchnorm.lab.loop import run_loop
+from batchnorm.lab.progress import log
 from batchnorm.lab.rules import baseline_metrics, gate, paired_tolerance, untrained
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge", "ARMS"]
@@ -163,11 +165,6 @@ class Config(DataConfig):
             raise ValueError(f"rmsprop_decay must lie in (0, 1), got {self.rmsprop_decay}")
         if not self.clip > 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
-        if self.train_subset is not None and self.train_subset < self.batch_size:
-            raise ValueError(
-                f"train_subset ({self.train_subset}) must hold at least one batch "
-                f"({self.batch_size})"
-            )
 
     def quick(self) -> Config:
         """A smoke test: 16 units, 150 steps on 3,000 examples, 2 seeds."""
@@ -497,70 +494,29 @@ def _feature_std(var: torch.Tensor, eps: float) -> list[list[float]]:
     return (var.clamp_min(0) + eps).sqrt().mean(-1).tolist()
 
 
-def _train_arm(norm: str, data: _Sequences, config: Config) -> dict[str, Any]:
-    """Train one network per seed with ``norm``; evaluate along the way and at the end."""
+def _train_arm(
+    norm: str, data: _Sequences, config: Config, checkpoint: Path | None = None
+) -> dict[str, Any]:
+    """Train one network per seed with ``norm``; evaluate along the way and at the end. With
+    ``checkpoint``, an interrupted arm continues where it stopped (the lab's loop,
+    :func:`batchnorm.lab.loop.run_loop`)."""
     seeds = config.seed_list()
-    steps_t, width = data.train_x.shape[1], data.train_x.shape[2]
-    pad = config.pad_rows or steps_t
-    model = GroupedLSTM(
-        seeds,
-        width,
-        config.hidden,
-        data.classes,
-        norm,
-        gain_init=config.ln_gain_init if norm == "ln" else config.gain_init,
-        eps=config.eps,
-        backend=config.bn_backend,
-    )
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, alpha=config.rmsprop_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    pad_rng = np.random.default_rng([config.seed, 104729])  # the same lengths for every arm
-    train_pad = _train_pad(config, steps_t)
-    samplers = [iid_batches(len(data.train_y), config.batch_size, seed) for seed in seeds]
-    eval_x = data.test_x[: config.eval_examples]
-    eval_y = data.test_y[: config.eval_examples]
+    pad = config.pad_rows or data.train_x.shape[1]
+    job = _ArmJob(norm, data, config)
+    model = job.model
     eval_steps = sorted(
         {0, *range(config.eval_every, config.steps, config.eval_every), config.steps}
     )
-    curve: dict[str, list[list[float]]] = {}
-    losses: list[list[float]] = []
-    loss_sum, loss_count = torch.zeros(len(seeds)), 0
-    train_seconds = eval_seconds = 0.0
-
-    def evaluate(step: int) -> None:
-        nonlocal eval_seconds
-        start = time.perf_counter()
-        model.eval()
-        for mode, stats in _modes(model, data, config, config.popstat_batches, step).items():
-            curve.setdefault(mode, []).append(_accuracy(model, eval_x, eval_y, stats))
-        model.train()
-        eval_seconds += time.perf_counter() - start
-
-    evaluate(0)
-    losses.append([math.nan] * len(seeds))
-    start = time.perf_counter()
-    for step in bar(range(1, config.steps + 1), desc=f"rnn {norm}"):
-        idx = torch.as_tensor(np.stack([next(s) for s in samplers]))  # (G, B)
-        # A batch's sequences: the images, then 0 ... train_pad blank rows (one draw per step).
-        xb = _pad(data.train_x[idx], int(pad_rng.integers(0, train_pad + 1)), AFTER)
-        logits = model(xb, h0_noise=_noise(config, norm), generator=generator)
-        loss = model.loss(logits, data.train_y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        model.clip_grad_norm_(config.clip)
-        optimizer.step()
-        with torch.no_grad():
-            per_net = F.cross_entropy(
-                logits.detach().transpose(1, 2), data.train_y[idx], reduction="none"
-            ).mean(1)
-        loss_sum += per_net
-        loss_count += 1
-        if step in eval_steps:
-            train_seconds += time.perf_counter() - start
-            losses.append((loss_sum / loss_count).tolist())
-            loss_sum, loss_count = torch.zeros(len(seeds)), 0
-            evaluate(step)
-            start = time.perf_counter()
+    loop = run_loop(
+        job,
+        steps=config.steps,
+        eval_steps=eval_steps,
+        desc=f"rnn {norm}",
+        checkpoint=checkpoint,
+        signature=[norm, seeds],
+    )
+    curve, losses = job.curve, job.losses
+    train_seconds, eval_seconds = loop.train_seconds, loop.eval_seconds
 
     # The final evaluation: Algorithm 2 with more batches, the whole test set, the longer tests.
     start = time.perf_counter()
@@ -603,6 +559,95 @@ def _train_arm(norm: str, data: _Sequences, config: Config) -> dict[str, Any]:
     return result
 
 
+class _ArmJob:
+    """One arm's networks (one per seed, trained together) as a
+    :class:`batchnorm.lab.loop.Task`."""
+
+    def __init__(self, norm: str, data: _Sequences, config: Config) -> None:
+        seeds = config.seed_list()
+        self.data, self.config, self.norm = data, config, norm
+        self.model = GroupedLSTM(
+            seeds,
+            data.train_x.shape[2],
+            config.hidden,
+            data.classes,
+            norm,
+            gain_init=config.ln_gain_init if norm == "ln" else config.gain_init,
+            eps=config.eps,
+            backend=config.bn_backend,
+        )
+        self.optimizer = torch.optim.RMSprop(
+            self.model.parameters(), lr=config.lr, alpha=config.rmsprop_decay
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.pad_rng = np.random.default_rng([config.seed, 104729])  # the same for every arm
+        self.train_pad = _train_pad(config, data.train_x.shape[1])
+        self.samplers = [iid_batches(len(data.train_y), config.batch_size, s) for s in seeds]
+        self.eval_x = data.test_x[: config.eval_examples]
+        self.eval_y = data.test_y[: config.eval_examples]
+        self.curve: dict[str, list[list[float]]] = {}
+        self.losses: list[list[float]] = []
+        self.loss_sum, self.loss_count = torch.zeros(len(seeds)), 0
+
+    def train_step(self, step: int) -> bool:
+        data, config, model = self.data, self.config, self.model
+        idx = torch.as_tensor(np.stack([next(s) for s in self.samplers]))  # (G, B)
+        # A batch's sequences: the images, then 0 ... train_pad blank rows (one draw per step).
+        xb = _pad(data.train_x[idx], int(self.pad_rng.integers(0, self.train_pad + 1)), AFTER)
+        logits = model(xb, h0_noise=_noise(config, self.norm), generator=self.generator)
+        loss = model.loss(logits, data.train_y[idx])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.clip_grad_norm_(config.clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            per_net = F.cross_entropy(
+                logits.detach().transpose(1, 2), data.train_y[idx], reduction="none"
+            ).mean(1)
+        self.loss_sum += per_net
+        self.loss_count += 1
+        return True
+
+    def evaluate(self, step: int) -> str:
+        if step == 0:
+            self.losses.append([math.nan] * len(self.samplers))
+        else:
+            self.losses.append((self.loss_sum / self.loss_count).tolist())
+        self.loss_sum, self.loss_count = torch.zeros(len(self.samplers)), 0
+        model, config = self.model, self.config
+        model.eval()
+        modes = _modes(model, self.data, config, config.popstat_batches, step)
+        for mode, stats in modes.items():
+            self.curve.setdefault(mode, []).append(
+                _accuracy(model, self.eval_x, self.eval_y, stats)
+            )
+        model.train()
+        return ", ".join(f"{mode} {np.mean(acc[-1]):.3f}" for mode, acc in self.curve.items())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "pad_rng": self.pad_rng.bit_generator.state,
+            "curve": self.curve,
+            "losses": self.losses,
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.pad_rng.bit_generator.state = state["pad_rng"]
+        self.curve, self.losses = state["curve"], state["losses"]
+        self.loss_sum, self.loss_count = state["loss_sum"], int(state["loss_count"])
+        for sampler in self.samplers:  # the batches already trained on, drawn again and dropped
+            for _ in range(step):
+                next(sampler)
+
+
 # ------------------------------------------------------------------------------------------
 # Measure
 
@@ -618,7 +663,10 @@ def measure(config: Config, ctx: Context) -> Measurement:
     for norm in ("none", "bn", "ln"):
         with ctx.timer(f"train {norm}"):
             jobs[norm] = cached_job(
-                ctx, f"rnn-{norm}", lambda n=norm: _train_arm(n, data, config), as_json=True
+                ctx,
+                f"rnn-{norm}",
+                lambda n=norm: _train_arm(n, data, config, ctx.checkpoint(f"rnn-{n}")),
+                as_json=True,
             )
         log(f"[lab] rnn {norm}: trained in {jobs[norm]['train_seconds']:.0f} s")
 
