@@ -240,7 +240,8 @@ def check_config(config: C, *, note: Any = None) -> C:
     """Check a config as every experiment's is checked, then run its own ``validate()``.
 
     The fields named in :data:`COMMON_FIELD_RULES` must be integers at or above their smallest
-    value (seeds also at most 2**31 - 1). A ``threads`` above the cores this process may use is
+    value (seeds also at most 2**31 - 1), and a ``train_subset`` must hold at least one
+    ``batch_size``. A ``threads`` above the cores this process may use is
     capped to them, with a note: more threads than cores only slow a run down (and a huge
     number crashes OpenMP).
 
@@ -279,6 +280,12 @@ def check_config(config: C, *, note: Any = None) -> C:
             changes["threads"] = cores
     if changes:
         config = dataclasses.replace(config, **changes)  # type: ignore[type-var]
+    subset, batch = getattr(config, "train_subset", None), getattr(config, "batch_size", None)
+    if isinstance(subset, int) and isinstance(batch, int) and subset < batch:
+        raise ConfigError(
+            f"train_subset ({subset}) must hold at least one batch ({batch}): raise "
+            "train_subset or lower batch_size"
+        )
     validate = getattr(config, "validate", None)
     if callable(validate):
         try:

@@ -86,11 +86,6 @@ class CommonConfig(DataConfig):
             raise ValueError(f"momentum must be below 1, got {self.momentum}")
         if not (math.isfinite(self.init_scale) and self.init_scale > 0):
             raise ValueError(f"init_scale must be positive, got {self.init_scale}")
-        if self.train_subset is not None and self.train_subset < self.batch_size:
-            raise ValueError(
-                f"train_subset ({self.train_subset}) must hold at least one batch "
-                f"({self.batch_size})"
-            )
         if not self.checkpoint_seconds >= 0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
 
