@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.lab.loop import run_loop
+from batchnorm.lab.loop import eval_steps, run_loop
 
 if TYPE_CHECKING:
     from batchnorm.lab.experiments.cnn import ImageData
@@ -571,7 +571,6 @@ def train_grouped(
     Returns:
         One ``train_net`` result per network, in the order of ``model.specs``.
     """
-    from batchnorm.lab.experiments.cnn import eval_steps
 
     K = model.num_nets
     if len(batches) != K:

@@ -42,12 +42,42 @@ import torch
 from batchnorm.lab.io import CorruptFileError, atomic_write_checked, read_checked
 from batchnorm.lab.progress import bar
 
-__all__ = ["Task", "LoopResult", "CheckpointMismatch", "run_loop", "read_checkpoint"]
+__all__ = [
+    "Task",
+    "LoopResult",
+    "CheckpointMismatch",
+    "run_loop",
+    "read_checkpoint",
+    "eval_schedule",
+    "eval_steps",
+]
 
 _FORMAT = "batchnorm-lab-loop/1"
 
 #: The least time between two checkpoints of a job that does not set its own.
 CHECKPOINT_SECONDS = 30.0
+
+
+def eval_schedule(steps: int, every: int, extra: Iterable[int] = ()) -> tuple[int, ...]:
+    """Evaluate before training and every ``every`` steps: 0, every, 2*every, ..., and
+    ``steps`` itself, plus any ``extra`` steps, sorted.
+
+    >>> eval_schedule(1000, 400, extra=(100,))
+    (0, 100, 400, 800, 1000)
+    """
+    if every < 1:
+        raise ValueError(f"the evaluation interval must be >= 1 step, got {every}")
+    points = set(range(0, steps + 1, every)) | {steps} | {s for s in extra if 0 <= s <= steps}
+    return tuple(sorted(points))
+
+
+def eval_steps(steps: int, evals: int) -> list[int]:
+    """Evaluate ``evals`` times, evenly spaced in 1..steps, the last at ``steps``.
+
+    >>> eval_steps(100, 4)
+    [25, 50, 75, 100]
+    """
+    return sorted({max(1, int(round(steps * (i + 1) / evals))) for i in range(evals)})
 
 
 class Task(Protocol):

@@ -31,7 +31,7 @@ every experiment:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,25 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batchnorm.lab.loop import run_loop
+from batchnorm.lab.loop import eval_schedule, run_loop
 from batchnorm.lab.samplers import EpochBatches, batch_indices, popstat_batches
 from batchnorm.lab.wide import NetSpec, WideMLP
 
 __all__ = ["TrainSettings", "JobResult", "train", "batch_indices", "eval_schedule"]
 
 _PERCENTILES = (0.15, 0.50, 0.85)
-
-
-def eval_schedule(steps: int, every: int, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """Steps 0, every, 2*every, ..., and ``steps`` itself, plus any ``extra`` steps, sorted.
-
-    >>> eval_schedule(1000, 400, extra=(100,))
-    (0, 100, 400, 800, 1000)
-    """
-    if every < 1:
-        raise ValueError(f"the evaluation interval must be >= 1 step, got {every}")
-    points = set(range(0, steps + 1, every)) | {steps} | {s for s in extra if 0 <= s <= steps}
-    return tuple(sorted(points))
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
 from batchnorm.lab.io import remove_checked
-from batchnorm.lab.loop import run_loop
+from batchnorm.lab.loop import eval_steps, run_loop
 from batchnorm.lab.progress import log
 from batchnorm.lab.samplers import batch_order, few_class_batches, iid_batches
 
@@ -576,15 +576,6 @@ def norm_kwargs(norm: str, steps: int, gn_groups: int) -> dict[str, Any]:
             "r_max_reached_at": int(0.3 * steps),
         }
     return {}
-
-
-def eval_steps(steps: int, evals: int) -> list[int]:
-    """``evals`` evenly spaced steps in 1..steps, the last one ``steps``.
-
-    >>> eval_steps(100, 4)
-    [25, 50, 75, 100]
-    """
-    return sorted({max(1, int(round(steps * (i + 1) / evals))) for i in range(evals)})
 
 
 def train_net(

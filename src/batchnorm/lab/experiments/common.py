@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from batchnorm.lab.config import DataConfig, param
-from batchnorm.lab.train import JobResult, TrainSettings, eval_schedule
+from batchnorm.lab.loop import eval_schedule
+from batchnorm.lab.train import JobResult, TrainSettings
 from batchnorm.lab.wide import ACTIVATIONS, BN_IMPLEMENTATIONS, NetSpec, WideMLP
 
 __all__ = [

@@ -84,7 +84,7 @@ from batchnorm.lab.experiments.cnn import (
     evaluate,
     image_data,
 )
-from batchnorm.lab.loop import run_loop
+from batchnorm.lab.loop import eval_schedule, run_loop
 from batchnorm.lab.rules import (
     baseline_metrics,
     beyond_tolerance,
@@ -208,7 +208,7 @@ def _train(
     model = VGGStyle.for_config(config, data, variant, seed)
     model.train()
     job = _NoisyJob(config, data, model, lr, seed)
-    schedule = sorted(set(range(0, config.steps, config.eval_every)) | {config.steps})
+    schedule = list(eval_schedule(config.steps, config.eval_every))
     loop = run_loop(
         job,
         steps=config.steps,

@@ -72,7 +72,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import cached_job, iid_batches
 from batchnorm.lab.experiments.rnn_model import TERMS, GroupedLSTM, PopulationStats, StepRecorder
-from batchnorm.lab.loop import run_loop
+from batchnorm.lab.loop import eval_schedule, run_loop
 from batchnorm.lab.progress import log
 from batchnorm.lab.rules import baseline_metrics, gate, paired_tolerance, untrained
 
@@ -504,9 +504,7 @@ def _train_arm(
     pad = config.pad_rows or data.train_x.shape[1]
     job = _ArmJob(norm, data, config)
     model = job.model
-    eval_steps = sorted(
-        {0, *range(config.eval_every, config.steps, config.eval_every), config.steps}
-    )
+    eval_steps = list(eval_schedule(config.steps, config.eval_every))
     loop = run_loop(
         job,
         steps=config.steps,
