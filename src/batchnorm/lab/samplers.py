@@ -10,6 +10,8 @@ once and each experiment's order is reproducible from its seed alone:
 - :func:`iid_batches`: an endless sampler of i.i.d. batches (a fresh permutation per epoch, the
   last partial batch dropped) for the CNN and recurrent experiments; :func:`batch_order` takes
   its first batches as an array;
+- :class:`TorchEpochs`: i.i.d. batches from torch's generator (a fresh ``torch.randperm`` when
+  the current one runs out), with a state a checkpoint can save (``explosion``);
 - :func:`few_class_batches`: non-i.i.d. batches, each drawn from a few classes (``non-iid``);
 - :func:`popstat_batches`: the fixed batches on which Algorithm 2 recomputes the population
   statistics at an evaluation step of an MLP job.
@@ -22,11 +24,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "EpochBatches",
+    "TorchEpochs",
     "batch_indices",
     "batch_order",
     "few_class_batches",
@@ -131,3 +136,42 @@ def few_class_batches(
             for c, s in zip(chosen, shares, strict=True)
         ]
         yield rng.permutation(np.concatenate(parts))
+
+
+class TorchEpochs:
+    """Endless mini-batches of ``batch_size`` of ``n`` examples from ``torch.randperm`` with its
+    own generator seeded by ``seed``: a permutation is used up batch by batch, and a fresh one
+    drawn when fewer than ``batch_size`` examples are left. After the batches, ``generator``
+    goes on drawing (e.g. Algorithm 2's batches) from where the sampler left it.
+
+    >>> sampler = TorchEpochs(10, 4, seed=0)
+    >>> [len(sampler.next()) for _ in range(3)]
+    [4, 4, 4]
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size must lie in 1..{n} (the examples), got {batch_size}")
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(n, generator=self.generator)
+        self.position = 0
+
+    def next(self) -> torch.Tensor:
+        """The next mini-batch's indices (int64)."""
+        if self.position + self.batch_size > self.n:
+            self.order, self.position = torch.randperm(self.n, generator=self.generator), 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order,
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], int(state["position"])

@@ -69,6 +69,7 @@ from batchnorm.lab.rules import (
     paired_tolerance,
     untrained,
 )
+from batchnorm.lab.samplers import TorchEpochs
 from batchnorm.lab.theory.gradient_explosion import (
     gradient_growth,
     linear_lambda,
@@ -254,7 +255,7 @@ def _train_cell(
     )
     if loop.stopped:
         return math.nan, math.nan
-    x, y, gen = job.x, job.y, job.gen
+    x, y, gen = job.x, job.y, job.sampler.generator
     # Algorithm 2: population statistics over training batches of the training size B.
     pop = torch.randperm(len(y), generator=gen)[: config.popstat_examples]
     batches = [x[c] for c in pop.split(batch) if len(c) == batch]
@@ -267,22 +268,17 @@ def _train_cell(
 
 class _CellJob:
     """One :func:`_train_cell` network as a :class:`batchnorm.lab.loop.Task`: plain SGD on
-    reshuffled epochs (a fresh permutation from the network's generator when one runs out)."""
+    reshuffled epochs (:class:`batchnorm.lab.samplers.TorchEpochs`)."""
 
     def __init__(self, model: torch.nn.Module, data, lr: float, batch: int, seed: int) -> None:
-        self.model, self.batch = model, batch
+        self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=lr)
         self.x = torch.from_numpy(data.train_x)
         self.y = torch.from_numpy(data.train_y)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(self.y), generator=self.gen)
-        self.pos = 0
+        self.sampler = TorchEpochs(len(self.y), batch, seed)
 
     def train_step(self, step: int) -> bool:
-        if self.pos + self.batch > len(self.y):
-            self.order, self.pos = torch.randperm(len(self.y), generator=self.gen), 0
-        idx = self.order[self.pos : self.pos + self.batch]
-        self.pos += self.batch
+        idx = self.sampler.next()
         loss = torch.nn.functional.cross_entropy(self.model(self.x[idx]), self.y[idx])
         if not torch.isfinite(loss):
             return False
@@ -298,16 +294,13 @@ class _CellJob:
         return {
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
-            "gen": self.gen.get_state(),
-            "order": self.order,
-            "pos": self.pos,
+            "sampler": self.sampler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        self.gen.set_state(state["gen"])
-        self.order, self.pos = state["order"], int(state["pos"])
+        self.sampler.load_state_dict(state["sampler"])
 
 
 @dataclass
