@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.lab.loop import eval_steps, run_loop
+from batchnorm.lab.loop import ModelTask, eval_steps, run_loop
 
 if TYPE_CHECKING:
     from batchnorm.lab.experiments.cnn import ImageData
@@ -615,8 +615,10 @@ def train_grouped(
     return job.outs
 
 
-class _GroupJob:
+class _GroupJob(ModelTask):
     """The K networks of :func:`train_grouped` as one :class:`batchnorm.lab.loop.Task`."""
+
+    saved = ("outs", "running", "count", "tail_correct", "tail_seen", "frozen")
 
     def __init__(
         self,
@@ -633,6 +635,7 @@ class _GroupJob:
     ) -> None:
         K = self.K = model.num_nets
         self.model, self.data, self.batches = model, data, batches
+        self.samplers = batches
         self.optimizer, self.evaluate_now = optimizer, evaluate_now
         self.agc_clipping, self.unclipped = agc_clipping, unclipped
         self.clip_classifier_bias = clip_classifier_bias
@@ -644,29 +647,6 @@ class _GroupJob:
         self.tail_correct, self.tail_seen = [0] * K, [0] * K
         self.tail_from = steps - max(1, steps // 10)
         self.frozen: dict[int, dict[str, torch.Tensor]] = {}  # diverged network -> its tensors
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "outs": self.outs,
-            "running": self.running,
-            "count": self.count,
-            "tail_correct": self.tail_correct,
-            "tail_seen": self.tail_seen,
-            "frozen": {str(k): v for k, v in self.frozen.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.outs = state["outs"]
-        self.running, self.count = state["running"], state["count"]
-        self.tail_correct, self.tail_seen = state["tail_correct"], state["tail_seen"]
-        self.frozen = {int(k): v for k, v in state["frozen"].items()}
-        for sampler in self.batches:  # the batches already trained on, drawn again and dropped
-            for _ in range(step):
-                next(sampler)
 
     def train_step(self, step: int) -> bool:
         model, K, frozen = self.model, self.K, self.frozen

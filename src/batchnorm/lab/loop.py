@@ -32,7 +32,7 @@ from __future__ import annotations
 import io
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +50,7 @@ __all__ = [
     "read_checkpoint",
     "eval_schedule",
     "eval_steps",
+    "ModelTask",
 ]
 
 _FORMAT = "batchnorm-lab-loop/1"
@@ -101,6 +102,47 @@ class Task(Protocol):
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
         """Restore :meth:`state_dict`'s ``state``, saved after ``step`` updates."""
         ...
+
+
+class ModelTask:
+    """A base for tasks whose state is a model, its optimizer, random generators and a few
+    attributes: :meth:`state_dict` and :meth:`load_state_dict` written once.
+
+    A subclass sets ``model`` and ``optimizer`` (None for a hand-written update), lists in
+    ``saved`` the names of its attributes that change as it trains (results so far, running
+    sums), returns its own random generators from :meth:`generators` (a noise generator, a
+    dropout generator), and puts iterator samplers in ``samplers``: on loading, each draws and
+    drops the batches already trained on, so it goes on where it was.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    saved: tuple[str, ...] = ()
+    samplers: Sequence[Iterator[Any]] = ()
+
+    def generators(self) -> list[torch.Generator]:
+        """The task's own random generators (torch's global one is the loop's)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "generators": [g.get_state() for g in self.generators()],
+            **{name: getattr(self, name) for name in self.saved},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        for generator, saved in zip(self.generators(), state["generators"], strict=True):
+            generator.set_state(saved)
+        for name in self.saved:
+            setattr(self, name, state[name])
+        for sampler in self.samplers:  # the batches already trained on, drawn and dropped
+            for _ in range(step):
+                next(sampler)
 
 
 class CheckpointMismatch(CorruptFileError):

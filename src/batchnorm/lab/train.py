@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batchnorm.lab.loop import eval_schedule, run_loop
+from batchnorm.lab.loop import ModelTask, eval_schedule, run_loop
 from batchnorm.lab.samplers import EpochBatches, batch_indices, popstat_batches
 from batchnorm.lab.wide import NetSpec, WideMLP
 
@@ -302,8 +302,11 @@ _HISTORY_KEYS = (
 )
 
 
-class _WideJob:
-    """One :func:`train` job as a :class:`batchnorm.lab.loop.Task`."""
+class _WideJob(ModelTask):
+    """One :func:`train` job as a :class:`batchnorm.lab.loop.Task` (SGD written out: each
+    network has its own learning rate, and a diverged one is reset)."""
+
+    saved = ("velocity", "lr", "diverged", "history", "loss_sum", "loss_count")
 
     def __init__(self, model: WideMLP, data: Any, s: TrainSettings) -> None:
         self.model, self.s = model, s
@@ -339,25 +342,11 @@ class _WideJob:
         self.params = list(model.parameters())
         self.param_lr = _param_lrs(model, self.lr)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "velocity": self.velocity,
-            "lr": self.lr,
-            "diverged": self.diverged,
-            "history": self.history,
-            "loss_sum": self.loss_sum,
-            "loss_count": self.loss_count,
-            "dropout_rng": self.model.dropout_generator.get_state(),
-        }
+    def generators(self) -> list[torch.Generator]:
+        return [self.model.dropout_generator]
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.velocity = state["velocity"]
-        self.lr, self.diverged = state["lr"], state["diverged"]
-        self.history = state["history"]
-        self.loss_sum, self.loss_count = state["loss_sum"], int(state["loss_count"])
-        self.model.dropout_generator.set_state(state["dropout_rng"])
+        super().load_state_dict(state, step)
         self.params = list(self.model.parameters())
         self.param_lr = _param_lrs(self.model, self.lr)
 

@@ -62,7 +62,7 @@ from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
 from batchnorm.lab.io import remove_checked
-from batchnorm.lab.loop import eval_steps, run_loop
+from batchnorm.lab.loop import ModelTask, eval_steps, run_loop
 from batchnorm.lab.progress import log
 from batchnorm.lab.samplers import batch_order, few_class_batches, iid_batches
 
@@ -392,8 +392,10 @@ def train_with_probes(
     }
 
 
-class _ProbedJob:
+class _ProbedJob(ModelTask):
     """:func:`train_with_probes` as a :class:`batchnorm.lab.loop.Task`."""
+
+    saved = ("probed", "probes", "test_acc", "losses", "diverged_at")
 
     def __init__(
         self,
@@ -433,25 +435,8 @@ class _ProbedJob:
         self.optimizer.step()
         return True
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "noise": self.model.noise_generator.get_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "probed": self.probed,
-            "probes": self.probes,
-            "test_acc": self.test_acc,
-            "losses": self.losses,
-            "diverged_at": self.diverged_at,
-        }
-
-    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.model.noise_generator.set_state(state["noise"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.probed, self.probes = state["probed"], state["probes"]
-        self.test_acc, self.losses = state["test_acc"], state["losses"]
-        self.diverged_at = int(state["diverged_at"])
+    def generators(self) -> list[torch.Generator]:
+        return [self.model.noise_generator]
 
 
 PROBE_CURVE_FIELDS = ("step", "variant", "seed", "test_acc", "train_loss")
@@ -657,8 +642,10 @@ def train_net(
     return out
 
 
-class _NetJob:
+class _NetJob(ModelTask):
     """One :func:`train_net` network as a :class:`batchnorm.lab.loop.Task`."""
+
+    saved = ("out", "running", "count", "tail_correct", "tail_seen")
 
     def __init__(
         self,
@@ -670,6 +657,7 @@ class _NetJob:
         steps: int,
     ) -> None:
         self.model, self.data, self.batches = model, data, batches
+        self.samplers = [batches]
         self.optimizer, self.evaluate_now = optimizer, evaluate_now
         self.out: dict[str, Any] = {
             "steps": [],
@@ -680,26 +668,6 @@ class _NetJob:
         }
         self.running, self.count, self.tail_correct, self.tail_seen = 0.0, 0, 0, 0
         self.tail_from = steps - max(1, steps // 10)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "out": self.out,
-            "running": self.running,
-            "count": self.count,
-            "tail_correct": self.tail_correct,
-            "tail_seen": self.tail_seen,
-        }
-
-    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.out = state["out"]
-        self.running, self.count = float(state["running"]), int(state["count"])
-        self.tail_correct, self.tail_seen = int(state["tail_correct"]), int(state["tail_seen"])
-        for _ in range(step):  # the batches already trained on, drawn again and dropped
-            next(self.batches)
 
     def train_step(self, step: int) -> bool:
         train_x, train_y = self.data.train_x, self.data.train_y

@@ -60,7 +60,7 @@ from batchnorm.lab.experiment import (
     md_table,
 )
 from batchnorm.lab.io import remove_checked
-from batchnorm.lab.loop import run_loop
+from batchnorm.lab.loop import ModelTask, run_loop
 from batchnorm.lab.progress import bar
 from batchnorm.lab.rules import (
     baseline_metrics,
@@ -266,13 +266,13 @@ def _train_cell(
     return test, train
 
 
-class _CellJob:
+class _CellJob(ModelTask):
     """One :func:`_train_cell` network as a :class:`batchnorm.lab.loop.Task`: plain SGD on
     reshuffled epochs (:class:`batchnorm.lab.samplers.TorchEpochs`)."""
 
     def __init__(self, model: torch.nn.Module, data, lr: float, batch: int, seed: int) -> None:
         self.model = model
-        self.opt = torch.optim.SGD(model.parameters(), lr=lr)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         self.x = torch.from_numpy(data.train_x)
         self.y = torch.from_numpy(data.train_y)
         self.sampler = TorchEpochs(len(self.y), batch, seed)
@@ -282,24 +282,19 @@ class _CellJob:
         loss = torch.nn.functional.cross_entropy(self.model(self.x[idx]), self.y[idx])
         if not torch.isfinite(loss):
             return False
-        self.opt.zero_grad()
+        self.optimizer.zero_grad()
         loss.backward()
-        self.opt.step()
+        self.optimizer.step()
         return True
 
     def evaluate(self, step: int) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "opt": self.opt.state_dict(),
-            "sampler": self.sampler.state_dict(),
-        }
+        return {**super().state_dict(), "sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        super().load_state_dict(state, step)
         self.sampler.load_state_dict(state["sampler"])
 
 

@@ -54,7 +54,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +83,7 @@ from batchnorm.lab.experiments.cnn import (
     evaluate,
     image_data,
 )
-from batchnorm.lab.loop import eval_schedule, run_loop
+from batchnorm.lab.loop import ModelTask, eval_schedule, run_loop
 from batchnorm.lab.rules import (
     baseline_metrics,
     beyond_tolerance,
@@ -274,7 +273,7 @@ def _train(
     return result
 
 
-class _NoisyJob:
+class _NoisyJob(ModelTask):
     """One :func:`_train` network as a :class:`batchnorm.lab.loop.Task`.
 
     Every step's forward pass also observes: at evaluation steps (every ``eval_every`` and the
@@ -284,6 +283,18 @@ class _NoisyJob:
     update); at the other evaluation steps it leaves the loop a clean point to checkpoint at,
     before that step's forward.
     """
+
+    saved = (
+        "steps",
+        "train_acc",
+        "test_acc",
+        "train_loss",
+        "pct",
+        "pair_steps",
+        "pairs",
+        "pending",
+        "diverged_at",
+    )
 
     def __init__(
         self, config: Config, data: ImageData, model: VGGStyle, lr: float, seed: int
@@ -349,39 +360,8 @@ class _NoisyJob:
             self._observe(step)
         return f"test acc {self.test_acc[-1]:.3f}" if self.test_acc else None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "noise": self.model.noise_generator.get_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "lists": [
-                self.steps,
-                self.train_acc,
-                self.test_acc,
-                self.train_loss,
-                self.pct,
-                self.pair_steps,
-                self.pairs,
-            ],
-            "pending": self.pending,
-            "diverged_at": self.diverged_at,
-        }
-
-    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.model.noise_generator.set_state(state["noise"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        (
-            self.steps,
-            self.train_acc,
-            self.test_acc,
-            self.train_loss,
-            self.pct,
-            self.pair_steps,
-            self.pairs,
-        ) = state["lists"]
-        self.pending = state["pending"]
-        self.diverged_at = int(state["diverged_at"])
+    def generators(self) -> list[torch.Generator]:
+        return [self.model.noise_generator]
 
 
 @dataclass

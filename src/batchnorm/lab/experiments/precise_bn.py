@@ -58,7 +58,7 @@ from batchnorm.lab.experiments.cnn import (
     image_data,
     train_job,
 )
-from batchnorm.lab.loop import run_loop
+from batchnorm.lab.loop import ModelTask, run_loop
 from batchnorm.lab.rules import (
     baseline_metrics,
     beyond_tolerance,
@@ -257,8 +257,10 @@ def _train_arm(
     return job.out
 
 
-class _ArmJob:
+class _ArmJob(ModelTask):
     """One :func:`_train_arm` network as a :class:`batchnorm.lab.loop.Task`."""
+
+    saved = ("out", "running", "count")
 
     def __init__(
         self,
@@ -276,6 +278,7 @@ class _ArmJob:
         self.steps, self.desc = steps, desc
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
         self.batches = iid_batches(n, b, seed)
+        self.samplers = [self.batches]
         # The recalibration batches: a fixed shuffle of the training set, the same at every
         # point.
         order = torch.from_numpy(np.random.default_rng(10_000 + seed).permutation(n))
@@ -322,23 +325,6 @@ class _ArmJob:
             # Final train accuracy with population statistics.
             out["train_acc"], _ = evaluate(precise, data.train_x[:5000], data.train_y[:5000])
         return f"EMA {ema_acc:.3f}, precise {precise_acc:.3f}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "out": self.out,
-            "running": self.running,
-            "count": self.count,
-        }
-
-    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.out = state["out"]
-        self.running, self.count = float(state["running"]), int(state["count"])
-        for _ in range(step):  # the batches already trained on, drawn again and dropped
-            next(self.batches)
 
 
 def measure(config: Config, ctx: Context) -> Measurement:

@@ -72,7 +72,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import cached_job, iid_batches
 from batchnorm.lab.experiments.rnn_model import TERMS, GroupedLSTM, PopulationStats, StepRecorder
-from batchnorm.lab.loop import eval_schedule, run_loop
+from batchnorm.lab.loop import ModelTask, eval_schedule, run_loop
 from batchnorm.lab.progress import log
 from batchnorm.lab.rules import baseline_metrics, gate, paired_tolerance, untrained
 
@@ -557,9 +557,11 @@ def _train_arm(
     return result
 
 
-class _ArmJob:
+class _ArmJob(ModelTask):
     """One arm's networks (one per seed, trained together) as a
     :class:`batchnorm.lab.loop.Task`."""
+
+    saved = ("curve", "losses", "loss_sum", "loss_count")
 
     def __init__(self, norm: str, data: _Sequences, config: Config) -> None:
         seeds = config.seed_list()
@@ -622,28 +624,15 @@ class _ArmJob:
         model.train()
         return ", ".join(f"{mode} {np.mean(acc[-1]):.3f}" for mode, acc in self.curve.items())
 
+    def generators(self) -> list[torch.Generator]:
+        return [self.generator]
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "pad_rng": self.pad_rng.bit_generator.state,
-            "curve": self.curve,
-            "losses": self.losses,
-            "loss_sum": self.loss_sum,
-            "loss_count": self.loss_count,
-        }
+        return {**super().state_dict(), "pad_rng": self.pad_rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        super().load_state_dict(state, step)
         self.pad_rng.bit_generator.state = state["pad_rng"]
-        self.curve, self.losses = state["curve"], state["losses"]
-        self.loss_sum, self.loss_count = state["loss_sum"], int(state["loss_count"])
-        for sampler in self.samplers:  # the batches already trained on, drawn again and dropped
-            for _ in range(step):
-                next(sampler)
 
 
 # ------------------------------------------------------------------------------------------
