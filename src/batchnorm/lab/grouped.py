@@ -602,17 +602,28 @@ def train_grouped(
         signature=_spec_records(model),
     )
     for k, out in enumerate(job.outs):
-        if out["diverged_at"] > 0:
-            # A diverged network predicts nothing useful: chance accuracy from there on.
-            for step in schedule:
-                if step >= out["diverged_at"]:
-                    out["steps"].append(step)
-                    out["test_acc"].append(1.0 / data.num_classes)
-                    out["test_loss"].append(math.nan)
-                    out["train_loss"].append(math.nan)
-        seen = job.tail_seen[k]
-        out["train_acc_final"] = job.tail_correct[k] / seen if seen else math.nan
+        finish_result(out, schedule, data.num_classes, job.tail_correct[k], job.tail_seen[k])
     return job.outs
+
+
+def finish_result(
+    out: dict[str, Any],
+    schedule: Sequence[int],
+    num_classes: int,
+    tail_correct: int,
+    tail_seen: int,
+) -> None:
+    """Complete a CNN job's result: a network that diverged predicts nothing useful, so its
+    evaluations from then on are chance accuracy (and NaN losses); ``train_acc_final`` is the
+    training-batch accuracy over the last 10% of steps."""
+    if out["diverged_at"] > 0:
+        for step in schedule:
+            if step >= out["diverged_at"]:
+                out["steps"].append(step)
+                out["test_acc"].append(1.0 / num_classes)
+                out["test_loss"].append(math.nan)
+                out["train_loss"].append(math.nan)
+    out["train_acc_final"] = tail_correct / tail_seen if tail_seen else math.nan
 
 
 class _GroupJob(ModelTask):

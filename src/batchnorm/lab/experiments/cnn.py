@@ -629,17 +629,10 @@ def train_net(
     finally:
         if agc is not None:
             agc.remove()
-    out = job.out
-    if out["diverged_at"] > 0:
-        # A diverged network predicts nothing useful: chance accuracy from there on.
-        for step in schedule:
-            if step >= out["diverged_at"]:
-                out["steps"].append(step)
-                out["test_acc"].append(1.0 / data.num_classes)
-                out["test_loss"].append(math.nan)
-                out["train_loss"].append(math.nan)
-    out["train_acc_final"] = job.tail_correct / job.tail_seen if job.tail_seen else math.nan
-    return out
+    from batchnorm.lab.grouped import finish_result
+
+    finish_result(job.out, schedule, data.num_classes, job.tail_correct, job.tail_seen)
+    return job.out
 
 
 class _NetJob(ModelTask):
