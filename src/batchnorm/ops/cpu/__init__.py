@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from batchnorm.modes import FusedSave, records_graph
+from batchnorm.modes import FusedSave, mark_modified, records_graph
 from batchnorm.ops.cpu._build import load, ready, status
 
 __all__ = ["SUPPORTED_DTYPES", "batch_norm", "batch_norm_relu", "load", "ready", "status"]
@@ -183,12 +183,24 @@ def batch_norm(
         running_var = running_var.detach()
     if not records_graph(input, weight, bias):
         # Nothing records a graph: no autograd node, no saved tensors.
-        return _ext().forward(
+        y = _ext().forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[
+            0
+        ]
+    else:
+        y = _BatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, training, momentum, eps
-        )[0]
-    return _BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
+        )
+    _updated(training, running_mean, running_var)
+    return y
+
+
+def _updated(training: bool, running_mean, running_var) -> None:
+    """The kernels write the running statistics through raw pointers: count it as the in-place
+    change it is (their version counters, shared with the buffers by ``detach``), so a graph that
+    saved a buffer before fails at backward as with torch's kernel, instead of reading the new
+    values silently."""
+    if training and running_mean is not None and running_var is not None:
+        mark_modified(running_mean, running_var)
 
 
 def batch_norm_relu(
@@ -221,10 +233,14 @@ def batch_norm_relu(
         running_mean = running_mean.detach()
         running_var = running_var.detach()
     if not records_graph(input, residual, weight, bias):
-        return _ext().forward_fused(
+        y = _ext().forward_fused(
             input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
             FusedSave.RECOMPUTE.code,  # nothing is kept for a backward: no mask to write
         )[0]  # fmt: skip
-    return _FusedFunction.apply(
-        input, residual, weight, bias, running_mean, running_var, training, momentum, eps, code
-    )
+    else:
+        y = _FusedFunction.apply(
+            input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+            code,
+        )  # fmt: skip
+    _updated(training, running_mean, running_var)
+    return y
