@@ -390,6 +390,7 @@ def test_auto_picks_cpu_only_for_listed_dtypes(monkeypatch):
     assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
     monkeypatch.setattr(backends, "CPU_AUTO_DTYPES", ("float32",))
     assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "cpu"
+    assert "cpu: cpu (float32), torch (bfloat16, float16, float64)" in backends.auto_summary()
     assert backends.resolve("auto", device_type="cpu", dtype_name="float64") == "torch"
     assert backends.resolve("auto", device_type="cpu", dtype_name="bfloat16") == "torch"
     monkeypatch.setattr(backends, "_compiling", lambda: True)

@@ -261,6 +261,30 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def auto_summary() -> str:
+    """What ``"auto"`` resolves to here, per device type and dtype, as one line (``batchnorm
+    env``): the resolution itself is run, so the line cannot drift from the rule.
+
+    >>> "cpu:" in auto_summary() and "cuda:" in auto_summary()
+    True
+    """
+    previous = _local.last
+    parts = []
+    for device_type in ("cpu", "cuda"):
+        choices: dict[str, list[str]] = {}
+        for dtype_name in ("float32", "bfloat16", "float16", "float64"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                name = resolve("auto", device_type=device_type, dtype_name=dtype_name)
+            choices.setdefault(name, []).append(dtype_name)
+        parts.append(
+            f"{device_type}: "
+            + ", ".join(f"{name} ({', '.join(dtypes)})" for name, dtypes in choices.items())
+        )
+    _local.last = previous
+    return "; ".join(parts)
+
+
 def available() -> dict[str, tuple[bool, str]]:
     """Each backend with whether it can run here and a one-line reason."""
     import torch
