@@ -93,7 +93,8 @@ LAYOUTS = {
 def _pair(layout: str, seed: int = 0, **kwargs):
     """Ours and torch.nn's layer with the same (non-trivial) state, and an input maker."""
     ours_cls, torch_cls, shape, memory = LAYOUTS[layout]
-    ours, native = ours_cls(3, **kwargs), torch_cls(3, **kwargs)
+    backend = kwargs.pop("backend", None)
+    ours, native = ours_cls(3, backend=backend, **kwargs), torch_cls(3, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5, generator=gen)
@@ -311,3 +312,34 @@ def test_swapped_parameters_and_moved_layers_are_checked_again() -> None:
     assert "_plan" not in bn.__dict__
     with pytest.raises(TypeError, match="mixed dtypes"):
         bn(x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nc", "nchw", "nhwc"])
+def test_the_cpu_backend_on_the_fast_path_equals_its_full_path(layout, training) -> None:
+    """backend="cpu": repeated calls (the fast path after the first) give what the full path
+    gives (the functional call with the same buffers), bit for bit."""
+    from batchnorm.functional import batch_norm
+    from batchnorm.ops import cpu
+
+    if not cpu.ready():
+        pytest.skip("the C++ kernels cannot be built here")
+    ours, _, make = _pair(layout, backend="cpu")
+    ours.train(training)
+    mean, var = ours.running_mean.clone(), ours.running_var.clone()
+    weight = ours.weight.detach().clone().requires_grad_()
+    bias = ours.bias.detach().clone().requires_grad_()
+    for step in range(3):
+        x, xf = make(step).requires_grad_(), make(step).requires_grad_()
+        y = ours(x)
+        yf = batch_norm(xf, mean, var, weight, bias, training, 0.1, 1e-5, backend="cpu")
+        got = _grads(ours, x, y, step)
+        expected = torch.autograd.grad(yf, [xf, weight, bias], _grads_seed(yf, step))
+        _equal((y, *got), (yf, *expected), f"call {step}")
+        assert ours.last_backend == "cpu" and ours.__dict__.get("_plan") is not None
+    _equal((ours.running_mean, ours.running_var), (mean, var), "running statistics")
+    assert int(ours.num_batches_tracked) == (3 if training else 0)
+
+
+def _grads_seed(y: torch.Tensor, seed: int) -> torch.Tensor:
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))

@@ -309,10 +309,11 @@ class BatchNormMixin:
                 self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
             elif updated:
                 self.num_batches_tracked.add_(1)
-        if self.last_backend == "torch":
-            # This signature passed every check and resolved to PyTorch's kernel: later calls
-            # with the same signature skip the checks and the dispatch (nn.fast_path).
-            self.__dict__["_plan"] = make_plan(self, input)
+        if self.last_backend in ("torch", "cpu"):
+            # This signature passed every check and resolved to PyTorch's kernel or the C++ CPU
+            # kernels: later calls with the same signature skip the checks and the dispatch
+            # (nn.fast_path).
+            self.__dict__["_plan"] = make_plan(self, input, self.last_backend)
         return y
 
     def _apply(self, fn, *args, **kwargs):

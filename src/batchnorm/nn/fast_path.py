@@ -1,9 +1,10 @@
-"""The batch-norm layers' fast path: a call like one that passed every check runs PyTorch's
-kernel directly, with no checks, no dispatch and no environment lookup.
+"""The batch-norm layers' fast path: a call like one that passed every check runs its kernel
+directly, with no checks, no dispatch and no environment lookup.
 
 A layer's first call with a given signature takes the full path (validation, backend choice). If
-that resolved to PyTorch's native kernel, the layer keeps a :class:`CallPlan`: what the checks
-depended on, and the tensors they checked. A later call runs the plan when
+that resolved to PyTorch's native kernel (or to the C++ CPU kernels), the layer keeps a
+:class:`CallPlan`: what the checks depended on, and the tensors they checked. A later call runs
+the plan when
 
 - the input is a plain tensor with the same shape, dtype and device;
 - the layer's mode and options (training, momentum, eps, track_running_stats, num_features,
@@ -19,7 +20,8 @@ depended on, and the tensors they checked. A later call runs the plan when
 What the plan runs is what the full path runs, bit for bit: ``torch.batch_norm`` (the op
 ``torch.nn.functional.batch_norm`` calls after its own checks, which the plan's signature has
 passed), with the running statistics as :func:`batchnorm.functional._torch_native` gives them
-(``.data`` aliases in training with a graph, private copies in eval with a graph).
+(``.data`` aliases in training with a graph, private copies in eval with a graph), or
+:func:`batchnorm.ops.cpu.batch_norm` for the C++ kernels.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class CallPlan:
 
     __slots__ = (
         "key", "weight", "bias", "running_mean", "running_var", "count", "mean_arg", "var_arg",
-        "use_batch_stats", "factor", "cumulative", "eps", "one", "env",
+        "use_batch_stats", "factor", "cumulative", "eps", "one", "env", "kernel", "name",
     )  # fmt: skip
 
     def admits(self, module: torch.nn.Module, input: torch.Tensor) -> bool:
@@ -86,6 +88,9 @@ class CallPlan:
         else:
             factor = self.factor
         weight, bias, mean, var = self.weight, self.bias, self.mean_arg, self.var_arg
+        if self.kernel is not None:  # the C++ CPU kernels (backend "cpu")
+            y = self.kernel(input, mean, var, weight, bias, self.use_batch_stats, factor, self.eps)
+            return self._finish(module, y)
         if (
             mean is not None
             and torch.is_grad_enabled()
@@ -117,17 +122,20 @@ class CallPlan:
     def _finish(self, module: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
         if self.one is not None:
             self.count.add_(self.one)  # a tensor operand: cheaper than add_(1), the same count
-        backends._local.last = "torch"
-        module.__dict__["last_backend"] = "torch"
+        backends._local.last = self.name
+        module.__dict__["last_backend"] = self.name
         return y
 
 
-def make_plan(module: torch.nn.Module, input: torch.Tensor) -> CallPlan | None:
-    """The plan of a call that just took the full path and ran PyTorch's kernel, or None where
+def make_plan(module: torch.nn.Module, input: torch.Tensor, ran: str) -> CallPlan | None:
+    """The plan of a call that just took the full path and ran backend ``ran``, or None where
     the fast path does not apply (then every such call takes the full path).
 
-    Covered: a plain tensor with values, the "propagate" policy, no backend or "torch" asked for
-    (the latter resolves to PyTorch's kernel whatever the context, eps=0 aside), a float
+    Covered: PyTorch's kernel ("torch") or the C++ CPU kernels ("cpu"), whose choice depends
+    only on what the key holds (the request, the input's device and dtype; the kernels stay
+    loaded once built); a plain tensor with values, the "propagate" policy, no backend or the
+    backend that ran asked for (``backend="torch"`` gives PyTorch's kernel whatever the context,
+    eps=0 aside), a float
     momentum (or the cumulative average on the CPU), parameters and buffers of plain types that
     are what the layer's attributes give (no parametrization), outside torch.compile/export,
     tracing and ``__torch_function__`` modes.
@@ -138,7 +146,8 @@ def make_plan(module: torch.nn.Module, input: torch.Tensor) -> CallPlan | None:
         or torch._C._is_torch_function_mode_enabled()
         or type(input) is not torch.Tensor
         or module.nonfinite != "propagate"
-        or (module.backend is not None and module.backend.strip().lower() != "torch")
+        or ran not in ("torch", "cpu")
+        or (module.backend is not None and module.backend.strip().lower() != ran)
         or backends._local.stack
         or input.dim() < 2
         or input.numel() == 0
@@ -177,4 +186,10 @@ def make_plan(module: torch.nn.Module, input: torch.Tensor) -> CallPlan | None:
     plan.eps = module.eps
     plan.one = torch.ones((), dtype=plan.count.dtype, device=plan.count.device) if track else None
     plan.env = backends.env_value()
+    plan.name = ran
+    plan.kernel = None
+    if ran == "cpu":
+        from batchnorm.ops import cpu
+
+        plan.kernel = cpu.batch_norm
     return plan
