@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from batchnorm import backends, reference
+from batchnorm import nn as bnn
 from batchnorm.functional import batch_norm
 from batchnorm.ops import cpu
 from batchnorm.ops.cpu import _build
@@ -405,6 +406,31 @@ def test_auto_picks_cpu_only_for_listed_dtypes(monkeypatch):
     assert backends.resolve("auto", device_type="cpu", dtype_name="bfloat16") == "torch"
     monkeypatch.setattr(backends, "_compiling", lambda: True)
     assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
+
+
+def test_torch_func_transforms_run_torch(monkeypatch):
+    """Inside torch.func transforms the C++ kernels' autograd Function cannot run: "auto" takes
+    torch silently, an explicit "cpu" falls back to torch with a warning, and the layers' fast
+    path does the same; the numbers are then torch.nn's."""
+    from torch.func import functional_call, grad
+
+    backends._warned.clear()
+    monkeypatch.setattr(backends, "CPU_AUTO_DTYPES", ("float32",))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))
+    native = torch.nn.BatchNorm1d(3, track_running_stats=False)
+    expected = grad(lambda x: (functional_call(native, {}, (x,)) ** 3).sum())(x)
+    for backend in (None, "cpu"):
+        layer = bnn.BatchNorm1d(3, track_running_stats=False, backend=backend)
+        layer(x)  # a plan with the C++ kernels
+        assert layer.last_backend == "cpu"
+        loss = lambda x, layer=layer: (functional_call(layer, {}, (x,)) ** 3).sum()  # noqa: E731
+        if backend == "cpu":
+            with pytest.warns(RuntimeWarning, match="torch.func"):
+                got = grad(loss)(x)
+        else:
+            got = grad(loss)(x)
+        assert torch.equal(got, expected), backend
+        assert layer.last_backend == "torch"
 
 
 def test_status_without_the_compiler_named_by_cxx(monkeypatch, tmp_path):

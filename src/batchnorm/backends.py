@@ -13,7 +13,8 @@ Backends:
 - ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run;
   on the CPU, ``"cpu"`` for the dtypes in :data:`CPU_AUTO_DTYPES` (where BENCHMARKS.md measured
   it faster) when its kernels can run; else ``"torch"`` (always while ``torch.export`` traces or
-  ``torch.compile`` compiles: those graphs hold standard ATen ops). BENCHMARKS.md tells how to
+  ``torch.compile`` compiles: those graphs hold standard ATen ops; and inside torch.func
+  transforms, which the C++ kernels' autograd Function does not support). BENCHMARKS.md tells how to
   measure them.
 
 The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
@@ -37,7 +38,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-from batchnorm.modes import triton_interpreting
+from batchnorm.modes import functorch_active, triton_interpreting
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton", "cpu")
 # The CPU dtypes for which "auto" picks the C++ kernels. Empty: on the measured suite
@@ -180,7 +181,12 @@ def resolve(
             # An exported program (torch.export, ONNX) should hold standard ATen ops that any
             # runtime can run, not this package's custom ops.
             name = "torch"
-        elif device_type == "cpu" and dtype_name in CPU_AUTO_DTYPES and not _compiling():
+        elif (
+            device_type == "cpu"
+            and dtype_name in CPU_AUTO_DTYPES
+            and not _compiling()
+            and not functorch_active()
+        ):
             name = "cpu" if cpu_status(load=True)[0] else "torch"
         else:
             name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
@@ -207,6 +213,8 @@ def resolve(
             ok, reason = False, f"the C++ kernels handle float32 and bfloat16, not {dtype_name}"
         elif _compiling():
             ok, reason = False, "torch.compile traces standard ATen ops"
+        elif functorch_active():
+            ok, reason = False, "torch.func transforms need PyTorch's own ops"
         else:
             ok, reason = cpu_status(load=True)
         if not ok:

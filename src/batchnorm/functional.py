@@ -43,7 +43,7 @@ import torch
 
 from batchnorm import backends
 from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
-from batchnorm.modes import FUSED_SAVE_MODES, mark_modified, records_graph
+from batchnorm.modes import FUSED_SAVE_MODES, functorch_active, mark_modified, records_graph
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -374,15 +374,7 @@ def _torch_native(
 def _transformed() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is active or torch.compile / export is
     tracing: then tensors are wrapped or traced, and ``.data`` aliases would escape both."""
-    return _functorch_active() or torch.compiler.is_compiling()
-
-
-# torch >= 2.1 has the C function (tens of nanoseconds); the interpreter stack says the same.
-_functorch_active = getattr(
-    torch._C,
-    "_are_functorch_transforms_active",
-    lambda: torch._C._functorch.peek_interpreter_stack() is not None,
-)
+    return functorch_active() or torch.compiler.is_compiling()
 
 
 def _fused_implementation(name: str, impl, residual: torch.Tensor | None, save: str):

@@ -18,6 +18,7 @@ __all__ = [
     "FUSED_SAVE_MODES",
     "RELU_NONE",
     "FusedSave",
+    "functorch_active",
     "mark_modified",
     "records_graph",
     "triton_interpreting",
@@ -109,3 +110,33 @@ def _first_increment(tensors: tuple) -> None:
 
 
 _increment_versions = _first_increment
+
+
+def functorch_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, jacrev, ...), where tensors are wrapped:
+    ``.data`` aliases would escape its checks, and custom autograd Functions without functorch
+    support fail.
+
+    >>> import torch
+    >>> functorch_active(), torch.func.grad(lambda x: x * float(functorch_active()))(
+    ...     torch.tensor(2.0)).item()
+    (False, 1.0)
+    """
+    return _functorch_check()
+
+
+def _first_functorch_check() -> bool:
+    """Resolves the check on first use: a C function in torch >= 2.1 (tens of nanoseconds), or
+    the interpreter stack."""
+    global _functorch_check
+    import torch
+
+    _functorch_check = getattr(
+        torch._C,
+        "_are_functorch_transforms_active",
+        lambda: torch._C._functorch.peek_interpreter_stack() is not None,
+    )
+    return _functorch_check()
+
+
+_functorch_check = _first_functorch_check

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from batchnorm import backends
-from batchnorm.functional import _functorch_active, _torch_native
-from batchnorm.modes import mark_modified
+from batchnorm.functional import _torch_native
+from batchnorm.modes import functorch_active, mark_modified
 
 __all__ = ["CallPlan", "make_plan"]
 
@@ -77,6 +77,7 @@ class CallPlan:
             and not backends._local.stack
             and not torch._C._is_tracing()
             and not torch._C._is_torch_function_mode_enabled()
+            and (self.kernel is None or not functorch_active())
         )
 
     def run(self, module: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class CallPlan:
                 or (bias is not None and bias.requires_grad)
             )
         ):
-            if self.use_batch_stats and not _functorch_active():
+            if self.use_batch_stats and not functorch_active():
                 # The training backward reads only the saved batch statistics: aliases with
                 # their own version counter (see functional._torch_native).
                 y = torch.batch_norm(
