@@ -442,3 +442,31 @@ def test_status_without_the_compiler_named_by_cxx(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     ok, reason = cpu.status()
     assert not ok and "no C++ compiler" in reason
+
+
+def test_auto_by_layout_and_mode(monkeypatch):
+    """CPU_AUTO_CASES lists (dtype, layout, training) cases for the C++ kernels: "auto" picks
+    them exactly there, in the functional API and in a layer, whose remembered choice follows
+    the layout and the mode of each call."""
+    monkeypatch.setattr(backends, "CPU_AUTO_CASES", frozenset({("float32", "planar", True)}))
+    x = torch.randn(4, 3, 5, 5)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert backends.resolve(
+        "auto", device_type="cpu", dtype_name="float32", layout="planar", training=True
+    ) == "cpu"  # fmt: skip
+    for layout, training in (("planar", False), ("channels_last", True), ("nc", True)):
+        assert backends.resolve(
+            "auto", device_type="cpu", dtype_name="float32", layout=layout, training=training
+        ) == "torch", (layout, training)  # fmt: skip
+    assert "cpu float32 planar training: cpu" in backends.auto_summary()
+    batch_norm(x, None, None, training=True)
+    assert backends.last_backend() == "cpu"
+    batch_norm(nhwc, None, None, training=True)
+    assert backends.last_backend() == "torch"
+    layer = bnn.BatchNorm2d(3)
+    seen = []
+    for inp, mode in ((x, True), (x, True), (nhwc, True), (nhwc, True), (x, False), (x, True)):
+        layer.train(mode)
+        layer(inp)
+        seen.append(layer.last_backend)
+    assert seen == ["cpu", "cpu", "torch", "torch", "torch", "cpu"]

@@ -45,6 +45,11 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton", "cpu")
 # (BENCHMARKS.md, CPU section) they win clearly on NCHW but not on every channels-last and (N, C)
 # shape, and this choice sees only the device and dtype; "cpu" is opt-in until it wins on all.
 CPU_AUTO_DTYPES: tuple[str, ...] = ()
+# Finer: the (dtype, layout, training) cases for which "auto" picks the C++ kernels on the CPU,
+# layout being "planar" (contiguous NCHW or NCDHW), "channels_last", "nc" ((N, C)) or "other"
+# (see input_layout). Empty: BENCHMARKS.md ("The auto choice") says what a switch still needs.
+# A layer remembers its choice per call signature (layout included), so it costs nothing per call.
+CPU_AUTO_CASES: frozenset[tuple[str, str, bool]] = frozenset()
 ENV_VAR = "BATCHNORM_BACKEND"
 
 
@@ -145,6 +150,8 @@ def resolve(
     dtype_name: str,
     zero_eps: bool = False,
     norm: str = "batch_norm",
+    layout: str | None = None,
+    training: bool = False,
 ) -> str:
     """The backend that will run: the request, or a fallback (with a warning) if it cannot.
 
@@ -156,6 +163,9 @@ def resolve(
     ``zero_eps``: the call normalizes with batch statistics and ``eps == 0`` (as in the theory of
     Yang et al. 2019). PyTorch's native kernel refuses that, so ``"torch"`` becomes
     ``"explicit"``, silently under ``"auto"`` and with a warning when ``"torch"`` was asked for.
+
+    ``layout`` (:func:`input_layout`) and ``training`` (batch statistics) matter only to ``"auto"``
+    on the CPU, through :data:`CPU_AUTO_CASES`.
     """
     name = requested_backend(backend)
     if norm != "batch_norm":
@@ -183,7 +193,7 @@ def resolve(
             name = "torch"
         elif (
             device_type == "cpu"
-            and dtype_name in CPU_AUTO_DTYPES
+            and (dtype_name in CPU_AUTO_DTYPES or (dtype_name, layout, training) in CPU_AUTO_CASES)
             and not _compiling()
             and not functorch_active()
         ):
@@ -222,6 +232,31 @@ def resolve(
             name = "torch"
     _local.last = name
     return name
+
+
+def input_layout(input) -> str:
+    """The memory layout that :data:`CPU_AUTO_CASES` distinguishes: "nc" for (N, C), "planar"
+    for contiguous (N, C, H, W) and (N, C, D, H, W), "channels_last" for their channels-last
+    forms, "other" otherwise (strided views, (N, C, L)).
+
+    >>> import torch
+    >>> [input_layout(torch.ones(s)) for s in [(2, 3), (2, 3, 4), (2, 3, 4, 4)]]
+    ['nc', 'other', 'planar']
+    >>> input_layout(torch.ones(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+    'channels_last'
+    """
+    import torch
+
+    dims = input.dim()
+    if dims == 2:
+        return "nc"
+    if dims in (4, 5):
+        if input.is_contiguous():
+            return "planar"
+        fmt = torch.channels_last if dims == 4 else torch.channels_last_3d
+        if input.is_contiguous(memory_format=fmt):
+            return "channels_last"
+    return "other"
 
 
 def _compiling() -> bool:
@@ -289,6 +324,14 @@ def auto_summary() -> str:
             f"{device_type}: "
             + ", ".join(f"{name} ({', '.join(dtypes)})" for name, dtypes in choices.items())
         )
+    for dtype_name, layout, training in sorted(CPU_AUTO_CASES):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name = resolve(
+                "auto", device_type="cpu", dtype_name=dtype_name, layout=layout, training=training
+            )
+        mode = "training" if training else "eval"
+        parts.append(f"cpu {dtype_name} {layout} {mode}: {name}")
     _local.last = previous
     return "; ".join(parts)
 

@@ -268,11 +268,19 @@ def batch_norm_with_status(
                 "nonfinite='skip' to keep training while protecting the running statistics."
             )
 
+    device_type = input.device.type
     name = backends.resolve(
         backend,
-        device_type=input.device.type,
+        device_type=device_type,
         dtype_name=str(input.dtype).replace("torch.", ""),
         zero_eps=training and eps == 0,
+        # The layout only matters to a CPU "auto" with cases listed: not computed otherwise.
+        layout=(
+            backends.input_layout(input)
+            if backends.CPU_AUTO_CASES and device_type == "cpu"
+            else None
+        ),
+        training=training,
     )
     impl = _implementation(name)
     if activation is not None:

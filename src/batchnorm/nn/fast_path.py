@@ -6,7 +6,8 @@ that resolved to PyTorch's native kernel (or to the C++ CPU kernels), the layer 
 :class:`CallPlan`: what the checks depended on, and the tensors they checked. A later call runs
 the plan when
 
-- the input is a plain tensor with the same shape, dtype and device;
+- the input is a plain tensor with the same shape, strides (the layout, which ``"auto"`` may
+  depend on: :data:`batchnorm.backends.CPU_AUTO_CASES`), dtype and device;
 - the layer's mode and options (training, momentum, eps, track_running_stats, num_features,
   backend, nonfinite) are the same;
 - the parameter and buffer objects in the layer's dictionaries are the very ones checked (a
@@ -57,6 +58,7 @@ class CallPlan:
             type(input) is torch.Tensor
             and (
                 input.shape,
+                input.stride(),
                 input.dtype,
                 input.device,
                 module.training,
@@ -170,8 +172,9 @@ def make_plan(module: torch.nn.Module, input: torch.Tensor, ran: str) -> CallPla
             return None
     plan = CallPlan()
     plan.key = (
-        input.shape, input.dtype, input.device, module.training, module.momentum, module.eps,
-        module.track_running_stats, module.num_features, module.backend, module.nonfinite,
+        input.shape, input.stride(), input.dtype, input.device, module.training, module.momentum,
+        module.eps, module.track_running_stats, module.num_features, module.backend,
+        module.nonfinite,
     )  # fmt: skip
     plan.weight, plan.bias = tensors["weight"], tensors["bias"]
     plan.running_mean, plan.running_var = tensors["running_mean"], tensors["running_var"]
