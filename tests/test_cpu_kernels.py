@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from batchnorm import backends, reference
+from batchnorm import nn as bnn
 from batchnorm.functional import batch_norm
 from batchnorm.ops import cpu
 from batchnorm.ops.cpu import _build
@@ -297,19 +298,29 @@ def test_one_value_per_channel_rejected_in_training():
     assert_close(y, x / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-6, name="eval y")
 
 
-def test_second_derivative_raises():
-    """create_graph=True then a second grad raises a clear RuntimeError, never a silent zero."""
-    x = torch.randn(6, 3, 4).requires_grad_(True)
-    w = torch.rand(3).add(0.5).requires_grad_(True)
-    y = batch_norm(x, None, None, w, None, True, backend="cpu")
-    (dx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no second derivatives"):
-        torch.autograd.grad(dx.sum(), (x, w))
-    # the first derivative itself is right
-    xt, wt = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
-    yt = torch.nn.functional.batch_norm(xt, None, None, wt, None, True)
-    (dx_t,) = torch.autograd.grad((yt**3).sum(), xt)
-    assert_close(dx, dx_t, rtol=1e-4, atol=1e-4, name="dx")
+@pytest.mark.parametrize("layout", ["nc", "nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_second_derivatives_equal_torch(training, layout):
+    """create_graph=True (Hessians, gradient penalties): the second derivatives through the
+    backend equal those through PyTorch's native kernel, never a silent zero or an error."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn((6, 3) if layout == "nc" else (4, 3, 5, 5), generator=gen) * 2 + 1
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.rand(3, generator=gen).add(0.5).requires_grad_(True)
+    b = torch.randn(3, generator=gen).requires_grad_(True)
+    rm, rv = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5
+    results = []
+    for backend in ("cpu", "torch"):
+        y = batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend)
+        first = torch.autograd.grad((y**3).sum(), (x, w, b), create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        results.append((*first, *torch.autograd.grad(penalty, (x, w, b))))
+    for name, ours, native in zip(["dx", "dw", "db", "ddx", "ddw", "ddb"], *results):
+        assert native.abs().max() > 1e-3, name  # the comparison is not between two zeros
+        scale = float(native.abs().max())
+        assert_close(ours, native, rtol=1e-4, atol=1e-5 * scale, name=name)
 
 
 def test_unsupported_dtype_falls_back_visibly():
@@ -390,10 +401,36 @@ def test_auto_picks_cpu_only_for_listed_dtypes(monkeypatch):
     assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
     monkeypatch.setattr(backends, "CPU_AUTO_DTYPES", ("float32",))
     assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "cpu"
+    assert "cpu: cpu (float32), torch (bfloat16, float16, float64)" in backends.auto_summary()
     assert backends.resolve("auto", device_type="cpu", dtype_name="float64") == "torch"
     assert backends.resolve("auto", device_type="cpu", dtype_name="bfloat16") == "torch"
     monkeypatch.setattr(backends, "_compiling", lambda: True)
     assert backends.resolve("auto", device_type="cpu", dtype_name="float32") == "torch"
+
+
+def test_torch_func_transforms_run_torch(monkeypatch):
+    """Inside torch.func transforms the C++ kernels' autograd Function cannot run: "auto" takes
+    torch silently, an explicit "cpu" falls back to torch with a warning, and the layers' fast
+    path does the same; the numbers are then torch.nn's."""
+    from torch.func import functional_call, grad
+
+    backends._warned.clear()
+    monkeypatch.setattr(backends, "CPU_AUTO_DTYPES", ("float32",))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))
+    native = torch.nn.BatchNorm1d(3, track_running_stats=False)
+    expected = grad(lambda x: (functional_call(native, {}, (x,)) ** 3).sum())(x)
+    for backend in (None, "cpu"):
+        layer = bnn.BatchNorm1d(3, track_running_stats=False, backend=backend)
+        layer(x)  # a plan with the C++ kernels
+        assert layer.last_backend == "cpu"
+        loss = lambda x, layer=layer: (functional_call(layer, {}, (x,)) ** 3).sum()  # noqa: E731
+        if backend == "cpu":
+            with pytest.warns(RuntimeWarning, match="torch.func"):
+                got = grad(loss)(x)
+        else:
+            got = grad(loss)(x)
+        assert torch.equal(got, expected), backend
+        assert layer.last_backend == "torch"
 
 
 def test_status_without_the_compiler_named_by_cxx(monkeypatch, tmp_path):
@@ -405,3 +442,31 @@ def test_status_without_the_compiler_named_by_cxx(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     ok, reason = cpu.status()
     assert not ok and "no C++ compiler" in reason
+
+
+def test_auto_by_layout_and_mode(monkeypatch):
+    """CPU_AUTO_CASES lists (dtype, layout, training) cases for the C++ kernels: "auto" picks
+    them exactly there, in the functional API and in a layer, whose remembered choice follows
+    the layout and the mode of each call."""
+    monkeypatch.setattr(backends, "CPU_AUTO_CASES", frozenset({("float32", "planar", True)}))
+    x = torch.randn(4, 3, 5, 5)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert backends.resolve(
+        "auto", device_type="cpu", dtype_name="float32", layout="planar", training=True
+    ) == "cpu"  # fmt: skip
+    for layout, training in (("planar", False), ("channels_last", True), ("nc", True)):
+        assert backends.resolve(
+            "auto", device_type="cpu", dtype_name="float32", layout=layout, training=training
+        ) == "torch", (layout, training)  # fmt: skip
+    assert "cpu float32 planar training: cpu" in backends.auto_summary()
+    batch_norm(x, None, None, training=True)
+    assert backends.last_backend() == "cpu"
+    batch_norm(nhwc, None, None, training=True)
+    assert backends.last_backend() == "torch"
+    layer = bnn.BatchNorm2d(3)
+    seen = []
+    for inp, mode in ((x, True), (x, True), (nhwc, True), (nhwc, True), (x, False), (x, True)):
+        layer.train(mode)
+        layer(inp)
+        seen.append(layer.last_backend)
+    assert seen == ["cpu", "cpu", "torch", "torch", "torch", "cpu"]

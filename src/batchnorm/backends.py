@@ -13,7 +13,8 @@ Backends:
 - ``"auto"``: ``"triton"`` for CUDA tensors in float32, float16 or bfloat16 when Triton can run;
   on the CPU, ``"cpu"`` for the dtypes in :data:`CPU_AUTO_DTYPES` (where BENCHMARKS.md measured
   it faster) when its kernels can run; else ``"torch"`` (always while ``torch.export`` traces or
-  ``torch.compile`` compiles: those graphs hold standard ATen ops). BENCHMARKS.md tells how to
+  ``torch.compile`` compiles: those graphs hold standard ATen ops; and inside torch.func
+  transforms, which the C++ kernels' autograd Function does not support). BENCHMARKS.md tells how to
   measure them.
 
 The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
@@ -31,19 +32,42 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
 from collections.abc import Iterator
 
-from batchnorm.modes import triton_interpreting
+from batchnorm.modes import functorch_active, triton_interpreting
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "explicit", "triton", "cpu")
 # The CPU dtypes for which "auto" picks the C++ kernels. Empty: on the measured suite
 # (BENCHMARKS.md, CPU section) they win clearly on NCHW but not on every channels-last and (N, C)
 # shape, and this choice sees only the device and dtype; "cpu" is opt-in until it wins on all.
 CPU_AUTO_DTYPES: tuple[str, ...] = ()
+# Finer: the (dtype, layout, training) cases for which "auto" picks the C++ kernels on the CPU,
+# layout being "planar" (contiguous NCHW or NCDHW), "channels_last", "nc" ((N, C)) or "other"
+# (see input_layout). Empty: BENCHMARKS.md ("The auto choice") says what a switch still needs.
+# A layer remembers its choice per call signature (layout included), so it costs nothing per call.
+CPU_AUTO_CASES: frozenset[tuple[str, str, bool]] = frozenset()
 ENV_VAR = "BATCHNORM_BACKEND"
+
+
+def _env_reader():
+    """A callable giving the raw value of ``ENV_VAR`` (None when unset), cheap enough per call.
+
+    ``os.environ.get`` costs about a microsecond (key encoding, and a KeyError caught when the
+    variable is unset); the mapping behind ``os.environ`` (``_data``, updated by every
+    ``os.environ[...] = ...`` and ``del``) answers the same question in tens of nanoseconds. The
+    value is raw (bytes on POSIX): fit for noticing a change, not for reading the choice.
+    """
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encode):
+        return functools.partial(data.get, encode(ENV_VAR))
+    return functools.partial(os.environ.get, ENV_VAR)  # pragma: no cover - other platforms
+
+
+env_value = _env_reader()
 
 
 class _ThreadState(threading.local):
@@ -126,6 +150,8 @@ def resolve(
     dtype_name: str,
     zero_eps: bool = False,
     norm: str = "batch_norm",
+    layout: str | None = None,
+    training: bool = False,
 ) -> str:
     """The backend that will run: the request, or a fallback (with a warning) if it cannot.
 
@@ -137,6 +163,9 @@ def resolve(
     ``zero_eps``: the call normalizes with batch statistics and ``eps == 0`` (as in the theory of
     Yang et al. 2019). PyTorch's native kernel refuses that, so ``"torch"`` becomes
     ``"explicit"``, silently under ``"auto"`` and with a warning when ``"torch"`` was asked for.
+
+    ``layout`` (:func:`input_layout`) and ``training`` (batch statistics) matter only to ``"auto"``
+    on the CPU, through :data:`CPU_AUTO_CASES`.
     """
     name = requested_backend(backend)
     if norm != "batch_norm":
@@ -162,7 +191,12 @@ def resolve(
             # An exported program (torch.export, ONNX) should hold standard ATen ops that any
             # runtime can run, not this package's custom ops.
             name = "torch"
-        elif device_type == "cpu" and dtype_name in CPU_AUTO_DTYPES and not _compiling():
+        elif (
+            device_type == "cpu"
+            and (dtype_name in CPU_AUTO_DTYPES or (dtype_name, layout, training) in CPU_AUTO_CASES)
+            and not _compiling()
+            and not functorch_active()
+        ):
             name = "cpu" if cpu_status(load=True)[0] else "torch"
         else:
             name = _auto_choice(device_type, dtype_name, os.environ.get("TRITON_INTERPRET", ""))
@@ -189,6 +223,8 @@ def resolve(
             ok, reason = False, f"the C++ kernels handle float32 and bfloat16, not {dtype_name}"
         elif _compiling():
             ok, reason = False, "torch.compile traces standard ATen ops"
+        elif functorch_active():
+            ok, reason = False, "torch.func transforms need PyTorch's own ops"
         else:
             ok, reason = cpu_status(load=True)
         if not ok:
@@ -196,6 +232,31 @@ def resolve(
             name = "torch"
     _local.last = name
     return name
+
+
+def input_layout(input) -> str:
+    """The memory layout that :data:`CPU_AUTO_CASES` distinguishes: "nc" for (N, C), "planar"
+    for contiguous (N, C, H, W) and (N, C, D, H, W), "channels_last" for their channels-last
+    forms, "other" otherwise (strided views, (N, C, L)).
+
+    >>> import torch
+    >>> [input_layout(torch.ones(s)) for s in [(2, 3), (2, 3, 4), (2, 3, 4, 4)]]
+    ['nc', 'other', 'planar']
+    >>> input_layout(torch.ones(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+    'channels_last'
+    """
+    import torch
+
+    dims = input.dim()
+    if dims == 2:
+        return "nc"
+    if dims in (4, 5):
+        if input.is_contiguous():
+            return "planar"
+        fmt = torch.channels_last if dims == 4 else torch.channels_last_3d
+        if input.is_contiguous(memory_format=fmt):
+            return "channels_last"
+    return "other"
 
 
 def _compiling() -> bool:
@@ -241,6 +302,38 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def auto_summary() -> str:
+    """What ``"auto"`` resolves to here, per device type and dtype, as one line (``batchnorm
+    env``): the resolution itself is run, so the line cannot drift from the rule.
+
+    >>> "cpu:" in auto_summary() and "cuda:" in auto_summary()
+    True
+    """
+    previous = _local.last
+    parts = []
+    for device_type in ("cpu", "cuda"):
+        choices: dict[str, list[str]] = {}
+        for dtype_name in ("float32", "bfloat16", "float16", "float64"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                name = resolve("auto", device_type=device_type, dtype_name=dtype_name)
+            choices.setdefault(name, []).append(dtype_name)
+        parts.append(
+            f"{device_type}: "
+            + ", ".join(f"{name} ({', '.join(dtypes)})" for name, dtypes in choices.items())
+        )
+    for dtype_name, layout, training in sorted(CPU_AUTO_CASES):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name = resolve(
+                "auto", device_type="cpu", dtype_name=dtype_name, layout=layout, training=training
+            )
+        mode = "training" if training else "eval"
+        parts.append(f"cpu {dtype_name} {layout} {mode}: {name}")
+    _local.last = previous
+    return "; ".join(parts)
 
 
 def available() -> dict[str, tuple[bool, str]]:

@@ -58,6 +58,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     for name, (ok, reason) in backends.available().items():
         print(f"  {name:<9} {'available' if ok else 'unavailable'}: {reason}")
     print(f"  default   {backends.requested_backend()} (set {backends.ENV_VAR} to change)")
+    print(f"  auto      {backends.auto_summary()}")
     return 0
 
 

@@ -43,7 +43,7 @@ import torch
 
 from batchnorm import backends
 from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
-from batchnorm.modes import FUSED_SAVE_MODES, records_graph
+from batchnorm.modes import FUSED_SAVE_MODES, functorch_active, mark_modified, records_graph
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -268,11 +268,19 @@ def batch_norm_with_status(
                 "nonfinite='skip' to keep training while protecting the running statistics."
             )
 
+    device_type = input.device.type
     name = backends.resolve(
         backend,
-        device_type=input.device.type,
+        device_type=device_type,
         dtype_name=str(input.dtype).replace("torch.", ""),
         zero_eps=training and eps == 0,
+        # The layout only matters to a CPU "auto" with cases listed: not computed otherwise.
+        layout=(
+            backends.input_layout(input)
+            if backends.CPU_AUTO_CASES and device_type == "cpu"
+            else None
+        ),
+        training=training,
     )
     impl = _implementation(name)
     if activation is not None:
@@ -325,20 +333,41 @@ def _torch_native(
     momentum: float,
     eps: float,
 ) -> torch.Tensor:
-    """PyTorch's kernel, run on copies of the running statistics.
+    """PyTorch's kernel, with running statistics that a later in-place change cannot affect.
 
-    The native op saves the running-statistics tensors it was given for its backward pass, so any
+    The native op saves the running-statistics tensors it was given for its backward pass, so an
     in-place change to the buffers between forward and backward (a second forward, DDP's buffer
-    broadcast, a user's edit) makes backward fail with "modified by an inplace operation"
-    (pytorch#22095). The kernel gets private copies instead, and the updated values are copied
-    back into the buffers after it ran: the same numbers, and graphs that never break. Where no
-    graph is recorded (``torch.no_grad``, inference mode, nothing requires grad) nothing is saved
-    for a backward pass and the kernel gets the buffers themselves.
+    broadcast, a user's edit) makes torch.nn's backward fail with "modified by an inplace
+    operation" (pytorch#22095). Here:
+
+    - No graph recorded (``torch.no_grad``, inference mode, nothing requires grad): nothing is
+      saved, and the kernel gets the buffers themselves.
+    - Training with a graph: the backward (and the double backward) of the native kernel reads
+      only the batch statistics it saved, never the running ones (ATen's
+      ``batch_norm_backward_cpu_template`` and the CUDA kernels take ``save_mean`` /
+      ``save_invstd`` when ``train``). The kernel gets ``tensor.data`` aliases: the same storage,
+      so the update lands in the buffers with no copy, but their own version counter, so a later
+      in-place change of the buffers cannot invalidate what was saved; the buffers' own counters
+      are then bumped (:func:`batchnorm.modes.mark_modified`) as torch.nn's kernel bumps them.
+      The numbers are those of torch.nn's call bit for bit.
+    - Eval with a graph: the backward does read the running statistics, so the kernel gets private
+      copies: a later in-place change neither breaks the graph nor silently changes the gradient.
+    - Under a torch.func transform or torch.compile, training runs on private copies too, which
+      are then copied into the buffers, as before the aliases existed: ``.data`` would hide the
+      update from functorch's checks of in-place changes and from the traced graph.
     """
     if running_mean is None or running_var is None or not records_graph(input, weight, bias):
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
+    if training and not _transformed():
+        y = torch.nn.functional.batch_norm(
+            input, running_mean.data, running_var.data, weight, bias, training, momentum, eps
+        )
+        # The buffers changed in place behind the aliases: a graph that saved one of them
+        # before must still notice (as with torch.nn, whose kernel bumps them itself).
+        mark_modified(running_mean, running_var)
+        return y
     mean_copy, var_copy = running_mean.detach().clone(), running_var.detach().clone()
     y = torch.nn.functional.batch_norm(
         input, mean_copy, var_copy, weight, bias, training, momentum, eps
@@ -348,6 +377,12 @@ def _torch_native(
             running_mean.copy_(mean_copy)
             running_var.copy_(var_copy)
     return y
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is active or torch.compile / export is
+    tracing: then tensors are wrapped or traced, and ``.data`` aliases would escape both."""
+    return functorch_active() or torch.compiler.is_compiling()
 
 
 def _fused_implementation(name: str, impl, residual: torch.Tensor | None, save: str):

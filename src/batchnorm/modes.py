@@ -14,7 +14,15 @@ from __future__ import annotations
 import enum
 import os
 
-__all__ = ["FUSED_SAVE_MODES", "RELU_NONE", "FusedSave", "records_graph", "triton_interpreting"]
+__all__ = [
+    "FUSED_SAVE_MODES",
+    "RELU_NONE",
+    "FusedSave",
+    "functorch_active",
+    "mark_modified",
+    "records_graph",
+    "triton_interpreting",
+]
 
 
 class FusedSave(str, enum.Enum):
@@ -61,3 +69,74 @@ def records_graph(*tensors: object) -> bool:
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
     )
+
+
+def mark_modified(*tensors: object) -> None:
+    """Count an in-place change of ``tensors`` that autograd did not see (a kernel that wrote
+    through a ``.data`` alias or a raw pointer): their version counters go up by one, as an
+    in-place torch op would make them, so a graph that saved one of them before the change
+    fails loudly at backward ("modified by an inplace operation") instead of silently using the
+    new values.
+
+    >>> import torch
+    >>> t = torch.zeros(2)
+    >>> t.data.add_(1.0).sum().item(), t._version
+    (2.0, 0)
+    >>> mark_modified(t)
+    >>> t._version
+    1
+    """
+    _increment_versions(tensors)
+
+
+def _first_increment(tensors: tuple) -> None:
+    """Resolves, on first use, how this torch bumps version counters (a sequence of tensors
+    since torch 2.1's ``torch.autograd.graph.increment_version``; one tensor before)."""
+    global _increment_versions
+    import torch
+
+    increment = torch._C._increment_version
+    try:
+        increment(())
+        _increment_versions = increment
+    except TypeError:  # pragma: no cover - older torch
+
+        def one_by_one(sequence: tuple) -> None:
+            for t in sequence:
+                increment(t)
+
+        _increment_versions = one_by_one
+    _increment_versions(tensors)
+
+
+_increment_versions = _first_increment
+
+
+def functorch_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, jacrev, ...), where tensors are wrapped:
+    ``.data`` aliases would escape its checks, and custom autograd Functions without functorch
+    support fail.
+
+    >>> import torch
+    >>> functorch_active(), torch.func.grad(lambda x: x * float(functorch_active()))(
+    ...     torch.tensor(2.0)).item()
+    (False, 1.0)
+    """
+    return _functorch_check()
+
+
+def _first_functorch_check() -> bool:
+    """Resolves the check on first use: a C function in torch >= 2.1 (tens of nanoseconds), or
+    the interpreter stack."""
+    global _functorch_check
+    import torch
+
+    _functorch_check = getattr(
+        torch._C,
+        "_are_functorch_transforms_active",
+        lambda: torch._C._functorch.peek_interpreter_stack() is not None,
+    )
+    return _functorch_check()
+
+
+_functorch_check = _first_functorch_check

@@ -45,6 +45,7 @@ from batchnorm.functional import (
     check_eps,
     check_momentum,
 )
+from batchnorm.nn.fast_path import make_plan
 from batchnorm.nn.surgery import mark_fx_leaf
 from batchnorm.primitives import update_running_statistics
 
@@ -244,12 +245,12 @@ class BatchNormMixin:
         if torch.jit.is_scripting():
             # TorchScript compiles only this branch (torch.nn's own forward, as its layers do).
             return self._torchscript_forward(input)
+        plan = self.__dict__.get("_plan")
+        if plan is not None and not torch.compiler.is_compiling() and plan.admits(self, input):
+            return plan.run(self, input)
         if torch.jit.is_tracing():
             # A traced graph holds torch's standard op, as torch.nn's layers give.
             return self._torchscript_forward(input)
-        key = self._plan_key(input)
-        if key is not None and self.__dict__.get("_validated") == key:
-            return self._fast_forward(input)
         self._check_input_dim(input)
         track = self.training and self.track_running_stats
         keep_stats = not self.training or self.track_running_stats
@@ -308,85 +309,18 @@ class BatchNormMixin:
                 self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
             elif updated:
                 self.num_batches_tracked.add_(1)
-        if key is not None and self.last_backend == "torch":
-            # This signature passed every check and resolved to PyTorch's kernel: later calls
-            # with the same signature skip the checks and the dispatch (_fast_forward).
-            self.__dict__["_validated"] = key
+        if self.last_backend in ("torch", "cpu"):
+            # This signature passed every check and resolved to PyTorch's kernel or the C++ CPU
+            # kernels: later calls with the same signature skip the checks and the dispatch
+            # (nn.fast_path).
+            self.__dict__["_plan"] = make_plan(self, input, self.last_backend)
         return y
 
-    def _plan_key(self, input: torch.Tensor) -> tuple | None:
-        """What the checks and the backend choice of a call depend on, or None where the fast
-        path does not apply (then every call takes the full path).
-
-        The fast path covers the common case: a plain tensor with values (not empty), the
-        "propagate" policy, no backend asked for, a float momentum (or the cumulative average on
-        the CPU), outside torch.compile/export. The key holds the input's shape, dtype and
-        device, the mode, the hyper-parameters, the backend context and environment variable,
-        and the shape, dtype and device of every parameter and buffer: a change to any of them
-        is a new key, checked again.
-        """
-        if (
-            torch.compiler.is_compiling()
-            or type(input) is not torch.Tensor
-            or self.nonfinite != "propagate"
-            or self.backend is not None
-            or backends._local.stack
-        ):
-            return None
-        shape = input.shape
-        if len(shape) < 2 or input.numel() == 0:
-            return None
-        device = input.device
-        if self.momentum is None and device.type != "cpu":
-            return None
-        # The dictionaries directly: nn.Module's attribute lookup costs more than the checks.
-        params, buffers = self._parameters, self._buffers
-        meta = tuple(
-            None if t is None else (t.shape, t.dtype, t.device)
-            for t in (
-                params.get("weight"), params.get("bias"), buffers.get("running_mean"),
-                buffers.get("running_var"),
-            )
-        )  # fmt: skip
-        return (
-            shape, input.dtype, device, self.training, self.track_running_stats,
-            self.momentum, self.eps, buffers.get("num_batches_tracked") is None, meta,
-            os.environ.get(backends.ENV_VAR),
-        )  # fmt: skip
-
-    def _fast_forward(self, input: torch.Tensor) -> torch.Tensor:
-        """A call whose signature was checked before: PyTorch's kernel, as the full path runs
-        it (running statistics through private copies when a graph is recorded)."""
-        from batchnorm.functional import _torch_native
-
-        params, buffers = self._parameters, self._buffers
-        buffer_mean, buffer_var = buffers.get("running_mean"), buffers.get("running_var")
-        count = buffers.get("num_batches_tracked")
-        training = self.training
-        track = training and self.track_running_stats
-        keep_stats = not training or self.track_running_stats
-        if self.momentum is None:
-            factor = 0.0
-            if track and count is not None:
-                factor = 1.0 / float(count + 1)  # the CPU only (see _plan_key)
-        else:
-            factor = self.momentum
-        use_batch_stats = training or (buffer_mean is None and buffer_var is None)
-        y = _torch_native(
-            input,
-            buffer_mean if keep_stats else None,
-            buffer_var if keep_stats else None,
-            params.get("weight"),
-            params.get("bias"),
-            use_batch_stats,
-            factor,
-            self.eps,
-        )
-        backends._local.last = "torch"
-        self.__dict__["last_backend"] = "torch"
-        if track and count is not None:
-            count.add_(1)
-        return y
+    def _apply(self, fn, *args, **kwargs):
+        # module.to(), .double(), .cuda(), ...: parameters and buffers may change dtype, device
+        # (or be replaced); the next call is checked again.
+        self.__dict__.pop("_plan", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def _torchscript_forward(self, input: torch.Tensor) -> torch.Tensor:
         """torch.nn's ``_BatchNorm.forward`` (scriptable): used by TorchScript and jit.trace."""

@@ -33,7 +33,7 @@ __all__ = ["mark_fx_leaf", "rebuild_as", "rebuild_layer", "replace_modules"]
 _FX_LEAF_MODULE = "torch.nn.modules.batchnorm"
 
 # Attributes the project's layers add to an instance, dropped when converting back to torch's.
-OWN_ATTRIBUTES = ("backend", "nonfinite", "last_backend", "last_sync", "__module__", "_validated")
+OWN_ATTRIBUTES = ("backend", "nonfinite", "last_backend", "last_sync", "__module__", "_plan")
 
 
 def mark_fx_leaf(module: torch.nn.Module) -> None:

@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from batchnorm.modes import FusedSave, records_graph
+from batchnorm.modes import FusedSave, mark_modified, records_graph
 from batchnorm.ops.cpu._build import load, ready, status
 
 __all__ = ["SUPPORTED_DTYPES", "batch_norm", "batch_norm_relu", "load", "ready", "status"]
@@ -51,7 +51,7 @@ class _BatchNormFunction(torch.autograd.Function):
         y, shift, mean, invstd = _ext().forward(
             input, weight, bias, running_mean, running_var, training, momentum, eps
         )
-        ctx.training = training
+        ctx.training, ctx.eps = training, eps
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(input, weight, shift, mean, invstd)
@@ -62,6 +62,10 @@ class _BatchNormFunction(torch.autograd.Function):
         input, weight, shift, mean, invstd = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients must themselves be differentiable.
+            grads = _differentiable_backward(ctx, grad_output, input, weight, shift, invstd)
+            return (*grads, None, None, None, None, None)
         dx, dgamma, dbeta = _ext().backward(
             grad_output, input, weight, shift, mean, invstd, ctx.training, need_dx, need_params
         )
@@ -69,6 +73,41 @@ class _BatchNormFunction(torch.autograd.Function):
         grads = [dx if need_dx else None, dgamma, dbeta]
         grads = _no_double_backward(grads, (input, weight, grad_output))
         return (*grads, None, None, None, None, None)
+
+
+def _differentiable_backward(ctx, grad_output, input, weight, shift, invstd) -> list:
+    """dx, dgamma, dbeta as functions of x, gamma and dy that autograd can differentiate again
+    (``create_graph=True``: Hessians, gradient penalties, MAML), from PyTorch's ops.
+
+    Training: the batch statistics are functions of x, so the first derivative is taken through
+    PyTorch's native batch norm on the saved x (itself twice differentiable); the numbers are
+    torch's, equal to this backend's own backward to rounding. Eval: ``y = gamma * (x - shift)
+    * invstd + beta`` with the running statistics the forward used (``shift`` is the running
+    mean, ``invstd`` 1 / sqrt(running_var + eps), as saved), written out.
+    """
+    need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+    dims = [0, *range(2, input.dim())]
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    dx = dgamma = None
+    if ctx.training:
+        sources = [t for t, need in ((input, need_dx), (weight, need_w)) if need]
+        if sources:
+            with torch.enable_grad():
+                y = torch.nn.functional.batch_norm(
+                    input, None, None, weight, None, True, 0.0, ctx.eps
+                )
+                found = iter(torch.autograd.grad(y, sources, grad_output, create_graph=True))
+            dx = next(found) if need_dx else None
+            dgamma = next(found) if need_w else None
+    else:
+        scale = invstd if weight is None else weight.float() * invstd
+        if need_dx:
+            dx = (grad_output.float() * scale.reshape(shape)).to(input.dtype)
+        if need_w:
+            x_hat = (input.float() - shift.reshape(shape)) * invstd.reshape(shape)
+            dgamma = (grad_output.float() * x_hat).sum(dims).to(ctx.weight_dtype)
+    dbeta = grad_output.float().sum(dims).to(ctx.bias_dtype) if need_b else None
+    return [dx, dgamma, dbeta]
 
 
 def _param_grads(ctx, dgamma, dbeta, first: int):
@@ -175,20 +214,35 @@ def batch_norm(
     Returns:
         y, shaped and laid out like the input (channels-last stays channels-last).
 
+    Second derivatives (``create_graph=True``) are exact: the backward is then written with
+    PyTorch's differentiable ops (see :func:`_differentiable_backward`).
+
     Raises:
-        RuntimeError: the kernels cannot be built here; or a second derivative is requested.
+        RuntimeError: the kernels cannot be built here.
     """
     if running_mean is not None:
         running_mean = running_mean.detach()
         running_var = running_var.detach()
     if not records_graph(input, weight, bias):
         # Nothing records a graph: no autograd node, no saved tensors.
-        return _ext().forward(
+        y = _ext().forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[
+            0
+        ]
+    else:
+        y = _BatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, training, momentum, eps
-        )[0]
-    return _BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
+        )
+    _updated(training, running_mean, running_var)
+    return y
+
+
+def _updated(training: bool, running_mean, running_var) -> None:
+    """The kernels write the running statistics through raw pointers: count it as the in-place
+    change it is (their version counters, shared with the buffers by ``detach``), so a graph that
+    saved a buffer before fails at backward as with torch's kernel, instead of reading the new
+    values silently."""
+    if training and running_mean is not None and running_var is not None:
+        mark_modified(running_mean, running_var)
 
 
 def batch_norm_relu(
@@ -221,10 +275,14 @@ def batch_norm_relu(
         running_mean = running_mean.detach()
         running_var = running_var.detach()
     if not records_graph(input, residual, weight, bias):
-        return _ext().forward_fused(
+        y = _ext().forward_fused(
             input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
             FusedSave.RECOMPUTE.code,  # nothing is kept for a backward: no mask to write
         )[0]  # fmt: skip
-    return _FusedFunction.apply(
-        input, residual, weight, bias, running_mean, running_var, training, momentum, eps, code
-    )
+    else:
+        y = _FusedFunction.apply(
+            input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+            code,
+        )  # fmt: skip
+    _updated(training, running_mean, running_var)
+    return y
