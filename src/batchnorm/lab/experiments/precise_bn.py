@@ -239,7 +239,15 @@ def _train_arm(
     b = config.batch_size
     steps = config.steps_for(b, n)
     schedule_points = set(eval_steps(steps, config.evals))
-    model = conv_net("bn", config.channels, data.num_classes, seed, momentum=config.bn_momentum)
+    model = conv_net(
+        "bn",
+        config.channels,
+        data.num_classes,
+        seed,
+        head=config.head,
+        image_shape=data.image_shape,
+        momentum=config.bn_momentum,
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
     batches = iid_batches(n, b, seed)
     # The recalibration batches: a fixed shuffle of the training set, the same at every point.
