@@ -1039,6 +1039,17 @@ def final_acc(results: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([r["test_acc"][-1] for r in results], dtype=np.float64)
 
 
+def schedule_text(config: ConvConfig) -> str:
+    """The learning-rate schedule of ``config`` (:func:`lr_phases`), as a report phrase."""
+    if config.decay_at >= 1:
+        return "a constant learning rate"
+    return (
+        f"the learning rate drops to {config.decay_factor:g} times its value after "
+        f"{config.decay_at:.0%} of the steps (a step decay, as the papers' schedules end; a new "
+        "SGD optimizer from there, so the momentum buffer starts again)"
+    )
+
+
 def common_choices(config: ConvConfig) -> list[str]:
     """The protocol choices the :func:`conv_net` experiments share, as report lines."""
     return [
@@ -1061,8 +1072,8 @@ def common_choices(config: ConvConfig) -> list[str]:
         + (f", {config.test_subset} test images" if config.test_subset else ", the whole test set")
         + "; pixels / 255, no augmentation",
         f"optimizer: SGD, momentum {config.momentum}, learning rate {config.lr} at batch 32, "
-        "scaled linearly with the batch size (Goyal et al. 2017); no weight decay or schedule; "
-        "mean cross-entropy",
+        "scaled linearly with the batch size (Goyal et al. 2017); no weight decay; "
+        f"{schedule_text(config)}; mean cross-entropy",
         f"length: {config.epochs:g} epochs of the training subset for every batch size (so "
         "smaller batches take more steps); a seed fixes the initial weights (torch.manual_seed) "
         "and the batch order, the same for every variant (paired runs)",
