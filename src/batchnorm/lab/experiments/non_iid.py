@@ -46,6 +46,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
+    HEADS,
     ConvConfig,
     NetJob,
     common_choices,
@@ -55,6 +56,7 @@ from batchnorm.lab.experiments.cnn import (
     image_data,
     job_curve_rows,
     norm_kwargs,
+    schedule_text,
     train_jobs,
 )
 from batchnorm.lab.experiments.cnn_fit import train_accuracy, with_train_accuracy
@@ -84,11 +86,19 @@ class Config(ConvConfig):
     """BN, BatchRenorm and GN on few-class batches. Defaults are the full protocol."""
 
     channels: tuple[int, ...] = param(
-        (16, 32, 64), "widths of the conv layers (wide enough to fit the training subset)"
+        (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
-    train_subset: int | None = param(1000, "training examples used (a subset the nets can fit)")
-    epochs: float = param(40.0, "passes over the training subset")
+    head: str = param(
+        "flatten",
+        "the final linear layer's input: flatten (the whole last feature map) or gap",
+        choices=HEADS,
+    )
+    train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
+    epochs: float = param(4.0, "passes over the training subset")
     lr: float = param(0.05, "SGD learning rate, the same for every network")
+    decay_at: float = param(
+        0.75, "fraction of the steps after which the learning rate drops by decay_factor"
+    )
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     classes_per_batch: int = param(8, "classes each non-i.i.d. training batch is drawn from")
@@ -282,7 +292,8 @@ def measure(config: Config, ctx: Context) -> Measurement:
             *common_choices(config)[:2],
             f"optimizer: SGD, momentum {config.momentum}, learning rate {config.lr:g}, batch "
             f"{config.batch_size}, {steps} steps ({config.epochs:g} epochs) for every network; no "
-            "weight decay or schedule",
+            f"weight decay; {schedule_text(config)} (the paper's Inception training decays its "
+            "rate too)",
             common_choices(config)[4],
             f"non-i.i.d. batches (Sec. 1 and 4.3: few labels, several examples each; the "
             f"paper's 16 labels x 2 images of 1000 ImageNet classes cannot be drawn from 10): "
