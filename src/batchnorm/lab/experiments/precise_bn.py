@@ -47,6 +47,7 @@ from batchnorm.lab.experiment import (
     md_table,
 )
 from batchnorm.lab.experiments.cnn import (
+    HEADS,
     ConvConfig,
     common_choices,
     conv_net,
@@ -98,15 +99,21 @@ class Config(ConvConfig):
     """EMA vs precise BN during training, by learning rate and schedule (full protocol)."""
 
     channels: tuple[int, ...] = param(
-        (16, 32), "widths of the conv layers (each: conv3x3, BN, ReLU, max pool)"
+        (8, 16, 32), "widths of the conv layers (each: conv3x3, BN, ReLU, max pool)"
     )
+    head: str = param(
+        "flatten",
+        "the final linear layer's input: flatten (the whole last feature map) or gap",
+        choices=HEADS,
+    )
+    train_subset: int | None = param(20_000, "training examples used (none = all)")
     batch_size: int = param(64, "examples per mini-batch")
     epochs: float = param(4.0, "passes over the training subset")
     lr: float = param(0.05, "base SGD learning rate at batch 32 (scaled linearly with the batch)")
     high_factor: float = param(4.0, "the high learning rate is lr times this")
     bn_momentum: float = param(0.1, "EMA momentum (torch convention: weight of the new batch)")
     evals: int = param(8, "evaluation points, evenly spaced over training")
-    test_subset: int | None = param(5000, "test images used (none = all)")
+    test_subset: int | None = param(None, "test images used (none = all)")
     popstat_batches: int = param(100, "training mini-batches for the population statistics")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     train_floor: float = param(0.7, "final train accuracy below which a network did not train")
