@@ -47,6 +47,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
+    HEADS,
     ConvConfig,
     NetJob,
     common_choices,
@@ -54,6 +55,7 @@ from batchnorm.lab.experiments.cnn import (
     iid_batches,
     image_data,
     job_curve_rows,
+    schedule_text,
     train_jobs,
 )
 from batchnorm.lab.experiments.cnn_fit import train_accuracy, with_train_accuracy
@@ -82,11 +84,20 @@ class Config(ConvConfig):
     the full protocol."""
 
     channels: tuple[int, ...] = param(
-        (16, 32, 64), "widths of the conv layers (wide enough to fit the training subset)"
+        (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
-    train_subset: int | None = param(1024, "training examples used (a subset the nets can fit)")
+    head: str = param(
+        "flatten",
+        "the final linear layer's input: flatten (the whole last feature map) or gap",
+        choices=HEADS,
+    )
+    train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
     epochs: float = param(
-        30.0, "epochs of the small batch (and of the large batch's same-epoch arms)"
+        3.0, "epochs of the small batch (and of the large batch's same-epoch arms)"
+    )
+    decay_at: float = param(
+        0.75,
+        "fraction of each arm's steps after which its learning rate drops by decay_factor",
     )
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
@@ -337,9 +348,11 @@ def measure(config: Config, ctx: Context) -> Measurement:
         figures=[("ghost.png", "Test accuracy against updates, per network (mean over seeds)")],
         choices=[
             *common_choices(config)[:2],
-            f"optimizer: SGD, momentum {config.momentum}, no weight decay or schedule; learning "
+            f"optimizer: SGD, momentum {config.momentum}, no weight decay; learning "
             f"rate {config.lr:g} at batch {small}, {config.large_lr():g} at batch {big} (the "
-            "paper's square-root scaling, Sec. 4.1); no warm-up or gradient clipping",
+            "paper's square-root scaling, Sec. 4.1); no warm-up or gradient clipping; in every "
+            f"arm {schedule_text(config)}, at the same fraction of its own steps (the paper's "
+            "regime adaptation stretches the whole schedule, its decay steps included, Sec. 5)",
             f"length: {config.epochs:g} epochs of the subset for the small batch ({small_steps} "
             f"steps) and the large batch's same-epoch arms ({epoch_steps} steps); regime "
             f"adaptation (Sec. 5): the large batch for {small_steps} steps, as many as the small "
