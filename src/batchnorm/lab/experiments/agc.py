@@ -47,6 +47,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
+    HEADS,
     ConvConfig,
     NetJob,
     common_choices,
@@ -54,6 +55,7 @@ from batchnorm.lab.experiments.cnn import (
     iid_batches,
     image_data,
     job_curve_rows,
+    schedule_text,
     train_jobs,
 )
 from batchnorm.lab.rules import baseline_metrics, gate, paired_tolerance, untrained
@@ -81,12 +83,21 @@ class Config(ConvConfig):
     """Batch-size sweep of an unnormalized CNN with / without AGC, and BN (full protocol)."""
 
     channels: tuple[int, ...] = param(
-        (16, 32), "widths of the conv layers (each: conv3x3, norm, ReLU, max pool)"
+        (8, 16, 32), "widths of the conv layers (each: conv3x3, norm, ReLU, max pool)"
     )
+    head: str = param(
+        "flatten",
+        "the final linear layer's input: flatten (the whole last feature map) or gap",
+        choices=HEADS,
+    )
+    train_subset: int | None = param(20_000, "training examples used (none = all)")
     batch_sizes: tuple[int, ...] = param(
         (32, 128, 512), "batch sizes of the sweep (learning rate scaled linearly)"
     )
-    epochs: float = param(6.0, "passes over the training subset at every batch size")
+    epochs: float = param(4.0, "passes over the training subset at every batch size")
+    decay_at: float = param(
+        0.75, "fraction of the steps after which the learning rate drops by decay_factor"
+    )
     lr: float = param(0.05, "SGD learning rate at batch 32 (scaled linearly with the batch)")
     clipping_4096: float = param(
         0.01, "AGC lambda at batch 4096 (NFNets); lambda(B) = this * sqrt(4096 / B)"
@@ -96,7 +107,7 @@ class Config(ConvConfig):
     )
     train_floor: float = param(0.6, "final train accuracy below which BN did not train")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
-    test_subset: int | None = param(5000, "test images used (none = all)")
+    test_subset: int | None = param(None, "test images used (none = all)")
 
     def validate(self) -> None:
         super().validate()
@@ -368,7 +379,8 @@ def measure(config: Config, ctx: Context) -> Measurement:
         choices=[
             *[c for c in common_choices(config) if not c.startswith(("optimizer", "length"))],
             f"optimizer: SGD, momentum {config.momentum}, learning rate {config.lr:g} x B/32 "
-            "(linear scaling, as NFNets' 0.1 x B/256 in Fig. 2), no weight decay or schedule; "
+            "(linear scaling, as NFNets' 0.1 x B/256 in Fig. 2), no weight decay; "
+            f"{schedule_text(config)} (NFNets decay theirs with a cosine); "
             f"{config.epochs:g} epochs at every batch size (steps: "
             + ", ".join(f"B={b}: {steps[b]}" for b in sizes)
             + ")",
@@ -383,7 +395,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             "(no scaled weight standardization or other NFNet ingredients)",
             f"a variant trains at B when no seed diverged and its mean test accuracy is within "
             f"{config.target_gap:g} of BN's at B; train accuracy: training batches of the last "
-            "10% of steps",
+            "10% of steps" + (" after the drop" if config.decay_at < 1 else ""),
             "a network whose loss becomes non-finite is stopped and scored at chance",
         ],
         notes=[

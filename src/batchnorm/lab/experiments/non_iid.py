@@ -313,8 +313,8 @@ def measure(config: Config, ctx: Context) -> Measurement:
         ],
         notes=[
             "The train-batch accuracy is measured on the training batches in training mode over "
-            "the last 10% of steps; its gap to the inference-mode train accuracy shows the "
-            "train/test mismatch of batch statistics.",
+            "the last 10% of steps (of those after the drop of the learning rate); its gap to the "
+            "inference-mode train accuracy shows the train/test mismatch of batch statistics.",
             "Sec. 4.3 of the paper could not be read here in full; the construction (16 labels x "
             "2 examples in a batch of 32) is the one its Sec. 1 describes and SPEC.md records.",
         ],
