@@ -566,10 +566,10 @@ def test_train_jobs_drops_the_learning_rate_and_resumes_by_phase(
     interrupted in the second phase continues from the saved first one with the same numbers."""
     from batchnorm.lab import experiments, grouped
     from batchnorm.lab.experiment import Context
-    from batchnorm.lab.experiments.cnn import ConvConfig, NetJob, train_jobs
+    from batchnorm.lab.experiments.cnn import NetJob, ScheduledConvConfig, train_jobs
 
     data = tiny_images()
-    config = ConvConfig(channels=CHANNELS, evals=4, decay_at=0.5, decay_factor=0.1, head="flatten")
+    config = ScheduledConvConfig(channels=CHANNELS, evals=4, decay_at=0.5, decay_factor=0.1)
     jobs = [
         NetJob(f"{norm}-s{seed}", norm, seed, lambda seed=seed: iid_batches(60, 8, seed), "t",
                {"num_groups": 2} if norm == "gn" else {})

@@ -47,9 +47,8 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
-    HEADS,
-    ConvConfig,
     NetJob,
+    ScheduledConvConfig,
     common_choices,
     final_acc,
     iid_batches,
@@ -79,25 +78,17 @@ def clipping_for(batch_size: int, clipping_4096: float) -> float:
 
 
 @dataclass(frozen=True)
-class Config(ConvConfig):
+class Config(ScheduledConvConfig):
     """Batch-size sweep of an unnormalized CNN with / without AGC, and BN (full protocol)."""
 
     channels: tuple[int, ...] = param(
         (8, 16, 32), "widths of the conv layers (each: conv3x3, norm, ReLU, max pool)"
-    )
-    head: str = param(
-        "flatten",
-        "the final linear layer's input: flatten (the whole last feature map) or gap",
-        choices=HEADS,
     )
     train_subset: int | None = param(20_000, "training examples used (none = all)")
     batch_sizes: tuple[int, ...] = param(
         (32, 128, 512), "batch sizes of the sweep (learning rate scaled linearly)"
     )
     epochs: float = param(4.0, "passes over the training subset at every batch size")
-    decay_at: float = param(
-        0.75, "fraction of the steps after which the learning rate drops by decay_factor"
-    )
     lr: float = param(0.05, "SGD learning rate at batch 32 (scaled linearly with the batch)")
     clipping_4096: float = param(
         0.01, "AGC lambda at batch 4096 (NFNets); lambda(B) = this * sqrt(4096 / B)"

@@ -442,12 +442,6 @@ class ConvConfig(DataConfig):
 
     dataset: str = param("fashion-mnist", "data set", choices=DATASETS)
     channels: tuple[int, ...] = param((8, 16), "widths of the conv layers (each: conv3x3, norm)")
-    head: str = param(
-        "gap",
-        "the final linear layer's input: gap (global average pool, one value per channel) or "
-        "flatten (the whole last feature map)",
-        choices=HEADS,
-    )
     batch_size: int = param(32, "examples per mini-batch")
     epochs: float = param(2.0, "passes over the training subset")
     lr: float = param(0.05, "SGD learning rate at batch 32 (scaled linearly with the batch)")
@@ -455,12 +449,6 @@ class ConvConfig(DataConfig):
     evals: int = param(4, "evaluations on the test set, evenly spaced over training")
     train_subset: int | None = param(10_000, "training examples used (none = all)")
     seeds: int = param(2, "number of seeds (each: initial weights and data order)")
-    decay_at: float = param(
-        1.0,
-        "fraction of the steps after which the learning rate drops by decay_factor (a step "
-        "decay; 1 = a constant rate)",
-    )
-    decay_factor: float = param(0.1, "the learning rate's factor after the drop (decay_at)")
     grouped: bool = param(
         True,
         "train the networks of one batch size and learning rate together as one grouped network "
@@ -478,10 +466,6 @@ class ConvConfig(DataConfig):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.momentum >= 1:
             raise ValueError(f"momentum must be below 1, got {self.momentum}")
-        if not (math.isfinite(self.decay_at) and 0 < self.decay_at <= 1):
-            raise ValueError(f"decay_at must lie in (0, 1], got {self.decay_at}")
-        if not (math.isfinite(self.decay_factor) and 0 < self.decay_factor <= 1):
-            raise ValueError(f"decay_factor must lie in (0, 1], got {self.decay_factor}")
         if self.train_subset is not None and self.train_subset < 64:
             raise ValueError(f"train_subset must be at least 64, got {self.train_subset}")
 
@@ -496,6 +480,51 @@ class ConvConfig(DataConfig):
     def scaled_lr(self, batch_size: int) -> float:
         """The linear scaling rule (Goyal et al. 2017): ``lr * batch_size / 32``."""
         return self.lr * batch_size / 32
+
+
+@dataclass(frozen=True)
+class FlatConvConfig(ConvConfig):
+    """:class:`ConvConfig` with the choice of :func:`conv_net`'s head, whose default here is
+    the flattened last feature map (a trained baseline within the time of a protocol)."""
+
+    head: str = param(
+        "flatten",
+        "the final linear layer's input: flatten (the whole last feature map) or gap (global "
+        "average pool, one value per channel)",
+        choices=HEADS,
+    )
+
+
+@dataclass(frozen=True)
+class ScheduledConvConfig(FlatConvConfig):
+    """:class:`FlatConvConfig` for experiments trained through :func:`train_jobs`, with its
+    step decay of the learning rate (:func:`lr_phases`)."""
+
+    decay_at: float = param(
+        0.75,
+        "fraction of the steps after which the learning rate drops by decay_factor (a step "
+        "decay; 1 = a constant rate)",
+    )
+    decay_factor: float = param(0.1, "the learning rate's factor after the drop (decay_at)")
+
+    def validate(self) -> None:
+        """Checks across fields; raises ValueError with what to change."""
+        super().validate()
+        if not (math.isfinite(self.decay_at) and 0 < self.decay_at <= 1):
+            raise ValueError(f"decay_at must lie in (0, 1], got {self.decay_at}")
+        if not (math.isfinite(self.decay_factor) and 0 < self.decay_factor <= 1):
+            raise ValueError(f"decay_factor must lie in (0, 1], got {self.decay_factor}")
+
+
+def head_of(config: ConvConfig) -> str:
+    """The head of ``config``'s networks: its ``head`` field, else ``gap`` (a plain
+    :class:`ConvConfig` builds :func:`conv_net`'s original network)."""
+    return str(getattr(config, "head", "gap"))
+
+
+def decay_of(config: ConvConfig) -> tuple[float, float]:
+    """``(decay_at, decay_factor)`` of ``config``: its fields, else a constant rate."""
+    return float(getattr(config, "decay_at", 1.0)), float(getattr(config, "decay_factor", 1.0))
 
 
 def feature_shape(channels: Sequence[int], image_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -877,16 +906,16 @@ def train_jobs(
     (a :func:`conv_net` module holding its weights) and returns its final result.
     ``clip_classifier_bias`` makes AGC clip the final layer's bias (see :func:`train_net`).
 
-    With ``config.decay_at`` < 1 the learning rate drops to ``config.decay_factor`` times ``lr``
-    for the last steps (:func:`lr_phases`): each phase is one call of the training loop on the
-    same networks and the same mini-batch streams, with a fresh SGD optimizer (the momentum
-    buffer starts again at the drop), and the phases' results are merged
-    (:func:`merge_phases`). A finished phase is saved (``jobs/<name>-p<i>.done``), so a resumed
-    run continues from the phase it was in.
+    With ``config.decay_at`` < 1 (a :class:`ScheduledConvConfig`) the learning rate drops to
+    ``config.decay_factor`` times ``lr`` for the last steps (:func:`lr_phases`): each phase is
+    one call of the training loop on the same networks and the same mini-batch streams, with a
+    fresh SGD optimizer (the momentum buffer starts again at the drop), and the phases' results
+    are merged (:func:`merge_phases`). A finished phase is saved (``jobs/<name>-p<i>.done``), so
+    a resumed run continues from the phase it was in.
     """
     from batchnorm.lab.grouped import ConvNetSpec, GroupedConvNet, train_grouped
 
-    phases = lr_phases(steps, config.evals, config.decay_at, config.decay_factor)
+    phases = lr_phases(steps, config.evals, *decay_of(config))
     lengths = [length for length, _, _ in phases]
     results: dict[str, dict[str, Any]] = {}
     missing = []
@@ -930,7 +959,7 @@ def train_jobs(
             specs,
             config.channels,
             data.num_classes,
-            head=config.head,
+            head=head_of(config),
             image_shape=data.image_shape,
         )
         # The group's checkpoint is named by its networks: a resumed run finds the same ones
@@ -977,7 +1006,7 @@ def train_jobs(
                     config.channels,
                     data.num_classes,
                     job.seed,
-                    head=config.head,
+                    head=head_of(config),
                     image_shape=data.image_shape,
                     **job.options,
                 )
@@ -1041,11 +1070,12 @@ def final_acc(results: Sequence[dict[str, Any]]) -> np.ndarray:
 
 def schedule_text(config: ConvConfig) -> str:
     """The learning-rate schedule of ``config`` (:func:`lr_phases`), as a report phrase."""
-    if config.decay_at >= 1:
+    decay_at, decay_factor = decay_of(config)
+    if decay_at >= 1:
         return "a constant learning rate"
     return (
-        f"the learning rate drops to {config.decay_factor:g} times its value after "
-        f"{config.decay_at:.0%} of the steps (a step decay, as the papers' schedules end; a new "
+        f"the learning rate drops to {decay_factor:g} times its value after "
+        f"{decay_at:.0%} of the steps (a step decay, as the papers' schedules end; a new "
         "SGD optimizer from there, so the momentum buffer starts again)"
     )
 
@@ -1057,7 +1087,7 @@ def common_choices(config: ConvConfig) -> list[str]:
         f"{config.channels}, "
         + (
             "global average pool, linear"
-            if config.head == "gap"
+            if head_of(config) == "gap"
             else "a linear layer on the flattened last feature map (where a feature is, not only "
             "whether it is there: several points of accuracy on Fashion-MNIST for no more "
             "convolutions)"
@@ -1072,8 +1102,13 @@ def common_choices(config: ConvConfig) -> list[str]:
         + (f", {config.test_subset} test images" if config.test_subset else ", the whole test set")
         + "; pixels / 255, no augmentation",
         f"optimizer: SGD, momentum {config.momentum}, learning rate {config.lr} at batch 32, "
-        "scaled linearly with the batch size (Goyal et al. 2017); no weight decay; "
-        f"{schedule_text(config)}; mean cross-entropy",
+        "scaled linearly with the batch size (Goyal et al. 2017); "
+        + (
+            "no weight decay or schedule"
+            if decay_of(config)[0] >= 1
+            else f"no weight decay; {schedule_text(config)}"
+        )
+        + "; mean cross-entropy",
         f"length: {config.epochs:g} epochs of the training subset for every batch size (so "
         "smaller batches take more steps); a seed fixes the initial weights (torch.manual_seed) "
         "and the batch order, the same for every variant (paired runs)",

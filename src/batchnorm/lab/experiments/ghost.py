@@ -47,9 +47,8 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
-    HEADS,
-    ConvConfig,
     NetJob,
+    ScheduledConvConfig,
     common_choices,
     final_acc,
     iid_batches,
@@ -79,25 +78,16 @@ ARMS = (SMALL, LARGE, GHOST, ADAPTED)
 
 
 @dataclass(frozen=True)
-class Config(ConvConfig):
+class Config(ScheduledConvConfig):
     """Small batch vs large batch (plain, ghost BN, ghost BN + regime adaptation). Defaults are
     the full protocol."""
 
     channels: tuple[int, ...] = param(
         (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
-    head: str = param(
-        "flatten",
-        "the final linear layer's input: flatten (the whole last feature map) or gap",
-        choices=HEADS,
-    )
     train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
     epochs: float = param(
         3.0, "epochs of the small batch (and of the large batch's same-epoch arms)"
-    )
-    decay_at: float = param(
-        0.75,
-        "fraction of each arm's steps after which its learning rate drops by decay_factor",
     )
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")

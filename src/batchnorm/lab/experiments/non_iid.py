@@ -46,9 +46,8 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
-    HEADS,
-    ConvConfig,
     NetJob,
+    ScheduledConvConfig,
     common_choices,
     few_class_batches,
     final_acc,
@@ -82,23 +81,15 @@ BN_IID, BN_NON, RENORM_NON, GN_IID, GN_NON = VARIANTS
 
 
 @dataclass(frozen=True)
-class Config(ConvConfig):
+class Config(ScheduledConvConfig):
     """BN, BatchRenorm and GN on few-class batches. Defaults are the full protocol."""
 
     channels: tuple[int, ...] = param(
         (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
-    head: str = param(
-        "flatten",
-        "the final linear layer's input: flatten (the whole last feature map) or gap",
-        choices=HEADS,
-    )
     train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
     epochs: float = param(4.0, "passes over the training subset")
     lr: float = param(0.05, "SGD learning rate, the same for every network")
-    decay_at: float = param(
-        0.75, "fraction of the steps after which the learning rate drops by decay_factor"
-    )
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     classes_per_batch: int = param(8, "classes each non-i.i.d. training batch is drawn from")

@@ -47,8 +47,7 @@ from batchnorm.lab.experiment import (
     md_table,
 )
 from batchnorm.lab.experiments.cnn import (
-    HEADS,
-    ConvConfig,
+    FlatConvConfig,
     common_choices,
     conv_net,
     eval_steps,
@@ -95,16 +94,11 @@ def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
 
 
 @dataclass(frozen=True)
-class Config(ConvConfig):
+class Config(FlatConvConfig):
     """EMA vs precise BN during training, by learning rate and schedule (full protocol)."""
 
     channels: tuple[int, ...] = param(
         (8, 16, 32), "widths of the conv layers (each: conv3x3, BN, ReLU, max pool)"
-    )
-    head: str = param(
-        "flatten",
-        "the final linear layer's input: flatten (the whole last feature map) or gap",
-        choices=HEADS,
     )
     train_subset: int | None = param(20_000, "training examples used (none = all)")
     batch_size: int = param(64, "examples per mini-batch")

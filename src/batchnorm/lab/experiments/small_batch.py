@@ -47,9 +47,8 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
-    HEADS,
-    ConvConfig,
     NetJob,
+    ScheduledConvConfig,
     common_choices,
     final_acc,
     iid_batches,
@@ -77,24 +76,16 @@ PAPER = {  # Wu & He 2018, Figure 1 / Table 2: ResNet-50 ImageNet val error (%),
 
 
 @dataclass(frozen=True)
-class Config(ConvConfig):
+class Config(ScheduledConvConfig):
     """BN with statistics over groups of 32 ... 2 examples of a batch of 32, and GN. Defaults
     are the full protocol."""
 
     channels: tuple[int, ...] = param(
         (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
-    head: str = param(
-        "flatten",
-        "the final linear layer's input: flatten (the whole last feature map) or gap",
-        choices=HEADS,
-    )
     train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
     epochs: float = param(4.0, "passes over the training subset (the same for every network)")
     lr: float = param(0.05, "SGD learning rate, the same for every network")
-    decay_at: float = param(
-        0.75, "fraction of the steps after which the learning rate drops by decay_factor"
-    )
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     stat_sizes: tuple[int, ...] = param(
