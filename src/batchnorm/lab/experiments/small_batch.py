@@ -84,7 +84,7 @@ class Config(ScheduledConvConfig):
         (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
     train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
-    epochs: float = param(3.0, "passes over the training subset (the same for every network)")
+    epochs: float = param(4.0, "passes over the training subset (the same for every network)")
     lr: float = param(0.05, "SGD learning rate, the same for every network")
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
