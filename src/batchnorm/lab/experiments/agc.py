@@ -47,6 +47,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
+    HEADS,
     NetJob,
     ScheduledConvConfig,
     common_choices,
@@ -82,7 +83,13 @@ class Config(ScheduledConvConfig):
     """Batch-size sweep of an unnormalized CNN with / without AGC, and BN (full protocol)."""
 
     channels: tuple[int, ...] = param(
-        (8, 16, 32), "widths of the conv layers (each: conv3x3, norm, ReLU, max pool)"
+        (16, 32, 64), "widths of the conv layers (each: conv3x3, norm, ReLU, max pool)"
+    )
+    head: str = param(
+        "gap",
+        "the final linear layer's input: gap (global average pool; with flatten, BN at batch "
+        "512 and learning rate 0.8 did not train: 0.43) or flatten",
+        choices=HEADS,
     )
     train_subset: int | None = param(20_000, "training examples used (none = all)")
     batch_sizes: tuple[int, ...] = param(
