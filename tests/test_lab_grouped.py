@@ -4,6 +4,7 @@ statistics, every norm the CNN experiments use, AGC per network (float64)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.lab.experiments.cnn import ImageData, conv_net, evaluate, iid_batches, train_net
+from batchnorm.lab.experiments.cnn import (
+    ImageData,
+    conv_net,
+    evaluate,
+    iid_batches,
+    merge_phases,
+    train_net,
+)
 from batchnorm.lab.grouped import (
     ConvNetSpec,
     GroupedAGC,
@@ -53,11 +61,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def build(specs: list[ConvNetSpec]) -> tuple[GroupedConvNet, list[nn.Module]]:
+def build(specs: list[ConvNetSpec], head: str = "gap") -> tuple[GroupedConvNet, list[nn.Module]]:
     """The grouped network and K separate conv_net networks with the same (perturbed) weights."""
     singles = []
+    shape = (IMAGE, IMAGE)
     for k, spec in enumerate(specs):
-        net = conv_net(spec.norm, CHANNELS, CLASSES, spec.seed, **spec.norm_kwargs).double()
+        net = conv_net(
+            spec.norm,
+            CHANNELS,
+            CLASSES,
+            spec.seed,
+            head=head,
+            image_shape=shape,
+            **spec.norm_kwargs,
+        ).double()
         generator = torch.Generator().manual_seed(100 + k)
         with torch.no_grad():  # gamma != 1 and beta != 0, different per network
             for module in net.modules():
@@ -65,7 +82,7 @@ def build(specs: list[ConvNetSpec]) -> tuple[GroupedConvNet, list[nn.Module]]:
                     for p in module.parameters(recurse=False):
                         p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
         singles.append(net)
-    grouped = GroupedConvNet(specs, CHANNELS, CLASSES).double()
+    grouped = GroupedConvNet(specs, CHANNELS, CLASSES, head=head, image_shape=shape).double()
     for k, net in enumerate(singles):
         grouped.load_network(k, net)
     return grouped, singles
@@ -146,6 +163,46 @@ def test_training_steps_equal_separate_networks(case: str, shared_input: bool) -
     for k, net in enumerate(singles):
         net.eval()
         assert_close(grouped(x)[k], net(x), rtol=rtol, atol=atol, name=f"eval logits of {k}")
+
+
+def test_flatten_head_reads_the_whole_last_feature_map() -> None:
+    """conv_net's ``flatten`` head: one linear layer on C x H x W features (ceil-mode pooling:
+    11 -> 6 -> 3), the same convolutions as the ``gap`` head from the same seed."""
+    gap = conv_net("bn", CHANNELS, CLASSES, 0)
+    flat = conv_net("bn", CHANNELS, CLASSES, 0, head="flatten", image_shape=(IMAGE, IMAGE))
+    assert flat[-1].in_features == CHANNELS[-1] * 3 * 3 and gap[-1].in_features == CHANNELS[-1]
+    assert torch.equal(flat[0].weight, gap[0].weight)
+    x = torch.randn(BATCH, 1, IMAGE, IMAGE)
+    assert flat(x).shape == (BATCH, CLASSES)
+    grouped = GroupedConvNet(
+        [ConvNetSpec("bn", 0), ConvNetSpec("bn", 1)],
+        CHANNELS,
+        CLASSES,
+        head="flatten",
+        image_shape=(IMAGE, IMAGE),
+    )
+    assert grouped.blocks[0].classifier_weight.shape == (2 * CLASSES, CHANNELS[-1] * 9)
+    assert grouped(x).shape == (2, BATCH, CLASSES)
+    with pytest.raises(ValueError, match="needs the images"):
+        conv_net("bn", CHANNELS, CLASSES, 0, head="flatten")
+    with pytest.raises(ValueError, match="unknown head"):
+        conv_net("bn", CHANNELS, CLASSES, 0, head="max")
+
+
+@pytest.mark.parametrize("case", ["none", "bn", "gn", "ghost 4 (batch 10: 4, 4, 2)"])
+@pytest.mark.parametrize("shared_input", [True, False], ids=["shared batch", "batch per net"])
+def test_flatten_head_steps_equal_separate_networks(case: str, shared_input: bool) -> None:
+    """With the flatten head too, the grouped network trains as K separate ones (channels-last
+    activations included: the flattening follows conv_net's (C, H, W) order)."""
+    norm, kwargs = NORM_CASES[case]
+    specs = [ConvNetSpec(case, seed=s, norm=norm, norm_kwargs=kwargs) for s in (0, 1)]
+    specs.append(ConvNetSpec("bn", seed=2))  # a second run of the same head
+    grouped, singles = build(specs, head="flatten")
+    assert_networks_equal(grouped, singles, grads=False, what="initial")
+    grouped.to(memory_format=torch.channels_last)
+    train_both(grouped, singles, steps=3, shared_input=shared_input, agc=0.05)
+    copy_0 = grouped.network(0)
+    assert copy_0.state_dict().keys() == singles[0].state_dict().keys()
 
 
 def test_running_statistics_moved_and_match() -> None:
@@ -472,3 +529,85 @@ def test_an_interrupted_network_continues_where_it_stopped(tmp_path) -> None:
     with pytest.raises(ValueError, match="written for other networks"):
         train_net(conv_net("none", CHANNELS, CLASSES, 3).double(), data, iid_batches(60, 8, 7),
                   checkpoint=checkpoint, **options)  # fmt: skip
+
+
+def test_merge_phases_counts_steps_from_the_start_and_keeps_a_divergence() -> None:
+    first = {"steps": [5], "test_acc": [0.5], "test_loss": [1.0], "train_loss": [1.5],
+             "diverged_at": -1, "train_acc_final": 0.4}  # fmt: skip
+    second = {"steps": [3, 6], "test_acc": [0.6, 0.7], "test_loss": [0.9, 0.8],
+              "train_loss": [1.2, 1.1], "diverged_at": -1, "train_acc_final": 0.8}  # fmt: skip
+    merged = merge_phases([first, second], [5, 6], CLASSES)
+    assert merged["steps"] == [5, 8, 11] and merged["test_acc"] == [0.5, 0.6, 0.7]
+    assert merged["diverged_at"] == -1 and merged["train_acc_final"] == 0.8
+    assert merge_phases([first], [5], CLASSES) == first
+    # Diverged at step 2 of the first phase: the second phase is chance, its tail not counted.
+    broken = {**first, "diverged_at": 2, "test_acc": [1 / CLASSES], "train_acc_final": np.nan}
+    merged = merge_phases([broken, second], [5, 6], CLASSES)
+    assert merged["diverged_at"] == 2 and merged["test_acc"] == [1 / CLASSES] * 3
+    assert np.isnan(merged["train_loss"][1:]).all() and np.isnan(merged["train_acc_final"])
+    # Diverged in the last phase: counted from the start, that phase's own numbers kept.
+    merged = merge_phases([first, {**second, "diverged_at": 4}], [5, 6], CLASSES)
+    assert merged["diverged_at"] == 9 and merged["train_acc_final"] == 0.8
+
+
+@pytest.fixture
+def float64_default():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_train_jobs_drops_the_learning_rate_and_resumes_by_phase(
+    tmp_path, monkeypatch, float64_default
+) -> None:
+    """With decay_at, train_jobs trains each network as two train_net calls (the full rate,
+    then decay_factor times it, the same mini-batch stream), grouped or alone alike; a run
+    interrupted in the second phase continues from the saved first one with the same numbers."""
+    from batchnorm.lab import experiments, grouped
+    from batchnorm.lab.experiment import Context
+    from batchnorm.lab.experiments.cnn import NetJob, ScheduledConvConfig, train_jobs
+
+    data = tiny_images()
+    config = ScheduledConvConfig(channels=CHANNELS, evals=4, decay_at=0.5, decay_factor=0.1)
+    jobs = [
+        NetJob(f"{norm}-s{seed}", norm, seed, lambda seed=seed: iid_batches(60, 8, seed), "t",
+               {"num_groups": 2} if norm == "gn" else {})
+        for norm, seed in (("bn", 0), ("gn", 1), ("bn", 2))
+    ]  # fmt: skip
+
+    def run(name: str, **changes: Any) -> list[dict]:
+        (tmp_path / name).mkdir(exist_ok=True)
+        ctx = Context(tmp_path / name, experiments.get("small-batch"), None, quick=True)
+        return train_jobs(ctx, replace(config, **changes), data, jobs, steps=12, lr=0.05)
+
+    together, alone = run("together"), run("alone", grouped=False)
+    for k, job in enumerate(jobs):
+        net = conv_net(job.norm, CHANNELS, CLASSES, job.seed, head="flatten",
+                       image_shape=(IMAGE, IMAGE), **job.options)  # fmt: skip
+        stream = job.batches()
+        options = {"momentum": 0.9, "evals": 2, "desc": "t", "steps": 6}
+        parts = [train_net(net, data, stream, lr=rate, **options) for rate in (0.05, 0.005)]
+        expected = merge_phases(parts, [6, 6], CLASSES)
+        assert expected["steps"] == [3, 6, 9, 12]
+        assert_results_equal(alone[k], expected, f"alone {k}")
+        assert_results_equal(together[k], expected, f"together {k}")
+
+    calls = {"n": 0}
+    real = grouped.train_grouped
+
+    def stop_in_second_phase(*args: Any, **kwargs: Any) -> list[dict]:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grouped, "train_grouped", stop_in_second_phase)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    assert len(list((tmp_path / "resumed" / "jobs").glob("*-p0.done"))) == 1
+    resumed = run("resumed")
+    assert calls["n"] == 3  # the second phase only
+    for k in range(len(jobs)):
+        assert_results_equal(resumed[k], together[k], f"resumed {k}")
+    assert not list((tmp_path / "resumed" / "jobs").glob("*.done"))

@@ -174,9 +174,13 @@ class _SameNormNets(nn.Module):
         in_channels: int,
         channels: tuple[int, ...],
         classes: int,
+        head: str,
+        features: int,
     ) -> None:
         super().__init__()
         self.nets, self.channels, self.num_classes = nets, channels, classes
+        self.head = head
+        self.features = features  # inputs of each classifier: C (gap) or C * H * W (flatten)
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         c_in = in_channels
@@ -184,7 +188,7 @@ class _SameNormNets(nn.Module):
             self.convs.append(_GroupedConv2d(nets, c_in, c, bias=spec.norm == "none"))
             self.norms.append(_norm_layer(spec.norm, c, nets, spec.norm_kwargs))
             c_in = c
-        self.classifier_weight = nn.Parameter(torch.empty(nets * classes, c_in))
+        self.classifier_weight = nn.Parameter(torch.empty(nets * classes, features))
         self.classifier_bias = nn.Parameter(torch.empty(nets * classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,10 +197,13 @@ class _SameNormNets(nn.Module):
             # Pooling before the ReLU gives the same numbers (max and ReLU commute, and a
             # window whose max is <= 0 gets a zero gradient either way) on 4x fewer values.
             x = torch.relu(F.max_pool2d(z, 2, ceil_mode=True))
-        features = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, n * C)
-        n, c = self.nets, self.channels[-1]
-        per_net = features.view(-1, n, c).transpose(0, 1)  # (n, N, C)
-        weight = self.classifier_weight.view(n, self.num_classes, c).transpose(1, 2)  # (n, C, out)
+        n, c = self.nets, self.features
+        if self.head == "gap":  # the mean of each channel
+            x = F.adaptive_avg_pool2d(x, 1)
+        # (N, n * C', H', W') -> (N, n, C' * H' * W'): network k's feature map flattened in
+        # conv_net's (C, H, W) order (reshape: the activations may be channels-last).
+        per_net = x.reshape(x.shape[0], n, c).transpose(0, 1)  # (n, N, c)
+        weight = self.classifier_weight.view(n, self.num_classes, c).transpose(1, 2)  # (n, c, out)
         return torch.baddbmm(self.classifier_bias.view(n, 1, self.num_classes), per_net, weight)
 
 
@@ -214,6 +221,8 @@ class GroupedConvNet(nn.Module):
         channels: the widths of the conv layers, as for :func:`conv_net`.
         num_classes: outputs of each network.
         in_channels: channels of the images (1: grey).
+        head, image_shape: the classifier's input, as for :func:`conv_net` (``gap``: the
+            channel means; ``flatten``: the whole last feature map of (H, W) images).
 
     Attributes:
         runs: ``(start, stop, spec)`` per run of networks with the same norm.
@@ -234,12 +243,19 @@ class GroupedConvNet(nn.Module):
         num_classes: int,
         *,
         in_channels: int = 1,
+        head: str = "gap",
+        image_shape: Sequence[int] | None = None,
     ) -> None:
+        from batchnorm.lab.experiments.cnn import head_features
+
         super().__init__()
         if not specs:
             raise ValueError("GroupedConvNet needs at least one ConvNetSpec")
         if not channels or min(channels) < 1:
             raise ValueError(f"channels must list positive widths, got {tuple(channels)}")
+        self.head = head
+        self.image_shape = None if image_shape is None else tuple(int(v) for v in image_shape)
+        features = head_features(head, channels, self.image_shape)
         self.specs: tuple[ConvNetSpec, ...] = tuple(specs)
         self.channels = tuple(int(c) for c in channels)
         self.num_classes = int(num_classes)
@@ -252,7 +268,15 @@ class GroupedConvNet(nn.Module):
             else:
                 self.runs.append((k, k + 1, spec))
         self.blocks = nn.ModuleList(
-            _SameNormNets(spec, stop - start, self.in_channels, self.channels, self.num_classes)
+            _SameNormNets(
+                spec,
+                stop - start,
+                self.in_channels,
+                self.channels,
+                self.num_classes,
+                head,
+                features,
+            )
             for start, stop, spec in self.runs
         )
         self.reset_parameters()
@@ -266,7 +290,13 @@ class GroupedConvNet(nn.Module):
         with torch.random.fork_rng(devices=[]):
             for k, spec in enumerate(self.specs):
                 single = conv_net(
-                    spec.norm, self.channels, self.num_classes, spec.seed, **spec.norm_kwargs
+                    spec.norm,
+                    self.channels,
+                    self.num_classes,
+                    spec.seed,
+                    head=self.head,
+                    image_shape=self.image_shape,
+                    **spec.norm_kwargs,
                 )
                 self.load_network(k, single)
 
@@ -312,7 +342,7 @@ class GroupedConvNet(nn.Module):
                 if tensor is not None:
                     put(f"{j + 1}.{name}", tensor, c, param=name in params)
             j += 4  # conv, norm, ReLU, pool
-        j += 2  # global average pool, flatten
+        j += 2 if self.head == "gap" else 1  # [global average pool,] flatten
         put(f"{j}.weight", block.classifier_weight, self.num_classes, param=True)
         put(f"{j}.bias", block.classifier_bias, self.num_classes, param=True)
         return out
@@ -325,7 +355,13 @@ class GroupedConvNet(nn.Module):
         spec = self.specs[k]
         with torch.random.fork_rng(devices=[]):
             net = conv_net(
-                spec.norm, self.channels, self.num_classes, spec.seed, **spec.norm_kwargs
+                spec.norm,
+                self.channels,
+                self.num_classes,
+                spec.seed,
+                head=self.head,
+                image_shape=self.image_shape,
+                **spec.norm_kwargs,
             )
         reference = self.blocks[0].convs[0].weight
         net = net.to(dtype=reference.dtype, device=reference.device)

@@ -21,7 +21,8 @@ Two networks, each with its own protocol (docs/lab.md describes both):
   ``non-iid``, ``ghost``, ``precise-bn`` and ``agc``::
 
       [conv3x3(c_k) -> norm -> ReLU -> maxpool2] for each width c_k in ``channels``
-      -> global average pool -> linear(num_classes)
+      -> global average pool -> linear(num_classes)          (head "gap")
+      or -> flatten the last (C, H, W) map -> linear(num_classes)   (head "flatten")
 
   ``norm`` is a name of :func:`batchnorm.nn.create_norm` (``bn``, ``gn``, ``in``, ``renorm``,
   ``ghost``), ``ln`` (layer norm over (C, H, W) with a per-channel affine, built as ``gn`` with
@@ -46,6 +47,7 @@ and resumable jobs (:func:`cached_job`): a finished network is saved as ``jobs/<
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -61,7 +63,7 @@ from torch import nn
 from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
-from batchnorm.lab.io import remove_checked
+from batchnorm.lab.io import atomic_write_checked, read_checked, remove_checked
 from batchnorm.lab.loop import ModelTask, eval_steps, run_loop
 from batchnorm.lab.progress import log
 from batchnorm.lab.samplers import batch_order, few_class_batches, iid_batches
@@ -464,6 +466,7 @@ def probe_curve_rows(jobs: dict[str, list[dict[str, Any]]], seeds: Sequence[int]
 # The network with a pluggable norm (small-batch, non-iid, ghost, precise-bn, agc) ------------
 
 NORMS: tuple[str, ...] = ("bn", "gn", "ln", "in", "renorm", "ghost", "none")
+HEADS: tuple[str, ...] = ("gap", "flatten")
 CURVE_FIELDS = ("step", "variant", "seed", "test_acc", "test_loss", "train_loss")
 
 
@@ -514,22 +517,113 @@ class ConvConfig(DataConfig):
         return self.lr * batch_size / 32
 
 
+@dataclass(frozen=True)
+class FlatConvConfig(ConvConfig):
+    """:class:`ConvConfig` with the choice of :func:`conv_net`'s head, whose default here is
+    the flattened last feature map (a trained baseline within the time of a protocol)."""
+
+    head: str = param(
+        "flatten",
+        "the final linear layer's input: flatten (the whole last feature map) or gap (global "
+        "average pool, one value per channel)",
+        choices=HEADS,
+    )
+
+
+@dataclass(frozen=True)
+class ScheduledConvConfig(FlatConvConfig):
+    """:class:`FlatConvConfig` for experiments trained through :func:`train_jobs`, with its
+    step decay of the learning rate (:func:`lr_phases`)."""
+
+    decay_at: float = param(
+        0.75,
+        "fraction of the steps after which the learning rate drops by decay_factor (a step "
+        "decay; 1 = a constant rate)",
+    )
+    decay_factor: float = param(0.1, "the learning rate's factor after the drop (decay_at)")
+
+    def validate(self) -> None:
+        """Checks across fields; raises ValueError with what to change."""
+        super().validate()
+        if not (math.isfinite(self.decay_at) and 0 < self.decay_at <= 1):
+            raise ValueError(f"decay_at must lie in (0, 1], got {self.decay_at}")
+        if not (math.isfinite(self.decay_factor) and 0 < self.decay_factor <= 1):
+            raise ValueError(f"decay_factor must lie in (0, 1], got {self.decay_factor}")
+
+
+def head_of(config: ConvConfig) -> str:
+    """The head of ``config``'s networks: its ``head`` field, else ``gap`` (a plain
+    :class:`ConvConfig` builds :func:`conv_net`'s original network)."""
+    return str(getattr(config, "head", "gap"))
+
+
+def decay_of(config: ConvConfig) -> tuple[float, float]:
+    """``(decay_at, decay_factor)`` of ``config``: its fields, else a constant rate."""
+    return float(getattr(config, "decay_at", 1.0)), float(getattr(config, "decay_factor", 1.0))
+
+
+def feature_shape(channels: Sequence[int], image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(C, H, W) of :func:`conv_net`'s last feature map: each layer's 2x2 max pooling (ceil
+    mode) halves H and W, rounding up.
+
+    >>> feature_shape((8, 16), (28, 28))
+    (16, 7, 7)
+    """
+    h, w = (int(v) for v in image_shape)
+    for _ in channels:
+        h, w = -(-h // 2), -(-w // 2)
+    return int(channels[-1]), h, w
+
+
+def head_features(head: str, channels: Sequence[int], image_shape: Sequence[int] | None) -> int:
+    """Inputs of :func:`conv_net`'s final linear layer: the last width (``gap``) or the whole
+    last feature map (``flatten``, which needs the images' (H, W)).
+
+    Raises:
+        ValueError: an unknown ``head``, or ``flatten`` without ``image_shape``.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head == "gap":
+        return int(channels[-1])
+    if image_shape is None or len(image_shape) != 2:
+        raise ValueError(f"head 'flatten' needs the images' (H, W), got {image_shape!r}")
+    c, h, w = feature_shape(channels, image_shape)
+    return c * h * w
+
+
 def conv_net(
     norm: str,
     channels: Sequence[int],
     num_classes: int,
     seed: int,
+    *,
+    head: str = "gap",
+    image_shape: Sequence[int] | None = None,
     **norm_kwargs: Any,
 ) -> nn.Sequential:
     """The CNN of the module docstring, its weights drawn from ``torch.manual_seed(seed)``.
 
+    Args:
+        norm: one of :data:`NORMS`.
+        channels: the conv layers' widths.
+        num_classes: outputs of the final linear layer.
+        seed: seeds the weights.
+        head: what the final linear layer reads (:data:`HEADS`): ``gap``, the global average of
+            each channel of the last feature map (C inputs); ``flatten``, the whole last
+            feature map (C x H x W inputs: where a feature is, not only whether it is there,
+            at the cost of one larger linear layer and no more convolutions).
+        image_shape: (H, W) of the input images; needed by ``flatten``.
+        norm_kwargs: the norm's options beyond the width.
+
     Raises:
-        ValueError: an unknown ``norm`` (the message lists :data:`NORMS`).
+        ValueError: an unknown ``norm`` (the message lists :data:`NORMS`) or ``head``.
     """
     from batchnorm.nn import create_norm
 
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    features = head_features(head, channels, image_shape)
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     c_in = 1
@@ -543,7 +637,9 @@ def conv_net(
             layers.append(create_norm(norm, c, **norm_kwargs))
         layers += [nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
         c_in = c
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    if head == "gap":
+        layers.append(nn.AdaptiveAvgPool2d(1))
+    layers += [nn.Flatten(), nn.Linear(features, num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -727,6 +823,75 @@ class NetJob:
     clipped: bool = True
 
 
+def lr_phases(
+    steps: int, evals: int, decay_at: float, decay_factor: float
+) -> list[tuple[int, int, float]]:
+    """The training of :func:`train_jobs` as phases of ``(steps, evaluations, lr factor)``: all
+    ``steps`` at the full rate, or (``decay_at`` < 1) the first ``decay_at`` of them at the full
+    rate and the rest at ``decay_factor`` times it (a step decay, as the papers' schedules end).
+    The ``evals`` evaluations are split in proportion, the last phase getting at least one (its
+    end, the final evaluation).
+
+    >>> lr_phases(100, 4, 1.0, 0.1)
+    [(100, 4, 1.0)]
+    >>> lr_phases(100, 4, 0.75, 0.1)
+    [(75, 3, 1.0), (25, 1, 0.1)]
+    >>> lr_phases(100, 2, 0.8, 0.1)
+    [(80, 1, 1.0), (20, 1, 0.1)]
+    """
+    first = int(round(steps * decay_at))
+    if decay_at >= 1 or first < 1 or first >= steps:
+        return [(steps, evals, 1.0)]
+    first_evals = min(evals - 1, int(round(evals * decay_at)))
+    return [(first, first_evals, 1.0), (steps - first, evals - first_evals, decay_factor)]
+
+
+def merge_phases(
+    phases: Sequence[dict[str, Any]], lengths: Sequence[int], num_classes: int
+) -> dict[str, Any]:
+    """One :func:`train_net` result from the results of consecutive phases of ``lengths`` steps:
+    evaluation steps counted from the start, ``diverged_at`` the first divergence (later phases
+    of a diverged network are chance, as :func:`train_net` scores it), ``train_acc_final`` the
+    last phase's (NaN after a divergence in an earlier phase). One phase: its result as it is."""
+    if len(phases) == 1:
+        return dict(phases[0])
+    out: dict[str, Any] = {"steps": [], "test_acc": [], "test_loss": [], "train_loss": []}
+    out["diverged_at"] = -1
+    offset = 0
+    for result, length in zip(phases, lengths):
+        shifted = [int(step) + offset for step in result["steps"]]
+        if out["diverged_at"] > 0:  # diverged in an earlier phase: what it trains is dropped
+            out["steps"] += shifted
+            out["test_acc"] += [1.0 / num_classes] * len(shifted)
+            out["test_loss"] += [math.nan] * len(shifted)
+            out["train_loss"] += [math.nan] * len(shifted)
+        else:
+            out["steps"] += shifted
+            for key in ("test_acc", "test_loss", "train_loss"):
+                out[key] += list(result[key])
+            if result["diverged_at"] > 0:
+                out["diverged_at"] = int(result["diverged_at"]) + offset
+        offset += length
+    earlier = out["diverged_at"] > 0 and out["diverged_at"] <= offset - lengths[-1]
+    out["train_acc_final"] = math.nan if earlier else phases[-1]["train_acc_final"]
+    return out
+
+
+def _phase_done_write(path: Path, model: nn.Module, results: Any) -> None:
+    """A finished phase (weights and buffers, results) of a run with a learning-rate drop, so
+    that a resumed run continues with the next phase."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "results": results}, buffer)
+    atomic_write_checked(path, buffer.getvalue())
+
+
+def _phase_done_read(path: Path, model: nn.Module) -> Any:
+    # read_checked refuses an empty, truncated or corrupted file (CorruptFileError).
+    state = torch.load(io.BytesIO(read_checked(path)), weights_only=True)
+    model.load_state_dict(state["model"])
+    return state["results"]
+
+
 def train_jobs(
     ctx: Context,
     config: ConvConfig,
@@ -748,9 +913,18 @@ def train_jobs(
     with :func:`train_net`. ``finish(job, network, result)``, if given, runs on each trained network
     (a :func:`conv_net` module holding its weights) and returns its final result.
     ``clip_classifier_bias`` makes AGC clip the final layer's bias (see :func:`train_net`).
+
+    With ``config.decay_at`` < 1 (a :class:`ScheduledConvConfig`) the learning rate drops to
+    ``config.decay_factor`` times ``lr`` for the last steps (:func:`lr_phases`): each phase is
+    one call of the training loop on the same networks and the same mini-batch streams, with a
+    fresh SGD optimizer (the momentum buffer starts again at the drop), and the phases' results
+    are merged (:func:`merge_phases`). A finished phase is saved (``jobs/<name>-p<i>.done``), so
+    a resumed run continues from the phase it was in.
     """
     from batchnorm.lab.grouped import ConvNetSpec, GroupedConvNet, train_grouped
 
+    phases = lr_phases(steps, config.evals, *decay_of(config))
+    lengths = [length for length, _, _ in phases]
     results: dict[str, dict[str, Any]] = {}
     missing = []
     for job in jobs:
@@ -759,31 +933,71 @@ def train_jobs(
             results[job.key] = train_job(ctx, job.key, lambda: {})  # loads the saved result
         else:
             missing.append(job)
+
+    def run_phases(
+        name: str, model: nn.Module, streams: Sequence[Iterator[np.ndarray]], train: Callable
+    ) -> Any:
+        """Each phase's ``train(n_steps, n_evals, lr, checkpoint)`` on ``model``; a phase saved
+        by an interrupted run is loaded (its mini-batches drawn and dropped) instead."""
+        done: list[Any] = []
+        for p, (length, evals, factor) in enumerate(phases):
+            suffix = "" if len(phases) == 1 else f"-p{p}"
+            checkpoint = ctx.run_dir / "jobs" / f"{name}{suffix}.ckpt"
+            finished = ctx.run_dir / "jobs" / f"{name}{suffix}.done"
+            if len(phases) > 1 and finished.is_file():
+                log(f"[lab] {name}: phase {p + 1} of {len(phases)} loaded from {finished}")
+                done.append(_phase_done_read(finished, model))
+                for stream in streams:
+                    for _ in range(length):
+                        next(stream)
+                continue
+            if checkpoint.is_file():
+                log(f"[lab] {name}: resuming from {checkpoint}")
+            done.append(train(length, evals, lr * factor, checkpoint))
+            if len(phases) > 1 and p + 1 < len(phases):
+                _phase_done_write(finished, model, done[-1])
+            remove_checked(checkpoint)
+        for p in range(len(phases) if len(phases) > 1 else 0):
+            remove_checked(ctx.run_dir / "jobs" / f"{name}-p{p}.done")
+        return done
+
     if len(missing) > 1 and config.grouped:
         specs = [ConvNetSpec(j.key, j.seed, j.norm, j.options) for j in missing]
-        model = GroupedConvNet(specs, config.channels, data.num_classes)
+        model = GroupedConvNet(
+            specs,
+            config.channels,
+            data.num_classes,
+            head=head_of(config),
+            image_shape=data.image_shape,
+        )
         # The group's checkpoint is named by its networks: a resumed run finds the same ones
         # missing, and continues the group where it stopped.
         digest = hashlib.sha256("\n".join(j.key for j in missing).encode()).hexdigest()[:12]
-        checkpoint = ctx.run_dir / "jobs" / f"group-{digest}.ckpt"
-        checkpoint.parent.mkdir(exist_ok=True)
-        if checkpoint.is_file():
-            log(f"[lab] {len(missing)} networks together: resuming from {checkpoint}")
-        with ctx.timer("train"):
-            trained = train_grouped(
+        (ctx.run_dir / "jobs").mkdir(exist_ok=True)
+        streams = [j.batches() for j in missing]
+
+        def train_group(length: int, evals: int, rate: float, checkpoint: Path) -> list:
+            return train_grouped(
                 model,
                 data,
-                [j.batches() for j in missing],
-                steps=steps,
-                lr=lr,
+                streams,
+                steps=length,
+                lr=rate,
                 momentum=config.momentum,
-                evals=config.evals,
+                evals=evals,
                 desc=f"{len(missing)} networks together",
                 agc_clipping=agc_clipping,
                 clipped=[j.clipped for j in missing],
                 checkpoint=checkpoint,
                 clip_classifier_bias=clip_classifier_bias,
             )
+
+        with ctx.timer("train"):
+            per_phase = run_phases(f"group-{digest}", model, streams, train_group)
+            trained = [
+                merge_phases([phase[k] for phase in per_phase], lengths, data.num_classes)
+                for k in range(len(missing))
+            ]
             if finish is not None:
                 trained = [
                     finish(job, model.network(k), result)
@@ -791,27 +1005,39 @@ def train_jobs(
                 ]
         for job, result in zip(missing, trained):
             results[job.key] = train_job(ctx, job.key, lambda result=result: result)
-        remove_checked(checkpoint)
     else:
         for job in missing:
 
             def alone(job: NetJob = job) -> dict[str, Any]:
                 model = conv_net(
-                    job.norm, config.channels, data.num_classes, job.seed, **job.options
+                    job.norm,
+                    config.channels,
+                    data.num_classes,
+                    job.seed,
+                    head=head_of(config),
+                    image_shape=data.image_shape,
+                    **job.options,
                 )
-                result = train_net(
-                    model,
-                    data,
-                    job.batches(),
-                    steps=steps,
-                    lr=lr,
-                    momentum=config.momentum,
-                    evals=config.evals,
-                    desc=job.desc,
-                    agc_clipping=agc_clipping if job.clipped else None,
-                    checkpoint=ctx.checkpoint(job.key),
-                    clip_classifier_bias=clip_classifier_bias,
-                )
+                stream = job.batches()
+
+                def train_alone(length: int, evals: int, rate: float, checkpoint: Path) -> dict:
+                    return train_net(
+                        model,
+                        data,
+                        stream,
+                        steps=length,
+                        lr=rate,
+                        momentum=config.momentum,
+                        evals=evals,
+                        desc=job.desc,
+                        agc_clipping=agc_clipping if job.clipped else None,
+                        checkpoint=checkpoint,
+                        clip_classifier_bias=clip_classifier_bias,
+                    )
+
+                (ctx.run_dir / "jobs").mkdir(exist_ok=True)
+                per_phase = run_phases(job.key, model, [stream], train_alone)
+                result = merge_phases(per_phase, lengths, data.num_classes)
                 return result if finish is None else finish(job, model, result)
 
             results[job.key] = train_job(ctx, job.key, alone)
@@ -850,12 +1076,31 @@ def final_acc(results: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([r["test_acc"][-1] for r in results], dtype=np.float64)
 
 
+def schedule_text(config: ConvConfig) -> str:
+    """The learning-rate schedule of ``config`` (:func:`lr_phases`), as a report phrase."""
+    decay_at, decay_factor = decay_of(config)
+    if decay_at >= 1:
+        return "a constant learning rate"
+    return (
+        f"the learning rate drops to {decay_factor:g} times its value after "
+        f"{decay_at:.0%} of the steps (a step decay, as the papers' schedules end; a new "
+        "SGD optimizer from there, so the momentum buffer starts again)"
+    )
+
+
 def common_choices(config: ConvConfig) -> list[str]:
     """The protocol choices the :func:`conv_net` experiments share, as report lines."""
     return [
         f"network: {len(config.channels)} x [conv3x3 -> norm -> ReLU -> maxpool 2] with widths "
-        f"{config.channels}, global average pool, linear; torch's default initialization; "
-        "normalized convolutions have no bias",
+        f"{config.channels}, "
+        + (
+            "global average pool, linear"
+            if head_of(config) == "gap"
+            else "a linear layer on the flattened last feature map (where a feature is, not only "
+            "whether it is there: several points of accuracy on Fashion-MNIST for no more "
+            "convolutions)"
+        )
+        + "; torch's default initialization; normalized convolutions have no bias",
         f"data: {config.dataset}"
         + (
             f", a fixed random subset of {config.train_subset} training images"
@@ -865,8 +1110,13 @@ def common_choices(config: ConvConfig) -> list[str]:
         + (f", {config.test_subset} test images" if config.test_subset else ", the whole test set")
         + "; pixels / 255, no augmentation",
         f"optimizer: SGD, momentum {config.momentum}, learning rate {config.lr} at batch 32, "
-        "scaled linearly with the batch size (Goyal et al. 2017); no weight decay or schedule; "
-        "mean cross-entropy",
+        "scaled linearly with the batch size (Goyal et al. 2017); "
+        + (
+            "no weight decay or schedule"
+            if decay_of(config)[0] >= 1
+            else f"no weight decay; {schedule_text(config)}"
+        )
+        + "; mean cross-entropy",
         f"length: {config.epochs:g} epochs of the training subset for every batch size (so "
         "smaller batches take more steps); a seed fixes the initial weights (torch.manual_seed) "
         "and the batch order, the same for every variant (paired runs)",

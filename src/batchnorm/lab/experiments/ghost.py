@@ -47,13 +47,14 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
-    ConvConfig,
     NetJob,
+    ScheduledConvConfig,
     common_choices,
     final_acc,
     iid_batches,
     image_data,
     job_curve_rows,
+    schedule_text,
     train_jobs,
 )
 from batchnorm.lab.experiments.cnn_fit import train_accuracy, with_train_accuracy
@@ -77,16 +78,16 @@ ARMS = (SMALL, LARGE, GHOST, ADAPTED)
 
 
 @dataclass(frozen=True)
-class Config(ConvConfig):
+class Config(ScheduledConvConfig):
     """Small batch vs large batch (plain, ghost BN, ghost BN + regime adaptation). Defaults are
     the full protocol."""
 
     channels: tuple[int, ...] = param(
-        (16, 32, 64), "widths of the conv layers (wide enough to fit the training subset)"
+        (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
-    train_subset: int | None = param(1024, "training examples used (a subset the nets can fit)")
+    train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
     epochs: float = param(
-        30.0, "epochs of the small batch (and of the large batch's same-epoch arms)"
+        3.0, "epochs of the small batch (and of the large batch's same-epoch arms)"
     )
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
@@ -337,9 +338,11 @@ def measure(config: Config, ctx: Context) -> Measurement:
         figures=[("ghost.png", "Test accuracy against updates, per network (mean over seeds)")],
         choices=[
             *common_choices(config)[:2],
-            f"optimizer: SGD, momentum {config.momentum}, no weight decay or schedule; learning "
+            f"optimizer: SGD, momentum {config.momentum}, no weight decay; learning "
             f"rate {config.lr:g} at batch {small}, {config.large_lr():g} at batch {big} (the "
-            "paper's square-root scaling, Sec. 4.1); no warm-up or gradient clipping",
+            "paper's square-root scaling, Sec. 4.1); no warm-up or gradient clipping; in every "
+            f"arm {schedule_text(config)}, at the same fraction of its own steps (the paper's "
+            "regime adaptation stretches the whole schedule, its decay steps included, Sec. 5)",
             f"length: {config.epochs:g} epochs of the subset for the small batch ({small_steps} "
             f"steps) and the large batch's same-epoch arms ({epoch_steps} steps); regime "
             f"adaptation (Sec. 5): the large batch for {small_steps} steps, as many as the small "

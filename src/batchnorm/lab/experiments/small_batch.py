@@ -47,13 +47,14 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
-    ConvConfig,
     NetJob,
+    ScheduledConvConfig,
     common_choices,
     final_acc,
     iid_batches,
     image_data,
     job_curve_rows,
+    schedule_text,
     train_jobs,
 )
 from batchnorm.lab.experiments.cnn_fit import train_accuracy, with_train_accuracy
@@ -75,15 +76,15 @@ PAPER = {  # Wu & He 2018, Figure 1 / Table 2: ResNet-50 ImageNet val error (%),
 
 
 @dataclass(frozen=True)
-class Config(ConvConfig):
+class Config(ScheduledConvConfig):
     """BN with statistics over groups of 32 ... 2 examples of a batch of 32, and GN. Defaults
     are the full protocol."""
 
     channels: tuple[int, ...] = param(
-        (16, 32, 64), "widths of the conv layers (wide enough to fit the training subset)"
+        (8, 16, 32), "widths of the conv layers (wide enough to fit the training subset)"
     )
-    train_subset: int | None = param(1000, "training examples used (a subset the nets can fit)")
-    epochs: float = param(40.0, "passes over the training subset (the same for every network)")
+    train_subset: int | None = param(20_000, "training examples used (a subset the nets fit)")
+    epochs: float = param(4.0, "passes over the training subset (the same for every network)")
     lr: float = param(0.05, "SGD learning rate, the same for every network")
     evals: int = param(2, "evaluations on the test set, evenly spaced over training")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
@@ -322,11 +323,12 @@ def measure(config: Config, ctx: Context) -> Measurement:
         figures=[("small_batch.png", "Test error against the examples BN's statistics cover")],
         choices=[
             *common_choices(config)[:2],
-            f"optimizer: SGD, momentum {config.momentum}, no weight decay or schedule; every "
+            f"optimizer: SGD, momentum {config.momentum}, no weight decay; every "
             f"network: batch {config.batch_size}, {steps} steps ({config.epochs:g} epochs), "
-            f"learning rate {lr:g} (not scaled: the batch does not change); only the group "
-            "BN's statistics cover changes, as the paper's per-worker statistics do (Sec. 4.1: "
-            "8 workers, BN over each worker's images)",
+            f"learning rate {lr:g} (not scaled: the batch does not change), "
+            f"{schedule_text(config)} (the paper divides it by 10 at epochs 30, 60 and 90, "
+            "Sec. 4.1); only the group BN's statistics cover changes, as the paper's per-worker "
+            "statistics do (Sec. 4.1: 8 workers, BN over each worker's images)",
             common_choices(config)[4],
             "BN over a group of g < batch: batchnorm.nn.GhostBatchNorm(virtual_batch_size=g), "
             "its moving averages (momentum 0.1) pool the groups' statistics; test time uses them",
