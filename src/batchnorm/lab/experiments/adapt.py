@@ -54,6 +54,7 @@ from batchnorm.lab.experiment import (
 )
 from batchnorm.lab.experiments.cnn import (
     CURVE_FIELDS,
+    HEADS,
     ConvConfig,
     common_choices,
     conv_net,
@@ -95,6 +96,12 @@ class Config(ConvConfig):
 
     dataset: str = param("mnist", "data set", choices=DATASETS)
     channels: tuple[int, ...] = param((16, 32), "widths of the conv layers (each: conv3x3, BN)")
+    head: str = param(
+        "flatten",
+        "the final linear layer's input: flatten (the whole last feature map) or gap (global "
+        "average pool, one value per channel)",
+        choices=HEADS,
+    )
     epochs: float = param(3.0, "passes over the training subset")
     source_batches: int = param(
         100, "clean training mini-batches for the source network's population statistics"
@@ -347,7 +354,14 @@ def measure(config: Config, ctx: Context) -> Measurement:
     for seed in config.seed_list():
 
         def job(seed: int = seed) -> dict:
-            model = conv_net("bn", config.channels, data.num_classes, seed)
+            model = conv_net(
+                "bn",
+                config.channels,
+                data.num_classes,
+                seed,
+                head=config.head,
+                image_shape=data.image_shape,
+            )
             result = train_net(
                 model,
                 data,

@@ -79,6 +79,9 @@ __all__ = [
     "INITS",
     "CNNConfig",
     "VGGStyle",
+    "curve_data",
+    "curve_choice",
+    "network_choice",
     "drift_numbers",
     "train_with_probes",
     "probe_curve_rows",
@@ -203,9 +206,9 @@ class CNNConfig(DataConfig):
     eps: float = param(1e-5, "batch norm epsilon")
     seeds: int = param(2, "number of seeds (each: initial weights, data order, noise)")
     train_subset: int | None = param(
-        20000, "use only this many training examples (none = all 60,000)"
+        None, "use only this many training examples (none = all 60,000)"
     )
-    test_subset: int | None = param(5000, "use only this many test examples (none = all)")
+    test_subset: int | None = param(None, "use only this many test examples (none = all)")
     init: str = param(
         "kaiming",
         "conv weight initialization: kaiming (He et al. 2015, normal, fan-in, ReLU gain; zero "
@@ -214,10 +217,32 @@ class CNNConfig(DataConfig):
         choices=INITS,
     )
     eval_examples: int = param(5000, "training examples on which the training accuracy is taken")
+    pool_last: bool = param(
+        False,
+        "2x2 max pool after the last conv layer too; false: the classifier reads the last conv "
+        "layer's whole feature map (7 x 7 on 28 x 28 images), more capacity at no conv cost",
+    )
+    hidden: int = param(0, "width of a hidden ReLU layer before the classifier (0: none)")
+    channels_last: bool = param(
+        True,
+        "compute the convolutions in channels-last (NHWC) memory order, faster on the CPU; "
+        "the same network",
+    )
+    curve_test_examples: int | None = param(
+        2000,
+        "test images for the accuracy curve during training, the first ones of the test set "
+        "(none: all); the final test accuracy always uses the whole test (sub)set",
+    )
 
     def validate(self) -> None:
         """Checks across fields; raises ValueError with what to change."""
         _check_network_fields(self, ("steps", "seeds", "eval_examples"))
+        if self.hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (0: no hidden layer), got {self.hidden}")
+        if self.curve_test_examples is not None and self.curve_test_examples < 1:
+            raise ValueError(
+                f"curve_test_examples must be at least 1 (or none), got {self.curve_test_examples}"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not (math.isfinite(self.eps) and self.eps > 0):
@@ -264,6 +289,9 @@ class VGGStyle(nn.Module):
         seed: int,
         eps: float = 1e-5,
         init: str = "default",
+        pool_last: bool = True,
+        hidden: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         from batchnorm.lab.theory.noisy_bn import noisy_batch_norm
@@ -277,18 +305,27 @@ class VGGStyle(nn.Module):
         self.variant = variant
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (0: no hidden layer), got {hidden}")
+        self.pool_last = pool_last
         h, w = image_shape
         previous = 1
-        for width in channels:
+        for k, width in enumerate(channels):
             self.convs.append(nn.Conv2d(previous, width, 3, padding=1))
             previous = width
-            h, w = h // 2, w // 2
+            if pool_last or k < len(channels) - 1:
+                h, w = h // 2, w // 2
             if h < 1 or w < 1:
                 raise ValueError(
                     f"{len(channels)} conv layers with 2x2 pooling are too many for "
                     f"{image_shape} images; give fewer channels"
                 )
-        self.classifier = nn.Linear(previous * h * w, num_classes)
+        if hidden:
+            self.classifier: nn.Module = nn.Sequential(
+                nn.Linear(previous * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            )
+        else:
+            self.classifier = nn.Linear(previous * h * w, num_classes)
         if init == "kaiming":
             # Drawn after the default ones, from the same seed: every variant gets the same.
             for conv in self.convs:
@@ -304,6 +341,9 @@ class VGGStyle(nn.Module):
                 self.norms.append(noisy_batch_norm(width, conv=True, generator=noise_gen, eps=eps))
         self.keep_pre_activations = False
         self.pre_activations: list[torch.Tensor] = []
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def for_config(cls, config: CNNConfig, data: ImageData, variant: str, seed: int) -> VGGStyle:
@@ -316,15 +356,23 @@ class VGGStyle(nn.Module):
             seed,
             config.eps,
             init=config.init,
+            pool_last=config.pool_last,
+            hidden=config.hidden,
+            channels_last=config.channels_last,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.pre_activations = []
-        for conv, norm in zip(self.convs, self.norms):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        last = len(self.convs) - 1
+        for k, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             z = norm(conv(x))
             if self.keep_pre_activations:
                 self.pre_activations.append(z.detach())
-            x = F.max_pool2d(torch.relu(z), 2)
+            x = torch.relu(z)
+            if self.pool_last or k < last:
+                x = F.max_pool2d(x, 2)
         return self.classifier(x.flatten(1))
 
     def layer_groups(self) -> list[list[torch.Tensor]]:
@@ -335,6 +383,41 @@ class VGGStyle(nn.Module):
         ]
         groups.append(list(self.classifier.parameters()))
         return groups
+
+
+def network_choice(config: CNNConfig, norm: str = "[BN]") -> str:
+    """The report line that describes :class:`VGGStyle` as ``config`` builds it."""
+    pools = "2x2 max pool" if config.pool_last else "2x2 max pool (not after the last)"
+    head = f"a hidden ReLU layer of {config.hidden}, " if config.hidden else ""
+    return (
+        f"network: VGG-style CNN, conv 3x3 widths {config.channels}, each {norm}, ReLU, {pools};"
+        f" the last feature map flattened, {head}linear classifier; channels-last memory order "
+        f"{'on' if config.channels_last else 'off'} (the same network, faster on the CPU)"
+    )
+
+
+def curve_choice(config: CNNConfig) -> str:
+    """The report line that says on which test images the accuracies are measured."""
+    curve = (
+        "the whole test set"
+        if config.curve_test_examples is None
+        else f"the first {config.curve_test_examples} test images"
+    )
+    return (
+        f"test accuracy during training on {curve} (cheap to repeat at every probe); the final "
+        "test accuracy on the whole test (sub)set"
+    )
+
+
+def curve_data(data: ImageData, config: CNNConfig) -> ImageData:
+    """``data`` with only the first ``config.curve_test_examples`` test images: what the test
+    accuracy curve during training is measured on (an evaluation of the whole test set at every
+    probe would cost as much as hundreds of training steps); the final accuracy is measured on
+    the whole ``data``."""
+    n = config.curve_test_examples
+    if n is None or n >= len(data.test_y):
+        return data
+    return replace(data, test_x=data.test_x[:n], test_y=data.test_y[:n])
 
 
 def drift_numbers(percentiles: np.ndarray) -> tuple[float, float]:
@@ -430,6 +513,7 @@ def probe_curve_rows(jobs: dict[str, list[dict[str, Any]]], seeds: Sequence[int]
 # The network with a pluggable norm (small-batch, non-iid, ghost, precise-bn, agc) ------------
 
 NORMS: tuple[str, ...] = ("bn", "gn", "ln", "in", "renorm", "ghost", "none")
+HEADS: tuple[str, ...] = ("gap", "flatten")
 CURVE_FIELDS = ("step", "variant", "seed", "test_acc", "test_loss", "train_loss")
 
 
@@ -480,22 +564,68 @@ class ConvConfig(DataConfig):
         return self.lr * batch_size / 32
 
 
+def feature_shape(channels: Sequence[int], image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(C, H, W) of :func:`conv_net`'s last feature map: each layer's 2x2 max pooling (ceil
+    mode) halves H and W, rounding up.
+
+    >>> feature_shape((8, 16), (28, 28))
+    (16, 7, 7)
+    """
+    h, w = (int(v) for v in image_shape)
+    for _ in channels:
+        h, w = -(-h // 2), -(-w // 2)
+    return int(channels[-1]), h, w
+
+
+def head_features(head: str, channels: Sequence[int], image_shape: Sequence[int] | None) -> int:
+    """Inputs of :func:`conv_net`'s final linear layer: the last width (``gap``) or the whole
+    last feature map (``flatten``, which needs the images' (H, W)).
+
+    Raises:
+        ValueError: an unknown ``head``, or ``flatten`` without ``image_shape``.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head == "gap":
+        return int(channels[-1])
+    if image_shape is None or len(image_shape) != 2:
+        raise ValueError(f"head 'flatten' needs the images' (H, W), got {image_shape!r}")
+    c, h, w = feature_shape(channels, image_shape)
+    return c * h * w
+
+
 def conv_net(
     norm: str,
     channels: Sequence[int],
     num_classes: int,
     seed: int,
+    *,
+    head: str = "gap",
+    image_shape: Sequence[int] | None = None,
     **norm_kwargs: Any,
 ) -> nn.Sequential:
     """The CNN of the module docstring, its weights drawn from ``torch.manual_seed(seed)``.
 
+    Args:
+        norm: one of :data:`NORMS`.
+        channels: the conv layers' widths.
+        num_classes: outputs of the final linear layer.
+        seed: seeds the weights.
+        head: what the final linear layer reads (:data:`HEADS`): ``gap``, the global average of
+            each channel of the last feature map (C inputs); ``flatten``, the whole last
+            feature map (C x H x W inputs: where a feature is, not only whether it is there,
+            at the cost of one larger linear layer and no more convolutions).
+        image_shape: (H, W) of the input images; needed by ``flatten``.
+        norm_kwargs: the norm's options beyond the width.
+
     Raises:
-        ValueError: an unknown ``norm`` (the message lists :data:`NORMS`).
+        ValueError: an unknown ``norm`` (the message lists :data:`NORMS`) or ``head``.
     """
     from batchnorm.nn import create_norm
 
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    features = head_features(head, channels, image_shape)
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     c_in = 1
@@ -509,7 +639,9 @@ def conv_net(
             layers.append(create_norm(norm, c, **norm_kwargs))
         layers += [nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
         c_in = c
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    if head == "gap":
+        layers.append(nn.AdaptiveAvgPool2d(1))
+    layers += [nn.Flatten(), nn.Linear(features, num_classes)]
     return nn.Sequential(*layers)
 
 

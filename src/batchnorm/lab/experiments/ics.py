@@ -63,6 +63,7 @@ from batchnorm.lab.experiments.cnn import (
     CNNConfig,
     VGGStyle,
     cached_job,
+    curve_data,
     evaluate,
     image_data,
     probe_curve_rows,
@@ -153,10 +154,17 @@ def _cnn_job(config: Config, data, variant: str, seed: int, key: str) -> dict:
         return _shift_rows(internal_covariate_shift(groups, loss_fn, config.lr, module=model))
 
     result = train_with_probes(
-        model, data, config, seed=seed, probe_every=config.probe_every, probe=probe, desc=key
+        model,
+        curve_data(data, config),
+        config,
+        seed=seed,
+        probe_every=config.probe_every,
+        probe=probe,
+        desc=key,
     )
     n = min(config.eval_examples, len(data.train_y))
     result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
+    result["final_test_acc"] = evaluate(model, data.test_x, data.test_y)[0]  # the whole test set
     return result
 
 
