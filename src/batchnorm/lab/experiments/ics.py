@@ -63,9 +63,11 @@ from batchnorm.lab.experiments.cnn import (
     CNNConfig,
     VGGStyle,
     cached_job,
+    curve_choice,
     curve_data,
     evaluate,
     image_data,
+    network_choice,
     probe_curve_rows,
     train_with_probes,
 )
@@ -574,10 +576,11 @@ def measure(config: Config, ctx: Context) -> Measurement:
             ("ics.png", "||G - G'|| / ||G|| and cos(G, G') over training, per layer (first seed)"),
         ],
         choices=[
-            f"CNN: conv 3x3 widths {config.channels}, each [BN], ReLU, 2x2 max pool, linear "
-            f"classifier; conv init {config.init} (kaiming: He et al. 2015); SGD lr {config.lr}, "
+            "CNN " + network_choice(config),
+            f"CNN: conv init {config.init} (kaiming: He et al. 2015); SGD lr {config.lr}, "
             f"batch {config.batch_size}, {config.steps} steps, {config.seeds} seeds, "
             f"{data.description}",
+            "CNN " + curve_choice(config),
             "measures: per layer, ||G - G'|| / ||G|| and cos(G, G') (scale-free: the two "
             "networks' gradient norms differ by orders of magnitude), median over the probed "
             "steps per seed, compared layer by layer and paired by seed",

@@ -81,6 +81,7 @@ from batchnorm.lab.experiments.cnn import (
     drift_numbers,
     evaluate,
     image_data,
+    network_choice,
 )
 from batchnorm.lab.progress import bar
 from batchnorm.lab.rules import (
@@ -566,9 +567,9 @@ def measure(config: Config, ctx: Context) -> Measurement:
             ),
         ],
         choices=[
-            f"network: VGG-style CNN, conv 3x3 widths {config.channels}, each [BN [+ noise]], "
-            f"ReLU, 2x2 max pool; linear classifier; conv init {config.init} (He et al. 2015 "
-            "for kaiming), the same weights for every variant of a seed",
+            network_choice(config, "[BN [+ noise]]"),
+            f"conv init {config.init} (He et al. 2015 for kaiming), the same weights for every "
+            "variant of a seed",
             f"data: {data.description}; batch {config.batch_size} (the paper: 128), reshuffled "
             "every epoch",
             f"optimizer: plain SGD, fixed lr {', '.join(f'{lr:g}' for lr in lrs)} (Figure 2), "
@@ -579,7 +580,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             "scoring: after training, every BN layer's population statistics are recomputed "
             f"over {config.popstat_batches} training batches with the noise off (Algorithm 2, "
             "batchnorm.inference.recalibrate); training accuracy on the first "
-            f"{config.eval_examples} training images, test accuracy on the test subset",
+            f"{config.eval_examples} training images, test accuracy on the whole test (sub)set",
             "instability: every "
             f"{config.stability_every} steps, the 5th..95th percentiles of every channel of "
             f"conv layer {config.tracked_layer} (input to its ReLU, after BN and noise) on the "
