@@ -104,10 +104,10 @@ _LOW, _HIGH = GRID.index(0.15), GRID.index(0.85)
 class Config(CNNConfig):
     """Standard vs BN vs noisy BN. Defaults are the full protocol (~12 min, 1 thread)."""
 
-    steps: int = param(800, "SGD steps per network")
+    steps: int = param(1000, "SGD steps per network")
     seeds: int = param(3, "number of seeds (each: initial weights, data order, noise)")
     lrs: tuple[float, ...] = param((0.1, 0.5), "learning rates (the paper: 0.1 and 0.5)")
-    eval_every: int = param(200, "evaluate (moving-average accuracy, percentiles) every this many")
+    eval_every: int = param(250, "evaluate (moving-average accuracy, percentiles) every this many")
     stability_every: int = param(
         10, "measure the step-to-step change of the layer inputs at steps t, t+1 every this many"
     )
