@@ -111,6 +111,9 @@ class Config(ConvConfig):
         "1,568 inputs make 0.05 diverge",
     )
     train_subset: int | None = param(20_000, "training examples used (none = all)")
+    seeds: int = param(
+        3, "number of seeds (each: initial weights, data order, corruption noise; the margins)"
+    )
     source_batches: int = param(
         100, "clean training mini-batches for the source network's population statistics"
     )
@@ -148,7 +151,7 @@ class Config(ConvConfig):
 
     def quick(self) -> Config:
         """A smoke test: 2,000 training and 1,000 test images, 1 epoch, 2 seeds."""
-        return replace(super().quick(), epochs=1.0, test_subset=1000, source_batches=20)
+        return replace(super().quick(), epochs=1.0, test_subset=1000, source_batches=20, seeds=2)
 
 
 def _network_choices(config: Config) -> list[str]:
