@@ -101,9 +101,9 @@ NETS = (STANDARD, BN)
 class Config(CNNConfig):
     """Covariate shift per layer with and without BN. Defaults are the full protocol."""
 
-    steps: int = param(2000, "SGD steps per CNN")
+    steps: int = param(2500, "SGD steps per CNN")
     seeds: int = param(3, "CNN seeds (each: initial weights, data order)")
-    probe_every: int = param(200, "measure the CNN's covariate shift every this many steps")
+    probe_every: int = param(250, "measure the CNN's covariate shift every this many steps")
     dln_depth: int = param(25, "layers of the deep linear network (the paper: 25)")
     dln_dim: int = param(10, "width of its square layers (the paper: 10)")
     dln_samples: int = param(1000, "Gaussian samples (the paper: 1000)")

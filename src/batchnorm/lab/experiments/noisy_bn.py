@@ -107,7 +107,7 @@ class Config(CNNConfig):
     steps: int = param(1000, "SGD steps per network")
     seeds: int = param(3, "number of seeds (each: initial weights, data order, noise)")
     lrs: tuple[float, ...] = param((0.1, 0.5), "learning rates (the paper: 0.1 and 0.5)")
-    eval_every: int = param(250, "evaluate (moving-average accuracy, percentiles) every this many")
+    eval_every: int = param(500, "evaluate (moving-average accuracy, percentiles) every this many")
     stability_every: int = param(
         10, "measure the step-to-step change of the layer inputs at steps t, t+1 every this many"
     )
