@@ -396,13 +396,10 @@ def network_choice(config: CNNConfig, norm: str = "[BN]") -> str:
     )
 
 
-def curve_choice(config: CNNConfig) -> str:
+def curve_choice(config: CNNConfig, data: ImageData) -> str:
     """The report line that says on which test images the accuracies are measured."""
-    curve = (
-        "the whole test set"
-        if config.curve_test_examples is None
-        else f"the first {config.curve_test_examples} test images"
-    )
+    n = len(curve_data(data, config).test_y)
+    curve = "the whole test set" if n == len(data.test_y) else f"the first {n} test images"
     return (
         f"test accuracy during training on {curve} (cheap to repeat at every probe); the final "
         "test accuracy on the whole test (sub)set"

@@ -580,7 +580,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             f"CNN: conv init {config.init} (kaiming: He et al. 2015); SGD lr {config.lr}, "
             f"batch {config.batch_size}, {config.steps} steps, {config.seeds} seeds, "
             f"{data.description}",
-            "CNN " + curve_choice(config),
+            "CNN " + curve_choice(config, data),
             "measures: per layer, ||G - G'|| / ||G|| and cos(G, G') (scale-free: the two "
             "networks' gradient norms differ by orders of magnitude), median over the probed "
             "steps per seed, compared layer by layer and paired by seed",

@@ -378,9 +378,8 @@ def measure(config: Config, ctx: Context) -> Measurement:
         choices=[
             network_choice(config),
             f"SGD lr {config.lr} (the paper's), batch {config.batch_size} (the paper's), "
-            f"{config.steps} steps (at this fixed lr, what the BN network needs to reach 0.88 "
-            f"test accuracy), {data.description}",
-            curve_choice(config),
+            f"{config.steps} steps, {data.description}",
+            curve_choice(config, data),
             f"initialization: conv weights {config.init} (kaiming: He et al. 2015, N(0, 2 / "
             "fan_in), zero bias; classifier PyTorch's default), the same for both networks of a "
             "seed; under PyTorch's default conv init the standard network starts with vanishing "
