@@ -197,6 +197,44 @@ def test_building_blocks() -> None:
         VGGStyle((8, 8), (4, 8, 8, 8), 10, "BN", seed=0)
 
 
+def test_head_options_keep_the_weights_and_change_only_the_classifier() -> None:
+    """Without the last pool the classifier reads the whole last map (8 x 14 x 14 on 28 x 28
+    images after one pool, not 8 x 7 x 7); channels-last computes the same function; a hidden
+    layer adds one ReLU layer."""
+    x = torch.rand(5, 1, 28, 28)
+    pooled = VGGStyle((28, 28), (4, 8), 10, "BN", seed=2, init="kaiming")
+    flat = VGGStyle((28, 28), (4, 8), 10, "BN", seed=2, init="kaiming", pool_last=False)
+    assert pooled.classifier.in_features == 8 * 7 * 7 and flat.classifier.in_features == 8 * 14 * 14
+    standard = VGGStyle((28, 28), (4, 8), 10, "standard", seed=2, init="kaiming", pool_last=False)
+    assert torch.equal(standard.convs[1].weight, flat.convs[1].weight)  # paired variants
+    assert torch.equal(standard.classifier.weight, flat.classifier.weight)
+    assert flat(x).shape == (5, 10)
+    fast = VGGStyle(
+        (28, 28), (4, 8), 10, "BN", seed=2, init="kaiming", pool_last=False, channels_last=True
+    )
+    assert fast.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fast(x), flat(x), atol=1e-5)
+    hidden = VGGStyle((28, 28), (4, 8), 10, "standard", seed=2, pool_last=False, hidden=16)
+    assert [m.out_features for m in hidden.classifier if isinstance(m, torch.nn.Linear)] == [16, 10]
+    assert hidden(x).shape == (5, 10) and len(hidden.layer_groups()[-1]) == 4
+    with pytest.raises(ValueError, match="hidden must be >= 0"):
+        VGGStyle((28, 28), (4,), 10, "BN", seed=0, hidden=-1)
+
+
+def test_curve_data_keeps_the_first_test_images() -> None:
+    from dataclasses import replace
+
+    from batchnorm.lab.experiments.cnn import CNNConfig, ImageData, curve_data
+
+    data = ImageData(
+        "toy", torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64),
+        torch.rand(10, 1, 8, 8), torch.arange(10), (8, 8), 10, "toy",
+    )  # fmt: skip
+    curve = curve_data(data, replace(CNNConfig(), curve_test_examples=3))
+    assert torch.equal(curve.test_y, torch.arange(3)) and curve.train_x is data.train_x
+    assert curve_data(data, replace(CNNConfig(), curve_test_examples=None)) is data
+
+
 @pytest.mark.parametrize(
     ("name", "override", "message"),
     [

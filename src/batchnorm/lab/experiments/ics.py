@@ -64,8 +64,11 @@ from batchnorm.lab.experiments.cnn import (
     CNNConfig,
     VGGStyle,
     cached_job,
+    curve_choice,
+    curve_data,
     evaluate,
     image_data,
+    network_choice,
     probe_curve_rows,
     train_with_probes,
 )
@@ -99,9 +102,9 @@ NETS = (STANDARD, BN)
 class Config(CNNConfig):
     """Covariate shift per layer with and without BN. Defaults are the full protocol."""
 
-    steps: int = param(1000, "SGD steps per CNN")
+    steps: int = param(2500, "SGD steps per CNN")
     seeds: int = param(3, "CNN seeds (each: initial weights, data order)")
-    probe_every: int = param(100, "measure the CNN's covariate shift every this many steps")
+    probe_every: int = param(250, "measure the CNN's covariate shift every this many steps")
     dln_depth: int = param(25, "layers of the deep linear network (the paper: 25)")
     dln_dim: int = param(10, "width of its square layers (the paper: 10)")
     dln_samples: int = param(1000, "Gaussian samples (the paper: 1000)")
@@ -157,7 +160,7 @@ def _cnn_job(
 
     result = train_with_probes(
         model,
-        data,
+        curve_data(data, config),
         config,
         seed=seed,
         probe_every=config.probe_every,
@@ -167,6 +170,7 @@ def _cnn_job(
     )
     n = min(config.eval_examples, len(data.train_y))
     result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
+    result["final_test_acc"] = evaluate(model, data.test_x, data.test_y)[0]  # the whole test set
     return result
 
 
@@ -583,10 +587,11 @@ def measure(config: Config, ctx: Context) -> Measurement:
             ("ics.png", "||G - G'|| / ||G|| and cos(G, G') over training, per layer (first seed)"),
         ],
         choices=[
-            f"CNN: conv 3x3 widths {config.channels}, each [BN], ReLU, 2x2 max pool, linear "
-            f"classifier; conv init {config.init} (kaiming: He et al. 2015); SGD lr {config.lr}, "
+            "CNN " + network_choice(config),
+            f"CNN: conv init {config.init} (kaiming: He et al. 2015); SGD lr {config.lr}, "
             f"batch {config.batch_size}, {config.steps} steps, {config.seeds} seeds, "
             f"{data.description}",
+            "CNN " + curve_choice(config, data),
             "measures: per layer, ||G - G'|| / ||G|| and cos(G, G') (scale-free: the two "
             "networks' gradient norms differ by orders of magnitude), median over the probed "
             "steps per seed, compared layer by layer and paired by seed",

@@ -62,8 +62,11 @@ from batchnorm.lab.experiments.cnn import (
     CNNConfig,
     VGGStyle,
     cached_job,
+    curve_choice,
+    curve_data,
     evaluate,
     image_data,
+    network_choice,
     probe_curve_rows,
     train_with_probes,
 )
@@ -95,7 +98,7 @@ PAPER = {
 class Config(CNNConfig):
     """Landscape probes with and without BN. Defaults are the full protocol."""
 
-    steps: int = param(1000, "SGD steps per network")
+    steps: int = param(3000, "SGD steps per network")
     seeds: int = param(3, "number of seeds (each: initial weights and data order)")
     probe_every: int = param(50, "probe the landscape every this many steps")
     early_steps: int = param(
@@ -160,7 +163,7 @@ def _job(
 
     result = train_with_probes(
         model,
-        data,
+        curve_data(data, config),
         config,
         seed=seed,
         probe_every=config.probe_every,
@@ -170,6 +173,7 @@ def _job(
     )
     n = min(config.eval_examples, len(data.train_y))
     result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
+    result["final_test_acc"] = evaluate(model, data.test_x, data.test_y)[0]  # the whole test set
     return result
 
 
@@ -384,9 +388,10 @@ def measure(config: Config, ctx: Context) -> Measurement:
             )
         ],
         choices=[
-            f"network: conv 3x3 widths {config.channels}, each [BN], ReLU, 2x2 max pool, linear "
-            f"classifier; SGD lr {config.lr}, batch {config.batch_size}, {config.steps} steps, "
-            f"{data.description}",
+            network_choice(config),
+            f"SGD lr {config.lr} (the paper's), batch {config.batch_size} (the paper's), "
+            f"{config.steps} steps, {data.description}",
+            curve_choice(config, data),
             f"initialization: conv weights {config.init} (kaiming: He et al. 2015, N(0, 2 / "
             "fan_in), zero bias; classifier PyTorch's default), the same for both networks of a "
             "seed; under PyTorch's default conv init the standard network starts with vanishing "

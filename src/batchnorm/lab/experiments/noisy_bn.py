@@ -82,6 +82,7 @@ from batchnorm.lab.experiments.cnn import (
     drift_numbers,
     evaluate,
     image_data,
+    network_choice,
 )
 from batchnorm.lab.loop import ModelTask, eval_schedule, run_loop
 from batchnorm.lab.rules import (
@@ -104,10 +105,10 @@ _LOW, _HIGH = GRID.index(0.15), GRID.index(0.85)
 class Config(CNNConfig):
     """Standard vs BN vs noisy BN. Defaults are the full protocol (~12 min, 1 thread)."""
 
-    steps: int = param(800, "SGD steps per network")
+    steps: int = param(1000, "SGD steps per network")
     seeds: int = param(3, "number of seeds (each: initial weights, data order, noise)")
     lrs: tuple[float, ...] = param((0.1, 0.5), "learning rates (the paper: 0.1 and 0.5)")
-    eval_every: int = param(200, "evaluate (moving-average accuracy, percentiles) every this many")
+    eval_every: int = param(500, "evaluate (moving-average accuracy, percentiles) every this many")
     stability_every: int = param(
         10, "measure the step-to-step change of the layer inputs at steps t, t+1 every this many"
     )
@@ -640,9 +641,9 @@ def measure(config: Config, ctx: Context) -> Measurement:
             ),
         ],
         choices=[
-            f"network: VGG-style CNN, conv 3x3 widths {config.channels}, each [BN [+ noise]], "
-            f"ReLU, 2x2 max pool; linear classifier; conv init {config.init} (He et al. 2015 "
-            "for kaiming), the same weights for every variant of a seed",
+            network_choice(config, "[BN [+ noise]]"),
+            f"conv init {config.init} (He et al. 2015 for kaiming), the same weights for every "
+            "variant of a seed",
             f"data: {data.description}; batch {config.batch_size} (the paper: 128), reshuffled "
             "every epoch",
             f"optimizer: plain SGD, fixed lr {', '.join(f'{lr:g}' for lr in lrs)} (Figure 2), "
@@ -653,7 +654,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             "scoring: after training, every BN layer's population statistics are recomputed "
             f"over {config.popstat_batches} training batches with the noise off (Algorithm 2, "
             "batchnorm.inference.recalibrate); training accuracy on the first "
-            f"{config.eval_examples} training images, test accuracy on the test subset",
+            f"{config.eval_examples} training images, test accuracy on the whole test (sub)set",
             "instability: every "
             f"{config.stability_every} steps, the 5th..95th percentiles of every channel of "
             f"conv layer {config.tracked_layer} (input to its ReLU, after BN and noise) on the "
