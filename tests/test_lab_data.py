@@ -317,6 +317,63 @@ def test_atomic_writer_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
 
+def test_atomic_writer_interrupted_at_any_line_leaves_no_temporary(tmp_path: Path) -> None:
+    """A signal handler may raise (SIGTERM as an interruption) between any two lines of the
+    writer, including the creation of the temporary file itself."""
+    import sys
+
+    import batchnorm.lab.io as io_module
+
+    code = io_module.atomic_writer.__wrapped__.__code__
+    target = tmp_path / "file.bin"
+    lines_seen = 0
+    stop_at = 0
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        nonlocal lines_seen
+        if frame.f_code is not code:
+            return None
+
+        def local(frame, event, arg):  # type: ignore[no-untyped-def]
+            nonlocal lines_seen
+            if event == "line":
+                lines_seen += 1
+                if lines_seen == stop_at:
+                    raise KeyboardInterrupt
+            return local
+
+        return local(frame, event, arg)
+
+    interrupted_at = []
+    for stop_at in range(1, 200):
+        target.write_bytes(b"old")
+        lines_seen = 0
+        sys.settrace(tracer)
+        try:
+            with atomic_writer(target) as f:
+                f.write(b"new")
+        except KeyboardInterrupt:
+            interrupted_at.append(stop_at)
+        finally:
+            sys.settrace(None)
+        assert target.read_bytes() in (b"old", b"new")
+        assert [p.name for p in tmp_path.iterdir()] == ["file.bin"], stop_at
+        if lines_seen < stop_at:  # ran to the end without reaching this line: all covered
+            break
+    assert len(interrupted_at) >= 8  # the writer has at least this many lines to cut between
+
+
+def test_stale_temporaries_of_this_process_go_only_when_asked(tmp_path: Path) -> None:
+    import os
+
+    from batchnorm.lab.io import remove_stale_temporaries
+
+    mine = tmp_path / f".file.bin.{os.getpid()}.abcd.tmp"
+    mine.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [] and mine.exists()
+    assert remove_stale_temporaries(tmp_path, own=True) == [mine] and not mine.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 

@@ -917,6 +917,9 @@ def _run_locked(
     except KeyboardInterrupt as exc:
         signal_name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
         wall = previous_seconds + time.perf_counter() - start
+        # Every write of this run has unwound; whatever a signal cut short is garbage now.
+        for folder in (run_dir, run_dir / "jobs"):
+            remove_stale_temporaries(folder, own=True)
         _write_status(run_dir, "interrupted", wall_seconds=wall, signal=signal_name)
         how = "SIGTERM" if signal_name == "SIGTERM" else "Ctrl-C"
         _write_marker(run_dir, experiment, f"it was interrupted ({how}) before it finished.")

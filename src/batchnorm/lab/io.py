@@ -46,7 +46,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -102,24 +102,43 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The process id in the name lets remove_stale_temporaries() tell a dead writer's leftovers
-    # from a live writer's file.
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
-    )
+    # from a live writer's file. The name is chosen before the file exists and the file is
+    # created inside the try, so an exception raised by a signal handler at any point (SIGTERM
+    # turned into an interruption) still removes it.
+    tmp_name = ""
+    fd = -1
+    f: IO[Any] | None = None
     try:
-        with os.fdopen(
-            fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})
-        ) as f:
+        while True:
+            # Named before it is created: an interruption right after the open still knows
+            # what to remove.
+            tmp_name = os.path.join(
+                path.parent, f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            )
+            try:
+                fd = os.open(tmp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                tmp_name = ""
+                continue
+            break
+        f = os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {}))
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give it the mode an ordinary open() would have.
+        # The file is created 0600; give it the mode an ordinary open() would have.
         os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, path)
     except BaseException:
         # KeyboardInterrupt included: the destination must never see a partial file.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        with contextlib.suppress(OSError):
+            if f is not None:
+                f.close()
+            elif fd >= 0:
+                os.close(fd)
+        if tmp_name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
         raise
 
 
@@ -332,7 +351,7 @@ def writer_pid(name: str) -> int | None:
 
 
 def remove_stale_temporaries(
-    folder: str | os.PathLike[str], *, prefixes: Sequence[str] = ()
+    folder: str | os.PathLike[str], *, prefixes: Sequence[str] = (), own: bool = False
 ) -> list[Path]:
     """Delete the temporary files (and, for ``prefixes``, folders) in ``folder`` whose writer
     process is gone; returns what was removed.
@@ -340,6 +359,8 @@ def remove_stale_temporaries(
     Args:
         folder: where to look (not recursive).
         prefixes: names of temporary folders to consider too, e.g. ``("batchnorm-npm-",)``.
+        own: also delete this process's own temporaries: for a caller that knows none of its
+            writes is still under way (a run unwinding after an interruption).
     """
     import shutil
 
@@ -354,7 +375,9 @@ def remove_stale_temporaries(
         if not (is_file or is_dir):
             continue
         pid = writer_pid(name)
-        if pid is None or pid == os.getpid() or process_alive(pid):
+        if pid is None or (pid == os.getpid() and not own):
+            continue
+        if pid != os.getpid() and process_alive(pid):
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
