@@ -3,8 +3,8 @@
 Each case goes through the command's entry point, ``batchnorm.cli.main`` (a few also through a
 real ``python -m batchnorm`` process). We run as root, which ignores file permissions, so a
 read-only folder is simulated two ways: a folder whose INDEX.md is a directory (a real OS error on
-the write), and a monkeypatched ``tempfile.mkstemp`` that raises PermissionError as a read-only
-folder does.
+the write), and a monkeypatched ``os.open`` that raises PermissionError for the temporary file
+as a read-only folder does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,11 +259,15 @@ def test_report_in_a_folder_it_cannot_write(
     assert f"cannot write {tmp_path / 'INDEX.md'}" in line
     (tmp_path / "INDEX.md").rmdir()
 
-    # A read-only folder, as mkstemp reports it to anyone but root.
-    def read_only(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+    # A read-only folder, as creating the temporary file there reports it to anyone but root.
+    real_open = os.open
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)) and str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
     assert main(["lab", "report", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "| fig1 | quick | complete | held" in captured.out  # the index is still printed
