@@ -185,6 +185,39 @@ def test_large_mean_keeps_float32_accuracy(layout):
     _check(x, dy, *_params(shape[1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "shape",
+    # Short rows and many of them: channels go in blocks (forward and backward; the last block
+    # partial), in the backward only (N = 32), or one at a time (N = 16).
+    [(64, 300, 3, 3), (32, 130, 7, 7), (16, 70, 5, 5), (96, 33, 2, 1)],
+)
+def test_planar_channel_blocks(shape, dtype):
+    """Short NCHW rows are walked a block of channels at a time (a contiguous run per sample);
+    every block size gives the reference's numbers, also with a large mean."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 300).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    _check(x, dy, *_params(shape[1]))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_mean_that_drifts_along_the_batch(layout):
+    """The second half of the batch sits 1e4 higher, with a spread of 0.01 within samples: every
+    statistics group is centred on its own first value, so its float32 sums stay small, and a
+    channels-last block far from the common centre takes two passes (where the one-pass
+    sum d^2 - n mean^2 would cancel). Mean and variance keep float32 accuracy."""
+    gen = torch.Generator().manual_seed(12)
+    shape = (64, 24, 16, 16)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.01
+    x[32:] += 1e4
+    x[:, :, 8:] += torch.linspace(0, 50, 24, dtype=torch.float64)[None, :, None, None]
+    x, dy = x.float(), torch.randn(shape, generator=gen)
+    if layout == "nhwc":
+        x, dy = (t.to(memory_format=torch.channels_last) for t in (x, dy))
+    _check(x, dy, *_params(shape[1]))
+
+
 def _run_all(x, dy, gamma, beta):
     rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
     xg = x.clone().requires_grad_(True)
@@ -198,7 +231,7 @@ def _run_all(x, dy, gamma, beta):
 @pytest.mark.parametrize(
     "shape,layout",
     [((8, 6, 20, 20), "nchw"), ((8, 40, 10, 10), "nhwc"), ((5000, 12), "nc"),
-     ((4, 3, 70, 70), "nchw")],
+     ((4, 3, 70, 70), "nchw"), ((64, 300, 3, 3), "nchw"), ((32, 130, 7, 7), "nchw")],
 )  # fmt: skip
 def test_results_independent_of_thread_count(shape, layout):
     """1 and 2 threads give bitwise equal outputs, gradients and running statistics (the work is

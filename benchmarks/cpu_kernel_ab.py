@@ -1,0 +1,106 @@
+"""Two builds of the C++ CPU kernels against each other, in one process, on the same tensors.
+
+For a change to ``src/batchnorm/ops/cpu/batch_norm.cpp``: each build is compiled once into its
+own folder under ``~/.cache/batchnorm/ext`` (named by the source's hash), so the build of the
+previous commit and the current one can be loaded side by side. What is timed: the extension's
+training forward (``forward``: statistics, running-statistics update, output) or its training
+backward (``backward``: dx, dgamma, dbeta), and a copy of the same tensor (``out.copy_(x)``)
+as the scale. Method: 20 interleaved rounds (the two builds in alternating order), 5 calls per
+round; reported are medians over rounds and the paired median of new / old within a round (the
+ratio that a neighbour's load on a shared machine disturbs least). One torch thread.
+
+Run (the folders are those that ``ls -t ~/.cache/batchnorm/ext`` lists):
+    PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR 64x2048x7x7 32x64x56x56
+    PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR --backward 64x960x7x7
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+
+def load_build(folder: str) -> ModuleType:
+    """The compiled extension in ``folder`` (one ``.so``), imported under its own name."""
+    libraries = sorted(Path(folder).expanduser().glob("*.so"))
+    if len(libraries) != 1:
+        raise SystemExit(f"expected one compiled .so in {folder}, found {len(libraries)}")
+    spec = importlib.util.spec_from_file_location(libraries[0].stem, libraries[0])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _per_call(fn: Callable[[], object], calls: int = 5) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def compare(old: ModuleType, new: ModuleType, x: torch.Tensor, backward: bool, rounds: int) -> dict:
+    channels = x.shape[1]
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    dy = torch.randn_like(x)
+    out = torch.empty_like(x)
+
+    def call(ext: ModuleType) -> Callable[[], object]:
+        stats = [torch.zeros(channels), torch.ones(channels)]
+        if not backward:
+            return lambda: ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
+        saved = ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
+        return lambda: ext.backward(dy, x, weight, *saved[1:4], True, True, True)
+
+    fns = {"old": call(old), "new": call(new)}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {"copy": [], "old": [], "new": []}
+    for r in range(rounds):
+        times["copy"].append(_per_call(lambda: out.copy_(x)))
+        for key in ("old", "new") if r % 2 else ("new", "old"):
+            times[key].append(_per_call(fns[key]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "copy_us": med["copy"],
+        "old_x_copy": med["old"] / med["copy"],
+        "new_x_copy": med["new"] / med["copy"],
+        "new_over_old": statistics.median(n / o for o, n in zip(times["old"], times["new"])),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", help="folder of the old build")
+    parser.add_argument("new", help="folder of the new build")
+    parser.add_argument("shapes", nargs="+", help="e.g. 64x2048x7x7 (N x C [x spatial])")
+    parser.add_argument("--backward", action="store_true", help="time the backward")
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    old, new = load_build(args.old), load_build(args.new)
+    print("shape | layout | copy us | old x copy | new x copy | new / old (paired median)")
+    print("---|---|---|---|---|---")
+    for text in args.shapes:
+        shape = tuple(int(v) for v in text.split("x"))
+        layouts = ("nchw", "nhwc") if len(shape) == 4 else ("nc" if len(shape) == 2 else "ncl",)
+        for layout in layouts:
+            x = torch.randn(shape)
+            if layout == "nhwc":
+                x = x.contiguous(memory_format=torch.channels_last)
+            r = compare(old, new, x, args.backward, args.rounds)
+            print(
+                f"{text} | {layout} | {r['copy_us']:.0f} | {r['old_x_copy']:.2f} | "
+                f"{r['new_x_copy']:.2f} | {r['new_over_old']:.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
