@@ -14,7 +14,9 @@ once and each experiment's order is reproducible from its seed alone:
   the current one runs out), with a state a checkpoint can save (``explosion``);
 - :func:`few_class_batches`: non-i.i.d. batches, each drawn from a few classes (``non-iid``);
 - :func:`popstat_batches`: the fixed batches on which Algorithm 2 recomputes the population
-  statistics at an evaluation step of an MLP job.
+  statistics at an evaluation step of an MLP job; :func:`recalibration_batches`: those of a CNN
+  (one fixed shuffle of the training set per seed, the same at every point of training:
+  ``precise-bn``, ``adapt``).
 
 (The samplers keep the exact random streams they had in the modules they came from, so no
 experiment's numbers move.)
@@ -37,6 +39,7 @@ __all__ = [
     "few_class_batches",
     "iid_batches",
     "popstat_batches",
+    "recalibration_batches",
 ]
 
 
@@ -96,6 +99,25 @@ def popstat_batches(step: int, count: int, num_examples: int, batch_size: int) -
         for i in range(min(per_epoch, count - len(batches))):
             batches.append(order[i * batch_size : (i + 1) * batch_size])
     return batches
+
+
+# Keeps the recalibration shuffle apart from the training batches' stream of the same seed.
+RECALIBRATION_SEED_OFFSET = 10_000
+
+
+def recalibration_batches(
+    n: int, batch_size: int, seed: int, count: int | None = None
+) -> list[torch.Tensor]:
+    """Algorithm 2's batches for the network trained with ``seed``: one fixed shuffle of the
+    ``n`` training examples, cut into full batches of indices; the first ``count`` (all when
+    None).
+
+    >>> [b.tolist() for b in recalibration_batches(5, 2, seed=0)]
+    [[2, 1], [3, 0]]
+    """
+    order = np.random.default_rng(RECALIBRATION_SEED_OFFSET + seed).permutation(n)
+    batches = list(torch.from_numpy(order[: (n // batch_size) * batch_size]).split(batch_size))
+    return batches if count is None else batches[:count]
 
 
 def iid_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:

@@ -74,6 +74,7 @@ from batchnorm.lab.rules import (
     paired_tolerance,
     untrained,
 )
+from batchnorm.lab.samplers import recalibration_batches
 
 __all__ = [
     "CORRUPTIONS",
@@ -401,8 +402,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
             # The source network's statistics: Algorithm 2 on clean training batches, so the lag
             # of the moving averages is not counted against it (the paper's source networks are
             # trained to convergence).
-            order = np.random.default_rng(10_000 + seed).permutation(n)
-            chunks = torch.from_numpy(order[: (n // b) * b]).split(b)
+            chunks = recalibration_batches(n, b, seed, config.source_batches)
             recalibrate(
                 model,
                 (data.train_x[c] for c in chunks),

@@ -67,6 +67,7 @@ from batchnorm.lab.rules import (
     untrained,
     within_tolerance,
 )
+from batchnorm.lab.samplers import recalibration_batches
 
 __all__ = ["Config", "Numbers", "EXPERIMENT", "measure", "judge", "ARMS", "lr_at"]
 
@@ -294,8 +295,7 @@ class _ArmJob(ModelTask):
         self.samplers = [self.batches]
         # The recalibration batches: a fixed shuffle of the training set, the same at every
         # point.
-        order = torch.from_numpy(np.random.default_rng(10_000 + seed).permutation(n))
-        self.pop = [order[i : i + b] for i in range(0, n - b + 1, b)][: config.popstat_batches]
+        self.pop = recalibration_batches(n, b, seed, config.popstat_batches)
         self.out: dict[str, Any] = {
             "steps": [],
             "ema_acc": [],
