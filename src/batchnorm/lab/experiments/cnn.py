@@ -484,6 +484,36 @@ def train_with_probes(
     }
 
 
+def probed_job(
+    model: VGGStyle,
+    data: ImageData,
+    config: CNNConfig,
+    *,
+    seed: int,
+    probe: Callable[[Callable[[], torch.Tensor], int], dict[str, Any]],
+    desc: str,
+    checkpoint: Path | None = None,
+) -> dict[str, Any]:
+    """One probed network of ``ics`` or ``landscape``: :func:`train_with_probes` every
+    ``config.probe_every`` steps with the test curve on :func:`curve_data`, then the final
+    training accuracy (on up to ``config.eval_examples`` training images) and the final test
+    accuracy on the whole test set."""
+    result = train_with_probes(
+        model,
+        curve_data(data, config),
+        config,
+        seed=seed,
+        probe_every=config.probe_every,
+        probe=probe,
+        desc=desc,
+        checkpoint=checkpoint,
+    )
+    n = min(config.eval_examples, len(data.train_y))
+    result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
+    result["final_test_acc"] = evaluate(model, data.test_x, data.test_y)[0]
+    return result
+
+
 class _ProbedJob(ModelTask):
     """:func:`train_with_probes` as a :class:`batchnorm.lab.loop.Task`."""
 

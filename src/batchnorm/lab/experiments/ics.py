@@ -65,12 +65,10 @@ from batchnorm.lab.experiments.cnn import (
     VGGStyle,
     cached_job,
     curve_choice,
-    curve_data,
-    evaluate,
     image_data,
     network_choice,
     probe_curve_rows,
-    train_with_probes,
+    probed_job,
 )
 from batchnorm.lab.progress import log
 from batchnorm.lab.rules import (
@@ -158,20 +156,7 @@ def _cnn_job(
     def probe(loss_fn, step: int) -> dict:
         return _shift_rows(internal_covariate_shift(groups, loss_fn, config.lr, module=model))
 
-    result = train_with_probes(
-        model,
-        curve_data(data, config),
-        config,
-        seed=seed,
-        probe_every=config.probe_every,
-        probe=probe,
-        desc=key,
-        checkpoint=checkpoint,
-    )
-    n = min(config.eval_examples, len(data.train_y))
-    result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
-    result["final_test_acc"] = evaluate(model, data.test_x, data.test_y)[0]  # the whole test set
-    return result
+    return probed_job(model, data, config, seed=seed, probe=probe, desc=key, checkpoint=checkpoint)
 
 
 def _dln_job(config: Config, batch_norm: bool, lr: float, seed: int) -> dict:

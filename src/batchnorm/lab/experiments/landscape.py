@@ -63,12 +63,10 @@ from batchnorm.lab.experiments.cnn import (
     VGGStyle,
     cached_job,
     curve_choice,
-    curve_data,
-    evaluate,
     image_data,
     network_choice,
     probe_curve_rows,
-    train_with_probes,
+    probed_job,
 )
 from batchnorm.lab.rules import (
     baseline_metrics,
@@ -161,20 +159,7 @@ def _job(
             "beta": result.beta_smoothness,
         }
 
-    result = train_with_probes(
-        model,
-        curve_data(data, config),
-        config,
-        seed=seed,
-        probe_every=config.probe_every,
-        probe=probe,
-        desc=key,
-        checkpoint=checkpoint,
-    )
-    n = min(config.eval_examples, len(data.train_y))
-    result["final_train_acc"] = evaluate(model, data.train_x[:n], data.train_y[:n])[0]
-    result["final_test_acc"] = evaluate(model, data.test_x, data.test_y)[0]  # the whole test set
-    return result
+    return probed_job(model, data, config, seed=seed, probe=probe, desc=key, checkpoint=checkpoint)
 
 
 @dataclass
