@@ -677,7 +677,7 @@ void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64
 
 // Fills mean (of x - shift, float64) and biased variance per channel. Channel-inner: the
 // shift moves from the first row to the first block's mean (rounded to float32), which the
-// one-pass blocks need (inner_block_moments); the first block is measured by two passes.
+// one-pass blocks need (inner_block_moments); the first block is measured by two passes, once.
 template <typename T>
 void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
                       std::vector<double>& mean_s, std::vector<double>& var) {
@@ -690,9 +690,12 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
   for (int64_t c = 0; c < C; ++c) {
     // Only a finite centre is an improvement; NaN and inf reach the statistics either way.
     const float centre = shift[c] + means[c];
-    if (std::isfinite(centre)) shift[c] = centre;
+    if (!std::isfinite(centre)) continue;
+    // The first block's moments stay: its mean is moved to the new centre (M2 does not move).
+    means[c] = static_cast<float>(static_cast<double>(shift[c]) - centre + means[c]);
+    shift[c] = centre;
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(1, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift.data(),
                           means.data() + b * C, m2s.data() + b * C, /*one_pass=*/true);
