@@ -18,7 +18,6 @@ from batchnorm.lab.experiments.cnn import (
     conv_net,
     evaluate,
     iid_batches,
-    merge_phases,
     train_net,
 )
 from batchnorm.lab.grouped import (
@@ -30,6 +29,7 @@ from batchnorm.lab.grouped import (
     grouped_cross_entropy,
     train_grouped,
 )
+from batchnorm.lab.loop import StepDecay
 from batchnorm.optim import AGC
 from tests.helpers import assert_close, tolerance
 
@@ -495,11 +495,13 @@ def test_an_interrupted_group_continues_where_it_stopped(tmp_path) -> None:
         train_grouped(other, data, samplers()[:2], checkpoint=checkpoint, **options)
 
 
-def test_an_interrupted_network_continues_where_it_stopped(tmp_path) -> None:
+@pytest.mark.parametrize("lr", [0.05, StepDecay(0.05, at=6, factor=0.1)], ids=["constant", "decay"])
+def test_an_interrupted_network_continues_where_it_stopped(tmp_path, lr) -> None:
     """train_net (one network, with AGC, as the experiments train it alone) resumes from its
-    checkpoint and ends with exactly the results and weights of an uninterrupted run."""
+    checkpoint and ends with exactly the results and weights of an uninterrupted run; with a
+    rate drop at step 6, interrupted at the evaluation of step 9 (after the drop)."""
     data = tiny_images()
-    options = {"steps": 12, "lr": 0.05, "momentum": 0.9, "evals": 4, "desc": "test"}
+    options = {"steps": 12, "lr": lr, "momentum": 0.9, "evals": 4, "desc": "test"}
 
     def fresh() -> nn.Module:
         return conv_net("bn", CHANNELS, CLASSES, 3).double()
@@ -531,25 +533,6 @@ def test_an_interrupted_network_continues_where_it_stopped(tmp_path) -> None:
                   checkpoint=checkpoint, **options)  # fmt: skip
 
 
-def test_merge_phases_counts_steps_from_the_start_and_keeps_a_divergence() -> None:
-    first = {"steps": [5], "test_acc": [0.5], "test_loss": [1.0], "train_loss": [1.5],
-             "diverged_at": -1, "train_acc_final": 0.4}  # fmt: skip
-    second = {"steps": [3, 6], "test_acc": [0.6, 0.7], "test_loss": [0.9, 0.8],
-              "train_loss": [1.2, 1.1], "diverged_at": -1, "train_acc_final": 0.8}  # fmt: skip
-    merged = merge_phases([first, second], [5, 6], CLASSES)
-    assert merged["steps"] == [5, 8, 11] and merged["test_acc"] == [0.5, 0.6, 0.7]
-    assert merged["diverged_at"] == -1 and merged["train_acc_final"] == 0.8
-    assert merge_phases([first], [5], CLASSES) == first
-    # Diverged at step 2 of the first phase: the second phase is chance, its tail not counted.
-    broken = {**first, "diverged_at": 2, "test_acc": [1 / CLASSES], "train_acc_final": np.nan}
-    merged = merge_phases([broken, second], [5, 6], CLASSES)
-    assert merged["diverged_at"] == 2 and merged["test_acc"] == [1 / CLASSES] * 3
-    assert np.isnan(merged["train_loss"][1:]).all() and np.isnan(merged["train_acc_final"])
-    # Diverged in the last phase: counted from the start, that phase's own numbers kept.
-    merged = merge_phases([first, {**second, "diverged_at": 4}], [5, 6], CLASSES)
-    assert merged["diverged_at"] == 9 and merged["train_acc_final"] == 0.8
-
-
 @pytest.fixture
 def float64_default():
     before = torch.get_default_dtype()
@@ -558,13 +541,11 @@ def float64_default():
     torch.set_default_dtype(before)
 
 
-def test_train_jobs_drops_the_learning_rate_and_resumes_by_phase(
-    tmp_path, monkeypatch, float64_default
-) -> None:
-    """With decay_at, train_jobs trains each network as two train_net calls (the full rate,
-    then decay_factor times it, the same mini-batch stream), grouped or alone alike; a run
-    interrupted in the second phase continues from the saved first one with the same numbers."""
-    from batchnorm.lab import experiments, grouped
+def test_train_jobs_drops_the_learning_rate_within_one_run(tmp_path, float64_default) -> None:
+    """With decay_at, train_jobs trains each network in one run of the loop whose rate drops
+    after decay_at of the steps (the optimizer and its momentum go on), grouped or alone alike:
+    the numbers of train_net with that StepDecay, and not those of a constant rate."""
+    from batchnorm.lab import experiments
     from batchnorm.lab.experiment import Context
     from batchnorm.lab.experiments.cnn import NetJob, ScheduledConvConfig, train_jobs
 
@@ -582,32 +563,18 @@ def test_train_jobs_drops_the_learning_rate_and_resumes_by_phase(
         return train_jobs(ctx, replace(config, **changes), data, jobs, steps=12, lr=0.05)
 
     together, alone = run("together"), run("alone", grouped=False)
+    options = {"momentum": 0.9, "evals": 4, "desc": "t", "steps": 12}
     for k, job in enumerate(jobs):
-        net = conv_net(job.norm, CHANNELS, CLASSES, job.seed, head="flatten",
-                       image_shape=(IMAGE, IMAGE), **job.options)  # fmt: skip
-        stream = job.batches()
-        options = {"momentum": 0.9, "evals": 2, "desc": "t", "steps": 6}
-        parts = [train_net(net, data, stream, lr=rate, **options) for rate in (0.05, 0.005)]
-        expected = merge_phases(parts, [6, 6], CLASSES)
+
+        def net(job: NetJob = job) -> nn.Module:
+            return conv_net(job.norm, CHANNELS, CLASSES, job.seed, head="flatten",
+                            image_shape=(IMAGE, IMAGE), **job.options)  # fmt: skip
+
+        expected = train_net(net(), data, job.batches(), lr=StepDecay(0.05, 6, 0.1), **options)
+        constant = train_net(net(), data, job.batches(), lr=0.05, **options)
         assert expected["steps"] == [3, 6, 9, 12]
+        assert expected["test_loss"][:2] == constant["test_loss"][:2]  # the same until the drop
+        assert expected["test_loss"][2:] != constant["test_loss"][2:]
         assert_results_equal(alone[k], expected, f"alone {k}")
         assert_results_equal(together[k], expected, f"together {k}")
-
-    calls = {"n": 0}
-    real = grouped.train_grouped
-
-    def stop_in_second_phase(*args: Any, **kwargs: Any) -> list[dict]:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(grouped, "train_grouped", stop_in_second_phase)
-    with pytest.raises(KeyboardInterrupt):
-        run("resumed")
-    assert len(list((tmp_path / "resumed" / "jobs").glob("*-p0.done"))) == 1
-    resumed = run("resumed")
-    assert calls["n"] == 3  # the second phase only
-    for k in range(len(jobs)):
-        assert_results_equal(resumed[k], together[k], f"resumed {k}")
-    assert not list((tmp_path / "resumed" / "jobs").glob("*.done"))
+    assert not list((tmp_path / "together" / "jobs").glob("*.ckpt"))

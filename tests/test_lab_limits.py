@@ -147,21 +147,18 @@ def test_interrupted_run_resumes_exactly(
     grouped: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from batchnorm.lab import grouped as grouped_module
-    from batchnorm.lab.experiments.non_iid import Config
 
     setting = [f"grouped={str(grouped).lower()}"]
     reference = quick_run("non-iid", tmp_path / "reference", setting)
-    # Each network (or group) trains in one call per learning-rate phase. One by one, the
-    # third network is interrupted in its first phase (two jobs saved); grouped, the whole
-    # group in its last phase (no job saved; the finished phases are, and are not run again).
-    phases = 1 if Config().decay_at >= 1 else 2
+    # Each network (or group) trains in one call of the loop, its rate drop included. One by
+    # one, the third network is interrupted (two jobs saved); grouped, the whole group (none).
     module, name = (grouped_module, "train_grouped") if grouped else (cnn, "train_net")
     real = getattr(module, name)
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == (phases if grouped else 2 * phases + 1):
+        if calls["n"] == (1 if grouped else 3):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -171,8 +168,6 @@ def test_interrupted_run_resumes_exactly(
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / MARKER_FILE).is_file()
     assert len(list((run_dir / "jobs").glob("*.json"))) == (0 if grouped else 2)
-    finished = list((run_dir / "jobs").glob("*.done"))
-    assert len(finished) == (phases - 1 if grouped else 0)
     resumed_calls = {"n": 0}
 
     def counting(*args, **kwargs):
@@ -182,8 +177,8 @@ def test_interrupted_run_resumes_exactly(
     monkeypatch.setattr(module, name, counting)
     resumed = run_experiment(experiments.get("non-iid"), None, resume=run_dir)
     networks = len(list((run_dir / "jobs").glob("*.json")))
-    # Grouped: only the interrupted phase; one by one: every phase of the unsaved networks.
-    assert resumed_calls["n"] == (1 if grouped else (networks - 2) * phases)
+    # Grouped: the group again; one by one: the networks not saved.
+    assert resumed_calls["n"] == (1 if grouped else networks - 2)
     check_run_dir(resumed.run_dir, "non-iid")
     a = json.loads((run_dir / "metrics.json").read_text())
     b = json.loads((reference.run_dir / "metrics.json").read_text())

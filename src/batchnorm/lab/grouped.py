@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.lab.loop import ModelTask, eval_steps, run_loop
+from batchnorm.lab.loop import ModelTask, StepDecay, eval_steps, run_loop
 
 if TYPE_CHECKING:
     from batchnorm.lab.experiments.cnn import ImageData
@@ -561,7 +561,7 @@ def train_grouped(
     batches: Sequence[Iterator[np.ndarray]],
     *,
     steps: int,
-    lr: float,
+    lr: float | StepDecay,
     momentum: float,
     evals: int,
     desc: str,
@@ -615,13 +615,15 @@ def train_grouped(
         raise ValueError(f"clipped must have one entry per network ({K}), got {len(clipped)}")
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    rate = lr if isinstance(lr, StepDecay) else StepDecay(lr, steps, 1.0)
     job = _GroupJob(
         model,
         data,
         batches,
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+        torch.optim.SGD(model.parameters(), lr=rate.lr, momentum=momentum),
         eval_fn or (lambda m: evaluate_grouped(m, data.test_x, data.test_y)),
         steps=steps,
+        rate=rate,
         agc_clipping=agc_clipping,
         unclipped=[] if clipped is None else [k for k in range(K) if not clipped[k]],
         clip_classifier_bias=clip_classifier_bias,
@@ -676,11 +678,13 @@ class _GroupJob(ModelTask):
         evaluate_now: Callable[[GroupedConvNet], tuple[list[float], list[float]]],
         *,
         steps: int,
+        rate: StepDecay,
         agc_clipping: float | None,
         unclipped: list[int],
         clip_classifier_bias: bool,
     ) -> None:
         K = self.K = model.num_nets
+        self.rate = rate
         self.model, self.data, self.batches = model, data, batches
         self.samplers = batches
         self.optimizer, self.evaluate_now = optimizer, evaluate_now
@@ -731,6 +735,7 @@ class _GroupJob(ModelTask):
                 for k, saved in zip(self.unclipped, keep):
                     for key, grad in model.network_tensors(k, grads=True).items():
                         grad.copy_(saved[key])
+        self.rate.apply(self.optimizer, step - 1)  # step counts from 1 here
         self.optimizer.step()
         with torch.no_grad():
             for k, saved in frozen.items():

@@ -51,6 +51,7 @@ __all__ = [
     "eval_schedule",
     "eval_steps",
     "ModelTask",
+    "StepDecay",
 ]
 
 _FORMAT = "batchnorm-lab-loop/1"
@@ -79,6 +80,40 @@ def eval_steps(steps: int, evals: int) -> list[int]:
     [25, 50, 75, 100]
     """
     return sorted({max(1, int(round(steps * (i + 1) / evals))) for i in range(evals)})
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """A learning rate that drops once: ``lr`` for the updates before ``at`` (0-based, as the
+    loop counts them), ``lr * factor`` from ``at`` on. The optimizer (its momentum buffer
+    included) goes on across the drop.
+
+    >>> rate = StepDecay.of(0.1, steps=100, decay_at=0.75, factor=0.1)
+    >>> rate.at, rate(74), round(rate(75), 6)
+    (75, 0.1, 0.01)
+    >>> StepDecay.of(0.1, steps=100, decay_at=1.0, factor=0.1)(99)  # no drop
+    0.1
+    """
+
+    lr: float
+    at: int
+    factor: float
+
+    @classmethod
+    def of(cls, lr: float, *, steps: int, decay_at: float, factor: float) -> StepDecay:
+        """The drop after the first ``decay_at`` fraction of ``steps`` (none when that leaves
+        no step on either side)."""
+        at = int(round(steps * decay_at))
+        return cls(lr, at if decay_at < 1 and 1 <= at < steps else steps, factor)
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.factor if step >= self.at else self.lr
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set the rate of update ``step`` in every parameter group of ``optimizer``."""
+        rate = self(step)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
 
 
 class Task(Protocol):

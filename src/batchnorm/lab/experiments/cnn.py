@@ -48,7 +48,6 @@ and resumable jobs (:func:`cached_job`): a finished network is saved as ``jobs/<
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -64,9 +63,8 @@ from torch import nn
 from batchnorm.lab.config import DataConfig, param
 from batchnorm.lab.data import DATASETS
 from batchnorm.lab.experiment import Context
-from batchnorm.lab.io import atomic_write_checked, read_checked, remove_checked
-from batchnorm.lab.loop import ModelTask, eval_steps, run_loop
-from batchnorm.lab.progress import log
+from batchnorm.lab.io import remove_checked
+from batchnorm.lab.loop import ModelTask, StepDecay, eval_steps, run_loop
 from batchnorm.lab.samplers import batch_order, few_class_batches, iid_batches
 
 __all__ = [
@@ -653,7 +651,7 @@ class FlatConvConfig(ConvConfig):
 @dataclass(frozen=True)
 class ScheduledConvConfig(FlatConvConfig):
     """:class:`FlatConvConfig` for experiments trained through :func:`train_jobs`, with its
-    step decay of the learning rate (:func:`lr_phases`)."""
+    step decay of the learning rate (:class:`batchnorm.lab.loop.StepDecay`)."""
 
     decay_at: float = param(
         0.75,
@@ -785,7 +783,7 @@ def train_net(
     batches: Iterator[np.ndarray],
     *,
     steps: int,
-    lr: float,
+    lr: float | StepDecay,
     momentum: float,
     evals: int,
     desc: str,
@@ -801,7 +799,8 @@ def train_net(
         model: the network (left trained, in train mode).
         data: the training and test images.
         batches: yields the indices of each mini-batch.
-        steps, lr, momentum: SGD.
+        steps, lr, momentum: SGD; ``lr`` a rate or a :class:`batchnorm.lab.loop.StepDecay`
+            (the rate drops once, the optimizer and its momentum go on).
         evals: evaluations, evenly spaced (the last at ``steps``).
         desc: progress bar label.
         agc_clipping: if given, adaptive gradient clipping (:class:`batchnorm.optim.AGC`) with
@@ -822,7 +821,8 @@ def train_net(
         or -1) and ``train_acc_final`` (training-batch accuracy over the last 10% of steps).
     """
     evaluate_now = eval_fn or (lambda m: evaluate(m, data.test_x, data.test_y))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    rate = lr if isinstance(lr, StepDecay) else StepDecay(lr, steps, 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=rate.lr, momentum=momentum)
     agc = None
     if agc_clipping is not None:
         from batchnorm.optim import AGC
@@ -830,7 +830,7 @@ def train_net(
         excluded = [model[-1].weight] if clip_classifier_bias else [model[-1]]
         agc = AGC(optimizer, clipping=agc_clipping, exclude=excluded)
     schedule = eval_steps(steps, evals)
-    job = _NetJob(model, data, batches, optimizer, evaluate_now, steps)
+    job = _NetJob(model, data, batches, optimizer, evaluate_now, steps, rate)
     model.train()
     try:
         run_loop(
@@ -864,8 +864,9 @@ class _NetJob(ModelTask):
         optimizer: torch.optim.Optimizer,
         evaluate_now: Callable[[nn.Module], tuple[float, float]],
         steps: int,
+        rate: StepDecay,
     ) -> None:
-        self.model, self.data, self.batches = model, data, batches
+        self.model, self.data, self.batches, self.rate = model, data, batches, rate
         self.samplers = [batches]
         self.optimizer, self.evaluate_now = optimizer, evaluate_now
         self.out: dict[str, Any] = {
@@ -888,6 +889,7 @@ class _NetJob(ModelTask):
             return False
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.rate.apply(self.optimizer, step)
         self.optimizer.step()
         self.running += float(loss.detach())
         self.count += 1
@@ -943,75 +945,6 @@ class NetJob:
     clipped: bool = True
 
 
-def lr_phases(
-    steps: int, evals: int, decay_at: float, decay_factor: float
-) -> list[tuple[int, int, float]]:
-    """The training of :func:`train_jobs` as phases of ``(steps, evaluations, lr factor)``: all
-    ``steps`` at the full rate, or (``decay_at`` < 1) the first ``decay_at`` of them at the full
-    rate and the rest at ``decay_factor`` times it (a step decay, as the papers' schedules end).
-    The ``evals`` evaluations are split in proportion, the last phase getting at least one (its
-    end, the final evaluation).
-
-    >>> lr_phases(100, 4, 1.0, 0.1)
-    [(100, 4, 1.0)]
-    >>> lr_phases(100, 4, 0.75, 0.1)
-    [(75, 3, 1.0), (25, 1, 0.1)]
-    >>> lr_phases(100, 2, 0.8, 0.1)
-    [(80, 1, 1.0), (20, 1, 0.1)]
-    """
-    first = int(round(steps * decay_at))
-    if decay_at >= 1 or first < 1 or first >= steps:
-        return [(steps, evals, 1.0)]
-    first_evals = min(evals - 1, int(round(evals * decay_at)))
-    return [(first, first_evals, 1.0), (steps - first, evals - first_evals, decay_factor)]
-
-
-def merge_phases(
-    phases: Sequence[dict[str, Any]], lengths: Sequence[int], num_classes: int
-) -> dict[str, Any]:
-    """One :func:`train_net` result from the results of consecutive phases of ``lengths`` steps:
-    evaluation steps counted from the start, ``diverged_at`` the first divergence (later phases
-    of a diverged network are chance, as :func:`train_net` scores it), ``train_acc_final`` the
-    last phase's (NaN after a divergence in an earlier phase). One phase: its result as it is."""
-    if len(phases) == 1:
-        return dict(phases[0])
-    out: dict[str, Any] = {"steps": [], "test_acc": [], "test_loss": [], "train_loss": []}
-    out["diverged_at"] = -1
-    offset = 0
-    for result, length in zip(phases, lengths):
-        shifted = [int(step) + offset for step in result["steps"]]
-        if out["diverged_at"] > 0:  # diverged in an earlier phase: what it trains is dropped
-            out["steps"] += shifted
-            out["test_acc"] += [1.0 / num_classes] * len(shifted)
-            out["test_loss"] += [math.nan] * len(shifted)
-            out["train_loss"] += [math.nan] * len(shifted)
-        else:
-            out["steps"] += shifted
-            for key in ("test_acc", "test_loss", "train_loss"):
-                out[key] += list(result[key])
-            if result["diverged_at"] > 0:
-                out["diverged_at"] = int(result["diverged_at"]) + offset
-        offset += length
-    earlier = out["diverged_at"] > 0 and out["diverged_at"] <= offset - lengths[-1]
-    out["train_acc_final"] = math.nan if earlier else phases[-1]["train_acc_final"]
-    return out
-
-
-def _phase_done_write(path: Path, model: nn.Module, results: Any) -> None:
-    """A finished phase (weights and buffers, results) of a run with a learning-rate drop, so
-    that a resumed run continues with the next phase."""
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "results": results}, buffer)
-    atomic_write_checked(path, buffer.getvalue())
-
-
-def _phase_done_read(path: Path, model: nn.Module) -> Any:
-    # read_checked refuses an empty, truncated or corrupted file (CorruptFileError).
-    state = torch.load(io.BytesIO(read_checked(path)), weights_only=True)
-    model.load_state_dict(state["model"])
-    return state["results"]
-
-
 def train_jobs(
     ctx: Context,
     config: ConvConfig,
@@ -1035,16 +968,14 @@ def train_jobs(
     ``clip_classifier_bias`` makes AGC clip the final layer's bias (see :func:`train_net`).
 
     With ``config.decay_at`` < 1 (a :class:`ScheduledConvConfig`) the learning rate drops to
-    ``config.decay_factor`` times ``lr`` for the last steps (:func:`lr_phases`): each phase is
-    one call of the training loop on the same networks and the same mini-batch streams, with a
-    fresh SGD optimizer (the momentum buffer starts again at the drop), and the phases' results
-    are merged (:func:`merge_phases`). A finished phase is saved (``jobs/<name>-p<i>.done``), so
-    a resumed run continues from the phase it was in.
+    ``config.decay_factor`` times ``lr`` for the last steps, within the same run of the
+    training loop (:class:`batchnorm.lab.loop.StepDecay`: the optimizer and its momentum go on
+    across the drop, and an interrupted network resumes from its checkpoint on either side).
     """
     from batchnorm.lab.grouped import ConvNetSpec, GroupedConvNet, train_grouped
 
-    phases = lr_phases(steps, config.evals, *decay_of(config))
-    lengths = [length for length, _, _ in phases]
+    decay_at, factor = decay_of(config)
+    rate = StepDecay.of(lr, steps=steps, decay_at=decay_at, factor=factor)
     results: dict[str, dict[str, Any]] = {}
     missing = []
     for job in jobs:
@@ -1053,33 +984,6 @@ def train_jobs(
             results[job.key] = train_job(ctx, job.key, lambda: {})  # loads the saved result
         else:
             missing.append(job)
-
-    def run_phases(
-        name: str, model: nn.Module, streams: Sequence[Iterator[np.ndarray]], train: Callable
-    ) -> Any:
-        """Each phase's ``train(n_steps, n_evals, lr, checkpoint)`` on ``model``; a phase saved
-        by an interrupted run is loaded (its mini-batches drawn and dropped) instead."""
-        done: list[Any] = []
-        for p, (length, evals, factor) in enumerate(phases):
-            suffix = "" if len(phases) == 1 else f"-p{p}"
-            checkpoint = ctx.run_dir / "jobs" / f"{name}{suffix}.ckpt"
-            finished = ctx.run_dir / "jobs" / f"{name}{suffix}.done"
-            if len(phases) > 1 and finished.is_file():
-                log(f"[lab] {name}: phase {p + 1} of {len(phases)} loaded from {finished}")
-                done.append(_phase_done_read(finished, model))
-                for stream in streams:
-                    for _ in range(length):
-                        next(stream)
-                continue
-            if checkpoint.is_file():
-                log(f"[lab] {name}: resuming from {checkpoint}")
-            done.append(train(length, evals, lr * factor, checkpoint))
-            if len(phases) > 1 and p + 1 < len(phases):
-                _phase_done_write(finished, model, done[-1])
-            remove_checked(checkpoint)
-        for p in range(len(phases) if len(phases) > 1 else 0):
-            remove_checked(ctx.run_dir / "jobs" / f"{name}-p{p}.done")
-        return done
 
     if len(missing) > 1 and config.grouped:
         specs = [ConvNetSpec(j.key, j.seed, j.norm, j.options) for j in missing]
@@ -1093,31 +997,23 @@ def train_jobs(
         # The group's checkpoint is named by its networks: a resumed run finds the same ones
         # missing, and continues the group where it stopped.
         digest = hashlib.sha256("\n".join(j.key for j in missing).encode()).hexdigest()[:12]
-        (ctx.run_dir / "jobs").mkdir(exist_ok=True)
+        checkpoint = ctx.checkpoint(f"group-{digest}")
         streams = [j.batches() for j in missing]
-
-        def train_group(length: int, evals: int, rate: float, checkpoint: Path) -> list:
-            return train_grouped(
+        with ctx.timer("train"):
+            trained = train_grouped(
                 model,
                 data,
                 streams,
-                steps=length,
+                steps=steps,
                 lr=rate,
                 momentum=config.momentum,
-                evals=evals,
+                evals=config.evals,
                 desc=f"{len(missing)} networks together",
                 agc_clipping=agc_clipping,
                 clipped=[j.clipped for j in missing],
                 checkpoint=checkpoint,
                 clip_classifier_bias=clip_classifier_bias,
             )
-
-        with ctx.timer("train"):
-            per_phase = run_phases(f"group-{digest}", model, streams, train_group)
-            trained = [
-                merge_phases([phase[k] for phase in per_phase], lengths, data.num_classes)
-                for k in range(len(missing))
-            ]
             if finish is not None:
                 trained = [
                     finish(job, model.network(k), result)
@@ -1125,6 +1021,7 @@ def train_jobs(
                 ]
         for job, result in zip(missing, trained):
             results[job.key] = train_job(ctx, job.key, lambda result=result: result)
+        remove_checked(checkpoint)  # every network of the group is saved as its job
     else:
         for job in missing:
 
@@ -1138,26 +1035,19 @@ def train_jobs(
                     image_shape=data.image_shape,
                     **job.options,
                 )
-                stream = job.batches()
-
-                def train_alone(length: int, evals: int, rate: float, checkpoint: Path) -> dict:
-                    return train_net(
-                        model,
-                        data,
-                        stream,
-                        steps=length,
-                        lr=rate,
-                        momentum=config.momentum,
-                        evals=evals,
-                        desc=job.desc,
-                        agc_clipping=agc_clipping if job.clipped else None,
-                        checkpoint=checkpoint,
-                        clip_classifier_bias=clip_classifier_bias,
-                    )
-
-                (ctx.run_dir / "jobs").mkdir(exist_ok=True)
-                per_phase = run_phases(job.key, model, [stream], train_alone)
-                result = merge_phases(per_phase, lengths, data.num_classes)
+                result = train_net(
+                    model,
+                    data,
+                    job.batches(),
+                    steps=steps,
+                    lr=rate,
+                    momentum=config.momentum,
+                    evals=config.evals,
+                    desc=job.desc,
+                    agc_clipping=agc_clipping if job.clipped else None,
+                    checkpoint=ctx.checkpoint(job.key),
+                    clip_classifier_bias=clip_classifier_bias,
+                )
                 return result if finish is None else finish(job, model, result)
 
             results[job.key] = train_job(ctx, job.key, alone)
@@ -1197,14 +1087,15 @@ def final_acc(results: Sequence[dict[str, Any]]) -> np.ndarray:
 
 
 def schedule_text(config: ConvConfig) -> str:
-    """The learning-rate schedule of ``config`` (:func:`lr_phases`), as a report phrase."""
+    """The learning-rate schedule of ``config`` (:class:`batchnorm.lab.loop.StepDecay`), as a
+    report phrase."""
     decay_at, decay_factor = decay_of(config)
     if decay_at >= 1:
         return "a constant learning rate"
     return (
         f"the learning rate drops to {decay_factor:g} times its value after "
-        f"{decay_at:.0%} of the steps (a step decay, as the papers' schedules end; a new "
-        "SGD optimizer from there, so the momentum buffer starts again)"
+        f"{decay_at:.0%} of the steps (a step decay, as the papers' schedules end; the SGD "
+        "optimizer and its momentum go on across the drop)"
     )
 
 
