@@ -294,3 +294,29 @@ def test_recurrent_arm_resumes_exactly(monkeypatch, tmp_path) -> None:
         return rnn._train_arm("bn", data, config, checkpoint)
 
     check_resume(monkeypatch, tmp_path, train, lambda: models, interrupt_at=5)
+
+
+def test_deep_linear_network_resumes_exactly(monkeypatch, tmp_path) -> None:
+    """ics's deep linear network (full-batch GD with covariate-shift probes) through the loop:
+    interrupted after a checkpoint and resumed, the losses, probes and weights of an
+    uninterrupted run."""
+    from batchnorm.lab.theory import deep_linear
+
+    problem = deep_linear.make_problem(6, 40, seed=3)
+    models: list[torch.nn.Module] = []
+    build = deep_linear.build_deep_linear
+
+    def record(*args, **kwargs):
+        models[:] = [build(*args, **kwargs)]
+        return models[0]
+
+    monkeypatch.setattr(deep_linear, "build_deep_linear", record)
+
+    def train(checkpoint):
+        run = deep_linear.train_deep_linear(
+            problem, depth=4, batch_norm=True, lr=1e-3, steps=12, seed=3, shift_every=4,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+        return {"losses": run.losses.tolist(), "steps": run.shift_steps, "shifts": run.shifts}
+
+    check_resume(monkeypatch, tmp_path, train, lambda: models, interrupt_at=6)

@@ -159,7 +159,9 @@ def _cnn_job(
     return probed_job(model, data, config, seed=seed, probe=probe, desc=key, checkpoint=checkpoint)
 
 
-def _dln_job(config: Config, batch_norm: bool, lr: float, seed: int) -> dict:
+def _dln_job(
+    config: Config, batch_norm: bool, lr: float, seed: int, checkpoint: Path | None = None
+) -> dict:
     import time
 
     from batchnorm.lab.theory.deep_linear import make_problem, train_deep_linear
@@ -174,6 +176,8 @@ def _dln_job(config: Config, batch_norm: bool, lr: float, seed: int) -> dict:
         steps=config.dln_steps,
         seed=seed,
         shift_every=config.dln_probe_every,
+        checkpoint=checkpoint,
+        desc=f"deep linear, {'BN' if batch_norm else 'standard'}, lr {lr:g}, seed {seed}",
     )
     every = max(1, config.dln_steps // 200)
     return {
@@ -439,11 +443,14 @@ def measure(config: Config, ctx: Context) -> Measurement:
                         f"[lab] deep linear network, {variant}, lr {lr:g}, seed {seed}: "
                         f"{config.dln_steps} steps"
                     )
+                    key = f"dln-{variant}-lr{lr:g}-seed{seed}"
                     runs.append(
                         cached_job(
                             ctx,
-                            f"dln-{variant}-lr{lr:g}-seed{seed}",
-                            lambda v=variant, s=seed, lr=lr: _dln_job(config, v == BN, lr, s),
+                            key,
+                            lambda v=variant, s=seed, lr=lr, key=key: _dln_job(
+                                config, v == BN, lr, s, ctx.checkpoint(key)
+                            ),
                             as_json=True,
                         )
                     )

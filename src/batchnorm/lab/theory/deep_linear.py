@@ -34,9 +34,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,6 +196,8 @@ def train_deep_linear(
     seed: int = 0,
     reduction: str = "sum",
     shift_every: int = 0,
+    checkpoint: Path | None = None,
+    desc: str = "deep linear network",
 ) -> DeepLinearRun:
     """Full-batch gradient descent on the deep linear problem; loss curve and covariate shift.
 
@@ -207,7 +211,13 @@ def train_deep_linear(
         reduction: "sum" (default) or "mean" over samples.
         shift_every: measure the internal covariate shift every this many steps (0: never),
             before the step is taken, with the step's lr.
+        checkpoint: a file to resume from if it exists and to write the state to, by the lab's
+            training loop (:func:`batchnorm.lab.loop.run_loop`); a resumed run ends with the
+            numbers of an uninterrupted one.
+        desc: the progress bar's label.
     """
+    from batchnorm.lab.loop import run_loop
+
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -215,30 +225,64 @@ def train_deep_linear(
     dim = problem.target.shape[0]
     net = build_deep_linear(dim, depth, batch_norm=batch_norm, seed=seed)
     net.train()
-    groups = _layer_groups(net)
-    params = [p for g in groups for p in g]
-
-    def loss_fn() -> torch.Tensor:
-        return deep_linear_loss(net, problem, reduction)
-
-    losses: list[float] = []
-    shift_steps: list[int] = []
-    shifts: list[tuple[LayerShift, ...]] = []
-    for step in range(steps):
-        if shift_every and step % shift_every == 0:
-            shift_steps.append(step)
-            shifts.append(tuple(internal_covariate_shift(groups, loss_fn, lr, module=net)))
-        loss = loss_fn()
-        grads = torch.autograd.grad(loss, params)
-        losses.append(float(loss.detach()))
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.sub_(lr * g)
+    task = _GDTask(net, problem, lr, reduction)
+    run_loop(
+        task,
+        steps=steps,
+        eval_steps=range(0, steps, shift_every) if shift_every else (),
+        desc=desc,
+        checkpoint=checkpoint,
+        signature=("deep-linear", dim, depth, batch_norm, lr, reduction, seed),
+    )
     with torch.no_grad():
-        losses.append(float(loss_fn()))
+        final = float(task.loss_fn())
     return DeepLinearRun(
-        losses=np.array(losses),
-        shift_steps=tuple(shift_steps),
-        shifts=tuple(shifts),
+        losses=np.array([*task.losses, final]),
+        shift_steps=tuple(task.shift_steps),
+        shifts=tuple(tuple(LayerShift(*row) for row in probe) for probe in task.shifts),
         batch_norm=batch_norm,
     )
+
+
+class _GDTask:
+    """:func:`train_deep_linear` as a task of the lab's loop: one full-batch GD step per
+    update, the covariate shift measured at each evaluation (before that step). The probes are
+    kept as plain tuples, which a checkpoint stores."""
+
+    saved = ("losses", "shift_steps", "shifts")
+
+    def __init__(
+        self, net: torch.nn.Sequential, problem: DeepLinearProblem, lr: float, reduction: str
+    ) -> None:
+        self.net, self.problem, self.lr, self.reduction = net, problem, lr, reduction
+        self.groups = _layer_groups(net)
+        self.params = [p for g in self.groups for p in g]
+        self.losses: list[float] = []
+        self.shift_steps: list[int] = []
+        self.shifts: list[list[tuple]] = []
+
+    def loss_fn(self) -> torch.Tensor:
+        return deep_linear_loss(self.net, self.problem, self.reduction)
+
+    def evaluate(self, step: int) -> str:
+        shift = internal_covariate_shift(self.groups, self.loss_fn, self.lr, module=self.net)
+        self.shift_steps.append(step)
+        self.shifts.append([dataclasses.astuple(layer) for layer in shift])
+        return ""
+
+    def train_step(self, step: int) -> bool:
+        loss = self.loss_fn()
+        grads = torch.autograd.grad(loss, self.params)
+        self.losses.append(float(loss.detach()))
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                p.sub_(self.lr * g)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), **{k: getattr(self, k) for k in self.saved}}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        self.net.load_state_dict(state["net"])
+        for name in self.saved:
+            setattr(self, name, state[name])
