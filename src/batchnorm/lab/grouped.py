@@ -285,19 +285,9 @@ class GroupedConvNet(nn.Module):
         """Network k gets the weights :func:`conv_net` draws from its seed (torch's default
         initialization after ``torch.manual_seed(seed)``); torch's global random state is left
         as it was."""
-        from batchnorm.lab.experiments.cnn import conv_net
-
         with torch.random.fork_rng(devices=[]):
             for k, spec in enumerate(self.specs):
-                single = conv_net(
-                    spec.norm,
-                    self.channels,
-                    self.num_classes,
-                    spec.seed,
-                    head=self.head,
-                    image_shape=self.image_shape,
-                    **spec.norm_kwargs,
-                )
+                single = self._spec_net(spec)
                 self.load_network(k, single)
 
     def _run_of(self, k: int) -> tuple[int, int]:
@@ -347,22 +337,26 @@ class GroupedConvNet(nn.Module):
         put(f"{j}.bias", block.classifier_bias, self.num_classes, param=True)
         return out
 
+    def _spec_net(self, spec: ConvNetSpec) -> nn.Sequential:
+        """The :func:`conv_net` that ``spec`` describes, alone (it draws from torch's global
+        random state: callers fork it)."""
+        from batchnorm.lab.experiments.cnn import conv_net
+
+        return conv_net(
+            spec.norm,
+            self.channels,
+            self.num_classes,
+            spec.seed,
+            head=self.head,
+            image_shape=self.image_shape,
+            **spec.norm_kwargs,
+        )
+
     def network(self, k: int) -> nn.Sequential:
         """Network k as its own :func:`conv_net` module: a copy of its parameters and buffers,
         in the model's dtype and mode (torch's global random state is left as it was)."""
-        from batchnorm.lab.experiments.cnn import conv_net
-
-        spec = self.specs[k]
         with torch.random.fork_rng(devices=[]):
-            net = conv_net(
-                spec.norm,
-                self.channels,
-                self.num_classes,
-                spec.seed,
-                head=self.head,
-                image_shape=self.image_shape,
-                **spec.norm_kwargs,
-            )
+            net = self._spec_net(self.specs[k])
         reference = self.blocks[0].convs[0].weight
         net = net.to(dtype=reference.dtype, device=reference.device)
         net.load_state_dict({key: t.detach().clone() for key, t in self.network_tensors(k).items()})

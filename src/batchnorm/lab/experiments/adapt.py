@@ -59,7 +59,7 @@ from batchnorm.lab.experiments.cnn import (
     HEADS,
     ConvConfig,
     common_choices,
-    conv_net,
+    config_net,
     iid_batches,
     image_data,
     job_curve_rows,
@@ -380,14 +380,7 @@ def measure(config: Config, ctx: Context) -> Measurement:
     for seed in config.seed_list():
 
         def job(seed: int = seed) -> dict:
-            model = conv_net(
-                "bn",
-                config.channels,
-                data.num_classes,
-                seed,
-                head=config.head,
-                image_shape=data.image_shape,
-            )
+            model = config_net(config, data, "bn", seed)
             result = train_net(
                 model,
                 data,

@@ -675,6 +675,21 @@ def head_of(config: ConvConfig) -> str:
     return str(getattr(config, "head", "gap"))
 
 
+def config_net(
+    config: ConvConfig, data: ImageData, norm: str, seed: int, **options: Any
+) -> nn.Sequential:
+    """:func:`conv_net` with ``config``'s widths and head for ``data``'s images and classes."""
+    return conv_net(
+        norm,
+        config.channels,
+        data.num_classes,
+        seed,
+        head=head_of(config),
+        image_shape=data.image_shape,
+        **options,
+    )
+
+
 def decay_of(config: ConvConfig) -> tuple[float, float]:
     """``(decay_at, decay_factor)`` of ``config``: its fields, else a constant rate."""
     return float(getattr(config, "decay_at", 1.0)), float(getattr(config, "decay_factor", 1.0))
@@ -1026,15 +1041,7 @@ def train_jobs(
         for job in missing:
 
             def alone(job: NetJob = job) -> dict[str, Any]:
-                model = conv_net(
-                    job.norm,
-                    config.channels,
-                    data.num_classes,
-                    job.seed,
-                    head=head_of(config),
-                    image_shape=data.image_shape,
-                    **job.options,
-                )
+                model = config_net(config, data, job.norm, job.seed, **job.options)
                 result = train_net(
                     model,
                     data,

@@ -51,7 +51,7 @@ from batchnorm.lab.experiment import (
 from batchnorm.lab.experiments.cnn import (
     FlatConvConfig,
     common_choices,
-    conv_net,
+    config_net,
     eval_steps,
     evaluate,
     iid_batches,
@@ -249,15 +249,7 @@ def _train_arm(
     averages and with recomputed population statistics; its final train accuracy."""
     n = len(data.train_y)
     steps = config.steps_for(config.batch_size, n)
-    model = conv_net(
-        "bn",
-        config.channels,
-        data.num_classes,
-        seed,
-        head=config.head,
-        image_shape=data.image_shape,
-        momentum=config.bn_momentum,
-    )
+    model = config_net(config, data, "bn", seed, momentum=config.bn_momentum)
     job = _ArmJob(config, data, model, seed, lr, schedule, steps, desc)
     model.train()
     run_loop(
