@@ -234,13 +234,13 @@ def test_precise_bn_arm_resumes_exactly(monkeypatch, tmp_path) -> None:
     )  # fmt: skip
     data = digits_images()
     models: list[torch.nn.Module] = []
-    conv_net = precise_bn.conv_net
+    config_net = precise_bn.config_net
 
     def record(*args, **kwargs):
-        models[:] = [conv_net(*args, **kwargs)]
+        models[:] = [config_net(*args, **kwargs)]
         return models[0]
 
-    monkeypatch.setattr(precise_bn, "conv_net", record)
+    monkeypatch.setattr(precise_bn, "config_net", record)
 
     def train(checkpoint):
         return precise_bn._train_arm(config, data, 4, 0.1, "cosine", "t", checkpoint)
