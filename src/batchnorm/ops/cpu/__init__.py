@@ -43,152 +43,6 @@ def _ext() -> ModuleType:
     return ext
 
 
-class _BatchNormFunction(torch.autograd.Function):
-    """Forward and backward through the C++ kernels; saves x, gamma and float32 statistics."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, shift, mean, invstd = _ext().forward(
-            input, weight, bias, running_mean, running_var, training, momentum, eps
-        )
-        ctx.training, ctx.eps = training, eps
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(input, weight, shift, mean, invstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, shift, mean, invstd = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradients must themselves be differentiable.
-            grads = _differentiable_backward(ctx, grad_output, input, weight, shift, invstd)
-            return (*grads, None, None, None, None, None)
-        dx, dgamma, dbeta = _ext().backward(
-            grad_output, input, weight, shift, mean, invstd, ctx.training, need_dx, need_params
-        )
-        dgamma, dbeta = _param_grads(ctx, dgamma, dbeta, 1)
-        grads = [dx if need_dx else None, dgamma, dbeta]
-        grads = _no_double_backward(grads, (input, weight, grad_output))
-        return (*grads, None, None, None, None, None)
-
-
-def _differentiable_backward(ctx, grad_output, input, weight, shift, invstd) -> list:
-    """dx, dgamma, dbeta as functions of x, gamma and dy that autograd can differentiate again
-    (``create_graph=True``: Hessians, gradient penalties, MAML), from PyTorch's ops.
-
-    Training: the batch statistics are functions of x, so the first derivative is taken through
-    PyTorch's native batch norm on the saved x (itself twice differentiable); the numbers are
-    torch's, equal to this backend's own backward to rounding. Eval: ``y = gamma * (x - shift)
-    * invstd + beta`` with the running statistics the forward used (``shift`` is the running
-    mean, ``invstd`` 1 / sqrt(running_var + eps), as saved), written out.
-    """
-    need_dx, need_w, need_b = ctx.needs_input_grad[:3]
-    dims = [0, *range(2, input.dim())]
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    dx = dgamma = None
-    if ctx.training:
-        sources = [t for t, need in ((input, need_dx), (weight, need_w)) if need]
-        if sources:
-            with torch.enable_grad():
-                y = torch.nn.functional.batch_norm(
-                    input, None, None, weight, None, True, 0.0, ctx.eps
-                )
-                found = iter(torch.autograd.grad(y, sources, grad_output, create_graph=True))
-            dx = next(found) if need_dx else None
-            dgamma = next(found) if need_w else None
-    else:
-        scale = invstd if weight is None else weight.float() * invstd
-        if need_dx:
-            dx = (grad_output.float() * scale.reshape(shape)).to(input.dtype)
-        if need_w:
-            x_hat = (input.float() - shift.reshape(shape)) * invstd.reshape(shape)
-            dgamma = (grad_output.float() * x_hat).sum(dims).to(ctx.weight_dtype)
-    dbeta = grad_output.float().sum(dims).to(ctx.bias_dtype) if need_b else None
-    return [dx, dgamma, dbeta]
-
-
-def _param_grads(ctx, dgamma, dbeta, first: int):
-    """dgamma and dbeta in the parameters' dtypes, or None where not needed."""
-    if not ctx.needs_input_grad[first]:
-        dgamma = None
-    elif dgamma.dtype != ctx.weight_dtype:
-        dgamma = dgamma.to(ctx.weight_dtype)
-    if not ctx.needs_input_grad[first + 1]:
-        dbeta = None
-    elif dbeta.dtype != ctx.bias_dtype:
-        dbeta = dbeta.to(ctx.bias_dtype)
-    return dgamma, dbeta
-
-
-def _no_double_backward(grads: list, sources: tuple) -> list:
-    """With create_graph=True, ``grads`` get a node whose own backward raises, so that a second
-    derivative fails loudly instead of coming out as zero or "unused"."""
-    if not torch.is_grad_enabled():
-        return grads
-    tied = [g for g in grads if g is not None]
-    sources = [t for t in sources if t is not None]
-    tied = _NoDoubleBackward.apply(len(tied), *tied, *sources)
-    tied = iter(tied if isinstance(tied, tuple) else (tied,))
-    return [None if g is None else next(tied) for g in grads]
-
-
-class _FusedFunction(torch.autograd.Function):
-    """relu(batch_norm(x) [+ z]) through the C++ kernels; saves x, gamma, the float32 statistics
-    and the forward's scale and offset, plus y, a mask or the residual as ``save`` says."""
-
-    @staticmethod
-    def forward(
-        ctx, input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
-        code,
-    ):  # fmt: skip
-        y, shift, mean, invstd, scale, offset, mask = _ext().forward_fused(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
-            code,
-        )  # fmt: skip
-        ctx.training, ctx.code = training, code
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.has_residual = residual is not None
-        gate = {FusedSave.OUTPUT.code: y, FusedSave.MASK.code: mask}.get(code, residual)
-        ctx.save_for_backward(input, weight, shift, mean, invstd, scale, offset, gate)
-        if mask is not None:
-            ctx.mark_non_differentiable(mask)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, shift, mean, invstd, scale, offset, gate = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_dz = ctx.has_residual and ctx.needs_input_grad[1]
-        need_params = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dx, dgamma, dbeta, dz = _ext().backward_fused(
-            grad_output, input, weight, shift, mean, invstd, scale, offset, ctx.training,
-            need_dx, need_params, need_dz, ctx.code, gate,
-        )  # fmt: skip
-        dgamma, dbeta = _param_grads(ctx, dgamma, dbeta, 2)
-        grads = [dx if need_dx else None, dz if need_dz else None, dgamma, dbeta]
-        grads = _no_double_backward(grads, (input, weight, grad_output))
-        return (*grads, None, None, None, None, None, None)
-
-
-class _NoDoubleBackward(torch.autograd.Function):
-    """Passes gradients through; differentiating them raises (no double backward here)."""
-
-    @staticmethod
-    def forward(ctx, count, *tensors):
-        return tuple(t.clone() for t in tensors[:count])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "the 'cpu' batch-norm backend has no second derivatives (double backward); use "
-            "backend='torch' or 'explicit' for gradients of gradients (e.g. gradient penalties)"
-        )
-
-
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -214,8 +68,10 @@ def batch_norm(
     Returns:
         y, shaped and laid out like the input (channels-last stays channels-last).
 
-    Second derivatives (``create_graph=True``) are exact: the backward is then written with
-    PyTorch's differentiable ops (see :func:`_differentiable_backward`).
+    The backward is a C++ autograd node (``CpuBatchNormBackward``), so a training step runs no
+    Python after this call. Second derivatives (``create_graph=True``) are exact: the backward
+    is then written with PyTorch's differentiable ops (training: through PyTorch's native batch
+    norm on the saved x; eval: the affine map with the running statistics, written out).
 
     Raises:
         RuntimeError: the kernels cannot be built here.
@@ -229,9 +85,8 @@ def batch_norm(
             0
         ]
     else:
-        y = _BatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, training, momentum, eps
-        )
+        # The autograd node is C++ (CpuBatchNormBackward): no Python runs in the backward.
+        y = _ext().batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
     _updated(training, running_mean, running_var)
     return y
 
@@ -280,7 +135,7 @@ def batch_norm_relu(
             FusedSave.RECOMPUTE.code,  # nothing is kept for a backward: no mask to write
         )[0]  # fmt: skip
     else:
-        y = _FusedFunction.apply(
+        y = _ext().batch_norm_relu(
             input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
             code,
         )  # fmt: skip

@@ -291,12 +291,13 @@ int64_t inner_block_rows(int64_t C) {
 }
 
 std::vector<float> floats_or(const c10::optional<Tensor>& t, int64_t C, float fill) {
-  std::vector<float> out(C, fill);
-  if (t.has_value() && t->defined()) {
-    const Tensor f = t->detach().to(at::kFloat).contiguous();
-    std::copy(f.data_ptr<float>(), f.data_ptr<float>() + C, out.begin());
+  if (!t.has_value() || !t->defined()) return std::vector<float>(C, fill);
+  if (t->scalar_type() == at::kFloat && t->is_contiguous()) {  // the common case: no ATen call
+    const float* p = t->data_ptr<float>();
+    return std::vector<float>(p, p + C);
   }
-  return out;
+  const Tensor f = t->detach().to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + C);
 }
 
 // running = (1 - momentum) * running + momentum * value, in the buffer's own dtype.
@@ -1113,9 +1114,10 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
   const std::vector<float> gamma = floats_or(weight, g.C, 1.f);
   Tensor dx, dgamma, dbeta;
   if (need_dx) dx = at::empty_like(x);
-  if (need_params) {
-    dgamma = at::zeros({g.C}, input.options().dtype(at::kFloat));
-    dbeta = at::zeros({g.C}, input.options().dtype(at::kFloat));
+  if (need_params) {  // every channel is written below, unless x is empty
+    const auto opts = input.options().dtype(at::kFloat);
+    dgamma = x.numel() > 0 ? at::empty({g.C}, opts) : at::zeros({g.C}, opts);
+    dbeta = x.numel() > 0 ? at::empty({g.C}, opts) : at::zeros({g.C}, opts);
   }
   if (x.numel() > 0 && (need_dx || need_params)) {
     if (x.scalar_type() == at::kFloat) {
@@ -1283,6 +1285,221 @@ std::string capability() {
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------------
+// Autograd: the forward and backward above as C++ autograd nodes (no Python per call)
+// ------------------------------------------------------------------------------------------
+
+namespace batchnorm {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+inline bool is_set(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A parameter's gradient in the parameter's dtype (the kernels return float32).
+inline Tensor in_dtype(const Tensor& grad, int64_t dtype) {
+  const auto type = static_cast<at::ScalarType>(dtype);
+  return grad.scalar_type() == type ? grad : grad.to(type);
+}
+inline Tensor in_dtype(const Tensor& grad, const Tensor& param) {
+  return in_dtype(grad, static_cast<int64_t>(param.scalar_type()));
+}
+
+// Passes gradients through (as copies tied to `sources`); differentiating them raises, so that
+// a second derivative of a fused kernel fails loudly instead of coming out as zero or "unused".
+struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
+  static variable_list forward(AutogradContext*, at::TensorList grads, at::TensorList) {
+    variable_list out;
+    for (const Tensor& g : grads) out.push_back(g.clone());
+    return out;
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "the 'cpu' batch-norm backend has no second derivatives (double backward) of "
+                "its fused ReLU kernels; use backend='torch' or 'explicit' for gradients of "
+                "gradients (e.g. gradient penalties)");
+  }
+};
+
+// Under create_graph=True: ties the defined gradients to a NoDoubleBackward node.
+void guard_double_backward(std::vector<Tensor*> grads, const std::vector<Tensor>& sources) {
+  if (!at::GradMode::is_enabled()) return;
+  std::vector<Tensor> defined, from;
+  for (Tensor* g : grads)
+    if (g->defined()) defined.push_back(*g);
+  for (const Tensor& t : sources)
+    if (t.defined()) from.push_back(t);
+  if (defined.empty()) return;
+  variable_list tied = NoDoubleBackward::apply(at::TensorList(defined), at::TensorList(from));
+  size_t i = 0;
+  for (Tensor* g : grads)
+    if (g->defined()) *g = tied[i++];
+}
+
+// dx, dgamma, dbeta that autograd can differentiate again (create_graph=True: Hessians,
+// gradient penalties, MAML), from PyTorch's own ops. Training: through PyTorch's native batch
+// norm on the saved x (itself twice differentiable; equal to this backend's own backward to
+// rounding). Eval: y = gamma * (x - shift) * invstd + beta with the running statistics the
+// forward used (shift = the running mean, invstd = 1 / sqrt(running_var + eps)), written out.
+std::vector<Tensor> differentiable_backward(const Tensor& grad_output, const Tensor& input,
+                                            const Tensor& weight, int64_t bias_dtype,
+                                            const Tensor& shift, const Tensor& invstd,
+                                            bool training, double eps, bool need_dx,
+                                            bool need_w, bool need_b) {
+  std::vector<int64_t> dims{0}, shape{1, -1};
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    dims.push_back(d);
+    shape.push_back(1);
+  }
+  Tensor dx, dgamma, dbeta;
+  if (training) {
+    std::vector<Tensor> sources;
+    if (need_dx) sources.push_back(input);
+    if (need_w) sources.push_back(weight);
+    if (!sources.empty()) {
+      at::AutoGradMode enable(true);
+      const Tensor y = at::batch_norm(input, weight, Tensor(), Tensor(), Tensor(), true, 0.0, eps,
+                                      false);
+      variable_list found = torch::autograd::grad({y}, sources, {grad_output},
+                                                  /*retain_graph=*/true, /*create_graph=*/true);
+      size_t i = 0;
+      if (need_dx) dx = found[i++];
+      if (need_w) dgamma = found[i++];
+    }
+  } else {
+    const Tensor scale = weight.defined() ? weight.to(at::kFloat) * invstd : invstd;
+    if (need_dx) dx = (grad_output.to(at::kFloat) * scale.reshape(shape)).to(input.scalar_type());
+    if (need_w) {
+      const Tensor x_hat = (input.to(at::kFloat) - shift.reshape(shape)) * invstd.reshape(shape);
+      dgamma = (grad_output.to(at::kFloat) * x_hat).sum(dims).to(weight.scalar_type());
+    }
+  }
+  if (need_b) dbeta = in_dtype(grad_output.to(at::kFloat).sum(dims), bias_dtype);
+  return {dx, dgamma, dbeta};
+}
+
+// batch_norm through the kernels above; saves x, gamma and the float32 (C,) statistics.
+struct CpuBatchNormBackward : public torch::autograd::Function<CpuBatchNormBackward> {
+  // Input edges, in order: input, weight (if given), bias (if given); the running statistics
+  // come last (detached), so they never shift these indices.
+  static Tensor forward(AutogradContext* ctx, const Tensor& input,
+                        const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                        const c10::optional<Tensor>& running_mean,
+                        const c10::optional<Tensor>& running_var, bool training, double momentum,
+                        double eps) {
+    auto out = ::forward(input, weight, bias, running_mean, running_var, training, momentum, eps);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bias_dtype"] = is_set(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
+    ctx->save_for_backward({input, is_set(weight) ? *weight : Tensor(), out[1], out[2], out[3]});
+    return out[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1], &shift = saved[2], &mean = saved[3],
+                 &invstd = saved[4];
+    const bool training = ctx->saved_data["training"].toBool();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool has_w = weight.defined(), has_b = bias_dtype >= 0;
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_w = has_w && ctx->needs_input_grad(1);
+    const bool need_b = has_b && ctx->needs_input_grad(has_w ? 2 : 1);
+    const Tensor& grad_output = grad_outputs[0];
+    std::vector<Tensor> grads;
+    if (at::GradMode::is_enabled()) {
+      grads = differentiable_backward(grad_output, input, weight, bias_dtype, shift, invstd,
+                                      training, ctx->saved_data["eps"].toDouble(), need_dx,
+                                      need_w, need_b);
+    } else {
+      grads = ::backward(grad_output, input, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
+                         shift, mean, invstd, training, need_dx, need_w || need_b);
+      grads[1] = need_w ? in_dtype(grads[1], weight) : Tensor();
+      grads[2] = need_b ? in_dtype(grads[2], bias_dtype) : Tensor();
+    }
+    return {grads[0], grads[1], grads[2], Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// relu(batch_norm(x) [+ z]) through the fused kernels; saves x, gamma, the float32 statistics
+// and the forward's scale and offset, plus y, the mask or the residual as `code` says.
+struct CpuBatchNormReluBackward : public torch::autograd::Function<CpuBatchNormReluBackward> {
+  // Input edges: input, residual (if given), weight (if given), bias (if given), then the
+  // detached running statistics.
+  static Tensor forward(AutogradContext* ctx, const Tensor& input,
+                        const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias,
+                        const c10::optional<Tensor>& running_mean,
+                        const c10::optional<Tensor>& running_var, bool training, double momentum,
+                        double eps, int64_t code) {
+    auto out = forward_fused(input, weight, bias, running_mean, running_var, training, momentum,
+                             eps, residual, code);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["code"] = code;
+    ctx->saved_data["has_residual"] = is_set(residual);
+    ctx->saved_data["bias_dtype"] = is_set(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
+    Tensor gate;
+    if (code == kSaveOutput) {
+      gate = out[0];
+    } else if (code == kSaveMask) {
+      gate = out[6];
+    } else if (is_set(residual)) {
+      gate = *residual;
+    }
+    ctx->save_for_backward({input, is_set(weight) ? *weight : Tensor(), out[1], out[2], out[3],
+                            out[4], out[5], gate});
+    return out[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& input = saved[0];
+    const Tensor& weight = saved[1];
+    const bool has_z = ctx->saved_data["has_residual"].toBool();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool has_w = weight.defined(), has_b = bias_dtype >= 0;
+    const size_t w_edge = has_z ? 2 : 1;
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dz = has_z && ctx->needs_input_grad(1);
+    const bool need_w = has_w && ctx->needs_input_grad(w_edge);
+    const bool need_b = has_b && ctx->needs_input_grad(has_w ? w_edge + 1 : w_edge);
+    const Tensor& grad_output = grad_outputs[0];
+    auto grads = backward_fused(
+        grad_output, input, has_w ? c10::optional<Tensor>(weight) : c10::nullopt, saved[2],
+        saved[3], saved[4], saved[5], saved[6], ctx->saved_data["training"].toBool(), need_dx,
+        need_w || need_b, need_dz, ctx->saved_data["code"].toInt(),
+        saved[7].defined() ? c10::optional<Tensor>(saved[7]) : c10::nullopt);
+    Tensor dx = need_dx ? grads[0] : Tensor();
+    Tensor dgamma = need_w ? in_dtype(grads[1], weight) : Tensor();
+    Tensor dbeta = need_b ? in_dtype(grads[2], bias_dtype) : Tensor();
+    Tensor dz = need_dz ? grads[3] : Tensor();
+    guard_double_backward({&dx, &dz, &dgamma, &dbeta}, {input, weight, grad_output});
+    return {dx,       dz,       dgamma,   dbeta,    Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor batch_norm_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
+                           const c10::optional<Tensor>& bias,
+                           const c10::optional<Tensor>& running_mean,
+                           const c10::optional<Tensor>& running_var, bool training,
+                           double momentum, double eps) {
+  return CpuBatchNormBackward::apply(input, weight, bias, running_mean, running_var, training,
+                                     momentum, eps);
+}
+
+Tensor batch_norm_relu_autograd(const Tensor& input, const c10::optional<Tensor>& residual,
+                                const c10::optional<Tensor>& weight,
+                                const c10::optional<Tensor>& bias,
+                                const c10::optional<Tensor>& running_mean,
+                                const c10::optional<Tensor>& running_var, bool training,
+                                double momentum, double eps, int64_t code) {
+  return CpuBatchNormReluBackward::apply(input, residual, weight, bias, running_mean, running_var,
+                                         training, momentum, eps, code);
+}
+
+}  // namespace batchnorm
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "batch norm forward: (y, shift, mean_s, invstd)");
   m.def("backward", &backward, "batch norm backward: (dx, dgamma, dbeta)");
@@ -1290,6 +1507,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch norm (+ residual) + ReLU forward: (y, shift, mean_s, invstd, scale, offset, mask)");
   m.def("backward_fused", &backward_fused,
         "batch norm (+ residual) + ReLU backward: (dx, dgamma, dbeta, dz)");
+  m.def("batch_norm", &batchnorm::batch_norm_autograd,
+        "batch norm with an autograd node (the running statistics are updated in place)");
+  m.def("batch_norm_relu", &batchnorm::batch_norm_relu_autograd,
+        "batch norm (+ residual) + ReLU with an autograd node");
   m.def("capability", &capability, "the vector instruction set compiled in");
   m.def("vector_width", []() { return kW; }, "floats per vector");
 }

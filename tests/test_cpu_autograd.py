@@ -1,0 +1,148 @@
+"""The C++ autograd nodes of the CPU kernels (``CpuBatchNormBackward``,
+``CpuBatchNormReluBackward``): every combination of given / absent / frozen weight, bias and
+residual routes each gradient to its own input, and the nodes behave as autograd's own do
+(saved-tensor hooks, in-place checks, retain_graph, parameter dtypes).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from batchnorm import backends
+from batchnorm.functional import batch_norm, batch_norm_add_relu, batch_norm_relu
+from batchnorm.ops import cpu
+
+C = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    ok, reason = cpu.status()
+    if not ok:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
+    if cpu.load() is None:
+        pytest.fail(f"the C++ CPU kernels failed to build: {cpu.status()[1]}")
+
+
+def _param(kind: str, seed: int, dtype=torch.float32):
+    """None, a frozen tensor, or a leaf that requires grad."""
+    if kind == "none":
+        return None
+    t = (torch.rand(C, generator=torch.Generator().manual_seed(seed)) + 0.5).to(dtype)
+    return t.requires_grad_(kind == "grad")
+
+
+def _grads(y, dy, inputs):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(y, wanted, dy) if wanted else ()
+
+
+KINDS = ("none", "frozen", "grad")
+# (x requires grad, weight, bias): every combination in which something requires grad.
+COMBINATIONS = [
+    (x_grad, w, b)
+    for x_grad, w, b in itertools.product([True, False], KINDS, KINDS)
+    if x_grad or "grad" in (w, b)
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("x_grad", "w_kind", "b_kind"), COMBINATIONS)
+def test_each_gradient_reaches_its_input(x_grad, w_kind, b_kind, training):
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(6, C, 3, 3, generator=gen) * 2 + 1
+    dy = torch.randn(x0.shape, generator=gen)
+    rm, rv = torch.randn(C, generator=gen) * 0.1, torch.rand(C, generator=gen) + 0.5
+
+    def run(backend):
+        x = x0.clone().requires_grad_(x_grad)
+        w, b = _param(w_kind, 1), _param(b_kind, 2)
+        y = batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend)
+        return _grads(y, dy, [x, w, b])
+
+    got = run("cpu")
+    assert backends.last_backend() == "cpu"
+    expected = run("torch")
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("z_kind", ["none", "frozen", "grad"])
+@pytest.mark.parametrize(("w_kind", "b_kind"), [("grad", "grad"), ("none", "grad"),
+                                                ("grad", "none"), ("frozen", "grad")])  # fmt: skip
+@pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no-dx"])
+def test_fused_gradients_reach_their_inputs(x_grad, w_kind, b_kind, z_kind):
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(6, C, 3, 3, generator=gen)
+    z0 = torch.randn(x0.shape, generator=gen)
+    dy = torch.randn(x0.shape, generator=gen)
+
+    def run(fused):
+        x = x0.clone().requires_grad_(x_grad)
+        z = None if z_kind == "none" else z0.clone().requires_grad_(z_kind == "grad")
+        w, b = _param(w_kind, 1), _param(b_kind, 2)
+        if fused and z is None:
+            y = batch_norm_relu(x, None, None, w, b, True, backend="cpu", save="mask")
+        elif fused:
+            y = batch_norm_add_relu(x, z, None, None, w, b, True, backend="cpu", save="mask")
+        else:
+            y = batch_norm(x, None, None, w, b, True, backend="cpu")
+            y = torch.relu(y if z is None else y + z)
+        return _grads(y, dy, [x, z, w, b])
+
+    got, expected = run(True), run(False)
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def test_parameter_gradients_keep_the_parameters_dtype():
+    """bfloat16 input: bfloat16 or float32 (mixed precision) parameters get their own dtype."""
+    x = torch.randn(4, C, 2, 2).to(torch.bfloat16).requires_grad_(True)
+    w = _param("grad", 1, torch.bfloat16)
+    b = _param("grad", 2, torch.float32)
+    y = batch_norm(x, None, None, w, b, True, backend="cpu")
+    assert backends.last_backend() == "cpu"
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    assert (dx.dtype, dw.dtype, db.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+
+
+def test_saved_tensor_hooks_see_what_the_node_keeps():
+    """x, gamma and three (C,) float32 statistics: the hooks run as for autograd's own nodes."""
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(4, C, 2, 2).requires_grad_(True)
+    w = _param("grad", 1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = batch_norm(x, None, None, w, None, True, backend="cpu")
+    assert sorted(packed) == sorted([(4, C, 2, 2), (C,), (C,), (C,), (C,)])
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_input_changed_in_place_after_forward_raises():
+    x = torch.randn(4, C, 2, 2).requires_grad_(True)
+    h = x * 1.0
+    y = batch_norm(h, None, None, None, None, True, backend="cpu")
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_backward_twice_with_retain_graph():
+    x = torch.randn(4, C, 2, 2).requires_grad_(True)
+    y = batch_norm(x, None, None, _param("frozen", 1), None, True, backend="cpu")
+    dy = torch.randn(y.shape)
+    (first,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    (second,) = torch.autograd.grad(y, x, dy)
+    assert torch.equal(first, second)
+    with pytest.raises(RuntimeError, match="second time|already been freed"):
+        torch.autograd.grad(y, x, dy)
