@@ -293,6 +293,32 @@ def test_only_requested_gradients():
     assert_close(dx, dx_t, rtol=1e-4, atol=1e-4, name="dx")
 
 
+@pytest.mark.parametrize("layout", ["nc", "planar", "channels_last"])
+@pytest.mark.parametrize("need_params", [False, True], ids=["dx", "dx-dgamma"])
+def test_eval_backward_reads_only_dy(layout, need_params):
+    """Eval: dx = gamma * invstd * dy, as torch's; a NaN or inf in x reaches dgamma (which
+    depends on x) but never dx."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (6, 4) if layout == "nc" else (3, 4, 5, 5)
+    x = torch.randn(shape, generator=gen)
+    x.view(-1)[[0, 7, 11]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5
+    w = (torch.rand(4, generator=gen) + 0.5).requires_grad_(need_params)
+    dy = torch.randn(shape, generator=gen)
+    grads = []
+    for backend in ("cpu", "torch"):
+        xg = x.clone().requires_grad_(True)
+        y = batch_norm(xg, rm, rv, w, None, False, backend=backend)
+        grads.append(torch.autograd.grad(y, [xg, w] if need_params else [xg], dy))
+    (dx, *rest), (dx_t, *rest_t) = grads
+    assert torch.isfinite(dx).all()
+    assert_close(dx, dx_t, rtol=1e-6, atol=1e-6, name="dx")
+    if need_params:
+        assert torch.isnan(rest[0]).any() and torch.isnan(rest_t[0]).any()
+
+
 def test_buffers_edited_between_forward_and_backward():
     """The running statistics are not saved for backward: editing them in place between forward
     and backward (a second forward, DDP's broadcast) neither breaks nor changes the gradient."""

@@ -235,19 +235,27 @@ BN_ALWAYS_INLINE inline void row_grad_sums(const T* x, const T* dy, int64_t len,
   }
 }
 
-// dx = dy * a + (x - shift) * k + c0 over a row.
-template <typename T>
+// dx = dy * a + (x - shift) * k + c0 over a row; without x (kWithX false, eval mode: k = c0 = 0),
+// dx = dy * a, which reads neither x nor its NaN.
+template <typename T, bool kWithX = true>
 inline void row_dx(const T* x, const T* dy, T* dx, int64_t len, float shift, float a, float k,
                    float c0) {
   const Vec vs(shift), va(a), vk(k), vc(c0);
   int64_t i = 0;
   for (; i + kW <= len; i += kW) {
-    const Vec v = at::vec::fmadd(vload(dy + i), va, at::vec::fmadd(vload(x + i) - vs, vk, vc));
-    vstore(dx + i, v);
+    if constexpr (kWithX) {
+      vstore(dx + i, at::vec::fmadd(vload(dy + i), va, at::vec::fmadd(vload(x + i) - vs, vk, vc)));
+    } else {
+      vstore(dx + i, vload(dy + i) * va);
+    }
   }
   for (; i < len; ++i) {
-    const float v = static_cast<float>(dy[i]) * a + (static_cast<float>(x[i]) - shift) * k + c0;
-    dx[i] = static_cast<T>(v);
+    if constexpr (kWithX) {
+      dx[i] = static_cast<T>(static_cast<float>(dy[i]) * a +
+                             (static_cast<float>(x[i]) - shift) * k + c0);
+    } else {
+      dx[i] = static_cast<T>(static_cast<float>(dy[i]) * a);
+    }
   }
 }
 
@@ -644,7 +652,7 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
 // dx = dy * a + (x - shift) * k + c0 over the block rows [r0, r1), a chunk of channels at a
 // time (row after row measured 2x slower here: x, dy and dx share their offsets modulo 4 KiB,
 // so the loads of the next row wait on the stores of this one).
-template <typename T>
+template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0) {
   for_chunks(
@@ -661,17 +669,25 @@ void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t off = r * C + c;
           for (int k = 0; k < K; ++k) {
-            const Vec xs = vload(x + off + k * kW) - vs[k];
-            vstore(dx + off + k * kW,
-                   at::vec::fmadd(vload(dy + off + k * kW), va[k], at::vec::fmadd(xs, vk[k], vc[k])));
+            if constexpr (kWithX) {
+              const Vec xs = vload(x + off + k * kW) - vs[k];
+              vstore(dx + off + k * kW, at::vec::fmadd(vload(dy + off + k * kW), va[k],
+                                                       at::vec::fmadd(xs, vk[k], vc[k])));
+            } else {
+              vstore(dx + off + k * kW, vload(dy + off + k * kW) * va[k]);
+            }
           }
         }
       },
       [&](int64_t c) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t off = r * C + c;
-          dx[off] = static_cast<T>(static_cast<float>(dy[off]) * a[c] +
-                                   (static_cast<float>(x[off]) - shift[c]) * kk[c] + c0[c]);
+          if constexpr (kWithX) {
+            dx[off] = static_cast<T>(static_cast<float>(dy[off]) * a[c] +
+                                     (static_cast<float>(x[off]) - shift[c]) * kk[c] + c0[c]);
+          } else {
+            dx[off] = static_cast<T>(static_cast<float>(dy[off]) * a[c]);
+          }
         }
       });
 }
@@ -1017,8 +1033,8 @@ void grad_sums(const T* x, const T* dy, const Geometry& g, const float* shift,
   });
 }
 
-// dx = dy * a + (x - shift) * k + c0, per channel.
-template <typename T>
+// dx = dy * a + (x - shift) * k + c0, per channel (kWithX false: dx = dy * a).
+template <typename T, bool kWithX>
 void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shift,
              const std::vector<float>& a, const std::vector<float>& k,
              const std::vector<float>& c0v) {
@@ -1028,8 +1044,8 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
                      [&](int64_t i0, int64_t i1) {
                        for (int64_t i = i0; i < i1; ++i) {
                          const int64_t c = i % C;
-                         row_dx(x + i * S, dy + i * S, dx + i * S, S, shift[c], a[c], k[c],
-                                c0v[c]);
+                         row_dx<T, kWithX>(x + i * S, dy + i * S, dx + i * S, S, shift[c], a[c],
+                                           k[c], c0v[c]);
                        }
                      });
     return;
@@ -1037,8 +1053,8 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
   const int64_t R = g.rows(), block = inner_block_rows(C);
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      inner_block_dx(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift, a.data(),
-                     k.data(), c0v.data());
+      inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
+                                a.data(), k.data(), c0v.data());
     }
   });
 }
@@ -1090,8 +1106,13 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
                                 for (int64_t n = 0; n < g.N; ++n) {
                                   for (int64_t c = cb; c < ce; ++c) {
                                     const int64_t off = (n * C + c) * S;
-                                    row_dx(xp + off, gp + off, dxp + off, S, shift[c], a[c],
-                                           k[c], c0[c]);
+                                    if (training) {
+                                      row_dx<T, true>(xp + off, gp + off, dxp + off, S,
+                                                      shift[c], a[c], k[c], c0[c]);
+                                    } else {
+                                      row_dx<T, false>(xp + off, gp + off, dxp + off, S,
+                                                       shift[c], a[c], k[c], c0[c]);
+                                    }
                                   }
                                 }
                               });
@@ -1099,7 +1120,9 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
   }
   if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
   for (int64_t c = 0; c < C; ++c) coefficients(c);
-  if (need_dx) dx_pass(xp, gp, dx.data_ptr<T>(), g, shift, a, k, c0);
+  if (need_dx && training) dx_pass<T, true>(xp, gp, dx.data_ptr<T>(), g, shift, a, k, c0);
+  // Eval: dx = gamma * invstd * dy, as torch computes it; x is not read (nor its NaN or inf).
+  if (need_dx && !training) dx_pass<T, false>(xp, gp, dx.data_ptr<T>(), g, shift, a, k, c0);
 }
 
 // Returns (dx, dgamma, dbeta) (undefined tensors where not needed); dgamma/dbeta are float32.
