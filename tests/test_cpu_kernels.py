@@ -218,6 +218,26 @@ def test_mean_that_drifts_along_the_batch(layout):
     _check(x, dy, *_params(shape[1]))
 
 
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((16, 8, 24, 24), "nchw"), ((64, 300, 3, 3), "nchw"), ((16, 40, 12, 12), "nhwc")],
+    ids=["planar-one-channel", "planar-blocks", "channels-last"],
+)
+def test_statistics_far_from_their_centre_take_two_passes(shape, layout):
+    """The first sample sits 60 standard deviations above the others (x = 1e4 + randn): the
+    first statistics groups are centred on it (planar: the mean of its first row; channels-last:
+    the first block's mean), far from their own means, where the one-pass sum d^2 - n mean^2
+    would cancel several bits; the guard sends those groups to two passes and the variance
+    keeps float32 accuracy."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).add(1e4)
+    x[0] += 60.0
+    x, dy = x.float(), torch.randn(shape, generator=gen)
+    if layout == "nhwc":
+        x, dy = (t.to(memory_format=torch.channels_last) for t in (x, dy))
+    _check(x, dy, *_params(shape[1]))
+
+
 def _run_all(x, dy, gamma, beta):
     rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
     xg = x.clone().requires_grad_(True)

@@ -11,11 +11,14 @@
 //   the groups are merged with Chan's formula in float64, in group order;
 // - every group is centred before it is summed, so that x - centre is exact in float32 for a
 //   large mean with a small spread (1e4 + randn keeps float32 accuracy) and the float32 sums stay
-//   small where a channel's values drift along the batch. Planar: each group on its own first
-//   value, two passes per group (the second from L1/L2). Channel-inner: every block on the
-//   channel's common shift, the first block's mean, in one pass of sums of d and d^2 whose
-//   cancellation is bounded by a guard (inner_block_moments); a block far from the shift is
-//   redone in two passes centred on its own first row. No unguarded E[x^2] - E[x]^2 anywhere.
+//   small where a channel's values drift along the batch. Both layouts take one pass of sums
+//   of d = x - centre and d^2 per group, whose cancellation is bounded by a guard
+//   (one_pass_moments: mean^2 <= 8 var); a group that fails it is redone in two passes (the
+//   second from L1/L2). Planar: the first group centred on the mean of its first row, every
+//   later one on the mean of the group before (first_row_centre); the scalar tails of rows
+//   shorter than a vector are summed in float64. Channel-inner: every block on the channel's
+//   common shift, the first block's mean (inner_block_moments); a redone block is centred on
+//   its own first row. No unguarded E[x^2] - E[x]^2 anywhere.
 // - the work split never depends on the thread count (planar: fixed blocks of channels;
 //   channel-inner: fixed blocks of rows), so results are bitwise independent of torch's thread
 //   count.
@@ -108,7 +111,7 @@ struct Moments {
 
 // Sum of (p[i] - shift) over a row of len values (four independent vector chains).
 template <typename T>
-BN_ALWAYS_INLINE inline void row_sum(const T* p, int64_t len, float shift, Vec* acc, float& tail) {
+BN_ALWAYS_INLINE inline void row_sum(const T* p, int64_t len, float shift, Vec* acc, double& tail) {
   const Vec vs(shift);
   int64_t i = 0;
   for (; i + 4 * kW <= len; i += 4 * kW) {
@@ -123,7 +126,7 @@ BN_ALWAYS_INLINE inline void row_sum(const T* p, int64_t len, float shift, Vec* 
 
 // Sum of ((p[i] - shift) - centre)^2 over a row (x - shift is exact; centre is small).
 template <typename T>
-BN_ALWAYS_INLINE inline void row_m2(const T* p, int64_t len, float shift, float centre, Vec* acc, float& tail) {
+BN_ALWAYS_INLINE inline void row_m2(const T* p, int64_t len, float shift, float centre, Vec* acc, double& tail) {
   const Vec vs(shift), vc(centre);
   int64_t i = 0;
   for (; i + 4 * kW <= len; i += 4 * kW) {
@@ -138,11 +141,54 @@ BN_ALWAYS_INLINE inline void row_m2(const T* p, int64_t len, float shift, float 
   }
   for (; i < len; ++i) {
     const float d = (static_cast<float>(p[i]) - shift) - centre;
-    tail += d * d;
+    tail += static_cast<double>(d) * d;
   }
 }
 
 inline float hsum4(const Vec* acc) { return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])); }
+
+// One pass over a row: sums of d = p[i] - centre (acc[0], acc[1], tail[0]) and of d^2 (acc[2],
+// acc[3], tail[1]).
+template <typename T>
+BN_ALWAYS_INLINE inline void row_sum_sq(const T* p, int64_t len, float centre, Vec* acc,
+                                        double* tail) {
+  const Vec vc(centre);
+  int64_t i = 0;
+  for (; i + 2 * kW <= len; i += 2 * kW) {
+    const Vec d0 = vload(p + i) - vc, d1 = vload(p + i + kW) - vc;
+    acc[0] += d0;
+    acc[1] += d1;
+    acc[2] = at::vec::fmadd(d0, d0, acc[2]);
+    acc[3] = at::vec::fmadd(d1, d1, acc[3]);
+  }
+  for (; i + kW <= len; i += kW) {
+    const Vec d = vload(p + i) - vc;
+    acc[0] += d;
+    acc[2] = at::vec::fmadd(d, d, acc[2]);
+  }
+  for (; i < len; ++i) {
+    const float d = static_cast<float>(p[i]) - centre;
+    tail[0] += d;
+    tail[1] += static_cast<double>(d) * d;
+  }
+}
+
+// The one-pass moments of a group from its sums of d and d^2 (d = x - centre): the mean of d,
+// and M2 = sum d^2 - n mean^2, whose rounding error is that of a two-pass M2 times
+// (1 + mean^2 / var). False where mean^2 > kMaxMeanToVar * var (a centre far from the group's
+// mean), M2 < 0, or anything is not finite: the group then takes the two-pass way.
+constexpr float kMaxMeanToVar = 8.f;
+
+inline bool one_pass_moments(const Vec* acc, const double* tail, double count, float& mean,
+                             float& m2) {
+  const double s1 = hsum(acc[0] + acc[1]) + tail[0];
+  const double s2 = hsum(acc[2] + acc[3]) + tail[1];
+  mean = static_cast<float>(s1 / count);
+  const double centred = s1 * mean;  // n mean^2
+  m2 = static_cast<float>(s2 - centred);
+  // !(a <= b) also catches NaN and inf, which the two passes then propagate as such.
+  return centred * (1.0 / kMaxMeanToVar) <= m2 && m2 >= 0.f;
+}
 
 // What the output pass does after the affine map: add a residual, apply a ReLU, write a mask
 // (1 where the gradient passes the ReLU: !(y <= 0), as torch's threshold_backward, so a NaN
@@ -361,39 +407,71 @@ int64_t planar_block_channels(const Geometry& g, int64_t tensors) {
 }
 
 // Per-task scratch of a planar channel block (allocated once per task, not per block): per
-// channel, 4 vector accumulators and 2 float tails.
+// channel, 4 vector accumulators and 2 float64 tails.
 struct PlanarScratch {
   std::vector<Vec> acc;
-  std::vector<float> tail, mean, centre;
-  explicit PlanarScratch(int64_t B) : acc(4 * B), tail(2 * B), mean(B), centre(B) {}
+  std::vector<double> tail;  // statistics: float64 (rows shorter than a vector sum here alone)
+  std::vector<float> tail_f;  // gradient sums: float32, as planar_grad_sums keeps them
+  std::vector<float> mean, centre;
+  explicit PlanarScratch(int64_t B) : acc(4 * B), tail(2 * B), tail_f(2 * B), mean(B), centre(B) {}
   void clear(int64_t B) {
     std::fill(acc.begin(), acc.begin() + 4 * B, Vec(0.f));
-    std::fill(tail.begin(), tail.begin() + 2 * B, 0.f);
+    std::fill(tail.begin(), tail.begin() + 2 * B, 0.0);
+    std::fill(tail_f.begin(), tail_f.begin() + 2 * B, 0.f);
   }
 };
 
 // Calls add(b, n, acc, tail) for the rows [n0, n1) of a block's B channels, row after row, with
-// channel b's accumulators (4 vectors, 2 floats) taken from `scratch` into locals and put back.
-// prefetch(n) comes before row n is read. (A block of one channel runs planar_channel_moments
-// or planar_grad_sums instead, whose accumulators stay in registers across the rows: the
-// per-row round trip costs 10-17 % on short rows.)
-template <typename P, typename F>
+// channel b's accumulators (4 vectors, 2 tails of type Tail: scratch.tail for double,
+// scratch.tail_f for float) taken from `scratch` into locals and put back. prefetch(n) comes
+// before row n is read. (A block of one channel runs planar_channel_moments or planar_grad_sums
+// instead, whose accumulators stay in registers across the rows: the per-row round trip costs
+// 10-17 % on short rows.)
+template <typename Tail, typename P, typename F>
 BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1, PlanarScratch& scratch,
                             P&& prefetch, F&& add) {
+  Tail* tails;
+  if constexpr (std::is_same_v<Tail, double>) {
+    tails = scratch.tail.data();
+  } else {
+    tails = scratch.tail_f.data();
+  }
   auto with_locals = [&](int64_t b, auto&& body) BN_ALWAYS_INLINE {
     Vec a[4] = {scratch.acc[4 * b], scratch.acc[4 * b + 1], scratch.acc[4 * b + 2],
                 scratch.acc[4 * b + 3]};
-    float t[2] = {scratch.tail[2 * b], scratch.tail[2 * b + 1]};
+    Tail t[2] = {tails[2 * b], tails[2 * b + 1]};
     body(a, t);
     for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = a[k];
-    scratch.tail[2 * b] = t[0];
-    scratch.tail[2 * b + 1] = t[1];
+    tails[2 * b] = t[0];
+    tails[2 * b + 1] = t[1];
   };
   for (int64_t n = n0; n < n1; ++n) {
     prefetch(n);
     for (int64_t b = 0; b < B; ++b)
-      with_locals(b, [&](Vec* a, float* t) BN_ALWAYS_INLINE { add(b, n, a, t); });
+      with_locals(b, [&](Vec* a, Tail* t) BN_ALWAYS_INLINE { add(b, n, a, t); });
   }
+}
+
+// Planar statistics groups are centred near their own mean, so that the one-pass sums of d and
+// d^2 lose little (one_pass_moments): the first group on the mean of its first row (a short
+// pass; that row is then in L1), every later group on the mean of the group before, which it
+// meets unless the channel's values drift along the batch (the guard then sends that group to
+// two passes). A centre is the float32 nearest a mean of the data, so x - centre is exact
+// wherever the values are within a factor of 2 of it (1e4 + randn, say).
+template <typename T>
+inline float first_row_centre(const T* p, int64_t S) {
+  const float first = static_cast<float>(p[0]);
+  Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  double tail = 0.0;
+  row_sum(p, S, first, acc, tail);
+  const float centre =
+      static_cast<float>(static_cast<double>(first) + (hsum4(acc) + tail) / static_cast<double>(S));
+  return std::isfinite(centre) ? centre : first;
+}
+
+inline float next_centre(float centre, float group_mean, float fallback) {
+  const float next = static_cast<float>(static_cast<double>(centre) + group_mean);
+  return std::isfinite(next) ? next : fallback;
 }
 
 // One channel of the planar layout (a block of one): the same arithmetic as
@@ -403,25 +481,33 @@ Moments planar_channel_moments(const T* x, const Geometry& g, int64_t c, float s
   const int64_t S = g.S, stride = g.C * S;
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
   Moments m;
+  float centre = first_row_centre(x + c * S, S), last_mean = 0.f;  // see first_row_centre
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-    // Each group is centred on its own first value (the first group's is the shift), so that
-    // its float32 sums stay small even where the channel's values drift far from the shift.
-    const float centre = static_cast<float>(x[n0 * stride + c * S]);
+    if (n0 > 0) centre = next_centre(centre, last_mean, static_cast<float>(x[n0 * stride + c * S]));
     Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-    float tail = 0.f;
+    double tail[2] = {0.0, 0.0};
     for (int64_t n = n0; n < n1; ++n) {
       if (n + 1 < g.N) prefetch_row(x + (n + 1) * stride + c * S, S * sizeof(T));
-      row_sum(x + n * stride + c * S, S, centre, acc, tail);
+      row_sum_sq(x + n * stride + c * S, S, centre, acc, tail);
     }
     const double count = static_cast<double>((n1 - n0) * S);
-    const float group_mean = static_cast<float>((hsum4(acc) + tail) / count);
-    Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-    float tail2 = 0.f;
-    for (int64_t n = n0; n < n1; ++n)
-      row_m2(x + n * stride + c * S, S, centre, group_mean, acc2, tail2);
-    // M2 around the float32 group_mean: its rounding error enters M2 only squared.
-    m.merge(count, static_cast<double>(centre) - shift + group_mean, hsum4(acc2) + tail2);
+    float group_mean, m2;
+    if (!one_pass_moments(acc, tail, count, group_mean, m2)) {
+      // Two passes (the second from L1/L2): the mean, then M2 around it.
+      Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+      double tail1 = 0.0;
+      for (int64_t n = n0; n < n1; ++n) row_sum(x + n * stride + c * S, S, centre, acc1, tail1);
+      group_mean = static_cast<float>((hsum4(acc1) + tail1) / count);
+      Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+      double tail2 = 0.0;
+      for (int64_t n = n0; n < n1; ++n)
+        row_m2(x + n * stride + c * S, S, centre, group_mean, acc2, tail2);
+      // M2 around the float32 group_mean: its rounding error enters M2 only squared.
+      m2 = static_cast<float>(hsum4(acc2) + tail2);
+    }
+    m.merge(count, static_cast<double>(centre) - shift + group_mean, m2);
+    last_mean = group_mean;
   }
   return m;
 }
@@ -438,24 +524,31 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
   float *mean = scratch.mean.data(), *centre = scratch.centre.data();
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-    for (int64_t b = 0; b < B; ++b) centre[b] = static_cast<float>(*row(b, n0));
+    for (int64_t b = 0; b < B; ++b) {  // see first_row_centre
+      centre[b] = n0 == 0 ? first_row_centre(row(b, 0), S)
+                          : next_centre(centre[b], mean[b], static_cast<float>(*row(b, n0)));
+    }
     scratch.clear(B);
-    walk_block_rows(B, n0, n1, scratch, prefetch,
-                    [&](int64_t b, int64_t n, Vec* a, float* t) BN_ALWAYS_INLINE {
-      row_sum(row(b, n), S, centre[b], a, t[0]);
+    walk_block_rows<double>(B, n0, n1, scratch, prefetch,
+                            [&](int64_t b, int64_t n, Vec* a, double* t) BN_ALWAYS_INLINE {
+      row_sum_sq(row(b, n), S, centre[b], a, t);
     });
     const double count = static_cast<double>((n1 - n0) * S);
-    for (int64_t b = 0; b < B; ++b)
-      mean[b] = static_cast<float>((hsum4(&scratch.acc[4 * b]) + scratch.tail[2 * b]) / count);
-    scratch.clear(B);
-    walk_block_rows(B, n0, n1, scratch, [](int64_t) {},
-                    [&](int64_t b, int64_t n, Vec* a, float* t) BN_ALWAYS_INLINE {
-      row_m2(row(b, n), S, centre[b], mean[b], a, t[0]);
-    });
-    // M2 around the float32 group mean: its rounding error enters M2 only squared.
     for (int64_t b = 0; b < B; ++b) {
-      out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b],
-                   hsum4(&scratch.acc[4 * b]) + scratch.tail[2 * b]);
+      float m2;
+      if (!one_pass_moments(&scratch.acc[4 * b], &scratch.tail[2 * b], count, mean[b], m2)) {
+        // Two passes over this channel's rows of the group (from L1/L2), as in
+        // planar_channel_moments.
+        Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+        double tail1 = 0.0;
+        for (int64_t n = n0; n < n1; ++n) row_sum(row(b, n), S, centre[b], acc1, tail1);
+        mean[b] = static_cast<float>((hsum4(acc1) + tail1) / count);
+        Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+        double tail2 = 0.0;
+        for (int64_t n = n0; n < n1; ++n) row_m2(row(b, n), S, centre[b], mean[b], acc2, tail2);
+        m2 = static_cast<float>(hsum4(acc2) + tail2);
+      }
+      out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
     }
   }
 }
@@ -482,8 +575,6 @@ inline void for_chunks(int64_t C, F&& f, G&& tail) {
 // over the block (the second from L1/L2): mean first, then M2 around it. So the one-pass M2 is
 // at most 9x the two-pass rounding error (about 3 bits of float32), and no E[x^2] - E[x]^2 is
 // ever taken unguarded.
-constexpr float kMaxMeanToVar = 8.f;
-
 template <typename T, int K>
 inline void inner_chunk_two_pass(const T* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
                                  const float* centre, float inv, float* mean_out, float* m2_out) {
@@ -968,15 +1059,15 @@ void planar_block_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t 
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
     scratch.clear(B);
     // Per channel: a[0..1] and t[0] sum dy, a[2..3] and t[1] sum dy * (x - shift).
-    walk_block_rows(B, n0, n1, scratch, prefetch,
-                    [&](int64_t b, int64_t n, Vec* a, float* t) BN_ALWAYS_INLINE {
+    walk_block_rows<float>(B, n0, n1, scratch, prefetch,
+                           [&](int64_t b, int64_t n, Vec* a, float* t) BN_ALWAYS_INLINE {
       const int64_t off = n * run + (c0 + b) * S;
       row_grad_sums(x + off, dy + off, S, shift[c0 + b], a, a + 2, t[0], t[1]);
     });
     for (int64_t b = 0; b < B; ++b) {
       const Vec* a = &scratch.acc[4 * b];
-      sum_dy[b] += hsum(a[0] + a[1]) + scratch.tail[2 * b];
-      sum_dyx[b] += hsum(a[2] + a[3]) + scratch.tail[2 * b + 1];
+      sum_dy[b] += hsum(a[0] + a[1]) + scratch.tail_f[2 * b];
+      sum_dyx[b] += hsum(a[2] + a[3]) + scratch.tail_f[2 * b + 1];
     }
   }
 }
