@@ -14,7 +14,7 @@ Backends:
   on the CPU, ``"cpu"`` for the dtypes in :data:`CPU_AUTO_DTYPES` (where BENCHMARKS.md measured
   it faster) when its kernels can run; else ``"torch"`` (always while ``torch.export`` traces or
   ``torch.compile`` compiles: those graphs hold standard ATen ops; and inside torch.func
-  transforms, which the C++ kernels' autograd Function does not support). BENCHMARKS.md tells how to
+  transforms, which the C++ kernels' autograd nodes do not support). BENCHMARKS.md tells how to
   measure them.
 
 The choice, strongest first: the ``backend=`` argument of a call or layer, the innermost
