@@ -80,6 +80,27 @@ inline void vstore<BF16>(BF16* p, const Vec& v) {
   at::vec::convert_float_bfloat16(v, v).store(p, kW);
 }
 
+// The first n < kW values at p as a vector (zeros in the other lanes), and a store of a vector's
+// first n lanes: the tails of rows shorter than a multiple of the vector width.
+template <typename T>
+inline Vec vload_n(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    T buf[kW] = {};
+    std::copy(p, p + n, buf);
+    return vload(buf);
+  }
+}
+template <typename T>
+inline void vstore_n(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_float_bfloat16(v, v).store(p, n);
+  }
+}
+
 // Asks for a short row (a channel's run of S values in NCHW) ahead of its use: the hardware
 // prefetchers do not follow runs of a few hundred bytes spread C * S values apart.
 inline void prefetch_row(const void* p, int64_t bytes) {
@@ -109,9 +130,26 @@ struct Moments {
   }
 };
 
+// The lanes of v past the first n set to zero (the tail of a row shorter than a multiple of the
+// vector width: its values are summed in vector lanes like the rest).
+inline Vec first_lanes(const Vec& v, int64_t n) { return Vec::set(Vec(0.f), v, n); }
+
+// first_lanes(vload_n(p, n) - c, n), with two masked instructions where AVX512 has them (a row
+// of 49 values pays this once per row: Vec::set's blend costs a jump per call).
+template <typename T>
+inline Vec tail_minus(const T* p, int64_t n, const Vec& c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    return Vec(_mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, p), c));
+  }
+#endif
+  return first_lanes(vload_n(p, n) - c, n);
+}
+
 // Sum of (p[i] - shift) over a row of len values (four independent vector chains).
 template <typename T>
-BN_ALWAYS_INLINE inline void row_sum(const T* p, int64_t len, float shift, Vec* acc, double& tail) {
+BN_ALWAYS_INLINE inline void row_sum(const T* p, int64_t len, float shift, Vec* acc) {
   const Vec vs(shift);
   int64_t i = 0;
   for (; i + 4 * kW <= len; i += 4 * kW) {
@@ -121,12 +159,12 @@ BN_ALWAYS_INLINE inline void row_sum(const T* p, int64_t len, float shift, Vec* 
     acc[3] += vload(p + i + 3 * kW) - vs;
   }
   for (; i + kW <= len; i += kW) acc[0] += vload(p + i) - vs;
-  for (; i < len; ++i) tail += static_cast<float>(p[i]) - shift;
+  if (i < len) acc[1] += first_lanes(vload_n(p + i, len - i) - vs, len - i);
 }
 
 // Sum of ((p[i] - shift) - centre)^2 over a row (x - shift is exact; centre is small).
 template <typename T>
-BN_ALWAYS_INLINE inline void row_m2(const T* p, int64_t len, float shift, float centre, Vec* acc, double& tail) {
+BN_ALWAYS_INLINE inline void row_m2(const T* p, int64_t len, float shift, float centre, Vec* acc) {
   const Vec vs(shift), vc(centre);
   int64_t i = 0;
   for (; i + 4 * kW <= len; i += 4 * kW) {
@@ -139,19 +177,17 @@ BN_ALWAYS_INLINE inline void row_m2(const T* p, int64_t len, float shift, float 
     const Vec d = (vload(p + i) - vs) - vc;
     acc[0] = at::vec::fmadd(d, d, acc[0]);
   }
-  for (; i < len; ++i) {
-    const float d = (static_cast<float>(p[i]) - shift) - centre;
-    tail += static_cast<double>(d) * d;
+  if (i < len) {
+    const Vec d = first_lanes((vload_n(p + i, len - i) - vs) - vc, len - i);
+    acc[1] = at::vec::fmadd(d, d, acc[1]);
   }
 }
 
 inline float hsum4(const Vec* acc) { return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])); }
 
-// One pass over a row: sums of d = p[i] - centre (acc[0], acc[1], tail[0]) and of d^2 (acc[2],
-// acc[3], tail[1]).
+// One pass over a row: sums of d = p[i] - centre (acc[0], acc[1]) and of d^2 (acc[2], acc[3]).
 template <typename T>
-BN_ALWAYS_INLINE inline void row_sum_sq(const T* p, int64_t len, float centre, Vec* acc,
-                                        double* tail) {
+BN_ALWAYS_INLINE inline void row_sum_sq(const T* p, int64_t len, float centre, Vec* acc) {
   const Vec vc(centre);
   int64_t i = 0;
   for (; i + 2 * kW <= len; i += 2 * kW) {
@@ -166,10 +202,10 @@ BN_ALWAYS_INLINE inline void row_sum_sq(const T* p, int64_t len, float centre, V
     acc[0] += d;
     acc[2] = at::vec::fmadd(d, d, acc[2]);
   }
-  for (; i < len; ++i) {
-    const float d = static_cast<float>(p[i]) - centre;
-    tail[0] += d;
-    tail[1] += static_cast<double>(d) * d;
+  if (i < len) {
+    const Vec d = tail_minus(p + i, len - i, vc);
+    acc[1] += d;
+    acc[3] = at::vec::fmadd(d, d, acc[3]);
   }
 }
 
@@ -179,10 +215,10 @@ BN_ALWAYS_INLINE inline void row_sum_sq(const T* p, int64_t len, float centre, V
 // mean), M2 < 0, or anything is not finite: the group then takes the two-pass way.
 constexpr float kMaxMeanToVar = 8.f;
 
-inline bool one_pass_moments(const Vec* acc, const double* tail, double count, float& mean,
+inline bool one_pass_moments(const Vec* acc, double count, float& mean,
                              float& m2) {
-  const double s1 = hsum(acc[0] + acc[1]) + tail[0];
-  const double s2 = hsum(acc[2] + acc[3]) + tail[1];
+  const double s1 = hsum(acc[0] + acc[1]);
+  const double s2 = hsum(acc[2] + acc[3]);
   mean = static_cast<float>(s1 / count);
   const double centred = s1 * mean;  // n mean^2
   m2 = static_cast<float>(s2 - centred);
@@ -244,8 +280,8 @@ inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale
   int64_t i = 0;
   if (!f.any()) {
     for (; i + kW <= len; i += kW) vstore(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
-    for (; i < len; ++i)
-      out[i] = static_cast<T>(std::fma(static_cast<float>(p[i]) - shift, scale, offset));
+    // The same fused multiply-add as the scalar tail of the fused path below.
+    if (i < len) vstore_n(out + i, at::vec::fmadd(vload_n(p + i, len - i) - vs, va, vb), len - i);
     return;
   }
   for (; i + kW <= len; i += kW)
@@ -259,7 +295,7 @@ inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale
 // Sums of dy and of dy * (x - shift) over a row (two chains each).
 template <typename T>
 BN_ALWAYS_INLINE inline void row_grad_sums(const T* x, const T* dy, int64_t len, float shift, Vec* s_dy,
-                          Vec* s_dyx, float& t_dy, float& t_dyx) {
+                          Vec* s_dyx) {
   const Vec vs(shift);
   int64_t i = 0;
   for (; i + 2 * kW <= len; i += 2 * kW) {
@@ -274,10 +310,10 @@ BN_ALWAYS_INLINE inline void row_grad_sums(const T* x, const T* dy, int64_t len,
     s_dy[0] += g;
     s_dyx[0] = at::vec::fmadd(g, vload(x + i) - vs, s_dyx[0]);
   }
-  for (; i < len; ++i) {
-    const float g = static_cast<float>(dy[i]);
-    t_dy += g;
-    t_dyx += g * (static_cast<float>(x[i]) - shift);
+  if (i < len) {  // zeros in the unused lanes of g: they add nothing to either sum
+    const Vec g = vload_n(dy + i, len - i);
+    s_dy[1] += g;
+    s_dyx[1] = at::vec::fmadd(g, vload_n(x + i, len - i) - vs, s_dyx[1]);
   }
 }
 
@@ -295,12 +331,13 @@ inline void row_dx(const T* x, const T* dy, T* dx, int64_t len, float shift, flo
       vstore(dx + i, vload(dy + i) * va);
     }
   }
-  for (; i < len; ++i) {
+  if (i < len) {
+    const int64_t n = len - i;
     if constexpr (kWithX) {
-      dx[i] = static_cast<T>(static_cast<float>(dy[i]) * a +
-                             (static_cast<float>(x[i]) - shift) * k + c0);
+      vstore_n(dx + i, at::vec::fmadd(vload_n(dy + i, n), va,
+                                      at::vec::fmadd(vload_n(x + i, n) - vs, vk, vc)), n);
     } else {
-      dx[i] = static_cast<T>(static_cast<float>(dy[i]) * a);
+      vstore_n(dx + i, vload_n(dy + i, n) * va, n);
     }
   }
 }
@@ -407,48 +444,32 @@ int64_t planar_block_channels(const Geometry& g, int64_t tensors) {
 }
 
 // Per-task scratch of a planar channel block (allocated once per task, not per block): per
-// channel, 4 vector accumulators and 2 float64 tails.
+// channel, 4 vector accumulators.
 struct PlanarScratch {
   std::vector<Vec> acc;
-  std::vector<double> tail;  // statistics: float64 (rows shorter than a vector sum here alone)
-  std::vector<float> tail_f;  // gradient sums: float32, as planar_grad_sums keeps them
   std::vector<float> mean, centre;
-  explicit PlanarScratch(int64_t B) : acc(4 * B), tail(2 * B), tail_f(2 * B), mean(B), centre(B) {}
+  explicit PlanarScratch(int64_t B) : acc(4 * B), mean(B), centre(B) {}
   void clear(int64_t B) {
     std::fill(acc.begin(), acc.begin() + 4 * B, Vec(0.f));
-    std::fill(tail.begin(), tail.begin() + 2 * B, 0.0);
-    std::fill(tail_f.begin(), tail_f.begin() + 2 * B, 0.f);
   }
 };
 
-// Calls add(b, n, acc, tail) for the rows [n0, n1) of a block's B channels, row after row, with
-// channel b's accumulators (4 vectors, 2 tails of type Tail: scratch.tail for double,
-// scratch.tail_f for float) taken from `scratch` into locals and put back. prefetch(n) comes
-// before row n is read. (A block of one channel runs planar_channel_moments or planar_grad_sums
-// instead, whose accumulators stay in registers across the rows: the per-row round trip costs
-// 10-17 % on short rows.)
-template <typename Tail, typename P, typename F>
+// Calls add(b, n, acc) for the rows [n0, n1) of a block's B channels, row after row, with
+// channel b's 4 vector accumulators taken from `scratch` into locals and put back. prefetch(n)
+// comes before row n is read. (A block of one channel runs planar_channel_moments or
+// planar_grad_sums instead, whose accumulators stay in registers across the rows: the per-row
+// round trip costs 10-17 % on short rows.)
+template <typename P, typename F>
 BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1, PlanarScratch& scratch,
                             P&& prefetch, F&& add) {
-  Tail* tails;
-  if constexpr (std::is_same_v<Tail, double>) {
-    tails = scratch.tail.data();
-  } else {
-    tails = scratch.tail_f.data();
-  }
-  auto with_locals = [&](int64_t b, auto&& body) BN_ALWAYS_INLINE {
-    Vec a[4] = {scratch.acc[4 * b], scratch.acc[4 * b + 1], scratch.acc[4 * b + 2],
-                scratch.acc[4 * b + 3]};
-    Tail t[2] = {tails[2 * b], tails[2 * b + 1]};
-    body(a, t);
-    for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = a[k];
-    tails[2 * b] = t[0];
-    tails[2 * b + 1] = t[1];
-  };
   for (int64_t n = n0; n < n1; ++n) {
     prefetch(n);
-    for (int64_t b = 0; b < B; ++b)
-      with_locals(b, [&](Vec* a, Tail* t) BN_ALWAYS_INLINE { add(b, n, a, t); });
+    for (int64_t b = 0; b < B; ++b) {
+      Vec a[4] = {scratch.acc[4 * b], scratch.acc[4 * b + 1], scratch.acc[4 * b + 2],
+                  scratch.acc[4 * b + 3]};
+      add(b, n, a);
+      for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = a[k];
+    }
   }
 }
 
@@ -462,10 +483,9 @@ template <typename T>
 inline float first_row_centre(const T* p, int64_t S) {
   const float first = static_cast<float>(p[0]);
   Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-  double tail = 0.0;
-  row_sum(p, S, first, acc, tail);
+  row_sum(p, S, first, acc);
   const float centre =
-      static_cast<float>(static_cast<double>(first) + (hsum4(acc) + tail) / static_cast<double>(S));
+      static_cast<float>(static_cast<double>(first) + hsum4(acc) / static_cast<double>(S));
   return std::isfinite(centre) ? centre : first;
 }
 
@@ -486,25 +506,22 @@ Moments planar_channel_moments(const T* x, const Geometry& g, int64_t c, float s
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
     if (n0 > 0) centre = next_centre(centre, last_mean, static_cast<float>(x[n0 * stride + c * S]));
     Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-    double tail[2] = {0.0, 0.0};
     for (int64_t n = n0; n < n1; ++n) {
       if (n + 1 < g.N) prefetch_row(x + (n + 1) * stride + c * S, S * sizeof(T));
-      row_sum_sq(x + n * stride + c * S, S, centre, acc, tail);
+      row_sum_sq(x + n * stride + c * S, S, centre, acc);
     }
     const double count = static_cast<double>((n1 - n0) * S);
     float group_mean, m2;
-    if (!one_pass_moments(acc, tail, count, group_mean, m2)) {
+    if (!one_pass_moments(acc, count, group_mean, m2)) {
       // Two passes (the second from L1/L2): the mean, then M2 around it.
       Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-      double tail1 = 0.0;
-      for (int64_t n = n0; n < n1; ++n) row_sum(x + n * stride + c * S, S, centre, acc1, tail1);
-      group_mean = static_cast<float>((hsum4(acc1) + tail1) / count);
+      for (int64_t n = n0; n < n1; ++n) row_sum(x + n * stride + c * S, S, centre, acc1);
+      group_mean = static_cast<float>(hsum4(acc1) / count);
       Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-      double tail2 = 0.0;
       for (int64_t n = n0; n < n1; ++n)
-        row_m2(x + n * stride + c * S, S, centre, group_mean, acc2, tail2);
+        row_m2(x + n * stride + c * S, S, centre, group_mean, acc2);
       // M2 around the float32 group_mean: its rounding error enters M2 only squared.
-      m2 = static_cast<float>(hsum4(acc2) + tail2);
+      m2 = hsum4(acc2);
     }
     m.merge(count, static_cast<double>(centre) - shift + group_mean, m2);
     last_mean = group_mean;
@@ -529,24 +546,21 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
                           : next_centre(centre[b], mean[b], static_cast<float>(*row(b, n0)));
     }
     scratch.clear(B);
-    walk_block_rows<double>(B, n0, n1, scratch, prefetch,
-                            [&](int64_t b, int64_t n, Vec* a, double* t) BN_ALWAYS_INLINE {
-      row_sum_sq(row(b, n), S, centre[b], a, t);
+    walk_block_rows(B, n0, n1, scratch, prefetch, [&](int64_t b, int64_t n, Vec* a) BN_ALWAYS_INLINE {
+      row_sum_sq(row(b, n), S, centre[b], a);
     });
     const double count = static_cast<double>((n1 - n0) * S);
     for (int64_t b = 0; b < B; ++b) {
       float m2;
-      if (!one_pass_moments(&scratch.acc[4 * b], &scratch.tail[2 * b], count, mean[b], m2)) {
+      if (!one_pass_moments(&scratch.acc[4 * b], count, mean[b], m2)) {
         // Two passes over this channel's rows of the group (from L1/L2), as in
         // planar_channel_moments.
         Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-        double tail1 = 0.0;
-        for (int64_t n = n0; n < n1; ++n) row_sum(row(b, n), S, centre[b], acc1, tail1);
-        mean[b] = static_cast<float>((hsum4(acc1) + tail1) / count);
+        for (int64_t n = n0; n < n1; ++n) row_sum(row(b, n), S, centre[b], acc1);
+        mean[b] = static_cast<float>(hsum4(acc1) / count);
         Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-        double tail2 = 0.0;
-        for (int64_t n = n0; n < n1; ++n) row_m2(row(b, n), S, centre[b], mean[b], acc2, tail2);
-        m2 = static_cast<float>(hsum4(acc2) + tail2);
+        for (int64_t n = n0; n < n1; ++n) row_m2(row(b, n), S, centre[b], mean[b], acc2);
+        m2 = hsum4(acc2);
       }
       out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
     }
@@ -1023,17 +1037,16 @@ void planar_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t c, flo
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
     Vec v_dy[2] = {Vec(0.f), Vec(0.f)}, v_dyx[2] = {Vec(0.f), Vec(0.f)};
-    float t_dy = 0.f, t_dyx = 0.f;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t off = (n * C + c) * S;
       if (n + 1 < g.N) {
         prefetch_row(x + off + C * S, S * sizeof(T));
         prefetch_row(dy + off + C * S, S * sizeof(T));
       }
-      row_grad_sums(x + off, dy + off, S, shift, v_dy, v_dyx, t_dy, t_dyx);
+      row_grad_sums(x + off, dy + off, S, shift, v_dy, v_dyx);
     }
-    s_dy += hsum(v_dy[0] + v_dy[1]) + t_dy;
-    s_dyx += hsum(v_dyx[0] + v_dyx[1]) + t_dyx;
+    s_dy += hsum(v_dy[0] + v_dy[1]);
+    s_dyx += hsum(v_dyx[0] + v_dyx[1]);
   }
   sum_dy = s_dy;
   sum_dyx = s_dyx;
@@ -1058,16 +1071,15 @@ void planar_block_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t 
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
     scratch.clear(B);
-    // Per channel: a[0..1] and t[0] sum dy, a[2..3] and t[1] sum dy * (x - shift).
-    walk_block_rows<float>(B, n0, n1, scratch, prefetch,
-                           [&](int64_t b, int64_t n, Vec* a, float* t) BN_ALWAYS_INLINE {
+    // Per channel: a[0..1] sum dy, a[2..3] sum dy * (x - shift).
+    walk_block_rows(B, n0, n1, scratch, prefetch, [&](int64_t b, int64_t n, Vec* a) BN_ALWAYS_INLINE {
       const int64_t off = n * run + (c0 + b) * S;
-      row_grad_sums(x + off, dy + off, S, shift[c0 + b], a, a + 2, t[0], t[1]);
+      row_grad_sums(x + off, dy + off, S, shift[c0 + b], a, a + 2);
     });
     for (int64_t b = 0; b < B; ++b) {
       const Vec* a = &scratch.acc[4 * b];
-      sum_dy[b] += hsum(a[0] + a[1]) + scratch.tail_f[2 * b];
-      sum_dyx[b] += hsum(a[2] + a[3]) + scratch.tail_f[2 * b + 1];
+      sum_dy[b] += hsum(a[0] + a[1]);
+      sum_dyx[b] += hsum(a[2] + a[3]);
     }
   }
 }
