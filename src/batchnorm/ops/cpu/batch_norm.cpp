@@ -15,8 +15,9 @@
 //   of d = x - centre and d^2 per group, whose cancellation is bounded by a guard
 //   (one_pass_moments: mean^2 <= 8 var); a group that fails it is redone in two passes (the
 //   second from L1/L2). Planar: the first group centred on the mean of its first row, every
-//   later one on the mean of the group before (first_row_centre); the scalar tails of rows
-//   shorter than a vector are summed in float64. Channel-inner: every block on the channel's
+//   later one on the mean of the group before (first_row_centre); the tails of rows that are
+//   not a multiple of the vector width are summed as partial vectors (zeroed lanes) in the
+//   same lanes as the rest. Channel-inner: every block on the channel's
 //   common shift, the first block's mean (inner_block_moments); a redone block is centred on
 //   its own first row. No unguarded E[x^2] - E[x]^2 anywhere.
 // - the work split never depends on the thread count (planar: fixed blocks of channels;
