@@ -281,8 +281,15 @@ inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale
   int64_t i = 0;
   if (!f.any()) {
     for (; i + kW <= len; i += kW) vstore(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
-    // The same fused multiply-add as the scalar tail of the fused path below.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    // A fused multiply-add, as std::fma in the fused path's tail below and in the backward's
+    // recomputed ReLU gate (Gate::cut1): the same value for every element either way.
     if (i < len) vstore_n(out + i, at::vec::fmadd(vload_n(p + i, len - i) - vs, va, vb), len - i);
+#else
+    // Without vector FMA, at::vec::fmadd rounds twice: the scalar tail keeps std::fma.
+    for (; i < len; ++i)
+      out[i] = static_cast<T>(std::fma(static_cast<float>(p[i]) - shift, scale, offset));
+#endif
     return;
   }
   for (; i + kW <= len; i += kW)
