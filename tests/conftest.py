@@ -39,3 +39,17 @@ def lab_quiet(monkeypatch: pytest.MonkeyPatch):
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    """For the C++ kernels' tests (``pytestmark = pytest.mark.usefixtures("cpu_kernels")``):
+    build (or load) them once; skip only when this machine cannot build them (no compiler or
+    ninja), fail when a compiler is present and the build fails."""
+    from batchnorm.ops import cpu
+
+    ok, reason = cpu.status()
+    if not ok:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
+    if cpu.load() is None:
+        pytest.fail(f"the C++ CPU kernels failed to build: {cpu.status()[1]}")

@@ -13,18 +13,11 @@ import torch
 
 from batchnorm import backends
 from batchnorm.functional import batch_norm, batch_norm_add_relu, batch_norm_relu
-from batchnorm.ops import cpu
 
 SAVES = ("output", "mask", "recompute")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    ok, reason = cpu.status()
-    if not ok:
-        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
-    if cpu.load() is None:
-        pytest.fail(f"the C++ CPU kernels failed to build: {cpu.status()[1]}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _input(shape, layout, dtype, seed=0):

@@ -22,15 +22,7 @@ from batchnorm.ops import cpu
 from batchnorm.ops.cpu import _build
 from tests.helpers import SHAPES, assert_close, make_input, tolerance
 
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    """Build (or load) the kernels once; skip only when this machine cannot build them."""
-    ok, reason = cpu.status()
-    if not ok:
-        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
-    if cpu.load() is None:  # a compiler is present but the build failed: a real failure
-        pytest.fail(f"the C++ CPU kernels failed to build: {cpu.status()[1]}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _params(c: int, seed: int = 1):

@@ -86,7 +86,9 @@ def batch_norm(
         ]
     else:
         # The autograd node is C++ (CpuBatchNormBackward): no Python runs in the backward.
-        y = _ext().batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        y = _ext().batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
     _updated(training, running_mean, running_var)
     return y
 
