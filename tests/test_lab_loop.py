@@ -157,6 +157,20 @@ def same(a: Any, b: Any, path: str = "result") -> None:
         assert a == b, path
 
 
+def record_builds(monkeypatch, owner, name: str) -> list[torch.nn.Module]:
+    """Patches ``owner.name`` (a model builder) to keep the model of its latest call in the
+    returned list, for :func:`check_resume` to compare weights."""
+    models: list[torch.nn.Module] = []
+    build = getattr(owner, name)
+
+    def record(*args, **kwargs):
+        models[:] = [build(*args, **kwargs)]
+        return models[0]
+
+    monkeypatch.setattr(owner, name, record)
+    return models
+
+
 def check_resume(monkeypatch, tmp_path, train, models, interrupt_at: int) -> None:
     """``train(checkpoint)`` uninterrupted, then interrupted after ``interrupt_at`` checkpoints
     and run again: equal results, and equal weights in ``models()`` (the modules the last
@@ -190,19 +204,12 @@ def test_noisy_bn_network_resumes_exactly(monkeypatch, tmp_path) -> None:
         eval_examples=48,
     )
     data = digits_images()
-    built: list[torch.nn.Module] = []
-    for_config = VGGStyle.for_config
-
-    def record(*args, **kwargs):
-        built.append(for_config(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(VGGStyle, "for_config", record)
+    built = record_builds(monkeypatch, VGGStyle, "for_config")
 
     def train(checkpoint):
         return noisy_bn._train(config, data, noisy_bn.NOISY, 0.1, 5, "test", checkpoint)
 
-    check_resume(monkeypatch, tmp_path, train, lambda: built[-1:], interrupt_at=7)
+    check_resume(monkeypatch, tmp_path, train, lambda: built, interrupt_at=7)
 
 
 def test_probed_network_resumes_exactly(monkeypatch, tmp_path) -> None:
@@ -233,14 +240,7 @@ def test_precise_bn_arm_resumes_exactly(monkeypatch, tmp_path) -> None:
         popstat_batches=2,
     )  # fmt: skip
     data = digits_images()
-    models: list[torch.nn.Module] = []
-    config_net = precise_bn.config_net
-
-    def record(*args, **kwargs):
-        models[:] = [config_net(*args, **kwargs)]
-        return models[0]
-
-    monkeypatch.setattr(precise_bn, "config_net", record)
+    models = record_builds(monkeypatch, precise_bn, "config_net")
 
     def train(checkpoint):
         return precise_bn._train_arm(config, data, 4, 0.1, "cosine", "t", checkpoint)
@@ -255,14 +255,7 @@ def test_explosion_cell_resumes_exactly(monkeypatch, tmp_path) -> None:
     steps = config.steps_for(8)
     monkeypatch.setattr(explosion.Config, "steps_for", lambda self, batch: min(steps, 14))
     data = load_dataset("digits").subset(100, 48, seed=0)
-    models: list[torch.nn.Module] = []
-    deep = explosion.DeepBNNet
-
-    def record(*args, **kwargs):
-        models[:] = [deep(*args, **kwargs)]
-        return models[0]
-
-    monkeypatch.setattr(explosion, "DeepBNNet", record)
+    models = record_builds(monkeypatch, explosion, "DeepBNNet")
 
     def train(checkpoint):
         return explosion._train_cell(data, config, 4, 8, 1, checkpoint)
@@ -281,14 +274,7 @@ def test_recurrent_arm_resumes_exactly(monkeypatch, tmp_path) -> None:
     data = rnn._Sequences(
         images.train_x[:, 0], images.train_y, images.test_x[:, 0], images.test_y, 10
     )
-    models: list[torch.nn.Module] = []
-    grouped = rnn.GroupedLSTM
-
-    def record(*args, **kwargs):
-        models[:] = [grouped(*args, **kwargs)]
-        return models[0]
-
-    monkeypatch.setattr(rnn, "GroupedLSTM", record)
+    models = record_builds(monkeypatch, rnn, "GroupedLSTM")
 
     def train(checkpoint):
         return rnn._train_arm("bn", data, config, checkpoint)
@@ -303,14 +289,7 @@ def test_deep_linear_network_resumes_exactly(monkeypatch, tmp_path) -> None:
     from batchnorm.lab.theory import deep_linear
 
     problem = deep_linear.make_problem(6, 40, seed=3)
-    models: list[torch.nn.Module] = []
-    build = deep_linear.build_deep_linear
-
-    def record(*args, **kwargs):
-        models[:] = [build(*args, **kwargs)]
-        return models[0]
-
-    monkeypatch.setattr(deep_linear, "build_deep_linear", record)
+    models = record_builds(monkeypatch, deep_linear, "build_deep_linear")
 
     def train(checkpoint):
         run = deep_linear.train_deep_linear(
