@@ -9,6 +9,11 @@ as the scale. Method: 20 interleaved rounds (the two builds in alternating order
 round; reported are medians over rounds and the paired median of new / old within a round (the
 ratio that a neighbour's load on a shared machine disturbs least). One torch thread.
 
+Repeated calls on the same tensors find them in the last-level cache when the tensors are
+smaller than it (about 32-48 MB is what one core gets here). ``--cold`` reads a buffer larger
+than that (``--evict-mb``, 128 MB) before every call and times each call alone, so that x, dy
+and the outputs come from memory, as after a layer whose output did not stay in cache.
+
 Run (the folders are those that ``ls -t ~/.cache/batchnorm/ext`` lists):
     PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR 64x2048x7x7 32x64x56x56
     PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR --backward 64x960x7x7
@@ -46,7 +51,22 @@ def _per_call(fn: Callable[[], object], calls: int = 5) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def compare(old: ModuleType, new: ModuleType, x: torch.Tensor, backward: bool, rounds: int) -> dict:
+def _cold_call(fn: Callable[[], object], evict: torch.Tensor) -> float:
+    """One call of fn after reading ``evict`` (the caches hold none of fn's data), in us."""
+    evict.sum()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
+
+
+def compare(
+    old: ModuleType,
+    new: ModuleType,
+    x: torch.Tensor,
+    backward: bool,
+    rounds: int,
+    evict: torch.Tensor | None = None,
+) -> dict:
     channels = x.shape[1]
     weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
     dy = torch.randn_like(x)
@@ -63,10 +83,14 @@ def compare(old: ModuleType, new: ModuleType, x: torch.Tensor, backward: bool, r
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {"copy": [], "old": [], "new": []}
+
+    def timed(fn: Callable[[], object]) -> float:
+        return _per_call(fn) if evict is None else _cold_call(fn, evict)
+
     for r in range(rounds):
-        times["copy"].append(_per_call(lambda: out.copy_(x)))
+        times["copy"].append(timed(lambda: out.copy_(x)))
         for key in ("old", "new") if r % 2 else ("new", "old"):
-            times[key].append(_per_call(fns[key]))
+            times[key].append(timed(fns[key]))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "copy_us": med["copy"],
@@ -83,8 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("shapes", nargs="+", help="e.g. 64x2048x7x7 (N x C [x spatial])")
     parser.add_argument("--backward", action="store_true", help="time the backward")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the caches before every timed call"
+    )
+    parser.add_argument("--evict-mb", type=int, default=128, help="size of the eviction read")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    evict = torch.ones(args.evict_mb << 18) if args.cold else None
     old, new = load_build(args.old), load_build(args.new)
     print("shape | layout | copy us | old x copy | new x copy | new / old (paired median)")
     print("---|---|---|---|---|---")
@@ -95,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(shape)
             if layout == "nhwc":
                 x = x.contiguous(memory_format=torch.channels_last)
-            r = compare(old, new, x, args.backward, args.rounds)
+            r = compare(old, new, x, args.backward, args.rounds, evict)
             print(
                 f"{text} | {layout} | {r['copy_us']:.0f} | {r['old_x_copy']:.2f} | "
                 f"{r['new_x_copy']:.2f} | {r['new_over_old']:.3f}"

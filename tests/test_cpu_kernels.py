@@ -243,7 +243,8 @@ def _run_all(x, dy, gamma, beta):
 @pytest.mark.parametrize(
     "shape,layout",
     [((8, 6, 20, 20), "nchw"), ((8, 40, 10, 10), "nhwc"), ((5000, 12), "nc"),
-     ((4, 3, 70, 70), "nchw"), ((64, 300, 3, 3), "nchw"), ((32, 130, 7, 7), "nchw")],
+     ((4, 3, 70, 70), "nchw"), ((64, 300, 3, 3), "nchw"), ((32, 130, 7, 7), "nchw"),
+     ((16, 96, 20, 20), "nhwc")],  # 2.4 MB: the block walks prefetch the next block
 )  # fmt: skip
 def test_results_independent_of_thread_count(shape, layout):
     """1 and 2 threads give bitwise equal outputs, gradients and running statistics (the work is
@@ -266,11 +267,13 @@ def test_results_independent_of_thread_count(shape, layout):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
 
 
-def test_matches_torch_on_a_resnet_shape():
+@pytest.mark.parametrize("batch", [4, 16])  # 0.2 MB, and 3.2 MB (prefetching the next block)
+def test_matches_torch_on_a_resnet_shape(batch):
     """A ResNet-like layer in both layouts agrees with torch's own kernel (float32)."""
     gen = torch.Generator().manual_seed(10)
     for fmt in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(4, 64, 14, 14, generator=gen).to(memory_format=fmt)
+        height = 28 if batch == 16 else 14
+        x = torch.randn(batch, 64, height, 14, generator=gen).to(memory_format=fmt)
         dy = torch.randn(x.shape, generator=gen)
         w, b = torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen)
         out = []
