@@ -42,7 +42,9 @@ def test_env_reports_versions_devices_backends_and_export(
     assert fields["batchnorm"].split()[1] == batchnorm.__version__
     assert "torch.export" in fields["export"]
     backend_lines = [line.split()[0] for line in lines if line.startswith("  ")]
-    assert backend_lines == ["torch", "explicit", "triton", "cpu", "default", "auto"]
+    assert backend_lines == ["torch", "explicit", "triton", "cpu", "cpu", "default", "auto"]
+    cache = next(line for line in lines if line.startswith("  cpu cache "))
+    assert "MB of freed outputs" in cache and "BATCHNORM_CPU_CACHE_MB" in cache
     assert any("torch     available" in line for line in lines)
     auto = next(line for line in lines if line.startswith("  auto "))
     assert "cpu: torch (float32, bfloat16, float16, float64)" in auto  # CPU_AUTO_DTYPES empty

@@ -57,6 +57,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
     print("backends:")
     for name, (ok, reason) in backends.available().items():
         print(f"  {name:<9} {'available' if ok else 'unavailable'}: {reason}")
+    from batchnorm.ops.cpu import _build
+
+    print(
+        f"  cpu cache {_build.cache_limit_from_env() / (1 << 20):g} MB of freed outputs kept for "
+        f"reuse by the cpu backend (set {_build.CACHE_ENV}; 0 turns it off)"
+    )
     print(f"  default   {backends.requested_backend()} (set {backends.ENV_VAR} to change)")
     print(f"  auto      {backends.auto_summary()}")
     return 0

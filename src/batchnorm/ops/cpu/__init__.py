@@ -8,7 +8,10 @@ running statistics in float32 or the input's dtype; statistics are float32 arith
 float64 (:file:`batch_norm.cpp` says how), and are bitwise independent of the thread count.
 
 The kernels are compiled once, on first use, and cached (:mod:`._build`); :func:`status` says
-whether they can run here without building them. Most code should call
+whether they can run here without building them. Their large outputs (y, dx) come from a
+cache of freed blocks of the same size, so that a training loop does not fault fresh pages in
+at every call: :func:`cache_info`, :func:`set_cache_limit` and :func:`empty_cache` inspect and
+bound it (``BATCHNORM_CPU_CACHE_MB``, default 256; 0 turns it off). Most code should call
 :mod:`batchnorm.functional` with ``backend="cpu"``, which validates the inputs and falls back
 visibly to PyTorch's kernel where these cannot run.
 
@@ -25,13 +28,25 @@ Example:
 from __future__ import annotations
 
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
 from batchnorm.modes import FusedSave, mark_modified, records_graph
 from batchnorm.ops.cpu._build import load, ready, status
 
-__all__ = ["SUPPORTED_DTYPES", "batch_norm", "batch_norm_relu", "load", "ready", "status"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "CacheInfo",
+    "batch_norm",
+    "batch_norm_relu",
+    "cache_info",
+    "empty_cache",
+    "load",
+    "ready",
+    "set_cache_limit",
+    "status",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -41,6 +56,46 @@ def _ext() -> ModuleType:
     if ext is None:
         raise RuntimeError(f"the CPU batch-norm kernels cannot run here: {status()[1]}")
     return ext
+
+
+class CacheInfo(NamedTuple):
+    """The output block cache: bytes held for reuse, the limit, and the large allocations served
+    from it (hits) or from the system (misses) since the process started."""
+
+    cached_bytes: int
+    limit_bytes: int
+    hits: int
+    misses: int
+
+
+def cache_info() -> CacheInfo:
+    """The state of the kernels' output block cache (all zeros if the kernels cannot run)."""
+    ext = load()
+    return CacheInfo(*ext.cache_info()) if ext is not None else CacheInfo(0, 0, 0, 0)
+
+
+def set_cache_limit(megabytes: float) -> None:
+    """Keeps at most ``megabytes`` of freed output blocks for reuse (0: none; the blocks above
+    the new limit are freed now). Outputs under 256 KiB never go through the cache.
+
+    Raises:
+        ValueError: ``megabytes`` is negative or not finite.
+    """
+    if not (isinstance(megabytes, (int, float)) and 0 <= megabytes < float("inf")):
+        raise ValueError(
+            f"set_cache_limit takes a number of megabytes >= 0, got {megabytes!r} "
+            "(0 turns the output cache off)"
+        )
+    ext = load()
+    if ext is not None:
+        ext.set_cache_limit(int(megabytes * (1 << 20)))
+
+
+def empty_cache() -> None:
+    """Frees the output blocks held for reuse (tensors in use are not affected)."""
+    ext = load()
+    if ext is not None:
+        ext.empty_cache()
 
 
 def batch_norm(

@@ -159,4 +159,32 @@ def load() -> ModuleType | None:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             _error = f"the C++ kernels failed to build ({lines[-1] if lines else exc})"
             return None
+        _module.set_cache_limit(cache_limit_from_env())
     return _module
+
+
+CACHE_ENV = "BATCHNORM_CPU_CACHE_MB"
+DEFAULT_CACHE_MB = 256
+
+
+def cache_limit_from_env() -> int:
+    """The output block cache's limit in bytes: ``$BATCHNORM_CPU_CACHE_MB`` megabytes (0 turns
+    the cache off), else 256 MB; a value that is not a number >= 0 warns and keeps the default."""
+    text = os.environ.get(CACHE_ENV, "").strip()
+    if not text:
+        return DEFAULT_CACHE_MB << 20
+    try:
+        megabytes = float(text)
+        if not megabytes >= 0 or megabytes == float("inf"):
+            raise ValueError
+    except ValueError:
+        import warnings
+
+        warnings.warn(
+            f"{CACHE_ENV}={text!r} is not a number of megabytes >= 0; using the default "
+            f"{DEFAULT_CACHE_MB} (set it to e.g. 512, or 0 to turn the output cache off)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return DEFAULT_CACHE_MB << 20
+    return int(megabytes * (1 << 20))

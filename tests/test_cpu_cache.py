@@ -1,0 +1,145 @@
+"""The C++ kernels' output block cache: large outputs reuse freed blocks of the same size, live
+outputs never share memory, the limit bounds what is held, and the tensors behave as any
+torch CPU tensor (resize, shared memory, NumPy views, fused outputs)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from batchnorm.ops import cpu
+from batchnorm.ops.cpu import _build
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+LARGE = (8, 64, 16, 16)  # 512 KiB of float32: served by the cache (from 256 KiB on)
+
+
+@pytest.fixture
+def limit():
+    """Restores the cache's limit (and empties it) after a test that changes it."""
+    before = cpu.cache_info().limit_bytes
+    yield
+    cpu.set_cache_limit(before / (1 << 20))
+    cpu.empty_cache()
+
+
+def _forward(x: torch.Tensor) -> torch.Tensor:
+    return cpu.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_freed_output_is_reused_and_results_stay_correct(limit, fmt):
+    cpu.set_cache_limit(64)
+    x = torch.randn(LARGE).contiguous(memory_format=fmt)
+    expected = torch.nn.functional.batch_norm(x, None, None, training=True)
+    first = _forward(x)
+    address = first.data_ptr()
+    del first
+    before = cpu.cache_info()
+    assert before.cached_bytes >= x.numel() * 4
+    second = _forward(x)
+    after = cpu.cache_info()
+    assert second.data_ptr() == address and after.hits == before.hits + 1
+    assert second.is_contiguous(memory_format=fmt) and second.stride() == x.stride()
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_live_outputs_never_share_a_block(limit):
+    cpu.set_cache_limit(64)
+    x = torch.randn(LARGE)
+    outputs = [_forward(x) for _ in range(4)]
+    assert len({y.data_ptr() for y in outputs}) == 4
+    for y in outputs[1:]:
+        assert torch.equal(y, outputs[0])
+
+
+def test_limit_bounds_the_held_bytes(limit):
+    block = torch.randn(LARGE).numel() * 4
+    cpu.set_cache_limit(block * 2.5 / (1 << 20))  # room for two blocks
+    x = torch.randn(LARGE)
+    outputs = [_forward(x) for _ in range(5)]
+    del outputs
+    assert cpu.cache_info().cached_bytes == 2 * block
+    cpu.set_cache_limit(block / (1 << 20))  # lowering the limit frees the excess now
+    assert cpu.cache_info().cached_bytes == block
+    cpu.empty_cache()
+    assert cpu.cache_info().cached_bytes == 0
+    cpu.set_cache_limit(0)
+    _forward(x)  # freed at once
+    assert cpu.cache_info().cached_bytes == 0
+
+
+def test_small_outputs_bypass_the_cache(limit):
+    cpu.set_cache_limit(64)
+    before = cpu.cache_info()
+    _forward(torch.randn(4, 8, 5, 5))  # freed at once
+    after = cpu.cache_info()
+    assert (after.hits, after.misses, after.cached_bytes) == (
+        before.hits,
+        before.misses,
+        before.cached_bytes,
+    )
+
+
+def test_backward_and_fused_outputs_come_from_the_cache(limit):
+    cpu.set_cache_limit(64)
+    cpu.empty_cache()
+    x = torch.randn(LARGE, requires_grad=True)
+    z = torch.randn(LARGE)
+    y = cpu.batch_norm_relu(x, z, None, None, None, None, True, 0.1, 1e-5, save="mask")
+    y.sum().backward()
+    info = cpu.cache_info()
+    assert info.hits + info.misses >= 4  # y, mask, gated gradient, dx
+    expected_x = x.detach().clone().requires_grad_(True)
+    ref = torch.relu(torch.nn.functional.batch_norm(expected_x, None, None, training=True) + z)
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_behave_as_torch_tensors(limit):
+    cpu.set_cache_limit(64)
+    x = torch.randn(LARGE)
+    y = _forward(x)
+    head = y[:1].clone()
+    y.resize_(16, 64, 16, 16)  # a larger block, the old one back to the cache
+    assert y.shape == (16, 64, 16, 16) and torch.equal(y[:1], head)
+    y.fill_(1.0)
+    assert float(y.sum()) == y.numel()
+    shared = _forward(x).share_memory_()
+    assert shared.is_shared()
+    torch.testing.assert_close(shared, _forward(x))
+    kept = _forward(x)
+    array = kept.numpy()
+    snapshot = array.copy()
+    del kept
+    for _ in range(3):
+        _forward(x)  # reuse of freed blocks must not touch memory a NumPy view still holds
+    assert (array == snapshot).all()
+
+
+def test_limit_rejects_nonsense():
+    for bad in (-1, float("nan"), float("inf"), "64"):
+        with pytest.raises(ValueError, match="megabytes >= 0"):
+            cpu.set_cache_limit(bad)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("", 256 << 20), ("0", 0), ("1.5", 3 << 19), (" 512 ", 512 << 20)],
+)
+def test_limit_from_environment(monkeypatch, text, expected):
+    monkeypatch.setenv(_build.CACHE_ENV, text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _build.cache_limit_from_env() == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-5", "nan", "inf"])
+def test_bad_environment_value_warns_and_keeps_the_default(monkeypatch, text):
+    monkeypatch.setenv(_build.CACHE_ENV, text)
+    with pytest.warns(RuntimeWarning, match="BATCHNORM_CPU_CACHE_MB"):
+        assert _build.cache_limit_from_env() == 256 << 20
