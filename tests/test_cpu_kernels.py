@@ -193,6 +193,18 @@ def test_planar_channel_blocks(shape, dtype):
     _check(x, dy, *_params(shape[1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("length", range(1, 34))
+def test_every_row_tail_length(length, dtype):
+    """Planar rows of every length up to two AVX512 vectors and one more: the partial vector at
+    each row's end (a masked load and store, zero lanes) in every position, float32 and
+    bfloat16, forward, gradients and running statistics against the reference."""
+    gen = torch.Generator().manual_seed(100 + length)
+    x = (torch.randn(5, 3, length, generator=gen, dtype=torch.float64) * 2 + 7).to(dtype)
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    _check(x, dy, *_params(3))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_mean_that_drifts_along_the_batch(layout):
     """The second half of the batch sits 1e4 higher, with a spread of 0.01 within samples: every
