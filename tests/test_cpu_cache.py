@@ -143,3 +143,26 @@ def test_bad_environment_value_warns_and_keeps_the_default(monkeypatch, text):
     monkeypatch.setenv(_build.CACHE_ENV, text)
     with pytest.warns(RuntimeWarning, match="BATCHNORM_CPU_CACHE_MB"):
         assert _build.cache_limit_from_env() == 256 << 20
+
+
+def test_forked_child_allocates_outputs(limit):
+    """A child forked after the cache was used (DataLoader workers, multiprocessing) allocates
+    and frees outputs normally (the cache's lock is held across the fork, never inherited taken
+    by a thread the child lacks)."""
+    import multiprocessing as mp
+
+    cpu.set_cache_limit(64)
+    x = torch.randn(LARGE)
+    _forward(x)  # a block in the cache before the fork
+    context = mp.get_context("fork")
+    with context.Pool(1) as pool:
+        total = pool.apply(_child_sum, (x,))
+    torch.testing.assert_close(
+        torch.tensor(total), _forward(x).double().sum().float(), atol=1e-2, rtol=0
+    )
+
+
+def _child_sum(x: torch.Tensor) -> float:
+    torch.set_num_threads(1)
+    outputs = [_forward(x) for _ in range(3)]
+    return float(outputs[-1].double().sum())

@@ -51,6 +51,10 @@
 #include <unordered_map>
 #include <vector>
 
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+
 namespace {
 
 // The per-row helpers and the lambdas that walk rows must be inlined into their loops, so that
@@ -394,7 +398,16 @@ class BlockCache final : public c10::Allocator {
 
   static BlockCache& get() {
     // Never destroyed: tensors that outlive the module's teardown still return their blocks.
-    static BlockCache* cache = new BlockCache();
+    static BlockCache* cache = [] {
+      auto* c = new BlockCache();
+      // A fork holds the lock across the fork, so that a child never starts with the lock
+      // taken by a thread it does not have (DataLoader workers, multiprocessing).
+#ifndef _WIN32
+      pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
+                     [] { get().mutex_.unlock(); });
+#endif
+      return c;
+    }();
     return *cache;
   }
 
