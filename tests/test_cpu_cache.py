@@ -4,7 +4,11 @@ torch CPU tensor (resize, shared memory, NumPy views, fused outputs)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +73,25 @@ def test_limit_bounds_the_held_bytes(limit):
     assert cpu.cache_info().cached_bytes == 0
     cpu.set_cache_limit(0)
     _forward(x)  # freed at once
+    assert cpu.cache_info().cached_bytes == 0
+
+
+def test_a_new_size_evicts_the_blocks_freed_longest_ago(limit):
+    """When shapes change (another batch size, eval), the blocks of the new size are kept and
+    the old sizes go back to the system, oldest first."""
+    small = torch.randn(LARGE)  # 512 KiB outputs
+    big = torch.randn(8, 64, 16, 32)  # 1 MiB outputs
+    cpu.set_cache_limit(1.25)
+    cpu.empty_cache()
+    outputs = [_forward(small) for _ in range(2)]
+    del outputs
+    assert cpu.cache_info().cached_bytes == 2 * small.numel() * 4
+    _forward(big)  # freed at once: both 512 KiB blocks make room for it
+    assert cpu.cache_info().cached_bytes == big.numel() * 4
+    before = cpu.cache_info()
+    _forward(big)
+    assert cpu.cache_info().hits == before.hits + 1
+    cpu.set_cache_limit(0.5)  # smaller than the cached block: nothing stays
     assert cpu.cache_info().cached_bytes == 0
 
 
@@ -166,3 +189,42 @@ def _child_sum(x: torch.Tensor) -> float:
     torch.set_num_threads(1)
     outputs = [_forward(x) for _ in range(3)]
     return float(outputs[-1].double().sum())
+
+
+_OOM_CHILD = """
+import resource, sys
+import torch
+from batchnorm.ops import cpu
+torch.set_num_threads(1)
+xa = torch.randn(50 << 18).view(-1, 64)  # 50 MB
+xb = torch.randn(100 << 18).view(-1, 64)  # 100 MB
+def fwd(x):
+    return cpu.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+outputs = [fwd(xa) for _ in range(3)]
+del outputs  # 150 MB of 50 MB blocks now held by the cache
+assert cpu.cache_info().cached_bytes >= 150 << 20, cpu.cache_info()
+status = open("/proc/self/status").read().splitlines()
+vm = int(next(line for line in status if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (60 << 20), resource.RLIM_INFINITY))
+try:
+    torch.empty(100 << 18)
+    sys.exit("the address-space limit leaves room for 100 MB: the test proves nothing")
+except RuntimeError:
+    pass
+y = fwd(xb)  # fits only once the cached 50 MB blocks are given back
+assert y.shape == xb.shape and cpu.cache_info().cached_bytes == 0
+assert torch.isfinite(y[:1000]).all()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_an_allocation_that_fails_empties_the_cache_and_retries():
+    """Memory held for reuse never makes an output fail: under an address-space limit that
+    leaves no room for a 100 MB output beside 150 MB of cached 50 MB blocks, the output is
+    allocated after the cache gives its blocks back."""
+    env = {**os.environ, "PYTHONPATH": str(Path(cpu.__file__).parents[3])}
+    run = subprocess.run(
+        [sys.executable, "-c", _OOM_CHILD], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <list>
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
@@ -387,11 +388,13 @@ inline void row_dx(const T* x, const T* dy, T* dx, int64_t len, float shift, flo
 // blocks. A training loop allocates the same sizes at every step; glibc serves an allocation
 // above its mmap threshold with fresh pages and trims the top of its heap on free, so without a
 // cache each call faults its output in page by page (a fault and a zeroing per 4 KiB:
-// 250-800 faults per step of a 3 MB channels-last layer measured, 20-30 % of the step). A
-// block freed by its last tensor goes back to the cache while the cache holds less than its
-// limit (BlockCache::limit, set from Python: BATCHNORM_CPU_CACHE_MB, default 256 MB), else to
-// the system; blocks are reused for the same size (rounded up to 4 KiB) only. Small outputs
-// (< 256 KiB) and the (C,) statistics use torch's CPU allocator as before.
+// 250-800 faults per step of a 3 MB channels-last layer measured, 20-30 % of the step). A block
+// freed by its last tensor goes back to the cache; blocks are reused for the same size
+// (rounded up to 4 KiB) only, and the cache holds at most its limit (set_cache_limit from
+// Python: BATCHNORM_CPU_CACHE_MB, default 256 MB), evicting the blocks freed longest ago first,
+// so that a change of shapes (another batch size, eval) does not leave the cache full of
+// sizes that no longer come. An allocation that fails empties the cache and tries once more.
+// Small outputs (< 256 KiB) and the (C,) statistics use torch's CPU allocator as before.
 class BlockCache final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t{256} << 10;
@@ -421,13 +424,23 @@ class BlockCache final : public c10::Allocator {
       if (it != free_.end() && !it->second.empty()) {
         block = it->second.back();
         it->second.pop_back();
+        order_.erase(block->pos);
         cached_ -= bytes;
         ++hits_;
       } else {
         ++misses_;
       }
     }
-    if (block == nullptr) block = new Block{c10::alloc_cpu(bytes), bytes};
+    if (block == nullptr) {
+      void* data = nullptr;
+      try {
+        data = c10::alloc_cpu(bytes);
+      } catch (const c10::Error&) {
+        empty();  // the cached blocks of other sizes go back to the system first
+        data = c10::alloc_cpu(bytes);
+      }
+      block = new Block{data, bytes, {}};
+    }
     return {block->data, block, &BlockCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -442,20 +455,14 @@ class BlockCache final : public c10::Allocator {
             static_cast<int64_t>(hits_), static_cast<int64_t>(misses_)};
   }
 
-  // Sets the limit and frees the cached blocks above it (all of them for 0).
+  // Sets the limit and frees the cached blocks above it, oldest first (all of them for 0).
   void set_limit(int64_t bytes) {
     TORCH_CHECK(bytes >= 0, "the cache limit must be >= 0 bytes, got ", bytes);
     std::vector<Block*> drop;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       limit_ = static_cast<size_t>(bytes);
-      for (auto& [size, blocks] : free_) {
-        while (cached_ > limit_ && !blocks.empty()) {
-          drop.push_back(blocks.back());
-          blocks.pop_back();
-          cached_ -= size;
-        }
-      }
+      evict_until(limit_, drop);
     }
     for (Block* b : drop) destroy(b);
   }
@@ -465,9 +472,7 @@ class BlockCache final : public c10::Allocator {
     std::vector<Block*> drop;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto& [size, blocks] : free_) drop.insert(drop.end(), blocks.begin(), blocks.end());
-      free_.clear();
-      cached_ = 0;
+      evict_until(0, drop);
     }
     for (Block* b : drop) destroy(b);
   }
@@ -476,6 +481,7 @@ class BlockCache final : public c10::Allocator {
   struct Block {
     void* data;
     size_t bytes;
+    std::list<Block*>::iterator pos;  // in order_, while cached
   };
 
   static void destroy(Block* b) {
@@ -483,22 +489,40 @@ class BlockCache final : public c10::Allocator {
     delete b;
   }
 
+  // Under the lock: takes the blocks freed longest ago out of the cache into `drop` until it
+  // holds at most `bytes`.
+  void evict_until(size_t bytes, std::vector<Block*>& drop) {
+    while (cached_ > bytes && !order_.empty()) {
+      Block* old = order_.front();
+      order_.pop_front();
+      auto& same = free_[old->bytes];
+      same.erase(std::find(same.begin(), same.end(), old));
+      cached_ -= old->bytes;
+      drop.push_back(old);
+    }
+  }
+
   static void release(void* ctx) {
     Block* b = static_cast<Block*>(ctx);
     BlockCache& cache = get();
+    std::vector<Block*> drop;
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
-      if (cache.cached_ + b->bytes <= cache.limit_) {
+      if (b->bytes <= cache.limit_) {
+        cache.evict_until(cache.limit_ - b->bytes, drop);
+        b->pos = cache.order_.insert(cache.order_.end(), b);
         cache.free_[b->bytes].push_back(b);
         cache.cached_ += b->bytes;
-        return;
+        b = nullptr;
       }
     }
-    destroy(b);
+    if (b != nullptr) destroy(b);
+    for (Block* old : drop) destroy(old);
   }
 
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<Block*>> free_;
+  std::unordered_map<size_t, std::vector<Block*>> free_;  // by size; the last freed at the back
+  std::list<Block*> order_;                                // every cached block, oldest first
   size_t cached_ = 0, limit_ = size_t{256} << 20;
   uint64_t hits_ = 0, misses_ = 0;
 };
