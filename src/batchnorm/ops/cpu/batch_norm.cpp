@@ -1045,16 +1045,33 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
                           next_block_ahead(b, b1, block, R, C, bytes));
     }
   });
+  // Chan's merge (Moments::merge) in block order. A block's weights depend on its row count
+  // alone, the same for every channel: they are computed once (two divisions per channel and
+  // block were 5-10 % of a forward with many blocks), and the channels merge side by side.
+  std::vector<double> f_mean(blocks), f_m2(blocks);
+  double n = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const double nb = static_cast<double>(std::min(R, (b + 1) * block) - b * block);
+    const double total = n + nb;
+    f_mean[b] = nb / total;
+    f_m2[b] = n * nb / total;
+    n = total;
+  }
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Moments m;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const double count = static_cast<double>(std::min(R, (b + 1) * block) - b * block);
-        m.merge(count, means[b * C + c], m2s[b * C + c]);
+    double* mean = mean_s.data();
+    double* m2 = var.data();  // M2 until the division by n below
+    for (int64_t c = c0; c < c1; ++c) mean[c] = m2[c] = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* block_mean = means.data() + b * C;
+      const float* block_m2 = m2s.data() + b * C;
+      const double fm = f_mean[b], fq = f_m2[b];
+      for (int64_t c = c0; c < c1; ++c) {
+        const double delta = static_cast<double>(block_mean[c]) - mean[c];
+        mean[c] += delta * fm;
+        m2[c] += static_cast<double>(block_m2[c]) + delta * delta * fq;
       }
-      mean_s[c] = m.mean;
-      var[c] = m.m2 / m.n;
     }
+    for (int64_t c = c0; c < c1; ++c) m2[c] /= n;
   });
 }
 
