@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["default", "avx2", "avx512"]
 SELECTION = (
     "catalogue_float32 or planar_channel_blocks or far_from_their_centre or large_mean "
-    "or layouts or eval_backward or fused_equals_the_composition or gradients_reach"
+    "or layouts or eval_backward or fused_equals_the_composition or gradients_reach "
+    "or every_row_tail_length"
 )
 
 

@@ -105,6 +105,22 @@ inline Vec vload_n(const T* p, int64_t n) {
     // bfloat16 forward.)
     const __m256i raw = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
     return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    // AVX2 has no 16-bit masked load: whole pairs as masked 32-bit lanes (never a byte past
+    // the n values), an odd last value inserted on its own, then widened to float.
+    const int pairs = static_cast<int>(n / 2);
+    const __m128i lanes = _mm_cmpgt_epi32(_mm_set1_epi32(pairs), _mm_setr_epi32(0, 1, 2, 3));
+    __m128i raw = _mm_maskload_epi32(reinterpret_cast<const int*>(p), lanes);
+    if (n & 1) {
+      const int last = static_cast<int>(c10::bit_cast<uint16_t>(p[n - 1]));
+      switch (n) {  // the lane index of _mm_insert_epi16 is an immediate
+        case 1: raw = _mm_insert_epi16(raw, last, 0); break;
+        case 3: raw = _mm_insert_epi16(raw, last, 2); break;
+        case 5: raw = _mm_insert_epi16(raw, last, 4); break;
+        default: raw = _mm_insert_epi16(raw, last, 6); break;
+      }
+    }
+    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
 #else
     float buf[kW] = {};
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
