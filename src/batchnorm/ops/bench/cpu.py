@@ -7,8 +7,11 @@ Providers, timed in one process on the same tensors:
 - ``native``: ``torch.nn.functional.batch_norm`` (PyTorch's CPU kernel).
 - ``compile``: the same call through ``torch.compile(fullgraph=True, dynamic=False)``,
   compiled once per configuration and warmed up before timing.
-- ``copy``: ``x.clone()`` (read x, write a new tensor of its size): the yardstick; a training
-  forward moves at least the same bytes (plus one read of x for the statistics).
+- ``copy``: ``out.copy_(x)`` into a tensor allocated once (read x, write a tensor of its size):
+  the yardstick; a training forward moves at least the same bytes (plus one read of x for the
+  statistics). Not ``x.clone()``: a fresh allocation faults its pages in at every call above
+  glibc's mmap threshold (32 MB) and, depending on the allocator's state, below it, which made
+  the yardstick itself vary by up to 3x between runs.
 
 Modes: ``train_fwd`` (training forward with the running-statistics update, no graph),
 ``eval_fwd`` (eval forward, no graph), ``fwd_bwd`` (training forward + backward for x, gamma
@@ -170,7 +173,8 @@ def _call(provider: str, mode: str, x, dy, weight, bias) -> Callable[[], torch.T
     c = x.shape[1]
     rm, rv = torch.zeros(c), torch.ones(c)
     if provider == "copy":
-        return x.clone
+        out = torch.empty_like(x)
+        return lambda: out.copy_(x)
     if mode in FUSED_MODES:
         return _call_add_relu(provider, mode, x, dy, weight, bias, rm, rv)
     fn = _batch_norm_fn(provider)

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -178,8 +179,6 @@ def cache_limit_from_env() -> int:
         if not megabytes >= 0 or megabytes == float("inf"):
             raise ValueError
     except ValueError:
-        import warnings
-
         warnings.warn(
             f"{CACHE_ENV}={text!r} is not a number of megabytes >= 0; using the default "
             f"{DEFAULT_CACHE_MB} (set it to e.g. 512, or 0 to turn the output cache off)",
