@@ -9,6 +9,7 @@ and cached; without a C++ compiler or ninja the module is skipped with the reaso
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -556,3 +557,39 @@ def test_auto_by_layout_and_mode(monkeypatch):
         layer(inp)
         seen.append(layer.last_backend)
     assert seen == ["cpu", "cpu", "torch", "torch", "torch", "cpu"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_kernels_run_on_torchs_threads():
+    """ATen's parallel_for in the kernels runs on torch's OpenMP pool: one thread under
+    torch.set_num_threads(1), two under 2 (an extension built without OpenMP ran serially)."""
+    ext = cpu.load()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ext.threads_used(64) == 1
+        torch.set_num_threads(2)
+        assert ext.threads_used(64) == 2
+    finally:
+        torch.set_num_threads(before)
+    assert "torch's thread pool" in cpu.status()[1]
+
+
+def test_compiler_without_openmp_builds_a_visible_one_thread_variant(monkeypatch, tmp_path):
+    """Where the compiler cannot build OpenMP code (and no OpenMP build is cached), the kernels
+    are built without it, under another name, and the status says they run on one thread."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(_build, "_compiles_openmp", lambda: False)
+    _build.openmp_flags.cache_clear()
+    _build.module_name.cache_clear()
+    try:
+        if not _build._torch_uses_openmp():
+            pytest.skip("torch does not use OpenMP here")
+        assert _build.openmp_flags() == ()
+        assert "one thread" in _build.thread_use()
+        assert _build.module_name() != _build._name(["-fopenmp"])
+    finally:
+        monkeypatch.undo()
+        _build.openmp_flags.cache_clear()
+        _build.module_name.cache_clear()
+    assert _build.openmp_flags() == ("-fopenmp",)

@@ -63,14 +63,72 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "batchnorm" / "ext"
 
 
-@functools.cache
-def module_name() -> str:
-    """The extension's name: torch version, source hash and instruction set."""
+def _torch_uses_openmp() -> bool:
+    """Whether torch's intra-op thread pool is OpenMP (the Linux wheels): ATen's parallel_for is
+    then a header-only ``#pragma omp parallel``, which runs on one thread unless the extension
+    itself is compiled with OpenMP."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def _name(flags: list[str]) -> str:
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(" ".join(_ISA_FLAGS[isa()]).encode())
+    digest.update(" ".join([*_ISA_FLAGS[isa()], *flags]).encode())
     return f"batchnorm_cpu_{isa().lower()}_{digest.hexdigest()[:12]}"
+
+
+def _compiles_openmp() -> bool:
+    """Whether the C++ compiler builds and links an OpenMP program (gcc and clang do, given
+    their OpenMP runtime's development files)."""
+    compiler = _compiler()
+    if compiler is None:
+        return False
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "probe.cpp"
+        source.write_text(
+            "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+        )
+        try:
+            run = subprocess.run(
+                [compiler, "-fopenmp", str(source), "-o", str(Path(folder) / "probe")],
+                capture_output=True,
+                timeout=120,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return run.returncode == 0
+
+
+@functools.cache
+def openmp_flags() -> tuple[str, ...]:
+    """``("-fopenmp",)`` when the kernels are built with OpenMP, so that ATen's parallel_for in
+    them uses torch's own OpenMP thread pool (the runtime torch loaded: same library name);
+    empty when torch does not use OpenMP, or when the compiler cannot build OpenMP code and no
+    OpenMP build is cached (the kernels then run on one thread, and :func:`status` says so)."""
+    if not _torch_uses_openmp():
+        return ()
+    flags = ["-fopenmp"]
+    folder = cache_root() / _name(flags)
+    if any(folder.glob(f"{_name(flags)}*.so")) or _compiles_openmp():
+        return tuple(flags)
+    return ()
+
+
+def thread_use() -> str:
+    """How the kernels use threads, for :func:`status` and ``batchnorm env``."""
+    if openmp_flags() or not _torch_uses_openmp():
+        return "torch's thread pool"
+    return "one thread: the compiler cannot build OpenMP code"
+
+
+@functools.cache
+def module_name() -> str:
+    """The extension's name: torch version, source hash, instruction set and OpenMP."""
+    return _name(list(openmp_flags()))
 
 
 def build_dir() -> Path:
@@ -99,11 +157,11 @@ def status() -> tuple[bool, str]:
         or when an earlier build in this process failed.
     """
     if _module is not None:
-        return True, f"C++ kernels ({isa()}) loaded from {build_dir()}"
+        return True, f"C++ kernels ({isa()}, {thread_use()}) loaded from {build_dir()}"
     if _error is not None:
         return False, _error
     if _cached_binary() is not None:
-        return True, f"C++ kernels ({isa()}) compiled and cached in {build_dir()}"
+        return True, f"C++ kernels ({isa()}, {thread_use()}) compiled and cached in {build_dir()}"
     from torch.utils.cpp_extension import is_ninja_available
 
     compiler = _compiler()
@@ -112,7 +170,8 @@ def status() -> tuple[bool, str]:
     if not is_ninja_available():
         return False, "ninja is missing (pip install ninja) to build the C++ kernels"
     return True, (
-        f"C++ kernels ({isa()}) compile on first use with {compiler} (about a minute, once), "
+        f"C++ kernels ({isa()}, {thread_use()}) compile on first use with {compiler} (about a "
+        "minute, once), "
         f"cached in {build_dir()}"
     )
 
@@ -152,7 +211,8 @@ def load() -> ModuleType | None:
             _module = load_extension(
                 name=module_name(),
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-std=c++17", *_ISA_FLAGS[isa()]],
+                extra_cflags=["-O3", "-std=c++17", *_ISA_FLAGS[isa()], *openmp_flags()],
+                extra_ldflags=list(openmp_flags()),
                 build_directory=str(folder),
                 verbose=False,
             )

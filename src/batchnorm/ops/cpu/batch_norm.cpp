@@ -1915,6 +1915,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cache_limit", [](int64_t bytes) { BlockCache::get().set_limit(bytes); },
         "the most bytes of freed output blocks kept for reuse (0: none)");
   m.def("empty_cache", []() { BlockCache::get().empty(); }, "frees the cached output blocks");
+  m.def(
+      "threads_used",
+      [](int64_t n) {
+        // How many threads an at::parallel_for over n items of grain 1 ran on (the kernels'
+        // own split is the same call): checks that the build uses torch's thread pool.
+        std::vector<int> seen(std::max<int64_t>(at::get_num_threads(), 1), 0);
+        at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+          const int id = at::get_thread_num();
+          if (id >= 0 && id < static_cast<int>(seen.size())) seen[id] = 1;
+        });
+        return std::count(seen.begin(), seen.end(), 1);
+      },
+      "threads that one parallel_for used");
   m.def("capability", &capability, "the vector instruction set compiled in");
   m.def("vector_width", []() { return kW; }, "floats per vector");
 }
