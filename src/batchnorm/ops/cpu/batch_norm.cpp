@@ -170,10 +170,16 @@ struct Moments {
   void merge(double nb, double mean_b, double m2_b) {
     if (nb == 0) return;
     const double total = n + nb;
-    const double delta = mean_b - mean;
-    mean += delta * (nb / total);
-    m2 += m2_b + delta * delta * (n * nb / total);
+    add(mean, m2, mean_b, m2_b, nb / total, n * nb / total);
     n = total;
+  }
+  // Chan's update of (mean, m2) by a group's (mean_b, m2_b) with the weights nb / total and
+  // n * nb / total, which depend on the counts alone (shared by channels with the same counts).
+  static void add(double& mean, double& m2, double mean_b, double m2_b, double w_mean,
+                  double w_m2) {
+    const double delta = mean_b - mean;
+    mean += delta * w_mean;
+    m2 += m2_b + delta * delta * w_m2;
   }
 };
 
@@ -1082,9 +1088,7 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
       const float* block_m2 = m2s.data() + b * C;
       const double fm = f_mean[b], fq = f_m2[b];
       for (int64_t c = c0; c < c1; ++c) {
-        const double delta = static_cast<double>(block_mean[c]) - mean[c];
-        mean[c] += delta * fm;
-        m2[c] += static_cast<double>(block_m2[c]) + delta * delta * fq;
+        Moments::add(mean[c], m2[c], block_mean[c], block_m2[c], fm, fq);
       }
     }
     for (int64_t c = c0; c < c1; ++c) m2[c] /= n;
