@@ -385,6 +385,68 @@ def test_one_value_per_channel_rejected_in_training():
     assert_close(y, x / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-6, name="eval y")
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"running_mean": torch.zeros(2), "running_var": torch.ones(2)}, "running_mean should"),
+        ({"weight": torch.ones(7)}, "weight should contain 4 elements"),
+        ({"bias": torch.ones(3)}, "bias should contain 4 elements"),
+        ({"running_var": None}, "given together"),
+        ({"running_mean": None}, "given together"),
+        (
+            {"running_mean": torch.zeros(4, dtype=torch.long)},
+            "float32, bfloat16 or float64",
+        ),
+    ],
+    ids=["short-stats", "long-weight", "short-bias", "mean-alone", "var-alone", "int-stats"],
+)
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "graph"])
+def test_malformed_channel_tensors_raise_before_any_write(change, message, grad):
+    """The kernels index the (C,) tensors by raw pointers: a wrong length, a lone running
+    statistic or an integer buffer raises RuntimeError (as torch's kernel does) before anything is
+    read or written, so nothing past a buffer's end is touched and no statistic is half-updated."""
+    x = torch.randn(8, 4).requires_grad_(grad)
+    args = {
+        "running_mean": torch.zeros(4),
+        "running_var": torch.ones(4),
+        "weight": torch.ones(4),
+        "bias": torch.zeros(4),
+    }
+    args.update(change)
+    before = {k: (v.clone(), v._version) for k, v in args.items() if v is not None}
+    with pytest.raises(RuntimeError, match=message):
+        cpu.batch_norm(
+            x, args["running_mean"], args["running_var"], args["weight"], args["bias"], True,
+            0.1, 1e-5,
+        )  # fmt: skip
+    for k, (value, version) in before.items():
+        assert torch.equal(args[k], value) and args[k]._version == version, k
+
+
+@pytest.mark.parametrize("layout", ["nc", "nchw", "nhwc"])
+def test_with_and_without_a_graph_give_the_same_numbers(layout):
+    """One C++ call serves both: the output alone where nothing records a graph, an autograd
+    node where something does; the same y and running statistics bit for bit, and both count
+    the in-place update of the buffers (their version counters go up by one)."""
+    x = torch.randn(8, 6, 3, 3) if layout != "nc" else torch.randn(16, 6)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    results = []
+    for grad in (False, True):
+        rm, rv = torch.zeros(6), torch.ones(6)
+        xi = x.detach().clone().requires_grad_(grad)
+        y = cpu.batch_norm(xi, rm, rv, w, b, True, 0.1, 1e-5)
+        assert (y.grad_fn is not None) == grad
+        assert rm._version == 1 and rv._version == 1
+        results.append((y.detach(), rm, rv))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    cpu.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+    assert rm._version == 0 and rv._version == 0  # eval reads them only
+
+
 @pytest.mark.parametrize("layout", ["nc", "nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_second_derivatives_equal_torch(training, layout):

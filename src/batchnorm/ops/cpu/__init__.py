@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from batchnorm.modes import FusedSave, mark_modified, records_graph
+from batchnorm.modes import FusedSave
 from batchnorm.ops.cpu._build import load, ready, status
 
 __all__ = [
@@ -131,30 +131,14 @@ def batch_norm(
     Raises:
         RuntimeError: the kernels cannot be built here.
     """
-    if running_mean is not None:
-        running_mean = running_mean.detach()
-        running_var = running_var.detach()
-    if not records_graph(input, weight, bias):
-        # Nothing records a graph: no autograd node, no saved tensors.
-        y = _ext().forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[
-            0
-        ]
-    else:
-        # The autograd node is C++ (CpuBatchNormBackward): no Python runs in the backward.
-        y = _ext().batch_norm(
-            input, weight, bias, running_mean, running_var, training, momentum, eps
-        )
-    _updated(training, running_mean, running_var)
-    return y
-
-
-def _updated(training: bool, running_mean, running_var) -> None:
-    """The kernels write the running statistics through raw pointers: count it as the in-place
-    change it is (their version counters, shared with the buffers by ``detach``), so a graph that
-    saved a buffer before fails at backward as with torch's kernel, instead of reading the new
-    values silently."""
-    if training and running_mean is not None and running_var is not None:
-        mark_modified(running_mean, running_var)
+    # One C++ call (``batch_norm_call``): where autograd records a graph, an autograd node
+    # (``CpuBatchNormBackward``) with the running statistics as detached aliases; else the
+    # output alone. Either way the buffers' version counters count the in-place update, so a
+    # graph that saved one before fails at backward, as with torch's kernel, instead of reading
+    # the new values silently.
+    return _ext().batch_norm_call(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
 
 
 def batch_norm_relu(
@@ -183,18 +167,6 @@ def batch_norm_relu(
         RuntimeError: the kernels cannot be built here; or a second derivative is requested.
     """
     code = FusedSave(save).code
-    if running_mean is not None:
-        running_mean = running_mean.detach()
-        running_var = running_var.detach()
-    if not records_graph(input, residual, weight, bias):
-        y = _ext().forward_fused(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
-            FusedSave.RECOMPUTE.code,  # nothing is kept for a backward: no mask to write
-        )[0]  # fmt: skip
-    else:
-        y = _ext().batch_norm_relu(
-            input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
-            code,
-        )  # fmt: skip
-    _updated(training, running_mean, running_var)
-    return y
+    return _ext().batch_norm_relu_call(
+        input, residual, running_mean, running_var, weight, bias, training, momentum, eps, code
+    )

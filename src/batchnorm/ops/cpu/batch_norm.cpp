@@ -1129,30 +1129,61 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
 // Forward
 // ------------------------------------------------------------------------------------------
 
+// The per-channel constants, in float64 rounded once, as plain loops over arrays that the
+// compiler vectorizes (square roots and divisions of a vector of channels at a time: a scalar
+// chain per channel cost 3-4 ns, 4 us of a 64x1280 call).
+// Training, channels [c0, c1): invstd = 1 / sqrt(var + eps), scale = gamma * invstd, offset =
+// beta - mean_s * gamma * invstd, and the saved mean_s and invstd.
+inline void training_constants(int64_t c0, int64_t c1, const double* __restrict mean_s,
+                               const double* __restrict var, const float* __restrict gamma,
+                               const float* __restrict beta, double eps, float* __restrict scale,
+                               float* __restrict offset, float* __restrict mean_out,
+                               float* __restrict invstd_out) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const double invstd = 1.0 / std::sqrt(var[c] + eps);
+    scale[c] = static_cast<float>(gamma[c] * invstd);
+    offset[c] = static_cast<float>(beta[c] - mean_s[c] * gamma[c] * invstd);
+    mean_out[c] = static_cast<float>(mean_s[c]);
+    invstd_out[c] = static_cast<float>(invstd);
+  }
+}
+
+// Eval: invstd = 1 / sqrt(running_var + eps) and scale = gamma * invstd.
+inline void eval_constants(int64_t C, const float* __restrict rv, const float* __restrict gamma,
+                           double eps, float* __restrict scale, float* __restrict invstd_out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(rv[c]) + eps);
+    scale[c] = static_cast<float>(gamma[c] * invstd);
+    invstd_out[c] = static_cast<float>(invstd);
+  }
+}
+
+// Where the forward writes its (C,) float32 constants: the saved statistics (shift, mean_s,
+// invstd) and the output's scale and offset.
+struct ChannelOut {
+  float *shift, *mean, *invstd, *scale, *offset;
+};
+
 template <typename T>
 void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
                   const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                   c10::optional<Tensor>& running_mean, c10::optional<Tensor>& running_var,
-                  bool training, double momentum, double eps, Tensor& shift_t, Tensor& mean_t,
-                  Tensor& invstd_t, Tensor& scale_t, Tensor& offset_t, const Fuse<T>& fuse) {
+                  bool training, double momentum, double eps, const ChannelOut& out,
+                  const Fuse<T>& fuse) {
   const int64_t C = g.C;
   const T* xp = x.data_ptr<T>();
   const std::vector<float> gamma = floats_or(weight, C, 1.f), beta = floats_or(bias, C, 0.f);
   std::vector<float> shift(C), scale(C), offset(C);
-  float* shift_out = shift_t.data_ptr<float>();
-  float* mean_out = mean_t.data_ptr<float>();
-  float* invstd_out = invstd_t.data_ptr<float>();
+  float* shift_out = out.shift;
+  float* mean_out = out.mean;
+  float* invstd_out = out.invstd;
   if (training) {
     // Centre every channel on its first value.
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(xp[g.inner ? c : c * g.S]);
     std::vector<double> mean_s(C), var(C);
-    auto finalize = [&](int64_t c) {
-      const double invstd = 1.0 / std::sqrt(var[c] + eps);
-      scale[c] = static_cast<float>(gamma[c] * invstd);
-      offset[c] = static_cast<float>(beta[c] - mean_s[c] * gamma[c] * invstd);
-      shift_out[c] = shift[c];
-      mean_out[c] = static_cast<float>(mean_s[c]);
-      invstd_out[c] = static_cast<float>(invstd);
+    auto finalize = [&](int64_t c0, int64_t c1) {
+      training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps,
+                         scale.data(), offset.data(), mean_out, invstd_out);
     };
     if (!g.inner) {
       // A block of channels at a time: statistics, then its output while the block's slice is
@@ -1173,8 +1204,8 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
           for (int64_t c = c0; c < c1; ++c) {
             mean_s[c] = mo[c - c0].mean;
             var[c] = mo[c - c0].m2 / mo[c - c0].n;
-            finalize(c);
           }
+          finalize(c0, c1);
           for (int64_t n = 0; n < g.N; ++n) {
             for (int64_t c = c0; c < c1; ++c) {
               const int64_t off = (n * C + c) * S;
@@ -1185,11 +1216,12 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       });
     } else {
       training_moments(xp, g, shift, mean_s, var);
-      for (int64_t c = 0; c < C; ++c) finalize(c);
+      finalize(0, C);
       affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
     }
-    std::copy(scale.begin(), scale.end(), scale_t.data_ptr<float>());
-    std::copy(offset.begin(), offset.end(), offset_t.data_ptr<float>());
+    std::copy(shift.begin(), shift.end(), shift_out);
+    std::copy(scale.begin(), scale.end(), out.scale);
+    std::copy(offset.begin(), offset.end(), out.offset);
     const double m = static_cast<double>(g.per_channel());
     std::vector<double> mean(C), unbiased(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -1202,40 +1234,67 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
     }
     return;
   } else {
-    const std::vector<float> rm = floats_or(running_mean, C, 0.f);
+    shift = floats_or(running_mean, C, 0.f);
     const std::vector<float> rv = floats_or(running_var, C, 1.f);
-    for (int64_t c = 0; c < C; ++c) {
-      const double invstd = 1.0 / std::sqrt(static_cast<double>(rv[c]) + eps);
-      shift[c] = rm[c];
-      scale[c] = static_cast<float>(gamma[c] * invstd);
-      offset[c] = beta[c];
-      shift_out[c] = rm[c];
-      mean_out[c] = 0.f;
-      invstd_out[c] = static_cast<float>(invstd);
-    }
+    eval_constants(C, rv.data(), gamma.data(), eps, scale.data(), invstd_out);
+    offset = beta;
+    std::copy(shift.begin(), shift.end(), shift_out);
+    std::fill(mean_out, mean_out + C, 0.f);
   }
-  std::copy(scale.begin(), scale.end(), scale_t.data_ptr<float>());
-  std::copy(offset.begin(), offset.end(), offset_t.data_ptr<float>());
+  std::copy(scale.begin(), scale.end(), out.scale);
+  std::copy(offset.begin(), offset.end(), out.offset);
   affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
 }
 
 // ReLU codes, as batchnorm.modes.FusedSave: what the backward of a fused ReLU keeps.
 constexpr int64_t kReluNone = 0, kSaveOutput = 1, kSaveMask = 2, kSaveRecompute = 3;
 
-// Returns (y, shift, mean_s, invstd, scale, offset, mask); mask is undefined unless
-// relu == kSaveMask. `residual` (laid out as the input is seen) is added before the ReLU.
-std::vector<Tensor> forward_fused(const Tensor& input, const c10::optional<Tensor>& weight,
-                                  const c10::optional<Tensor>& bias,
-                                  c10::optional<Tensor> running_mean,
-                                  c10::optional<Tensor> running_var, bool training,
-                                  double momentum, double eps,
-                                  const c10::optional<Tensor>& residual, int64_t relu) {
+// The (C,) tensors of a call, checked before anything is read or written through their
+// pointers: C values each, running statistics both or neither and of a dtype the update writes.
+void check_channel_tensors(int64_t C, const c10::optional<Tensor>& weight,
+                           const c10::optional<Tensor>& bias,
+                           const c10::optional<Tensor>& running_mean,
+                           const c10::optional<Tensor>& running_var) {
+  const std::pair<const char*, const c10::optional<Tensor>*> named[] = {
+      {"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
+      {"running_var", &running_var}};
+  for (const auto& [name, t] : named) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    TORCH_CHECK((*t)->numel() == C, name, " should contain ", C, " elements (one per channel of ",
+                "the input's dim 1), not ", (*t)->numel());
+    TORCH_CHECK((*t)->device().is_cpu(), name, " must be a CPU tensor, got ", (*t)->device());
+  }
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(has_mean == has_var,
+              "running_mean and running_var must be given together (or both None)");
+  if (has_mean) {
+    for (const Tensor* t : {&*running_mean, &*running_var}) {
+      const auto d = t->scalar_type();
+      TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kDouble,
+                  "running statistics must be float32, bfloat16 or float64, got ", d);
+    }
+  }
+}
+
+// Checks the call, lays x out for the kernels and runs the forward into `out` (the (C,)
+// constants, from `channel_out(C)`). Returns (y, mask); mask is undefined unless relu ==
+// kSaveMask. `residual` (laid out as the input is seen) is added before the ReLU.
+template <typename Alloc>
+std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<Tensor>& weight,
+                                      const c10::optional<Tensor>& bias,
+                                      c10::optional<Tensor> running_mean,
+                                      c10::optional<Tensor> running_var, bool training,
+                                      double momentum, double eps,
+                                      const c10::optional<Tensor>& residual, int64_t relu,
+                                      Alloc&& channel_out) {
   TORCH_CHECK(input.dim() >= 2, "batch norm expects an (N, C) or (N, C, *) input");
   TORCH_CHECK(input.device().is_cpu(), "the cpu kernels need a CPU tensor");
   TORCH_CHECK(relu >= kReluNone && relu <= kSaveRecompute, "unknown ReLU code ", relu);
   auto [x, g] = as_kernel_layout(input);
   TORCH_CHECK(!training || g.per_channel() > 1,
               "batch norm in training mode needs more than one value per channel");
+  check_channel_tensors(g.C, weight, bias, running_mean, running_var);
   TORCH_CHECK(training || (running_mean.has_value() && running_mean->defined()),
               "eval-mode batch norm needs running statistics");
   const bool has_z = residual.has_value() && residual->defined();
@@ -1250,25 +1309,44 @@ std::vector<Tensor> forward_fused(const Tensor& input, const c10::optional<Tenso
   Tensor y = empty_output(x, x.scalar_type());
   Tensor mask;
   if (relu == kSaveMask) mask = empty_output(x, at::kBool);
-  const auto opts = input.options().dtype(at::kFloat);
-  Tensor shift = at::empty({g.C}, opts), mean = at::empty({g.C}, opts),
-         invstd = at::empty({g.C}, opts), scale = at::empty({g.C}, opts),
-         offset = at::empty({g.C}, opts);
+  const ChannelOut out = channel_out(g.C);
   if (x.numel() > 0) {
     uint8_t* mp = mask.defined() ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
     if (x.scalar_type() == at::kFloat) {
       Fuse<float> f{relu != kReluNone, has_z ? z.data_ptr<float>() : nullptr, mp};
       forward_impl<float>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
-                          eps, shift, mean, invstd, scale, offset, f);
+                          eps, out, f);
     } else if (x.scalar_type() == at::kBFloat16) {
       Fuse<BF16> f{relu != kReluNone, has_z ? z.data_ptr<BF16>() : nullptr, mp};
       forward_impl<BF16>(x, y, g, weight, bias, running_mean, running_var, training, momentum,
-                         eps, shift, mean, invstd, scale, offset, f);
+                         eps, out, f);
     } else {
       TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
     }
   }
-  return {y, shift, mean, invstd, scale, offset, mask};
+  return {y, mask};
+}
+
+// Returns (y, shift, mean_s, invstd, scale, offset, mask); mask is undefined unless
+// relu == kSaveMask.
+std::vector<Tensor> forward_fused(const Tensor& input, const c10::optional<Tensor>& weight,
+                                  const c10::optional<Tensor>& bias,
+                                  c10::optional<Tensor> running_mean,
+                                  c10::optional<Tensor> running_var, bool training,
+                                  double momentum, double eps,
+                                  const c10::optional<Tensor>& residual, int64_t relu) {
+  std::vector<Tensor> channel;  // shift, mean_s, invstd, scale, offset
+  auto [y, mask] = forward_run(input, weight, bias, running_mean, running_var, training, momentum,
+                               eps, residual, relu, [&](int64_t C) {
+                                 const auto opts = input.options().dtype(at::kFloat);
+                                 for (int i = 0; i < 5; ++i) channel.push_back(at::empty({C}, opts));
+                                 return ChannelOut{channel[0].data_ptr<float>(),
+                                                   channel[1].data_ptr<float>(),
+                                                   channel[2].data_ptr<float>(),
+                                                   channel[3].data_ptr<float>(),
+                                                   channel[4].data_ptr<float>()};
+                               });
+  return {y, channel[0], channel[1], channel[2], channel[3], channel[4], mask};
 }
 
 // Returns (y, shift, mean_s, invstd).
@@ -1279,6 +1357,22 @@ std::vector<Tensor> forward(const Tensor& input, const c10::optional<Tensor>& we
   auto out = forward_fused(input, weight, bias, running_mean, running_var, training, momentum,
                            eps, c10::nullopt, kReluNone);
   return {out[0], out[1], out[2], out[3]};
+}
+
+// The output alone, where nothing records a graph: the (C,) constants go to scratch memory
+// instead of five tensors.
+Tensor forward_output(const Tensor& input, const c10::optional<Tensor>& weight,
+                      const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
+                      const c10::optional<Tensor>& running_var, bool training, double momentum,
+                      double eps, const c10::optional<Tensor>& residual, int64_t relu) {
+  std::vector<float> scratch;
+  return forward_run(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     residual, relu, [&](int64_t C) {
+                       scratch.resize(5 * C);
+                       float* p = scratch.data();
+                       return ChannelOut{p, p + C, p + 2 * C, p + 3 * C, p + 4 * C};
+                     })
+      .first;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1901,6 +1995,69 @@ Tensor batch_norm_relu_autograd(const Tensor& input, const c10::optional<Tensor>
                                          training, momentum, eps, code);
 }
 
+
+inline bool requires_grad(const c10::optional<Tensor>& t) {
+  return is_set(t) && t->requires_grad();
+}
+
+inline c10::optional<Tensor> detached(const c10::optional<Tensor>& t) {
+  return is_set(t) ? c10::optional<Tensor>(t->detach()) : c10::nullopt;
+}
+
+// The kernels write the running statistics through raw pointers: count it as the in-place
+// change it is (their version counters go up by one, as an in-place op of torch's would make
+// them), so a graph that saved a buffer before fails at backward, as with torch's kernel,
+// instead of reading the new values silently.
+inline void count_update(bool training, const c10::optional<Tensor>& running_mean,
+                         const c10::optional<Tensor>& running_var) {
+  if (training && is_set(running_mean) && is_set(running_var)) {
+    torch::autograd::impl::bump_version(*running_mean);
+    torch::autograd::impl::bump_version(*running_var);
+  }
+}
+
+// batchnorm.ops.cpu.batch_norm in one call from Python, in F.batch_norm's argument order: an
+// autograd node (the running statistics passed as detached aliases: the node's inputs are x,
+// gamma and beta) where autograd records a graph, else the forward's output alone.
+Tensor batch_norm_call(const Tensor& input, const c10::optional<Tensor>& running_mean,
+                       const c10::optional<Tensor>& running_var,
+                       const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                       bool training, double momentum, double eps) {
+  Tensor y;
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    y = batch_norm_autograd(input, weight, bias, detached(running_mean), detached(running_var),
+                            training, momentum, eps);
+  } else {
+    y = forward_output(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                       c10::nullopt, kReluNone);
+  }
+  count_update(training, running_mean, running_var);
+  return y;
+}
+
+// batchnorm.ops.cpu.batch_norm_relu in one call from Python (`code`: what the backward keeps).
+Tensor batch_norm_relu_call(const Tensor& input, const c10::optional<Tensor>& residual,
+                            const c10::optional<Tensor>& running_mean,
+                            const c10::optional<Tensor>& running_var,
+                            const c10::optional<Tensor>& weight,
+                            const c10::optional<Tensor>& bias, bool training, double momentum,
+                            double eps, int64_t code) {
+  Tensor y;
+  if (at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(residual) ||
+                                     requires_grad(weight) || requires_grad(bias))) {
+    y = batch_norm_relu_autograd(input, residual, weight, bias, detached(running_mean),
+                                 detached(running_var), training, momentum, eps, code);
+  } else {
+    TORCH_CHECK(code >= kReluNone && code <= kSaveRecompute, "unknown ReLU code ", code);
+    // Nothing is kept for a backward: no mask to write.
+    y = forward_output(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                       residual, kSaveRecompute);
+  }
+  count_update(training, running_mean, running_var);
+  return y;
+}
+
 }  // namespace batchnorm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1914,6 +2071,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch norm with an autograd node (the running statistics are updated in place)");
   m.def("batch_norm_relu", &batchnorm::batch_norm_relu_autograd,
         "batch norm (+ residual) + ReLU with an autograd node");
+  m.def("batch_norm_call", &batchnorm::batch_norm_call,
+        "batchnorm.ops.cpu.batch_norm: F.batch_norm's arguments, an autograd node where a graph "
+        "is recorded");
+  m.def("batch_norm_relu_call", &batchnorm::batch_norm_relu_call,
+        "batchnorm.ops.cpu.batch_norm_relu: (input, residual, running_mean, running_var, weight, "
+        "bias, training, momentum, eps, save code)");
   m.def("cache_info", []() { return BlockCache::get().info(); },
         "the output block cache: (cached bytes, limit, hits, misses)");
   m.def("set_cache_limit", [](int64_t bytes) { BlockCache::get().set_limit(bytes); },
