@@ -343,3 +343,34 @@ def test_the_cpu_backend_on_the_fast_path_equals_its_full_path(layout, training)
 
 def _grads_seed(y: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", [None, "cpu"])
+def test_a_used_layer_deep_copies_and_pickles(backend) -> None:
+    """A layer that has run (and so holds a plan of its last call) survives copy.deepcopy,
+    pickle and torch.save as an unused one does, and the copy computes what the original does."""
+    import copy
+    import io
+    import pickle
+
+    from batchnorm.ops import cpu
+
+    if backend == "cpu" and not cpu.ready():
+        pytest.skip("the C++ kernels cannot be built here")
+    layer = BatchNorm2d(3, backend=backend)
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    layer(x)
+    assert layer.__dict__.get("_plan") is not None
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [
+        copy.deepcopy(layer),
+        pickle.loads(pickle.dumps(layer)),
+        torch.load(buffer, weights_only=False),
+    ]
+    layer.eval()
+    for other in copies:
+        other.eval()
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+        torch.testing.assert_close(other.state_dict(), layer.state_dict(), rtol=0, atol=0)

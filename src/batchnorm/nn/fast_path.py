@@ -195,7 +195,7 @@ def make_plan(module: torch.nn.Module, input: torch.Tensor, ran: str) -> CallPla
     if ran == "cpu":
         from batchnorm.ops import cpu
 
-        # The extension's entry itself (cpu.batch_norm's one call, F.batch_norm's arguments).
-        ext = cpu.load()
-        plan.kernel = cpu.batch_norm if ext is None else ext.batch_norm_call
+        # A Python function, not the extension's entry itself: the plan travels with the module
+        # through copy.deepcopy and pickle, which cannot name a compiled extension's function.
+        plan.kernel = cpu.batch_norm
     return plan
