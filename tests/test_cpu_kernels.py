@@ -516,6 +516,29 @@ def test_compiled_graphs_use_standard_ops(monkeypatch):
     assert backends.last_backend() == "torch"
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layers_on_the_cpu_backend_compile_as_one_graph(training):
+    """torch.compile(fullgraph=True) of a backend="cpu" layer: one graph of standard ops (the
+    fallback's notice must not split it: warnings.warn is opaque to Dynamo), the same numbers as
+    the eager layer on torch's kernel."""
+    from batchnorm.nn import BatchNorm2d
+
+    torch._dynamo.reset()
+    backends._warned.clear()
+    layer = BatchNorm2d(4, backend="cpu").train(training)
+    reference = BatchNorm2d(4, backend="torch").train(training)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(step))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = compiled(xa), reference(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=1e-6, atol=1e-7)
+
+
 def test_cpu_bench_pipeline(tmp_path):
     """`batchnorm bench --device cpu` on a tiny shape: every mode and provider gives a row with
     a time, a ratio to the copy measured in the same rounds, and a small error against float64;

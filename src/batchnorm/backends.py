@@ -299,6 +299,10 @@ def last_backend() -> str | None:
 
 
 def _warn_once(message: str) -> None:
+    if _compiling():
+        # warnings.warn is opaque to Dynamo: it would split the compiled graph. A compiled graph
+        # holds standard ATen ops by design (the module's docstring), so nothing is lost.
+        return
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
