@@ -53,6 +53,28 @@ def test_fx_symbolic_trace_gives_the_original_graph(training: bool) -> None:
     assert isinstance(g_conv.get_submodule("1"), bnn.BatchNorm2d)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_traces_a_layer_that_is_the_root(training: bool) -> None:
+    """symbolic_trace of a bare layer (the root, which fx traces into rather than keeping as a
+    leaf): the graph holds torch's functional op and computes what the layer computes. torch's
+    GroupNorm and LayerNorm trace so; its BatchNorm fails on the input-dimension check, ours
+    records the op."""
+    import copy
+
+    x = torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(2))
+    for layer in (bnn.BatchNorm2d(8), bnn.GroupNorm(2, 8), bnn.LayerNorm([3, 3])):
+        layer.train(training)
+        eager = copy.deepcopy(layer)
+        traced = torch.fx.symbolic_trace(layer)
+        assert any(n.op == "call_function" for n in traced.graph.nodes), type(layer).__name__
+        for _ in range(2):
+            torch.testing.assert_close(traced(x), eager(x), rtol=0, atol=0)
+        # (num_batches_tracked counts the trace itself, as with torch.nn's forward under fx)
+        for name, value in eager.named_buffers():
+            if name != "num_batches_tracked":
+                torch.testing.assert_close(layer.get_buffer(name), value, rtol=0, atol=0)
+
+
 def test_fx_trace_of_every_variant_keeps_it_one_node() -> None:
     layers = [
         bnn.GhostBatchNorm(4, 2), bnn.BatchRenorm(4), bnn.FrozenBatchNorm(4), bnn.GroupNorm(2, 4),

@@ -248,8 +248,9 @@ class BatchNormMixin:
         plan = self.__dict__.get("_plan")
         if plan is not None and not torch.compiler.is_compiling() and plan.admits(self, input):
             return plan.run(self, input)
-        if torch.jit.is_tracing():
-            # A traced graph holds torch's standard op, as torch.nn's layers give.
+        if torch.jit.is_tracing() or isinstance(input, torch.fx.Proxy):
+            # A traced graph (jit.trace; torch.fx with this layer as the root, where it is not a
+            # leaf) holds torch's standard op, as torch.nn's layers give.
             return self._torchscript_forward(input)
         self._check_input_dim(input)
         track = self.training and self.track_running_stats

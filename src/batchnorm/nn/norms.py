@@ -113,6 +113,10 @@ class LayerNorm(BackendChoice, torch.nn.LayerNorm):
             return torch.nn.functional.layer_norm(
                 input, self.normalized_shape, self.weight, self.bias, self.eps
             )
+        if isinstance(input, torch.fx.Proxy):  # torch.fx tracing this layer as the root
+            return torch.nn.functional.layer_norm(
+                input, self.normalized_shape, self.weight, self.bias, self.eps
+            )
         k = len(self.normalized_shape)
         if not isinstance(input, torch.Tensor):
             raise NotATensorError(f"LayerNorm expects a tensor, got {type(input).__name__}")
@@ -172,6 +176,10 @@ class GroupNorm(BackendChoice, torch.nn.GroupNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's forward
+            return torch.nn.functional.group_norm(
+                input, self.num_groups, self.weight, self.bias, self.eps
+            )
+        if isinstance(input, torch.fx.Proxy):  # torch.fx tracing this layer as the root
             return torch.nn.functional.group_norm(
                 input, self.num_groups, self.weight, self.bias, self.eps
             )
