@@ -423,6 +423,48 @@ def test_malformed_channel_tensors_raise_before_any_write(change, message, grad)
         assert torch.equal(args[k], value) and args[k]._version == version, k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_both_dx_walks_give_the_same_gradients(training, dtype):
+    """The channels-last dx pass walks rows or chunks of channels (chosen per CPU): the same
+    gradients bit for bit, with channel counts that leave vector tails (C = 37, 70) and blocks
+    of rows that do not divide the batch."""
+    initial = cpu.dx_walk()
+    assert initial in ("rows", "chunks")
+    cases = [
+        torch.randn(300, 37),
+        torch.randn(5, 70, 3, 7).contiguous(memory_format=torch.channels_last),
+        torch.randn(2, 16, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d),
+    ]
+    try:
+        for x in cases:
+            x = x.to(dtype)
+            C = x.shape[1]
+            w, b = torch.rand(C) + 0.5, torch.randn(C)
+            dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=_format_of(x))
+            grads = []
+            for walk in ("rows", "chunks"):
+                cpu.set_dx_walk(walk)
+                xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+                rm, rv = torch.zeros(C), torch.ones(C) + 0.5
+                y = cpu.batch_norm(xi, rm, rv, wi, bi, training, 0.1, 1e-5)
+                grads.append(torch.autograd.grad(y, (xi, wi, bi), dy))
+            for got, expected in zip(*grads):
+                assert torch.equal(got, expected), tuple(x.shape)
+    finally:
+        cpu.set_dx_walk(initial)
+    with pytest.raises(ValueError, match="'rows' or 'chunks'"):
+        cpu.set_dx_walk("columns")
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 @pytest.mark.parametrize("layout", ["nc", "nchw", "nhwc"])
 def test_with_and_without_a_graph_give_the_same_numbers(layout):
     """One C++ call serves both: the output alone where nothing records a graph, an autograd

@@ -63,6 +63,9 @@ def _cmd_env(args: argparse.Namespace) -> int:
         f"  cpu cache {_build.cache_limit_from_env() / (1 << 20):g} MB of freed outputs kept for "
         f"reuse by the cpu backend (set {_build.CACHE_ENV}; 0 turns it off)"
     )
+    ext = _build.load() if _build._cached_binary() is not None else _build._module  # no build
+    if ext is not None:
+        print(f"  cpu walk  {ext.dx_walk()} (how the channels-last dx pass walks, on this CPU)")
     print(f"  default   {backends.requested_backend()} (set {backends.ENV_VAR} to change)")
     print(f"  auto      {backends.auto_summary()}")
     return 0

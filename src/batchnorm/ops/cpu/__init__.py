@@ -41,10 +41,12 @@ __all__ = [
     "batch_norm",
     "batch_norm_relu",
     "cache_info",
+    "dx_walk",
     "empty_cache",
     "load",
     "ready",
     "set_cache_limit",
+    "set_dx_walk",
     "status",
 ]
 
@@ -96,6 +98,29 @@ def empty_cache() -> None:
     ext = load()
     if ext is not None:
         ext.empty_cache()
+
+
+def dx_walk() -> str:
+    """How the channels-last (and (N, C)) backward walks a block of rows to write dx: "rows"
+    (row after row, the default on AMD CPUs) or "chunks" (a chunk of channels down the rows,
+    elsewhere). Which is faster depends on the CPU (BENCHMARKS.md); dx is the same bit for bit.
+
+    Raises:
+        RuntimeError: the kernels cannot be built here.
+    """
+    return _ext().dx_walk()
+
+
+def set_dx_walk(walk: str) -> None:
+    """Sets the walk of :func:`dx_walk` for this process ("rows" or "chunks").
+
+    Raises:
+        ValueError: ``walk`` is neither.
+        RuntimeError: the kernels cannot be built here.
+    """
+    if walk not in ("rows", "chunks"):
+        raise ValueError(f"the dx walk is 'rows' or 'chunks', got {walk!r}")
+    _ext().set_dx_walk(walk)
 
 
 def batch_norm(

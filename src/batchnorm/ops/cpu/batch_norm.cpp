@@ -55,6 +55,9 @@
 #ifndef _WIN32
 #include <pthread.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 namespace {
 
@@ -990,17 +993,66 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
       });
 }
 
-// dx = dy * a + (x - shift) * k + c0 over the block rows [r0, r1), a chunk of channels at a
-// time (row after row measured 2x slower here: x, dy and dx share their offsets modulo 4 KiB,
-// so the loads of the next row wait on the stores of this one). The stores of a chunk land in
-// as many pages as the block has rows, where no hardware prefetcher fetches the lines they
-// need ahead: the walk asks for the dx lines of the next block (`ahead`, as in
-// inner_block_moments), which took 5-6 % off the channels-last backward in geometric mean over
-// the benchmark's shapes, up to 16 % (asking for x and dy as well: -5 to +5 %, not kept).
+// How inner_block_dx walks a block: which is faster depends on the CPU, and both give the same
+// values bit for bit (dx is elementwise, the same arithmetic either way). Measured, 1 thread,
+// caches evicted before each call (benchmarks/cpu_kernel_ab.py --cold --backward):
+// - on an Intel Xeon, row after row took 2x the time of a chunk of channels down the rows: x, dy
+//   and dx share their offsets modulo 4 KiB, and the loads of the next row wait on the stores
+//   of this one (4K aliasing);
+// - on an AMD EPYC, row after row took 0.71-0.87x the chunk walk's time (8x32x112x112,
+//   16x512x28x28, 32x256x14x14, 64x960x7x7 NHWC, 8192x256).
+// So AMD CPUs walk rows, others chunks; set_dx_walk (Python: batchnorm.ops.cpu) overrides it.
+enum class DxWalk { kChunks, kRows };
+
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  return ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;  // "AuthenticAMD"
+#else
+  return false;
+#endif
+}
+
+DxWalk& dx_walk() {
+  static DxWalk walk = cpu_is_amd() ? DxWalk::kRows : DxWalk::kChunks;
+  return walk;
+}
+
+// dx = dy * a + (x - shift) * k + c0 over the block rows [r0, r1), row after row or a chunk of
+// channels at a time (dx_walk). The stores of a chunk land in as many pages as the block has
+// rows, where no hardware prefetcher fetches the lines they need ahead: the chunk walk asks for
+// the dx lines of the next block (`ahead`, as in inner_block_moments), which took 5-6 % off
+// the channels-last backward in geometric mean over the benchmark's shapes on the Xeon, up to
+// 16 % (asking for x and dy as well: -5 to +5 %, not kept).
 template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0,
                     int64_t ahead) {
+  if (dx_walk() == DxWalk::kRows) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * C;
+      int64_t c = 0;
+      for (; c + kW <= C; c += kW) {
+        if constexpr (kWithX) {
+          const Vec xs = vload(x + o + c) - Vec::loadu(shift + c);
+          const Vec inner = at::vec::fmadd(xs, Vec::loadu(kk + c), Vec::loadu(c0 + c));
+          vstore(dx + o + c, at::vec::fmadd(vload(dy + o + c), Vec::loadu(a + c), inner));
+        } else {
+          vstore(dx + o + c, vload(dy + o + c) * Vec::loadu(a + c));
+        }
+      }
+      for (; c < C; ++c) {
+        if constexpr (kWithX) {
+          dx[o + c] = static_cast<T>(static_cast<float>(dy[o + c]) * a[c] +
+                                     (static_cast<float>(x[o + c]) - shift[c]) * kk[c] + c0[c]);
+        } else {
+          dx[o + c] = static_cast<T>(static_cast<float>(dy[o + c]) * a[c]);
+        }
+      }
+    }
+    return;
+  }
   for_chunks(
       C,
       [&](int64_t c, auto k_const) {
@@ -2096,5 +2148,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "threads that one parallel_for used");
   m.def("capability", &capability, "the vector instruction set compiled in");
+  m.def(
+      "dx_walk", []() { return dx_walk() == DxWalk::kRows ? "rows" : "chunks"; },
+      "how the channels-last dx pass walks a block: 'rows' or 'chunks'");
+  m.def(
+      "set_dx_walk",
+      [](const std::string& walk) {
+        TORCH_CHECK_VALUE(walk == "rows" || walk == "chunks",
+                          "the dx walk is 'rows' or 'chunks', got '", walk, "'");
+        dx_walk() = walk == "rows" ? DxWalk::kRows : DxWalk::kChunks;
+      },
+      "sets the channels-last dx walk ('rows' or 'chunks'; the values are the same either way)");
   m.def("vector_width", []() { return kW; }, "floats per vector");
 }
