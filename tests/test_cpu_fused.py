@@ -96,6 +96,24 @@ def test_nan_passes_its_gradient_as_torch_relu_does(save):
         assert torch.equal(a.nan_to_num(7.0), e.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("save", SAVES)
+def test_a_cut_gradient_is_zero_even_where_dy_is_not_finite(save, dtype):
+    """Where the ReLU cuts the gradient, dz and the gradients through it are +0 whatever dy holds
+    there (NaN, inf, -0), as torch's threshold_backward gives; elsewhere dy passes unchanged."""
+    x = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(3)).to(dtype)
+    z = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(4)).to(dtype)
+    dy = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(5)).to(dtype)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]).to(dtype)
+    dy.view(-1)[::3] = specials.repeat(dy.numel())[: dy.view(-1)[::3].numel()]
+    fused = _run(True, x, z, dy, True, save, dtype)
+    plain = _run(False, x, z, dy, True, save, dtype)
+    for name, a, e in zip(["y", "mean", "var", "dx", "dgamma", "dbeta", "dz"], fused, plain):
+        assert torch.equal(a.nan_to_num(7.0), e.nan_to_num(7.0)), name
+    dz, y = fused[6], fused[0]
+    assert (dz[y == 0] == 0).all() and not torch.signbit(dz[y == 0]).any()
+
+
 def test_second_derivative_raises():
     x = torch.randn(4, 3, requires_grad=True)
     y = batch_norm_relu(x, None, None, None, None, True, 0.1, 1e-5, backend="cpu")

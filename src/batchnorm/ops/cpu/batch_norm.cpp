@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <type_traits>
@@ -1712,6 +1713,19 @@ struct Gate {
   }
 };
 
+// v where keep, else +0 (a select on the bits: no branch, and a NaN or inf in v is dropped where
+// the gradient is cut, as with the ternary).
+template <typename T>
+inline T kept_if(T v, bool keep) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+  static_assert(sizeof(T) == sizeof(U), "float32 or a 16-bit float");
+  U bits;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits &= static_cast<U>(U{0} - static_cast<U>(keep));
+  std::memcpy(&v, &bits, sizeof(T));
+  return v;
+}
+
 // out = dy where the ReLU passes its gradient, else 0.
 template <typename T>
 void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const float* shift,
@@ -1720,14 +1734,19 @@ void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const
   const Vec zero(0.f);
   const T t0 = static_cast<T>(0.f);
   if (g.mode != kSaveRecompute) {
-    // The gate is elementwise: one flat pass over the tensor (simple loops the compiler
-    // vectorizes).
+    // The gate is elementwise: one flat pass over the tensor, as a select on the bits (dy's
+    // bits and-ed with all ones or zeros), which the compiler vectorizes. Written as `mask ?
+    // dy : 0` the loop compiled to a branch per element, mispredicted on about half of them for
+    // a ReLU's random signs: the fused backward took 6x the plain one's time at 512x512.
     at::parallel_for(0, geo.N * C * S, 16384, [&](int64_t i0, int64_t i1) {
+      const T* __restrict d = dy;
+      T* __restrict o = out;
       if (g.mode == kSaveMask) {
-        for (int64_t i = i0; i < i1; ++i) out[i] = g.mask[i] ? dy[i] : t0;
+        const uint8_t* __restrict m = g.mask;
+        for (int64_t i = i0; i < i1; ++i) o[i] = kept_if(d[i], m[i] != 0);
       } else {
-        for (int64_t i = i0; i < i1; ++i)
-          out[i] = static_cast<float>(g.y[i]) <= 0.f ? t0 : dy[i];
+        const T* __restrict y = g.y;
+        for (int64_t i = i0; i < i1; ++i) o[i] = kept_if(d[i], !(static_cast<float>(y[i]) <= 0.f));
       }
     });
     return;
