@@ -425,11 +425,11 @@ def test_malformed_channel_tensors_raise_before_any_write(change, message, grad)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_both_dx_walks_give_the_same_gradients(training, dtype):
-    """The channels-last dx pass walks rows or chunks of channels (chosen per CPU): the same
+def test_both_channels_last_walks_give_the_same_gradients(training, dtype):
+    """The channels-last backward walks rows or chunks of channels (chosen per CPU): the same
     gradients bit for bit, with channel counts that leave vector tails (C = 37, 70) and blocks
     of rows that do not divide the batch."""
-    initial = cpu.dx_walk()
+    initial = cpu.channels_last_walk()
     assert initial in ("rows", "chunks")
     cases = [
         torch.randn(300, 37),
@@ -444,7 +444,7 @@ def test_both_dx_walks_give_the_same_gradients(training, dtype):
             dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=_format_of(x))
             grads = []
             for walk in ("rows", "chunks"):
-                cpu.set_dx_walk(walk)
+                cpu.set_channels_last_walk(walk)
                 xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
                 rm, rv = torch.zeros(C), torch.ones(C) + 0.5
                 y = cpu.batch_norm(xi, rm, rv, wi, bi, training, 0.1, 1e-5)
@@ -452,9 +452,9 @@ def test_both_dx_walks_give_the_same_gradients(training, dtype):
             for got, expected in zip(*grads):
                 assert torch.equal(got, expected), tuple(x.shape)
     finally:
-        cpu.set_dx_walk(initial)
+        cpu.set_channels_last_walk(initial)
     with pytest.raises(ValueError, match="'rows' or 'chunks'"):
-        cpu.set_dx_walk("columns")
+        cpu.set_channels_last_walk("columns")
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:

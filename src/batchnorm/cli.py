@@ -65,7 +65,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     )
     ext = _build.load() if _build._cached_binary() is not None else _build._module  # no build
     if ext is not None:
-        print(f"  cpu walk  {ext.dx_walk()} (how the channels-last dx pass walks, on this CPU)")
+        print(f"  cpu walk  {ext.channels_last_walk()} (the channels-last backward's walk here)")
     print(f"  default   {backends.requested_backend()} (set {backends.ENV_VAR} to change)")
     print(f"  auto      {backends.auto_summary()}")
     return 0

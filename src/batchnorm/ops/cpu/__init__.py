@@ -41,12 +41,12 @@ __all__ = [
     "batch_norm",
     "batch_norm_relu",
     "cache_info",
-    "dx_walk",
+    "channels_last_walk",
     "empty_cache",
     "load",
     "ready",
     "set_cache_limit",
-    "set_dx_walk",
+    "set_channels_last_walk",
     "status",
 ]
 
@@ -100,19 +100,19 @@ def empty_cache() -> None:
         ext.empty_cache()
 
 
-def dx_walk() -> str:
-    """How the channels-last (and (N, C)) backward walks a block of rows to write dx: "rows"
-    (row after row, the default on AMD CPUs) or "chunks" (a chunk of channels down the rows,
-    elsewhere). Which is faster depends on the CPU (BENCHMARKS.md); dx is the same bit for bit.
+def channels_last_walk() -> str:
+    """How the channels-last (and (N, C)) backward walks a block of rows: "rows" (row after row,
+    the default on AMD CPUs) or "chunks" (a chunk of channels down the rows, elsewhere). Which
+    is faster depends on the CPU (BENCHMARKS.md); the gradients are the same bit for bit.
 
     Raises:
         RuntimeError: the kernels cannot be built here.
     """
-    return _ext().dx_walk()
+    return _ext().channels_last_walk()
 
 
-def set_dx_walk(walk: str) -> None:
-    """Sets the walk of :func:`dx_walk` for this process ("rows" or "chunks").
+def set_channels_last_walk(walk: str) -> None:
+    """Sets the walk of :func:`channels_last_walk` for this process ("rows" or "chunks").
 
     Raises:
         ValueError: ``walk`` is neither.
@@ -120,7 +120,7 @@ def set_dx_walk(walk: str) -> None:
     """
     if walk not in ("rows", "chunks"):
         raise ValueError(f"the dx walk is 'rows' or 'chunks', got {walk!r}")
-    _ext().set_dx_walk(walk)
+    _ext().set_channels_last_walk(walk)
 
 
 def batch_norm(

@@ -804,6 +804,37 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
   }
 }
 
+// How the channel-inner backward walks a block of rows (inner_block_grad_sums, inner_block_dx):
+// a chunk of channels down the rows (accumulators and constants in registers) or row after row
+// (accumulators in L1). Which is faster depends on the CPU; both give the same values bit for
+// bit (every channel sums its rows in the same order with the same operations, and dx is
+// elementwise). Measured, 1 thread, caches evicted before each backward
+// (benchmarks/cpu_kernel_ab.py --cold --backward):
+// - on an Intel Xeon, the dx pass row after row took 2x the time of the chunk walk: x, dy and
+//   dx share their offsets modulo 4 KiB, and the loads of the next row wait on the stores of
+//   this one (4K aliasing);
+// - on an AMD EPYC, the dx pass row after row took 0.71-0.87x the chunk walk's time
+//   (8x32x112x112, 16x512x28x28, 32x256x14x14, 64x960x7x7 NHWC, 8192x256), and the gradient
+//   sums row after row another 0.57-0.71x (8x256x56x56, 16x512x28x28, 32x256x14x14,
+//   64x960x7x7 NHWC, 8192x256; 1.03x at C = 64, 32x64x56x56).
+// So AMD CPUs walk rows, others chunks; set_channels_last_walk (batchnorm.ops.cpu) overrides it.
+enum class BlockWalk { kChunks, kRows };
+
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  return ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;  // "AuthenticAMD"
+#else
+  return false;
+#endif
+}
+
+BlockWalk& channels_last_walk() {
+  static BlockWalk walk = cpu_is_amd() ? BlockWalk::kRows : BlockWalk::kChunks;
+  return walk;
+}
+
 // Channel-inner layout: within a block of rows, channels go in chunks of K vectors whose
 // accumulators and constants stay in registers while the chunk walks down the rows (the block
 // is in L1/L2 after the first chunk). `for_chunks` calls f(c, K) for K = 4 and K = 1 chunks,
@@ -955,10 +986,31 @@ void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, con
   }
 }
 
+
 // Per channel of the block rows [r0, r1): sums of dy and of dy * (x - shift) (float32).
 template <typename T>
 void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64_t r1,
                            const float* shift, float* sum_dy, float* sum_dyx) {
+  if (channels_last_walk() == BlockWalk::kRows) {
+    std::fill(sum_dy, sum_dy + C, 0.f);
+    std::fill(sum_dyx, sum_dyx + C, 0.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * C;
+      int64_t c = 0;
+      for (; c + kW <= C; c += kW) {
+        const Vec g = vload(dy + o + c);
+        (Vec::loadu(sum_dy + c) + g).store(sum_dy + c);
+        at::vec::fmadd(g, vload(x + o + c) - Vec::loadu(shift + c), Vec::loadu(sum_dyx + c))
+            .store(sum_dyx + c);
+      }
+      for (; c < C; ++c) {
+        const float g = static_cast<float>(dy[o + c]);
+        sum_dy[c] += g;
+        sum_dyx[c] += g * (static_cast<float>(x[o + c]) - shift[c]);
+      }
+    }
+    return;
+  }
   for_chunks(
       C,
       [&](int64_t c, auto k_const) {
@@ -994,34 +1046,9 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
       });
 }
 
-// How inner_block_dx walks a block: which is faster depends on the CPU, and both give the same
-// values bit for bit (dx is elementwise, the same arithmetic either way). Measured, 1 thread,
-// caches evicted before each call (benchmarks/cpu_kernel_ab.py --cold --backward):
-// - on an Intel Xeon, row after row took 2x the time of a chunk of channels down the rows: x, dy
-//   and dx share their offsets modulo 4 KiB, and the loads of the next row wait on the stores
-//   of this one (4K aliasing);
-// - on an AMD EPYC, row after row took 0.71-0.87x the chunk walk's time (8x32x112x112,
-//   16x512x28x28, 32x256x14x14, 64x960x7x7 NHWC, 8192x256).
-// So AMD CPUs walk rows, others chunks; set_dx_walk (Python: batchnorm.ops.cpu) overrides it.
-enum class DxWalk { kChunks, kRows };
-
-inline bool cpu_is_amd() {
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
-  return ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;  // "AuthenticAMD"
-#else
-  return false;
-#endif
-}
-
-DxWalk& dx_walk() {
-  static DxWalk walk = cpu_is_amd() ? DxWalk::kRows : DxWalk::kChunks;
-  return walk;
-}
 
 // dx = dy * a + (x - shift) * k + c0 over the block rows [r0, r1), row after row or a chunk of
-// channels at a time (dx_walk). The stores of a chunk land in as many pages as the block has
+// channels at a time (channels_last_walk). The stores of a chunk land in as many pages as the block has
 // rows, where no hardware prefetcher fetches the lines they need ahead: the chunk walk asks for
 // the dx lines of the next block (`ahead`, as in inner_block_moments), which took 5-6 % off
 // the channels-last backward in geometric mean over the benchmark's shapes on the Xeon, up to
@@ -1030,7 +1057,7 @@ template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0,
                     int64_t ahead) {
-  if (dx_walk() == DxWalk::kRows) {
+  if (channels_last_walk() == BlockWalk::kRows) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * C;
       int64_t c = 0;
@@ -2168,15 +2195,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "threads that one parallel_for used");
   m.def("capability", &capability, "the vector instruction set compiled in");
   m.def(
-      "dx_walk", []() { return dx_walk() == DxWalk::kRows ? "rows" : "chunks"; },
-      "how the channels-last dx pass walks a block: 'rows' or 'chunks'");
+      "channels_last_walk", []() { return channels_last_walk() == BlockWalk::kRows ? "rows" : "chunks"; },
+      "how the channels-last backward walks a block: 'rows' or 'chunks'");
   m.def(
-      "set_dx_walk",
+      "set_channels_last_walk",
       [](const std::string& walk) {
         TORCH_CHECK_VALUE(walk == "rows" || walk == "chunks",
                           "the dx walk is 'rows' or 'chunks', got '", walk, "'");
-        dx_walk() = walk == "rows" ? DxWalk::kRows : DxWalk::kChunks;
+        channels_last_walk() = walk == "rows" ? BlockWalk::kRows : BlockWalk::kChunks;
       },
-      "sets the channels-last dx walk ('rows' or 'chunks'; the values are the same either way)");
+      "sets the channels-last backward's walk ('rows' or 'chunks'; the same values either way)");
   m.def("vector_width", []() { return kW; }, "floats per vector");
 }
