@@ -119,7 +119,7 @@ def set_channels_last_walk(walk: str) -> None:
         RuntimeError: the kernels cannot be built here.
     """
     if walk not in ("rows", "chunks"):
-        raise ValueError(f"the dx walk is 'rows' or 'chunks', got {walk!r}")
+        raise ValueError(f"the channels-last walk is 'rows' or 'chunks', got {walk!r}")
     _ext().set_channels_last_walk(walk)
 
 

@@ -2201,7 +2201,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "set_channels_last_walk",
       [](const std::string& walk) {
         TORCH_CHECK_VALUE(walk == "rows" || walk == "chunks",
-                          "the dx walk is 'rows' or 'chunks', got '", walk, "'");
+                          "the channels-last walk is 'rows' or 'chunks', got '", walk, "'");
         channels_last_walk() = walk == "rows" ? BlockWalk::kRows : BlockWalk::kChunks;
       },
       "sets the channels-last backward's walk ('rows' or 'chunks'; the same values either way)");
