@@ -45,6 +45,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <list>
@@ -830,10 +831,14 @@ inline bool cpu_is_amd() {
 #endif
 }
 
-BlockWalk& channels_last_walk() {
-  static BlockWalk walk = cpu_is_amd() ? BlockWalk::kRows : BlockWalk::kChunks;
+// Atomic: set from Python while other threads may be running the kernels (either walk gives
+// the same values, so a change between two blocks of one call is harmless).
+std::atomic<BlockWalk>& block_walk() {
+  static std::atomic<BlockWalk> walk{cpu_is_amd() ? BlockWalk::kRows : BlockWalk::kChunks};
   return walk;
 }
+
+inline BlockWalk channels_last_walk() { return block_walk().load(std::memory_order_relaxed); }
 
 // Channel-inner layout: within a block of rows, channels go in chunks of K vectors whose
 // accumulators and constants stay in registers while the chunk walks down the rows (the block
@@ -2202,7 +2207,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const std::string& walk) {
         TORCH_CHECK_VALUE(walk == "rows" || walk == "chunks",
                           "the channels-last walk is 'rows' or 'chunks', got '", walk, "'");
-        channels_last_walk() = walk == "rows" ? BlockWalk::kRows : BlockWalk::kChunks;
+        block_walk().store(walk == "rows" ? BlockWalk::kRows : BlockWalk::kChunks);
       },
       "sets the channels-last backward's walk ('rows' or 'chunks'; the same values either way)");
   m.def("vector_width", []() { return kW; }, "floats per vector");
