@@ -991,7 +991,6 @@ void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, con
   }
 }
 
-
 // Per channel of the block rows [r0, r1): sums of dy and of dy * (x - shift) (float32).
 template <typename T>
 void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64_t r1,
@@ -1051,13 +1050,12 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
       });
 }
 
-
 // dx = dy * a + (x - shift) * k + c0 over the block rows [r0, r1), row after row or a chunk of
-// channels at a time (channels_last_walk). The stores of a chunk land in as many pages as the block has
-// rows, where no hardware prefetcher fetches the lines they need ahead: the chunk walk asks for
-// the dx lines of the next block (`ahead`, as in inner_block_moments), which took 5-6 % off
-// the channels-last backward in geometric mean over the benchmark's shapes on the Xeon, up to
-// 16 % (asking for x and dy as well: -5 to +5 %, not kept).
+// channels at a time (channels_last_walk). The stores of a chunk land in as many pages as the
+// block has rows, where no hardware prefetcher fetches the lines they need ahead: the chunk
+// walk asks for the dx lines of the next block (`ahead`, as in inner_block_moments), which
+// took 5-6 % off the channels-last backward in geometric mean over the benchmark's shapes on
+// the Xeon, up to 16 % (asking for x and dy as well: -5 to +5 %, not kept).
 template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0,
@@ -1424,7 +1422,8 @@ std::vector<Tensor> forward_fused(const Tensor& input, const c10::optional<Tenso
   auto [y, mask] = forward_run(input, weight, bias, running_mean, running_var, training, momentum,
                                eps, residual, relu, [&](int64_t C) {
                                  const auto opts = input.options().dtype(at::kFloat);
-                                 for (int i = 0; i < 5; ++i) channel.push_back(at::empty({C}, opts));
+                                 for (int i = 0; i < 5; ++i)
+                                   channel.push_back(at::empty({C}, opts));
                                  return ChannelOut{channel[0].data_ptr<float>(),
                                                    channel[1].data_ptr<float>(),
                                                    channel[2].data_ptr<float>(),
@@ -2098,9 +2097,14 @@ Tensor batch_norm_relu_autograd(const Tensor& input, const c10::optional<Tensor>
                                          training, momentum, eps, code);
 }
 
-
-inline bool requires_grad(const c10::optional<Tensor>& t) {
-  return is_set(t) && t->requires_grad();
+// Whether autograd records a graph through these (grad mode on and one of them requires grad).
+inline bool records_graph(const Tensor& input,
+                          std::initializer_list<const c10::optional<Tensor>*> others) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (input.requires_grad()) return true;
+  for (const auto* t : others)
+    if (is_set(*t) && (*t)->requires_grad()) return true;
+  return false;
 }
 
 inline c10::optional<Tensor> detached(const c10::optional<Tensor>& t) {
@@ -2127,8 +2131,7 @@ Tensor batch_norm_call(const Tensor& input, const c10::optional<Tensor>& running
                        const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                        bool training, double momentum, double eps) {
   Tensor y;
-  if (at::GradMode::is_enabled() &&
-      (input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+  if (records_graph(input, {&weight, &bias})) {
     y = batch_norm_autograd(input, weight, bias, detached(running_mean), detached(running_var),
                             training, momentum, eps);
   } else {
@@ -2147,8 +2150,7 @@ Tensor batch_norm_relu_call(const Tensor& input, const c10::optional<Tensor>& re
                             const c10::optional<Tensor>& bias, bool training, double momentum,
                             double eps, int64_t code) {
   Tensor y;
-  if (at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(residual) ||
-                                     requires_grad(weight) || requires_grad(bias))) {
+  if (records_graph(input, {&residual, &weight, &bias})) {
     y = batch_norm_relu_autograd(input, residual, weight, bias, detached(running_mean),
                                  detached(running_var), training, momentum, eps, code);
   } else {
@@ -2200,7 +2202,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "threads that one parallel_for used");
   m.def("capability", &capability, "the vector instruction set compiled in");
   m.def(
-      "channels_last_walk", []() { return channels_last_walk() == BlockWalk::kRows ? "rows" : "chunks"; },
+      "channels_last_walk",
+      []() { return channels_last_walk() == BlockWalk::kRows ? "rows" : "chunks"; },
       "how the channels-last backward walks a block: 'rows' or 'chunks'");
   m.def(
       "set_channels_last_walk",
