@@ -45,11 +45,14 @@ def test_env_reports_versions_devices_backends_and_export(
     from batchnorm.ops.cpu import _build
 
     # "cpu walk" (the channels-last dx pass on this CPU) where the kernels are built already
-    walk = ["cpu"] if _build._module is not None or _build._cached_binary() else []
-    assert backend_lines == ["torch", "explicit", "triton", "cpu", "cpu", *walk, "default", "auto"]
-    if walk:
+    # and "cpu nt" (from which size passes stream their stores)
+    built = ["cpu", "cpu"] if _build._module is not None or _build._cached_binary() else []
+    assert backend_lines == ["torch", "explicit", "triton", "cpu", "cpu", *built, "default", "auto"]
+    if built:
         line = next(line for line in lines if line.startswith("  cpu walk "))
         assert line.split()[2] in ("rows", "chunks")
+        line = next(line for line in lines if line.startswith("  cpu nt "))
+        assert "MB moved per pass" in line or "never" in line
     cache = next(line for line in lines if line.startswith("  cpu cache "))
     assert "MB of freed outputs" in cache and "BATCHNORM_CPU_CACHE_MB" in cache
     assert any("torch     available" in line for line in lines)

@@ -720,3 +720,74 @@ def test_compiler_without_openmp_builds_a_visible_one_thread_variant(monkeypatch
         _build.openmp_flags.cache_clear()
         _build.module_name.cache_clear()
     assert _build.openmp_flags() == ("-fopenmp",)
+
+
+def _stream_cases() -> list[torch.Tensor]:
+    """Inputs whose passes can stream: planar rows of 1 KiB or more that start off a cache line
+    (17 * 37 values, also in bfloat16) or on one (16 * 64), from a storage offset; channels-last
+    rows of 32 and 64 channels (vector-aligned), (N, C) and channels-last 3-D; and rows that
+    cannot (C = 37)."""
+    return [
+        torch.randn(4, 5, 17, 37),
+        torch.randn(5, 5, 17, 37)[1:],  # starts 5 * 17 * 37 values into its storage
+        torch.randn(3, 4, 16, 64),
+        torch.randn(6, 32, 5, 7).contiguous(memory_format=torch.channels_last),
+        torch.randn(300, 64),
+        torch.randn(2, 32, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d),
+        torch.randn(5, 37, 3, 7).contiguous(memory_format=torch.channels_last),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_streaming_stores_give_the_same_values(training, dtype):
+    """Large outputs are written with streaming stores (from cpu.stream_min_bytes() of traffic
+    per pass); with the threshold at 0 every pass that can stream does: outputs, running
+    statistics and gradients are the same bit for bit as with plain stores, on 1 and 2 threads."""
+    initial = cpu.stream_min_bytes()
+    if initial < 0:
+        pytest.skip("this build has no AVX2 or AVX512: its stores never stream")
+    threads = torch.get_num_threads()
+    try:
+        for x in _stream_cases():
+            x = x.to(dtype)
+            C = x.shape[1]
+            w, b = torch.rand(C) + 0.5, torch.randn(C)
+            dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=_format_of(x))
+            cpu.set_stream_min_bytes(0)
+            aligned = x.shape[1] != 37
+            assert cpu._ext().streams(x, 1) == aligned, tuple(x.shape)
+            results = []
+            for threshold, n_threads in ((1 << 62, 1), (0, 1), (0, 2)):
+                cpu.set_stream_min_bytes(threshold)
+                torch.set_num_threads(n_threads)
+                xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+                rm, rv = torch.zeros(C) + 0.25, torch.ones(C) + 0.5
+                y = cpu.batch_norm(xi, rm, rv, wi, bi, training, 0.1, 1e-5)
+                grads = torch.autograd.grad(y, (xi, wi, bi), dy)
+                results.append((y.detach(), rm, rv, *grads))
+            for streamed in results[1:]:
+                for got, expected in zip(streamed, results[0]):
+                    assert torch.equal(got, expected), (tuple(x.shape), x.dtype)
+    finally:
+        cpu.set_stream_min_bytes(initial)
+        torch.set_num_threads(threads)
+    # Below the threshold nothing streams: the default leaves these small inputs alone.
+    assert not cpu._ext().streams(_stream_cases()[0], 2)
+    with pytest.raises(ValueError, match="bytes >= 0"):
+        cpu.set_stream_min_bytes(-1)
+
+
+def test_planar_rows_under_1_kib_do_not_stream():
+    """Short planar rows (7x7, 14x14 planes) keep plain stores whatever the threshold: a row off
+    a cache-line boundary shares lines with its neighbours (measured slower streamed)."""
+    initial = cpu.stream_min_bytes()
+    if initial < 0:
+        pytest.skip("this build has no AVX2 or AVX512: its stores never stream")
+    try:
+        cpu.set_stream_min_bytes(0)
+        assert not cpu._ext().streams(torch.randn(2, 3, 14, 14), 2)
+        assert cpu._ext().streams(torch.randn(2, 3, 16, 16), 2)  # 1 KiB rows
+        assert not cpu._ext().streams(torch.randn(2, 3, 16, 16).bfloat16(), 2)  # 512 bytes
+    finally:
+        cpu.set_stream_min_bytes(initial)

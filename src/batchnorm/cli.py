@@ -66,6 +66,13 @@ def _cmd_env(args: argparse.Namespace) -> int:
     ext = _build.load() if _build._cached_binary() is not None else _build._module  # no build
     if ext is not None:
         print(f"  cpu walk  {ext.channels_last_walk()} (the channels-last backward's walk here)")
+        threshold = ext.stream_min_bytes()
+        streaming = (
+            f"from {threshold / (1 << 20):g} MB moved per pass"
+            if threshold >= 0
+            else "never (no AVX2 or AVX512 in this build)"
+        )
+        print(f"  cpu nt    {streaming} (streaming stores for large outputs)")
     print(f"  default   {backends.requested_backend()} (set {backends.ENV_VAR} to change)")
     print(f"  auto      {backends.auto_summary()}")
     return 0

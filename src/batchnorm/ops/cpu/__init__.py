@@ -47,7 +47,9 @@ __all__ = [
     "ready",
     "set_cache_limit",
     "set_channels_last_walk",
+    "set_stream_min_bytes",
     "status",
+    "stream_min_bytes",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -109,6 +111,31 @@ def channels_last_walk() -> str:
         RuntimeError: the kernels cannot be built here.
     """
     return _ext().channels_last_walk()
+
+
+def stream_min_bytes() -> int:
+    """The traffic (bytes read plus bytes written) from which a pass of the kernels writes its
+    output with streaming stores, which skip the read of each output line before it is written
+    (-1: never, in a build without AVX2 or AVX512). Planar passes also need rows of at least
+    1 KiB, channels-last ones rows that start on a vector boundary. The values are the same
+    either way; the default is measured in BENCHMARKS.md.
+
+    Raises:
+        RuntimeError: the kernels cannot be built here.
+    """
+    return int(_ext().stream_min_bytes())
+
+
+def set_stream_min_bytes(nbytes: int) -> None:
+    """Sets :func:`stream_min_bytes` for this process (0: every pass that can stream does).
+
+    Raises:
+        ValueError: ``nbytes`` is negative or not an integer.
+        RuntimeError: the kernels cannot be built here.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"the streaming threshold is a number of bytes >= 0, got {nbytes!r}")
+    _ext().set_stream_min_bytes(nbytes)
 
 
 def set_channels_last_walk(walk: str) -> None:

@@ -142,6 +142,89 @@ inline void vstore_n(T* p, const Vec& v, int64_t n) {
   }
 }
 
+// Streaming (non-temporal) stores, for outputs too large to stay in cache until their reader
+// comes: a plain store first reads the line it writes (for ownership), so an output pass moves
+// its bytes twice; a streaming store writes whole lines to memory without reading them. On the
+// AMD EPYC a training forward's output pass (x from L2, y written) took 1.6x the time of a copy
+// with plain stores and about 1.0x with streaming ones. Each value is computed as before; only
+// the store differs, so the results do not depend on whether a pass streams.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;
+#endif
+
+// A streaming store of one vector at p, which must be aligned to the stored bytes
+// (stream_head).
+template <typename T>
+inline void vstream(T* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else {  // the 16 bfloat16 values are the low half of the packed pair
+    const __m512i packed = at::vec::convert_float_bfloat16(v, v);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else {
+    const __m256i packed = at::vec::convert_float_bfloat16(v, v);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+#else
+  vstore(p, v);
+#endif
+}
+
+// How many of the len values from p come before the first address where a vector of T can be
+// streamed (at most len).
+template <typename T>
+inline int64_t stream_head(const T* p, int64_t len) {
+  constexpr uintptr_t bytes = kW * sizeof(T);
+  const uintptr_t skip = (bytes - reinterpret_cast<uintptr_t>(p) % bytes) % bytes;
+  return std::min<int64_t>(len, static_cast<int64_t>(skip / sizeof(T)));
+}
+
+// Makes the streaming stores of this thread visible before it reports its part done.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// When a pass streams its output, measured on the EPYC (1 thread, training forward, eval forward,
+// forward + backward, and a step that also reads y and dx once, as the next layers do; paired
+// medians, BENCHMARKS.md): when the pass moves at least kStreamMinBytes (its inputs read plus its
+// output written). Steps with a 6-49 MB tensor took 0.76-0.91x the time; forward passes moving
+// 12-16 MB (a 6 or 8 MB x) were mixed (0.94-1.26x); a 3 MB backward was even. A fixed size, not
+// one derived from the cache sizes the CPU reports: in a virtual machine those can be the
+// host's (cpuid reported 320 MB of L3 where the VM had 32 MB).
+constexpr int64_t kStreamMinBytes = int64_t{18} << 20;
+// Planar rows stream from this many bytes on: a row that does not start on a cache line leaves
+// a line at each end written half by this row and half by the next, and 7x7 and 14x14 planes
+// (196 and 784 bytes) took 1.08-1.36x the time streamed; 28x28 (3136 bytes) and longer gained.
+constexpr int64_t kStreamMinRowBytes = 1024;
+
+std::atomic<int64_t>& stream_min_bytes() {
+  static std::atomic<int64_t> bytes{kStreamMinBytes};
+  return bytes;
+}
+
+// Whether a pass that moves `traffic` bytes (inputs read plus output written) streams its output.
+inline bool stream_pass(int64_t traffic) {
+  return kCanStream && traffic >= stream_min_bytes().load(std::memory_order_relaxed);
+}
+
+// Whether every row of `row` values of a channels-last output at p starts where a vector can be
+// streamed: the walks over rows of C then split each row into vectors exactly as without
+// streaming (their scalar tails need not round like the vector code).
+template <typename T>
+inline bool rows_can_stream(const T* p, int64_t row) {
+  constexpr int64_t bytes = kW * sizeof(T);
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0 && (row * sizeof(T)) % bytes == 0;
+}
+
 // Asks for a short row (a channel's run of S values in NCHW) ahead of its use: the hardware
 // prefetchers do not follow runs of a few hundred bytes spread C * S values apart.
 inline void prefetch_row(const void* p, int64_t bytes) {
@@ -330,13 +413,19 @@ inline void write_mask(const T* y, uint8_t* mask, int64_t len) {
   for (int64_t i = 0; i < len; ++i) mask[i] = !(static_cast<float>(y[i]) <= 0.f);
 }
 
-// out = (p - shift) * scale + offset over a row (then the fused tail; p is x + off).
+// out = (p - shift) * scale + offset over a row (then the fused tail; p is x + off); `stream`:
+// with streaming stores (not with a fused tail).
 template <typename T>
 inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale, float offset,
-                       const Fuse<T>& f = Fuse<T>(), int64_t off = 0) {
+                       const Fuse<T>& f = Fuse<T>(), int64_t off = 0, bool stream = false) {
   const Vec vs(shift), va(scale), vb(offset);
   int64_t i = 0;
   if (!f.any()) {
+    if (stream) {
+      i = stream_head(out, len);
+      if (i > 0) vstore_n(out, at::vec::fmadd(vload_n(p, i) - vs, va, vb), i);
+      for (; i + kW <= len; i += kW) vstream(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
+    }
     for (; i + kW <= len; i += kW) vstore(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     // A fused multiply-add, as std::fma in the fused path's tail below and in the backward's
@@ -384,27 +473,33 @@ BN_ALWAYS_INLINE inline void row_grad_sums(const T* x, const T* dy, int64_t len,
 
 // dx = dy * a + (x - shift) * k + c0 over a row; without x (kWithX false, eval mode: k = c0 = 0),
 // dx = dy * a, which reads neither x nor its NaN.
+// `stream`: with streaming stores.
 template <typename T, bool kWithX = true>
 inline void row_dx(const T* x, const T* dy, T* dx, int64_t len, float shift, float a, float k,
-                   float c0) {
+                   float c0, bool stream = false) {
   const Vec vs(shift), va(a), vk(k), vc(c0);
+  auto at_n = [&](int64_t i, int64_t n) BN_ALWAYS_INLINE {  // the n < kW values from i
+    if constexpr (kWithX) {
+      return at::vec::fmadd(vload_n(dy + i, n), va, at::vec::fmadd(vload_n(x + i, n) - vs, vk, vc));
+    } else {
+      return vload_n(dy + i, n) * va;
+    }
+  };
+  auto at_i = [&](int64_t i) BN_ALWAYS_INLINE {
+    if constexpr (kWithX) {
+      return at::vec::fmadd(vload(dy + i), va, at::vec::fmadd(vload(x + i) - vs, vk, vc));
+    } else {
+      return vload(dy + i) * va;
+    }
+  };
   int64_t i = 0;
-  for (; i + kW <= len; i += kW) {
-    if constexpr (kWithX) {
-      vstore(dx + i, at::vec::fmadd(vload(dy + i), va, at::vec::fmadd(vload(x + i) - vs, vk, vc)));
-    } else {
-      vstore(dx + i, vload(dy + i) * va);
-    }
+  if (stream) {
+    i = stream_head(dx, len);
+    if (i > 0) vstore_n(dx, at_n(0, i), i);
+    for (; i + kW <= len; i += kW) vstream(dx + i, at_i(i));
   }
-  if (i < len) {
-    const int64_t n = len - i;
-    if constexpr (kWithX) {
-      vstore_n(dx + i, at::vec::fmadd(vload_n(dy + i, n), va,
-                                      at::vec::fmadd(vload_n(x + i, n) - vs, vk, vc)), n);
-    } else {
-      vstore_n(dx + i, vload_n(dy + i, n) * va, n);
-    }
-  }
+  for (; i + kW <= len; i += kW) vstore(dx + i, at_i(i));
+  if (i < len) vstore_n(dx + i, at_n(i, len - i), len - i);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -571,6 +666,17 @@ struct Geometry {
   int64_t rows() const { return N * S; }
   int64_t per_channel() const { return N * S; }
 };
+
+// Whether a pass over a tensor of geometry g that reads `reads` tensors like it and writes one
+// at `out` streams its stores: it moves enough bytes (stream_pass), and planar rows are long
+// enough or channels-last rows start on vector boundaries (rows_can_stream).
+template <typename T>
+inline bool streams(const Geometry& g, int reads, const T* out) {
+  const int64_t bytes = g.N * g.C * g.S * static_cast<int64_t>(sizeof(T));
+  if (!stream_pass((reads + 1) * bytes)) return false;
+  return g.inner ? rows_can_stream(out, g.C)
+                 : g.S * static_cast<int64_t>(sizeof(T)) >= kStreamMinRowBytes;
+}
 
 // The input as one of the two layouts, copying only when it is neither.
 std::pair<Tensor, Geometry> as_kernel_layout(const Tensor& input) {
@@ -961,19 +1067,25 @@ void inner_block_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const fl
 // y = (x - shift) * scale + offset over the block rows [r0, r1), row after row: the writes
 // stream in memory order (walking a chunk of channels down the rows, as the reductions do,
 // scatters the stores over pages and costs twice the time for large C); the per-channel
-// constants come from L1.
+// constants come from L1. `stream`: with streaming stores (not with a fused tail; every row
+// must start on a vector boundary, rows_can_stream).
 template <typename T>
 void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* shift,
-                        const float* scale, const float* offset, const Fuse<T>& f) {
+                        const float* scale, const float* offset, const Fuse<T>& f,
+                        bool stream = false) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* p = x + r * C;
     T* q = y + r * C;
     int64_t c = 0;
     if (!f.any()) {
-      for (; c + kW <= C; c += kW) {
-        vstore(q + c, at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
-                                     Vec::loadu(offset + c)));
+      auto at_c = [&](int64_t c) BN_ALWAYS_INLINE {
+        return at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
+                              Vec::loadu(offset + c));
+      };
+      if (stream) {
+        for (; c + kW <= C; c += kW) vstream(q + c, at_c(c));
       }
+      for (; c + kW <= C; c += kW) vstore(q + c, at_c(c));
       for (; c < C; ++c)
         q[c] = static_cast<T>(std::fma(static_cast<float>(p[c]) - shift[c], scale[c], offset[c]));
       continue;
@@ -1059,7 +1171,15 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
 template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0,
-                    int64_t ahead) {
+                    int64_t ahead, bool stream = false) {
+  // `stream`: streaming stores for dx (every row starting on a vector boundary).
+  auto put = [stream](T* p, const Vec& v) BN_ALWAYS_INLINE {
+    if (stream) {
+      vstream(p, v);
+    } else {
+      vstore(p, v);
+    }
+  };
   if (channels_last_walk() == BlockWalk::kRows) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = r * C;
@@ -1068,9 +1188,9 @@ void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64
         if constexpr (kWithX) {
           const Vec xs = vload(x + o + c) - Vec::loadu(shift + c);
           const Vec inner = at::vec::fmadd(xs, Vec::loadu(kk + c), Vec::loadu(c0 + c));
-          vstore(dx + o + c, at::vec::fmadd(vload(dy + o + c), Vec::loadu(a + c), inner));
+          put(dx + o + c, at::vec::fmadd(vload(dy + o + c), Vec::loadu(a + c), inner));
         } else {
-          vstore(dx + o + c, vload(dy + o + c) * Vec::loadu(a + c));
+          put(dx + o + c, vload(dy + o + c) * Vec::loadu(a + c));
         }
       }
       for (; c < C; ++c) {
@@ -1097,14 +1217,14 @@ void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64
         }
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t off = r * C + c;
-          if (ahead != 0) prefetch_chunk<K>(dx + off + ahead);
+          if (ahead != 0 && !stream) prefetch_chunk<K>(dx + off + ahead);
           for (int k = 0; k < K; ++k) {
             if constexpr (kWithX) {
               const Vec xs = vload(x + off + k * kW) - vs[k];
-              vstore(dx + off + k * kW, at::vec::fmadd(vload(dy + off + k * kW), va[k],
-                                                       at::vec::fmadd(xs, vk[k], vc[k])));
+              put(dx + off + k * kW, at::vec::fmadd(vload(dy + off + k * kW), va[k],
+                                                    at::vec::fmadd(xs, vk[k], vc[k])));
             } else {
-              vstore(dx + off + k * kW, vload(dy + off + k * kW) * va[k]);
+              put(dx + off + k * kW, vload(dy + off + k * kW) * va[k]);
             }
           }
         }
@@ -1188,14 +1308,16 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
             const std::vector<float>& scale, const std::vector<float>& offset,
             const Fuse<T>& f) {
   const int64_t C = g.C, S = g.S;
+  const bool stream = streams(g, f.z != nullptr ? 2 : 1, y);
   if (!g.inner) {
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
                        for (int64_t i = i0; i < i1; ++i) {
                          const int64_t c = i % C;
                          row_affine(x + i * S, y + i * S, S, shift[c], scale[c], offset[c], f,
-                                    i * S);
+                                    i * S, stream);
                        }
+                       if (stream) stream_fence();
                      });
     return;
   }
@@ -1203,8 +1325,9 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                         scale.data(), offset.data(), f);
+                         scale.data(), offset.data(), f, stream);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -1273,6 +1396,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       // still in cache.
       T* yp = y.data_ptr<T>();
       const int64_t S = g.S, B = planar_block_channels<T>(g, 1);
+      const bool stream = streams(g, 1, yp);
       at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
         std::vector<Moments> mo(B);
         PlanarScratch scratch(B);
@@ -1292,9 +1416,10 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
           for (int64_t n = 0; n < g.N; ++n) {
             for (int64_t c = c0; c < c1; ++c) {
               const int64_t off = (n * C + c) * S;
-              row_affine(xp + off, yp + off, S, shift[c], scale[c], offset[c], fuse, off);
+              row_affine(xp + off, yp + off, S, shift[c], scale[c], offset[c], fuse, off, stream);
             }
           }
+          if (stream) stream_fence();
         }
       });
     } else {
@@ -1595,14 +1720,16 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
              const std::vector<float>& a, const std::vector<float>& k,
              const std::vector<float>& c0v) {
   const int64_t C = g.C, S = g.S;
+  const bool stream = streams(g, kWithX ? 2 : 1, dx);
   if (!g.inner) {
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
                        for (int64_t i = i0; i < i1; ++i) {
                          const int64_t c = i % C;
                          row_dx<T, kWithX>(x + i * S, dy + i * S, dx + i * S, S, shift[c], a[c],
-                                           k[c], c0v[c]);
+                                           k[c], c0v[c], stream);
                        }
+                       if (stream) stream_fence();
                      });
     return;
   }
@@ -1612,8 +1739,9 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
                                 a.data(), k.data(), c0v.data(),
-                                next_block_ahead(b, b1, block, R, C, bytes));
+                                next_block_ahead(b, b1, block, R, C, bytes), stream);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -1658,6 +1786,7 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
     // A block of channels at a time: the sums, then dx while the block's x and dy are in cache.
     T* dxp = dx.data_ptr<T>();
     const int64_t S = g.S;
+    const bool stream = streams(g, training ? 2 : 1, dxp);
     planar_grad_sums_by_block(xp, gp, g, shift, sum_dy.data(), sum_dyx.data(),
                               [&](int64_t cb, int64_t ce) {
                                 for (int64_t c = cb; c < ce; ++c) coefficients(c);
@@ -1666,13 +1795,14 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
                                     const int64_t off = (n * C + c) * S;
                                     if (training) {
                                       row_dx<T, true>(xp + off, gp + off, dxp + off, S,
-                                                      shift[c], a[c], k[c], c0[c]);
+                                                      shift[c], a[c], k[c], c0[c], stream);
                                     } else {
                                       row_dx<T, false>(xp + off, gp + off, dxp + off, S,
-                                                       shift[c], a[c], k[c], c0[c]);
+                                                       shift[c], a[c], k[c], c0[c], stream);
                                     }
                                   }
                                 }
+                                if (stream) stream_fence();
                               });
     return;
   }
@@ -2214,4 +2344,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "sets the channels-last backward's walk ('rows' or 'chunks'; the same values either way)");
   m.def("vector_width", []() { return kW; }, "floats per vector");
+  m.def(
+      "stream_min_bytes", []() { return kCanStream ? stream_min_bytes().load() : int64_t{-1}; },
+      "passes moving this many bytes or more stream their stores (-1: never, no vector ISA)");
+  m.def(
+      "set_stream_min_bytes",
+      [](int64_t bytes) {
+        TORCH_CHECK_VALUE(bytes >= 0, "the streaming threshold is a size in bytes >= 0, got ",
+                          bytes);
+        stream_min_bytes().store(bytes);
+      },
+      "sets the traffic from which passes stream their stores (the same values either way)");
+  m.def(
+      "streams",
+      [](const Tensor& x, int64_t reads) {
+        const Geometry g = as_kernel_layout(x).second;
+        if (x.scalar_type() == at::kBFloat16) return streams(g, reads, x.data_ptr<BF16>());
+        return streams(g, reads, x.data_ptr<float>());
+      },
+      "whether a pass over x reading `reads` tensors like it streams its output (x stands for "
+      "the output: the same layout and, for channels-last rows, the same alignment)");
 }
