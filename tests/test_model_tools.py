@@ -75,6 +75,56 @@ def test_fx_traces_a_layer_that_is_the_root(training: bool) -> None:
                 torch.testing.assert_close(layer.get_buffer(name), value, rtol=0, atol=0)
 
 
+def _with_statistics(layer: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(layer.num_features, generator=g))
+        layer.running_var.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
+        layer.weight.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
+        layer.bias.copy_(torch.randn(layer.num_features, generator=g))
+    return layer
+
+
+def test_fx_traces_a_variant_that_is_the_root_in_eval() -> None:
+    """The variants, bare, traced in eval (FrozenBatchNorm always): torch's batch_norm op with the
+    running statistics, the layer's own output (to rounding: a different formula's order)."""
+    x = torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(2))
+    layers = [
+        bnn.FrozenBatchNorm(8), bnn.BatchRenorm(8).eval(), bnn.GhostBatchNorm(8, 2).eval(),
+        bnn.SyncBatchNorm(8).eval(), bnn.FrozenBatchNorm(8).train(),
+    ]  # fmt: skip
+    for layer in map(_with_statistics, layers):
+        traced = torch.fx.symbolic_trace(layer)
+        targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+        assert targets == [torch.nn.functional.batch_norm], type(layer).__name__
+        torch.testing.assert_close(traced(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fx_refuses_a_variant_root_in_training_with_the_remedy() -> None:
+    """A variant whose training forward cannot be one graph of torch ops raises torch.fx's own
+    TraceError saying why and what works, instead of a NotATensorError from its input check."""
+    layers = [
+        bnn.BatchRenorm(8), bnn.GhostBatchNorm(8, 2), bnn.SyncBatchNorm(8),
+        bnn.GhostBatchNorm(8, 2, track_running_stats=False).eval(),
+    ]  # fmt: skip
+    for layer in layers:
+        mode = "in training" if layer.training else "in eval without running statistics"
+        expected = f"{type(layer).__name__} {mode} as the root module.*eval"
+        with pytest.raises(torch.fx.proxy.TraceError, match=expected):
+            torch.fx.symbolic_trace(layer)
+        # and inside a model it is still one node, in either mode
+        torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity(), layer))
+
+
+def test_fx_traces_a_norm_act_layer_that_is_the_root() -> None:
+    x = torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(2))
+    layer = _with_statistics(bnn.BatchNormAct2d(8, act_layer="silu")).eval()
+    traced = torch.fx.symbolic_trace(layer)
+    calls = [n.op for n in traced.graph.nodes if n.op.startswith("call_")]
+    assert calls == ["call_function", "call_module", "call_module"]  # batch_norm, drop, act
+    torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=0)
+
+
 def test_fx_trace_of_every_variant_keeps_it_one_node() -> None:
     layers = [
         bnn.GhostBatchNorm(4, 2), bnn.BatchRenorm(4), bnn.FrozenBatchNorm(4), bnn.GroupNorm(2, 4),

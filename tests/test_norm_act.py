@@ -3,6 +3,7 @@ conversion: to ours and back, frozen and unfrozen (synchronized: tests/test_sync
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import batchnorm.nn as bnn
@@ -82,3 +83,42 @@ def test_frozen_conversion_leaves_a_subclass_with_its_own_forward_with_a_warning
     with pytest.warns(UserWarning, match="left these batch-norm subclasses unfrozen"):
         frozen = FrozenBatchNorm.convert_frozen_batchnorm(model)
     assert type(frozen[1]) is Doubling and isinstance(frozen[2], FrozenBatchNorm)
+
+
+def test_norm_act_layers_build_directly_with_timms_options() -> None:
+    """Built directly (not by conversion), a norm-act layer takes timm's BatchNormAct2d options:
+    ReLU by default (in place), a name, a class with act_kwargs, an instance, no activation, a
+    drop layer; the forward is act(drop(bn(x)))."""
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    layer = bnn.BatchNormAct2d(3)
+    assert isinstance(layer.act, torch.nn.ReLU) and layer.act.inplace
+    assert isinstance(layer.drop, torch.nn.Identity)
+    plain = bnn.BatchNorm2d(3)
+    torch.testing.assert_close(layer(x), torch.relu(plain(x)), rtol=0, atol=0)
+    assert isinstance(bnn.BatchNormAct2d(3, act_layer="silu").act, torch.nn.SiLU)
+    leaky = bnn.BatchNormAct1d(3, act_layer=torch.nn.LeakyReLU, act_kwargs={"negative_slope": 0.2})
+    assert leaky.act.negative_slope == 0.2 and leaky.act.inplace
+    assert not bnn.BatchNormAct2d(3, inplace=False).act.inplace
+    gelu = torch.nn.GELU()
+    assert bnn.BatchNormAct3d(3, act_layer=gelu).act is gelu
+    assert isinstance(bnn.BatchNormAct2d(3, apply_act=False).act, torch.nn.Identity)
+    assert isinstance(bnn.BatchNormAct2d(3, act_layer=None).act, torch.nn.Identity)
+    dropped = bnn.BatchNormAct2d(3, drop_layer=torch.nn.Dropout).train()
+    assert isinstance(dropped.drop, torch.nn.Dropout)
+    layer = bnn.BatchNormAct2d(3, eps=1e-3, momentum=0.2, backend="torch")
+    assert (layer.eps, layer.momentum, layer.backend) == (1e-3, 0.2, "torch")
+    assert sorted(layer.state_dict()) == sorted(bnn.BatchNorm2d(3).state_dict())
+    frozen = bnn.FrozenBatchNormAct(3, act_layer="relu6")
+    assert isinstance(frozen.act, torch.nn.ReLU6)
+    torch.testing.assert_close(frozen(x), torch.nn.functional.relu6(bnn.FrozenBatchNorm(3)(x)))
+    synced = bnn.SyncBatchNormAct(3, act_layer="tanh")
+    torch.testing.assert_close(synced(x), torch.tanh(bnn.SyncBatchNorm(3)(x)), rtol=0, atol=0)
+
+
+def test_norm_act_layers_reject_an_unknown_activation_clearly() -> None:
+    with pytest.raises(ValueError, match="unknown activation 'swishy'.*relu"):
+        bnn.BatchNormAct2d(3, act_layer="swishy")
+    with pytest.raises(TypeError, match="act_layer must be"):
+        bnn.BatchNormAct2d(3, act_layer=3)
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        bnn.BatchNormAct2d(3, act_layer=lambda: torch.relu)

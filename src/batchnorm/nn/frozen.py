@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
 from batchnorm.nn.norm_act import NormActTail, is_norm_act
-from batchnorm.nn.surgery import replace_modules
+from batchnorm.nn.surgery import replace_modules, trace_with_running_statistics
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNormAct", "unfreeze_batchnorm"]
 
@@ -92,6 +92,8 @@ class FrozenBatchNorm(BatchStatisticsVariant):
         return f"{self.num_features}, eps={self.eps}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx tracing this layer as the root
+            return trace_with_running_statistics(self, input)
         self._check_input_dim(input)
         return self._normalize_with_running_statistics(input)
 

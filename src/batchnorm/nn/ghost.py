@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
 from batchnorm.nn.batchnorm import BackendChoice
+from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
 from batchnorm.primitives import Moments, accumulation_dtype, normalize_over
 
 __all__ = ["GhostBatchNorm"]
@@ -99,6 +100,10 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx tracing this layer as the root
+            if not self.training and self.running_mean is not None:
+                return trace_with_running_statistics(self, input)
+            raise root_trace_error(self, "its ghost batches depend on the batch size")
         self._check_input_dim(input)
         self._check_hyperparameters()
         if not self.training and self.running_mean is not None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from batchnorm.nn.batch_variant import BatchStatisticsVariant, read_buffer
+from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
 from batchnorm.primitives import normalize_over, variance
 
 __all__ = ["BatchRenorm"]
@@ -142,6 +143,10 @@ class BatchRenorm(BatchStatisticsVariant):
         return r, d
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx tracing this layer as the root
+            if not self.training:
+                return trace_with_running_statistics(self, input)
+            raise root_trace_error(self, "r and d clip the batch statistics by the step count")
         self._check_input_dim(input)
         self._check_hyperparameters()
         if not self.training:

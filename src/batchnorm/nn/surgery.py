@@ -15,7 +15,9 @@ behaves exactly as the original under every tool that walks it:
 
 :func:`mark_fx_leaf` makes ``torch.fx`` treat a layer as it treats torch's own: an opaque
 ``call_module`` node (``symbolic_trace``, torchvision's ``create_feature_extractor``, FX fusion,
-``prepare_fx``), instead of tracing into its Python forward.
+``prepare_fx``), instead of tracing into its Python forward. Traced as the root itself (where
+no tracer keeps it opaque), a layer gives torch's standard op where one exists
+(:func:`trace_with_running_statistics`) and raises :func:`root_trace_error` otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["mark_fx_leaf", "rebuild_as", "rebuild_layer", "replace_modules"]
+__all__ = [
+    "mark_fx_leaf",
+    "rebuild_as",
+    "rebuild_layer",
+    "replace_modules",
+    "root_trace_error",
+    "trace_with_running_statistics",
+]
 
 # torch.fx's default Tracer.is_leaf_module keeps a module opaque when ``m.__module__`` starts with
 # "torch.nn". Our layers' classes live in this package, so each instance says where the behaviour
@@ -39,6 +48,32 @@ OWN_ATTRIBUTES = ("backend", "nonfinite", "last_backend", "last_sync", "__module
 def mark_fx_leaf(module: torch.nn.Module) -> None:
     """Make ``torch.fx`` trace ``module`` as one ``call_module`` node, as it does torch's norms."""
     module.__dict__["__module__"] = _FX_LEAF_MODULE
+
+
+def trace_with_running_statistics(module: torch.nn.Module, input: Any) -> Any:
+    """A batch-norm layer normalizing with its running statistics, on a ``torch.fx`` proxy: the
+    graph node torch.nn's own layers give in eval mode (``batch_norm`` with training False)."""
+    return torch.nn.functional.batch_norm(
+        input,
+        module.running_mean,
+        module.running_var,
+        module.weight,
+        module.bias,
+        False,
+        0.0,
+        module.eps,
+    )
+
+
+def root_trace_error(module: torch.nn.Module, why: str) -> torch.fx.proxy.TraceError:
+    """The error for a layer whose forward cannot be a ``torch.fx`` graph when it is the root of
+    the trace: ``why``, and the two ways that do work."""
+    mode = "in training" if module.training else "in eval without running statistics"
+    return torch.fx.proxy.TraceError(
+        f"torch.fx cannot trace {type(module).__name__} {mode} as the root module: {why}. "
+        "Trace it in eval mode with running statistics (module.eval()), or trace a model that "
+        "holds it, where it stays one call_module node."
+    )
 
 
 def rebuild_as(module: torch.nn.Module, target: type, **attributes: Any) -> torch.nn.Module:

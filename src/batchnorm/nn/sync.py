@@ -57,7 +57,7 @@ from batchnorm.nn.batchnorm import (
     check_channels,
 )
 from batchnorm.nn.norm_act import NormActTail, is_norm_act
-from batchnorm.nn.surgery import rebuild_layer, replace_modules
+from batchnorm.nn.surgery import rebuild_layer, replace_modules, root_trace_error
 from batchnorm.primitives import (
     Moments,
     combine_statistics,
@@ -204,6 +204,11 @@ class SyncBatchNorm(BatchNormMixin, torch.nn.SyncBatchNorm):
         return convert_sync_batchnorm(module, process_group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy) and self.training:  # fx, this layer as the root
+            # Even with one process now: the graph would run unsynchronized under DDP later.
+            raise root_trace_error(self, "its statistics are reduced across processes")
+        if isinstance(input, torch.fx.Proxy):  # eval: torch's standard op, as BatchNorm2d's
+            return super().forward(input)
         self._check_input_dim(input)
         if not self.training or _group_world_size(self.process_group) <= 1:
             self.last_sync = False
