@@ -4,8 +4,8 @@ The extension is compiled for the vector instruction set torch itself selected (
 AVX2 or none elsewhere), so a machine runs one variant only; the others differ in vector width,
 in masked loads and in whether ``at::vec::fmadd`` is a fused multiply-add. Each variant below the
 machine's own is built in a subprocess (``ATEN_CPU_CAPABILITY``, about half a minute each, then
-cached) and runs the reference catalogue, the short-row tails and the fused kernels' bitwise
-equality with the composition.
+cached) and runs the reference catalogue, the short-row tails, the fused kernels' bitwise
+equality with the composition and the streaming stores' bitwise equality with plain ones.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ORDER = ["default", "avx2", "avx512"]
 SELECTION = (
     "catalogue_float32 or planar_channel_blocks or far_from_their_centre or large_mean "
     "or layouts or eval_backward or fused_equals_the_composition or gradients_reach "
-    "or every_row_tail_length"
+    "or every_row_tail_length or streaming_stores or planar_rows_under"
 )
 
 
