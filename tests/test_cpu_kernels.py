@@ -723,7 +723,7 @@ def test_compiler_without_openmp_builds_a_visible_one_thread_variant(monkeypatch
 
 
 def _stream_cases() -> list[torch.Tensor]:
-    """Inputs whose passes can stream: planar rows of 1 KiB or more that start off a cache line
+    """Inputs whose passes can stream: planar rows of 512 bytes or more that start off a cache line
     (17 * 37 values, also in bfloat16) or on one (16 * 64), from a storage offset; channels-last
     rows of 32 and 64 channels (vector-aligned), (N, C) and channels-last 3-D; and rows that
     cannot (C = 37)."""
@@ -778,16 +778,17 @@ def test_streaming_stores_give_the_same_values(training, dtype):
         cpu.set_stream_min_bytes(-1)
 
 
-def test_planar_rows_under_1_kib_do_not_stream():
-    """Short planar rows (7x7, 14x14 planes) keep plain stores whatever the threshold: a row off
-    a cache-line boundary shares lines with its neighbours (measured slower streamed)."""
+def test_planar_rows_under_512_bytes_do_not_stream():
+    """Short planar rows (7x7 planes) keep plain stores whatever the threshold: a row off a
+    cache-line boundary shares lines with its neighbours (measured slower streamed)."""
     initial = cpu.stream_min_bytes()
     if initial < 0:
         pytest.skip("this build has no AVX2 or AVX512: its stores never stream")
     try:
         cpu.set_stream_min_bytes(0)
-        assert not cpu._ext().streams(torch.randn(2, 3, 14, 14), 2)
-        assert cpu._ext().streams(torch.randn(2, 3, 16, 16), 2)  # 1 KiB rows
-        assert not cpu._ext().streams(torch.randn(2, 3, 16, 16).bfloat16(), 2)  # 512 bytes
+        assert not cpu._ext().streams(torch.randn(2, 3, 7, 7), 2)
+        assert not cpu._ext().streams(torch.randn(2, 3, 11, 11), 2)  # 484 bytes
+        assert cpu._ext().streams(torch.randn(2, 3, 14, 14), 2)  # 784 bytes
+        assert not cpu._ext().streams(torch.randn(2, 3, 14, 14).bfloat16(), 2)  # 392 bytes
     finally:
         cpu.set_stream_min_bytes(initial)

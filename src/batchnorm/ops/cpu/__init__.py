@@ -117,7 +117,7 @@ def stream_min_bytes() -> int:
     """The traffic (bytes read plus bytes written) from which a pass of the kernels writes its
     output with streaming stores, which skip the read of each output line before it is written
     (-1: never, in a build without AVX2 or AVX512). Planar passes also need rows of at least
-    1 KiB, channels-last ones rows that start on a vector boundary. The values are the same
+    512 bytes, channels-last ones rows that start on a vector boundary. The values are the same
     either way; the default is measured in BENCHMARKS.md.
 
     Raises:
