@@ -778,8 +778,14 @@ def test_streaming_stores_give_the_same_values(training, dtype):
         torch.set_num_threads(threads)
     # Below the threshold nothing streams: the default leaves these small inputs alone.
     assert not cpu._ext().streams(_stream_cases()[0], 2)
-    with pytest.raises(ValueError, match="bytes >= 0"):
-        cpu.set_stream_min_bytes(-1)
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="bytes >= 0"):
+            cpu.set_stream_min_bytes(bad)
+    try:
+        cpu.set_stream_min_bytes(np.int64(1 << 24))  # numpy integers are sizes too
+        assert cpu.stream_min_bytes() == 1 << 24
+    finally:
+        cpu.set_stream_min_bytes(initial)
 
 
 def test_planar_rows_under_512_bytes_do_not_stream():

@@ -122,3 +122,18 @@ def test_norm_act_layers_reject_an_unknown_activation_clearly() -> None:
         bnn.BatchNormAct2d(3, act_layer=3)
     with pytest.raises(TypeError, match="not a torch.nn.Module"):
         bnn.BatchNormAct2d(3, act_layer=lambda: torch.relu)
+
+
+def test_unfreezing_a_norm_act_layer_built_frozen_keeps_its_activation() -> None:
+    """A FrozenBatchNormAct built directly (no original to go back to) unfreezes into a batch
+    norm for any rank that still runs its act and drop, with the frozen values."""
+    frozen = bnn.FrozenBatchNormAct(3, act_layer="relu6")
+    with torch.no_grad():
+        frozen.running_mean.uniform_(-1, 1)
+        frozen.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(3))
+    expected = frozen(x)
+    back = bnn.unfreeze_batchnorm(frozen)
+    assert isinstance(back, torch.nn.modules.batchnorm._BatchNorm) and back.act is frozen.act
+    torch.testing.assert_close(back.eval()(x), expected, rtol=1e-6, atol=1e-6)
+    assert back.train()(x).min() >= 0  # ReLU6 runs in training too

@@ -206,7 +206,8 @@ def unfreeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     Each frozen layer made by that conversion becomes the layer it was made from again (its
     class, momentum, activation), now holding the frozen values: ``weight`` and ``bias`` as
     trainable parameters, the running statistics as buffers. A frozen layer built directly
-    becomes a batch norm for (N, C, *) inputs with momentum 0.1.
+    becomes a batch norm for (N, C, *) inputs with momentum 0.1 (a ``FrozenBatchNormAct`` one
+    that keeps its ``drop`` and ``act`` modules).
 
     Args:
         module: Any module.
@@ -214,16 +215,17 @@ def unfreeze_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     Returns:
         The model (the replacement if ``module`` itself is frozen).
     """
-    from batchnorm.nn.sync import _BatchNormXd
+    from batchnorm.nn.sync import _BatchNormActXd, _BatchNormXd
 
     def swap(name: str, m: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(m, FrozenBatchNorm):
             return m
         original, momentum = m.__dict__.get("_unfrozen_state", (None, 0.1))
         if original is None:
-            new: torch.nn.Module = _BatchNormXd(
+            tail = {"act_layer": m.act, "drop_layer": m.drop} if is_norm_act(m) else {}
+            new: torch.nn.Module = (_BatchNormActXd if tail else _BatchNormXd)(
                 m.num_features, eps=m.eps, momentum=momentum,
-                device=m.running_mean.device, dtype=m.running_mean.dtype,
+                device=m.running_mean.device, dtype=m.running_mean.dtype, **tail,
             )  # fmt: skip
         else:
             new = original

@@ -255,6 +255,11 @@ class _BatchNormXd(BatchNormMixin, _BatchNorm):
         check_channels(self, input, any_rank=True)
 
 
+class _BatchNormActXd(NormActTail, _BatchNormXd):
+    """:class:`_BatchNormXd`, then ``drop`` and ``act``: what ``unfreeze_batchnorm`` gives for a
+    ``FrozenBatchNormAct`` built directly (which does not know its input's dimensions)."""
+
+
 # Exact classes rebuilt as SyncBatchNorm (their behaviour is plain batch norm).
 _PLAIN_BATCH_NORM: tuple[type, ...] = (
     torch.nn.BatchNorm1d,

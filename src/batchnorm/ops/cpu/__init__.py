@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from types import ModuleType
 from typing import NamedTuple
 
@@ -133,9 +134,13 @@ def set_stream_min_bytes(nbytes: int) -> None:
         ValueError: ``nbytes`` is negative or not an integer.
         RuntimeError: the kernels cannot be built here.
     """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+    try:
+        value = operator.index(nbytes)  # ints and numpy integers; floats and strings raise
+    except TypeError:
+        value = -1
+    if isinstance(nbytes, bool) or value < 0:
         raise ValueError(f"the streaming threshold is a number of bytes >= 0, got {nbytes!r}")
-    _ext().set_stream_min_bytes(nbytes)
+    _ext().set_stream_min_bytes(value)
 
 
 def set_channels_last_walk(walk: str) -> None:
