@@ -196,6 +196,16 @@ inline void vstore_n_copied(T* p, const Vec& v, int64_t n) {
   std::memcpy(p, tmp, n * sizeof(T));
 }
 
+// A row of len values written with streaming stores: value_n(i, n) gives the n < kW values from
+// i (its ends, off a vector boundary, written through a buffer), value(i) the vector at i.
+template <typename T, typename N, typename V>
+BN_ALWAYS_INLINE inline void stream_row(T* out, int64_t len, N&& value_n, V&& value) {
+  int64_t i = stream_head(out, len);
+  if (i > 0) vstore_n_copied(out, value_n(0, i), i);
+  for (; i + kW <= len; i += kW) vstream(out + i, value(i));
+  if (i < len) vstore_n_copied(out + i, value_n(i, len - i), len - i);
+}
+
 // Copies `bytes` bytes from a buffer in L1 to out with streaming stores for the whole vectors
 // between its first and last vector boundary (the ends plainly): the same bits as a copy.
 inline void stream_copy(const void* buf, void* out, int64_t bytes) {
@@ -468,12 +478,12 @@ inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale
   int64_t i = 0;
   if (!f.any()) {
     if (stream) {
-      i = stream_head(out, len);
-      if (i > 0) vstore_n_copied(out, at::vec::fmadd(vload_n(p, i) - vs, va, vb), i);
-      for (; i + kW <= len; i += kW) vstream(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
-      if (i < len) {
-        vstore_n_copied(out + i, at::vec::fmadd(vload_n(p + i, len - i) - vs, va, vb), len - i);
-      }
+      stream_row(
+          out, len,
+          [&](int64_t j, int64_t n) BN_ALWAYS_INLINE {
+            return at::vec::fmadd(vload_n(p + j, n) - vs, va, vb);
+          },
+          [&](int64_t j) BN_ALWAYS_INLINE { return at::vec::fmadd(vload(p + j) - vs, va, vb); });
       return;
     }
     for (; i + kW <= len; i += kW) vstore(out + i, at::vec::fmadd(vload(p + i) - vs, va, vb));
@@ -542,14 +552,11 @@ inline void row_dx(const T* x, const T* dy, T* dx, int64_t len, float shift, flo
       return vload(dy + i) * va;
     }
   };
-  int64_t i = 0;
   if (stream) {
-    i = stream_head(dx, len);
-    if (i > 0) vstore_n_copied(dx, at_n(0, i), i);
-    for (; i + kW <= len; i += kW) vstream(dx + i, at_i(i));
-    if (i < len) vstore_n_copied(dx + i, at_n(i, len - i), len - i);
+    stream_row(dx, len, at_n, at_i);
     return;
   }
+  int64_t i = 0;
   for (; i + kW <= len; i += kW) vstore(dx + i, at_i(i));
   if (i < len) vstore_n(dx + i, at_n(i, len - i), len - i);
 }
@@ -722,10 +729,16 @@ struct Geometry {
 // Whether a pass over a tensor of geometry g that reads `reads` tensors like it and writes one
 // at `out` streams its stores: it moves enough bytes (stream_pass), and planar rows are long
 // enough or channels-last rows start on vector boundaries (rows_can_stream).
+// The bytes a pass over a tensor of geometry g moves when it reads `reads` tensors like it and
+// writes one.
+template <typename T>
+inline int64_t pass_traffic(const Geometry& g, int reads) {
+  return (reads + 1) * g.N * g.C * g.S * static_cast<int64_t>(sizeof(T));
+}
+
 template <typename T>
 inline bool streams(const Geometry& g, int reads, const T* out) {
-  const int64_t bytes = g.N * g.C * g.S * static_cast<int64_t>(sizeof(T));
-  if (!stream_pass((reads + 1) * bytes)) return false;
+  if (!stream_pass(pass_traffic<T>(g, reads))) return false;
   return g.inner ? rows_can_stream(out, g.C)
                  : g.S * static_cast<int64_t>(sizeof(T)) >= kStreamMinRowBytes;
 }
@@ -1451,8 +1464,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       const bool stream = streams(g, 1, yp);
       // Short planes in blocks: a sample's rows of the block are one contiguous run, written
       // to a buffer and streamed whole.
-      const bool stream_runs = B > 1 && !fuse.any() &&
-                               stream_pass(2 * g.N * C * S * static_cast<int64_t>(sizeof(T)));
+      const bool stream_runs = B > 1 && !fuse.any() && stream_pass(pass_traffic<T>(g, 1));
       at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
         std::vector<Moments> mo(B);
         PlanarScratch scratch(B);
@@ -1861,42 +1873,34 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
     const bool stream = streams(g, training ? 2 : 1, dxp);
     // Short planes in blocks: each sample's dx rows of the block, one contiguous run, go
     // through a buffer and are streamed whole (as the forward's output).
-    const bool stream_runs =
-        !stream &&
-        stream_pass((training ? 3 : 2) * g.N * C * S * static_cast<int64_t>(sizeof(T)));
+    const bool stream_runs = !stream && stream_pass(pass_traffic<T>(g, training ? 2 : 1));
     planar_grad_sums_by_block(xp, gp, g, shift, sum_dy.data(), sum_dyx.data(),
                               [&](int64_t cb, int64_t ce) {
                                 for (int64_t c = cb; c < ce; ++c) coefficients(c);
+                                // Channel c's dx row of sample n, written at out.
+                                auto dx_row = [&](int64_t n, int64_t c, T* out, bool st) {
+                                  const int64_t off = (n * C + c) * S;
+                                  if (training) {
+                                    row_dx<T, true>(xp + off, gp + off, out, S, shift[c], a[c],
+                                                    k[c], c0[c], st);
+                                  } else {
+                                    row_dx<T, false>(xp + off, gp + off, out, S, shift[c], a[c],
+                                                     k[c], c0[c], st);
+                                  }
+                                };
                                 if (stream_runs && ce - cb > 1) {
                                   std::vector<T> run((ce - cb) * S);
                                   for (int64_t n = 0; n < g.N; ++n) {
-                                    for (int64_t c = cb; c < ce; ++c) {
-                                      const int64_t off = (n * C + c) * S;
-                                      T* out = run.data() + (c - cb) * S;
-                                      if (training) {
-                                        row_dx<T, true>(xp + off, gp + off, out, S, shift[c],
-                                                        a[c], k[c], c0[c]);
-                                      } else {
-                                        row_dx<T, false>(xp + off, gp + off, out, S, shift[c],
-                                                         a[c], k[c], c0[c]);
-                                      }
-                                    }
+                                    for (int64_t c = cb; c < ce; ++c)
+                                      dx_row(n, c, run.data() + (c - cb) * S, false);
                                     stream_copy(run.data(), dxp + (n * C + cb) * S,
                                                 (ce - cb) * S * static_cast<int64_t>(sizeof(T)));
                                   }
                                   return;
                                 }
                                 for (int64_t n = 0; n < g.N; ++n) {
-                                  for (int64_t c = cb; c < ce; ++c) {
-                                    const int64_t off = (n * C + c) * S;
-                                    if (training) {
-                                      row_dx<T, true>(xp + off, gp + off, dxp + off, S,
-                                                      shift[c], a[c], k[c], c0[c], stream);
-                                    } else {
-                                      row_dx<T, false>(xp + off, gp + off, dxp + off, S,
-                                                       shift[c], a[c], k[c], c0[c], stream);
-                                    }
-                                  }
+                                  for (int64_t c = cb; c < ce; ++c)
+                                    dx_row(n, c, dxp + (n * C + c) * S, stream);
                                 }
                               },
                               stream || stream_runs);
