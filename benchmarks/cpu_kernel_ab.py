@@ -3,11 +3,12 @@
 For a change to ``src/batchnorm/ops/cpu/batch_norm.cpp``: each build is compiled once into its
 own folder under ``~/.cache/batchnorm/ext`` (named by the source's hash), so the build of the
 previous commit and the current one can be loaded side by side. What is timed: the extension's
-training forward (``forward``: statistics, running-statistics update, output) or its training
-backward (``backward``: dx, dgamma, dbeta), and a copy of the same tensor (``out.copy_(x)``)
-as the scale. Method: 20 interleaved rounds (the two builds in alternating order), 5 calls per
-round; reported are medians over rounds and the paired median of new / old within a round (the
-ratio that a neighbour's load on a shared machine disturbs least). One torch thread.
+training forward (``forward``: statistics, running-statistics update, output), its eval forward
+(``--eval``: the output pass alone) or its training backward (``--backward``: dx, dgamma, dbeta),
+and a copy of the same tensor (``out.copy_(x)``) as the scale. Method: 20 interleaved rounds
+(the two builds in alternating order), 5 calls per round; reported are medians over rounds and
+the paired median of new / old within a round (the ratio that a neighbour's load on a shared
+machine disturbs least). One torch thread unless ``--threads`` says otherwise.
 
 Repeated calls on the same tensors find them in the last-level cache when the tensors are
 smaller than it (about 32-48 MB is what one core gets here). ``--cold`` reads a buffer larger
@@ -66,6 +67,7 @@ def compare(
     backward: bool,
     rounds: int,
     evict: torch.Tensor | None = None,
+    training: bool = True,
 ) -> dict:
     channels = x.shape[1]
     weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
@@ -75,7 +77,7 @@ def compare(
     def call(ext: ModuleType) -> Callable[[], object]:
         stats = [torch.zeros(channels), torch.ones(channels)]
         if not backward:
-            return lambda: ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
+            return lambda: ext.forward(x, weight, bias, *stats, training, 0.1, 1e-5)
         saved = ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
         return lambda: ext.backward(dy, x, weight, *saved[1:4], True, True, True)
 
@@ -105,14 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("old", help="folder of the old build")
     parser.add_argument("new", help="folder of the new build")
     parser.add_argument("shapes", nargs="+", help="e.g. 64x2048x7x7 (N x C [x spatial])")
-    parser.add_argument("--backward", action="store_true", help="time the backward")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--backward", action="store_true", help="time the training backward")
+    mode.add_argument("--eval", action="store_true", help="time the eval forward")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
         "--cold", action="store_true", help="evict the caches before every timed call"
     )
     parser.add_argument("--evict-mb", type=int, default=128, help="size of the eviction read")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     evict = torch.ones(args.evict_mb << 18) if args.cold else None
     old, new = load_build(args.old), load_build(args.new)
     print("shape | layout | copy us | old x copy | new x copy | new / old (paired median)")
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(shape)
             if layout == "nhwc":
                 x = x.contiguous(memory_format=torch.channels_last)
-            r = compare(old, new, x, args.backward, args.rounds, evict)
+            r = compare(old, new, x, args.backward, args.rounds, evict, training=not args.eval)
             print(
                 f"{text} | {layout} | {r['copy_us']:.0f} | {r['old_x_copy']:.2f} | "
                 f"{r['new_x_copy']:.2f} | {r['new_over_old']:.3f}"
