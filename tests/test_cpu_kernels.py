@@ -726,8 +726,9 @@ def _stream_cases() -> list[torch.Tensor]:
     """Inputs whose passes can stream: planar rows of 512 bytes or more that start off a cache line
     (17 * 37 values, also in bfloat16) or on one (16 * 64), from a storage offset; channels-last
     rows of 32 and 64 channels (vector-aligned), (N, C) and channels-last 3-D; rows that cannot
-    (C = 37); and short planes in channel blocks (64 samples of 5 * 7), whose training forward
-    and backward stream each sample's run of the block's rows through a buffer instead."""
+    (C = 37); and short planes in channel blocks (64 samples of 5 * 7), whose forward writes
+    its rows as one flat run of whole vectors and whose backward streams each sample's run of
+    the block's rows through a buffer."""
     return [
         torch.randn(64, 6, 5, 7),
         torch.randn(65, 6, 5, 7)[1:],
@@ -789,8 +790,9 @@ def test_streaming_stores_give_the_same_values(training, dtype):
 
 
 def test_planar_rows_under_512_bytes_do_not_stream():
-    """Short planar rows (7x7 planes) keep plain stores whatever the threshold: a row off a
-    cache-line boundary shares lines with its neighbours (measured slower streamed)."""
+    """Short planar rows (7x7 planes) are not streamed row by row whatever the threshold: a row
+    off a cache-line boundary shares lines with its neighbours (measured slower streamed). (The
+    output passes walk them as one flat run: test_flat_output_pass_matches_channels_last.)"""
     initial = cpu.stream_min_bytes()
     if initial < 0:
         pytest.skip("this build has no AVX2 or AVX512: its stores never stream")
@@ -802,3 +804,42 @@ def test_planar_rows_under_512_bytes_do_not_stream():
         assert not cpu._ext().streams(torch.randn(2, 3, 14, 14).bfloat16(), 2)  # 392 bytes
     finally:
         cpu.set_stream_min_bytes(initial)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "shape",
+    # Planes off the vector width: 7x7, 14x14, 5x5, 17 values (a vector meets one row end), a
+    # single row, and N * C rows that do not fill the last vector; a storage offset moves the
+    # vector boundaries.
+    [(6, 10, 7, 7), (3, 7, 14, 14), (5, 9, 5, 5), (4, 3, 17, 1), (1, 1, 7, 7), (3, 5, 3, 11)],
+)
+def test_flat_output_pass_matches_channels_last(shape, dtype):
+    """The planar forward writes rows off the vector width as one flat run of vectors, a vector
+    that crosses a row's end taking both channels' constants lane by lane. In eval mode every
+    value is (x - mean) * scale + offset with the same constants in any layout, so the planar
+    output equals the channels-last one bit for bit: on 1 and 2 threads, with plain and with
+    streaming stores, from a storage offset."""
+    initial = cpu.stream_min_bytes()
+    if initial < 0:
+        pytest.skip("this build has no AVX2 or AVX512: no flat output pass")
+    gen = torch.Generator().manual_seed(29)
+    C = shape[1]
+    base = (torch.randn((shape[0] + 1, *shape[1:]), generator=gen) * 3 + 2).to(dtype)
+    x = base[1:]  # a storage offset of one sample
+    w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    rm, rv = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
+    expected = cpu.batch_norm(
+        x.contiguous(memory_format=torch.channels_last), rm, rv, w, b, False, 0.1, 1e-5
+    )
+    threads = torch.get_num_threads()
+    try:
+        for threshold, n_threads in ((1 << 62, 1), (0, 1), (1 << 62, 2), (0, 2)):
+            cpu.set_stream_min_bytes(threshold)
+            torch.set_num_threads(n_threads)
+            y = cpu.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+            assert y.is_contiguous()
+            assert torch.equal(y, expected), (threshold, n_threads)
+    finally:
+        cpu.set_stream_min_bytes(initial)
+        torch.set_num_threads(threads)

@@ -45,6 +45,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -206,36 +207,6 @@ BN_ALWAYS_INLINE inline void stream_row(T* out, int64_t len, N&& value_n, V&& va
   if (i < len) vstore_n_copied(out + i, value_n(i, len - i), len - i);
 }
 
-// Copies `bytes` bytes from a buffer in L1 to out with streaming stores for the whole vectors
-// between its first and last vector boundary (the ends plainly): the same bits as a copy.
-inline void stream_copy(const void* buf, void* out, int64_t bytes) {
-  const char* src = static_cast<const char*>(buf);
-  char* dst = static_cast<char*>(out);
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#if defined(CPU_CAPABILITY_AVX512)
-  constexpr int64_t kBytes = 64;
-#else
-  constexpr int64_t kBytes = 32;
-#endif
-  const int64_t head = std::min<int64_t>(
-      bytes, static_cast<int64_t>((kBytes - reinterpret_cast<uintptr_t>(dst) % kBytes) % kBytes));
-  std::memcpy(dst, src, head);
-  int64_t i = head;
-  for (; i + kBytes <= bytes; i += kBytes) {
-#if defined(CPU_CAPABILITY_AVX512)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i),
-                        _mm512_loadu_si512(reinterpret_cast<const void*>(src + i)));
-#else
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
-#endif
-  }
-  std::memcpy(dst + i, src + i, bytes - i);
-#else
-  std::memcpy(dst, src, bytes);
-#endif
-}
-
 // Makes the streaming stores of this thread visible before it reports its part done.
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -251,15 +222,12 @@ inline void stream_fence() {
 // one derived from the cache sizes the CPU reports: in a virtual machine those can be the
 // host's (cpuid reported 320 MB of L3 where the VM had 32 MB).
 constexpr int64_t kStreamMinBytes = int64_t{18} << 20;
-// Planar rows stream from this many bytes on. A row that does not start on a cache line has a
-// line at each end shared with its neighbours, written with plain stores (through a buffer:
-// vstore_n_copied); 14x14 planes (784 bytes) gained (64x1024x14x14: forward 0.71x, backward
-// 0.84x), 7x7 planes (196 bytes, 2 of their 4 lines shared) took 1.04-1.16x the time.
-// Shorter planes are streamed where the kernels walk them in blocks of channels (a block's rows
-// of one sample are one contiguous run, written to a buffer in L1 and streamed whole,
-// stream_copy): the training forward (64x2048x7x7, 64x960x7x7, 128x512x7x7: 0.75-0.83x the
-// time) and the backward's dx (0.76-0.84x). The eval forward's rows, streamed the same way in
-// runs of 1-4 KiB, took 1.25-1.64x the time and keep plain stores.
+// Planar rows written one by one stream from this many bytes on. A row that does not start on
+// a cache line has a line at each end shared with its neighbours, written with plain stores
+// (through a buffer: vstore_n_copied); 14x14 planes (784 bytes) gained (64x1024x14x14: forward
+// 0.71x, backward 0.84x), 7x7 planes (196 bytes, 2 of their 4 lines shared) took 1.04-1.16x the
+// time. The output passes walk such short rows, and rows off the vector width, as one flat run
+// instead (flat_rows, rows_after_statistics), which streams whole vectors like a long row.
 constexpr int64_t kStreamMinRowBytes = 512;
 
 std::atomic<int64_t>& stream_min_bytes() {
@@ -504,6 +472,20 @@ inline void row_affine(const T* p, T* out, int64_t len, float shift, float scale
     out[i] = static_cast<T>(
         fuse_tail1(std::fma(static_cast<float>(p[i]) - shift, scale, offset), f, off + i));
   if (f.mask != nullptr) write_mask(out, f.mask + off, len);
+}
+
+// Lanes [0, k) of a and lanes [k, kW) of b (0 < k < kW): the per-channel constants of a vector
+// that crosses from one planar row into the next.
+inline Vec first_lanes_from(const Vec& a, const Vec& b, int64_t k) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_mask_blend_ps(static_cast<__mmask16>((1u << k) - 1u), b, a));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), lanes);
+  return Vec(_mm256_blendv_ps(b, a, _mm256_castsi256_ps(first)));
+#else
+  return Vec::set(b, a, k);
+#endif
 }
 
 // Sums of dy and of dy * (x - shift) over a row (two chains each).
@@ -861,9 +843,9 @@ struct PlanarScratch {
 // Calls add(b, n, acc) for the rows [n0, n1) of a block's B channels, row after row, with
 // channel b's 4 vector accumulators taken from `scratch` into locals and put back.
 // per_row(n) comes before sample n's rows are read, per_channel(n, b) before channel b's row
-// (the prefetches of the next sample: one burst, or spread over the channels). (A block of one channel runs planar_channel_moments or
-// planar_grad_sums instead, whose accumulators stay in registers across the rows: the per-row
-// round trip costs 10-17 % on short rows.)
+// (the prefetches of the next sample: one burst, or spread over the channels). (A block of one
+// channel runs planar_channel_moments or planar_grad_sums instead, whose accumulators stay in
+// registers across the rows: the per-row round trip costs 10-17 % on short rows.)
 template <typename R, typename P, typename F>
 BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1, PlanarScratch& scratch,
                             R&& per_row, P&& per_channel, F&& add) {
@@ -1367,25 +1349,190 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
 // Elementwise passes
 // ------------------------------------------------------------------------------------------
 
+// Whether the planar output pass walks the rows as one flat run of vectors (flat_affine): rows
+// of at least a vector whose length is not a multiple of it (7x7, 14x14 planes). Written row by
+// row, such rows end in a partial vector and every vector after a row's start is off the
+// vector boundaries (a 196-byte row's stores cross 4-5 cache lines); the flat run stores whole
+// vectors on vector boundaries and streams them like a long row. Measured on the EPYC (eval
+// forward, 1 thread, paired medians against row by row): 32x512x7x7 0.53x the time,
+// 128x512x7x7 0.72x, 64x960x7x7 0.71x, 64x2048x7x7 0.80x, 32x256x14x14 0.88x,
+// 64x1024x14x14 0.79x. Only with vector FMA, where the vector tail of row_affine rounds as its
+// body (every value is then the same bits either way).
+template <typename T>
+inline bool flat_rows(const Geometry& g) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return !g.inner && g.S >= kW && g.S % kW != 0;
+#else
+  (void)g;
+  return false;
+#endif
+}
+
+// A pass over the planar rows [r0, r1) (row r = n * C + c) that walks them as one run of
+// values: value(i, n, v) gives the n <= kW output values from offset i of the run (from
+// element r0 * S of the tensors), v[j] being channel constant j (tables[j][c]) for each lane. A
+// vector that crosses a row's end takes the constants of both rows lane by lane
+// (first_lanes_from; a row has at least kW values, so a vector meets at most one end). Every
+// value is computed as the row-by-row pass computes it. `stream`: streaming stores for the
+// vectors on vector boundaries (stream_row).
+template <int K, typename T, typename F>
+void flat_rows_pass(T* out, const Geometry& g, int64_t r0, int64_t r1,
+                    const std::array<const float*, K>& tables, bool stream, F&& value) {
+  const int64_t S = g.S, C = g.C, len = (r1 - r0) * S;
+  T* yp = out + r0 * S;
+  int64_t c = r0 % C, row_end = S;  // the current row's channel and where it ends in the run
+  int64_t next = c + 1 == C ? 0 : c + 1;
+  std::array<Vec, K> cur;
+  for (int j = 0; j < K; ++j) cur[j] = Vec(tables[j][c]);
+  // Calls come in increasing i, each at or past the end of the one before: at most one row end
+  // is crossed per call.
+  auto at = [&](int64_t i, int64_t n) BN_ALWAYS_INLINE {
+    if (i >= row_end) {
+      c = next;
+      next = c + 1 == C ? 0 : c + 1;
+      row_end += S;
+      for (int j = 0; j < K; ++j) cur[j] = Vec(tables[j][c]);
+    }
+    const int64_t k = row_end - i;
+    if (k >= n) return value(i, n, cur.data());
+    std::array<Vec, K> both;
+    for (int j = 0; j < K; ++j) both[j] = first_lanes_from(cur[j], Vec(tables[j][next]), k);
+    return value(i, n, both.data());
+  };
+  auto part = [&](int64_t i, int64_t n) BN_ALWAYS_INLINE { return at(i, n); };
+  auto whole = [&](int64_t i) BN_ALWAYS_INLINE { return at(i, kW); };
+  if (stream) {
+    stream_row(yp, len, part, whole);
+    return;
+  }
+  int64_t i = stream_head(yp, len);  // whole vectors on vector boundaries, as the stream
+  if (i > 0) vstore_n(yp, part(0, i), i);
+  for (; i + kW <= len; i += kW) vstore(yp + i, whole(i));
+  if (i < len) vstore_n(yp + i, part(i, len - i), len - i);
+}
+
+// The n <= kW values at p as a vector (a whole vector where n == kW).
+template <typename T>
+BN_ALWAYS_INLINE inline Vec vload_upto(const T* p, int64_t n) {
+  return n == kW ? vload(p) : vload_n(p, n);
+}
+
+// y = (x - shift) * scale + offset over the planar rows [r0, r1), as row_affine computes it.
+template <typename T>
+void flat_affine(const T* x, T* y, const Geometry& g, int64_t r0, int64_t r1, const float* shift,
+                 const float* scale, const float* offset, bool stream) {
+  const T* xp = x + r0 * g.S;
+  flat_rows_pass<3>(y, g, r0, r1, {shift, scale, offset}, stream,
+                    [&](int64_t i, int64_t n, const Vec* v) BN_ALWAYS_INLINE {
+                      return at::vec::fmadd(vload_upto(xp + i, n) - v[0], v[1], v[2]);
+                    });
+}
+
+// dx = dy * a + (x - shift) * k + c0 over the planar rows [r0, r1) (kWithX false: dx = dy * a),
+// as row_dx computes it.
+template <typename T, bool kWithX>
+void flat_dx(const T* x, const T* dy, T* dx, const Geometry& g, int64_t r0, int64_t r1,
+             const float* shift, const float* a, const float* k, const float* c0, bool stream) {
+  const T* xp = x + r0 * g.S;
+  const T* gp = dy + r0 * g.S;
+  if constexpr (kWithX) {
+    flat_rows_pass<4>(dx, g, r0, r1, {shift, a, k, c0}, stream,
+                      [&](int64_t i, int64_t n, const Vec* v) BN_ALWAYS_INLINE {
+                        const Vec xk = at::vec::fmadd(vload_upto(xp + i, n) - v[0], v[2], v[3]);
+                        return at::vec::fmadd(vload_upto(gp + i, n), v[1], xk);
+                      });
+  } else {
+    flat_rows_pass<1>(dx, g, r0, r1, {a}, stream,
+                      [&](int64_t i, int64_t n, const Vec* v) BN_ALWAYS_INLINE {
+                        return vload_upto(gp + i, n) * v[0];
+                      });
+  }
+}
+
+// Whether a planar pass that follows the statistics (the training forward's output, the
+// backward's dx) writes a block's rows right after the block's statistics, with its inputs
+// (`reads` tensors: x, or x and dy) still in cache, rather than in one pass over the whole tensor
+// after all of them (rows in memory order, a flat run where flat_rows, each thread over the
+// channels it has just read: planar_rows_by_channels). Block by block, each sample's rows of a
+// block land C * S values apart, and for short rows (under kStreamMinRowBytes) and rows off the
+// vector width those scattered stores cost more than reading the inputs again. Measured on the
+// EPYC (paired medians, one pass against block by block; 1 thread / 2 threads):
+// - forward: 32x512x7x7 0.62x / 0.62x the time, 64x960x7x7 0.64x / 0.83x, 64x2048x7x7
+//   0.87x / 0.91x, 32x256x14x14 0.70x / 0.72x; with the fused ReLU and residual 0.59-0.76x
+//   (1 thread). 14x14 planes of 10-50 MB tensors, whose rows stream (streams), took
+//   0.76-1.03x the time on 1 thread but 1.01-1.09x on 2: they stay block by block.
+// - backward: 32x512x7x7 0.78x / 0.83x, 64x960x7x7 0.86x / 0.89x, 64x2048x7x7 0.94x / 0.93x;
+//   14x14 planes 0.92-0.93x on 1 thread but 1.12-1.16x on 2 (32x256x14x14, 16x512x14x14):
+//   with two inputs to read again, only short rows go in one pass.
+template <typename T>
+inline bool rows_after_statistics(const Geometry& g, int reads, const T* out) {
+  if (g.S * static_cast<int64_t>(sizeof(T)) < kStreamMinRowBytes) return false;
+  return reads > 1 || !flat_rows<T>(g) || streams(g, reads, out);
+}
+
+// How a planar output pass over rows [r0, r1) writes: whether it streams (row by row: streams;
+// as a flat run: stream_pass alone, its vectors being on vector boundaries) and whether it is a
+// flat run (flat_rows; `flat_ok` false for the fused tails, which go row by row).
+struct PlanarWrite {
+  bool flat, stream;
+};
+template <typename T>
+inline PlanarWrite planar_write(const Geometry& g, int reads, const T* out, bool flat_ok) {
+  const bool flat = flat_ok && flat_rows<T>(g);
+  return {flat, flat ? stream_pass(pass_traffic<T>(g, reads)) : streams(g, reads, out)};
+}
+
+// Planar rows [r0, r1): y = (x - shift) * scale + offset, then the fused tail.
+template <typename T>
+void affine_rows(const T* x, T* y, const Geometry& g, int64_t r0, int64_t r1, const float* shift,
+                 const float* scale, const float* offset, const Fuse<T>& f, PlanarWrite w) {
+  if (w.flat) {
+    flat_affine(x, y, g, r0, r1, shift, scale, offset, w.stream);
+    return;
+  }
+  const int64_t C = g.C, S = g.S;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t c = i % C;
+    row_affine(x + i * S, y + i * S, S, shift[c], scale[c], offset[c], f, i * S, w.stream);
+  }
+}
+
+// Calls rows(r0, r1) for the planar rows of every sample in this task's channels, the tasks
+// taking the channel blocks of B channels as the statistics passes do (the same
+// at::parallel_for range and grain, so each thread meets the channels whose data it just read):
+// per sample one contiguous run of rows, or the whole tensor where one task has every channel.
+// One fence per task for its streamed stores.
+template <typename F>
+void planar_rows_by_channels(const Geometry& g, int64_t B, bool stream, F&& rows) {
+  const int64_t C = g.C;
+  at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
+    const int64_t c0 = k0 * B, c1 = std::min(C, k1 * B);
+    if (c0 == 0 && c1 == C) {
+      rows(int64_t{0}, g.N * C);
+    } else {
+      for (int64_t n = 0; n < g.N; ++n) rows(n * C + c0, n * C + c1);
+    }
+    if (stream) stream_fence();
+  });
+}
+
 // y = (x - shift) * scale + offset, per channel.
 template <typename T>
 void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift,
             const std::vector<float>& scale, const std::vector<float>& offset,
             const Fuse<T>& f) {
   const int64_t C = g.C, S = g.S;
-  const bool stream = streams(g, f.z != nullptr ? 2 : 1, y);
   if (!g.inner) {
+    const PlanarWrite w = planar_write(g, f.z != nullptr ? 2 : 1, y, !f.any());
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
-                       for (int64_t i = i0; i < i1; ++i) {
-                         const int64_t c = i % C;
-                         row_affine(x + i * S, y + i * S, S, shift[c], scale[c], offset[c], f,
-                                    i * S, stream);
-                       }
-                       if (stream) stream_fence();
+                       affine_rows(x, y, g, i0, i1, shift.data(), scale.data(), offset.data(), f,
+                                   w);
+                       if (w.stream) stream_fence();
                      });
     return;
   }
+  const bool stream = streams(g, f.z != nullptr ? 2 : 1, y);
   const int64_t R = g.rows(), block = inner_block_rows(C);
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -1457,18 +1604,15 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
                          scale.data(), offset.data(), mean_out, invstd_out);
     };
     if (!g.inner) {
-      // A block of channels at a time: statistics, then its output while the block's slice is
-      // still in cache.
+      // A block of channels at a time: statistics, then (rows_after_statistics) its output
+      // while the block's slice is still in cache.
       T* yp = y.data_ptr<T>();
       const int64_t S = g.S, B = planar_block_channels<T>(g, 1);
       const bool stream = streams(g, 1, yp);
-      // Short planes in blocks: a sample's rows of the block are one contiguous run, written
-      // to a buffer and streamed whole.
-      const bool stream_runs = B > 1 && !fuse.any() && stream_pass(pass_traffic<T>(g, 1));
+      const bool separate = !rows_after_statistics(g, 1, yp);
       at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
         std::vector<Moments> mo(B);
         PlanarScratch scratch(B);
-        std::vector<T> run(stream_runs ? B * S : 0);
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t c0 = k * B, c1 = std::min(C, c0 + B);
           if (B == 1) {
@@ -1482,17 +1626,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
             var[c] = mo[c - c0].m2 / mo[c - c0].n;
           }
           finalize(c0, c1);
-          if (stream_runs) {
-            for (int64_t n = 0; n < g.N; ++n) {
-              const int64_t first = (n * C + c0) * S;
-              for (int64_t c = c0; c < c1; ++c) {
-                const int64_t off = (n * C + c) * S;
-                row_affine(xp + off, run.data() + (c - c0) * S, S, shift[c], scale[c], offset[c]);
-              }
-              stream_copy(run.data(), yp + first, (c1 - c0) * S * static_cast<int64_t>(sizeof(T)));
-            }
-            continue;
-          }
+          if (separate) continue;
           for (int64_t n = 0; n < g.N; ++n) {
             for (int64_t c = c0; c < c1; ++c) {
               const int64_t off = (n * C + c) * S;
@@ -1500,8 +1634,14 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
             }
           }
         }
-        if (stream || stream_runs) stream_fence();  // once per task, not per block
+        if (stream && !separate) stream_fence();  // once per task, not per block
       });
+      if (separate) {
+        const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, !fuse.any());
+        planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
+          affine_rows(xp, yp, g, r0, r1, shift.data(), scale.data(), offset.data(), fuse, w);
+        });
+      }
     } else {
       training_moments(xp, g, shift, mean_s, var);
       finalize(0, C);
@@ -1798,25 +1938,39 @@ void grad_sums(const T* x, const T* dy, const Geometry& g, const float* shift,
   });
 }
 
+// Planar rows [r0, r1): dx = dy * a + (x - shift) * k + c0 (kWithX false: dx = dy * a).
+template <typename T, bool kWithX>
+void dx_rows(const T* x, const T* dy, T* dx, const Geometry& g, int64_t r0, int64_t r1,
+             const float* shift, const float* a, const float* k, const float* c0, PlanarWrite w) {
+  if (w.flat) {
+    flat_dx<T, kWithX>(x, dy, dx, g, r0, r1, shift, a, k, c0, w.stream);
+    return;
+  }
+  const int64_t C = g.C, S = g.S;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t c = i % C;
+    row_dx<T, kWithX>(x + i * S, dy + i * S, dx + i * S, S, shift[c], a[c], k[c], c0[c],
+                      w.stream);
+  }
+}
+
 // dx = dy * a + (x - shift) * k + c0, per channel (kWithX false: dx = dy * a).
 template <typename T, bool kWithX>
 void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shift,
              const std::vector<float>& a, const std::vector<float>& k,
              const std::vector<float>& c0v) {
   const int64_t C = g.C, S = g.S;
-  const bool stream = streams(g, kWithX ? 2 : 1, dx);
   if (!g.inner) {
+    const PlanarWrite w = planar_write(g, kWithX ? 2 : 1, dx, true);
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
-                       for (int64_t i = i0; i < i1; ++i) {
-                         const int64_t c = i % C;
-                         row_dx<T, kWithX>(x + i * S, dy + i * S, dx + i * S, S, shift[c], a[c],
-                                           k[c], c0v[c], stream);
-                       }
-                       if (stream) stream_fence();
+                       dx_rows<T, kWithX>(x, dy, dx, g, i0, i1, shift, a.data(), k.data(),
+                                          c0v.data(), w);
+                       if (w.stream) stream_fence();
                      });
     return;
   }
+  const bool stream = streams(g, kWithX ? 2 : 1, dx);
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
@@ -1866,48 +2020,50 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
       c0[c] = 0.f;
     }
   };
-  if (!g.inner && need_sums && need_dx) {
-    // A block of channels at a time: the sums, then dx while the block's x and dy are in cache.
+  if (!g.inner && need_sums && need_dx && rows_after_statistics(g, 2, dx.data_ptr<T>())) {
+    // A channel at a time (rows of 512 bytes and more: blocks of one): the sums, then its dx
+    // rows while its x and dy are in cache.
     T* dxp = dx.data_ptr<T>();
     const int64_t S = g.S;
     const bool stream = streams(g, training ? 2 : 1, dxp);
-    // Short planes in blocks: each sample's dx rows of the block, one contiguous run, go
-    // through a buffer and are streamed whole (as the forward's output).
-    const bool stream_runs = !stream && stream_pass(pass_traffic<T>(g, training ? 2 : 1));
     planar_grad_sums_by_block(xp, gp, g, shift, sum_dy.data(), sum_dyx.data(),
                               [&](int64_t cb, int64_t ce) {
-                                for (int64_t c = cb; c < ce; ++c) coefficients(c);
-                                // Channel c's dx row of sample n, written at out.
-                                auto dx_row = [&](int64_t n, int64_t c, T* out, bool st) {
-                                  const int64_t off = (n * C + c) * S;
-                                  if (training) {
-                                    row_dx<T, true>(xp + off, gp + off, out, S, shift[c], a[c],
-                                                    k[c], c0[c], st);
-                                  } else {
-                                    row_dx<T, false>(xp + off, gp + off, out, S, shift[c], a[c],
-                                                     k[c], c0[c], st);
-                                  }
-                                };
-                                if (stream_runs && ce - cb > 1) {
-                                  std::vector<T> run((ce - cb) * S);
+                                for (int64_t c = cb; c < ce; ++c) {
+                                  coefficients(c);
                                   for (int64_t n = 0; n < g.N; ++n) {
-                                    for (int64_t c = cb; c < ce; ++c)
-                                      dx_row(n, c, run.data() + (c - cb) * S, false);
-                                    stream_copy(run.data(), dxp + (n * C + cb) * S,
-                                                (ce - cb) * S * static_cast<int64_t>(sizeof(T)));
+                                    const int64_t off = (n * C + c) * S;
+                                    if (training) {
+                                      row_dx<T, true>(xp + off, gp + off, dxp + off, S, shift[c],
+                                                      a[c], k[c], c0[c], stream);
+                                    } else {
+                                      row_dx<T, false>(xp + off, gp + off, dxp + off, S,
+                                                       shift[c], a[c], k[c], c0[c], stream);
+                                    }
                                   }
-                                  return;
-                                }
-                                for (int64_t n = 0; n < g.N; ++n) {
-                                  for (int64_t c = cb; c < ce; ++c)
-                                    dx_row(n, c, dxp + (n * C + c) * S, stream);
                                 }
                               },
-                              stream || stream_runs);
+                              stream);
     return;
   }
   if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
   for (int64_t c = 0; c < C; ++c) coefficients(c);
+  if (!g.inner && need_sums && need_dx) {
+    // Short rows (rows_after_statistics): dx in one pass after all the sums, each thread over
+    // the channels whose x and dy it has just read.
+    T* dxp = dx.data_ptr<T>();
+    const PlanarWrite w = planar_write(g, training ? 2 : 1, dxp, true);
+    planar_rows_by_channels(g, planar_block_channels<T>(g, 2), w.stream,
+                            [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
+                              if (training) {
+                                dx_rows<T, true>(xp, gp, dxp, g, r0, r1, shift, a.data(),
+                                                 k.data(), c0.data(), w);
+                              } else {
+                                dx_rows<T, false>(xp, gp, dxp, g, r0, r1, shift, a.data(),
+                                                  k.data(), c0.data(), w);
+                              }
+                            });
+    return;
+  }
   if (need_dx && training) dx_pass<T, true>(xp, gp, dx.data_ptr<T>(), g, shift, a, k, c0);
   // Eval: dx = gamma * invstd * dy, as torch computes it; x is not read (nor its NaN or inf).
   if (need_dx && !training) dx_pass<T, false>(xp, gp, dx.data_ptr<T>(), g, shift, a, k, c0);
