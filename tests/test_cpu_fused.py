@@ -57,6 +57,7 @@ def _run(fused: bool, x, z, dy, training, save, dtype):
 CASES = [
     ((6, 12), "contiguous"),
     ((4, 5, 7, 3), "contiguous"),
+    ((5, 7, 7, 7), "contiguous"),  # 7x7 planes: one flat run, vectors across rows
     ((4, 19, 5, 5), "channels_last"),
     ((3, 6, 4, 9), "strided"),
     ((2, 3, 4, 5, 6), "contiguous"),

@@ -1374,10 +1374,15 @@ inline bool flat_rows(const Geometry& g) {
 // vector that crosses a row's end takes the constants of both rows lane by lane
 // (first_lanes_from; a row has at least kW values, so a vector meets at most one end). Every
 // value is computed as the row-by-row pass computes it. `stream`: streaming stores for the
-// vectors on vector boundaries (stream_row).
-template <int K, typename T, typename F>
+// vectors on vector boundaries (stream_row). after(i, n) comes after the n values from i are
+// stored (plain stores only).
+struct NothingAfter {
+  void operator()(int64_t, int64_t) const {}
+};
+template <int K, typename T, typename F, typename A = NothingAfter>
 void flat_rows_pass(T* out, const Geometry& g, int64_t r0, int64_t r1,
-                    const std::array<const float*, K>& tables, bool stream, F&& value) {
+                    const std::array<const float*, K>& tables, bool stream, F&& value,
+                    A&& after = A()) {
   const int64_t S = g.S, C = g.C, len = (r1 - r0) * S;
   T* yp = out + r0 * S;
   int64_t c = r0 % C, row_end = S;  // the current row's channel and where it ends in the run
@@ -1406,9 +1411,18 @@ void flat_rows_pass(T* out, const Geometry& g, int64_t r0, int64_t r1,
     return;
   }
   int64_t i = stream_head(yp, len);  // whole vectors on vector boundaries, as the stream
-  if (i > 0) vstore_n(yp, part(0, i), i);
-  for (; i + kW <= len; i += kW) vstore(yp + i, whole(i));
-  if (i < len) vstore_n(yp + i, part(i, len - i), len - i);
+  if (i > 0) {
+    vstore_n(yp, part(0, i), i);
+    after(0, i);
+  }
+  for (; i + kW <= len; i += kW) {
+    vstore(yp + i, whole(i));
+    after(i, kW);
+  }
+  if (i < len) {
+    vstore_n(yp + i, part(i, len - i), len - i);
+    after(i, len - i);
+  }
 }
 
 // The n <= kW values at p as a vector (a whole vector where n == kW).
@@ -1417,15 +1431,35 @@ BN_ALWAYS_INLINE inline Vec vload_upto(const T* p, int64_t n) {
   return n == kW ? vload(p) : vload_n(p, n);
 }
 
-// y = (x - shift) * scale + offset over the planar rows [r0, r1), as row_affine computes it.
+// y = (x - shift) * scale + offset over the planar rows [r0, r1), then the fused tail (the
+// residual, the ReLU, the mask from the values just stored), as row_affine computes it (its
+// scalar tail's std::fma is the vector FMA's rounding). `stream` only without a fused tail.
 template <typename T>
 void flat_affine(const T* x, T* y, const Geometry& g, int64_t r0, int64_t r1, const float* shift,
-                 const float* scale, const float* offset, bool stream) {
-  const T* xp = x + r0 * g.S;
-  flat_rows_pass<3>(y, g, r0, r1, {shift, scale, offset}, stream,
-                    [&](int64_t i, int64_t n, const Vec* v) BN_ALWAYS_INLINE {
-                      return at::vec::fmadd(vload_upto(xp + i, n) - v[0], v[1], v[2]);
-                    });
+                 const float* scale, const float* offset, const Fuse<T>& f, bool stream) {
+  const int64_t first = r0 * g.S;
+  const T* xp = x + first;
+  if (!f.any()) {
+    flat_rows_pass<3>(y, g, r0, r1, {shift, scale, offset}, stream,
+                      [&](int64_t i, int64_t n, const Vec* v) BN_ALWAYS_INLINE {
+                        return at::vec::fmadd(vload_upto(xp + i, n) - v[0], v[1], v[2]);
+                      });
+    return;
+  }
+  const T* zp = f.z != nullptr ? f.z + first : nullptr;
+  uint8_t* mp = f.mask != nullptr ? f.mask + first : nullptr;
+  const T* yp = y + first;
+  flat_rows_pass<3>(
+      y, g, r0, r1, {shift, scale, offset}, false,
+      [&](int64_t i, int64_t n, const Vec* v) BN_ALWAYS_INLINE {
+        Vec out = at::vec::fmadd(vload_upto(xp + i, n) - v[0], v[1], v[2]);
+        if (zp != nullptr) out = round_like<T>(out) + vload_upto(zp + i, n);
+        if (f.relu) out = at::vec::clamp_min(out, Vec(0.f));  // as fuse_tail
+        return out;
+      },
+      [&](int64_t i, int64_t n) BN_ALWAYS_INLINE {
+        if (mp != nullptr) write_mask(yp + i, mp + i, n);
+      });
 }
 
 // dx = dy * a + (x - shift) * k + c0 over the planar rows [r0, r1) (kWithX false: dx = dy * a),
@@ -1470,15 +1504,16 @@ inline bool rows_after_statistics(const Geometry& g, int reads, const T* out) {
   return reads > 1 || !flat_rows<T>(g) || streams(g, reads, out);
 }
 
-// How a planar output pass over rows [r0, r1) writes: whether it streams (row by row: streams;
-// as a flat run: stream_pass alone, its vectors being on vector boundaries) and whether it is a
-// flat run (flat_rows; `flat_ok` false for the fused tails, which go row by row).
+// How a planar output pass writes: as a flat run (flat_rows) or row by row, and whether it
+// streams (row by row: streams; as a flat run: stream_pass alone, its vectors being on vector
+// boundaries; never with a fused tail, whose mask is computed from the values just stored).
 struct PlanarWrite {
   bool flat, stream;
 };
 template <typename T>
-inline PlanarWrite planar_write(const Geometry& g, int reads, const T* out, bool flat_ok) {
-  const bool flat = flat_ok && flat_rows<T>(g);
+inline PlanarWrite planar_write(const Geometry& g, int reads, const T* out, bool fused) {
+  const bool flat = flat_rows<T>(g);
+  if (fused) return {flat, false};
   return {flat, flat ? stream_pass(pass_traffic<T>(g, reads)) : streams(g, reads, out)};
 }
 
@@ -1487,7 +1522,7 @@ template <typename T>
 void affine_rows(const T* x, T* y, const Geometry& g, int64_t r0, int64_t r1, const float* shift,
                  const float* scale, const float* offset, const Fuse<T>& f, PlanarWrite w) {
   if (w.flat) {
-    flat_affine(x, y, g, r0, r1, shift, scale, offset, w.stream);
+    flat_affine(x, y, g, r0, r1, shift, scale, offset, f, w.stream);
     return;
   }
   const int64_t C = g.C, S = g.S;
@@ -1523,7 +1558,7 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
             const Fuse<T>& f) {
   const int64_t C = g.C, S = g.S;
   if (!g.inner) {
-    const PlanarWrite w = planar_write(g, f.z != nullptr ? 2 : 1, y, !f.any());
+    const PlanarWrite w = planar_write(g, f.z != nullptr ? 2 : 1, y, f.any());
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
                        affine_rows(x, y, g, i0, i1, shift.data(), scale.data(), offset.data(), f,
@@ -1637,7 +1672,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
         if (stream && !separate) stream_fence();  // once per task, not per block
       });
       if (separate) {
-        const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, !fuse.any());
+        const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
         planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
           affine_rows(xp, yp, g, r0, r1, shift.data(), scale.data(), offset.data(), fuse, w);
         });
@@ -1961,7 +1996,7 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
              const std::vector<float>& c0v) {
   const int64_t C = g.C, S = g.S;
   if (!g.inner) {
-    const PlanarWrite w = planar_write(g, kWithX ? 2 : 1, dx, true);
+    const PlanarWrite w = planar_write(g, kWithX ? 2 : 1, dx, false);
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
                        dx_rows<T, kWithX>(x, dy, dx, g, i0, i1, shift, a.data(), k.data(),
@@ -2051,7 +2086,7 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
     // Short rows (rows_after_statistics): dx in one pass after all the sums, each thread over
     // the channels whose x and dy it has just read.
     T* dxp = dx.data_ptr<T>();
-    const PlanarWrite w = planar_write(g, training ? 2 : 1, dxp, true);
+    const PlanarWrite w = planar_write(g, training ? 2 : 1, dxp, false);
     planar_rows_by_channels(g, planar_block_channels<T>(g, 2), w.stream,
                             [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
                               if (training) {
