@@ -4,10 +4,10 @@ For a change to ``src/batchnorm/ops/cpu/batch_norm.cpp``: each build is compiled
 own folder under ``~/.cache/batchnorm/ext`` (named by the source's hash), so the build of the
 previous commit and the current one can be loaded side by side. What is timed: the extension's
 training forward (``forward``: statistics, running-statistics update, output), its eval forward
-(``--eval``: the output pass alone), the fused ``relu(bn(x) + z)`` forward (``--fused``, training,
-or eval with ``--eval``; the backward keeps nothing extra, save="recompute") or its training
-backward (``--backward``: dx, dgamma, dbeta), and a copy of the same tensor (``out.copy_(x)``) as
-the scale. Method: 20 interleaved rounds
+(``--eval``: the output pass alone) or its training backward (``--backward``: dx, dgamma, dbeta);
+with ``--fused``, the same for ``relu(bn(x) + z)`` (save="recompute": the backward recomputes
+the ReLU's gate from x and z, and returns dz too); and a copy of the same tensor
+(``out.copy_(x)``) as the scale. Method: 20 interleaved rounds
 (the two builds in alternating order), 5 calls per round; reported are medians over rounds and
 the paired median of new / old within a round (the ratio that a neighbour's load on a shared
 machine disturbs least). One torch thread unless ``--threads`` says otherwise.
@@ -81,7 +81,11 @@ def compare(
     def call(ext: ModuleType) -> Callable[[], object]:
         stats = [torch.zeros(channels), torch.ones(channels)]
         if fused:  # relu(bn(x) + z); 3: the backward recomputes the gate (save="recompute")
-            return lambda: ext.forward_fused(x, weight, bias, *stats, training, 0.1, 1e-5, z, 3)
+            forward = (x, weight, bias, *stats, training, 0.1, 1e-5, z, 3)
+            if not backward:
+                return lambda: ext.forward_fused(*forward)
+            saved = ext.forward_fused(*forward)[1:6]
+            return lambda: ext.backward_fused(dy, x, weight, *saved, True, True, True, True, 3, z)
         if not backward:
             return lambda: ext.forward(x, weight, bias, *stats, training, 0.1, 1e-5)
         saved = ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
@@ -116,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--backward", action="store_true", help="time the training backward")
     mode.add_argument("--eval", action="store_true", help="time the eval forward")
-    parser.add_argument(
-        "--fused", action="store_true", help="time the fused relu(bn(x) + z) forward"
-    )
+    parser.add_argument("--fused", action="store_true", help="time relu(bn(x) + z)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
@@ -128,8 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
-    if args.fused and args.backward:
-        parser.error("--fused times a forward: leave out --backward")
     torch.set_num_threads(args.threads)
     evict = torch.ones(args.evict_mb << 18) if args.cold else None
     old, new = load_build(args.old), load_build(args.new)
