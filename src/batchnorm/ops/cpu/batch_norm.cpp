@@ -2153,8 +2153,13 @@ struct Gate {
   // The lanes [o, o + kW) whose gradient is cut, as a vector mask; vs/va/vb: the channels'
   // shift, scale and offset.
   Vec cut(int64_t o, const Vec& vs, const Vec& va, const Vec& vb) const {  // recompute
-    Vec pre = at::vec::fmadd(vload(x + o) - vs, va, vb);
-    if (z != nullptr) pre = round_like<T>(pre) + vload(z + o);
+    return cut_n(o, kW, vs, va, vb);
+  }
+  // The same for the n <= kW lanes from o (the others read as zero).
+  BN_ALWAYS_INLINE Vec cut_n(int64_t o, int64_t n, const Vec& vs, const Vec& va,
+                             const Vec& vb) const {
+    Vec pre = at::vec::fmadd(vload_upto(x + o, n) - vs, va, vb);
+    if (z != nullptr) pre = round_like<T>(pre) + vload_upto(z + o, n);
     return pre <= Vec(0.f);
   }
 
@@ -2200,6 +2205,17 @@ void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const
         const T* __restrict y = g.y;
         for (int64_t i = i0; i < i1; ++i) o[i] = kept_if(d[i], !(static_cast<float>(y[i]) <= 0.f));
       }
+    });
+    return;
+  }
+  if (flat_rows<T>(geo)) {  // one flat run, as the forward's output pass
+    at::parallel_for(0, geo.N * C, std::max<int64_t>(1, 16384 / S), [&](int64_t i0, int64_t i1) {
+      const int64_t first = i0 * S;
+      flat_rows_pass<3>(out, geo, i0, i1, {shift, scale, offset}, false,
+                        [&](int64_t i, int64_t n, const Vec* v) BN_ALWAYS_INLINE {
+                          return Vec::blendv(vload_upto(dy + first + i, n), zero,
+                                             g.cut_n(first + i, n, v[0], v[1], v[2]));
+                        });
     });
     return;
   }
