@@ -726,9 +726,8 @@ def _stream_cases() -> list[torch.Tensor]:
     """Inputs whose passes can stream: planar rows of 512 bytes or more that start off a cache line
     (17 * 37 values, also in bfloat16) or on one (16 * 64), from a storage offset; channels-last
     rows of 32 and 64 channels (vector-aligned), (N, C) and channels-last 3-D; rows that cannot
-    (C = 37); and short planes in channel blocks (64 samples of 5 * 7), whose forward writes
-    its rows as one flat run of whole vectors and whose backward streams each sample's run of
-    the block's rows through a buffer."""
+    (C = 37); and short planes (64 samples of 5 * 7, statistics in channel blocks), whose forward
+    and backward write their rows after all the statistics as one flat run of whole vectors."""
     return [
         torch.randn(64, 6, 5, 7),
         torch.randn(65, 6, 5, 7)[1:],

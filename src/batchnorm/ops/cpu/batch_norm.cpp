@@ -2669,6 +2669,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         if (x.scalar_type() == at::kBFloat16) return streams(g, reads, x.data_ptr<BF16>());
         return streams(g, reads, x.data_ptr<float>());
       },
-      "whether a pass over x reading `reads` tensors like it streams its output (x stands for "
-      "the output: the same layout and, for channels-last rows, the same alignment)");
+      "whether a row-by-row pass over x reading `reads` tensors like it streams its output (x "
+      "stands for the output: the same layout and, for channels-last rows, the same "
+      "alignment); planar rows off the vector width go as flat runs instead, which stream "
+      "whenever the pass moves stream_min_bytes()");
 }
