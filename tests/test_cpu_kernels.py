@@ -182,8 +182,11 @@ def test_large_mean_keeps_float32_accuracy(layout):
 @pytest.mark.parametrize(
     "shape",
     # Short rows and many of them: channels go in blocks (forward and backward; the last block
-    # partial), in the backward only (N = 32), or one at a time (N = 16).
-    [(64, 300, 3, 3), (32, 130, 7, 7), (16, 70, 5, 5), (96, 33, 2, 1)],
+    # partial), in the backward only (N = 32), or one at a time (N = 16). Planes of at most a
+    # vector are summed by columns whatever N (3x3, 2x1, 4x4; blocks whose run ends off the
+    # vector width; 1000 samples of 3x3: three statistics groups per channel).
+    [(64, 300, 3, 3), (32, 130, 7, 7), (16, 70, 5, 5), (96, 33, 2, 1), (5, 130, 4, 4)]
+    + [(1000, 20, 3, 3)],
 )
 def test_planar_channel_blocks(shape, dtype):
     """Short NCHW rows are walked a block of channels at a time (a contiguous run per sample);
@@ -809,9 +812,15 @@ def test_planar_rows_under_512_bytes_do_not_stream():
 @pytest.mark.parametrize(
     "shape",
     # Planes off the vector width: 7x7, 14x14, 5x5, 17 values (a vector meets one row end), a
-    # single row, and N * C rows that do not fill the last vector; a storage offset moves the
-    # vector boundaries.
-    [(6, 10, 7, 7), (3, 7, 14, 14), (5, 9, 5, 5), (4, 3, 17, 1), (1, 1, 7, 7), (3, 5, 3, 11)],
+    # single row, and N * C rows that do not fill the last vector; planes shorter than a vector
+    # (3x3, 2x2, 3x1: a vector meets several row ends; with 40 and 21 channels the constants
+    # are permuted from a vector of channels, and gathered near the last channel; with 5, at
+    # every vector), and rows of exactly one vector (4x4); a storage offset moves the vector
+    # boundaries.
+    [
+        *[(6, 10, 7, 7), (3, 7, 14, 14), (5, 9, 5, 5), (4, 3, 17, 1), (1, 1, 7, 7), (3, 5, 3, 11)],
+        *[(6, 40, 3, 3), (9, 21, 2, 2), (3, 5, 3, 1), (5, 70, 4, 4)],
+    ],
 )
 def test_flat_output_pass_matches_channels_last(shape, dtype):
     """The planar forward writes rows off the vector width as one flat run of vectors, a vector

@@ -134,6 +134,12 @@ inline Vec vload_n(const T* p, int64_t n) {
 #endif
   }
 }
+// The n <= kW values at p as a vector (a whole vector where n == kW).
+template <typename T>
+BN_ALWAYS_INLINE inline Vec vload_upto(const T* p, int64_t n) {
+  return n == kW ? vload(p) : vload_n(p, n);
+}
+
 template <typename T>
 inline void vstore_n(T* p, const Vec& v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -409,15 +415,16 @@ BN_ALWAYS_INLINE inline void row_sum_sq(const T* p, int64_t len, float centre, V
 // mean), M2 < 0, or anything is not finite: the group then takes the two-pass way.
 constexpr float kMaxMeanToVar = 8.f;
 
-inline bool one_pass_moments(const Vec* acc, double count, float& mean,
-                             float& m2) {
-  const double s1 = hsum(acc[0] + acc[1]);
-  const double s2 = hsum(acc[2] + acc[3]);
+inline bool one_pass_moments(double s1, double s2, double count, float& mean, float& m2) {
   mean = static_cast<float>(s1 / count);
   const double centred = s1 * mean;  // n mean^2
   m2 = static_cast<float>(s2 - centred);
   // !(a <= b) also catches NaN and inf, which the two passes then propagate as such.
   return centred * (1.0 / kMaxMeanToVar) <= m2 && m2 >= 0.f;
+}
+
+inline bool one_pass_moments(const Vec* acc, double count, float& mean, float& m2) {
+  return one_pass_moments(hsum(acc[0] + acc[1]), hsum(acc[2] + acc[3]), count, mean, m2);
 }
 
 // What the output pass does after the affine map: add a residual, apply a ReLU, write a mask
@@ -850,8 +857,18 @@ void blend_into(Tensor& running, const std::vector<double>& value, double moment
 // size depends on the shape alone.
 constexpr int64_t kPlanarBlockBytes = 256 * 1024;  // one block's slice of x, in L2
 
+// Planes of at most a vector (4x4, 3x3, 2x2: short_planes) are summed by columns instead
+// (planar_block_column_moments): a block's run of B * S values per sample, about
+// kColumnRunValues long whatever N, so that its column sums stay in L1.
+constexpr int64_t kColumnRunValues = 1024;
+
+inline bool short_planes(const Geometry& g) { return !g.inner && g.S <= kW; }
+
 template <typename T>
 int64_t planar_block_channels(const Geometry& g, int64_t tensors) {
+  if (short_planes(g)) {
+    return std::clamp<int64_t>(kColumnRunValues / g.S, 1, std::max<int64_t>(g.C, 1));
+  }
   const int64_t row_bytes = g.S * static_cast<int64_t>(sizeof(T));
   if (row_bytes >= 512 || g.N * tensors < 64) return 1;
   const int64_t per_channel = std::max<int64_t>(1, g.N * row_bytes);
@@ -863,31 +880,69 @@ int64_t planar_block_channels(const Geometry& g, int64_t tensors) {
 struct PlanarScratch {
   std::vector<Vec> acc;
   std::vector<float> mean, centre;
+  // Short planes (walk_block_columns): per value of a block's run, its channel's centre (or
+  // shift) and two sums, each padded with zeros to whole vectors and aligned to a vector.
+  std::vector<float> columns;
+  float *col_centre = nullptr, *col1 = nullptr, *col2 = nullptr;
+  int64_t col_len = 0;  // values per array, a multiple of kW
   explicit PlanarScratch(int64_t B) : acc(4 * B), mean(B), centre(B) {}
+  PlanarScratch(int64_t B, const Geometry& g) : PlanarScratch(B) {
+    if (!short_planes(g)) return;
+    col_len = (B * g.S + kW - 1) / kW * kW;
+    columns.assign(3 * col_len + kW, 0.f);
+    const uintptr_t bytes = kW * sizeof(float);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(columns.data());
+    col_centre = columns.data() + ((bytes - at % bytes) % bytes) / sizeof(float);
+    col1 = col_centre + col_len;
+    col2 = col1 + col_len;
+  }
+  // Channel b's centre (or shift) in its S columns of the run.
+  void set_column_centres(const float* per_channel, int64_t B, int64_t S) {
+    for (int64_t b = 0; b < B; ++b)
+      std::fill(col_centre + b * S, col_centre + (b + 1) * S, per_channel[b]);
+  }
+  void clear_columns() {
+    std::fill(col1, col1 + col_len, 0.f);
+    std::fill(col2, col2 + col_len, 0.f);
+  }
   void clear(int64_t B) {
     std::fill(acc.begin(), acc.begin() + 4 * B, Vec(0.f));
   }
 };
 
-// Calls add(b, n, acc) for the rows [n0, n1) of a block's B channels, row after row, with
-// channel b's 4 vector accumulators taken from `scratch` into locals and put back.
-// per_row(n) comes before sample n's rows are read, per_channel(n, b) before channel b's row
-// (the prefetches of the next sample: one burst, or spread over the channels). (A block of one
-// channel runs planar_channel_moments or planar_grad_sums instead, whose accumulators stay in
-// registers across the rows: the per-row round trip costs 10-17 % on short rows.)
+// Calls add(b, n, acc) for the rows [n0, n1) of a block's B channels, kBlockRows samples per
+// step: channel b's 4 vector accumulators are taken from `scratch` into locals, its rows of the
+// step's samples added, and put back. ask(m) comes before a step reads its samples, ask_row(m, b)
+// before channel b's rows, m being the samples of the next step (the prefetches: one burst per
+// sample, or spread over the channels; m may be past the batch). Every channel adds its rows in
+// the same order as one row per step would, so the sums are the same bits; with one row per step
+// the round trip of the accumulators through L1 came at every row of 49 values: 4 rows per step
+// took 0.80-0.88x the time of the 7x7 training forward at 32x512, 64x960 and 64x2048 (and the
+// backward 0.81-0.92x), 1 thread. (A block of one channel runs planar_channel_moments or
+// planar_grad_sums instead, whose accumulators stay in registers across the rows.)
+constexpr int64_t kBlockRows = 4;
+
 template <typename R, typename P, typename F>
-BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1, PlanarScratch& scratch,
-                            R&& per_row, P&& per_channel, F&& add) {
-  for (int64_t n = n0; n < n1; ++n) {
-    per_row(n);
+BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1,
+                                             PlanarScratch& scratch, R&& ask, P&& ask_row,
+                                             F&& add) {
+  auto step = [&](int64_t n, auto count) BN_ALWAYS_INLINE {
+    constexpr int64_t kRows = decltype(count)::value;
+    for (int64_t k = 0; k < kRows; ++k) ask(n + kRows + k);
     for (int64_t b = 0; b < B; ++b) {
-      per_channel(n, b);
       Vec a[4] = {scratch.acc[4 * b], scratch.acc[4 * b + 1], scratch.acc[4 * b + 2],
                   scratch.acc[4 * b + 3]};
-      add(b, n, a);
+      for (int64_t k = 0; k < kRows; ++k) {
+        ask_row(n + kRows + k, b);
+        add(b, n + k, a);
+      }
       for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = a[k];
     }
-  }
+  };
+  int64_t n = n0;
+  for (; n + kBlockRows <= n1; n += kBlockRows)
+    step(n, std::integral_constant<int64_t, kBlockRows>{});
+  for (; n < n1; ++n) step(n, std::integral_constant<int64_t, 1>{});
 }
 
 // Planar statistics groups are centred near their own mean, so that the one-pass sums of d and
@@ -911,6 +966,21 @@ inline float next_centre(float centre, float group_mean, float fallback) {
   return std::isfinite(next) ? next : fallback;
 }
 
+// A group whose one-pass sums failed the guard (one_pass_moments): two passes over the
+// channel's rows [n0, n1) (row(n) its row of sample n; the second pass from L1/L2), the mean of
+// x - centre, then M2 around that float32 mean (whose rounding error enters M2 only squared).
+template <typename Row>
+void two_pass_group(Row&& row, int64_t n0, int64_t n1, int64_t S, float centre, float& mean,
+                    float& m2) {
+  const double count = static_cast<double>((n1 - n0) * S);
+  Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  for (int64_t n = n0; n < n1; ++n) row_sum(row(n), S, centre, acc1);
+  mean = static_cast<float>(hsum4(acc1) / count);
+  Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  for (int64_t n = n0; n < n1; ++n) row_m2(row(n), S, centre, mean, acc2);
+  m2 = hsum4(acc2);
+}
+
 // One channel of the planar layout (a block of one): the same arithmetic as
 // planar_block_moments, with the accumulators in registers across the rows.
 template <typename T>
@@ -930,15 +1000,8 @@ Moments planar_channel_moments(const T* x, const Geometry& g, int64_t c, float s
     const double count = static_cast<double>((n1 - n0) * S);
     float group_mean, m2;
     if (!one_pass_moments(acc, count, group_mean, m2)) {
-      // Two passes (the second from L1/L2): the mean, then M2 around it.
-      Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-      for (int64_t n = n0; n < n1; ++n) row_sum(x + n * stride + c * S, S, centre, acc1);
-      group_mean = static_cast<float>(hsum4(acc1) / count);
-      Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-      for (int64_t n = n0; n < n1; ++n)
-        row_m2(x + n * stride + c * S, S, centre, group_mean, acc2);
-      // M2 around the float32 group_mean: its rounding error enters M2 only squared.
-      m2 = hsum4(acc2);
+      two_pass_group([&](int64_t n) { return x + n * stride + c * S; }, n0, n1, S, centre,
+                     group_mean, m2);
     }
     m.merge(count, static_cast<double>(centre) - shift + group_mean, m2);
     last_mean = group_mean;
@@ -953,8 +1016,8 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
   // One burst for the next sample's run (spreading it per channel, as the gradient sums do,
   // measured 1.03-1.06x the time here).
-  auto prefetch = [&](int64_t n) BN_ALWAYS_INLINE {
-    if (n + 1 < g.N) prefetch_row(x + (n + 1) * run + c0 * S, bytes);
+  auto prefetch = [&](int64_t m) BN_ALWAYS_INLINE {
+    if (m < g.N) prefetch_row(x + m * run + c0 * S, bytes);
   };
   auto row = [&](int64_t b, int64_t n) BN_ALWAYS_INLINE { return x + n * run + (c0 + b) * S; };
   float *mean = scratch.mean.data(), *centre = scratch.centre.data();
@@ -973,14 +1036,89 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
     for (int64_t b = 0; b < B; ++b) {
       float m2;
       if (!one_pass_moments(&scratch.acc[4 * b], count, mean[b], m2)) {
-        // Two passes over this channel's rows of the group (from L1/L2), as in
-        // planar_channel_moments.
-        Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-        for (int64_t n = n0; n < n1; ++n) row_sum(row(b, n), S, centre[b], acc1);
-        mean[b] = static_cast<float>(hsum4(acc1) / count);
-        Vec acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-        for (int64_t n = n0; n < n1; ++n) row_m2(row(b, n), S, centre[b], mean[b], acc2);
-        m2 = hsum4(acc2);
+        two_pass_group([&](int64_t n) { return row(b, n); }, n0, n1, S, centre[b], mean[b], m2);
+      }
+      out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
+    }
+  }
+}
+
+// Short planes (short_planes: 4x4, 3x3, 2x2): row by row, every row of S <= kW values is one
+// partial vector whose four accumulators make a round trip through L1 (a 16x1024x3x3 training
+// forward took 12x the copy, 64x512x2x2 18x; with the sums by columns and the output as a flat
+// run, 0.41x and 0.22x that time, 32x256x4x4 0.52x; the backward 0.51x, 0.35x and 0.71x;
+// 1 thread, paired medians). Instead the sums go by columns: a block's run of
+// L = B * S values per sample is read in whole vectors, and lane l of the sums' vector v holds
+// column v * kW + l of the run (channel (v * kW + l) / S), summed down the samples; a channel's
+// S columns are added in float64 at the end of the group (column_total). kBlockRows samples
+// share one load and store of the sums; ask(m) comes before a step reads its samples, m being
+// the samples of the next step (as in walk_block_rows). add(n, j, m, a1, a2) adds the m <= kW
+// values from position j of sample n's run (the lanes past m read as zero, and the centres
+// there are zero).
+template <typename R, typename F>
+BN_ALWAYS_INLINE inline void walk_block_columns(int64_t L, int64_t n0, int64_t n1,
+                                                PlanarScratch& scratch, R&& ask, F&& add) {
+  float *s1 = scratch.col1, *s2 = scratch.col2;
+  auto rows = [&](int64_t n, auto count) BN_ALWAYS_INLINE {
+    constexpr int64_t kRows = decltype(count)::value;
+    for (int64_t k = 0; k < kRows; ++k) ask(n + kRows + k);
+    auto column = [&](int64_t j, int64_t m) BN_ALWAYS_INLINE {
+      Vec a1 = Vec::loadu(s1 + j), a2 = Vec::loadu(s2 + j);
+      for (int64_t k = 0; k < kRows; ++k) add(n + k, j, m, a1, a2);
+      a1.store(s1 + j);
+      a2.store(s2 + j);
+    };
+    int64_t j = 0;
+    for (; j + kW <= L; j += kW) column(j, kW);
+    if (j < L) column(j, L - j);
+  };
+  int64_t n = n0;
+  for (; n + kBlockRows <= n1; n += kBlockRows)
+    rows(n, std::integral_constant<int64_t, kBlockRows>{});
+  for (; n < n1; ++n) rows(n, std::integral_constant<int64_t, 1>{});
+}
+
+// The sum of channel b's S columns of a block's column sums, in float64.
+inline double column_total(const float* sums, int64_t b, int64_t S) {
+  double t = 0;
+  for (int64_t s = 0; s < S; ++s) t += sums[b * S + s];
+  return t;
+}
+
+// planar_block_moments for short planes: the same groups, centres and guard, the sums of d and
+// d^2 taken by columns (walk_block_columns).
+template <typename T>
+void planar_block_column_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
+                                 const float* shift, Moments* out, PlanarScratch& scratch) {
+  const int64_t S = g.S, B = c1 - c0, L = B * S, run = g.C * S;
+  const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / S);
+  const T* base = x + c0 * S;  // sample 0's run
+  auto row = [&](int64_t b, int64_t n) BN_ALWAYS_INLINE { return base + n * run + b * S; };
+  auto prefetch = [&](int64_t m) BN_ALWAYS_INLINE {
+    if (m < g.N) prefetch_row(base + m * run, L * sizeof(T));
+  };
+  float *mean = scratch.mean.data(), *centre = scratch.centre.data();
+  const float* vc = scratch.col_centre;
+  for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
+    const int64_t n1 = std::min(g.N, n0 + rows_per_group);
+    for (int64_t b = 0; b < B; ++b) {  // see first_row_centre
+      centre[b] = n0 == 0 ? first_row_centre(row(b, 0), S)
+                          : next_centre(centre[b], mean[b], static_cast<float>(*row(b, n0)));
+    }
+    scratch.set_column_centres(centre, B, S);
+    scratch.clear_columns();
+    walk_block_columns(L, n0, n1, scratch, prefetch,
+                       [&](int64_t n, int64_t j, int64_t m, Vec& a1, Vec& a2) BN_ALWAYS_INLINE {
+                         const Vec d = vload_upto(base + n * run + j, m) - Vec::loadu(vc + j);
+                         a1 += d;
+                         a2 = at::vec::fmadd(d, d, a2);
+                       });
+    const double count = static_cast<double>((n1 - n0) * S);
+    for (int64_t b = 0; b < B; ++b) {
+      float m2;
+      if (!one_pass_moments(column_total(scratch.col1, b, S), column_total(scratch.col2, b, S),
+                            count, mean[b], m2)) {
+        two_pass_group([&](int64_t n) { return row(b, n); }, n0, n1, S, centre[b], mean[b], m2);
       }
       out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
     }
@@ -1379,7 +1517,10 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
 // ------------------------------------------------------------------------------------------
 
 // Whether the planar output pass walks the rows as one flat run of vectors (flat_affine): rows
-// of at least a vector whose length is not a multiple of it (7x7, 14x14 planes). Written row by
+// whose length is not a multiple of the vector width (7x7, 14x14, and planes shorter than a
+// vector, 3x3, 2x2: short_rows_pass), and rows of exactly one vector (4x4, where the row by row
+// pass paid a division and three broadcasts per vector: eval 32x256x4x4 0.51x the time as a
+// flat run; 16x1024x3x3 0.51x, 64x512x2x2 0.25x, 1 thread). Written row by
 // row, such rows end in a partial vector and every vector after a row's start is off the
 // vector boundaries (a 196-byte row's stores cross 4-5 cache lines); the flat run stores whole
 // vectors on vector boundaries and streams them like a long row. Measured on the EPYC (eval
@@ -1390,11 +1531,90 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
 template <typename T>
 inline bool flat_rows(const Geometry& g) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return !g.inner && g.S >= kW && g.S % kW != 0;
+  return !g.inner && g.S > 1 && (g.S % kW != 0 || g.S == kW);
 #else
   (void)g;
   return false;
 #endif
+}
+
+// Lane permutes: lanes[i] = v[idx[i]] (idx from an int32 array of kW lanes).
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec permute_lanes(const Vec& v, const int32_t* idx) {
+  return Vec(_mm512_permutexvar_ps(_mm512_loadu_si512(idx), v));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec permute_lanes(const Vec& v, const int32_t* idx) {
+  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
+  return Vec(_mm256_permutevar8x32_ps(v, lanes));
+}
+#else
+inline Vec permute_lanes(const Vec& v, const int32_t* idx) {
+  float in[kW], out[kW];
+  v.store(in);
+  for (int64_t i = 0; i < kW; ++i) out[i] = in[idx[i]];
+  return Vec::loadu(out);
+}
+#endif
+
+// flat_rows_pass for rows shorter than a vector (S < kW), over a run of len values from the
+// start of row c0 (a channel) of a sample: value i of the run is in row c0 + i / S (wrapping past
+// C - 1 to the next sample's channel 0), so a vector covers parts of up to kW / S + 1 rows. Its
+// lanes' constants are the vector of channels c .. c + kW - 1's constants permuted by the lanes'
+// rows (lane_rows). The whole vectors from the first vector boundary (h) have S patterns,
+// vector k's repeating at k + S one kW rows on: per pattern the row of its first lane (first_row,
+// from the pattern's base) and the lanes' rows from it. Near channel C - 1, where the kW
+// channels from c would run past the table, and for the head, the constants are gathered lane
+// by lane.
+template <int K, typename T, typename F, typename A>
+void short_rows_pass(T* out, int64_t len, int64_t c0, int64_t S, int64_t C,
+                     const std::array<const float*, K>& tables, bool stream, F&& value,
+                     A&& after) {
+  const int64_t h = stream_head(out, len);  // the first whole vector (vector_run)
+  int32_t lane_rows[kW][kW];  // [k][l]: the row of lane l of pattern k, from first_row[k]
+  int64_t first_row[kW];
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t t = h % S + k * kW;  // from the start of the row of the first whole vector
+    first_row[k] = t / S;
+    for (int64_t l = 0; l < kW; ++l) lane_rows[k][l] = static_cast<int32_t>((t + l) / S - t / S);
+  }
+  int32_t head_rows[kW];
+  for (int64_t l = 0; l < kW; ++l) head_rows[l] = static_cast<int32_t>(l / S);
+  auto gather = [&](int64_t c, const int32_t* rows) BN_ALWAYS_INLINE {
+    std::array<Vec, K> v;
+    float lanes[K][kW];
+    for (int64_t l = 0; l < kW; ++l) {
+      int64_t row = c + rows[l];
+      while (row >= C) row -= C;
+      for (int j = 0; j < K; ++j) lanes[j][l] = tables[j][row];
+    }
+    for (int j = 0; j < K; ++j) v[j] = Vec::loadu(lanes[j]);
+    return v;
+  };
+  int64_t base = (c0 + h / S) % C, k = 0;  // pattern k of the next whole vector, from row base
+  auto at = [&](int64_t i, int64_t n) BN_ALWAYS_INLINE {
+    if (i < h) return value(i, n, gather(c0, head_rows).data());
+    int64_t c = base + first_row[k];
+    std::array<Vec, K> v;
+    if (c + kW <= C) {
+      for (int j = 0; j < K; ++j) v[j] = permute_lanes(Vec::loadu(tables[j] + c), lane_rows[k]);
+    } else {
+      while (c >= C) c -= C;
+      v = gather(c, lane_rows[k]);
+    }
+    if (++k == S) {
+      k = 0;
+      base += kW;
+      while (base >= C) base -= C;
+    }
+    return value(i, n, v.data());
+  };
+  auto whole = [&](int64_t i) BN_ALWAYS_INLINE { return at(i, kW); };
+  if (stream) {
+    vector_run<true>(out, len, at, whole, after);
+  } else {
+    vector_run<false>(out, len, at, whole, after);
+  }
 }
 
 // A pass over the planar rows [r0, r1) (row r = n * C + c) that walks them as one run of
@@ -1411,6 +1631,10 @@ void flat_rows_pass(T* out, const Geometry& g, int64_t r0, int64_t r1,
                     A&& after = A()) {
   const int64_t S = g.S, C = g.C, len = (r1 - r0) * S;
   T* yp = out + r0 * S;
+  if (S < kW) {
+    short_rows_pass<K>(yp, len, r0 % C, S, C, tables, stream, value, after);
+    return;
+  }
   int64_t c = r0 % C, row_end = S;  // the current row's channel and where it ends in the run
   int64_t next = c + 1 == C ? 0 : c + 1;
   std::array<Vec, K> cur;
@@ -1436,12 +1660,6 @@ void flat_rows_pass(T* out, const Geometry& g, int64_t r0, int64_t r1,
   } else {
     vector_run<false>(yp, len, at, whole, after);
   }
-}
-
-// The n <= kW values at p as a vector (a whole vector where n == kW).
-template <typename T>
-BN_ALWAYS_INLINE inline Vec vload_upto(const T* p, int64_t n) {
-  return n == kW ? vload(p) : vload_n(p, n);
 }
 
 // y = (x - shift) * scale + offset over the planar rows [r0, r1), then the fused tail (the
@@ -1660,11 +1878,14 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       const bool separate = !rows_after_statistics(g, 1, yp);
       at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
         std::vector<Moments> mo(B);
-        PlanarScratch scratch(B);
+        PlanarScratch scratch(B, g);
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t c0 = k * B, c1 = std::min(C, c0 + B);
           if (B == 1) {
             mo[0] = planar_channel_moments(xp, g, c0, shift[c0]);
+          } else if (short_planes(g)) {
+            std::fill(mo.begin(), mo.end(), Moments());
+            planar_block_column_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
           } else {
             std::fill(mo.begin(), mo.end(), Moments());
             planar_block_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
@@ -1893,16 +2114,16 @@ void planar_block_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t 
   // buffers (perf); spread over the channels, the requests overlap the work on the current
   // sample: 0.86x the time at 32x512x7x7, 0.96x at 64x960x7x7, 1.00x at 64x2048x7x7 (60 paired
   // rounds). Rows under a cache line keep the burst (per-channel calls: 1.25-1.35x at 3x3).
-  auto burst = [&](int64_t n) BN_ALWAYS_INLINE {
-    if (n + 1 < g.N) {
-      prefetch_row(x + (n + 1) * run + c0 * S, bytes);
-      prefetch_row(dy + (n + 1) * run + c0 * S, bytes);
+  auto burst = [&](int64_t m) BN_ALWAYS_INLINE {
+    if (m < g.N) {
+      prefetch_row(x + m * run + c0 * S, bytes);
+      prefetch_row(dy + m * run + c0 * S, bytes);
     }
   };
-  auto spread = [&](int64_t n, int64_t b) BN_ALWAYS_INLINE {
-    if (n + 1 < g.N) {
-      prefetch_row(x + (n + 1) * run + (c0 + b) * S, row_bytes);
-      prefetch_row(dy + (n + 1) * run + (c0 + b) * S, row_bytes);
+  auto spread = [&](int64_t m, int64_t b) BN_ALWAYS_INLINE {
+    if (m < g.N) {
+      prefetch_row(x + m * run + (c0 + b) * S, row_bytes);
+      prefetch_row(dy + m * run + (c0 + b) * S, row_bytes);
     }
   };
   std::fill(sum_dy, sum_dy + B, 0.0);
@@ -1928,6 +2149,44 @@ void planar_block_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t 
   }
 }
 
+// planar_block_grad_sums for short planes: the sums by columns (walk_block_columns), in the same
+// groups of rows.
+template <typename T>
+void planar_block_column_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t c0,
+                                   int64_t c1, const float* shift, double* sum_dy,
+                                   double* sum_dyx, PlanarScratch& scratch) {
+  const int64_t S = g.S, B = c1 - c0, L = B * S, run = g.C * S;
+  const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / S);
+  const T* xb = x + c0 * S;
+  const T* gb = dy + c0 * S;
+  auto prefetch = [&](int64_t m) BN_ALWAYS_INLINE {
+    if (m < g.N) {
+      prefetch_row(xb + m * run, L * sizeof(T));
+      prefetch_row(gb + m * run, L * sizeof(T));
+    }
+  };
+  scratch.set_column_centres(shift + c0, B, S);
+  const float* vs = scratch.col_centre;
+  std::fill(sum_dy, sum_dy + B, 0.0);
+  std::fill(sum_dyx, sum_dyx + B, 0.0);
+  for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
+    const int64_t n1 = std::min(g.N, n0 + rows_per_group);
+    scratch.clear_columns();
+    // col1: sums of dy, col2: sums of dy * (x - shift) (dy's lanes past m read as zero).
+    walk_block_columns(L, n0, n1, scratch, prefetch,
+                       [&](int64_t n, int64_t j, int64_t m, Vec& a1, Vec& a2) BN_ALWAYS_INLINE {
+                         const int64_t off = n * run + j;
+                         const Vec gv = vload_upto(gb + off, m);
+                         a1 += gv;
+                         a2 = at::vec::fmadd(gv, vload_upto(xb + off, m) - Vec::loadu(vs + j), a2);
+                       });
+    for (int64_t b = 0; b < B; ++b) {
+      sum_dy[b] += column_total(scratch.col1, b, S);
+      sum_dyx[b] += column_total(scratch.col2, b, S);
+    }
+  }
+}
+
 // Planar: the sums of every block of channels (planar_block_channels), then after(c0, c1) for
 // the block [c0, c1) while its x and dy are still in cache.
 template <typename T, typename F>
@@ -1936,11 +2195,13 @@ void planar_grad_sums_by_block(const T* x, const T* dy, const Geometry& g, const
                                bool streamed = false) {
   const int64_t C = g.C, B = planar_block_channels<T>(g, 2);
   at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
-    PlanarScratch scratch(B);
+    PlanarScratch scratch(B, g);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t c0 = k * B, c1 = std::min(C, c0 + B);
       if (B == 1) {
         planar_grad_sums(x, dy, g, c0, shift[c0], sum_dy[c0], sum_dyx[c0]);
+      } else if (short_planes(g)) {
+        planar_block_column_grad_sums(x, dy, g, c0, c1, shift, sum_dy + c0, sum_dyx + c0, scratch);
       } else {
         planar_block_grad_sums(x, dy, g, c0, c1, shift, sum_dy + c0, sum_dyx + c0, scratch);
       }
