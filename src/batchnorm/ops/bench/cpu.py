@@ -67,7 +67,8 @@ class CpuShape:
 
 
 # ResNet-18/50 and MobileNetV2 batch-norm layers at batch 8-64 (ImageNet resolution), the shapes
-# quoted in issue 13, and BatchNorm1d (N, C) cases.
+# quoted in issue 13, BatchNorm1d (N, C) cases, and the last stage of ResNets on small inputs
+# (32, 64 and 96 pixels: planes of 4x4, 2x2 and 3x3, shorter than a vector or one vector long).
 SUITE: list[CpuShape] = [
     CpuShape((32, 64, 56, 56), "resnet-b32"),
     CpuShape((32, 128, 28, 28), "resnet-b32"),
@@ -84,6 +85,9 @@ SUITE: list[CpuShape] = [
     CpuShape((64, 1280), "bn1d"),
     CpuShape((512, 512), "bn1d"),
     CpuShape((8192, 256), "bn1d"),
+    CpuShape((64, 512, 4, 4), "resnet18-32px-b64"),
+    CpuShape((64, 512, 2, 2), "resnet18-64px-b64"),
+    CpuShape((64, 2048, 3, 3), "resnet50-96px-b64"),
 ]
 QUICK: list[CpuShape] = [SUITE[0], SUITE[2], SUITE[13]]
 
