@@ -236,6 +236,17 @@ BN_ALWAYS_INLINE inline void vector_run(T* out, int64_t len, N&& value_n, V&& va
   if (i < len) part(i, len - i);
 }
 
+// vector_run over a flat run whose values come from at(i, n) (n <= kW), streaming or not.
+template <typename T, typename N, typename A>
+BN_ALWAYS_INLINE inline void flat_run(T* out, int64_t len, bool stream, N&& at, A&& after) {
+  auto whole = [&](int64_t i) BN_ALWAYS_INLINE { return at(i, kW); };
+  if (stream) {
+    vector_run<true>(out, len, at, whole, after);
+  } else {
+    vector_run<false>(out, len, at, whole, after);
+  }
+}
+
 // A row of len values written with streaming stores (vector_run).
 template <typename T, typename N, typename V>
 BN_ALWAYS_INLINE inline void stream_row(T* out, int64_t len, N&& value_n, V&& value) {
@@ -1609,12 +1620,7 @@ void short_rows_pass(T* out, int64_t len, int64_t c0, int64_t S, int64_t C,
     }
     return value(i, n, v.data());
   };
-  auto whole = [&](int64_t i) BN_ALWAYS_INLINE { return at(i, kW); };
-  if (stream) {
-    vector_run<true>(out, len, at, whole, after);
-  } else {
-    vector_run<false>(out, len, at, whole, after);
-  }
+  flat_run(out, len, stream, at, after);
 }
 
 // A pass over the planar rows [r0, r1) (row r = n * C + c) that walks them as one run of
@@ -1654,12 +1660,7 @@ void flat_rows_pass(T* out, const Geometry& g, int64_t r0, int64_t r1,
     for (int j = 0; j < K; ++j) both[j] = first_lanes_from(cur[j], Vec(tables[j][next]), k);
     return value(i, n, both.data());
   };
-  auto whole = [&](int64_t i) BN_ALWAYS_INLINE { return at(i, kW); };
-  if (stream) {
-    vector_run<true>(yp, len, at, whole, after);
-  } else {
-    vector_run<false>(yp, len, at, whole, after);
-  }
+  flat_run(yp, len, stream, at, after);
 }
 
 // y = (x - shift) * scale + offset over the planar rows [r0, r1), then the fused tail (the
