@@ -58,6 +58,8 @@ CASES = [
     ((6, 12), "contiguous"),
     ((4, 5, 7, 3), "contiguous"),
     ((5, 7, 7, 7), "contiguous"),  # 7x7 planes: one flat run, vectors across rows
+    ((6, 20, 3, 3), "contiguous"),  # 3x3 planes: columns, a vector across several rows
+    ((5, 17, 4, 4), "contiguous"),  # 4x4 planes: one vector per row
     ((4, 19, 5, 5), "channels_last"),
     ((3, 6, 4, 9), "strided"),
     ((2, 3, 4, 5, 6), "contiguous"),
