@@ -25,7 +25,8 @@ ORDER = ["default", "avx2", "avx512"]
 SELECTION = (
     "catalogue_float32 or planar_channel_blocks or far_from_their_centre or large_mean "
     "or layouts or eval_backward or fused_equals_the_composition or gradients_reach "
-    "or every_row_tail_length or streaming_stores or planar_rows_under or flat_output_pass"
+    "or every_row_tail_length or streaming_stores or planar_rows_under or flat_output_pass "
+    "or many_channels"
 )
 
 

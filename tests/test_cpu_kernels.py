@@ -198,6 +198,29 @@ def test_planar_channel_blocks(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(6, 2100), (3, 2083, 2, 2)], ids=["nc", "channels-last"])
+def test_many_channels_walk_rows_in_chunks(shape, dtype):
+    """Rows of 2048 channels or more go a chunk of channels at a time down each block (the
+    output pass, the gradient sums and dx; the last chunk partial and, with 2083 channels, off
+    the vector width): the reference's numbers, and in eval the planar output's bits (with
+    vector FMA, where both layouts round each value once)."""
+    gen = torch.Generator().manual_seed(23)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 - 1).to(dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    if x.dim() == 4:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    _check(x, dy, *_params(shape[1]))
+    if x.dim() == 4 and cpu.stream_min_bytes() >= 0:  # < 0: a build without AVX2 or AVX512
+        c = shape[1]
+        w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+        rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
+        planar = cpu.batch_norm(x.contiguous(), rm, rv, w, b, False, 0.1, 1e-5)
+        assert torch.equal(cpu.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5), planar)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("length", range(1, 34))
 def test_every_row_tail_length(length, dtype):
     """Planar rows of every length up to two AVX512 vectors and one more: the partial vector at
