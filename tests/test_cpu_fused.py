@@ -61,6 +61,8 @@ CASES = [
     ((6, 20, 3, 3), "contiguous"),  # 3x3 planes: columns, a vector across several rows
     ((5, 17, 4, 4), "contiguous"),  # 4x4 planes: one vector per row
     ((4, 19, 5, 5), "channels_last"),
+    ((3, 2083, 2, 2), "channels_last"),  # 2048 channels or more: rows walked in chunks
+    ((5, 2100), "contiguous"),
     ((3, 6, 4, 9), "strided"),
     ((2, 3, 4, 5, 6), "contiguous"),
 ]

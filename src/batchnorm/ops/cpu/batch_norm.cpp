@@ -1290,20 +1290,27 @@ void inner_block_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const fl
 }
 
 // Rows of many channels, walked row after row in a pass that does not stream (the output pass,
-// dx, the gradient sums), go a chunk of kRowChunk channels at a time down the block's rows
-// (for_row_chunks), from 2 * kRowChunk channels on: beyond that the (C,) constants and sums
-// (three or four floats per channel) outgrow L1 beside the rows of x, y and dy, and every
-// vector's loads of them come from L2 (chunk_rows: `stream`, for the sums the size at which the
-// dx pass streams). Measured on the EPYC (1 thread, paired medians): eval
-// 16x9216 0.77x the time, 64x9216 0.62x, 32x4096 0.76x, 64x2048 0.77x, 64x2048x3x3 NHWC
-// 0.72x; training forward 0.82-0.90x; 64x1280 1.03x, so not below 2048 channels. Streamed
-// passes keep whole rows: chunked, their streaming stores took 1.2-1.9x the time
-// (64x2048x7x7, 64x1024x14x14 NHWC), and so did the sums over such large tensors (1.3x), whose
-// rows the hardware prefetchers follow (64x2048x7x7 NHWC backward 1.03x). Every value is
-// computed as without chunks.
+// fused or not, dx, the gradient sums, the fused backward's recomputed gate), go a chunk of
+// kRowChunk channels at a time down the block's rows (for_row_chunks), from 2 * kRowChunk
+// channels on: beyond that the (C,) constants and sums (three or four floats per channel)
+// outgrow L1 beside the rows of x, y and dy, and every vector's loads of them come from L2
+// (chunk_rows: not on tensors as large as those whose passes stream). Measured on the
+// EPYC (1 thread, paired medians): eval 16x9216 0.77x the time, 64x9216 0.62x, 32x4096 0.76x,
+// 64x2048 0.77x, 64x2048x3x3 NHWC 0.72x; training forward 0.82-0.90x; backward 0.67-0.81x;
+// 64x1280 1.03x, so not below 2048 channels. Streamed passes keep whole rows: chunked, their
+// streaming stores took 1.2-1.9x the time (64x2048x7x7, 64x1024x14x14 NHWC), and so did the
+// sums over such large tensors (1.3x), whose rows the hardware prefetchers follow (64x2048x7x7
+// NHWC backward 1.03x). Every value is computed as without chunks.
 constexpr int64_t kRowChunk = 1024;
 
-inline bool chunk_rows(int64_t C, bool stream) { return !stream && C >= 2 * kRowChunk; }
+// Whether a row walk over C channels goes in chunks; `large`: the tensor is as large as the
+// passes over it that stream (stream_pass), whether or not this one does.
+inline bool chunk_rows(int64_t C, bool large) { return !large && C >= 2 * kRowChunk; }
+
+template <typename T>
+inline bool large_pass(const Geometry& g, int reads) {
+  return stream_pass(pass_traffic<T>(g, reads));
+}
 
 // f(lo, hi) for the channel ranges of a row walk: all of them, or chunks of kRowChunk.
 template <typename F>
@@ -1322,10 +1329,10 @@ BN_ALWAYS_INLINE inline void for_row_chunks(int64_t C, bool chunked, F&& f) {
 // tail; every row must start on a vector boundary, rows_can_stream).
 template <typename T>
 void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* shift,
-                        const float* scale, const float* offset, const Fuse<T>& f,
-                        bool stream = false) {
+                        const float* scale, const float* offset, const Fuse<T>& f, bool stream,
+                        bool chunked) {
   if (!f.any()) {
-    for_row_chunks(C, chunk_rows(C, stream), [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for (int64_t r = r0; r < r1; ++r) {
         const T* p = x + r * C;
         T* q = y + r * C;
@@ -1344,21 +1351,23 @@ void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, con
     });
     return;
   }
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* p = x + r * C;
-    T* q = y + r * C;
-    int64_t c = 0;
-    for (; c + kW <= C; c += kW) {
-      const Vec v = at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
-                                   Vec::loadu(offset + c));
-      vstore(q + c, fuse_tail(v, f, r * C + c));
+  for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* p = x + r * C;
+      T* q = y + r * C;
+      int64_t c = lo;
+      for (; c + kW <= hi; c += kW) {
+        const Vec v = at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c),
+                                     Vec::loadu(scale + c), Vec::loadu(offset + c));
+        vstore(q + c, fuse_tail(v, f, r * C + c));
+      }
+      for (; c < hi; ++c) {
+        const float v = std::fma(static_cast<float>(p[c]) - shift[c], scale[c], offset[c]);
+        q[c] = static_cast<T>(fuse_tail1(v, f, r * C + c));
+      }
+      if (f.mask != nullptr) write_mask(q + lo, f.mask + r * C + lo, hi - lo);
     }
-    for (; c < C; ++c) {
-      const float v = std::fma(static_cast<float>(p[c]) - shift[c], scale[c], offset[c]);
-      q[c] = static_cast<T>(fuse_tail1(v, f, r * C + c));
-    }
-    if (f.mask != nullptr) write_mask(q, f.mask + r * C, C);
-  }
+  });
 }
 
 // Per channel of the block rows [r0, r1): sums of dy and of dy * (x - shift) (float32).
@@ -1431,7 +1440,7 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
 template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0,
-                    int64_t ahead, bool stream = false) {
+                    int64_t ahead, bool stream, bool chunked) {
   // `stream`: streaming stores for dx (every row starting on a vector boundary).
   auto put = [stream](T* p, const Vec& v) BN_ALWAYS_INLINE {
     if (stream) {
@@ -1441,7 +1450,7 @@ void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64
     }
   };
   if (channels_last_walk() == BlockWalk::kRows) {
-    for_row_chunks(C, chunk_rows(C, stream), [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t o = r * C;
         int64_t c = lo;
@@ -1836,12 +1845,13 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
                      });
     return;
   }
-  const bool stream = streams(g, f.z != nullptr ? 2 : 1, y);
+  const int reads = f.z != nullptr ? 2 : 1;
+  const bool stream = streams(g, reads, y), chunked = chunk_rows(C, large_pass<T>(g, reads));
   const int64_t R = g.rows(), block = inner_block_rows(C);
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                         scale.data(), offset.data(), f, stream);
+                         scale.data(), offset.data(), f, stream, chunked);
     }
     if (stream) stream_fence();
   });
@@ -2264,7 +2274,7 @@ void grad_sums(const T* x, const T* dy, const Geometry& g, const float* shift,
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t blocks = (R + block - 1) / block;
   std::vector<float> part_dy(blocks * C, 0.f), part_dyx(blocks * C, 0.f);
-  const bool large = stream_pass(pass_traffic<T>(g, 2));  // as large as the dx pass that streams
+  const bool large = large_pass<T>(g, 2);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_grad_sums(x, dy, C, b * block, std::min(R, (b + 1) * block), shift,
@@ -2317,13 +2327,14 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
     return;
   }
   const bool stream = streams(g, kWithX ? 2 : 1, dx);
+  const bool chunked = chunk_rows(C, large_pass<T>(g, kWithX ? 2 : 1));
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
                                 a.data(), k.data(), c0v.data(),
-                                next_block_ahead(b, b1, block, R, C, bytes), stream);
+                                next_block_ahead(b, b1, block, R, C, bytes), stream, chunked);
     }
     if (stream) stream_fence();
   });
@@ -2539,20 +2550,23 @@ void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const
     return;
   }
   const int64_t R = geo.rows(), block = inner_block_rows(C);
+  const bool chunked = chunk_rows(C, large_pass<T>(geo, g.z != nullptr ? 3 : 2));
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t r = b0 * block; r < std::min(R, b1 * block); ++r) {
-      int64_t c = 0;
-      for (; c + kW <= C; c += kW) {
-        const int64_t o = r * C + c;
-        const Vec cut =
-            g.cut(o, Vec::loadu(shift + c), Vec::loadu(scale + c), Vec::loadu(offset + c));
-        vstore(out + o, Vec::blendv(vload(dy + o), zero, cut));
+    for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+      for (int64_t r = b0 * block; r < std::min(R, b1 * block); ++r) {
+        int64_t c = lo;
+        for (; c + kW <= hi; c += kW) {
+          const int64_t o = r * C + c;
+          const Vec cut =
+              g.cut(o, Vec::loadu(shift + c), Vec::loadu(scale + c), Vec::loadu(offset + c));
+          vstore(out + o, Vec::blendv(vload(dy + o), zero, cut));
+        }
+        for (; c < hi; ++c) {
+          const int64_t o = r * C + c;
+          out[o] = g.cut1(o, shift[c], scale[c], offset[c]) ? t0 : dy[o];
+        }
       }
-      for (; c < C; ++c) {
-        const int64_t o = r * C + c;
-        out[o] = g.cut1(o, shift[c], scale[c], offset[c]) ? t0 : dy[o];
-      }
-    }
+    });
   });
 }
 
