@@ -933,6 +933,16 @@ struct PlanarScratch {
 // planar_grad_sums instead, whose accumulators stay in registers across the rows.)
 constexpr int64_t kBlockRows = 4;
 
+// step(n, count) for the samples [n0, n1): kBlockRows at a time, then one at a time (count an
+// std::integral_constant, so that each step's loop over its samples unrolls).
+template <typename F>
+BN_ALWAYS_INLINE inline void for_sample_steps(int64_t n0, int64_t n1, F&& step) {
+  int64_t n = n0;
+  for (; n + kBlockRows <= n1; n += kBlockRows)
+    step(n, std::integral_constant<int64_t, kBlockRows>{});
+  for (; n < n1; ++n) step(n, std::integral_constant<int64_t, 1>{});
+}
+
 template <typename R, typename P, typename F>
 BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1,
                                              PlanarScratch& scratch, R&& ask, P&& ask_row,
@@ -950,10 +960,7 @@ BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1,
       for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = a[k];
     }
   };
-  int64_t n = n0;
-  for (; n + kBlockRows <= n1; n += kBlockRows)
-    step(n, std::integral_constant<int64_t, kBlockRows>{});
-  for (; n < n1; ++n) step(n, std::integral_constant<int64_t, 1>{});
+  for_sample_steps(n0, n1, step);
 }
 
 // Planar statistics groups are centred near their own mean, so that the one-pass sums of d and
@@ -1083,10 +1090,7 @@ BN_ALWAYS_INLINE inline void walk_block_columns(int64_t L, int64_t n0, int64_t n
     for (; j + kW <= L; j += kW) column(j, kW);
     if (j < L) column(j, L - j);
   };
-  int64_t n = n0;
-  for (; n + kBlockRows <= n1; n += kBlockRows)
-    rows(n, std::integral_constant<int64_t, kBlockRows>{});
-  for (; n < n1; ++n) rows(n, std::integral_constant<int64_t, 1>{});
+  for_sample_steps(n0, n1, rows);
 }
 
 // The sum of channel b's S columns of a block's column sums, in float64.
