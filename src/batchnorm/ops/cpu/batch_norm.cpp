@@ -67,6 +67,7 @@ namespace {
 // The per-row helpers and the lambdas that walk rows must be inlined into their loops, so that
 // the accumulators stay in registers across a channel's rows.
 #define BN_ALWAYS_INLINE __attribute__((always_inline))
+#define BN_NOINLINE __attribute__((noinline))
 
 using at::Tensor;
 using Vec = at::vec::Vectorized<float>;
@@ -182,6 +183,16 @@ inline void vstream(T* p, const Vec& v) {
 #else
   vstore(p, v);
 #endif
+}
+
+// A vector stored at p, streamed where `stream` (p then aligned as vstream needs).
+template <typename T>
+BN_ALWAYS_INLINE inline void vstore_or_stream(T* p, const Vec& v, bool stream) {
+  if (stream) {
+    vstream(p, v);
+  } else {
+    vstore(p, v);
+  }
 }
 
 // How many of the len values from p come before the first address where a vector of T can be
@@ -1326,6 +1337,140 @@ BN_ALWAYS_INLINE inline void for_row_chunks(int64_t C, bool chunked, F&& f) {
   for (int64_t lo = 0; lo < C; lo += kRowChunk) f(lo, std::min(C, lo + kRowChunk));
 }
 
+// How a pass walks the rows of a block of a channels-last (or (N, C)) tensor: `chunked`, by
+// chunks of kRowChunk channels (for_row_chunks); `grouped`, kBlockRows rows at a time
+// (for_row_steps). Grouped where a row spans 2 KB or more, 8 KB on tensors as large as those
+// whose passes stream (`large`), which come from memory: reading 4 rows at a time, the loads
+// alternating between them inside the same pages, the hardware prefetchers fall behind. Measured
+// on the EPYC (paired medians, 1 thread), 4 rows per step against 1: rows of 2 KB and more on
+// tensors in cache 0.85-0.96x the time of the gradient sums, dx and output passes (64x2048x3x3,
+// 32x512x7x7, 512x512, 64x1280, 16x9216), rows of 8 KB of the large 64x2048x7x7 NHWC 0.70-0.85x;
+// rows of 512-1152 bytes 1.17-1.37x (16x128x56x56-16x160x56x56 NHWC, 6-8 MB), the large
+// 16x512x28x28 and 32x512x28x28 (2 KB rows) 1.1-1.4x and 64x1024x14x14 (4 KB) 1.0-1.3x.
+struct RowWalk {
+  bool chunked, grouped;
+};
+
+template <typename T>
+inline RowWalk row_walk(int64_t C, bool large) {
+  const int64_t row = C * static_cast<int64_t>(sizeof(T));
+  return {chunk_rows(C, large), row >= (large ? 8192 : 2048)};
+}
+
+// rows(ra, rb, count) over the rows [r0, r1), which it walks count rows at a time (count an
+// std::integral_constant; rb - ra a multiple of it): kBlockRows rows at a time, the loads and
+// stores of the (C,) sums and constants shared by them, where `grouped`, else row after row.
+// `rows` best calls a BN_NOINLINE function template of the count with its values as
+// arguments: each count then gets a function of its own, and the row-after-row one keeps its
+// registers (inlined beside the 4-row one, its loop over rows of 2 vectors spilled, 1.1x the
+// time at 8x32x112x112 NHWC; a noinline lambda reloads its captures at every vector).
+template <typename F>
+BN_ALWAYS_INLINE inline void for_row_steps(bool grouped, int64_t r0, int64_t r1, F&& rows) {
+  int64_t r = r0;
+  if (grouped) {
+    r = r0 + (r1 - r0) / kBlockRows * kBlockRows;
+    if (r > r0) rows(r0, r, std::integral_constant<int64_t, kBlockRows>{});
+  }
+  if (r < r1) rows(r, r1, std::integral_constant<int64_t, 1>{});
+}
+
+// inner_block_affine without a fused tail over the channels [lo, hi) of the rows [ra, rb),
+// kRows rows at a time (for_row_steps).
+template <int64_t kRows, typename T>
+BN_NOINLINE void affine_row_steps(const T* x, T* y, int64_t C, int64_t lo, int64_t hi,
+                                  int64_t ra, int64_t rb, const float* shift, const float* scale,
+                                  const float* offset, bool stream) {
+  for (int64_t r = ra; r < rb; r += kRows) {
+    auto rows_at = [&](int64_t c, auto put) BN_ALWAYS_INLINE {
+      const Vec vs = Vec::loadu(shift + c), va = Vec::loadu(scale + c);
+      const Vec vb = Vec::loadu(offset + c);
+      for (int64_t i = 0; i < kRows; ++i) {
+        const int64_t o = (r + i) * C + c;
+        put(y + o, at::vec::fmadd(vload(x + o) - vs, va, vb));
+      }
+    };
+    int64_t c = lo;
+    if (stream) {
+      for (; c + kW <= hi; c += kW) rows_at(c, [](T* q, const Vec& v) { vstream(q, v); });
+    }
+    for (; c + kW <= hi; c += kW) rows_at(c, [](T* q, const Vec& v) { vstore(q, v); });
+    for (; c < hi; ++c) {
+      for (int64_t i = 0; i < kRows; ++i) {
+        const int64_t o = (r + i) * C + c;
+        y[o] = static_cast<T>(std::fma(static_cast<float>(x[o]) - shift[c], scale[c], offset[c]));
+      }
+    }
+  }
+}
+
+// Sums of dy and of dy * (x - shift) over the channels [lo, hi) of the rows [ra, rb), added to
+// sum_dy and sum_dyx, kRows rows at a time (for_row_steps); each channel's sums add the rows
+// in order, whatever kRows.
+template <int64_t kRows, typename T>
+BN_NOINLINE void grad_sum_row_steps(const T* x, const T* dy, int64_t C, int64_t lo, int64_t hi,
+                                    int64_t ra, int64_t rb, const float* shift, float* sum_dy,
+                                    float* sum_dyx) {
+  for (int64_t o = ra * C; o < rb * C; o += kRows * C) {
+    int64_t c = lo;
+    for (; c + kW <= hi; c += kW) {
+      const Vec vs = Vec::loadu(shift + c);
+      Vec s = Vec::loadu(sum_dy + c), sx = Vec::loadu(sum_dyx + c);
+      for (int64_t k = 0; k < kRows; ++k) {
+        const Vec g = vload(dy + o + k * C + c);
+        s += g;
+        sx = at::vec::fmadd(g, vload(x + o + k * C + c) - vs, sx);
+      }
+      s.store(sum_dy + c);
+      sx.store(sum_dyx + c);
+    }
+    for (; c < hi; ++c) {
+      for (int64_t k = 0; k < kRows; ++k) {
+        const float g = static_cast<float>(dy[o + k * C + c]);
+        sum_dy[c] += g;
+        sum_dyx[c] += g * (static_cast<float>(x[o + k * C + c]) - shift[c]);
+      }
+    }
+  }
+}
+
+// dx = dy * a + (x - shift) * k + c0 (kWithX false: dy * a) over the channels [lo, hi) of the
+// rows [ra, rb), kRows rows at a time (for_row_steps); `stream`: streaming stores.
+template <int64_t kRows, typename T, bool kWithX>
+BN_NOINLINE void dx_row_steps(const T* x, const T* dy, T* dx, int64_t C, int64_t lo, int64_t hi,
+                              int64_t ra, int64_t rb, const float* shift, const float* a,
+                              const float* kk, const float* c0, bool stream) {
+  auto put = [stream](T* p, const Vec& v) BN_ALWAYS_INLINE { vstore_or_stream(p, v, stream); };
+  for (int64_t r = ra; r < rb; r += kRows) {
+    int64_t c = lo;
+    for (; c + kW <= hi; c += kW) {
+      const Vec va = Vec::loadu(a + c);
+      if constexpr (kWithX) {
+        const Vec vs = Vec::loadu(shift + c), vk = Vec::loadu(kk + c), vc = Vec::loadu(c0 + c);
+        for (int64_t i = 0; i < kRows; ++i) {
+          const int64_t o = (r + i) * C + c;
+          put(dx + o, at::vec::fmadd(vload(dy + o), va, at::vec::fmadd(vload(x + o) - vs, vk, vc)));
+        }
+      } else {
+        for (int64_t i = 0; i < kRows; ++i) {
+          const int64_t o = (r + i) * C + c;
+          put(dx + o, vload(dy + o) * va);
+        }
+      }
+    }
+    for (; c < hi; ++c) {
+      for (int64_t i = 0; i < kRows; ++i) {
+        const int64_t o = (r + i) * C + c;
+        if constexpr (kWithX) {
+          dx[o] = static_cast<T>(static_cast<float>(dy[o]) * a[c] +
+                                 (static_cast<float>(x[o]) - shift[c]) * kk[c] + c0[c]);
+        } else {
+          dx[o] = static_cast<T>(static_cast<float>(dy[o]) * a[c]);
+        }
+      }
+    }
+  }
+}
+
 // y = (x - shift) * scale + offset over the block rows [r0, r1), row after row: the writes
 // stream in memory order (walking a chunk of channels down the rows, as the reductions do,
 // scatters the stores over pages and costs twice the time for large C); the per-channel
@@ -1334,28 +1479,17 @@ BN_ALWAYS_INLINE inline void for_row_chunks(int64_t C, bool chunked, F&& f) {
 template <typename T>
 void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* shift,
                         const float* scale, const float* offset, const Fuse<T>& f, bool stream,
-                        bool chunked) {
+                        RowWalk walk) {
   if (!f.any()) {
-    for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* p = x + r * C;
-        T* q = y + r * C;
-        auto at_c = [&](int64_t c) BN_ALWAYS_INLINE {
-          return at::vec::fmadd(vload(p + c) - Vec::loadu(shift + c), Vec::loadu(scale + c),
-                                Vec::loadu(offset + c));
-        };
-        int64_t c = lo;
-        if (stream) {
-          for (; c + kW <= hi; c += kW) vstream(q + c, at_c(c));
-        }
-        for (; c + kW <= hi; c += kW) vstore(q + c, at_c(c));
-        for (; c < hi; ++c)
-          q[c] = static_cast<T>(std::fma(static_cast<float>(p[c]) - shift[c], scale[c], offset[c]));
-      }
+    for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+      for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
+        affine_row_steps<decltype(count)::value>(x, y, C, lo, hi, ra, rb, shift, scale, offset,
+                                                 stream);
+      });
     });
     return;
   }
-  for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+  for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
     for (int64_t r = r0; r < r1; ++r) {
       const T* p = x + r * C;
       T* q = y + r * C;
@@ -1381,22 +1515,12 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
   if (channels_last_walk() == BlockWalk::kRows) {
     std::fill(sum_dy, sum_dy + C, 0.f);
     std::fill(sum_dyx, sum_dyx + C, 0.f);
-    for_row_chunks(C, chunk_rows(C, large), [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * C;
-        int64_t c = lo;
-        for (; c + kW <= hi; c += kW) {
-          const Vec g = vload(dy + o + c);
-          (Vec::loadu(sum_dy + c) + g).store(sum_dy + c);
-          at::vec::fmadd(g, vload(x + o + c) - Vec::loadu(shift + c), Vec::loadu(sum_dyx + c))
-              .store(sum_dyx + c);
-        }
-        for (; c < hi; ++c) {
-          const float g = static_cast<float>(dy[o + c]);
-          sum_dy[c] += g;
-          sum_dyx[c] += g * (static_cast<float>(x[o + c]) - shift[c]);
-        }
-      }
+    const RowWalk walk = row_walk<T>(C, large);
+    for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+      for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
+        grad_sum_row_steps<decltype(count)::value>(x, dy, C, lo, hi, ra, rb, shift, sum_dy,
+                                                   sum_dyx);
+      });
     });
     return;
   }
@@ -1444,38 +1568,15 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
 template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0,
-                    int64_t ahead, bool stream, bool chunked) {
+                    int64_t ahead, bool stream, RowWalk walk) {
   // `stream`: streaming stores for dx (every row starting on a vector boundary).
-  auto put = [stream](T* p, const Vec& v) BN_ALWAYS_INLINE {
-    if (stream) {
-      vstream(p, v);
-    } else {
-      vstore(p, v);
-    }
-  };
+  auto put = [stream](T* p, const Vec& v) BN_ALWAYS_INLINE { vstore_or_stream(p, v, stream); };
   if (channels_last_walk() == BlockWalk::kRows) {
-    for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * C;
-        int64_t c = lo;
-        for (; c + kW <= hi; c += kW) {
-          if constexpr (kWithX) {
-            const Vec xs = vload(x + o + c) - Vec::loadu(shift + c);
-            const Vec inner = at::vec::fmadd(xs, Vec::loadu(kk + c), Vec::loadu(c0 + c));
-            put(dx + o + c, at::vec::fmadd(vload(dy + o + c), Vec::loadu(a + c), inner));
-          } else {
-            put(dx + o + c, vload(dy + o + c) * Vec::loadu(a + c));
-          }
-        }
-        for (; c < hi; ++c) {
-          if constexpr (kWithX) {
-            dx[o + c] = static_cast<T>(static_cast<float>(dy[o + c]) * a[c] +
-                                       (static_cast<float>(x[o + c]) - shift[c]) * kk[c] + c0[c]);
-          } else {
-            dx[o + c] = static_cast<T>(static_cast<float>(dy[o + c]) * a[c]);
-          }
-        }
-      }
+    for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+      for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
+        dx_row_steps<decltype(count)::value, T, kWithX>(x, dy, dx, C, lo, hi, ra, rb, shift, a,
+                                                        kk, c0, stream);
+      });
     });
     return;
   }
@@ -1850,12 +1951,13 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
     return;
   }
   const int reads = f.z != nullptr ? 2 : 1;
-  const bool stream = streams(g, reads, y), chunked = chunk_rows(C, large_pass<T>(g, reads));
+  const bool stream = streams(g, reads, y);
+  const RowWalk walk = row_walk<T>(C, large_pass<T>(g, reads));
   const int64_t R = g.rows(), block = inner_block_rows(C);
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                         scale.data(), offset.data(), f, stream, chunked);
+                         scale.data(), offset.data(), f, stream, walk);
     }
     if (stream) stream_fence();
   });
@@ -2331,14 +2433,14 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
     return;
   }
   const bool stream = streams(g, kWithX ? 2 : 1, dx);
-  const bool chunked = chunk_rows(C, large_pass<T>(g, kWithX ? 2 : 1));
+  const RowWalk walk = row_walk<T>(C, large_pass<T>(g, kWithX ? 2 : 1));
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
                                 a.data(), k.data(), c0v.data(),
-                                next_block_ahead(b, b1, block, R, C, bytes), stream, chunked);
+                                next_block_ahead(b, b1, block, R, C, bytes), stream, walk);
     }
     if (stream) stream_fence();
   });
