@@ -454,8 +454,8 @@ def test_malformed_channel_tensors_raise_before_any_write(change, message, grad)
 def test_both_channels_last_walks_give_the_same_gradients(training, dtype):
     """The channels-last backward walks rows or chunks of channels (chosen per CPU): the same
     gradients bit for bit, with channel counts that leave vector tails (C = 37, 70) and blocks
-    of rows that do not divide the batch. Rows of 2 KB and more go 4 rows at a time (600 and
-    530 float32 channels, 1100 bfloat16 ones; blocks of 64 rows and a last one of 11, 27 or 2
+    of rows that do not divide the batch. Rows of 8 KB and more go 4 rows at a time (2100 and
+    2050 float32 channels, 4100 bfloat16 ones; blocks of 64 rows and a last one of 11, 27 or 2
     rows), each channel's sums still adding the rows in order."""
     initial = cpu.channels_last_walk()
     assert initial in ("rows", "chunks")
@@ -463,9 +463,9 @@ def test_both_channels_last_walks_give_the_same_gradients(training, dtype):
         torch.randn(300, 37),
         torch.randn(5, 70, 3, 7).contiguous(memory_format=torch.channels_last),
         torch.randn(2, 16, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d),
-        torch.randn(203, 600),
-        torch.randn(66, 1100),
-        torch.randn(3, 530, 3, 3).contiguous(memory_format=torch.channels_last),
+        torch.randn(203, 2100),
+        torch.randn(66, 4100),
+        torch.randn(3, 2050, 3, 3).contiguous(memory_format=torch.channels_last),
     ]
     try:
         for x in cases:

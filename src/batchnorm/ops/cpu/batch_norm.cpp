@@ -1339,22 +1339,24 @@ BN_ALWAYS_INLINE inline void for_row_chunks(int64_t C, bool chunked, F&& f) {
 
 // How a pass walks the rows of a block of a channels-last (or (N, C)) tensor: `chunked`, by
 // chunks of kRowChunk channels (for_row_chunks); `grouped`, kBlockRows rows at a time
-// (for_row_steps). Grouped where a row spans 2 KB or more, 8 KB on tensors as large as those
-// whose passes stream (`large`), which come from memory: reading 4 rows at a time, the loads
-// alternating between them inside the same pages, the hardware prefetchers fall behind. Measured
-// on the EPYC (paired medians, 1 thread), 4 rows per step against 1: rows of 2 KB and more on
-// tensors in cache 0.85-0.96x the time of the gradient sums, dx and output passes (64x2048x3x3,
-// 32x512x7x7, 512x512, 64x1280, 16x9216), rows of 8 KB of the large 64x2048x7x7 NHWC 0.70-0.85x;
-// rows of 512-1152 bytes 1.17-1.37x (16x128x56x56-16x160x56x56 NHWC, 6-8 MB), the large
-// 16x512x28x28 and 32x512x28x28 (2 KB rows) 1.1-1.4x and 64x1024x14x14 (4 KB) 1.0-1.3x.
+// (for_row_steps), where a row spans 8 KB or more. Shorter rows read 4 at a time share pages,
+// the loads alternating between them, and the hardware prefetchers fall behind wherever the
+// rows come from beyond L2. Measured on the EPYC (paired medians, 1 thread), 4 rows per step
+// against 1: rows of 8 KB 0.66-0.76x the time of the training forward and the backward of
+// 64x2048x3x3 NHWC with the caches evicted before each call, 0.88-0.98x repeated on the same
+// tensors, 0.70-0.85x on the large 64x2048x7x7 (eval, training forward, backward), and
+// 0.79-0.96x the backward of (N, C) 16x9216 (36 KB rows; its training forward 0.91-1.04x); rows of
+// 2 KB 0.85-0.96x repeated (32x512x7x7, 64x512x4x4, 512x512) but 1.13-1.24x with the caches
+// evicted, and 1.1-1.4x on the large 16x512x28x28 and 32x512x28x28; rows of 4 KB 1.0-1.3x on
+// the large 64x1024x14x14; rows of 512-1152 bytes 1.17-1.37x (16x128x56x56-16x160x56x56, 6-8
+// MB).
 struct RowWalk {
   bool chunked, grouped;
 };
 
 template <typename T>
 inline RowWalk row_walk(int64_t C, bool large) {
-  const int64_t row = C * static_cast<int64_t>(sizeof(T));
-  return {chunk_rows(C, large), row >= (large ? 8192 : 2048)};
+  return {chunk_rows(C, large), C * static_cast<int64_t>(sizeof(T)) >= 8192};
 }
 
 // rows(ra, rb, count) over the rows [r0, r1), which it walks count rows at a time (count an
