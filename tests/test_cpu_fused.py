@@ -136,3 +136,32 @@ def test_no_grad_forward_keeps_nothing_and_matches():
             batch_norm(x, None, None, None, None, True, 0.1, 1e-5, backend="cpu") + z
         )
     assert fused.grad_fn is None and torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add-relu"])
+@pytest.mark.parametrize("save", SAVES)
+@pytest.mark.parametrize("shape", [(4, 5, 17, 37), (5, 7, 7, 7), (6, 20, 3, 3)])
+def test_fused_on_tensors_taken_as_large(shape, save, residual):
+    """With the streaming threshold at 0 every input counts as large: the output passes stream,
+    and planar statistics walk each thread's channels as one block, then write the output in a
+    pass of its own. The fused kernels still equal the composition, and both equal what they
+    give with nothing taken as large, bit for bit."""
+    from batchnorm.ops import cpu
+
+    initial = cpu.stream_min_bytes()
+    if initial < 0:
+        pytest.skip("this build has no AVX2 or AVX512: nothing is taken as large")
+    x = _input(shape, "contiguous", torch.float32)
+    z = _input(shape, "contiguous", torch.float32, seed=1) if residual else None
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    try:
+        for threshold in (1 << 62, 0):
+            cpu.set_stream_min_bytes(threshold)
+            for fused in (True, False):
+                results.append(_run(fused, x, z, dy, True, save, torch.float32))
+    finally:
+        cpu.set_stream_min_bytes(initial)
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert torch.equal(a, e)
