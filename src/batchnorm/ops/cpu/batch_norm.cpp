@@ -1364,8 +1364,9 @@ inline RowWalk row_walk(int64_t C, bool large) {
 // stores of the (C,) sums and constants shared by them, where `grouped`, else row after row.
 // `rows` best calls a BN_NOINLINE function template of the count with its values as
 // arguments: each count then gets a function of its own, and the row-after-row one keeps its
-// registers (inlined beside the 4-row one, its loop over rows of 2 vectors spilled, 1.1x the
-// time at 8x32x112x112 NHWC; a noinline lambda reloads its captures at every vector).
+// registers (inlined beside the 4-row one, its loop over rows of 2 vectors spilled, perf
+// showed; a noinline lambda reloads its captures at every vector, 1.3-1.6x the time at
+// 8x32x112x112 NHWC eval).
 template <typename F>
 BN_ALWAYS_INLINE inline void for_row_steps(bool grouped, int64_t r0, int64_t r1, F&& rows) {
   int64_t r = r0;
@@ -2043,31 +2044,17 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps,
                          scale.data(), offset.data(), mean_out, invstd_out);
     };
-    if (planar_in_memory_order<T>(g)) {
-      // Each thread's channels as one block, then the output in a pass of its own.
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<Moments> mo(c1 - c0);
-        PlanarScratch scratch(c1 - c0, g);
-        planar_block_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
-        for (int64_t c = c0; c < c1; ++c) {
-          mean_s[c] = mo[c - c0].mean;
-          var[c] = mo[c - c0].m2 / mo[c - c0].n;
-        }
-        finalize(c0, c1);
-      });
-      T* yp = y.data_ptr<T>();
-      const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
-      planar_rows_by_channels(g, planar_block_channels<T>(g, 1), w.stream,
-                              [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
-        affine_rows(xp, yp, g, r0, r1, shift.data(), scale.data(), offset.data(), fuse, w);
-      });
-    } else if (!g.inner) {
+    if (!g.inner) {
       // A block of channels at a time: statistics, then (rows_after_statistics) its output
-      // while the block's slice is still in cache.
+      // while the block's slice is still in cache. On tensors from memory
+      // (planar_in_memory_order) each thread's channels are one block, and the output goes in
+      // a pass of its own.
       T* yp = y.data_ptr<T>();
-      const int64_t B = planar_block_channels<T>(g, 1);
+      const bool in_order = planar_in_memory_order<T>(g);
+      const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+      const int64_t B = in_order ? (C + threads - 1) / threads : planar_block_channels<T>(g, 1);
       const bool stream = streams(g, 1, yp);
-      const bool separate = !rows_after_statistics(g, 1, yp);
+      const bool separate = in_order || !rows_after_statistics(g, 1, yp);
       at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
         std::vector<Moments> mo(B);
         PlanarScratch scratch(B, g);
