@@ -1342,11 +1342,11 @@ BN_ALWAYS_INLINE inline void for_row_chunks(int64_t C, bool chunked, F&& f) {
 // (for_row_steps), where a row spans 8 KB or more. Shorter rows read 4 at a time share pages,
 // the loads alternating between them, and the hardware prefetchers fall behind wherever the
 // rows come from beyond L2. Measured on the EPYC (paired medians, 1 thread), 4 rows per step
-// against 1: rows of 8 KB 0.66-0.76x the time of the training forward and the backward of
-// 64x2048x3x3 NHWC with the caches evicted before each call, 0.88-0.98x repeated on the same
+// against 1: rows of 8 KB 0.64-0.77x the time of the training forward and the backward of
+// 64x2048x3x3 NHWC with the caches evicted before each call, 0.79-0.98x repeated on the same
 // tensors, 0.70-0.85x on the large 64x2048x7x7 (eval, training forward, backward), and
-// 0.79-0.96x the backward of (N, C) 16x9216 (36 KB rows; its training forward 0.91-1.04x); rows of
-// 2 KB 0.85-0.96x repeated (32x512x7x7, 64x512x4x4, 512x512) but 1.13-1.24x with the caches
+// 0.79-0.98x the backward of (N, C) 16x9216 (36 KB rows; its training forward 0.91-1.04x); rows of
+// 2 KB 0.78-1.05x repeated (32x512x7x7, 64x512x4x4, 512x512) but 1.13-1.24x with the caches
 // evicted, and 1.1-1.4x on the large 16x512x28x28 and 32x512x28x28; rows of 4 KB 1.0-1.3x on
 // the large 64x1024x14x14; rows of 512-1152 bytes 1.17-1.37x (16x128x56x56-16x160x56x56, 6-8
 // MB).
