@@ -456,7 +456,9 @@ def test_both_channels_last_walks_give_the_same_gradients(training, dtype):
     gradients bit for bit, with channel counts that leave vector tails (C = 37, 70) and blocks
     of rows that do not divide the batch. Rows of 8 KB and more go 4 rows at a time (2100 and
     2050 float32 channels, 4100 bfloat16 ones; blocks of 64 rows and a last one of 11, 27 or 2
-    rows), each channel's sums still adding the rows in order."""
+    rows), and so do the rows of tensors up to 1 MB with at most 256 bytes per row (37 and 16
+    channels, 300 and 120 rows) or, in the backward, 4-8 KB (1300 float32 channels, 50 rows),
+    each channel's sums still adding the rows in order."""
     initial = cpu.channels_last_walk()
     assert initial in ("rows", "chunks")
     cases = [
@@ -465,6 +467,7 @@ def test_both_channels_last_walks_give_the_same_gradients(training, dtype):
         torch.randn(2, 16, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d),
         torch.randn(203, 2100),
         torch.randn(66, 4100),
+        torch.randn(50, 1300),
         torch.randn(3, 2050, 3, 3).contiguous(memory_format=torch.channels_last),
     ]
     try:

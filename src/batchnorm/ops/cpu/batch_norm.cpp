@@ -1339,24 +1339,42 @@ BN_ALWAYS_INLINE inline void for_row_chunks(int64_t C, bool chunked, F&& f) {
 
 // How a pass walks the rows of a block of a channels-last (or (N, C)) tensor: `chunked`, by
 // chunks of kRowChunk channels (for_row_chunks); `grouped`, kBlockRows rows at a time
-// (for_row_steps), where a row spans 8 KB or more. Shorter rows read 4 at a time share pages,
-// the loads alternating between them, and the hardware prefetchers fall behind wherever the
-// rows come from beyond L2. Measured on the EPYC (paired medians, 1 thread), 4 rows per step
-// against 1: rows of 8 KB 0.64-0.77x the time of the training forward and the backward of
-// 64x2048x3x3 NHWC with the caches evicted before each call, 0.79-0.98x repeated on the same
-// tensors, 0.70-0.85x on the large 64x2048x7x7 (eval, training forward, backward), and
-// 0.79-0.98x the backward of (N, C) 16x9216 (36 KB rows; its training forward 0.91-1.04x); rows of
-// 2 KB 0.78-1.05x repeated (32x512x7x7, 64x512x4x4, 512x512) but 1.13-1.24x with the caches
-// evicted, and 1.1-1.4x on the large 16x512x28x28 and 32x512x28x28; rows of 4 KB 1.0-1.3x on
-// the large 64x1024x14x14; rows of 512-1152 bytes 1.17-1.37x (16x128x56x56-16x160x56x56, 6-8
-// MB).
+// (for_row_steps), the loads of the (C,) constants or sums shared by the rows (a row after row
+// pass loads three or four of them per vector of x, and a vector load or two per cycle is what
+// bounds a pass over data in L1 or L2). Grouped: rows of 8 KB or more; in tensors of up to
+// kGroupedTensorBytes (one core's L2, where the layer before left them), rows of at most 256
+// bytes (4 of them a run of 1 KB or less, read almost in order) and, in the passes that read
+// x and dy, rows between 4 and 8 KB (each in pages of its own). Other rows read 4 at a time
+// share pages, the loads alternating between them, and the hardware prefetchers fall behind
+// wherever the rows come from beyond L2. Measured on the EPYC (paired medians, 1 thread), 4
+// rows per step against 1: rows of 8 KB 0.64-0.77x the time of the training forward and the
+// backward of 64x2048x3x3 NHWC with the caches evicted before each call, 0.79-0.98x repeated
+// on the same tensors, 0.70-0.85x on the large 64x2048x7x7 (eval, training forward,
+// backward), and 0.79-0.98x the backward of (N, C) 16x9216 (36 KB rows; its training forward
+// 0.91-1.04x); rows of 2 KB 0.78-1.05x repeated (32x512x7x7, 64x512x4x4, 512x512) but
+// 1.09-1.31x with the caches evicted (also 512x512 and 64x512x2x2 NHWC, 1 MB and 512 KB), and
+// 1.1-1.4x on the large 16x512x28x28 and 32x512x28x28; rows of 1 KB 0.81-0.89x repeated but
+// 1.33-1.77x evicted (1024x256, 16x256x4x4 NHWC); rows of exactly 4 KB 1.26-1.50x repeated
+// (256x1024: each row's loads alias the stores of the row before modulo 4 KB) and 1.0-1.3x on
+// the large 64x1024x14x14; rows of 512-1152 bytes 1.17-1.37x on 6-8 MB tensors
+// (16x128x56x56-16x160x56x56). Rows of at most 256 bytes in tensors up to 1 MB (128x64,
+// 1024x64, 32x64x8x8, 64x32x8x8, 16x64x16x16 NHWC): eval 0.78-0.93x, training forward
+// 0.89-0.96x, backward 0.68-0.77x repeated, 0.97-1.12x evicted; in larger tensors (4-26 MB)
+// mixed, 0.80-1.21x. Backward rows of 5-6 KB (64x1280, 32x1536): 0.78-0.82x repeated,
+// 0.90-0.98x evicted; their eval and training forward 0.96-1.06x, so only the backward.
 struct RowWalk {
   bool chunked, grouped;
 };
 
+constexpr int64_t kGroupedTensorBytes = int64_t{1} << 20;
+
 template <typename T>
-inline RowWalk row_walk(int64_t C, bool large) {
-  return {chunk_rows(C, large), C * static_cast<int64_t>(sizeof(T)) >= 8192};
+inline RowWalk row_walk(const Geometry& g, int reads) {
+  const int64_t row = g.C * static_cast<int64_t>(sizeof(T));
+  const bool small = row * g.rows() <= kGroupedTensorBytes;
+  const bool grouped =
+      row >= 8192 || (small && (row <= 256 || (reads > 1 && row > 4096)));
+  return {chunk_rows(g.C, large_pass<T>(g, reads)), grouped};
 }
 
 // rows(ra, rb, count) over the rows [r0, r1), which it walks count rows at a time (count an
@@ -1514,11 +1532,10 @@ void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, con
 // Per channel of the block rows [r0, r1): sums of dy and of dy * (x - shift) (float32).
 template <typename T>
 void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64_t r1,
-                           const float* shift, float* sum_dy, float* sum_dyx, bool large) {
+                           const float* shift, float* sum_dy, float* sum_dyx, RowWalk walk) {
   if (channels_last_walk() == BlockWalk::kRows) {
     std::fill(sum_dy, sum_dy + C, 0.f);
     std::fill(sum_dyx, sum_dyx + C, 0.f);
-    const RowWalk walk = row_walk<T>(C, large);
     for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
         grad_sum_row_steps<decltype(count)::value>(x, dy, C, lo, hi, ra, rb, shift, sum_dy,
@@ -1955,7 +1972,7 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
   }
   const int reads = f.z != nullptr ? 2 : 1;
   const bool stream = streams(g, reads, y);
-  const RowWalk walk = row_walk<T>(C, large_pass<T>(g, reads));
+  const RowWalk walk = row_walk<T>(g, reads);
   const int64_t R = g.rows(), block = inner_block_rows(C);
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -2405,11 +2422,11 @@ void grad_sums(const T* x, const T* dy, const Geometry& g, const float* shift,
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t blocks = (R + block - 1) / block;
   std::vector<float> part_dy(blocks * C, 0.f), part_dyx(blocks * C, 0.f);
-  const bool large = large_pass<T>(g, 2);
+  const RowWalk walk = row_walk<T>(g, 2);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_grad_sums(x, dy, C, b * block, std::min(R, (b + 1) * block), shift,
-                            part_dy.data() + b * C, part_dyx.data() + b * C, large);
+                            part_dy.data() + b * C, part_dyx.data() + b * C, walk);
     }
   });
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
@@ -2458,7 +2475,7 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
     return;
   }
   const bool stream = streams(g, kWithX ? 2 : 1, dx);
-  const RowWalk walk = row_walk<T>(C, large_pass<T>(g, kWithX ? 2 : 1));
+  const RowWalk walk = row_walk<T>(g, kWithX ? 2 : 1);
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
