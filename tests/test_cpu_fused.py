@@ -58,7 +58,9 @@ CASES = [
     ((6, 12), "contiguous"),
     ((4, 5, 7, 3), "contiguous"),
     ((5, 7, 7, 7), "contiguous"),  # 7x7 planes: one flat run, vectors across rows
-    ((6, 20, 3, 3), "contiguous"),  # 3x3 planes: columns, a vector across several rows
+    ((6, 20, 3, 3), "contiguous"),  # 3x3 planes: columns; the output as rows of C * S values
+    ((9, 5, 2, 3), "contiguous"),  # rows of 30 values: 4 samples per step, then one
+    ((5, 700, 3, 3), "contiguous"),  # rows of 6300 values: 4 samples per step, in chunks
     ((5, 17, 4, 4), "contiguous"),  # 4x4 planes: one vector per row
     ((4, 19, 5, 5), "channels_last"),
     ((3, 2083, 2, 2), "channels_last"),  # 2048 channels or more: rows walked in chunks

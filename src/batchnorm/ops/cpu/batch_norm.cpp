@@ -50,6 +50,7 @@
 #include <cmath>
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
@@ -1186,16 +1187,26 @@ std::atomic<BlockWalk>& block_walk() {
 
 inline BlockWalk channels_last_walk() { return block_walk().load(std::memory_order_relaxed); }
 
+// The channels [lo, hi) of a channel-inner pass (all of them, or a task's share of the rows
+// of short planes: planes_as_rows).
+struct Cols {
+  int64_t lo, hi;
+};
+
 // Channel-inner layout: within a block of rows, channels go in chunks of K vectors whose
 // accumulators and constants stay in registers while the chunk walks down the rows (the block
 // is in L1/L2 after the first chunk). `for_chunks` calls f(c, K) for K = 4 and K = 1 chunks,
-// then `tail(c)` for the channels left over (C % kW).
+// then `tail(c)` for the channels left over (of [0, C) or of cols).
+template <typename F, typename G>
+inline void for_chunks(Cols cols, F&& f, G&& tail) {
+  int64_t c = cols.lo;
+  for (; c + 4 * kW <= cols.hi; c += 4 * kW) f(c, std::integral_constant<int, 4>{});
+  for (; c + kW <= cols.hi; c += kW) f(c, std::integral_constant<int, 1>{});
+  for (; c < cols.hi; ++c) tail(c);
+}
 template <typename F, typename G>
 inline void for_chunks(int64_t C, F&& f, G&& tail) {
-  int64_t c = 0;
-  for (; c + 4 * kW <= C; c += 4 * kW) f(c, std::integral_constant<int, 4>{});
-  for (; c + kW <= C; c += kW) f(c, std::integral_constant<int, 1>{});
-  for (; c < C; ++c) tail(c);
+  for_chunks(Cols{0, C}, std::forward<F>(f), std::forward<G>(tail));
 }
 
 // Per channel of the block rows [r0, r1): mean of (x - shift) and M2 around it (float32).
@@ -1327,14 +1338,17 @@ inline bool large_pass(const Geometry& g, int reads) {
   return stream_pass(pass_traffic<T>(g, reads));
 }
 
-// f(lo, hi) for the channel ranges of a row walk: all of them, or chunks of kRowChunk.
+// f(lo, hi) for the channel ranges of a row walk over cols: all of them, or chunks of
+// kRowChunk.
 template <typename F>
-BN_ALWAYS_INLINE inline void for_row_chunks(int64_t C, bool chunked, F&& f) {
+BN_ALWAYS_INLINE inline void for_row_chunks(Cols cols, bool chunked, F&& f) {
   if (!chunked) {
-    f(int64_t{0}, C);
+    f(cols.lo, cols.hi);
     return;
   }
-  for (int64_t lo = 0; lo < C; lo += kRowChunk) f(lo, std::min(C, lo + kRowChunk));
+  for (int64_t lo = cols.lo; lo < cols.hi; lo += kRowChunk) {
+    f(lo, std::min(cols.hi, lo + kRowChunk));
+  }
 }
 
 // How a pass walks the rows of a block of a channels-last (or (N, C)) tensor: `chunked`, by
@@ -1500,9 +1514,9 @@ BN_NOINLINE void dx_row_steps(const T* x, const T* dy, T* dx, int64_t C, int64_t
 template <typename T>
 void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* shift,
                         const float* scale, const float* offset, const Fuse<T>& f, bool stream,
-                        RowWalk walk) {
+                        RowWalk walk, Cols cols) {
   if (!f.any()) {
-    for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    for_row_chunks(cols, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
         affine_row_steps<decltype(count)::value>(x, y, C, lo, hi, ra, rb, shift, scale, offset,
                                                  stream);
@@ -1510,7 +1524,7 @@ void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, con
     });
     return;
   }
-  for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+  for_row_chunks(cols, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
     for (int64_t r = r0; r < r1; ++r) {
       const T* p = x + r * C;
       T* q = y + r * C;
@@ -1536,7 +1550,7 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
   if (channels_last_walk() == BlockWalk::kRows) {
     std::fill(sum_dy, sum_dy + C, 0.f);
     std::fill(sum_dyx, sum_dyx + C, 0.f);
-    for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    for_row_chunks(Cols{0, C}, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
         grad_sum_row_steps<decltype(count)::value>(x, dy, C, lo, hi, ra, rb, shift, sum_dy,
                                                    sum_dyx);
@@ -1588,11 +1602,11 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
 template <typename T, bool kWithX = true>
 void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64_t r1,
                     const float* shift, const float* a, const float* kk, const float* c0,
-                    int64_t ahead, bool stream, RowWalk walk) {
+                    int64_t ahead, bool stream, RowWalk walk, Cols cols) {
   // `stream`: streaming stores for dx (every row starting on a vector boundary).
   auto put = [stream](T* p, const Vec& v) BN_ALWAYS_INLINE { vstore_or_stream(p, v, stream); };
   if (channels_last_walk() == BlockWalk::kRows) {
-    for_row_chunks(C, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    for_row_chunks(cols, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
         dx_row_steps<decltype(count)::value, T, kWithX>(x, dy, dx, C, lo, hi, ra, rb, shift, a,
                                                         kk, c0, stream);
@@ -1601,7 +1615,7 @@ void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64
     return;
   }
   for_chunks(
-      C,
+      cols,
       [&](int64_t c, auto k_const) {
         constexpr int K = decltype(k_const)::value;
         Vec vs[K], va[K], vk[K], vc[K];
@@ -1699,10 +1713,10 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
 // ------------------------------------------------------------------------------------------
 
 // Whether the planar output pass walks the rows as one flat run of vectors (flat_affine): rows
-// whose length is not a multiple of the vector width (7x7, 14x14, and planes shorter than a
-// vector, 3x3, 2x2: short_rows_pass), and rows of exactly one vector (4x4, where the row by row
-// pass paid a division and three broadcasts per vector: eval 32x256x4x4 0.51x the time as a
-// flat run; 16x1024x3x3 0.51x, 64x512x2x2 0.25x, 1 thread). Written row by
+// of a vector or more whose length is not a multiple of the vector width (7x7, 14x14), and rows
+// of exactly one vector (4x4, where the row by row pass paid a division and three broadcasts
+// per vector: eval 32x256x4x4 0.51x the time as a flat run, 1 thread). Shorter planes (3x3,
+// 2x2) go as rows of C * S values instead (planes_as_rows). Written row by
 // row, such rows end in a partial vector and every vector after a row's start is off the
 // vector boundaries (a 196-byte row's stores cross 4-5 cache lines); the flat run stores whole
 // vectors on vector boundaries and streams them like a long row. Measured on the EPYC (eval
@@ -1713,7 +1727,7 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
 template <typename T>
 inline bool flat_rows(const Geometry& g) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return !g.inner && g.S > 1 && (g.S % kW != 0 || g.S == kW);
+  return !g.inner && g.S >= kW && (g.S % kW != 0 || g.S == kW);
 #else
   (void)g;
   return false;
@@ -1739,61 +1753,6 @@ inline Vec permute_lanes(const Vec& v, const int32_t* idx) {
 }
 #endif
 
-// flat_rows_pass for rows shorter than a vector (S < kW), over a run of len values from the
-// start of row c0 (a channel) of a sample: value i of the run is in row c0 + i / S (wrapping past
-// C - 1 to the next sample's channel 0), so a vector covers parts of up to kW / S + 1 rows. Its
-// lanes' constants are the vector of channels c .. c + kW - 1's constants permuted by the lanes'
-// rows (lane_rows). The whole vectors from the first vector boundary (h) have S patterns,
-// vector k's repeating at k + S one kW rows on: per pattern the row of its first lane (first_row,
-// from the pattern's base) and the lanes' rows from it. Near channel C - 1, where the kW
-// channels from c would run past the table, and for the head, the constants are gathered lane
-// by lane.
-template <int K, typename T, typename F, typename A>
-void short_rows_pass(T* out, int64_t len, int64_t c0, int64_t S, int64_t C,
-                     const std::array<const float*, K>& tables, bool stream, F&& value,
-                     A&& after) {
-  const int64_t h = stream_head(out, len);  // the first whole vector (vector_run)
-  int32_t lane_rows[kW][kW];  // [k][l]: the row of lane l of pattern k, from first_row[k]
-  int64_t first_row[kW];
-  for (int64_t k = 0; k < S; ++k) {
-    const int64_t t = h % S + k * kW;  // from the start of the row of the first whole vector
-    first_row[k] = t / S;
-    for (int64_t l = 0; l < kW; ++l) lane_rows[k][l] = static_cast<int32_t>((t + l) / S - t / S);
-  }
-  int32_t head_rows[kW];
-  for (int64_t l = 0; l < kW; ++l) head_rows[l] = static_cast<int32_t>(l / S);
-  auto gather = [&](int64_t c, const int32_t* rows) BN_ALWAYS_INLINE {
-    std::array<Vec, K> v;
-    float lanes[K][kW];
-    for (int64_t l = 0; l < kW; ++l) {
-      int64_t row = c + rows[l];
-      while (row >= C) row -= C;
-      for (int j = 0; j < K; ++j) lanes[j][l] = tables[j][row];
-    }
-    for (int j = 0; j < K; ++j) v[j] = Vec::loadu(lanes[j]);
-    return v;
-  };
-  int64_t base = (c0 + h / S) % C, k = 0;  // pattern k of the next whole vector, from row base
-  auto at = [&](int64_t i, int64_t n) BN_ALWAYS_INLINE {
-    if (i < h) return value(i, n, gather(c0, head_rows).data());
-    int64_t c = base + first_row[k];
-    std::array<Vec, K> v;
-    if (c + kW <= C) {
-      for (int j = 0; j < K; ++j) v[j] = permute_lanes(Vec::loadu(tables[j] + c), lane_rows[k]);
-    } else {
-      while (c >= C) c -= C;
-      v = gather(c, lane_rows[k]);
-    }
-    if (++k == S) {
-      k = 0;
-      base += kW;
-      while (base >= C) base -= C;
-    }
-    return value(i, n, v.data());
-  };
-  flat_run(out, len, stream, at, after);
-}
-
 // A pass over the planar rows [r0, r1) (row r = n * C + c) that walks them as one run of
 // values: value(i, n, v) gives the n <= kW output values from offset i of the run (from
 // element r0 * S of the tensors), v[j] being channel constant j (tables[j][c]) for each lane. A
@@ -1807,11 +1766,8 @@ void flat_rows_pass(T* out, const Geometry& g, int64_t r0, int64_t r1,
                     const std::array<const float*, K>& tables, bool stream, F&& value,
                     A&& after = A()) {
   const int64_t S = g.S, C = g.C, len = (r1 - r0) * S;
+  TORCH_INTERNAL_ASSERT(S >= kW, "a flat run of planes shorter than a vector");
   T* yp = out + r0 * S;
-  if (S < kW) {
-    short_rows_pass<K>(yp, len, r0 % C, S, C, tables, stream, value, after);
-    return;
-  }
   int64_t c = r0 % C, row_end = S;  // the current row's channel and where it ends in the run
   int64_t next = c + 1 == C ? 0 : c + 1;
   std::array<Vec, K> cur;
@@ -1954,12 +1910,137 @@ void planar_rows_by_channels(const Geometry& g, int64_t B, bool stream, F&& rows
   });
 }
 
+// Planes shorter than a vector (3x3, 2x2, ...) go through the elementwise passes (the output,
+// dx, the fused backward's recomputed gate) as the rows of an (N, C * S) channel-inner tensor
+// (the same memory: sample n's planes are its row), each channel's constants repeated S times
+// (PerValue): the channel-inner walks load them as plain vectors, shared by kBlockRows samples
+// where the rows are grouped (row_walk), and every value is computed as before (the same fmadd
+// of the same operands). Before, they went as one flat run whose every vector gathered and
+// permuted its constants from up to kW / S + 1 channels. Measured on the EPYC (paired medians
+// against the flat run; 64x512x2x2, 64x2048x3x3, 16x1024x3x3, 8x512x3x3, 128x256x3x3):
+// - 1 thread: eval 0.48-0.81x the time (64x2048x3x3 0.76-0.96x), training forward 0.59-0.98x,
+//   backward 0.68-0.91x (64x2048x3x3 1.03-1.11x), fused forward 0.68-0.91x, fused backward
+//   (save="recompute") 0.66-0.85x (64x2048x3x3 1.07-1.08x);
+// - 2 threads: eval 0.71-0.93x (64x512x2x2 1.05x), training forward 0.49-0.88x, backward
+//   0.50-0.96x, fused 0.44-0.83x, fused backward 0.58-0.87x (64x2048x3x3 1.03x);
+// - caches evicted before each call (1 thread): eval 0.99-1.18x, training forward 0.94-1.02x,
+//   backward 0.93-1.04x, fused backward 1.05-1.16x (the flat run reads in memory order; walked
+//   without chunks, 0.88-0.96x there but 1.05-1.16x repeated).
+// The threads take ranges of the columns, whole vectors of at least kRowTaskValues values in
+// all (down every sample), and each repeats the constants of its own columns: partitioned by
+// samples instead, the repetition of the whole tables before the pass (one thread) took the
+// time that the second thread saved (16x1024x3x3 and 8x512x3x3 eval on 2 threads: 1.37x the
+// time of the flat run).
+inline bool planes_as_rows(const Geometry& g) { return !g.inner && g.S > 1 && g.S < kW; }
+
+inline Geometry rows_of_planes(const Geometry& g) { return Geometry{true, g.N, g.C * g.S, 1}; }
+
+constexpr int64_t kRowTaskValues = 16384;
+
+// out[i - lo] = t[i / S] for the columns i in [lo, hi) (lo a multiple of kW, S < kW), a vector
+// at a time: the lanes of vector v take channels v * kW / S on, in a pattern (lanes[k],
+// k = v % S) that repeats every S vectors, kW channels on (a permute of the kW channels from
+// its first). One store per channel (whole vectors, each overlapping the one before) took as
+// long as the pass it serves at 16x1024x3x3: the stores split across cache lines.
+inline void repeat_each(const float* t, int64_t C, int64_t S, int64_t lo, int64_t hi,
+                        float* out) {
+  int32_t lanes[kW][kW];
+  int64_t base[kW];
+  for (int64_t k = 0; k < S; ++k) {
+    base[k] = k * kW / S;
+    for (int64_t l = 0; l < kW; ++l) {
+      lanes[k][l] = static_cast<int32_t>((k * kW + l) / S - base[k]);
+    }
+  }
+  const int64_t v0 = lo / kW, v1 = hi / kW;
+  int64_t k = v0 % S, from = v0 / S * kW;  // vector v's pattern, and its repetition's channel
+  for (int64_t v = v0; v < v1; ++v) {
+    const int64_t first = from + base[k];
+    float* o = out + (v * kW - lo);
+    if (first + kW <= C) {
+      permute_lanes(Vec::loadu(t + first), lanes[k]).store(o);
+    } else {
+      for (int64_t l = 0; l < kW; ++l) o[l] = t[(v * kW + l) / S];
+    }
+    if (++k == S) {
+      k = 0;
+      from += kW;
+    }
+  }
+  for (int64_t i = v1 * kW; i < hi; ++i) out[i - lo] = t[i / S];
+}
+
+// The constants of the columns [lo, hi) of planes_as_rows, each channel's entry of each of K
+// (C,) tables repeated S times (repeat_each): table j's column c at operator[](j)[c]. They live
+// in a buffer of the thread that is kept from call to call: allocated at every call (100-150 KB
+// at 16x1024x3x3 on one thread), their pages were faulted in anew each time, and that took
+// longer than the pass. One PerValue at a time per thread (each task makes one and is done
+// with it when it returns).
+template <size_t K>
+class PerValue {
+ public:
+  PerValue(const std::array<const float*, K>& tables, const Geometry& g, Cols cols)
+      : lo_(cols.lo), stride_((cols.hi - cols.lo + kW - 1) / kW * kW) {
+    std::vector<float>& kept = buffer();
+    if (kept.size() < K * stride_) kept.resize(K * stride_);
+    data_ = kept.data();
+    for (size_t j = 0; j < K; ++j) {
+      repeat_each(tables[j], g.C, g.S, cols.lo, cols.hi, data_ + j * stride_);
+    }
+  }
+  PerValue(const PerValue&) = delete;
+  PerValue& operator=(const PerValue&) = delete;
+  const float* operator[](size_t j) const { return data_ + j * stride_ - lo_; }
+
+ private:
+  static std::vector<float>& buffer() {
+    thread_local std::vector<float> kept;
+    return kept;
+  }
+  int64_t lo_, stride_;
+  float* data_;
+};
+
+// f(rg, cols, t) for ranges of columns of the planes as rows (rg: (N, C * S)), in parallel, t
+// the PerValue<K> of `tables` for them; the streamed stores fenced per task.
+template <size_t K, typename F>
+void for_plane_columns(const Geometry& g, const std::array<const float*, K>& tables,
+                       bool stream, F&& f) {
+  const Geometry rg = rows_of_planes(g);
+  const int64_t vectors = (rg.C + kW - 1) / kW;
+  const int64_t grain = std::max<int64_t>(1, kRowTaskValues / (std::max<int64_t>(rg.N, 1) * kW));
+  at::parallel_for(0, vectors, grain, [&](int64_t v0, int64_t v1) {
+    const Cols cols{v0 * kW, std::min(rg.C, v1 * kW)};
+    const PerValue<K> t(tables, g, cols);
+    f(rg, cols, t);
+    if (stream) stream_fence();
+  });
+}
+
+// affine for planes_as_rows.
+template <typename T>
+void short_planes_affine(const T* x, T* y, const Geometry& g, const float* shift,
+                         const float* scale, const float* offset, const Fuse<T>& f) {
+  const int reads = f.z != nullptr ? 2 : 1;
+  const bool stream = !f.any() && streams(rows_of_planes(g), reads, y);
+  const RowWalk walk = row_walk<T>(rows_of_planes(g), reads);
+  for_plane_columns<3>(g, {shift, scale, offset}, stream,
+                       [&](const Geometry& rg, Cols cols, const PerValue<3>& t) {
+                         inner_block_affine(x, y, rg.C, 0, rg.N, t[0], t[1], t[2], f, stream,
+                                            walk, cols);
+                       });
+}
+
 // y = (x - shift) * scale + offset, per channel.
 template <typename T>
 void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift,
             const std::vector<float>& scale, const std::vector<float>& offset,
             const Fuse<T>& f) {
   const int64_t C = g.C, S = g.S;
+  if (planes_as_rows(g)) {
+    short_planes_affine(x, y, g, shift.data(), scale.data(), offset.data(), f);
+    return;
+  }
   if (!g.inner) {
     const PlanarWrite w = planar_write(g, f.z != nullptr ? 2 : 1, y, f.any());
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
@@ -1977,7 +2058,7 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                         scale.data(), offset.data(), f, stream, walk);
+                         scale.data(), offset.data(), f, stream, walk, Cols{0, C});
     }
     if (stream) stream_fence();
   });
@@ -2099,7 +2180,9 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
         }
         if (stream && !separate) stream_fence();  // once per task, not per block
       });
-      if (separate) {
+      if (separate && planes_as_rows(g)) {
+        short_planes_affine(xp, yp, g, shift.data(), scale.data(), offset.data(), fuse);
+      } else if (separate) {
         const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
         planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
           affine_rows(xp, yp, g, r0, r1, shift.data(), scale.data(), offset.data(), fuse, w);
@@ -2464,6 +2547,16 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
              const std::vector<float>& a, const std::vector<float>& k,
              const std::vector<float>& c0v) {
   const int64_t C = g.C, S = g.S;
+  if (planes_as_rows(g)) {
+    const bool stream = streams(rows_of_planes(g), kWithX ? 2 : 1, dx);
+    const RowWalk walk = row_walk<T>(rows_of_planes(g), kWithX ? 2 : 1);
+    for_plane_columns<4>(g, {shift, a.data(), k.data(), c0v.data()}, stream,
+                         [&](const Geometry& rg, Cols cols, const PerValue<4>& t) {
+                           inner_block_dx<T, kWithX>(x, dy, dx, rg.C, 0, rg.N, t[0], t[1], t[2],
+                                                     t[3], /*ahead=*/0, stream, walk, cols);
+                         });
+    return;
+  }
   if (!g.inner) {
     const PlanarWrite w = planar_write(g, kWithX ? 2 : 1, dx, false);
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
@@ -2482,7 +2575,8 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
     for (int64_t b = b0; b < b1; ++b) {
       inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
                                 a.data(), k.data(), c0v.data(),
-                                next_block_ahead(b, b1, block, R, C, bytes), stream, walk);
+                                next_block_ahead(b, b1, block, R, C, bytes), stream, walk,
+                                Cols{0, C});
     }
     if (stream) stream_fence();
   });
@@ -2550,7 +2644,7 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
   }
   if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
   for (int64_t c = 0; c < C; ++c) coefficients(c);
-  if (!g.inner && need_sums && need_dx) {
+  if (!g.inner && need_sums && need_dx && !planes_as_rows(g)) {
     // Short rows (rows_after_statistics): dx in one pass after all the sums, each thread over
     // the channels whose x and dy it has just read.
     const PlanarWrite w = planar_write(g, training ? 2 : 1, dxp, false);
@@ -2642,6 +2736,30 @@ inline T kept_if(T v, bool keep) {
   return v;
 }
 
+// gate_pass (kSaveRecompute) over the channel-inner rows [r0, r1) of C values.
+template <typename T>
+void gate_rows(const T* dy, T* out, int64_t C, int64_t r0, int64_t r1, const Gate<T>& g,
+               const float* shift, const float* scale, const float* offset, bool chunked,
+               Cols cols) {
+  const Vec zero(0.f);
+  const T t0 = static_cast<T>(0.f);
+  for_row_chunks(cols, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t c = lo;
+      for (; c + kW <= hi; c += kW) {
+        const int64_t o = r * C + c;
+        const Vec cut =
+            g.cut(o, Vec::loadu(shift + c), Vec::loadu(scale + c), Vec::loadu(offset + c));
+        vstore(out + o, Vec::blendv(vload(dy + o), zero, cut));
+      }
+      for (; c < hi; ++c) {
+        const int64_t o = r * C + c;
+        out[o] = g.cut1(o, shift[c], scale[c], offset[c]) ? t0 : dy[o];
+      }
+    }
+  });
+}
+
 // out = dy where the ReLU passes its gradient, else 0.
 template <typename T>
 void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const float* shift,
@@ -2665,6 +2783,14 @@ void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const
         for (int64_t i = i0; i < i1; ++i) o[i] = kept_if(d[i], !(static_cast<float>(y[i]) <= 0.f));
       }
     });
+    return;
+  }
+  if (planes_as_rows(geo)) {  // as the forward's output pass
+    const bool chunked = chunk_rows(C * S, large_pass<T>(geo, g.z != nullptr ? 3 : 2));
+    for_plane_columns<3>(geo, {shift, scale, offset}, false,
+                         [&](const Geometry& rg, Cols cols, const PerValue<3>& t) {
+                           gate_rows(dy, out, rg.C, 0, rg.N, g, t[0], t[1], t[2], chunked, cols);
+                         });
     return;
   }
   if (flat_rows<T>(geo)) {  // one flat run, as the forward's output pass
@@ -2700,21 +2826,8 @@ void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const
   const int64_t R = geo.rows(), block = inner_block_rows(C);
   const bool chunked = chunk_rows(C, large_pass<T>(geo, g.z != nullptr ? 3 : 2));
   at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    for_row_chunks(C, chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
-      for (int64_t r = b0 * block; r < std::min(R, b1 * block); ++r) {
-        int64_t c = lo;
-        for (; c + kW <= hi; c += kW) {
-          const int64_t o = r * C + c;
-          const Vec cut =
-              g.cut(o, Vec::loadu(shift + c), Vec::loadu(scale + c), Vec::loadu(offset + c));
-          vstore(out + o, Vec::blendv(vload(dy + o), zero, cut));
-        }
-        for (; c < hi; ++c) {
-          const int64_t o = r * C + c;
-          out[o] = g.cut1(o, shift[c], scale[c], offset[c]) ? t0 : dy[o];
-        }
-      }
-    });
+    gate_rows(dy, out, C, b0 * block, std::min(R, b1 * block), g, shift, scale, offset, chunked,
+              Cols{0, C});
   });
 }
 
