@@ -306,6 +306,30 @@ def test_results_independent_of_thread_count(shape, layout):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
 
 
+@pytest.mark.parametrize("shape", [(48, 1100), (100, 1300), (16, 9216)])
+def test_few_rows_split_by_channels_independent_of_thread_count(shape):
+    """(N, C) inputs of fewer blocks of rows than threads go to the threads in ranges of
+    channels (whole chunks of 64): 1 and 2 threads give the same bits, also where a chunk of
+    channels drifts far from its first block's mean (the one-pass block is redone in two)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen) * 3 + 1
+    x[64:, 630:650] += 1e4  # the second block of rows (where there is one) drifts, by the split
+    dy = torch.randn(shape, generator=gen)
+    gamma, beta = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_all(x, dy, gamma, beta)
+        torch.set_num_threads(2)
+        two = _run_all(x, dy, gamma, beta)
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "rm", "rv", "eval y"), one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    reference = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    assert torch.allclose(one[0].double(), reference * gamma.double() + beta.double(), atol=1e-4)
+
+
 @pytest.mark.parametrize("batch", [4, 16])  # 0.2 MB, and 3.2 MB (prefetching the next block)
 def test_matches_torch_on_a_resnet_shape(batch):
     """A ResNet-like layer in both layouts agrees with torch's own kernel (float32)."""

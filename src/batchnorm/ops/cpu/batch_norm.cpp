@@ -1209,6 +1209,46 @@ inline void for_chunks(int64_t C, F&& f, G&& tail) {
   for_chunks(Cols{0, C}, std::forward<F>(f), std::forward<G>(tail));
 }
 
+// Values per task, at least, where a pass splits its work finer than its natural unit (the
+// blocks of rows of a channel-inner pass, the samples of short planes).
+constexpr int64_t kRowTaskValues = 16384;
+
+// Calls f(b, cols, last) in parallel for the blocks [b0, b1) of `block` rows of a channel-inner
+// pass over R rows of C channels, and ranges `cols` of their channels; `last`: the end of the
+// blocks that this task walks (for a prefetch of the next block: next_block_ahead). Whole
+// blocks (cols all of [0, C)) where they are at least as many as the threads; else each block's
+// channels go in ranges of whole chunks of for_chunks (4 vectors, so that every chunk holds the
+// same channels as without the split) of at least kRowTaskValues values, so that a tensor of
+// few rows (64x1280, 16x9216: one block) still occupies the threads. Every value is computed as
+// with whole blocks: each channel's arithmetic is its own, whatever the split.
+template <typename F>
+void for_block_tiles(int64_t b0, int64_t b1, int64_t block, int64_t R, int64_t C, F&& f) {
+  const int64_t n = b1 - b0;
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = (C + 4 * kW - 1) / (4 * kW);
+  int64_t split = 1;
+  if (n < threads) {
+    const int64_t rows = std::min(block, R - b0 * block);
+    const int64_t most = std::max<int64_t>(1, chunks * 4 * kW * rows / kRowTaskValues);
+    split = std::clamp<int64_t>((threads + n - 1) / n, 1, std::min(chunks, most));
+  }
+  if (split == 1) {
+    at::parallel_for(b0, b1, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t b = t0; b < t1; ++b) f(b, Cols{0, C}, t1);
+    });
+    return;
+  }
+  at::parallel_for(0, n * split, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = b0 + t / split, part = t % split;
+      const int64_t lo = chunks * part / split * 4 * kW;
+      const int64_t hi = std::min(C, chunks * (part + 1) / split * 4 * kW);
+      f(b, Cols{lo, hi}, b + 1);
+    }
+  });
+}
+
 // Per channel of the block rows [r0, r1): mean of (x - shift) and M2 around it (float32).
 //
 // One pass with sums of d = x - shift and of d^2, M2 = sum d^2 - n mean^2: exact enough when
@@ -1250,10 +1290,11 @@ inline void inner_chunk_two_pass(const T* x, int64_t C, int64_t c, int64_t r0, i
 // block is read), or 0 where this is the last block of the thread.
 template <typename T>
 void inner_block_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const float* shift,
-                         float* mean_out, float* m2_out, bool one_pass, int64_t ahead) {
+                         float* mean_out, float* m2_out, bool one_pass, int64_t ahead,
+                         Cols cols) {
   const float n = static_cast<float>(r1 - r0), inv = 1.f / n;
   for_chunks(
-      C,
+      cols,
       [&](int64_t c, auto k_const) {
         constexpr int K = decltype(k_const)::value;
         if (!one_pass) {
@@ -1546,11 +1587,12 @@ void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, con
 // Per channel of the block rows [r0, r1): sums of dy and of dy * (x - shift) (float32).
 template <typename T>
 void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64_t r1,
-                           const float* shift, float* sum_dy, float* sum_dyx, RowWalk walk) {
+                           const float* shift, float* sum_dy, float* sum_dyx, RowWalk walk,
+                           Cols cols) {
   if (channels_last_walk() == BlockWalk::kRows) {
-    std::fill(sum_dy, sum_dy + C, 0.f);
-    std::fill(sum_dyx, sum_dyx + C, 0.f);
-    for_row_chunks(Cols{0, C}, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
+    std::fill(sum_dy + cols.lo, sum_dy + cols.hi, 0.f);
+    std::fill(sum_dyx + cols.lo, sum_dyx + cols.hi, 0.f);
+    for_row_chunks(cols, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
         grad_sum_row_steps<decltype(count)::value>(x, dy, C, lo, hi, ra, rb, shift, sum_dy,
                                                    sum_dyx);
@@ -1559,7 +1601,7 @@ void inner_block_grad_sums(const T* x, const T* dy, int64_t C, int64_t r0, int64
     return;
   }
   for_chunks(
-      C,
+      cols,
       [&](int64_t c, auto k_const) {
         constexpr int K = decltype(k_const)::value;
         Vec vs[K], a[K], b[K];
@@ -1663,8 +1705,10 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
   const int64_t blocks = (R + block - 1) / block;
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
   std::vector<float> means(blocks * C), m2s(blocks * C);
-  inner_block_moments(x, C, 0, std::min(R, block), shift.data(), means.data(), m2s.data(),
-                      /*one_pass=*/false, /*ahead=*/0);
+  for_block_tiles(0, 1, block, R, C, [&](int64_t, Cols cols, int64_t) {
+    inner_block_moments(x, C, 0, std::min(R, block), shift.data(), means.data(), m2s.data(),
+                        /*one_pass=*/false, /*ahead=*/0, cols);
+  });
   for (int64_t c = 0; c < C; ++c) {
     // Only a finite centre is an improvement; NaN and inf reach the statistics either way.
     const float centre = shift[c] + means[c];
@@ -1673,12 +1717,10 @@ void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
     means[c] = static_cast<float>(static_cast<double>(shift[c]) - centre + means[c]);
     shift[c] = centre;
   }
-  at::parallel_for(1, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                          means.data() + b * C, m2s.data() + b * C, /*one_pass=*/true,
-                          next_block_ahead(b, b1, block, R, C, bytes));
-    }
+  for_block_tiles(1, blocks, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
+    inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift.data(),
+                        means.data() + b * C, m2s.data() + b * C, /*one_pass=*/true,
+                        next_block_ahead(b, last, block, R, C, bytes), cols);
   });
   // Chan's merge (Moments::merge) in block order. A block's weights depend on its row count
   // alone, the same for every channel: they are computed once (two divisions per channel and
@@ -1935,8 +1977,6 @@ inline bool planes_as_rows(const Geometry& g) { return !g.inner && g.S > 1 && g.
 
 inline Geometry rows_of_planes(const Geometry& g) { return Geometry{true, g.N, g.C * g.S, 1}; }
 
-constexpr int64_t kRowTaskValues = 16384;
-
 // out[i - lo] = t[i / S] for the columns i in [lo, hi) (lo a multiple of kW, S < kW), a vector
 // at a time: the lanes of vector v take channels v * kW / S on, in a pattern (lanes[k],
 // k = v % S) that repeats every S vectors, kW channels on (a permute of the kW channels from
@@ -2055,12 +2095,10 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
   const bool stream = streams(g, reads, y);
   const RowWalk walk = row_walk<T>(g, reads);
   const int64_t R = g.rows(), block = inner_block_rows(C);
-  at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                         scale.data(), offset.data(), f, stream, walk, Cols{0, C});
-    }
-    if (stream) stream_fence();
+  for_block_tiles(0, (R + block - 1) / block, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
+    inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
+                       scale.data(), offset.data(), f, stream, walk, cols);
+    if (stream && b + 1 == last) stream_fence();
   });
 }
 
@@ -2506,11 +2544,9 @@ void grad_sums(const T* x, const T* dy, const Geometry& g, const float* shift,
   const int64_t blocks = (R + block - 1) / block;
   std::vector<float> part_dy(blocks * C, 0.f), part_dyx(blocks * C, 0.f);
   const RowWalk walk = row_walk<T>(g, 2);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      inner_block_grad_sums(x, dy, C, b * block, std::min(R, (b + 1) * block), shift,
-                            part_dy.data() + b * C, part_dyx.data() + b * C, walk);
-    }
+  for_block_tiles(0, blocks, block, R, C, [&](int64_t b, Cols cols, int64_t) {
+    inner_block_grad_sums(x, dy, C, b * block, std::min(R, (b + 1) * block), shift,
+                          part_dy.data() + b * C, part_dyx.data() + b * C, walk, cols);
   });
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -2571,14 +2607,11 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
   const RowWalk walk = row_walk<T>(g, kWithX ? 2 : 1);
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
-  at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
-                                a.data(), k.data(), c0v.data(),
-                                next_block_ahead(b, b1, block, R, C, bytes), stream, walk,
-                                Cols{0, C});
-    }
-    if (stream) stream_fence();
+  for_block_tiles(0, (R + block - 1) / block, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
+    inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
+                              a.data(), k.data(), c0v.data(),
+                              next_block_ahead(b, last, block, R, C, bytes), stream, walk, cols);
+    if (stream && b + 1 == last) stream_fence();
   });
 }
 
@@ -2825,9 +2858,9 @@ void gate_pass(const T* dy, T* out, const Geometry& geo, const Gate<T>& g, const
   }
   const int64_t R = geo.rows(), block = inner_block_rows(C);
   const bool chunked = chunk_rows(C, large_pass<T>(geo, g.z != nullptr ? 3 : 2));
-  at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    gate_rows(dy, out, C, b0 * block, std::min(R, b1 * block), g, shift, scale, offset, chunked,
-              Cols{0, C});
+  for_block_tiles(0, (R + block - 1) / block, block, R, C, [&](int64_t b, Cols cols, int64_t) {
+    gate_rows(dy, out, C, b * block, std::min(R, (b + 1) * block), g, shift, scale, offset,
+              chunked, cols);
   });
 }
 
