@@ -1413,8 +1413,8 @@ BN_ALWAYS_INLINE inline void for_row_chunks(Cols cols, bool chunked, F&& f) {
 // (256x1024: each row's loads alias the stores of the row before modulo 4 KB) and 1.0-1.3x on
 // the large 64x1024x14x14; rows of 512-1152 bytes 1.17-1.37x on 6-8 MB tensors
 // (16x128x56x56-16x160x56x56). Rows of at most 256 bytes in tensors up to 1 MB (128x64,
-// 1024x64, 32x64x8x8, 64x32x8x8, 16x64x16x16 NHWC): eval 0.78-0.93x, training forward
-// 0.89-0.96x, backward 0.68-0.77x repeated, 0.97-1.12x evicted; in larger tensors (4-26 MB)
+// 1024x64, 32x64x8x8, 64x32x8x8, 16x64x16x16 NHWC; two runs): eval 0.74-0.93x, training
+// forward 0.82-0.96x, backward 0.60-0.79x repeated, 0.88-1.12x evicted; in larger tensors (4-26 MB)
 // mixed, 0.80-1.21x. Backward rows of 5-6 KB (64x1280, 32x1536): 0.78-0.82x repeated,
 // 0.90-0.98x evicted; their eval and training forward 0.96-1.06x, so only the backward.
 struct RowWalk {
