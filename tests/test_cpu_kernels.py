@@ -279,6 +279,21 @@ def _run_all(x, dy, gamma, beta):
     return (y, *grads, rm, rv, y_eval)
 
 
+def _same_on_one_and_two_threads(x, dy, gamma, beta):
+    """_run_all on 1 and on 2 threads, bit for bit the same; returns the 1-thread results."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_all(x, dy, gamma, beta)
+        torch.set_num_threads(2)
+        two = _run_all(x, dy, gamma, beta)
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "rm", "rv", "eval y"), one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    return one
+
+
 @pytest.mark.parametrize(
     "shape,layout",
     [((8, 6, 20, 20), "nchw"), ((8, 40, 10, 10), "nhwc"), ((5000, 12), "nc"),
@@ -294,16 +309,7 @@ def test_results_independent_of_thread_count(shape, layout):
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn(shape, generator=gen)
     gamma, beta = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _run_all(x, dy, gamma, beta)
-        torch.set_num_threads(2)
-        two = _run_all(x, dy, gamma, beta)
-    finally:
-        torch.set_num_threads(before)
-    for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "rm", "rv", "eval y"), one, two):
-        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    _same_on_one_and_two_threads(x, dy, gamma, beta)
 
 
 @pytest.mark.parametrize("shape", [(48, 1100), (100, 1300), (16, 9216)])
@@ -316,16 +322,7 @@ def test_few_rows_split_by_channels_independent_of_thread_count(shape):
     x[64:, 630:650] += 1e4  # the second block of rows (where there is one) drifts, by the split
     dy = torch.randn(shape, generator=gen)
     gamma, beta = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _run_all(x, dy, gamma, beta)
-        torch.set_num_threads(2)
-        two = _run_all(x, dy, gamma, beta)
-    finally:
-        torch.set_num_threads(before)
-    for name, a, b in zip(("y", "dx", "dgamma", "dbeta", "rm", "rv", "eval y"), one, two):
-        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    one = _same_on_one_and_two_threads(x, dy, gamma, beta)
     reference = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
     assert torch.allclose(one[0].double(), reference * gamma.double() + beta.double(), atol=1e-4)
 
