@@ -1081,17 +1081,19 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
 // L = B * S values per sample is read in whole vectors, and lane l of the sums' vector v holds
 // column v * kW + l of the run (channel (v * kW + l) / S), summed down the samples; a channel's
 // S columns are added in float64 at the end of the group (column_total). kBlockRows samples
-// share one load and store of the sums; ask(m) comes before a step reads its samples, m being
-// the samples of the next step (as in walk_block_rows). add(n, j, m, a1, a2) adds the m <= kW
-// values from position j of sample n's run (the lanes past m read as zero, and the centres
-// there are zero).
-template <typename R, typename F>
+// share one load and store of the sums. add(n, j, m, a1, a2) adds the m <= kW values from
+// position j of sample n's run (the lanes past m read as zero, and the centres there are zero).
+// No software prefetches: asking for the next step's runs (a prefetch per line, one per vector
+// read) took 1.02-1.28x the time of the training forward and 1.11-1.17x of the backward on
+// 64x512x4x4, 64x512x2x2, 64x2048x3x3, 16x1024x3x3, 128x256x3x3 and 32x256x4x4, and
+// 1.02-1.18x with the caches evicted (1 thread, paired medians): the runs of 1-4 KB per
+// sample are long enough for the hardware prefetchers, and the prefetches took load slots.
+template <typename F>
 BN_ALWAYS_INLINE inline void walk_block_columns(int64_t L, int64_t n0, int64_t n1,
-                                                PlanarScratch& scratch, R&& ask, F&& add) {
+                                                PlanarScratch& scratch, F&& add) {
   float *s1 = scratch.col1, *s2 = scratch.col2;
   auto rows = [&](int64_t n, auto count) BN_ALWAYS_INLINE {
     constexpr int64_t kRows = decltype(count)::value;
-    for (int64_t k = 0; k < kRows; ++k) ask(n + kRows + k);
     auto column = [&](int64_t j, int64_t m) BN_ALWAYS_INLINE {
       Vec a1 = Vec::loadu(s1 + j), a2 = Vec::loadu(s2 + j);
       for (int64_t k = 0; k < kRows; ++k) add(n + k, j, m, a1, a2);
@@ -1121,9 +1123,6 @@ void planar_block_column_moments(const T* x, const Geometry& g, int64_t c0, int6
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / S);
   const T* base = x + c0 * S;  // sample 0's run
   auto row = [&](int64_t b, int64_t n) BN_ALWAYS_INLINE { return base + n * run + b * S; };
-  auto prefetch = [&](int64_t m) BN_ALWAYS_INLINE {
-    if (m < g.N) prefetch_row(base + m * run, L * sizeof(T));
-  };
   float *mean = scratch.mean.data(), *centre = scratch.centre.data();
   const float* vc = scratch.col_centre;
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
@@ -1134,7 +1133,7 @@ void planar_block_column_moments(const T* x, const Geometry& g, int64_t c0, int6
     }
     scratch.set_column_centres(centre, B, S);
     scratch.clear_columns();
-    walk_block_columns(L, n0, n1, scratch, prefetch,
+    walk_block_columns(L, n0, n1, scratch,
                        [&](int64_t n, int64_t j, int64_t m, Vec& a1, Vec& a2) BN_ALWAYS_INLINE {
                          const Vec d = vload_upto(base + n * run + j, m) - Vec::loadu(vc + j);
                          a1 += d;
@@ -1415,7 +1414,7 @@ BN_ALWAYS_INLINE inline void for_row_chunks(Cols cols, bool chunked, F&& f) {
 // (16x128x56x56-16x160x56x56). Rows of at most 256 bytes in tensors up to 1 MB (128x64,
 // 1024x64, 32x64x8x8, 64x32x8x8, 16x64x16x16 NHWC; two runs): eval 0.74-0.93x, training
 // forward 0.82-0.96x, backward 0.60-0.79x repeated, 0.88-1.12x evicted; in larger tensors (4-26 MB)
-// mixed, 0.80-1.21x. Backward rows of 5-6 KB (64x1280, 32x1536): 0.78-0.82x repeated,
+// mixed, 0.71-1.21x. Backward rows of 5-6 KB (64x1280, 32x1536): 0.78-0.82x repeated,
 // 0.90-0.98x evicted; their eval and training forward 0.96-1.06x, so only the backward.
 struct RowWalk {
   bool chunked, grouped;
@@ -2476,12 +2475,6 @@ void planar_block_column_grad_sums(const T* x, const T* dy, const Geometry& g, i
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / S);
   const T* xb = x + c0 * S;
   const T* gb = dy + c0 * S;
-  auto prefetch = [&](int64_t m) BN_ALWAYS_INLINE {
-    if (m < g.N) {
-      prefetch_row(xb + m * run, L * sizeof(T));
-      prefetch_row(gb + m * run, L * sizeof(T));
-    }
-  };
   scratch.set_column_centres(shift + c0, B, S);
   const float* vs = scratch.col_centre;
   std::fill(sum_dy, sum_dy + B, 0.0);
@@ -2490,7 +2483,7 @@ void planar_block_column_grad_sums(const T* x, const T* dy, const Geometry& g, i
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
     scratch.clear_columns();
     // col1: sums of dy, col2: sums of dy * (x - shift) (dy's lanes past m read as zero).
-    walk_block_columns(L, n0, n1, scratch, prefetch,
+    walk_block_columns(L, n0, n1, scratch,
                        [&](int64_t n, int64_t j, int64_t m, Vec& a1, Vec& a2) BN_ALWAYS_INLINE {
                          const int64_t off = n * run + j;
                          const Vec gv = vload_upto(gb + off, m);
