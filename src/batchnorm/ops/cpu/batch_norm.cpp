@@ -2218,7 +2218,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
         if (stream && !separate) stream_fence();  // once per task, not per block
       });
       if (separate && planes_as_rows(g)) {
-        short_planes_affine(xp, yp, g, shift.data(), scale.data(), offset.data(), fuse);
+        affine(xp, yp, g, shift, scale, offset, fuse);  // its dispatch: short_planes_affine
       } else if (separate) {
         const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
         planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
