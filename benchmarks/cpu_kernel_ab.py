@@ -20,6 +20,12 @@ and the outputs come from memory, as after a layer whose output did not stay in 
 Run (the folders are those that ``ls -t ~/.cache/batchnorm/ext`` lists):
     PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR 64x2048x7x7 32x64x56x56
     PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR --backward 64x960x7x7
+
+A change meant to keep every value (a new walk, a new split) is checked first with ``--bits``:
+no timing; each shape's results from both builds (training forward with its saved and running
+statistics, eval, backward, fused forward and backward) are compared bit for bit, on randn, on
+1e4 + randn and on a mean drifting along the batch, and the exit status is 1 where any differ:
+    PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR --bits --threads 2 64x1280
 """
 
 from __future__ import annotations
@@ -112,6 +118,49 @@ def compare(
     }
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (so that NaNs and signed zeros compare by their bits)."""
+    return t.detach().contiguous().view(torch.uint8) if t.numel() else t
+
+
+def same_bits(old: ModuleType, new: ModuleType, x: torch.Tensor) -> list[str]:
+    """What differs between the builds' results on x, bit for bit: the training forward (y, the
+    saved statistics, the running statistics), the eval forward, the training backward (dx,
+    dgamma, dbeta) and the fused forward and backward (save="recompute"). Empty: nothing."""
+    channels = x.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.rand(channels, generator=gen) + 0.5
+    bias = torch.randn(channels, generator=gen)
+    dy = torch.randn(x.shape, generator=gen).to(x.dtype)
+    z = torch.randn(x.shape, generator=gen).to(x.dtype)
+    if not x.is_contiguous():
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        z = z.contiguous(memory_format=torch.channels_last)
+
+    def results(ext: ModuleType) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        stats = [torch.zeros(channels), torch.ones(channels)]
+        saved = ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
+        out.update({f"forward[{i}]": t for i, t in enumerate(saved)})
+        out.update(running_mean=stats[0], running_var=stats[1])
+        out["eval"] = ext.forward(x, weight, bias, *stats, False, 0.1, 1e-5)[0]
+        grads = ext.backward(dy, x, weight, *saved[1:4], True, True, True)
+        out.update({f"backward[{i}]": t for i, t in enumerate(grads)})
+        fused = ext.forward_fused(x, weight, bias, *stats, True, 0.1, 1e-5, z, 3)
+        out["fused"] = fused[0]
+        fgrads = ext.backward_fused(dy, x, weight, *fused[1:6], True, True, True, True, 3, z)
+        out.update({f"fused_backward[{i}]": t for i, t in enumerate(fgrads)})
+        return out
+
+    a, b = results(old), results(new)
+    return [
+        k
+        for k in a
+        if (a[k] is None) != (b[k] is None)
+        or (a[k] is not None and not torch.equal(_bits(a[k]), _bits(b[k])))
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", help="folder of the old build")
@@ -127,12 +176,36 @@ def main(argv: list[str] | None = None) -> None:
         "--cold", action="store_true", help="evict the caches before every timed call"
     )
     parser.add_argument("--evict-mb", type=int, default=128, help="size of the eviction read")
+    parser.add_argument(
+        "--bits",
+        action="store_true",
+        help="compare the builds' results bit for bit (no timing); exit 1 where they differ",
+    )
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     torch.set_num_threads(args.threads)
     evict = torch.ones(args.evict_mb << 18) if args.cold else None
     old, new = load_build(args.old), load_build(args.new)
+    if args.bits:
+        differ = False
+        for text in args.shapes:
+            shape = tuple(int(v) for v in text.split("x"))
+            for layout in ("nchw", "nhwc") if len(shape) == 4 else ("contiguous",):
+                for kind in ("randn", "1e4 + randn", "drift"):
+                    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+                    if kind == "1e4 + randn":
+                        x = x + 1e4
+                    elif kind == "drift":  # a mean that moves along the batch: redone blocks
+                        ramp = torch.arange(shape[0], dtype=x.dtype) * 50.0
+                        x = x + ramp.view(-1, *([1] * (len(shape) - 1)))
+                    if layout == "nhwc":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    bad = same_bits(old, new, x)
+                    differ |= bool(bad)
+                    verdict = "differ: " + ", ".join(bad) if bad else "same bits"
+                    print(f"{text} {layout} {kind}: {verdict}")
+        raise SystemExit(1 if differ else 0)
     print("shape | layout | copy us | old x copy | new x copy | new / old (paired median)")
     print("---|---|---|---|---|---")
     for text in args.shapes:
