@@ -327,6 +327,32 @@ def test_few_rows_split_by_channels_independent_of_thread_count(shape):
     assert torch.allclose(one[0].double(), reference * gamma.double() + beta.double(), atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1024, 64), (600, 40), (16, 48, 8, 8)])
+def test_channel_pieces_same_bits_as_whole_blocks(shape):
+    """Small channel-inner tensors go a piece of channels down all the rows (statistics, then
+    output; sums, then dx) where they have at least as many chunks of 64 channels as threads,
+    else block by block over all channels: with one chunk, 1 thread takes the pieces and 2
+    threads the blocks, and the two give the same bits, also with a drifting block (redone in
+    two passes), a scalar tail of channels (40, 48) and channels-last rows."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(shape, generator=gen) * 3 + 1
+    x[shape[0] // 2 :, 5:9] += 1e4  # a later block of rows drifts far from the first one's mean
+    if len(shape) == 4:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen)
+    gamma, beta = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
+    one = _same_on_one_and_two_threads(x, dy, gamma, beta)
+    dims = [0, *range(2, len(shape))]
+    view = [1, -1] + [1] * (len(shape) - 2)
+    x64 = x.double()
+    reference = (x64 - x64.mean(dims).view(view)) / (
+        x64.var(dims, unbiased=False) + 1e-5
+    ).sqrt().view(view)
+    assert torch.allclose(
+        one[0].double(), reference * gamma.double().view(view) + beta.double().view(view), atol=1e-4
+    )
+
+
 @pytest.mark.parametrize("batch", [4, 16])  # 0.2 MB, and 3.2 MB (prefetching the next block)
 def test_matches_torch_on_a_resnet_shape(batch):
     """A ResNet-like layer in both layouts agrees with torch's own kernel (float32)."""
