@@ -826,14 +826,25 @@ inline int64_t next_block_ahead(int64_t b, int64_t b1, int64_t block, int64_t R,
   return (b + 1 < b1 && (b + 2) * block <= R) ? block * C : 0;
 }
 
-std::vector<float> floats_or(const c10::optional<Tensor>& t, int64_t C, float fill) {
-  if (!t.has_value() || !t->defined()) return std::vector<float>(C, fill);
+// The C values of a (C,) tensor as float32 into out, or `fill` where there is no tensor.
+void floats_into(const c10::optional<Tensor>& t, int64_t C, float fill, float* out) {
+  if (!t.has_value() || !t->defined()) {
+    std::fill(out, out + C, fill);
+    return;
+  }
   if (t->scalar_type() == at::kFloat && t->is_contiguous()) {  // the common case: no ATen call
     const float* p = t->data_ptr<float>();
-    return std::vector<float>(p, p + C);
+    std::copy(p, p + C, out);
+    return;
   }
   const Tensor f = t->detach().to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + C);
+  std::copy(f.data_ptr<float>(), f.data_ptr<float>() + C, out);
+}
+
+std::vector<float> floats_or(const c10::optional<Tensor>& t, int64_t C, float fill) {
+  std::vector<float> v(C);
+  floats_into(t, C, fill, v.data());
+  return v;
 }
 
 // running = (1 - momentum) * running + momentum * value, in the buffer's own dtype.
@@ -2170,19 +2181,18 @@ void short_planes_affine(const T* x, T* y, const Geometry& g, const float* shift
 
 // y = (x - shift) * scale + offset, per channel.
 template <typename T>
-void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift,
-            const std::vector<float>& scale, const std::vector<float>& offset,
-            const Fuse<T>& f) {
+void affine(const T* x, T* y, const Geometry& g, const float* shift, const float* scale,
+            const float* offset, const Fuse<T>& f) {
   const int64_t C = g.C, S = g.S;
   if (planes_as_rows(g)) {
-    short_planes_affine(x, y, g, shift.data(), scale.data(), offset.data(), f);
+    short_planes_affine(x, y, g, shift, scale, offset, f);
     return;
   }
   if (!g.inner) {
     const PlanarWrite w = planar_write(g, f.z != nullptr ? 2 : 1, y, f.any());
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
-                       affine_rows(x, y, g, i0, i1, shift.data(), scale.data(), offset.data(), f,
+                       affine_rows(x, y, g, i0, i1, shift, scale, offset, f,
                                    w);
                        if (w.stream) stream_fence();
                      });
@@ -2193,8 +2203,8 @@ void affine(const T* x, T* y, const Geometry& g, const std::vector<float>& shift
   const RowWalk walk = row_walk<T>(g, reads);
   const int64_t R = g.rows(), block = inner_block_rows(C);
   for_block_tiles(0, (R + block - 1) / block, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
-    inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift.data(),
-                       scale.data(), offset.data(), f, stream, walk, cols);
+    inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift,
+                       scale, offset, f, stream, walk, cols);
     if (stream && b + 1 == last) stream_fence();
   });
 }
@@ -2356,97 +2366,95 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
                   const Fuse<T>& fuse) {
   const int64_t C = g.C;
   const T* xp = x.data_ptr<T>();
+  if (!training) {
+    // The (C,) constants are written where they are kept (out) and the output pass reads them
+    // there: no vectors of them and no copies.
+    const std::vector<float> gamma = floats_or(weight, C, 1.f), rv = floats_or(running_var, C, 1.f);
+    floats_into(running_mean, C, 0.f, out.shift);
+    floats_into(bias, C, 0.f, out.offset);
+    eval_constants(C, rv.data(), gamma.data(), eps, out.scale, out.invstd);
+    std::fill(out.mean, out.mean + C, 0.f);
+    affine(xp, y.data_ptr<T>(), g, out.shift, out.scale, out.offset, fuse);
+    return;
+  }
   const std::vector<float> gamma = floats_or(weight, C, 1.f), beta = floats_or(bias, C, 0.f);
   std::vector<float> shift(C), scale(C), offset(C);
   float* shift_out = out.shift;
   float* mean_out = out.mean;
   float* invstd_out = out.invstd;
-  if (training) {
-    // Centre every channel on its first value.
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(xp[g.inner ? c : c * g.S]);
-    std::vector<double> mean_s(C), var(C);
-    auto finalize = [&](int64_t c0, int64_t c1) {
-      training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps,
-                         scale.data(), offset.data(), mean_out, invstd_out);
-    };
-    if (!g.inner) {
-      // A block of channels at a time: statistics, then (rows_after_statistics) its output
-      // while the block's slice is still in cache. On tensors from memory
-      // (planar_in_memory_order) each thread's channels are one block, and the output goes in
-      // a pass of its own.
-      T* yp = y.data_ptr<T>();
-      const bool in_order = planar_in_memory_order<T>(g);
-      const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-      const int64_t B = in_order ? (C + threads - 1) / threads : planar_block_channels<T>(g, 1);
-      const bool stream = streams(g, 1, yp);
-      const bool separate = in_order || !rows_after_statistics(g, 1, yp);
-      at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
-        std::vector<Moments> mo(B);
-        PlanarScratch scratch(B, g);
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t c0 = k * B, c1 = std::min(C, c0 + B);
-          if (B == 1) {
-            mo[0] = planar_channel_moments(xp, g, c0, shift[c0]);
-          } else if (short_planes(g)) {
-            std::fill(mo.begin(), mo.end(), Moments());
-            planar_block_column_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
-          } else {
-            std::fill(mo.begin(), mo.end(), Moments());
-            planar_block_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
-          }
-          for (int64_t c = c0; c < c1; ++c) {
-            mean_s[c] = mo[c - c0].mean;
-            var[c] = mo[c - c0].m2 / mo[c - c0].n;
-          }
-          finalize(c0, c1);
-          if (separate) continue;
-          for (int64_t n = 0; n < g.N; ++n) {
-            affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift.data(), scale.data(),
-                        offset.data(), fuse, PlanarWrite{false, stream});
-          }
+  // Centre every channel on its first value.
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(xp[g.inner ? c : c * g.S]);
+  std::vector<double> mean_s(C), var(C);
+  auto finalize = [&](int64_t c0, int64_t c1) {
+    training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps,
+                       scale.data(), offset.data(), mean_out, invstd_out);
+  };
+  if (!g.inner) {
+    // A block of channels at a time: statistics, then (rows_after_statistics) its output
+    // while the block's slice is still in cache. On tensors from memory
+    // (planar_in_memory_order) each thread's channels are one block, and the output goes in
+    // a pass of its own.
+    T* yp = y.data_ptr<T>();
+    const bool in_order = planar_in_memory_order<T>(g);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t B = in_order ? (C + threads - 1) / threads : planar_block_channels<T>(g, 1);
+    const bool stream = streams(g, 1, yp);
+    const bool separate = in_order || !rows_after_statistics(g, 1, yp);
+    at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<Moments> mo(B);
+      PlanarScratch scratch(B, g);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t c0 = k * B, c1 = std::min(C, c0 + B);
+        if (B == 1) {
+          mo[0] = planar_channel_moments(xp, g, c0, shift[c0]);
+        } else if (short_planes(g)) {
+          std::fill(mo.begin(), mo.end(), Moments());
+          planar_block_column_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
+        } else {
+          std::fill(mo.begin(), mo.end(), Moments());
+          planar_block_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
         }
-        if (stream && !separate) stream_fence();  // once per task, not per block
-      });
-      if (separate && planes_as_rows(g)) {
-        affine(xp, yp, g, shift, scale, offset, fuse);  // its dispatch: short_planes_affine
-      } else if (separate) {
-        const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
-        planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
-          affine_rows(xp, yp, g, r0, r1, shift.data(), scale.data(), offset.data(), fuse, w);
-        });
+        for (int64_t c = c0; c < c1; ++c) {
+          mean_s[c] = mo[c - c0].mean;
+          var[c] = mo[c - c0].m2 / mo[c - c0].n;
+        }
+        finalize(c0, c1);
+        if (separate) continue;
+        for (int64_t n = 0; n < g.N; ++n) {
+          affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift.data(), scale.data(),
+                      offset.data(), fuse, PlanarWrite{false, stream});
+        }
       }
-    } else if (!fuse.any() && inner_pieces<T>(g, /*forward=*/true)) {
-      pieces_forward(xp, y.data_ptr<T>(), g, shift, scale, offset, mean_s, var, finalize);
-    } else {
-      training_moments(xp, g, shift, mean_s, var);
-      finalize(0, C);
-      affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
+      if (stream && !separate) stream_fence();  // once per task, not per block
+    });
+    if (separate && planes_as_rows(g)) {
+      affine(xp, yp, g, shift.data(), scale.data(), offset.data(), fuse);  // short_planes_affine
+    } else if (separate) {
+      const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
+      planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
+        affine_rows(xp, yp, g, r0, r1, shift.data(), scale.data(), offset.data(), fuse, w);
+      });
     }
-    std::copy(shift.begin(), shift.end(), shift_out);
-    std::copy(scale.begin(), scale.end(), out.scale);
-    std::copy(offset.begin(), offset.end(), out.offset);
-    const double m = static_cast<double>(g.per_channel());
-    std::vector<double> mean(C), unbiased(C);
-    for (int64_t c = 0; c < C; ++c) {
-      mean[c] = shift[c] + mean_s[c];
-      unbiased[c] = var[c] * m / (m - 1);
-    }
-    if (running_mean.has_value() && running_mean->defined()) {
-      blend_into(*running_mean, mean, momentum);
-      blend_into(*running_var, unbiased, momentum);
-    }
-    return;
+  } else if (!fuse.any() && inner_pieces<T>(g, /*forward=*/true)) {
+    pieces_forward(xp, y.data_ptr<T>(), g, shift, scale, offset, mean_s, var, finalize);
   } else {
-    shift = floats_or(running_mean, C, 0.f);
-    const std::vector<float> rv = floats_or(running_var, C, 1.f);
-    eval_constants(C, rv.data(), gamma.data(), eps, scale.data(), invstd_out);
-    offset = beta;
-    std::copy(shift.begin(), shift.end(), shift_out);
-    std::fill(mean_out, mean_out + C, 0.f);
+    training_moments(xp, g, shift, mean_s, var);
+    finalize(0, C);
+    affine(xp, y.data_ptr<T>(), g, shift.data(), scale.data(), offset.data(), fuse);
   }
+  std::copy(shift.begin(), shift.end(), shift_out);
   std::copy(scale.begin(), scale.end(), out.scale);
   std::copy(offset.begin(), offset.end(), out.offset);
-  affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
+  const double m = static_cast<double>(g.per_channel());
+  std::vector<double> mean(C), unbiased(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = shift[c] + mean_s[c];
+    unbiased[c] = var[c] * m / (m - 1);
+  }
+  if (running_mean.has_value() && running_mean->defined()) {
+    blend_into(*running_mean, mean, momentum);
+    blend_into(*running_var, unbiased, momentum);
+  }
 }
 
 // ReLU codes, as batchnorm.modes.FusedSave: what the backward of a fused ReLU keeps.
