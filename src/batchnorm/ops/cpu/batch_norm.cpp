@@ -15,7 +15,7 @@
 //   of d = x - centre and d^2 per group, whose cancellation is bounded by a guard
 //   (one_pass_moments: mean^2 <= 8 var); a group that fails it is redone in two passes (the
 //   second from L1/L2). Planar: the first group centred on the mean of its first row, every
-//   later one on the mean of the group before (first_row_centre); the tails of rows that are
+//   later one on the mean of the group before (group_centres); the tails of rows that are
 //   not a multiple of the vector width are summed as partial vectors (zeroed lanes) in the
 //   same lanes as the rest. Channel-inner: every block on the channel's
 //   common shift, the first block's mean (inner_block_moments); a redone block is centred on
@@ -407,6 +407,30 @@ BN_ALWAYS_INLINE inline void row_m2(const T* p, int64_t len, float shift, float 
 }
 
 inline float hsum4(const Vec* acc) { return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])); }
+
+// out[b] = hsum(vec(b)) for b in [0, B): the same sums, lane 0 first, with the chains of
+// additions of up to kW vectors interleaved. Where a channel has few rows, one channel's chain
+// of 16 dependent additions after another was the larger part of its cost.
+template <typename F>
+BN_ALWAYS_INLINE inline void hsums(int64_t B, F&& vec, float* out) {
+  alignas(64) float lanes[kW * kW];
+  for (int64_t b0 = 0; b0 < B; b0 += kW) {
+    const int64_t n = std::min<int64_t>(kW, B - b0);
+    for (int64_t j = 0; j < n; ++j) vec(b0 + j).store(lanes + j * kW);
+    float sums[kW] = {};
+    for (int64_t i = 0; i < kW; ++i) {
+      for (int64_t j = 0; j < n; ++j) sums[j] += lanes[j * kW + i];
+    }
+    std::copy(sums, sums + n, out + b0);
+  }
+}
+
+// out[b] = hsum(acc[4 * b + first] + acc[4 * b + first + 1]) over a block's accumulators (four
+// vectors per channel), as one_pass_moments and the gradient sums take them.
+inline void pair_hsums(const Vec* acc, int64_t B, int first, float* out) {
+  hsums(B, [&](int64_t b) BN_ALWAYS_INLINE { return acc[4 * b + first] + acc[4 * b + first + 1]; },
+        out);
+}
 
 // One pass over a row: sums of d = p[i] - centre (acc[0], acc[1]) and of d^2 (acc[2], acc[3]).
 template <typename T>
@@ -914,12 +938,13 @@ int64_t planar_block_channels(const Geometry& g, int64_t tensors) {
 struct PlanarScratch {
   std::vector<Vec> acc;
   std::vector<float> mean, centre;
+  std::vector<float> sum1, sum2;  // per channel, the horizontal sums of its accumulators
   // Short planes (walk_block_columns): per value of a block's run, its channel's centre (or
   // shift) and two sums, each padded with zeros to whole vectors and aligned to a vector.
   std::vector<float> columns;
   float *col_centre = nullptr, *col1 = nullptr, *col2 = nullptr;
   int64_t col_len = 0;  // values per array, a multiple of kW
-  explicit PlanarScratch(int64_t B) : acc(4 * B), mean(B), centre(B) {}
+  explicit PlanarScratch(int64_t B) : acc(4 * B), mean(B), centre(B), sum1(B), sum2(B) {}
   PlanarScratch(int64_t B, const Geometry& g) : PlanarScratch(B) {
     if (!short_planes(g)) return;
     col_len = (B * g.S + kW - 1) / kW * kW;
@@ -952,7 +977,7 @@ struct PlanarScratch {
 // the same order as one row per step would, so the sums are the same bits; with one row per step
 // the round trip of the accumulators through L1 came at every row of 49 values: 4 rows per step
 // took 0.80-0.88x the time of the 7x7 training forward at 32x512, 64x960 and 64x2048 (and the
-// backward 0.81-0.92x), 1 thread. (A block of one channel runs planar_channel_moments or
+// backward 0.81-0.92x), 1 thread. (A block of one channel runs planar_channels_moments or
 // planar_grad_sums instead, whose accumulators stay in registers across the rows.)
 constexpr int64_t kBlockRows = 4;
 
@@ -992,19 +1017,38 @@ BN_ALWAYS_INLINE inline void walk_block_rows(int64_t B, int64_t n0, int64_t n1,
 // meets unless the channel's values drift along the batch (the guard then sends that group to
 // two passes). A centre is the float32 nearest a mean of the data, so x - centre is exact
 // wherever the values are within a factor of 2 of it (1e4 + randn, say).
-template <typename T>
-inline float first_row_centre(const T* p, int64_t S) {
-  const float first = static_cast<float>(p[0]);
-  Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-  row_sum(p, S, first, acc);
-  const float centre =
-      static_cast<float>(static_cast<double>(first) + hsum4(acc) / static_cast<double>(S));
-  return std::isfinite(centre) ? centre : first;
-}
-
 inline float next_centre(float centre, float group_mean, float fallback) {
   const float next = static_cast<float>(static_cast<double>(centre) + group_mean);
   return std::isfinite(next) ? next : fallback;
+}
+
+// The centres of a block's B channels for its group of samples from n0 (row(b, n): channel b's
+// row of sample n; `mean`: the group before's means): for the first group the mean of each
+// channel's first row, their horizontal sums interleaved (hsums), else next_centre's.
+template <typename T, typename Row>
+void group_centres(Row&& row, int64_t B, int64_t S, int64_t n0, const float* mean, float* centre,
+                   Vec* acc, float* sums) {
+  if (n0 > 0) {
+    for (int64_t b = 0; b < B; ++b) {
+      centre[b] = next_centre(centre[b], mean[b], static_cast<float>(*row(b, n0)));
+    }
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    Vec a[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+    row_sum(row(b, 0), S, static_cast<float>(*row(b, 0)), a);
+    for (int k = 0; k < 4; ++k) acc[4 * b + k] = a[k];
+  }
+  hsums(B, [&](int64_t b) BN_ALWAYS_INLINE {
+    const Vec* a = acc + 4 * b;
+    return (a[0] + a[1]) + (a[2] + a[3]);
+  }, sums);
+  for (int64_t b = 0; b < B; ++b) {
+    const float first = static_cast<float>(*row(b, 0));
+    const double mean_d = sums[b] / static_cast<double>(S);  // the first row's mean of x - first
+    const float c = static_cast<float>(static_cast<double>(first) + mean_d);
+    centre[b] = std::isfinite(c) ? c : first;
+  }
 }
 
 // A group whose one-pass sums failed the guard (one_pass_moments): two passes over the
@@ -1022,32 +1066,43 @@ void two_pass_group(Row&& row, int64_t n0, int64_t n1, int64_t S, float centre, 
   m2 = hsum4(acc2);
 }
 
-// One channel of the planar layout (a block of one): the same arithmetic as
-// planar_block_moments, with the accumulators in registers across the rows.
+// Channels [c0, c1) of the planar layout, each a block of one: the same arithmetic as
+// planar_block_moments, one channel's rows after another with its accumulators in registers,
+// and the groups' horizontal sums of all the channels at once (pair_hsums). The channels go
+// through each group of samples together, so ranges of more than one channel are for short
+// rows (a group or two); a range of one walks its channel's rows in order.
 template <typename T>
-Moments planar_channel_moments(const T* x, const Geometry& g, int64_t c, float shift) {
-  const int64_t S = g.S, stride = g.C * S;
+void planar_channels_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
+                             const float* shift, Moments* out, PlanarScratch& scratch) {
+  const int64_t S = g.S, stride = g.C * S, B = c1 - c0;
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
-  Moments m;
-  float centre = first_row_centre(x + c * S, S), last_mean = 0.f;  // see first_row_centre
+  auto row = [&](int64_t b, int64_t n) BN_ALWAYS_INLINE { return x + n * stride + (c0 + b) * S; };
+  float *mean = scratch.mean.data(), *centre = scratch.centre.data();
+  float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-    if (n0 > 0) centre = next_centre(centre, last_mean, static_cast<float>(x[n0 * stride + c * S]));
-    Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-    for (int64_t n = n0; n < n1; ++n) {
-      if (n + 1 < g.N) prefetch_row(x + (n + 1) * stride + c * S, S * sizeof(T));
-      row_sum_sq(x + n * stride + c * S, S, centre, acc);
+    group_centres<T>(row, B, S, n0, mean, centre, scratch.acc.data(), s1);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* p = row(b, 0);
+      const float cb = centre[b];
+      Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+      for (int64_t n = n0; n < n1; ++n) {
+        if (n + 1 < g.N) prefetch_row(p + (n + 1) * stride, S * sizeof(T));
+        row_sum_sq(p + n * stride, S, cb, acc);
+      }
+      for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = acc[k];
     }
+    pair_hsums(scratch.acc.data(), B, 0, s1);
+    pair_hsums(scratch.acc.data(), B, 2, s2);
     const double count = static_cast<double>((n1 - n0) * S);
-    float group_mean, m2;
-    if (!one_pass_moments(acc, count, group_mean, m2)) {
-      two_pass_group([&](int64_t n) { return x + n * stride + c * S; }, n0, n1, S, centre,
-                     group_mean, m2);
+    for (int64_t b = 0; b < B; ++b) {
+      float m2;
+      if (!one_pass_moments(s1[b], s2[b], count, mean[b], m2)) {
+        two_pass_group([&](int64_t n) { return row(b, n); }, n0, n1, S, centre[b], mean[b], m2);
+      }
+      out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
     }
-    m.merge(count, static_cast<double>(centre) - shift + group_mean, m2);
-    last_mean = group_mean;
   }
-  return m;
 }
 
 template <typename T>
@@ -1064,19 +1119,19 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
   float *mean = scratch.mean.data(), *centre = scratch.centre.data();
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-    for (int64_t b = 0; b < B; ++b) {  // see first_row_centre
-      centre[b] = n0 == 0 ? first_row_centre(row(b, 0), S)
-                          : next_centre(centre[b], mean[b], static_cast<float>(*row(b, n0)));
-    }
+    group_centres<T>(row, B, S, n0, mean, centre, scratch.acc.data(), scratch.sum1.data());
     scratch.clear(B);
     walk_block_rows(B, n0, n1, scratch, prefetch, [](int64_t, int64_t) {},
                     [&](int64_t b, int64_t n, Vec* a) BN_ALWAYS_INLINE {
       row_sum_sq(row(b, n), S, centre[b], a);
     });
     const double count = static_cast<double>((n1 - n0) * S);
+    float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
+    pair_hsums(scratch.acc.data(), B, 0, s1);
+    pair_hsums(scratch.acc.data(), B, 2, s2);
     for (int64_t b = 0; b < B; ++b) {
       float m2;
-      if (!one_pass_moments(&scratch.acc[4 * b], count, mean[b], m2)) {
+      if (!one_pass_moments(s1[b], s2[b], count, mean[b], m2)) {
         two_pass_group([&](int64_t n) { return row(b, n); }, n0, n1, S, centre[b], mean[b], m2);
       }
       out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
@@ -1138,10 +1193,7 @@ void planar_block_column_moments(const T* x, const Geometry& g, int64_t c0, int6
   const float* vc = scratch.col_centre;
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-    for (int64_t b = 0; b < B; ++b) {  // see first_row_centre
-      centre[b] = n0 == 0 ? first_row_centre(row(b, 0), S)
-                          : next_centre(centre[b], mean[b], static_cast<float>(*row(b, n0)));
-    }
+    group_centres<T>(row, B, S, n0, mean, centre, scratch.acc.data(), scratch.sum1.data());
     scratch.set_column_centres(centre, B, S);
     scratch.clear_columns();
     walk_block_columns(L, n0, n1, scratch,
@@ -2400,32 +2452,41 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
     const int64_t B = in_order ? (C + threads - 1) / threads : planar_block_channels<T>(g, 1);
     const bool stream = streams(g, 1, yp);
     const bool separate = in_order || !rows_after_statistics(g, 1, yp);
+    // Blocks of one channel with short rows (few samples) whose output goes in a pass of its
+    // own: kW channels per call of planar_channels_moments, their horizontal sums interleaved,
+    // and each task's constants at the end (one channel at a time, with its constants, the
+    // training forward took 1.2-1.3x the time at 4x512x7x7 and 8x512x7x7, 1.04x at
+    // 32x512x7x7, 1.05x at 16x128x5x5; 1 thread, paired medians).
+    const int64_t unit =
+        B == 1 && separate && g.S * static_cast<int64_t>(sizeof(T)) < kStreamMinRowBytes ? kW : 1;
     at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<Moments> mo(B);
-      PlanarScratch scratch(B, g);
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t c0 = k * B, c1 = std::min(C, c0 + B);
+      std::vector<Moments> mo(B * unit);
+      PlanarScratch scratch(B * unit, g);
+      for (int64_t k = k0; k < k1; k += unit) {
+        const int64_t c0 = k * B, c1 = std::min(C, std::min(k1, k + unit) * B);
+        std::fill(mo.begin(), mo.end(), Moments());
         if (B == 1) {
-          mo[0] = planar_channel_moments(xp, g, c0, shift[c0]);
+          planar_channels_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
         } else if (short_planes(g)) {
-          std::fill(mo.begin(), mo.end(), Moments());
           planar_block_column_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
         } else {
-          std::fill(mo.begin(), mo.end(), Moments());
           planar_block_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
         }
         for (int64_t c = c0; c < c1; ++c) {
           mean_s[c] = mo[c - c0].mean;
           var[c] = mo[c - c0].m2 / mo[c - c0].n;
         }
-        finalize(c0, c1);
         if (separate) continue;
+        finalize(c0, c1);
         for (int64_t n = 0; n < g.N; ++n) {
           affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift.data(), scale.data(),
                       offset.data(), fuse, PlanarWrite{false, stream});
         }
       }
       if (stream && !separate) stream_fence();  // once per task, not per block
+      // The constants of the task's channels at once, a vector of channels at a time (per
+      // channel, blocks of one channel paid a scalar chain of divisions and a square root).
+      if (separate) finalize(k0 * B, std::min(C, k1 * B));
     });
     if (separate && planes_as_rows(g)) {
       affine(xp, yp, g, shift.data(), scale.data(), offset.data(), fuse);  // short_planes_affine
@@ -2657,10 +2718,12 @@ void planar_block_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t 
     } else {
       walk_block_rows(B, n0, n1, scratch, burst, [](int64_t, int64_t) {}, add);
     }
+    float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
+    pair_hsums(scratch.acc.data(), B, 0, s1);
+    pair_hsums(scratch.acc.data(), B, 2, s2);
     for (int64_t b = 0; b < B; ++b) {
-      const Vec* a = &scratch.acc[4 * b];
-      sum_dy[b] += hsum(a[0] + a[1]);
-      sum_dyx[b] += hsum(a[2] + a[3]);
+      sum_dy[b] += s1[b];
+      sum_dyx[b] += s2[b];
     }
   }
 }
