@@ -978,7 +978,7 @@ struct PlanarScratch {
 // the round trip of the accumulators through L1 came at every row of 49 values: 4 rows per step
 // took 0.80-0.88x the time of the 7x7 training forward at 32x512, 64x960 and 64x2048 (and the
 // backward 0.81-0.92x), 1 thread. (A block of one channel runs planar_channels_moments or
-// planar_grad_sums instead, whose accumulators stay in registers across the rows.)
+// planar_channels_grad_sums instead, whose accumulators stay in registers across the rows.)
 constexpr int64_t kBlockRows = 4;
 
 // step(n, count) for the samples [n0, n1): kBlockRows at a time, then one at a time (count an
@@ -2652,30 +2652,43 @@ Tensor forward_output(const Tensor& input, const c10::optional<Tensor>& weight,
 // Backward
 // ------------------------------------------------------------------------------------------
 
-// One channel of the planar layout (a block of one): sums of dy and of dy * (x - shift), float64,
-// as planar_block_grad_sums computes them, with the accumulators in registers.
+// Channels [c0, c1) of the planar layout, each a block of one: sums of dy and of dy * (x - shift),
+// float64, as planar_block_grad_sums computes them, one channel's rows after another with its
+// accumulators in registers, the groups' horizontal sums of all of them at once (pair_hsums).
+// As in planar_channels_moments, ranges of more than one channel are for short rows.
 template <typename T>
-void planar_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t c, float shift,
-                      double& sum_dy, double& sum_dyx) {
-  const int64_t C = g.C, S = g.S;
+void planar_channels_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t c0,
+                               int64_t c1, const float* shift, double* sum_dy, double* sum_dyx,
+                               PlanarScratch& scratch) {
+  const int64_t C = g.C, S = g.S, B = c1 - c0;
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
-  double s_dy = 0, s_dyx = 0;
+  float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
+  std::fill(sum_dy, sum_dy + B, 0.0);
+  std::fill(sum_dyx, sum_dyx + B, 0.0);
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-    Vec v_dy[2] = {Vec(0.f), Vec(0.f)}, v_dyx[2] = {Vec(0.f), Vec(0.f)};
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t off = (n * C + c) * S;
-      if (n + 1 < g.N) {
-        prefetch_row(x + off + C * S, S * sizeof(T));
-        prefetch_row(dy + off + C * S, S * sizeof(T));
+    for (int64_t b = 0; b < B; ++b) {
+      const T* xc = x + (c0 + b) * S;
+      const T* gc = dy + (c0 + b) * S;
+      const float sc = shift[c0 + b];
+      Vec a[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};  // sums of dy, of dy * (x - shift)
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t off = n * C * S;
+        if (n + 1 < g.N) {
+          prefetch_row(xc + off + C * S, S * sizeof(T));
+          prefetch_row(gc + off + C * S, S * sizeof(T));
+        }
+        row_grad_sums(xc + off, gc + off, S, sc, a, a + 2);
       }
-      row_grad_sums(x + off, dy + off, S, shift, v_dy, v_dyx);
+      for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = a[k];
     }
-    s_dy += hsum(v_dy[0] + v_dy[1]);
-    s_dyx += hsum(v_dyx[0] + v_dyx[1]);
+    pair_hsums(scratch.acc.data(), B, 0, s1);
+    pair_hsums(scratch.acc.data(), B, 2, s2);
+    for (int64_t b = 0; b < B; ++b) {
+      sum_dy[b] += s1[b];
+      sum_dyx[b] += s2[b];
+    }
   }
-  sum_dy = s_dy;
-  sum_dyx = s_dyx;
 }
 
 // Channels [c0, c1) of the planar layout: sums of dy and of dy * (x - shift), float64, in groups
@@ -2767,12 +2780,17 @@ void planar_grad_sums_by_block(const T* x, const T* dy, const Geometry& g, const
                                double* sum_dy, double* sum_dyx, F&& after,
                                bool streamed = false) {
   const int64_t C = g.C, B = planar_block_channels<T>(g, 2);
+  // Blocks of one channel with short rows (few samples): kW channels per call of
+  // planar_channels_grad_sums (rows_after_statistics is false there: `after` has no rows to
+  // write while the block is in cache).
+  const int64_t unit =
+      B == 1 && g.S * static_cast<int64_t>(sizeof(T)) < kStreamMinRowBytes ? kW : 1;
   at::parallel_for(0, (C + B - 1) / B, 1, [&](int64_t k0, int64_t k1) {
-    PlanarScratch scratch(B, g);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t c0 = k * B, c1 = std::min(C, c0 + B);
+    PlanarScratch scratch(B * unit, g);
+    for (int64_t k = k0; k < k1; k += unit) {
+      const int64_t c0 = k * B, c1 = std::min(C, std::min(k1, k + unit) * B);
       if (B == 1) {
-        planar_grad_sums(x, dy, g, c0, shift[c0], sum_dy[c0], sum_dyx[c0]);
+        planar_channels_grad_sums(x, dy, g, c0, c1, shift, sum_dy + c0, sum_dyx + c0, scratch);
       } else if (short_planes(g)) {
         planar_block_column_grad_sums(x, dy, g, c0, c1, shift, sum_dy + c0, sum_dyx + c0, scratch);
       } else {
@@ -2880,6 +2898,43 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
   });
 }
 
+// The backward's per-channel coefficients of channels [c0, c1), as plain loops over arrays that
+// the compiler vectorizes (as training_constants): dgamma and dbeta (dg null: not wanted), and
+// dx = dy * a + (x - shift) * k + off, with mean = shift + mean_s and m values per channel:
+// training, dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)); eval, dy * a.
+inline void grad_coefficients(int64_t c0, int64_t c1, bool training, double m,
+                              const double* __restrict sum_dy, const double* __restrict sum_dyx,
+                              const float* __restrict mean_s, const float* __restrict invstd,
+                              const float* __restrict gamma, float* __restrict dg,
+                              float* __restrict db, float* __restrict a, float* __restrict k,
+                              float* __restrict off) {
+  if (dg != nullptr) {
+    for (int64_t c = c0; c < c1; ++c) {
+      // sum dy * (x - mean)
+      const double s_dyxc = sum_dyx[c] - static_cast<double>(mean_s[c]) * sum_dy[c];
+      dg[c] = static_cast<float>(s_dyxc * static_cast<double>(invstd[c]));
+      db[c] = static_cast<float>(sum_dy[c]);
+    }
+  }
+  if (!training) {
+    for (int64_t c = c0; c < c1; ++c) {
+      a[c] = static_cast<float>(gamma[c] * static_cast<double>(invstd[c]));
+      k[c] = 0.f;
+      off[c] = 0.f;
+    }
+    return;
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const double s_dyxc = sum_dyx[c] - static_cast<double>(mean_s[c]) * sum_dy[c];
+    const double is = invstd[c];
+    const double ga = gamma[c] * is;
+    const double kk = -ga * is * is * s_dyxc / m;
+    a[c] = static_cast<float>(ga);
+    k[c] = static_cast<float>(kk);
+    off[c] = static_cast<float>(-kk * mean_s[c] - ga * sum_dy[c] / m);
+  }
+}
+
 template <typename T>
 void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
                    const std::vector<float>& gamma, const Tensor& shift_t, const Tensor& mean_t,
@@ -2897,25 +2952,9 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
   std::vector<float> a(C), k(C), c0(C);
   float* dg = need_params ? dgamma.data_ptr<float>() : nullptr;
   float* db = need_params ? dbeta.data_ptr<float>() : nullptr;
-  auto coefficients = [&](int64_t c) {
-    // sum dy * (x - mean) with mean = shift + mean_s.
-    const double s_dyxc = sum_dyx[c] - static_cast<double>(mean_s[c]) * sum_dy[c];
-    const double is = invstd[c];
-    if (need_params) {
-      dg[c] = static_cast<float>(s_dyxc * is);
-      db[c] = static_cast<float>(sum_dy[c]);
-    }
-    const double ga = gamma[c] * is;
-    a[c] = static_cast<float>(ga);
-    if (training) {
-      // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-      const double kk = -ga * is * is * s_dyxc / m;
-      k[c] = static_cast<float>(kk);
-      c0[c] = static_cast<float>(-kk * mean_s[c] - ga * sum_dy[c] / m);
-    } else {
-      k[c] = 0.f;
-      c0[c] = 0.f;
-    }
+  auto coefficients = [&](int64_t cb, int64_t ce) {
+    grad_coefficients(cb, ce, training, m, sum_dy.data(), sum_dyx.data(), mean_s, invstd,
+                      gamma.data(), dg, db, a.data(), k.data(), c0.data());
   };
   // dx over the planar rows [r0, r1), training or eval.
   T* const dxp = need_dx ? dx.data_ptr<T>() : nullptr;
@@ -2932,7 +2971,7 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
     const bool stream = streams(g, training ? 2 : 1, dxp);
     planar_grad_sums_by_block(xp, gp, g, shift, sum_dy.data(), sum_dyx.data(),
                               [&](int64_t cb, int64_t ce) {
-                                for (int64_t c = cb; c < ce; ++c) coefficients(c);
+                                coefficients(cb, ce);
                                 for (int64_t n = 0; n < g.N; ++n) {
                                   dx_rows_of(n * C + cb, n * C + ce, PlanarWrite{false, stream});
                                 }
@@ -2954,14 +2993,14 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
       }
       add_block_sums(p.lo, p.hi, blocks, C, part_dy.data(), part_dyx.data(), sum_dy.data(),
                      sum_dyx.data());
-      for (int64_t c = p.lo; c < p.hi; ++c) coefficients(c);
+      coefficients(p.lo, p.hi);
       dx_chunks<T, true>(xp, gp, dxp, C, 0, R, shift, a.data(), k.data(), c0.data(),
                          /*ahead=*/0, stream, p);
     });
     return;
   }
   if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
-  for (int64_t c = 0; c < C; ++c) coefficients(c);
+  coefficients(0, C);
   if (!g.inner && need_sums && need_dx && !planes_as_rows(g)) {
     // Short rows (rows_after_statistics): dx in one pass after all the sums, each thread over
     // the channels whose x and dy it has just read.
