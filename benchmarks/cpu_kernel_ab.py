@@ -10,7 +10,8 @@ the ReLU's gate from x and z, and returns dz too); and a copy of the same tensor
 (``out.copy_(x)``) as the scale. Method: 20 interleaved rounds
 (the two builds in alternating order), 5 calls per round; reported are medians over rounds and
 the paired median of new / old within a round (the ratio that a neighbour's load on a shared
-machine disturbs least). One torch thread unless ``--threads`` says otherwise.
+machine disturbs least). One torch thread unless ``--threads`` says otherwise; float32 inputs
+unless ``--dtype bfloat16``.
 
 Repeated calls on the same tensors find them in the last-level cache when the tensors are
 smaller than it (about 32-48 MB is what one core gets here). ``--cold`` reads a buffer larger
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--eval", action="store_true", help="time the eval forward")
     parser.add_argument("--fused", action="store_true", help="time relu(bn(x) + z)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the input's dtype"
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
         "--cold", action="store_true", help="evict the caches before every timed call"
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     evict = torch.ones(args.evict_mb << 18) if args.cold else None
     old, new = load_build(args.old), load_build(args.new)
+    dtype = getattr(torch, args.dtype)
     if args.bits:
         differ = False
         for text in args.shapes:
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                     elif kind == "drift":  # a mean that moves along the batch: redone blocks
                         ramp = torch.arange(shape[0], dtype=x.dtype) * 50.0
                         x = x + ramp.view(-1, *([1] * (len(shape) - 1)))
+                    x = x.to(dtype)
                     if layout == "nhwc":
                         x = x.contiguous(memory_format=torch.channels_last)
                     bad = same_bits(old, new, x)
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         shape = tuple(int(v) for v in text.split("x"))
         layouts = ("nchw", "nhwc") if len(shape) == 4 else ("nc" if len(shape) == 2 else "ncl",)
         for layout in layouts:
-            x = torch.randn(shape)
+            x = torch.randn(shape).to(dtype)
             if layout == "nhwc":
                 x = x.contiguous(memory_format=torch.channels_last)
             r = compare(old, new, x, args.backward, args.rounds, evict, not args.eval, args.fused)
