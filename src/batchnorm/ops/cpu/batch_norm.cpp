@@ -1047,15 +1047,12 @@ void group_centres(Row&& row, int64_t B, int64_t S, int64_t n0, const float* mea
     }
     return;
   }
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B; ++b) {  // one vector per channel: its row's sums, combined
     Vec a[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
     row_sum(row(b, 0), S, static_cast<float>(*row(b, 0)), a);
-    for (int k = 0; k < 4; ++k) acc[4 * b + k] = a[k];
+    acc[b] = (a[0] + a[1]) + (a[2] + a[3]);
   }
-  hsums(B, [&](int64_t b) BN_ALWAYS_INLINE {
-    const Vec* a = acc + 4 * b;
-    return (a[0] + a[1]) + (a[2] + a[3]);
-  }, sums);
+  hsums(B, [&](int64_t b) BN_ALWAYS_INLINE { return acc[b]; }, sums);
   for (int64_t b = 0; b < B; ++b) {
     const float first = static_cast<float>(*row(b, 0));
     const double mean_d = sums[b] / static_cast<double>(S);  // the first row's mean of x - first
