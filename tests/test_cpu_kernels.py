@@ -182,11 +182,13 @@ def test_large_mean_keeps_float32_accuracy(layout):
 @pytest.mark.parametrize(
     "shape",
     # Short rows and many of them: channels go in blocks (forward and backward; the last block
-    # partial), in the backward only (N = 32), or one at a time (N = 16). Planes of at most a
-    # vector are summed by columns whatever N (3x3, 2x1, 4x4; blocks whose run ends off the
-    # vector width; 1000 samples of 3x3: three statistics groups per channel).
+    # partial), in the backward only (N = 32), or as blocks of one channel, up to 16 of them
+    # per call with their horizontal sums interleaved (N = 16; N = 63 of 11x11: two statistics
+    # groups per channel; 37 channels: a partial last call). Planes of at most a vector are
+    # summed by columns whatever N (3x3, 2x1, 4x4; blocks whose run ends off the vector width;
+    # 1000 samples of 3x3: three statistics groups per channel).
     [(64, 300, 3, 3), (32, 130, 7, 7), (16, 70, 5, 5), (96, 33, 2, 1), (5, 130, 4, 4)]
-    + [(1000, 20, 3, 3)],
+    + [(1000, 20, 3, 3), (63, 37, 11, 11)],
 )
 def test_planar_channel_blocks(shape, dtype):
     """Short NCHW rows are walked a block of channels at a time (a contiguous run per sample);
@@ -251,8 +253,9 @@ def test_mean_that_drifts_along_the_batch(layout):
 
 @pytest.mark.parametrize(
     "shape,layout",
-    [((16, 8, 24, 24), "nchw"), ((64, 300, 3, 3), "nchw"), ((16, 40, 12, 12), "nhwc")],
-    ids=["planar-one-channel", "planar-blocks", "channels-last"],
+    [((16, 8, 24, 24), "nchw"), ((64, 300, 3, 3), "nchw"), ((16, 40, 12, 12), "nhwc")]
+    + [((12, 40, 7, 7), "nchw")],
+    ids=["planar-one-channel", "planar-blocks", "channels-last", "planar-16-channels"],
 )
 def test_statistics_far_from_their_centre_take_two_passes(shape, layout):
     """The first sample sits 60 standard deviations above the others (x = 1e4 + randn): the
@@ -298,7 +301,8 @@ def _same_on_one_and_two_threads(x, dy, gamma, beta):
     "shape,layout",
     [((8, 6, 20, 20), "nchw"), ((8, 40, 10, 10), "nhwc"), ((5000, 12), "nc"),
      ((4, 3, 70, 70), "nchw"), ((64, 300, 3, 3), "nchw"), ((32, 130, 7, 7), "nchw"),
-     ((16, 96, 20, 20), "nhwc")],  # 2.4 MB: the block walks prefetch the next block
+     ((16, 96, 20, 20), "nhwc"),  # 2.4 MB: the block walks prefetch the next block
+     ((20, 37, 9, 9), "nchw")],  # blocks of one channel, 16 per call (a partial last call)
 )  # fmt: skip
 def test_results_independent_of_thread_count(shape, layout):
     """1 and 2 threads give bitwise equal outputs, gradients and running statistics (the work is
