@@ -5,9 +5,9 @@ own folder under ``~/.cache/batchnorm/ext`` (named by the source's hash), so the
 previous commit and the current one can be loaded side by side. What is timed: the extension's
 training forward (``forward``: statistics, running-statistics update, output), its eval forward
 (``--eval``: the output pass alone) or its training backward (``--backward``: dx, dgamma, dbeta);
-with ``--fused``, the same for ``relu(bn(x) + z)`` (save="recompute": the backward recomputes
-the ReLU's gate from x and z, and returns dz too); and a copy of the same tensor
-(``out.copy_(x)``) as the scale. Method: 20 interleaved rounds
+with ``--fused``, the same for ``relu(bn(x) + z)`` (``--save``, default "recompute": the
+backward recomputes the ReLU's gate from x and z; "mask", "output"; it returns dz too); and
+a copy of the same tensor (``out.copy_(x)``) as the scale. Method: 20 interleaved rounds
 (the two builds in alternating order), 5 calls per round; reported are medians over rounds and
 the paired median of new / old within a round (the ratio that a neighbour's load on a shared
 machine disturbs least). One torch thread unless ``--threads`` says otherwise; float32 inputs
@@ -78,6 +78,7 @@ def compare(
     evict: torch.Tensor | None = None,
     training: bool = True,
     fused: bool = False,
+    save: str = "recompute",
 ) -> dict:
     channels = x.shape[1]
     weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
@@ -87,12 +88,16 @@ def compare(
 
     def call(ext: ModuleType) -> Callable[[], object]:
         stats = [torch.zeros(channels), torch.ones(channels)]
-        if fused:  # relu(bn(x) + z); 3: the backward recomputes the gate (save="recompute")
-            forward = (x, weight, bias, *stats, training, 0.1, 1e-5, z, 3)
+        if fused:  # relu(bn(x) + z), keeping what `save` says for the backward
+            code = SAVE_CODES[save]
+            forward = (x, weight, bias, *stats, training, 0.1, 1e-5, z, code)
             if not backward:
                 return lambda: ext.forward_fused(*forward)
-            saved = ext.forward_fused(*forward)[1:6]
-            return lambda: ext.backward_fused(dy, x, weight, *saved, True, True, True, True, 3, z)
+            result = ext.forward_fused(*forward)
+            saved, gate = result[1:6], _gate(save, result, z)
+            return lambda: ext.backward_fused(
+                dy, x, weight, *saved, True, True, True, True, code, gate
+            )
         if not backward:
             return lambda: ext.forward(x, weight, bias, *stats, training, 0.1, 1e-5)
         saved = ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
@@ -119,6 +124,15 @@ def compare(
     }
 
 
+# The fused kernels' codes for what the backward keeps (batchnorm.modes.FusedSave).
+SAVE_CODES = {"output": 1, "mask": 2, "recompute": 3}
+
+
+def _gate(save: str, forward: list, z: torch.Tensor) -> torch.Tensor:
+    """What the fused backward reads for the ReLU's gate: y, the mask, or z (recompute)."""
+    return {"output": forward[0], "mask": forward[-1], "recompute": z}[save]
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes (so that NaNs and signed zeros compare by their bits)."""
     return t.detach().contiguous().view(torch.uint8) if t.numel() else t
@@ -127,7 +141,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def same_bits(old: ModuleType, new: ModuleType, x: torch.Tensor) -> list[str]:
     """What differs between the builds' results on x, bit for bit: the training forward (y, the
     saved statistics, the running statistics), the eval forward, the training backward (dx,
-    dgamma, dbeta) and the fused forward and backward (save="recompute"). Empty: nothing."""
+    dgamma, dbeta) and the fused forward and backward (save="recompute" and "mask", the mask
+    too). Empty: nothing."""
     channels = x.shape[1]
     gen = torch.Generator().manual_seed(0)
     weight = torch.rand(channels, generator=gen) + 0.5
@@ -147,10 +162,15 @@ def same_bits(old: ModuleType, new: ModuleType, x: torch.Tensor) -> list[str]:
         out["eval"] = ext.forward(x, weight, bias, *stats, False, 0.1, 1e-5)[0]
         grads = ext.backward(dy, x, weight, *saved[1:4], True, True, True)
         out.update({f"backward[{i}]": t for i, t in enumerate(grads)})
-        fused = ext.forward_fused(x, weight, bias, *stats, True, 0.1, 1e-5, z, 3)
-        out["fused"] = fused[0]
-        fgrads = ext.backward_fused(dy, x, weight, *fused[1:6], True, True, True, True, 3, z)
-        out.update({f"fused_backward[{i}]": t for i, t in enumerate(fgrads)})
+        for save in ("recompute", "mask"):
+            code = SAVE_CODES[save]
+            fused = ext.forward_fused(x, weight, bias, *stats, True, 0.1, 1e-5, z, code)
+            out[f"fused {save}"] = fused[0]
+            out[f"fused {save} gate"] = _gate(save, fused, z)
+            fgrads = ext.backward_fused(
+                dy, x, weight, *fused[1:6], True, True, True, True, code, _gate(save, fused, z)
+            )
+            out.update({f"fused {save} backward[{i}]": t for i, t in enumerate(fgrads)})
         return out
 
     a, b = results(old), results(new)
@@ -171,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--backward", action="store_true", help="time the training backward")
     mode.add_argument("--eval", action="store_true", help="time the eval forward")
     parser.add_argument("--fused", action="store_true", help="time relu(bn(x) + z)")
+    parser.add_argument(
+        "--save", choices=tuple(SAVE_CODES), default="recompute", help="--fused: what it keeps"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="the input's dtype"
@@ -221,7 +244,17 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(shape).to(dtype)
             if layout == "nhwc":
                 x = x.contiguous(memory_format=torch.channels_last)
-            r = compare(old, new, x, args.backward, args.rounds, evict, not args.eval, args.fused)
+            r = compare(
+                old,
+                new,
+                x,
+                args.backward,
+                args.rounds,
+                evict,
+                not args.eval,
+                args.fused,
+                args.save,
+            )
             print(
                 f"{text} | {layout} | {r['copy_us']:.0f} | {r['old_x_copy']:.2f} | "
                 f"{r['new_x_copy']:.2f} | {r['new_over_old']:.3f}"
