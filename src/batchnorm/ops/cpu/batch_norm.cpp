@@ -528,9 +528,10 @@ inline float fuse_tail1(float v, const Fuse<T>& f, int64_t off) {
 }
 
 // mask[i] = !(y[i] <= 0) over a row just written (still in L1); a loop the compiler vectorizes
-// for float32. bfloat16 on AVX512 goes a vector at a time: widened, compared (not less or
-// equal, unordered: NaN passes), 16 bytes stored (where the compiler kept c10::BFloat16's
-// conversion scalar, the mask took two thirds of a bfloat16 fused forward of 7x7 planes).
+// for float32. bfloat16 on AVX512 and AVX2 goes a vector at a time: widened, compared (not
+// less or equal, unordered: NaN passes), a byte per lane stored (where the compiler kept
+// c10::BFloat16's conversion scalar, the mask took two thirds of a bfloat16 fused forward of
+// 7x7 planes).
 template <typename T>
 inline void write_mask(const T* y, uint8_t* mask, int64_t len) {
   int64_t i = 0;
@@ -539,6 +540,17 @@ inline void write_mask(const T* y, uint8_t* mask, int64_t len) {
     for (; i + kW <= len; i += kW) {
       const __mmask16 pass = _mm512_cmp_ps_mask(vload(y + i), _mm512_setzero_ps(), _CMP_NLE_UQ);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(mask + i), _mm_maskz_set1_epi8(pass, 1));
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (!std::is_same_v<T, float>) {
+    for (; i + kW <= len; i += kW) {  // the 8 lanes' all-ones or zero, narrowed to bytes
+      const __m256 pass = _mm256_cmp_ps(vload(y + i), _mm256_setzero_ps(), _CMP_NLE_UQ);
+      const __m256i lanes = _mm256_castps_si256(pass);
+      const __m128i words =
+          _mm_packs_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
+      const __m128i bytes = _mm_and_si128(_mm_packs_epi16(words, words), _mm_set1_epi8(1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(mask + i), bytes);
     }
   }
 #endif
