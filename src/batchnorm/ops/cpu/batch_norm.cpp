@@ -2840,17 +2840,21 @@ void planar_grad_sums_by_block(const T* x, const T* dy, const Geometry& g, const
 
 // The channel-inner blocks' float32 gradient sums (block b's at part + b * C) added in block
 // order in float64, for the channels [c0, c1).
+// Block after block over the channels, which the compiler vectorizes (a channel after another,
+// each down its blocks, was a scalar chain of dependent float64 adds: 4 % of a 32x512x7x7 NHWC
+// training step); each channel adds its blocks in the same order either way.
 inline void add_block_sums(int64_t c0, int64_t c1, int64_t blocks, int64_t C,
-                           const float* part_dy, const float* part_dyx, double* sum_dy,
-                           double* sum_dyx) {
-  for (int64_t c = c0; c < c1; ++c) {
-    double s_dy = 0, s_dyx = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      s_dy += part_dy[b * C + c];
-      s_dyx += part_dyx[b * C + c];
+                           const float* __restrict part_dy, const float* __restrict part_dyx,
+                           double* __restrict sum_dy, double* __restrict sum_dyx) {
+  std::fill(sum_dy + c0, sum_dy + c1, 0.0);
+  std::fill(sum_dyx + c0, sum_dyx + c1, 0.0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* pd = part_dy + b * C;
+    const float* px = part_dyx + b * C;
+    for (int64_t c = c0; c < c1; ++c) {
+      sum_dy[c] += pd[c];
+      sum_dyx[c] += px[c];
     }
-    sum_dy[c] = s_dy;
-    sum_dyx[c] = s_dyx;
   }
 }
 
