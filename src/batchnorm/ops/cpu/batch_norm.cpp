@@ -902,14 +902,44 @@ void floats_into(const c10::optional<Tensor>& t, int64_t C, float fill, float* o
   std::copy(f.data_ptr<float>(), f.data_ptr<float>() + C, out);
 }
 
-std::vector<float> floats_or(const c10::optional<Tensor>& t, int64_t C, float fill) {
-  std::vector<float> v(C);
-  floats_into(t, C, fill, v.data());
-  return v;
-}
+// An array of n values left uninitialized, for per-channel scratch that every use writes
+// before it reads (a std::vector's zero fill was a memset per array and call: with the
+// copies below, 30 % of a 2x9216 training forward).
+template <typename V>
+class Uninit {
+ public:
+  explicit Uninit(int64_t n) : p_(new V[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
+  V* data() const { return p_.get(); }
+  V& operator[](int64_t i) const { return p_[i]; }
 
-// running = (1 - momentum) * running + momentum * value, in the buffer's own dtype.
-void blend_into(Tensor& running, const std::vector<double>& value, double momentum) {
+ private:
+  std::unique_ptr<V[]> p_;
+};
+
+// The C float32 values of a (C,) tensor, read where they lie when it is float32 and
+// contiguous (the common case: no copy), else converted (floats_into).
+class ChannelFloats {
+ public:
+  ChannelFloats(const c10::optional<Tensor>& t, int64_t C, float fill) {
+    if (t.has_value() && t->defined() && t->scalar_type() == at::kFloat && t->is_contiguous()) {
+      ptr_ = t->data_ptr<float>();
+      return;
+    }
+    own_ = std::make_unique<float[]>(static_cast<size_t>(std::max<int64_t>(C, 1)));
+    floats_into(t, C, fill, own_.get());
+    ptr_ = own_.get();
+  }
+  const float* data() const { return ptr_; }
+
+ private:
+  const float* ptr_ = nullptr;
+  std::unique_ptr<float[]> own_;
+};
+
+// running = (1 - momentum) * running + momentum * value(c), in the buffer's own dtype (value:
+// a float64 per channel, computed in the loop).
+template <typename F>
+void blend_into(Tensor& running, F&& value, double momentum) {
   if (!running.is_contiguous()) {  // a strided view of a buffer: update a copy, write it back
     Tensor dense = running.contiguous();
     blend_into(dense, value, momentum);
@@ -919,14 +949,14 @@ void blend_into(Tensor& running, const std::vector<double>& value, double moment
   const int64_t C = running.numel();
   if (running.scalar_type() == at::kFloat) {
     float* p = running.data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) p[c] = (1 - momentum) * p[c] + momentum * value[c];
+    for (int64_t c = 0; c < C; ++c) p[c] = (1 - momentum) * p[c] + momentum * value(c);
   } else if (running.scalar_type() == at::kBFloat16) {
     BF16* p = running.data_ptr<BF16>();
     for (int64_t c = 0; c < C; ++c)
-      p[c] = static_cast<BF16>((1 - momentum) * static_cast<float>(p[c]) + momentum * value[c]);
+      p[c] = static_cast<BF16>((1 - momentum) * static_cast<float>(p[c]) + momentum * value(c));
   } else if (running.scalar_type() == at::kDouble) {
     double* p = running.data_ptr<double>();
-    for (int64_t c = 0; c < C; ++c) p[c] = (1 - momentum) * p[c] + momentum * value[c];
+    for (int64_t c = 0; c < C; ++c) p[c] = (1 - momentum) * p[c] + momentum * value(c);
   } else {
     TORCH_CHECK(false, "running statistics must be float32, bfloat16 or float64");
   }
@@ -1921,26 +1951,25 @@ inline int64_t merge_grain(int64_t blocks) {
 // shift moves from the first row to the first block's mean (rounded to float32), which the
 // one-pass blocks need (inner_block_moments); the first block is measured by two passes, once.
 template <typename T>
-void training_moments(const T* x, const Geometry& g, std::vector<float>& shift,
-                      std::vector<double>& mean_s, std::vector<double>& var) {
+void training_moments(const T* x, const Geometry& g, float* shift, double* mean_s, double* var) {
   const int64_t C = g.C;
   const int64_t R = g.rows(), block = inner_block_rows(C);
   const int64_t blocks = (R + block - 1) / block;
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
-  std::vector<float> means(blocks * C), m2s(blocks * C);
+  const Uninit<float> means(blocks * C), m2s(blocks * C);  // every block writes all channels
   for_block_tiles(0, 1, block, R, C, [&](int64_t, Cols cols, int64_t) {
-    inner_block_moments(x, C, 0, std::min(R, block), shift.data(), means.data(), m2s.data(),
+    inner_block_moments(x, C, 0, std::min(R, block), shift, means.data(), m2s.data(),
                         /*one_pass=*/false, /*ahead=*/0, cols);
   });
-  move_first_centres(0, C, shift.data(), means.data());
+  move_first_centres(0, C, shift, means.data());
   for_block_tiles(1, blocks, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
-    inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift.data(),
+    inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift,
                         means.data() + b * C, m2s.data() + b * C, /*one_pass=*/true,
                         next_block_ahead(b, last, block, R, C, bytes), cols);
   });
   const BlockWeights weights(R, block);
   at::parallel_for(0, C, merge_grain(blocks), [&](int64_t c0, int64_t c1) {
-    weights.merge(c0, c1, C, means.data(), m2s.data(), mean_s.data(), var.data());
+    weights.merge(c0, c1, C, means.data(), m2s.data(), mean_s, var);
   });
 }
 
@@ -2417,29 +2446,28 @@ void for_inner_pieces(const Geometry& g, int reads, bool stream, F&& f) {
 // arithmetic is its own. (With a fused tail the pieces' output went row after row, 1.03-1.13x
 // the time of the passes over whole blocks: not done.)
 template <typename T, typename Finalize>
-void pieces_forward(const T* x, T* y, const Geometry& g, std::vector<float>& shift,
-                    std::vector<float>& scale, std::vector<float>& offset,
-                    std::vector<double>& mean_s, std::vector<double>& var, Finalize&& finalize) {
+void pieces_forward(const T* x, T* y, const Geometry& g, float* shift, const float* scale,
+                    const float* offset, double* mean_s, double* var, Finalize&& finalize) {
   const int64_t C = g.C, R = g.rows(), block = inner_block_rows(C);
   const int64_t blocks = (R + block - 1) / block;
-  std::vector<float> means(blocks * C), m2s(blocks * C);
+  const Uninit<float> means(blocks * C), m2s(blocks * C);  // every block writes all channels
   const BlockWeights weights(R, block);
   const bool stream = streams(g, 1, y);
   for_inner_pieces<T>(g, 1, stream, [&](Cols p) {
-    inner_block_moments(x, C, 0, std::min(R, block), shift.data(), means.data(), m2s.data(),
+    inner_block_moments(x, C, 0, std::min(R, block), shift, means.data(), m2s.data(),
                         /*one_pass=*/false, /*ahead=*/0, p);
-    move_first_centres(p.lo, p.hi, shift.data(), means.data());
+    move_first_centres(p.lo, p.hi, shift, means.data());
     for (int64_t b = 1; b < blocks; ++b) {
-      inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift.data(),
+      inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift,
                           means.data() + b * C, m2s.data() + b * C, /*one_pass=*/true,
                           /*ahead=*/0, p);
     }
-    weights.merge(p.lo, p.hi, C, means.data(), m2s.data(), mean_s.data(), var.data());
+    weights.merge(p.lo, p.hi, C, means.data(), m2s.data(), mean_s, var);
     finalize(p.lo, p.hi);
     if (stream) {
-      affine_chunks<true>(x, y, C, 0, R, shift.data(), scale.data(), offset.data(), p);
+      affine_chunks<true>(x, y, C, 0, R, shift, scale, offset, p);
     } else {
-      affine_chunks<false>(x, y, C, 0, R, shift.data(), scale.data(), offset.data(), p);
+      affine_chunks<false>(x, y, C, 0, R, shift, scale, offset, p);
     }
   });
 }
@@ -2455,7 +2483,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
   if (!training) {
     // The (C,) constants are written where they are kept (out) and the output pass reads them
     // there: no vectors of them and no copies.
-    const std::vector<float> gamma = floats_or(weight, C, 1.f), rv = floats_or(running_var, C, 1.f);
+    const ChannelFloats gamma(weight, C, 1.f), rv(running_var, C, 1.f);
     floats_into(running_mean, C, 0.f, out.shift);
     floats_into(bias, C, 0.f, out.offset);
     eval_constants(C, rv.data(), gamma.data(), eps, out.scale, out.invstd);
@@ -2463,17 +2491,20 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
     affine(xp, y.data_ptr<T>(), g, out.shift, out.scale, out.offset, fuse);
     return;
   }
-  const std::vector<float> gamma = floats_or(weight, C, 1.f), beta = floats_or(bias, C, 0.f);
-  std::vector<float> shift(C), scale(C), offset(C);
-  float* shift_out = out.shift;
+  // The constants are written where they are kept (out), the scratch left uninitialized: every
+  // channel's is written before it is read.
+  const ChannelFloats gamma(weight, C, 1.f), beta(bias, C, 0.f);
+  float* const shift = out.shift;
+  float* const scale = out.scale;
+  float* const offset = out.offset;
   float* mean_out = out.mean;
   float* invstd_out = out.invstd;
   // Centre every channel on its first value.
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(xp[g.inner ? c : c * g.S]);
-  std::vector<double> mean_s(C), var(C);
+  const Uninit<double> mean_s(C), var(C);
   auto finalize = [&](int64_t c0, int64_t c1) {
-    training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps,
-                       scale.data(), offset.data(), mean_out, invstd_out);
+    training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps, scale,
+                       offset, mean_out, invstd_out);
   };
   if (!g.inner) {
     // A block of channels at a time: statistics, then (rows_after_statistics) its output
@@ -2500,11 +2531,11 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
         const int64_t c0 = k * B, c1 = std::min(C, std::min(k1, k + unit) * B);
         std::fill(mo.begin(), mo.end(), Moments());
         if (B == 1) {
-          planar_channels_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
+          planar_channels_moments(xp, g, c0, c1, shift, mo.data(), scratch);
         } else if (short_planes(g)) {
-          planar_block_column_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
+          planar_block_column_moments(xp, g, c0, c1, shift, mo.data(), scratch);
         } else {
-          planar_block_moments(xp, g, c0, c1, shift.data(), mo.data(), scratch);
+          planar_block_moments(xp, g, c0, c1, shift, mo.data(), scratch);
         }
         for (int64_t c = c0; c < c1; ++c) {
           mean_s[c] = mo[c - c0].mean;
@@ -2513,8 +2544,8 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
         if (separate) continue;
         finalize(c0, c1);
         for (int64_t n = 0; n < g.N; ++n) {
-          affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift.data(), scale.data(),
-                      offset.data(), fuse, PlanarWrite{false, stream});
+          affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift, scale,
+                      offset, fuse, PlanarWrite{false, stream});
         }
       }
       if (stream && !separate) stream_fence();  // once per task, not per block
@@ -2523,32 +2554,26 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       if (separate) finalize(k0 * B, std::min(C, k1 * B));
     });
     if (separate && planes_as_rows(g)) {
-      affine(xp, yp, g, shift.data(), scale.data(), offset.data(), fuse);  // short_planes_affine
+      affine(xp, yp, g, shift, scale, offset, fuse);  // short_planes_affine
     } else if (separate) {
       const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
       planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
-        affine_rows(xp, yp, g, r0, r1, shift.data(), scale.data(), offset.data(), fuse, w);
+        affine_rows(xp, yp, g, r0, r1, shift, scale, offset, fuse, w);
       });
     }
   } else if (!fuse.any() && inner_pieces<T>(g, /*forward=*/true)) {
-    pieces_forward(xp, y.data_ptr<T>(), g, shift, scale, offset, mean_s, var, finalize);
+    pieces_forward(xp, y.data_ptr<T>(), g, shift, scale, offset, mean_s.data(), var.data(),
+                   finalize);
   } else {
-    training_moments(xp, g, shift, mean_s, var);
+    training_moments(xp, g, shift, mean_s.data(), var.data());
     finalize(0, C);
-    affine(xp, y.data_ptr<T>(), g, shift.data(), scale.data(), offset.data(), fuse);
+    affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
   }
-  std::copy(shift.begin(), shift.end(), shift_out);
-  std::copy(scale.begin(), scale.end(), out.scale);
-  std::copy(offset.begin(), offset.end(), out.offset);
   const double m = static_cast<double>(g.per_channel());
-  std::vector<double> mean(C), unbiased(C);
-  for (int64_t c = 0; c < C; ++c) {
-    mean[c] = shift[c] + mean_s[c];
-    unbiased[c] = var[c] * m / (m - 1);
-  }
   if (running_mean.has_value() && running_mean->defined()) {
-    blend_into(*running_mean, mean, momentum);
-    blend_into(*running_var, unbiased, momentum);
+    // The batch mean and the unbiased batch variance, per channel.
+    blend_into(*running_mean, [&](int64_t c) { return shift[c] + mean_s[c]; }, momentum);
+    blend_into(*running_var, [&](int64_t c) { return var[c] * m / (m - 1); }, momentum);
   }
 }
 
@@ -2901,13 +2926,12 @@ void dx_rows(const T* x, const T* dy, T* dx, const Geometry& g, int64_t r0, int6
 // dx = dy * a + (x - shift) * k + c0, per channel (kWithX false: dx = dy * a).
 template <typename T, bool kWithX>
 void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shift,
-             const std::vector<float>& a, const std::vector<float>& k,
-             const std::vector<float>& c0v) {
+             const float* a, const float* k, const float* c0v) {
   const int64_t C = g.C, S = g.S;
   if (planes_as_rows(g)) {
     const bool stream = streams(rows_of_planes(g), kWithX ? 2 : 1, dx);
     const RowWalk walk = row_walk<T>(rows_of_planes(g), kWithX ? 2 : 1);
-    for_plane_columns<4>(g, {shift, a.data(), k.data(), c0v.data()}, stream,
+    for_plane_columns<4>(g, {shift, a, k, c0v}, stream,
                          [&](const Geometry& rg, Cols cols, const PerValue<4>& t) {
                            inner_block_dx<T, kWithX>(x, dy, dx, rg.C, 0, rg.N, t[0], t[1], t[2],
                                                      t[3], /*ahead=*/0, stream, walk, cols);
@@ -2918,8 +2942,8 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
     const PlanarWrite w = planar_write(g, kWithX ? 2 : 1, dx, false);
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
-                       dx_rows<T, kWithX>(x, dy, dx, g, i0, i1, shift, a.data(), k.data(),
-                                          c0v.data(), w);
+                       dx_rows<T, kWithX>(x, dy, dx, g, i0, i1, shift, a, k,
+                                          c0v, w);
                        if (w.stream) stream_fence();
                      });
     return;
@@ -2930,7 +2954,7 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
   for_block_tiles(0, (R + block - 1) / block, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
     inner_block_dx<T, kWithX>(x, dy, dx, C, b * block, std::min(R, (b + 1) * block), shift,
-                              a.data(), k.data(), c0v.data(),
+                              a, k, c0v,
                               next_block_ahead(b, last, block, R, C, bytes), stream, walk, cols);
     if (stream && b + 1 == last) stream_fence();
   });
@@ -2975,7 +2999,7 @@ inline void grad_coefficients(int64_t c0, int64_t c1, bool training, double m,
 
 template <typename T>
 void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
-                   const std::vector<float>& gamma, const Tensor& shift_t, const Tensor& mean_t,
+                   const float* gamma, const Tensor& shift_t, const Tensor& mean_t,
                    const Tensor& invstd_t, bool training, bool need_dx, bool need_params,
                    Tensor& dx, Tensor& dgamma, Tensor& dbeta) {
   const int64_t C = g.C;
@@ -2985,14 +3009,14 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
   const float* mean_s = mean_t.data_ptr<float>();
   const float* invstd = invstd_t.data_ptr<float>();
   const bool need_sums = need_params || (need_dx && training);
-  std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);
+  std::vector<double> sum_dy(C, 0.0), sum_dyx(C, 0.0);  // the sums accumulate into them
   const double m = static_cast<double>(g.per_channel());
-  std::vector<float> a(C), k(C), c0(C);
+  const Uninit<float> a(C), k(C), c0(C);  // coefficients() writes a range before dx reads it
   float* dg = need_params ? dgamma.data_ptr<float>() : nullptr;
   float* db = need_params ? dbeta.data_ptr<float>() : nullptr;
   auto coefficients = [&](int64_t cb, int64_t ce) {
     grad_coefficients(cb, ce, training, m, sum_dy.data(), sum_dyx.data(), mean_s, invstd,
-                      gamma.data(), dg, db, a.data(), k.data(), c0.data());
+                      gamma, dg, db, a.data(), k.data(), c0.data());
   };
   // dx over the planar rows [r0, r1), training or eval.
   T* const dxp = need_dx ? dx.data_ptr<T>() : nullptr;
@@ -3047,9 +3071,13 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
                             [&](int64_t r0, int64_t r1) { dx_rows_of(r0, r1, w); });
     return;
   }
-  if (need_dx && training) dx_pass<T, true>(xp, gp, dxp, g, shift, a, k, c0);
+  if (need_dx && training) {
+    dx_pass<T, true>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
+  }
   // Eval: dx = gamma * invstd * dy, as torch computes it; x is not read (nor its NaN or inf).
-  if (need_dx && !training) dx_pass<T, false>(xp, gp, dxp, g, shift, a, k, c0);
+  if (need_dx && !training) {
+    dx_pass<T, false>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
+  }
 }
 
 // Returns (dx, dgamma, dbeta) (undefined tensors where not needed); dgamma/dbeta are float32.
@@ -3061,7 +3089,7 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
   const Tensor dy = like_layout(grad_output, x, g);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides(),
               "grad_output does not match the input's layout");
-  const std::vector<float> gamma = floats_or(weight, g.C, 1.f);
+  const ChannelFloats gamma(weight, g.C, 1.f);
   Tensor dx, dgamma, dbeta;
   if (need_dx) dx = empty_output(x, x.scalar_type());
   if (need_params) {  // every channel is written below, unless x is empty
@@ -3071,11 +3099,11 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
   }
   if (x.numel() > 0 && (need_dx || need_params)) {
     if (x.scalar_type() == at::kFloat) {
-      backward_impl<float>(x, dy, g, gamma, shift, mean, invstd, training, need_dx, need_params,
-                           dx, dgamma, dbeta);
+      backward_impl<float>(x, dy, g, gamma.data(), shift, mean, invstd, training, need_dx,
+                           need_params, dx, dgamma, dbeta);
     } else if (x.scalar_type() == at::kBFloat16) {
-      backward_impl<BF16>(x, dy, g, gamma, shift, mean, invstd, training, need_dx, need_params,
-                          dx, dgamma, dbeta);
+      backward_impl<BF16>(x, dy, g, gamma.data(), shift, mean, invstd, training, need_dx,
+                          need_params, dx, dgamma, dbeta);
     } else {
       TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
     }
