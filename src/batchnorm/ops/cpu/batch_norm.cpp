@@ -2697,11 +2697,11 @@ Tensor forward_output(const Tensor& input, const c10::optional<Tensor>& weight,
                       const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                       const c10::optional<Tensor>& running_var, bool training, double momentum,
                       double eps, const c10::optional<Tensor>& residual, int64_t relu) {
-  std::vector<float> scratch;
+  std::unique_ptr<float[]> scratch;  // not zero-filled: the forward writes every channel's
   return forward_run(input, weight, bias, running_mean, running_var, training, momentum, eps,
                      residual, relu, [&](int64_t C) {
-                       scratch.resize(5 * C);
-                       float* p = scratch.data();
+                       scratch.reset(new float[static_cast<size_t>(5 * std::max<int64_t>(C, 1))]);
+                       float* p = scratch.get();
                        return ChannelOut{p, p + C, p + 2 * C, p + 3 * C, p + 4 * C};
                      })
       .first;
