@@ -1,4 +1,4 @@
-"""The C++ CPU kernels built for the other instruction sets this machine can run.
+"""The C++ CPU kernels built as other variants than the one this machine runs.
 
 The extension is compiled for the vector instruction set torch itself selected (AVX512 here,
 AVX2 or none elsewhere), so a machine runs one variant only; the others differ in vector width,
@@ -6,6 +6,11 @@ in masked loads and in whether ``at::vec::fmadd`` is a fused multiply-add. Each 
 machine's own is built in a subprocess (``ATEN_CPU_CAPABILITY``, about half a minute each, then
 cached) and runs the reference catalogue, the short-row tails, the fused kernels' bitwise
 equality with the composition and the streaming stores' bitwise equality with plain ones.
+
+The kernels leave their outputs and per-channel scratch uninitialized where every value is
+written before it is read; a build with ``BATCHNORM_CPU_POISON=1`` fills them with NaN instead,
+and runs the kernels' whole tests: a value read before it is written, or never written, fails
+them.
 """
 
 from __future__ import annotations
@@ -35,15 +40,18 @@ def _lower_capabilities() -> list[str]:
     return ORDER[: ORDER.index(own)] if own in ORDER else []
 
 
-@pytest.mark.parametrize("capability", _lower_capabilities())
-def test_kernels_built_for_another_instruction_set(capability):
+TESTS = ["tests/test_cpu_kernels.py", "tests/test_cpu_fused.py", "tests/test_cpu_autograd.py"]
+
+
+def _tests_in_variant(env: dict[str, str], selection: list[str], probe: str) -> str:
+    """Runs the kernels' tests (``selection``: pytest's -k, or none) in a subprocess with
+    ``env`` (whose build is compiled there, then cached) and returns what ``probe``, a line of
+    Python run the same way, prints."""
     ok, reason = cpu.status()
     if not ok:
         pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    tests = ["tests/test_cpu_kernels.py", "tests/test_cpu_fused.py", "tests/test_cpu_autograd.py"]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", SELECTION],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, *selection],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -53,12 +61,25 @@ def test_kernels_built_for_another_instruction_set(capability):
     tail = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0, tail
     assert " passed" in tail and " failed" not in tail, tail
-    probe = subprocess.run(
-        [sys.executable, "-c", "from batchnorm.ops import cpu; print(cpu.load().capability())"],
+    answer = subprocess.run(
+        [sys.executable, "-c", f"from batchnorm.ops import cpu; print({probe})"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert probe.stdout.strip() == capability.upper(), probe.stderr
+    assert answer.returncode == 0, answer.stderr
+    return answer.stdout.strip()
+
+
+@pytest.mark.parametrize("capability", _lower_capabilities())
+def test_kernels_built_for_another_instruction_set(capability):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    built = _tests_in_variant(env, ["-k", SELECTION], "cpu.load().capability()")
+    assert built == capability.upper()
+
+
+def test_kernels_with_poisoned_outputs_and_scratch():
+    env = dict(os.environ, BATCHNORM_CPU_POISON="1")
+    assert _tests_in_variant(env, [], "cpu.load().scratch_poisoned()") == "True"

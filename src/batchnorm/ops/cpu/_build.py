@@ -74,12 +74,21 @@ def _torch_uses_openmp() -> bool:
 # kernels never read errno; the results are the same, sqrt being correctly rounded either way).
 _BASE_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno"]
 
+POISON_ENV = "BATCHNORM_CPU_POISON"
+
+
+def _debug_flags() -> list[str]:
+    """``$BATCHNORM_CPU_POISON=1``: a build (of its own name) whose outputs and per-channel
+    scratch start as NaN rather than uninitialized, so that a test sees any value read before it
+    is written, or never written (slower; for the tests)."""
+    return ["-DBN_POISON_SCRATCH"] if os.environ.get(POISON_ENV) == "1" else []
+
 
 def _name(flags: list[str]) -> str:
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(" ".join([*_BASE_FLAGS, *_ISA_FLAGS[isa()], *flags]).encode())
+    digest.update(" ".join([*_BASE_FLAGS, *_debug_flags(), *_ISA_FLAGS[isa()], *flags]).encode())
     return f"batchnorm_cpu_{isa().lower()}_{digest.hexdigest()[:12]}"
 
 
@@ -216,7 +225,7 @@ def load() -> ModuleType | None:
             _module = load_extension(
                 name=module_name(),
                 sources=[str(SOURCE)],
-                extra_cflags=[*_BASE_FLAGS, *_ISA_FLAGS[isa()], *openmp_flags()],
+                extra_cflags=[*_BASE_FLAGS, *_debug_flags(), *_ISA_FLAGS[isa()], *openmp_flags()],
                 extra_ldflags=list(openmp_flags()),
                 build_directory=str(folder),
                 verbose=False,

@@ -49,6 +49,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -810,11 +811,30 @@ class BlockCache final : public c10::Allocator {
   uint64_t hits_ = 0, misses_ = 0;
 };
 
+// Memory that every use writes before it reads is left uninitialized (the outputs, the
+// per-channel scratch). Builds with BN_POISON_SCRATCH (BATCHNORM_CPU_POISON=1, for the tests)
+// fill it with NaN instead, so that a read before a write, or a value never written, shows as
+// NaN in the results.
+#ifdef BN_POISON_SCRATCH
+constexpr bool kPoisonScratch = true;
+#else
+constexpr bool kPoisonScratch = false;
+#endif
+template <typename V>
+inline void poison(V* p, int64_t n) {
+  if constexpr (kPoisonScratch) std::fill(p, p + n, std::numeric_limits<V>::quiet_NaN());
+}
+
 // An uninitialized output with x's sizes and strides (x is contiguous, channels-last or a
-// transposed (N, L, C) sequence: dense, as every kernel layout is), from the block cache.
+// transposed (N, L, C) sequence: dense, as every kernel layout is), from the block cache
+// (poisoned as above; not a bool mask).
 Tensor empty_output(const Tensor& x, at::ScalarType dtype) {
-  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &BlockCache::get(),
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
+  Tensor t = at::detail::empty_strided_generic(x.sizes(), x.strides(), &BlockCache::get(),
+                                               c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
+  if constexpr (kPoisonScratch) {
+    if (dtype != at::kBool) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  return t;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -902,13 +922,15 @@ void floats_into(const c10::optional<Tensor>& t, int64_t C, float fill, float* o
   std::copy(f.data_ptr<float>(), f.data_ptr<float>() + C, out);
 }
 
-// An array of n values left uninitialized, for per-channel scratch that every use writes
-// before it reads (a std::vector's zero fill was a memset per array and call: with the
+// An array of n values left uninitialized (poison), for per-channel scratch that every use
+// writes before it reads (a std::vector's zero fill was a memset per array and call: with the
 // copies below, 30 % of a 2x9216 training forward).
 template <typename V>
 class Uninit {
  public:
-  explicit Uninit(int64_t n) : p_(new V[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
+  explicit Uninit(int64_t n) : p_(new V[static_cast<size_t>(std::max<int64_t>(n, 1))]) {
+    poison(p_.get(), std::max<int64_t>(n, 1));
+  }
   V* data() const { return p_.get(); }
   V& operator[](int64_t i) const { return p_[i]; }
 
@@ -2670,8 +2692,10 @@ std::vector<Tensor> forward_fused(const Tensor& input, const c10::optional<Tenso
   auto [y, mask] = forward_run(input, weight, bias, running_mean, running_var, training, momentum,
                                eps, residual, relu, [&](int64_t C) {
                                  const auto opts = input.options().dtype(at::kFloat);
-                                 for (int i = 0; i < 5; ++i)
+                                 for (int i = 0; i < 5; ++i) {
                                    channel.push_back(at::empty({C}, opts));
+                                   poison(channel.back().data_ptr<float>(), C);
+                                 }
                                  return ChannelOut{channel[0].data_ptr<float>(),
                                                    channel[1].data_ptr<float>(),
                                                    channel[2].data_ptr<float>(),
@@ -2700,8 +2724,10 @@ Tensor forward_output(const Tensor& input, const c10::optional<Tensor>& weight,
   std::unique_ptr<float[]> scratch;  // not zero-filled: the forward writes every channel's
   return forward_run(input, weight, bias, running_mean, running_var, training, momentum, eps,
                      residual, relu, [&](int64_t C) {
-                       scratch.reset(new float[static_cast<size_t>(5 * std::max<int64_t>(C, 1))]);
+                       const int64_t n = 5 * std::max<int64_t>(C, 1);
+                       scratch.reset(new float[static_cast<size_t>(n)]);
                        float* p = scratch.get();
+                       poison(p, n);
                        return ChannelOut{p, p + C, p + 2 * C, p + 3 * C, p + 4 * C};
                      })
       .first;
@@ -3096,6 +3122,10 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
     const auto opts = input.options().dtype(at::kFloat);
     dgamma = x.numel() > 0 ? at::empty({g.C}, opts) : at::zeros({g.C}, opts);
     dbeta = x.numel() > 0 ? at::empty({g.C}, opts) : at::zeros({g.C}, opts);
+    if (x.numel() > 0) {
+      poison(dgamma.data_ptr<float>(), g.C);
+      poison(dbeta.data_ptr<float>(), g.C);
+    }
   }
   if (x.numel() > 0 && (need_dx || need_params)) {
     if (x.scalar_type() == at::kFloat) {
@@ -3649,6 +3679,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "sets the channels-last backward's walk ('rows' or 'chunks'; the same values either way)");
   m.def("vector_width", []() { return kW; }, "floats per vector");
+  m.def(
+      "scratch_poisoned", []() { return kPoisonScratch; },
+      "whether memory written before it is read starts as NaN (a BN_POISON_SCRATCH build)");
   m.def(
       "stream_min_bytes", []() { return kCanStream ? stream_min_bytes().load() : int64_t{-1}; },
       "passes moving this many bytes or more stream their stores (-1: never, no vector ISA)");
