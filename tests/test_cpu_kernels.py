@@ -462,6 +462,36 @@ def test_one_value_per_channel_rejected_in_training():
     assert_close(y, x / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-6, name="eval y")
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3, 3), (5, 4, 0, 3)])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "graph"])
+def test_empty_training_batch_gives_an_empty_output(shape, grad):
+    """As torch: an empty batch in training returns an empty output and leaves the running
+    statistics untouched (the op itself, not only the functional layer); its gradients are
+    empty for x and zero for gamma and beta."""
+    x = torch.randn(shape, requires_grad=grad)
+    w = torch.rand(4, requires_grad=grad)
+    b = torch.randn(4, requires_grad=grad)
+    rm, rv = torch.full((4,), 0.5), torch.full((4,), 2.0)
+    y = cpu.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    expected = torch.nn.functional.batch_norm(
+        x.detach(), torch.full((4,), 0.5), torch.full((4,), 2.0), w.detach(), b.detach(), True
+    )
+    assert y.shape == expected.shape and y.stride() == expected.stride()
+    assert torch.equal(rm, torch.full((4,), 0.5)) and torch.equal(rv, torch.full((4,), 2.0))
+    if grad:
+        dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+        assert dx.shape == x.shape
+        assert torch.equal(dw, torch.zeros(4)) and torch.equal(db, torch.zeros(4))
+    for save in ("recompute", "mask", "output"):  # the fused kernels, with a residual
+        z = torch.randn(shape)
+        y = cpu.batch_norm_relu(x, z, rm, rv, w, b, True, 0.1, 1e-5, save=save)
+        assert y.shape == x.shape
+        if grad:
+            dx, dw = torch.autograd.grad(y.sum(), (x, w))
+            assert dx.shape == x.shape and torch.equal(dw, torch.zeros(4))
+    assert torch.equal(rm, torch.full((4,), 0.5)) and torch.equal(rv, torch.full((4,), 2.0))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -2645,7 +2645,9 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
   TORCH_CHECK(input.device().is_cpu(), "the cpu kernels need a CPU tensor");
   TORCH_CHECK(relu >= kReluNone && relu <= kSaveRecompute, "unknown ReLU code ", relu);
   auto [x, g] = as_kernel_layout(input);
-  TORCH_CHECK(!training || g.per_channel() > 1,
+  // An empty batch has no statistics: an empty output and the running statistics untouched,
+  // as torch's kernel does.
+  TORCH_CHECK(!training || g.per_channel() > 1 || x.numel() == 0,
               "batch norm in training mode needs more than one value per channel");
   check_channel_tensors(g.C, weight, bias, running_mean, running_var);
   TORCH_CHECK(training || (running_mean.has_value() && running_mean->defined()),
@@ -2657,7 +2659,8 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
     TORCH_CHECK(residual->sizes() == input.sizes() && residual->scalar_type() == x.scalar_type(),
                 "the residual must have the input's shape and dtype");
     z = like_layout(*residual, x, g);
-    TORCH_CHECK(z.strides() == x.strides(), "the residual does not match the input's layout");
+    TORCH_CHECK(x.numel() == 0 || z.strides() == x.strides(),
+                "the residual does not match the input's layout");
   }
   Tensor y = empty_output(x, x.scalar_type());
   Tensor mask;
@@ -3113,7 +3116,7 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
                              bool need_dx, bool need_params) {
   auto [x, g] = as_kernel_layout(input);
   const Tensor dy = like_layout(grad_output, x, g);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides(),
+  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || dy.strides() == x.strides()),
               "grad_output does not match the input's layout");
   const ChannelFloats gamma(weight, g.C, 1.f);
   Tensor dx, dgamma, dbeta;
@@ -3296,14 +3299,14 @@ std::vector<Tensor> backward_fused(const Tensor& grad_output, const Tensor& inpu
   TORCH_CHECK(relu >= kSaveOutput && relu <= kSaveRecompute, "unknown ReLU code ", relu);
   auto [x, geo] = as_kernel_layout(input);
   const Tensor dy = like_layout(grad_output, x, geo);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides(),
+  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || dy.strides() == x.strides()),
               "grad_output does not match the input's layout");
   const bool has_gate = gate.has_value() && gate->defined();
   TORCH_CHECK(has_gate || relu == kSaveRecompute, "the ReLU's saved tensor is missing");
   Tensor gt;
   if (has_gate) {
     gt = like_layout(*gate, x, geo);
-    TORCH_CHECK(gt.sizes() == x.sizes() && gt.strides() == x.strides(),
+    TORCH_CHECK(gt.sizes() == x.sizes() && (x.numel() == 0 || gt.strides() == x.strides()),
                 "the ReLU's saved tensor does not match the input's layout");
   }
   Tensor dpre = empty_output(x, x.scalar_type());
