@@ -2566,8 +2566,8 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
         if (separate) continue;
         finalize(c0, c1);
         for (int64_t n = 0; n < g.N; ++n) {
-          affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift, scale,
-                      offset, fuse, PlanarWrite{false, stream});
+          affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift, scale, offset, fuse,
+                      PlanarWrite{false, stream});
         }
       }
       if (stream && !separate) stream_fence();  // once per task, not per block
@@ -2724,13 +2724,10 @@ Tensor forward_output(const Tensor& input, const c10::optional<Tensor>& weight,
                       const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                       const c10::optional<Tensor>& running_var, bool training, double momentum,
                       double eps, const c10::optional<Tensor>& residual, int64_t relu) {
-  std::unique_ptr<float[]> scratch;  // not zero-filled: the forward writes every channel's
+  c10::optional<Uninit<float>> scratch;  // the forward writes every channel's constants
   return forward_run(input, weight, bias, running_mean, running_var, training, momentum, eps,
                      residual, relu, [&](int64_t C) {
-                       const int64_t n = 5 * std::max<int64_t>(C, 1);
-                       scratch.reset(new float[static_cast<size_t>(n)]);
-                       float* p = scratch.get();
-                       poison(p, n);
+                       float* p = scratch.emplace(5 * C).data();
                        return ChannelOut{p, p + C, p + 2 * C, p + 3 * C, p + 4 * C};
                      })
       .first;
@@ -2971,8 +2968,7 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
     const PlanarWrite w = planar_write(g, kWithX ? 2 : 1, dx, false);
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
-                       dx_rows<T, kWithX>(x, dy, dx, g, i0, i1, shift, a, k,
-                                          c0v, w);
+                       dx_rows<T, kWithX>(x, dy, dx, g, i0, i1, shift, a, k, c0v, w);
                        if (w.stream) stream_fence();
                      });
     return;
