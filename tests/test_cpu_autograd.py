@@ -139,3 +139,26 @@ def test_backward_twice_with_retain_graph():
     assert torch.equal(first, second)
     with pytest.raises(RuntimeError, match="second time|already been freed"):
         torch.autograd.grad(y, x, dy)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_statistics_that_require_grad_are_refused_as_torch_does(name, training, fused):
+    # torch's kernel raises here; the kernels would give the statistics no gradient (wrong in
+    # eval, where y depends on them) and update a leaf that requires grad in place.
+    x = torch.randn(4, C, 3, 3, generator=torch.Generator().manual_seed(0))
+    stats = {"running_mean": torch.zeros(C), "running_var": torch.ones(C)}
+    stats[name].requires_grad_(True)
+    fn = batch_norm_relu if fused else batch_norm
+    with pytest.raises(RuntimeError, match=f"not differentiable with respect to {name}"):
+        fn(x, stats["running_mean"], stats["running_var"], None, None, training, backend="cpu")
+    assert torch.equal(stats["running_mean"].detach(), torch.zeros(C))
+    assert torch.equal(stats["running_var"].detach(), torch.ones(C))
+    with torch.no_grad():  # as torch: accepted where nothing records a graph
+        y = fn(x, stats["running_mean"], stats["running_var"], None, None, training, backend="cpu")
+        expected = torch.nn.functional.batch_norm(
+            x, torch.zeros(C), torch.ones(C), None, None, training
+        )
+    torch.testing.assert_close(y, expected.relu() if fused else expected, rtol=1e-5, atol=1e-5)
+    assert backends.last_backend() == "cpu"

@@ -270,3 +270,19 @@ def test_running_buffers_may_change_between_forward_and_backward(device):
     )
     loss.backward()
     assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4, name="dx")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_running_statistics_that_require_grad_are_refused_as_torch_does(device, training):
+    # The Function gives them no gradient (wrong in eval, where y depends on them).
+    x = torch.randn(4, 3, 4, 4, device=device)
+    rm = torch.zeros(3, device=device, requires_grad=True)
+    rv = torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to running_mean"):
+        batch_norm(x, rm, rv, None, None, training, backend="triton")
+    with torch.no_grad():
+        y = batch_norm(x, rm, rv, None, None, training, backend="triton")
+    expected = torch.nn.functional.batch_norm(
+        x, torch.zeros_like(rv), torch.ones_like(rv), None, None, training
+    )
+    assert_close(y, expected, rtol=1e-4, atol=1e-4, name="y")

@@ -209,6 +209,18 @@ def _check(
         raise ValueError("pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
         raise ValueError("eval-mode batch norm (training=False) needs running_mean and running_var")
+    if torch.is_grad_enabled():
+        # As torch's kernel: the Function gives the running statistics no gradient (wrong in
+        # eval mode, where y depends on them) and updates them in place in training.
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"the Triton batch-norm kernels are not differentiable with respect to "
+                    f"{name}, which requires grad (torch's kernel refuses it too): keep the "
+                    f"running statistics as buffers that do not require grad "
+                    f"({name}.requires_grad_(False)), call under torch.no_grad(), or use "
+                    "backend='explicit', which differentiates through them in eval mode"
+                )
     if training and input.numel() // channels == 1:
         raise ValueError(
             f"batch norm in training mode needs more than one value per channel, got input shape "

@@ -3587,6 +3587,23 @@ inline void count_update(bool training, const c10::optional<Tensor>& running_mea
   }
 }
 
+// Running statistics that require grad where grad mode is on: torch's kernel refuses them (it is
+// not differentiable with respect to them), and so do these kernels, which would otherwise
+// leave an eval-mode gradient with respect to them out without a word (and update a leaf that
+// requires grad in place).
+inline void check_statistics_need_no_grad(const c10::optional<Tensor>& running_mean,
+                                          const c10::optional<Tensor>& running_var) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& [name, t] : {std::pair{"running_mean", &running_mean},
+                                std::pair{"running_var", &running_var}}) {
+    TORCH_CHECK(!is_set(*t) || !(*t)->requires_grad(), "the 'cpu' batch-norm kernels are not ",
+                "differentiable with respect to ", name, ", which requires grad (torch's kernel ",
+                "refuses it too): keep the running statistics as buffers that do not require ",
+                "grad (", name, ".requires_grad_(False)), call under torch.no_grad(), or use ",
+                "backend='explicit', which differentiates through them in eval mode");
+  }
+}
+
 // batchnorm.ops.cpu.batch_norm in one call from Python, in F.batch_norm's argument order: an
 // autograd node (the running statistics passed as detached aliases: the node's inputs are x,
 // gamma and beta) where autograd records a graph, else the forward's output alone.
@@ -3594,6 +3611,7 @@ Tensor batch_norm_call(const Tensor& input, const c10::optional<Tensor>& running
                        const c10::optional<Tensor>& running_var,
                        const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                        bool training, double momentum, double eps) {
+  check_statistics_need_no_grad(running_mean, running_var);
   Tensor y;
   if (records_graph(input, {&weight, &bias})) {
     y = batch_norm_autograd(input, weight, bias, detached(running_mean), detached(running_var),
@@ -3613,6 +3631,7 @@ Tensor batch_norm_relu_call(const Tensor& input, const c10::optional<Tensor>& re
                             const c10::optional<Tensor>& weight,
                             const c10::optional<Tensor>& bias, bool training, double momentum,
                             double eps, int64_t code) {
+  check_statistics_need_no_grad(running_mean, running_var);
   Tensor y;
   if (records_graph(input, {&residual, &weight, &bias})) {
     y = batch_norm_relu_autograd(input, residual, weight, bias, detached(running_mean),
