@@ -1152,6 +1152,28 @@ void two_pass_group(Row&& row, int64_t n0, int64_t n1, int64_t S, float centre, 
   m2 = hsum4(acc2);
 }
 
+// A group's moments of B channels (rows [n0, n1); row(b, n) channel b's row of sample n) from
+// their vector accumulators in `scratch` (channel b's acc[4b..4b+1] of d = x - centre,
+// acc[4b+2..4b+3] of d^2, centred on scratch.centre[b]), merged into out[b]: one pass where the
+// guard passes (one_pass_moments), else two (two_pass_group); `shift` is channel 0's.
+template <typename Row>
+BN_ALWAYS_INLINE inline void merge_group_moments(PlanarScratch& scratch, Row&& row, int64_t B,
+                                                 int64_t S, int64_t n0, int64_t n1,
+                                                 const float* shift, Moments* out) {
+  float *mean = scratch.mean.data(), *centre = scratch.centre.data();
+  float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
+  pair_hsums(scratch.acc.data(), B, 0, s1);
+  pair_hsums(scratch.acc.data(), B, 2, s2);
+  const double count = static_cast<double>((n1 - n0) * S);
+  for (int64_t b = 0; b < B; ++b) {
+    float m2;
+    if (!one_pass_moments(s1[b], s2[b], count, mean[b], m2)) {
+      two_pass_group([&](int64_t n) { return row(b, n); }, n0, n1, S, centre[b], mean[b], m2);
+    }
+    out[b].merge(count, static_cast<double>(centre[b]) - shift[b] + mean[b], m2);
+  }
+}
+
 // Channels [c0, c1) of the planar layout, each a block of one: the same arithmetic as
 // planar_block_moments, one channel's rows after another with its accumulators in registers,
 // and the groups' horizontal sums of all the channels at once (pair_hsums). The channels go
@@ -1164,10 +1186,9 @@ void planar_channels_moments(const T* x, const Geometry& g, int64_t c0, int64_t 
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
   auto row = [&](int64_t b, int64_t n) BN_ALWAYS_INLINE { return x + n * stride + (c0 + b) * S; };
   float *mean = scratch.mean.data(), *centre = scratch.centre.data();
-  float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
     const int64_t n1 = std::min(g.N, n0 + rows_per_group);
-    group_centres<T>(row, B, S, n0, mean, centre, scratch.acc.data(), s1);
+    group_centres<T>(row, B, S, n0, mean, centre, scratch.acc.data(), scratch.sum1.data());
     for (int64_t b = 0; b < B; ++b) {
       const T* p = row(b, 0);
       const float cb = centre[b];
@@ -1178,16 +1199,7 @@ void planar_channels_moments(const T* x, const Geometry& g, int64_t c0, int64_t 
       }
       for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = acc[k];
     }
-    pair_hsums(scratch.acc.data(), B, 0, s1);
-    pair_hsums(scratch.acc.data(), B, 2, s2);
-    const double count = static_cast<double>((n1 - n0) * S);
-    for (int64_t b = 0; b < B; ++b) {
-      float m2;
-      if (!one_pass_moments(s1[b], s2[b], count, mean[b], m2)) {
-        two_pass_group([&](int64_t n) { return row(b, n); }, n0, n1, S, centre[b], mean[b], m2);
-      }
-      out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
-    }
+    merge_group_moments(scratch, row, B, S, n0, n1, shift + c0, out);
   }
 }
 
@@ -1211,17 +1223,7 @@ void planar_block_moments(const T* x, const Geometry& g, int64_t c0, int64_t c1,
                     [&](int64_t b, int64_t n, Vec* a) BN_ALWAYS_INLINE {
       row_sum_sq(row(b, n), S, centre[b], a);
     });
-    const double count = static_cast<double>((n1 - n0) * S);
-    float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
-    pair_hsums(scratch.acc.data(), B, 0, s1);
-    pair_hsums(scratch.acc.data(), B, 2, s2);
-    for (int64_t b = 0; b < B; ++b) {
-      float m2;
-      if (!one_pass_moments(s1[b], s2[b], count, mean[b], m2)) {
-        two_pass_group([&](int64_t n) { return row(b, n); }, n0, n1, S, centre[b], mean[b], m2);
-      }
-      out[b].merge(count, static_cast<double>(centre[b]) - shift[c0 + b] + mean[b], m2);
-    }
+    merge_group_moments(scratch, row, B, S, n0, n1, shift + c0, out);
   }
 }
 
@@ -2737,6 +2739,19 @@ Tensor forward_output(const Tensor& input, const c10::optional<Tensor>& weight,
 // Backward
 // ------------------------------------------------------------------------------------------
 
+// A group's gradient sums of B channels, from their vector accumulators in `scratch` (channel b's
+// acc[4b..4b+1] of dy, acc[4b+2..4b+3] of dy * (x - shift)), added to sum_dy and sum_dyx.
+BN_ALWAYS_INLINE inline void add_group_grad_sums(PlanarScratch& scratch, int64_t B,
+                                                 double* sum_dy, double* sum_dyx) {
+  float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
+  pair_hsums(scratch.acc.data(), B, 0, s1);
+  pair_hsums(scratch.acc.data(), B, 2, s2);
+  for (int64_t b = 0; b < B; ++b) {
+    sum_dy[b] += s1[b];
+    sum_dyx[b] += s2[b];
+  }
+}
+
 // Channels [c0, c1) of the planar layout, each a block of one: sums of dy and of dy * (x - shift),
 // float64, as planar_block_grad_sums computes them, one channel's rows after another with its
 // accumulators in registers, the groups' horizontal sums of all of them at once (pair_hsums).
@@ -2747,7 +2762,6 @@ void planar_channels_grad_sums(const T* x, const T* dy, const Geometry& g, int64
                                PlanarScratch& scratch) {
   const int64_t C = g.C, S = g.S, B = c1 - c0;
   const int64_t rows_per_group = std::max<int64_t>(1, kGroupElems / std::max<int64_t>(S, 1));
-  float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
   std::fill(sum_dy, sum_dy + B, 0.0);
   std::fill(sum_dyx, sum_dyx + B, 0.0);
   for (int64_t n0 = 0; n0 < g.N; n0 += rows_per_group) {
@@ -2767,12 +2781,7 @@ void planar_channels_grad_sums(const T* x, const T* dy, const Geometry& g, int64
       }
       for (int k = 0; k < 4; ++k) scratch.acc[4 * b + k] = a[k];
     }
-    pair_hsums(scratch.acc.data(), B, 0, s1);
-    pair_hsums(scratch.acc.data(), B, 2, s2);
-    for (int64_t b = 0; b < B; ++b) {
-      sum_dy[b] += s1[b];
-      sum_dyx[b] += s2[b];
-    }
+    add_group_grad_sums(scratch, B, sum_dy, sum_dyx);
   }
 }
 
@@ -2816,13 +2825,7 @@ void planar_block_grad_sums(const T* x, const T* dy, const Geometry& g, int64_t 
     } else {
       walk_block_rows(B, n0, n1, scratch, burst, [](int64_t, int64_t) {}, add);
     }
-    float *s1 = scratch.sum1.data(), *s2 = scratch.sum2.data();
-    pair_hsums(scratch.acc.data(), B, 0, s1);
-    pair_hsums(scratch.acc.data(), B, 2, s2);
-    for (int64_t b = 0; b < B; ++b) {
-      sum_dy[b] += s1[b];
-      sum_dyx[b] += s2[b];
-    }
+    add_group_grad_sums(scratch, B, sum_dy, sum_dyx);
   }
 }
 
