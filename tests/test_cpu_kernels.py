@@ -963,3 +963,82 @@ def test_flat_output_pass_matches_channels_last(shape, dtype):
     finally:
         cpu.set_stream_min_bytes(initial)
         torch.set_num_threads(threads)
+
+
+# Shapes of every statistics walk: planar (per channel, blocks, short planes), channel-inner
+# (one block, many blocks, pieces), and a bfloat16 input.
+NONFINITE_CASES = [
+    ((4, 3, 5, 5), False),
+    ((4, 3, 5, 5), True),
+    ((64, 40, 7, 7), False),
+    ((64, 40, 7, 7), True),
+    ((16, 8, 2, 2), False),
+    ((16, 3), False),
+    ((300, 3), False),
+    ((64, 1280), False),
+]
+
+
+def _nonfinite_input(shape, channels_last, pattern, dtype):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    ch = x[:, 0].contiguous()
+    flat = ch.view(-1)
+    if pattern == "one +inf":
+        flat[flat.numel() // 2] = float("inf")
+    elif pattern == "one -inf":
+        flat[flat.numel() // 2] = -float("inf")
+    elif pattern == "first +inf":  # the channel's first value is its shift
+        flat[0] = float("inf")
+    elif pattern == "all -inf":
+        flat.fill_(-float("inf"))
+    elif pattern == "both infs":
+        flat[1], flat[-1] = float("inf"), -float("inf")
+    elif pattern == "nan":
+        flat[3] = float("nan")
+    x[:, 0] = ch
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "pattern", ["one +inf", "one -inf", "first +inf", "all -inf", "both infs", "nan"]
+)
+@pytest.mark.parametrize(("shape", "channels_last"), NONFINITE_CASES)
+def test_nonfinite_channel_statistics_are_torchs(shape, channels_last, pattern, dtype):
+    # A channel holding infinities of one sign has the mean +-inf, as torch's kernel gives (the
+    # shifted sums gave NaN there); the other channels are untouched by it.
+    x = _nonfinite_input(shape, channels_last, pattern, dtype)
+    c = shape[1]
+    got_rm, got_rv = torch.zeros(c), torch.ones(c)
+    exp_rm, exp_rv = torch.zeros(c), torch.ones(c)
+    y = cpu.batch_norm(x, got_rm, got_rv, None, None, True, 0.1, 1e-5)
+    expected = torch.nn.functional.batch_norm(x, exp_rm, exp_rv, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(got_rm[:1], exp_rm[:1], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(got_rv[:1], exp_rv[:1], equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(y[:, 0]).all() and torch.isnan(expected[:, 0]).all()
+    assert torch.isfinite(y[:, 1:]).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_rm[1:], exp_rm[1:], rtol=tol, atol=tol)
+    torch.testing.assert_close(got_rv[1:], exp_rv[1:], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("shape", "channels_last"), NONFINITE_CASES)
+def test_finite_values_near_the_float32_limit_keep_finite_statistics(shape, channels_last):
+    # |x| ~ 1e37: the float32 sums of the statistics overflow; the channels are measured again
+    # in float64, so the mean stays finite and the output normalized (it was -inf and NaN).
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 2e37
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    rm, rv = torch.zeros(c), torch.ones(c)
+    y = cpu.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
+    xd = x.double()
+    dims = [0, *range(2, x.dim())]
+    mean, var = xd.mean(dims), xd.var(dims, unbiased=False)
+    view = (1, c) + (1,) * (x.dim() - 2)
+    expected = (xd - mean.reshape(view)) / var.reshape(view).sqrt()
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rm.double(), 0.1 * mean, rtol=1e-6, atol=0)
+    assert torch.isinf(rv).all()  # 0.9 + 0.1 * (about 4e74) overflows float32, as in torch
