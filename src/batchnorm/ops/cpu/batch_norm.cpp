@@ -1601,18 +1601,26 @@ BN_ALWAYS_INLINE inline void for_row_steps(bool grouped, int64_t r0, int64_t r1,
 }
 
 // inner_block_affine without a fused tail over the channels [lo, hi) of the rows [ra, rb),
-// kRows rows at a time (for_row_steps).
-template <int64_t kRows, typename T>
+// kRows rows at a time (for_row_steps). kShift false: every shift is 0 (output_constants), and
+// x - 0 = x is taken as it is, without loading the shifts (the same bits).
+template <int64_t kRows, typename T, bool kShift = true>
 BN_NOINLINE void affine_row_steps(const T* x, T* y, int64_t C, int64_t lo, int64_t hi,
                                   int64_t ra, int64_t rb, const float* shift, const float* scale,
                                   const float* offset, bool stream) {
   for (int64_t r = ra; r < rb; r += kRows) {
     auto rows_at = [&](int64_t c, auto put) BN_ALWAYS_INLINE {
-      const Vec vs = Vec::loadu(shift + c), va = Vec::loadu(scale + c);
-      const Vec vb = Vec::loadu(offset + c);
-      for (int64_t i = 0; i < kRows; ++i) {
-        const int64_t o = (r + i) * C + c;
-        put(y + o, at::vec::fmadd(vload(x + o) - vs, va, vb));
+      const Vec va = Vec::loadu(scale + c), vb = Vec::loadu(offset + c);
+      if constexpr (kShift) {
+        const Vec vs = Vec::loadu(shift + c);
+        for (int64_t i = 0; i < kRows; ++i) {
+          const int64_t o = (r + i) * C + c;
+          put(y + o, at::vec::fmadd(vload(x + o) - vs, va, vb));
+        }
+      } else {
+        for (int64_t i = 0; i < kRows; ++i) {
+          const int64_t o = (r + i) * C + c;
+          put(y + o, at::vec::fmadd(vload(x + o), va, vb));
+        }
       }
     };
     int64_t c = lo;
@@ -1621,9 +1629,10 @@ BN_NOINLINE void affine_row_steps(const T* x, T* y, int64_t C, int64_t lo, int64
     }
     for (; c + kW <= hi; c += kW) rows_at(c, [](T* q, const Vec& v) { vstore(q, v); });
     for (; c < hi; ++c) {
+      const float sc = kShift ? shift[c] : 0.f;
       for (int64_t i = 0; i < kRows; ++i) {
         const int64_t o = (r + i) * C + c;
-        y[o] = static_cast<T>(std::fma(static_cast<float>(x[o]) - shift[c], scale[c], offset[c]));
+        y[o] = static_cast<T>(std::fma(static_cast<float>(x[o]) - sc, scale[c], offset[c]));
       }
     }
   }
@@ -1740,16 +1749,22 @@ void affine_chunks(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const fl
 // stream in memory order (walking a chunk of channels down the rows, as the reductions do,
 // scatters the stores over pages and costs twice the time for large C); the per-channel
 // constants come from L1 (for_row_chunks). `stream`: with streaming stores (not with a fused
-// tail; every row must start on a vector boundary, rows_can_stream).
+// tail; every row must start on a vector boundary, rows_can_stream). `zero_shift`: every
+// shift is 0 (all_zero), which the walk then does not load.
 template <typename T>
 void inner_block_affine(const T* x, T* y, int64_t C, int64_t r0, int64_t r1, const float* shift,
                         const float* scale, const float* offset, const Fuse<T>& f, bool stream,
-                        RowWalk walk, Cols cols) {
+                        RowWalk walk, Cols cols, bool zero_shift = false) {
   if (!f.any()) {
     for_row_chunks(cols, walk.chunked, [&](int64_t lo, int64_t hi) BN_ALWAYS_INLINE {
       for_row_steps(walk.grouped, r0, r1, [&](int64_t ra, int64_t rb, auto count) BN_ALWAYS_INLINE {
-        affine_row_steps<decltype(count)::value>(x, y, C, lo, hi, ra, rb, shift, scale, offset,
-                                                 stream);
+        constexpr int64_t kRows = decltype(count)::value;
+        if (zero_shift) {
+          affine_row_steps<kRows, T, false>(x, y, C, lo, hi, ra, rb, shift, scale, offset,
+                                            stream);
+        } else {
+          affine_row_steps<kRows, T>(x, y, C, lo, hi, ra, rb, shift, scale, offset, stream);
+        }
       });
     });
     return;
@@ -1898,6 +1913,45 @@ void inner_block_dx(const T* x, const T* dy, T* dx, int64_t C, int64_t r0, int64
     return;
   }
   dx_chunks<T, kWithX>(x, dy, dx, C, r0, r1, shift, a, kk, c0, ahead, stream, cols);
+}
+
+// Whether p[0..n) are all +0.0 (output_constants' shifts), on the bits: a loop on vectors.
+inline bool all_zero(const float* __restrict p, int64_t n) {
+  uint32_t bits = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, sizeof(u));
+    bits |= u;
+  }
+  return bits == 0;
+}
+
+// The shift and offset of the output pass, channels [c0, c1), from the (C,)
+// constants that are saved (shift, mean_s, invstd, scale, offset): a channel whose mean
+// (shift + mean_s) lies within kSmallMean standard deviations (1 / invstd) of zero is written as
+// x * scale + (offset - shift * scale), its shift 0; the others as (x - shift) * scale + offset.
+// With every shift 0, the output pass loads two (C,) vectors per vector of x instead of three:
+// on channels-last and (N, C) tensors whose passes meet other traffic in between (the
+// benchmark's rounds, a network's step) the eval took 0.81-1.01x the time and the training
+// forward 0.82-1.05x (BENCHMARKS.md). The folded form loses at most log2(1 + kSmallMean) bits of y against the
+// shifted one (torch's kernel folds every channel); means farther out (1e4 + randn) keep the
+// shift and their float32 accuracy. The backward of the fused ReLU recomputes y with the same
+// function of the same saved constants, so that its gate is the forward's bit for bit; the
+// backward's own passes keep the saved shift. Planar passes, which take the shift as a scalar
+// per row at no cost, use the same constants, so that every layout gives the same output.
+constexpr float kSmallMean = 8.f;
+
+inline void output_constants(int64_t c0, int64_t c1, const float* __restrict shift,
+                             const float* __restrict mean_s, const float* __restrict invstd,
+                             const float* __restrict scale, const float* __restrict offset,
+                             float* __restrict yshift, float* __restrict yoffset) {
+  for (int64_t c = c0; c < c1; ++c) {  // float arithmetic and selects: a loop on vectors
+    const float z = (shift[c] + mean_s[c]) * invstd[c];
+    const bool small = z * z <= kSmallMean * kSmallMean;  // false for NaN
+    const float folded = std::fma(-shift[c], scale[c], offset[c]);  // rounded once
+    yshift[c] = small ? 0.f : shift[c];
+    yoffset[c] = small ? folded : offset[c];
+  }
 }
 
 // Channel-inner statistics: the first block's centre moves to its mean (rounded to float32),
@@ -2341,9 +2395,10 @@ void affine(const T* x, T* y, const Geometry& g, const float* shift, const float
   const bool stream = streams(g, reads, y);
   const RowWalk walk = row_walk<T>(g, reads);
   const int64_t R = g.rows(), block = inner_block_rows(C);
+  const bool zero_shift = all_zero(shift, C);
   for_block_tiles(0, (R + block - 1) / block, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
     inner_block_affine(x, y, C, b * block, std::min(R, (b + 1) * block), shift,
-                       scale, offset, f, stream, walk, cols);
+                       scale, offset, f, stream, walk, cols, zero_shift);
     if (stream && b + 1 == last) stream_fence();
   });
 }
@@ -2485,9 +2540,11 @@ void for_inner_pieces(const Geometry& g, int reads, bool stream, F&& f) {
 // output). The values are those of training_moments, finalize and affine: each channel's
 // arithmetic is its own. (With a fused tail the pieces' output went row after row, 1.03-1.13x
 // the time of the passes over whole blocks: not done.)
+// `finalize` writes the output's shift and offset (yshift, yoffset) of its channels too.
 template <typename T, typename Finalize>
 void pieces_forward(const T* x, T* y, const Geometry& g, float* shift, const float* scale,
-                    const float* offset, double* mean_s, double* var, Finalize&& finalize) {
+                    const float* yshift, const float* yoffset, double* mean_s, double* var,
+                    Finalize&& finalize) {
   const int64_t C = g.C, R = g.rows(), block = inner_block_rows(C);
   const int64_t blocks = (R + block - 1) / block;
   const Uninit<float> means(blocks * C), m2s(blocks * C);  // every block writes all channels
@@ -2505,9 +2562,9 @@ void pieces_forward(const T* x, T* y, const Geometry& g, float* shift, const flo
     weights.merge(p.lo, p.hi, C, means.data(), m2s.data(), mean_s, var);
     finalize(p.lo, p.hi);
     if (stream) {
-      affine_chunks<true>(x, y, C, 0, R, shift, scale, offset, p);
+      affine_chunks<true>(x, y, C, 0, R, yshift, scale, yoffset, p);
     } else {
-      affine_chunks<false>(x, y, C, 0, R, shift, scale, offset, p);
+      affine_chunks<false>(x, y, C, 0, R, yshift, scale, yoffset, p);
     }
   });
 }
@@ -2567,7 +2624,11 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
     floats_into(bias, C, 0.f, out.offset);
     eval_constants(C, rv.data(), gamma.data(), eps, out.scale, out.invstd);
     std::fill(out.mean, out.mean + C, 0.f);
-    affine(xp, y.data_ptr<T>(), g, out.shift, out.scale, out.offset, fuse);
+    const Uninit<float> folded(2 * C);  // the output's shift and offset
+    float *yshift = folded.data(), *yoffset = yshift + C;
+    output_constants(0, C, out.shift, out.mean, out.invstd, out.scale, out.offset, yshift,
+                     yoffset);
+    affine(xp, y.data_ptr<T>(), g, yshift, out.scale, yoffset, fuse);
     return;
   }
   // The constants are written where they are kept (out), the scratch left uninitialized: every
@@ -2581,12 +2642,16 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
   // Centre every channel on its first value.
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(xp[g.inner ? c : c * g.S]);
   const Uninit<double> mean_s(C), var(C);
+  // The output pass's shift and offset (output_constants).
+  const Uninit<float> folded(2 * C);
+  float *const yshift = folded.data(), *const yoffset = yshift + C;
   auto finalize = [&](int64_t c0, int64_t c1) {
     if (!all_finite(c0, c1, mean_s.data(), var.data())) {
       redo_nonfinite_channels(xp, g, c0, c1, shift, mean_s.data(), var.data());
     }
     training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps, scale,
                        offset, mean_out, invstd_out);
+    output_constants(c0, c1, shift, mean_out, invstd_out, scale, offset, yshift, yoffset);
   };
   if (!g.inner) {
     // A block of channels at a time: statistics, then (rows_after_statistics) its output
@@ -2626,8 +2691,8 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
         if (separate) continue;
         finalize(c0, c1);
         for (int64_t n = 0; n < g.N; ++n) {
-          affine_rows(xp, yp, g, n * C + c0, n * C + c1, shift, scale, offset, fuse,
-                      PlanarWrite{false, stream});
+          affine_rows(xp, yp, g, n * C + c0, n * C + c1, yshift, scale, yoffset,
+                      fuse, PlanarWrite{false, stream});
         }
       }
       if (stream && !separate) stream_fence();  // once per task, not per block
@@ -2636,20 +2701,20 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       if (separate) finalize(k0 * B, std::min(C, k1 * B));
     });
     if (separate && planes_as_rows(g)) {
-      affine(xp, yp, g, shift, scale, offset, fuse);  // short_planes_affine
+      affine(xp, yp, g, yshift, scale, yoffset, fuse);  // short_planes_affine
     } else if (separate) {
       const PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
       planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
-        affine_rows(xp, yp, g, r0, r1, shift, scale, offset, fuse, w);
+        affine_rows(xp, yp, g, r0, r1, yshift, scale, yoffset, fuse, w);
       });
     }
   } else if (!fuse.any() && inner_pieces<T>(g, /*forward=*/true)) {
-    pieces_forward(xp, y.data_ptr<T>(), g, shift, scale, offset, mean_s.data(), var.data(),
-                   finalize);
+    pieces_forward(xp, y.data_ptr<T>(), g, shift, scale, yshift, yoffset, mean_s.data(),
+                   var.data(), finalize);
   } else {
     training_moments(xp, g, shift, mean_s.data(), var.data());
     finalize(0, C);
-    affine(xp, y.data_ptr<T>(), g, shift, scale, offset, fuse);
+    affine(xp, y.data_ptr<T>(), g, yshift, scale, yoffset, fuse);
   }
   const double m = static_cast<double>(g.per_channel());
   if (running_mean.has_value() && running_mean->defined()) {
@@ -3371,6 +3436,13 @@ std::vector<Tensor> backward_fused(const Tensor& grad_output, const Tensor& inpu
     const float* sp = shift.data_ptr<float>();
     const float* ap = scale.data_ptr<float>();
     const float* bp = offset.data_ptr<float>();
+    // The output pass's own shift and offset (output_constants), so that the recomputed gate
+    // is the forward's.
+    const Uninit<float> folded(2 * geo.C);
+    output_constants(0, geo.C, sp, mean.data_ptr<float>(), invstd.data_ptr<float>(), ap, bp,
+                     folded.data(), folded.data() + geo.C);
+    sp = folded.data();
+    bp = folded.data() + geo.C;
     const uint8_t* mp =
         relu == kSaveMask ? reinterpret_cast<const uint8_t*>(gt.data_ptr<bool>()) : nullptr;
     if (x.scalar_type() == at::kFloat) {
