@@ -2579,29 +2579,38 @@ void pieces_forward(const T* x, T* y, const Geometry& g, float* shift, const flo
 // it holds NaN or both infinities, finite statistics for finite values. A non-finite shift
 // becomes 0, so that shift + mean_s is the mean. (Checking every call costs about 1.5 us of a
 // 33 us 2x9216 training forward, 1-2 % on 64x1280 and 16x9216.)
+// Calls f(i) with the offset i of every value of channel c in a tensor of geometry g (x, y, dy
+// and dx share it): the plain walk of the float64 measurements below.
+template <typename F>
+void for_channel_offsets(const Geometry& g, int64_t c, F&& f) {
+  if (g.inner) {
+    for (int64_t r = 0; r < g.rows(); ++r) f(r * g.C + c);
+    return;
+  }
+  for (int64_t n = 0; n < g.N; ++n) {
+    const int64_t o = (n * g.C + c) * g.S;
+    for (int64_t i = 0; i < g.S; ++i) f(o + i);
+  }
+}
+
+template <typename T>
+inline double as_double(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+
 template <typename T>
 void redo_nonfinite_channels(const T* x, const Geometry& g, int64_t c0, int64_t c1,
                              float* shift, double* mean_s, double* var) {
-  const int64_t C = g.C, S = g.S;
   for (int64_t c = c0; c < c1; ++c) {
     if (std::isfinite(mean_s[c]) && std::isfinite(var[c])) continue;
-    auto each = [&](auto&& f) {
-      if (g.inner) {
-        for (int64_t r = 0; r < g.rows(); ++r) {
-          f(static_cast<double>(static_cast<float>(x[r * C + c])));
-        }
-        return;
-      }
-      for (int64_t n = 0; n < g.N; ++n) {
-        const T* p = x + (n * C + c) * S;
-        for (int64_t i = 0; i < S; ++i) f(static_cast<double>(static_cast<float>(p[i])));
-      }
-    };
     const double count = static_cast<double>(g.per_channel());
     double sum = 0.0, m2 = 0.0;
-    each([&](double v) { sum += v; });
+    for_channel_offsets(g, c, [&](int64_t i) { sum += as_double(x[i]); });
     const double mean = sum / count;
-    each([&](double v) { m2 += (v - mean) * (v - mean); });
+    for_channel_offsets(g, c, [&](int64_t i) {
+      const double d = as_double(x[i]) - mean;
+      m2 += d * d;
+    });
     if (!std::isfinite(shift[c])) shift[c] = 0.f;
     mean_s[c] = mean - shift[c];
     var[c] = m2 / count;
@@ -3111,11 +3120,19 @@ void dx_pass(const T* x, const T* dy, T* dx, const Geometry& g, const float* shi
   });
 }
 
+// 1 where v is NaN, beyond +-max, or nonzero and below min in magnitude; comparisons joined
+// without branches, so that loops reducing it vectorize.
+inline uint32_t out_of_float(double v, double min, double max) {
+  const double f = std::fabs(v);
+  return static_cast<uint32_t>(!(f <= max)) |
+         (static_cast<uint32_t>(f < min) & static_cast<uint32_t>(f != 0.0));
+}
+
 // The backward's per-channel coefficients of channels [c0, c1), as plain loops over arrays that
 // the compiler vectorizes (as training_constants): dgamma and dbeta (dg null: not wanted), and
 // dx = dy * a + (x - shift) * k + off, with mean = shift + mean_s and m values per channel:
 // training, dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)); eval, dy * a.
-inline void grad_coefficients(int64_t c0, int64_t c1, bool training, double m,
+inline bool grad_coefficients(int64_t c0, int64_t c1, bool training, double m,
                               const double* __restrict sum_dy, const double* __restrict sum_dyx,
                               const float* __restrict mean_s, const float* __restrict invstd,
                               const float* __restrict gamma, float* __restrict dg,
@@ -3135,16 +3152,66 @@ inline void grad_coefficients(int64_t c0, int64_t c1, bool training, double m,
       k[c] = 0.f;
       off[c] = 0.f;
     }
-    return;
+    return dg != nullptr && !all_finite(c0, c1, sum_dy, sum_dyx);
   }
+  constexpr double kMinNormal = std::numeric_limits<float>::min();
+  constexpr double kMax = std::numeric_limits<float>::max();
+  // k below the normal floats (not 0), beyond them, or NaN: as it is where a sum is inf or
+  // NaN. (a = gamma * invstd and off are out of range only where k is too, or dx itself.)
+  uint32_t odd = 0;
   for (int64_t c = c0; c < c1; ++c) {
     const double s_dyxc = sum_dyx[c] - static_cast<double>(mean_s[c]) * sum_dy[c];
     const double is = invstd[c];
     const double ga = gamma[c] * is;
     const double kk = -ga * is * is * s_dyxc / m;
+    const double o = -kk * mean_s[c] - ga * sum_dy[c] / m;
     a[c] = static_cast<float>(ga);
     k[c] = static_cast<float>(kk);
-    off[c] = static_cast<float>(-kk * mean_s[c] - ga * sum_dy[c] / m);
+    off[c] = static_cast<float>(o);
+    odd |= out_of_float(kk, kMinNormal, kMax);
+  }
+  return odd != 0;
+}
+
+// The gradients of the channels for which grad_coefficients says so (sums that came out inf
+// or NaN: inf in dy, or x - shift beyond float32; or a coefficient that float32 cannot hold:
+// k, about gamma * mean(dy * xhat) / var, falls below the normal floats once the spread passes
+// about 1e19, sooner where dy is small, and the float32 dx lost its digits, 4-20 % off at a
+// spread of 1e25), measured again in float64 by plain passes over the channel with torch's
+// formula: dgamma = sum(dy * (x - mean)) * invstd, dbeta = sum(dy), and in training dx = (dy -
+// sum(dy) / m - (x - mean) * invstd^2 * sum(dy * (x - mean)) / m) * invstd * gamma. So inf and
+// NaN land where torch's kernel puts them, and finite values keep float32 accuracy at any
+// spread. (The eval dx, dy * gamma * invstd, needs no help.) a, k and off are scratch here.
+template <typename T>
+void redo_grad_channels(const T* x, const T* dy, T* dx, const Geometry& g, bool training,
+                        const float* shift, const float* mean_s, const float* invstd,
+                        const float* gamma, const double* sum_dy, const double* sum_dyx,
+                        float* a, float* k, float* off, float* dg, float* db) {
+  const double m = static_cast<double>(g.per_channel());
+  for (int64_t c = 0; c < g.C; ++c) {
+    if (!grad_coefficients(c, c + 1, training, m, sum_dy, sum_dyx, mean_s, invstd, gamma, dg,
+                           db, a, k, off)) {
+      continue;
+    }
+    const double mean = static_cast<double>(shift[c]) + static_cast<double>(mean_s[c]);
+    const double is = invstd[c];
+    double s_dy = 0.0, s_dyx = 0.0;
+    for_channel_offsets(g, c, [&](int64_t i) {
+      const double d = as_double(dy[i]);
+      s_dy += d;
+      s_dyx += d * (as_double(x[i]) - mean);
+    });
+    if (dg != nullptr) {
+      dg[c] = static_cast<float>(s_dyx * is);
+      db[c] = static_cast<float>(s_dy);
+    }
+    if (!training || dx == nullptr) continue;
+    const double mean_dy = s_dy / m, proj = s_dyx * is * is / m;
+    const double ga = is * static_cast<double>(gamma[c]);
+    for_channel_offsets(g, c, [&](int64_t i) {
+      const double v = (as_double(dy[i]) - mean_dy - (as_double(x[i]) - mean) * proj) * ga;
+      dx[i] = static_cast<T>(static_cast<float>(v));
+    });
   }
 }
 
@@ -3165,9 +3232,12 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
   const Uninit<float> a(C), k(C), c0(C);  // coefficients() writes a range before dx reads it
   float* dg = need_params ? dgamma.data_ptr<float>() : nullptr;
   float* db = need_params ? dbeta.data_ptr<float>() : nullptr;
+  std::atomic<bool> redo{false};  // whether some channel needs redo_grad_channels
   auto coefficients = [&](int64_t cb, int64_t ce) {
-    grad_coefficients(cb, ce, training, m, sum_dy.data(), sum_dyx.data(), mean_s, invstd,
-                      gamma, dg, db, a.data(), k.data(), c0.data());
+    if (grad_coefficients(cb, ce, training, m, sum_dy.data(), sum_dyx.data(), mean_s, invstd,
+                          gamma, dg, db, a.data(), k.data(), c0.data())) {
+      redo.store(true, std::memory_order_relaxed);
+    }
   };
   // dx over the planar rows [r0, r1), training or eval.
   T* const dxp = need_dx ? dx.data_ptr<T>() : nullptr;
@@ -3178,56 +3248,64 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
       dx_rows<T, false>(xp, gp, dxp, g, r0, r1, shift, a.data(), k.data(), c0.data(), w);
     }
   };
-  if (!g.inner && need_sums && need_dx && rows_after_statistics(g, 2, dxp)) {
-    // A channel at a time (rows of 512 bytes and more: blocks of one): the sums, then its dx
-    // rows while its x and dy are in cache.
-    const bool stream = streams(g, training ? 2 : 1, dxp);
-    planar_grad_sums_by_block(xp, gp, g, shift, sum_dy.data(), sum_dyx.data(),
-                              [&](int64_t cb, int64_t ce) {
-                                coefficients(cb, ce);
-                                for (int64_t n = 0; n < g.N; ++n) {
-                                  dx_rows_of(n * C + cb, n * C + ce, PlanarWrite{false, stream});
-                                }
-                              },
-                              stream);
-    return;
-  }
-  if (need_sums && need_dx && training && inner_pieces<T>(g, /*forward=*/false)) {
-    // The sums, the coefficients and dx a piece of channels at a time, dx reading the piece's
-    // x and dy from L1 or L2 (pieces_forward says why); the values of grad_sums and dx_pass.
-    const int64_t R = g.rows(), block = inner_block_rows(C);
-    const int64_t blocks = (R + block - 1) / block;
-    std::vector<float> part_dy(blocks * C), part_dyx(blocks * C);
-    const bool stream = streams(g, 2, dxp);
-    for_inner_pieces<T>(g, 2, stream, [&](Cols p) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        grad_sums_chunks(xp, gp, C, b * block, std::min(R, (b + 1) * block), shift,
-                         part_dy.data() + b * C, part_dyx.data() + b * C, p);
-      }
-      add_block_sums(p.lo, p.hi, blocks, C, part_dy.data(), part_dyx.data(), sum_dy.data(),
-                     sum_dyx.data());
-      coefficients(p.lo, p.hi);
-      dx_chunks<T, true>(xp, gp, dxp, C, 0, R, shift, a.data(), k.data(), c0.data(),
-                         /*ahead=*/0, stream, p);
-    });
-    return;
-  }
-  if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
-  coefficients(0, C);
-  if (!g.inner && need_sums && need_dx && !planes_as_rows(g)) {
-    // Short rows (rows_after_statistics): dx in one pass after all the sums, each thread over
-    // the channels whose x and dy it has just read.
-    const PlanarWrite w = planar_write(g, training ? 2 : 1, dxp, false);
-    planar_rows_by_channels(g, planar_block_channels<T>(g, 2), w.stream,
-                            [&](int64_t r0, int64_t r1) { dx_rows_of(r0, r1, w); });
-    return;
-  }
-  if (need_dx && training) {
-    dx_pass<T, true>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
-  }
-  // Eval: dx = gamma * invstd * dy, as torch computes it; x is not read (nor its NaN or inf).
-  if (need_dx && !training) {
-    dx_pass<T, false>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
+  auto passes = [&] {
+    if (!g.inner && need_sums && need_dx && rows_after_statistics(g, 2, dxp)) {
+      // A channel at a time (rows of 512 bytes and more: blocks of one): the sums, then its dx
+      // rows while its x and dy are in cache.
+      const bool stream = streams(g, training ? 2 : 1, dxp);
+      planar_grad_sums_by_block(xp, gp, g, shift, sum_dy.data(), sum_dyx.data(),
+                                [&](int64_t cb, int64_t ce) {
+                                  coefficients(cb, ce);
+                                  const PlanarWrite w{false, stream};
+                                  for (int64_t n = 0; n < g.N; ++n) {
+                                    dx_rows_of(n * C + cb, n * C + ce, w);
+                                  }
+                                },
+                                stream);
+      return;
+    }
+    if (need_sums && need_dx && training && inner_pieces<T>(g, /*forward=*/false)) {
+      // The sums, the coefficients and dx a piece of channels at a time, dx reading the piece's
+      // x and dy from L1 or L2 (pieces_forward says why); the values of grad_sums and dx_pass.
+      const int64_t R = g.rows(), block = inner_block_rows(C);
+      const int64_t blocks = (R + block - 1) / block;
+      std::vector<float> part_dy(blocks * C), part_dyx(blocks * C);
+      const bool stream = streams(g, 2, dxp);
+      for_inner_pieces<T>(g, 2, stream, [&](Cols p) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          grad_sums_chunks(xp, gp, C, b * block, std::min(R, (b + 1) * block), shift,
+                           part_dy.data() + b * C, part_dyx.data() + b * C, p);
+        }
+        add_block_sums(p.lo, p.hi, blocks, C, part_dy.data(), part_dyx.data(), sum_dy.data(),
+                       sum_dyx.data());
+        coefficients(p.lo, p.hi);
+        dx_chunks<T, true>(xp, gp, dxp, C, 0, R, shift, a.data(), k.data(), c0.data(),
+                           /*ahead=*/0, stream, p);
+      });
+      return;
+    }
+    if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
+    coefficients(0, C);
+    if (!g.inner && need_sums && need_dx && !planes_as_rows(g)) {
+      // Short rows (rows_after_statistics): dx in one pass after all the sums, each thread over
+      // the channels whose x and dy it has just read.
+      const PlanarWrite w = planar_write(g, training ? 2 : 1, dxp, false);
+      planar_rows_by_channels(g, planar_block_channels<T>(g, 2), w.stream,
+                              [&](int64_t r0, int64_t r1) { dx_rows_of(r0, r1, w); });
+      return;
+    }
+    if (need_dx && training) {
+      dx_pass<T, true>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
+    }
+    // Eval: dx = gamma * invstd * dy, as torch computes it; x is not read (nor its NaN or inf).
+    if (need_dx && !training) {
+      dx_pass<T, false>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
+    }
+  };
+  passes();
+  if (redo.load(std::memory_order_relaxed)) {
+    redo_grad_channels(xp, gp, dxp, g, training, shift, mean_s, invstd, gamma, sum_dy.data(),
+                       sum_dyx.data(), a.data(), k.data(), c0.data(), dg, db);
   }
 }
 
