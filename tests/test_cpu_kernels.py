@@ -147,15 +147,18 @@ LAYOUTS = ["channels_last", "channels_last_3d", "channels_last_wide", "channels_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts(layout, dtype):
-    """Channels-last runs without a copy (the output keeps the input's strides, and a gradient
-    laid out differently from x is handled); other strides give the same numbers."""
+    """Channels-last runs without a copy (the output is laid out as torch's is: channels-last in
+    4-D and 5-D, contiguous for a 1-D sequence stored (N, L, C); a gradient laid out differently
+    from x is handled); other strides give the same numbers."""
     gen = torch.Generator().manual_seed(7)
     x = _layout(layout, gen).to(dtype)
     dy = torch.randn(x.shape, generator=gen).to(dtype)
     _check(x, dy, *_params(x.shape[1]))
     if layout.startswith("channels_last"):
         y = batch_norm(x, None, None, training=True, backend="cpu")
-        assert y.stride() == x.stride()
+        expected = torch.nn.functional.batch_norm(x, None, None, training=True)
+        assert y.stride() == expected.stride()
+        assert y.stride() == (x.stride() if x.dim() > 3 else y.contiguous().stride())
         # dy contiguous while x is channels-last: same gradient as a channels-last dy
         xg = x.detach().clone().requires_grad_(True)
         y = batch_norm(xg, None, None, training=True, backend="cpu")
@@ -456,7 +459,7 @@ def test_one_value_per_channel_rejected_in_training():
     x = torch.randn(1, 4)
     with pytest.raises(ValueError, match="more than one value per channel"):
         batch_norm(x, torch.zeros(4), torch.ones(4), training=True, backend="cpu")
-    with pytest.raises(RuntimeError, match="more than one value per channel"):
+    with pytest.raises(ValueError, match="more than one value per channel"):
         cpu.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
     y = batch_norm(x, torch.zeros(4), torch.ones(4), training=False, backend="cpu")
     assert_close(y, x / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-6, name="eval y")
@@ -1122,3 +1125,54 @@ def test_nonfinite_values_give_torchs_gradients(shape, channels_last, where, tra
         finite = torch.isfinite(e)
         torch.testing.assert_close(g[finite], e[finite], rtol=1e-4, atol=1e-5)
     assert torch.isfinite(got[1][1:]).all() and torch.isfinite(got[0][:, 1:]).all()
+
+
+def _torch_and_ours(x, training, fn_ours=cpu.batch_norm):
+    c = x.shape[1]
+    out = {}
+    for name, fn in (("ours", fn_ours), ("torch", torch.nn.functional.batch_norm)):
+        xx = x.detach().requires_grad_()
+        y = fn(xx, torch.zeros(c), torch.ones(c), None, None, training, 0.1, 1e-5)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        out[name] = (y.detach(), xx.grad)
+    return out["ours"], out["torch"]
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 4, 8), (1, 3, 2, 4, 2), (1, 33, 5), (1, 7, 1, 9)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_one_sample_slice_of_a_batch(shape, training):
+    # x[::2] of a batch, one sample left: contiguous, but with the batch's stride on its
+    # dimension of one value. The backward refused it (dy "did not match the input's layout"),
+    # and the output kept the odd stride where torch's is the standard one.
+    big = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(3))
+    x = big[::2]
+    assert x.is_contiguous() and x.stride(0) != x[0].numel()
+    (y, dx), (ty, tdx) = _torch_and_ours(x, training)
+    assert y.stride() == ty.stride() and dx.stride() == tdx.stride()
+    torch.testing.assert_close(y, ty, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, tdx, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fused", [False, True], ids=["bn", "bn_relu"])
+def test_sequence_stored_nlc_gives_torchs_layouts(training, fused):
+    # (N, C, L) stored as (N, L, C): the kernels walk it channel-inner without a copy, but the
+    # output is contiguous, as torch's is (code after a BatchNorm1d may view() it); dx keeps x's
+    # layout, as torch's does.
+    x = torch.randn(8, 12, 5, generator=torch.Generator().manual_seed(4))
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    ours = cpu.batch_norm
+    if fused:
+
+        def ours(*args):
+            return cpu.batch_norm_relu(args[0], None, *args[1:], save="output")
+
+    (y, dx), (ty, tdx) = _torch_and_ours(x, training, ours)
+    assert y.is_contiguous() and y.stride() == ty.stride()
+    assert dx.stride() == tdx.stride() == x.stride()
+    if fused:
+        ty = ty.relu()
+    torch.testing.assert_close(y, ty, rtol=1e-5, atol=1e-5)
+    if not fused:
+        torch.testing.assert_close(dx, tdx, rtol=1e-4, atol=1e-5)
+    y.view(8, -1)  # as on torch's output

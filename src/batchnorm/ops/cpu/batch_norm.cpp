@@ -43,6 +43,7 @@
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/strides.h>
 
 #include <algorithm>
 #include <array>
@@ -825,11 +826,26 @@ inline void poison(V* p, int64_t n) {
   if constexpr (kPoisonScratch) std::fill(p, p + n, std::numeric_limits<V>::quiet_NaN());
 }
 
-// An uninitialized output with x's sizes and strides (x is contiguous, channels-last or a
-// transposed (N, L, C) sequence: dense, as every kernel layout is), from the block cache
-// (poisoned as above; not a bool mask).
+// An uninitialized output laid out as x (contiguous, channels-last or a transposed (N, L, C)
+// sequence: dense, as every kernel layout is), with that layout's standard strides, as torch's
+// kernel gives (x may have any stride on a dimension of one value, as an N = 1 slice of a
+// batch has); from the block cache (poisoned as above; not a bool mask).
 Tensor empty_output(const Tensor& x, at::ScalarType dtype) {
-  Tensor t = at::detail::empty_strided_generic(x.sizes(), x.strides(), &BlockCache::get(),
+  c10::DimVector strides;
+  if (x.is_contiguous()) {
+    strides = c10::contiguous_strides(x.sizes());
+  } else if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    const auto cl = c10::get_channels_last_strides_2d(x.sizes());
+    strides.assign(cl.begin(), cl.end());
+  } else if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    const auto cl = c10::get_channels_last_strides_3d(x.sizes());
+    strides.assign(cl.begin(), cl.end());
+  } else if (x.dim() == 3) {  // (N, L, C) storage
+    strides = {x.size(1) * x.size(2), 1, std::max<int64_t>(x.size(1), 1)};
+  } else {
+    strides.assign(x.strides().begin(), x.strides().end());
+  }
+  Tensor t = at::detail::empty_strided_generic(x.sizes(), strides, &BlockCache::get(),
                                                c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
   if constexpr (kPoisonScratch) {
     if (dtype != at::kBool) t.fill_(std::numeric_limits<float>::quiet_NaN());
@@ -876,6 +892,17 @@ std::pair<Tensor, Geometry> as_kernel_layout(const Tensor& input) {
     return {input, Geometry{true, N, C, S}};
   }
   return {input.contiguous(), Geometry{S == 1, N, C, S}};
+}
+
+// Whether a and b (of x's sizes, from like_layout) address their elements alike: the same
+// strides on every dimension longer than one (a dimension of one value may have any stride, as
+// an N = 1 slice of a batch has).
+bool same_layout(const Tensor& a, const Tensor& x) {
+  if (a.sizes() != x.sizes()) return false;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) > 1 && a.stride(d) != x.stride(d)) return false;
+  }
+  return true;
 }
 
 // A tensor laid out like the kernel's view of x (dy for backward).
@@ -2781,8 +2808,10 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
   auto [x, g] = as_kernel_layout(input);
   // An empty batch has no statistics: an empty output and the running statistics untouched,
   // as torch's kernel does.
-  TORCH_CHECK(!training || g.per_channel() > 1 || x.numel() == 0,
-              "batch norm in training mode needs more than one value per channel");
+  TORCH_CHECK_VALUE(!training || g.per_channel() > 1 || x.numel() == 0,
+                    "batch norm in training mode needs more than one value per channel, got "
+                    "input shape ",
+                    input.sizes(), " (torch.nn.functional.batch_norm raises ValueError too)");
   check_channel_tensors(g.C, weight, bias, running_mean, running_var);
   TORCH_CHECK(training || (running_mean.has_value() && running_mean->defined()),
               "eval-mode batch norm needs running statistics");
@@ -2793,7 +2822,7 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
     TORCH_CHECK(residual->sizes() == input.sizes() && residual->scalar_type() == x.scalar_type(),
                 "the residual must have the input's shape and dtype");
     z = like_layout(*residual, x, g);
-    TORCH_CHECK(x.numel() == 0 || z.strides() == x.strides(),
+    TORCH_CHECK(x.numel() == 0 || same_layout(z, x),
                 "the residual does not match the input's layout");
   }
   Tensor y = empty_output(x, x.scalar_type());
@@ -2814,6 +2843,10 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
       TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
     }
   }
+  // A sequence batch stored (N, L, C) (a transposed (N, C, L)) runs channel-inner, but its
+  // output is contiguous, as torch's kernel returns it: only 4-D and 5-D channels-last keep
+  // their layout there, and code after a BatchNorm1d may view() the output.
+  if (input.dim() == 3 && g.inner && !x.is_contiguous()) y = y.contiguous();
   return {y, mask};
 }
 
@@ -3316,7 +3349,7 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
                              bool need_dx, bool need_params) {
   auto [x, g] = as_kernel_layout(input);
   const Tensor dy = like_layout(grad_output, x, g);
-  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || dy.strides() == x.strides()),
+  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || same_layout(dy, x)),
               "grad_output does not match the input's layout");
   const ChannelFloats gamma(weight, g.C, 1.f);
   Tensor dx, dgamma, dbeta;
@@ -3499,14 +3532,14 @@ std::vector<Tensor> backward_fused(const Tensor& grad_output, const Tensor& inpu
   TORCH_CHECK(relu >= kSaveOutput && relu <= kSaveRecompute, "unknown ReLU code ", relu);
   auto [x, geo] = as_kernel_layout(input);
   const Tensor dy = like_layout(grad_output, x, geo);
-  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || dy.strides() == x.strides()),
+  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || same_layout(dy, x)),
               "grad_output does not match the input's layout");
   const bool has_gate = gate.has_value() && gate->defined();
   TORCH_CHECK(has_gate || relu == kSaveRecompute, "the ReLU's saved tensor is missing");
   Tensor gt;
   if (has_gate) {
     gt = like_layout(*gate, x, geo);
-    TORCH_CHECK(gt.sizes() == x.sizes() && (x.numel() == 0 || gt.strides() == x.strides()),
+    TORCH_CHECK(gt.sizes() == x.sizes() && (x.numel() == 0 || same_layout(gt, x)),
                 "the ReLU's saved tensor does not match the input's layout");
   }
   Tensor dpre = empty_output(x, x.scalar_type());
