@@ -3548,12 +3548,15 @@ std::vector<Tensor> backward_fused(const Tensor& grad_output, const Tensor& inpu
     const float* ap = scale.data_ptr<float>();
     const float* bp = offset.data_ptr<float>();
     // The output pass's own shift and offset (output_constants), so that the recomputed gate
-    // is the forward's.
-    const Uninit<float> folded(2 * geo.C);
-    output_constants(0, geo.C, sp, mean.data_ptr<float>(), invstd.data_ptr<float>(), ap, bp,
-                     folded.data(), folded.data() + geo.C);
-    sp = folded.data();
-    bp = folded.data() + geo.C;
+    // is the forward's (the other modes read y or the mask, not the constants).
+    const bool recompute = relu == kSaveRecompute;
+    const Uninit<float> folded(recompute ? 2 * geo.C : 0);
+    if (recompute) {
+      output_constants(0, geo.C, sp, mean.data_ptr<float>(), invstd.data_ptr<float>(), ap, bp,
+                       folded.data(), folded.data() + geo.C);
+      sp = folded.data();
+      bp = folded.data() + geo.C;
+    }
     const uint8_t* mp =
         relu == kSaveMask ? reinterpret_cast<const uint8_t*>(gt.data_ptr<bool>()) : nullptr;
     if (x.scalar_type() == at::kFloat) {
