@@ -68,6 +68,23 @@ def test_check_passes_every_case_and_prints_a_table(capsys: pytest.CaptureFixtur
     assert out.rstrip().endswith(f"{len(rows)} passed, 0 failed")
 
 
+def test_check_runs_the_cpu_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    # The C++ kernels are the backend most likely to break on a new machine (compiler, ISA):
+    # `--backend cpu` checks them alone; float64 falls back to torch's kernel, visibly.
+    from batchnorm.ops import cpu
+
+    ok, reason = cpu.status()
+    if not ok:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {reason}")
+    args = ["check", "--backend", "cpu", "--dtype", "float32", "--dtype", "float64"]
+    assert main([*args, "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("cpu")]
+    assert any(line.startswith("cpu ") and " float32 " in line for line in rows)
+    assert all(line.startswith("cpu->torch ") for line in rows if " float64 " in line)
+    assert rows and all(line.rstrip().endswith("yes") for line in rows)
+
+
 def test_check_rejects_an_unknown_backend(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["check", "--backend", "nonsense"])

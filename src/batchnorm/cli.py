@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from batchnorm import __version__
+from batchnorm.backends import BACKENDS
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--backend",
         action="append",
-        choices=["torch", "explicit", "triton"],
+        choices=[name for name in BACKENDS if name != "auto"],
         help="backend to check (repeatable; default: every available one)",
     )
     check.add_argument(
