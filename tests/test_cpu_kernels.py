@@ -459,8 +459,9 @@ def test_one_value_per_channel_rejected_in_training():
     x = torch.randn(1, 4)
     with pytest.raises(ValueError, match="more than one value per channel"):
         batch_norm(x, torch.zeros(4), torch.ones(4), training=True, backend="cpu")
-    with pytest.raises(ValueError, match="more than one value per channel"):
+    with pytest.raises(ValueError, match="more than one value per channel") as raised:
         cpu.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    assert "Remedies: eval mode" in str(raised.value)  # as the layers say it
     y = batch_norm(x, torch.zeros(4), torch.ones(4), training=False, backend="cpu")
     assert_close(y, x / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-6, name="eval y")
 

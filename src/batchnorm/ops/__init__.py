@@ -224,7 +224,10 @@ def _check(
     if training and input.numel() // channels == 1:
         raise ValueError(
             f"batch norm in training mode needs more than one value per channel, got input shape "
-            f"{tuple(input.shape)}"
+            f"{tuple(input.shape)}: the variance of one value is 0 and its output always 0. "
+            "Remedies: eval mode for inference (the running statistics are used), a batch larger "
+            "than one, a norm that needs no batch (GroupNorm, LayerNorm), or ghost or sync batch "
+            "norm for statistics over more samples."
         )
 
 

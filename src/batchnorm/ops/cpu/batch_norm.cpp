@@ -2794,6 +2794,12 @@ void check_channel_tensors(int64_t C, const c10::optional<Tensor>& weight,
   }
 }
 
+// What to do about a training batch of one value per channel (as the functional layer says).
+constexpr const char* kOneValueRemedies =
+    "Remedies: eval mode for inference (the running statistics are used), a batch larger than "
+    "one, a norm that needs no batch (GroupNorm, LayerNorm), or ghost or sync batch norm for "
+    "statistics over more samples.";
+
 // Checks the call, lays x out for the kernels and runs the forward into `out` (the (C,)
 // constants, from `channel_out(C)`). Returns (y, mask); mask is undefined unless relu ==
 // kSaveMask. `residual` (laid out as the input is seen) is added before the ReLU.
@@ -2814,7 +2820,8 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
   TORCH_CHECK_VALUE(!training || g.per_channel() > 1 || x.numel() == 0,
                     "batch norm in training mode needs more than one value per channel, got "
                     "input shape ",
-                    input.sizes(), " (torch.nn.functional.batch_norm raises ValueError too)");
+                    input.sizes(), ": the variance of one value is 0 and its output always 0. ",
+                    kOneValueRemedies);
   check_channel_tensors(g.C, weight, bias, running_mean, running_var);
   TORCH_CHECK(training || (running_mean.has_value() && running_mean->defined()),
               "eval-mode batch norm needs running statistics");
