@@ -1134,8 +1134,9 @@ def _torch_and_ours(x, training, fn_ours=cpu.batch_norm):
     for name, fn in (("ours", fn_ours), ("torch", torch.nn.functional.batch_norm)):
         xx = x.detach().requires_grad_()
         y = fn(xx, torch.zeros(c), torch.ones(c), None, None, training, 0.1, 1e-5)
-        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
-        out[name] = (y.detach(), xx.grad)
+        # autograd.grad: the kernel's own dx (x.grad would be restrided like x by autograd)
+        (dx,) = torch.autograd.grad(y, xx, torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        out[name] = (y.detach(), dx)
     return out["ours"], out["torch"]
 
 
@@ -1158,8 +1159,8 @@ def test_one_sample_slice_of_a_batch(shape, training):
 @pytest.mark.parametrize("fused", [False, True], ids=["bn", "bn_relu"])
 def test_sequence_stored_nlc_gives_torchs_layouts(training, fused):
     # (N, C, L) stored as (N, L, C): the kernels walk it channel-inner without a copy, but the
-    # output is contiguous, as torch's is (code after a BatchNorm1d may view() it); dx keeps x's
-    # layout, as torch's does.
+    # output and dx are contiguous, as torch's are (code after a BatchNorm1d may view() them);
+    # x.grad is laid out like x, as with torch.
     x = torch.randn(8, 12, 5, generator=torch.Generator().manual_seed(4))
     x = x.transpose(1, 2).contiguous().transpose(1, 2)
     ours = cpu.batch_norm
@@ -1170,7 +1171,10 @@ def test_sequence_stored_nlc_gives_torchs_layouts(training, fused):
 
     (y, dx), (ty, tdx) = _torch_and_ours(x, training, ours)
     assert y.is_contiguous() and y.stride() == ty.stride()
-    assert dx.stride() == tdx.stride() == x.stride()
+    assert dx.is_contiguous() and dx.stride() == tdx.stride()
+    xx = x.detach().requires_grad_()
+    ours(xx, torch.zeros(12), torch.ones(12), None, None, training, 0.1, 1e-5).sum().backward()
+    assert xx.grad.stride() == x.stride()
     if fused:
         ty = ty.relu()
     torch.testing.assert_close(y, ty, rtol=1e-5, atol=1e-5)

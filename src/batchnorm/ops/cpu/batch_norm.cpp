@@ -826,6 +826,17 @@ inline void poison(V* p, int64_t n) {
   if constexpr (kPoisonScratch) std::fill(p, p + n, std::numeric_limits<V>::quiet_NaN());
 }
 
+// An uninitialized tensor of these sizes and strides from the block cache (poisoned as above;
+// not a bool mask).
+Tensor empty_cached(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype) {
+  Tensor t = at::detail::empty_strided_generic(sizes, strides, &BlockCache::get(),
+                                               c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
+  if constexpr (kPoisonScratch) {
+    if (dtype != at::kBool) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  return t;
+}
+
 // An uninitialized output laid out as x (contiguous, channels-last or a transposed (N, L, C)
 // sequence: dense, as every kernel layout is), with that layout's standard strides, as torch's
 // kernel gives (x may have any stride on a dimension of one value, as an N = 1 slice of a
@@ -845,12 +856,7 @@ Tensor empty_output(const Tensor& x, at::ScalarType dtype) {
   } else {
     strides.assign(x.strides().begin(), x.strides().end());
   }
-  Tensor t = at::detail::empty_strided_generic(x.sizes(), strides, &BlockCache::get(),
-                                               c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
-  if constexpr (kPoisonScratch) {
-    if (dtype != at::kBool) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  }
-  return t;
+  return empty_cached(x.sizes(), strides, dtype);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -905,10 +911,126 @@ bool same_layout(const Tensor& a, const Tensor& x) {
   return true;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 rows of 16 floats transposed in registers: pairs of rows interleaved (unpack), then pairs
+// of pairs (unpack of 64-bit halves: each 128-bit lane k holds column 4k + j of 4 rows), then
+// the lanes gathered across the four groups of rows (two rounds of 128-bit shuffles). ATen's
+// block transpose goes through the stack and took about 5x a copy's time on 4 MB here.
+inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  auto lo = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  auto hi = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  for (int i = 0; i < 16; i += 4) {  // r[i + j]: column 4k + j of rows i..i+3 in lane k
+    r[i] = lo(t[i], t[i + 2]);
+    r[i + 1] = hi(t[i], t[i + 2]);
+    r[i + 2] = lo(t[i + 1], t[i + 3]);
+    r[i + 3] = hi(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // lanes 0, 2 and 1, 3 of rows 0-7, then of rows 8-15
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {  // column c of all 16 rows, for c = j, 8 + j, 4 + j, 12 + j
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(dst + (8 + j) * ld_dst, _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
+    _mm512_storeu_ps(dst + (4 + j) * ld_dst, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * ld_dst, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd));
+  }
+}
+#endif
+
+// The 16 x 16 block of src (m <= 16 rows of n <= 16 values, rows ld_src apart) transposed into
+// dst (n rows of m values, ld_dst apart): in registers where ATen has a kernel for the block.
+template <typename T>
+inline void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int m, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (m == 16 && n == 16) {
+#if defined(CPU_CAPABILITY_AVX512)
+      transpose_16x16(src, ld_src, dst, ld_dst);
+#else
+      at::vec::transpose_mxn<float, 16, 16>(src, ld_src, dst, ld_dst);
+#endif
+      return;
+    }
+  }
+  at::vec::transpose_mxn<T>(src, ld_src, dst, ld_dst, m, n);
+}
+
+// dst[k] = src[k] transposed for the `count` row-major matrices of rows x cols values in src
+// (dst: count matrices of cols x rows), a strip of 16 rows per task. ATen's copy of a
+// transposed tensor goes element by element on one side: 9-15x a plain copy's time here.
+template <typename T>
+void transpose_matrices(const T* src, T* dst, int64_t count, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 16;
+  constexpr int64_t kAhead = 4 * 64 / static_cast<int64_t>(sizeof(T));  // values: 4 lines
+  const int64_t strips = (rows + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(kBlock * cols, 1));
+  at::parallel_for(0, count * strips, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / strips, i = t % strips * kBlock;
+      const int m = static_cast<int>(std::min(kBlock, rows - i));
+      const T* s = src + k * rows * cols + i * cols;
+      T* d = dst + k * rows * cols + i;
+      for (int64_t j = 0; j < cols; j += kBlock) {
+        // The strip's 16 rows are read 64 bytes of each at a time: more streams than the
+        // hardware prefetchers follow, so each row is asked for a few blocks ahead.
+        if (j + kAhead < cols) {
+          for (int r = 0; r < m; ++r) __builtin_prefetch(s + r * cols + j + kAhead);
+        }
+        transpose_block(s + j, cols, d + j * rows, rows, m,
+                        static_cast<int>(std::min(kBlock, cols - j)));
+      }
+    }
+  });
+}
+
+// A 3-D (N, C, L) tensor in the other of a sequence batch's two storages: contiguous from
+// (N, L, C) storage (to_nlc false), or (N, L, C) storage from contiguous (to_nlc true); the same
+// values. Other strides and dtypes go through ATen's copy.
+Tensor restored_sequence(const Tensor& t, bool to_nlc) {
+  const bool dense = to_nlc ? t.is_contiguous() : t.transpose(1, 2).is_contiguous();
+  const at::ScalarType dtype = t.scalar_type();
+  if (t.dim() != 3 || !dense || t.numel() == 0 ||
+      (dtype != at::kFloat && dtype != at::kBFloat16)) {
+    return to_nlc ? t.transpose(1, 2).contiguous().transpose(1, 2) : t.contiguous();
+  }
+  const int64_t N = t.size(0), C = t.size(1), L = t.size(2);
+  const std::array<int64_t, 3> strides =
+      to_nlc ? std::array<int64_t, 3>{L * C, 1, C} : std::array<int64_t, 3>{C * L, L, 1};
+  Tensor out = empty_cached(t.sizes(), strides, dtype);
+  // Per sample, src is a C x L matrix (contiguous) or an L x C one ((N, L, C) storage).
+  const int64_t rows = to_nlc ? C : L, cols = to_nlc ? L : C;
+  if (dtype == at::kFloat) {
+    transpose_matrices(t.data_ptr<float>(), out.data_ptr<float>(), N, rows, cols);
+  } else {
+    transpose_matrices(t.data_ptr<BF16>(), out.data_ptr<BF16>(), N, rows, cols);
+  }
+  return out;
+}
+
+// An output (y, dx) in the layout torch's kernel gives it. A sequence batch stored (N, L, C) (a
+// transposed (N, C, L)) runs channel-inner, but torch returns its y and dx contiguous (only
+// 4-D and 5-D channels-last keep their layout there), and code after a BatchNorm1d may view()
+// them; every other kernel layout is torch's own.
+Tensor in_torch_layout(const Tensor& out, const Tensor& x, const Geometry& g) {
+  return x.dim() == 3 && g.inner && !x.is_contiguous() ? restored_sequence(out, false) : out;
+}
+
 // A tensor laid out like the kernel's view of x (dy for backward).
 Tensor like_layout(const Tensor& t, const Tensor& x, const Geometry& g) {
   if (g.inner && !x.is_contiguous()) {
-    if (x.dim() == 3) return t.transpose(1, 2).contiguous().transpose(1, 2);
+    if (x.dim() == 3) return t.transpose(1, 2).is_contiguous() ? t : restored_sequence(t, true);
     return t.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
                                      : at::MemoryFormat::ChannelsLast3d);
   }
@@ -2853,11 +2975,7 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
       TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
     }
   }
-  // A sequence batch stored (N, L, C) (a transposed (N, C, L)) runs channel-inner, but its
-  // output is contiguous, as torch's kernel returns it: only 4-D and 5-D channels-last keep
-  // their layout there, and code after a BatchNorm1d may view() the output.
-  if (input.dim() == 3 && g.inner && !x.is_contiguous()) y = y.contiguous();
-  return {y, mask};
+  return {in_torch_layout(y, x, g), mask};
 }
 
 // Returns (y, shift, mean_s, invstd, scale, offset, mask); mask is undefined unless
@@ -3385,7 +3503,7 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
       TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
     }
   }
-  return {dx, dgamma, dbeta};
+  return {need_dx ? in_torch_layout(dx, x, g) : dx, dgamma, dbeta};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -3590,7 +3708,7 @@ std::vector<Tensor> backward_fused(const Tensor& grad_output, const Tensor& inpu
   } else {
     grads = {Tensor(), Tensor(), Tensor()};
   }
-  grads.push_back(need_dz ? dpre : Tensor());
+  grads.push_back(need_dz ? in_torch_layout(dpre, x, geo) : Tensor());
   return grads;
 }
 
