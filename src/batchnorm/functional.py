@@ -357,11 +357,11 @@ def _torch_native(
       update from functorch's checks of in-place changes and from the traced graph.
     """
     if running_mean is None or running_var is None or not records_graph(input, weight, bias):
-        return torch.nn.functional.batch_norm(
+        return _native_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
     if training and not _transformed():
-        y = torch.nn.functional.batch_norm(
+        y = _native_batch_norm(
             input, running_mean.data, running_var.data, weight, bias, training, momentum, eps
         )
         # The buffers changed in place behind the aliases: a graph that saved one of them
@@ -369,14 +369,100 @@ def _torch_native(
         mark_modified(running_mean, running_var)
         return y
     mean_copy, var_copy = running_mean.detach().clone(), running_var.detach().clone()
-    y = torch.nn.functional.batch_norm(
-        input, mean_copy, var_copy, weight, bias, training, momentum, eps
-    )
+    y = _native_batch_norm(input, mean_copy, var_copy, weight, bias, training, momentum, eps)
     if training:
         with torch.no_grad():
             running_mean.copy_(mean_copy)
             running_var.copy_(var_copy)
     return y
+
+
+def _native_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """``torch.nn.functional.batch_norm``, with x and dy in one standard layout wherever a
+    dimension of one value makes the layout ambiguous.
+
+    A stride on a dimension of one value addresses nothing, so such a tensor can be dense in
+    both the contiguous and the channels-last format, with strides standard in neither.
+    PyTorch's batch-norm backward (2.13, CPU, training and eval) then reads x in one format and
+    dy in the other when they disagree and returns wrong dx and dgamma, silently: e.g. (N, L, C)
+    features viewed as an (N, C, L, 1) image, ``seq.transpose(1, 2).unsqueeze(3)``, with a
+    contiguous dy, or a contiguous x whose dy comes back through ``squeeze(3).transpose(1, 2)``:
+    dx and dgamma 23-200 % of their largest value off. The forward is right. Here, where
+    autograd records a graph through a 4-D or 5-D input with a dimension of one value, x is
+    handed to the kernel with the standard strides of its format (a copy only where they
+    differ), and dy in that same layout (a gradient hook on y, a copy only where dy's differ).
+    Under torch.compile, a torch.func transform or tracing, the call is left as it is.
+    """
+    layout = _ambiguous_layout(input) if records_graph(input, weight, bias) else None
+    if layout is None or not _guards_layouts():
+        return torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    y = torch.nn.functional.batch_norm(
+        _in_layout(input, layout), running_mean, running_var, weight, bias, training, momentum,
+        eps,
+    )  # fmt: skip
+    _grad_in_layout(y, layout)
+    return y
+
+
+def _guards_layouts() -> bool:
+    """Whether the layouts of a call of PyTorch's kernel are set here: not under torch.compile,
+    a torch.func transform or jit tracing, which would record the gradient hook and the copy."""
+    return not (_transformed() or torch.jit.is_tracing())
+
+
+def _grad_in_layout(y: torch.Tensor, fmt: torch.memory_format) -> None:
+    """Hands y's gradient on to y's backward with the standard strides of fmt (a hook)."""
+    if y.requires_grad:
+        y.register_hook(lambda grad: _in_layout(grad, fmt))
+
+
+def _ambiguous_layout(t: torch.Tensor) -> torch.memory_format | None:
+    """The memory format in which PyTorch's kernel must get a 4-D or 5-D tensor with a dimension
+    of one value and its gradient (see :func:`_native_batch_norm`), or None where no dimension
+    has one value or t is dense in neither format (the kernel reads such a t through a copy,
+    correctly). The format whose standard strides t has; else the one t is dense in
+    (contiguous first)."""
+    if t.dim() not in (4, 5) or 1 not in t.shape or t.numel() == 0 or type(t) is not torch.Tensor:
+        return None
+    channels_last = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    formats = (torch.contiguous_format, channels_last)
+    for fmt in formats:
+        if t.stride() == _standard_strides(t.shape, fmt):
+            return fmt
+    for fmt in formats:
+        if t.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
+def _standard_strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape, memory_format=fmt)`` has."""
+    order = list(range(len(shape)))[::-1]  # innermost first
+    if fmt != torch.contiguous_format:
+        order = [1, *order[:-2], 0]  # channels innermost, then the spatial axes, batch last
+    strides, step = [0] * len(shape), 1
+    for d in order:
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+def _in_layout(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """t with the standard strides of fmt: t itself where it has them, else a copy."""
+    if type(t) is not torch.Tensor or t.stride() == _standard_strides(t.shape, fmt):
+        return t
+    return t.clone(memory_format=fmt)
 
 
 def _transformed() -> bool:
@@ -811,9 +897,16 @@ def instance_norm(
         norm="instance_norm",
     )  # fmt: skip
     if name == "torch":
-        return torch.nn.functional.instance_norm(
+        y = torch.nn.functional.instance_norm(
             input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
         )
+        if input.shape[0] == 1 and _ambiguous_layout(input) is not None and _guards_layouts():
+            # PyTorch's instance norm (2.13, CPU) runs a batch of one as its own (1, C, *) batch
+            # norm without a copy, so a channels-last dy reaches that backward beside the
+            # contiguous x it made, and dx and dgamma come out wrong, silently (6-15 absolute
+            # on randn, 4-D and 5-D). Its y is contiguous: dy goes on contiguous too.
+            _grad_in_layout(y, torch.contiguous_format)
+        return y
     from batchnorm.primitives import (
         accumulation_dtype,
         invstd,

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from batchnorm import backends
-from batchnorm.functional import _torch_native
-from batchnorm.modes import functorch_active, mark_modified
+from batchnorm.functional import _ambiguous_layout, _torch_native
+from batchnorm.modes import functorch_active, mark_modified, records_graph
 
 __all__ = ["CallPlan", "make_plan"]
 
@@ -47,6 +47,7 @@ class CallPlan:
     __slots__ = (
         "key", "weight", "bias", "running_mean", "running_var", "count", "mean_arg", "var_arg",
         "use_batch_stats", "factor", "cumulative", "eps", "one", "env", "kernel", "name",
+        "ambiguous",
     )  # fmt: skip
 
     def admits(self, module: torch.nn.Module, input: torch.Tensor) -> bool:
@@ -93,6 +94,12 @@ class CallPlan:
         weight, bias, mean, var = self.weight, self.bias, self.mean_arg, self.var_arg
         if self.kernel is not None:  # the C++ CPU kernels (backend "cpu")
             y = self.kernel(input, mean, var, weight, bias, self.use_batch_stats, factor, self.eps)
+            return self._finish(module, y)
+        if self.ambiguous and records_graph(input, weight, bias):
+            # A dimension of one value: x and dy in one layout (functional._native_batch_norm).
+            y = _torch_native(
+                input, mean, var, weight, bias, self.use_batch_stats, factor, self.eps
+            )
             return self._finish(module, y)
         if (
             mean is not None
@@ -192,6 +199,7 @@ def make_plan(module: torch.nn.Module, input: torch.Tensor, ran: str) -> CallPla
     plan.env = backends.env_value()
     plan.name = ran
     plan.kernel = None
+    plan.ambiguous = ran == "torch" and _ambiguous_layout(input) is not None
     if ran == "cpu":
         from batchnorm.ops import cpu
 

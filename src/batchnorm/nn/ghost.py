@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from batchnorm.functional import _native_batch_norm
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
 from batchnorm.nn.batchnorm import BackendChoice
 from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
@@ -173,7 +173,7 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
                 mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)
                 var = torch.ones(channels, dtype=stats_dtype, device=input.device)
             outputs.append(
-                F.batch_norm(chunk, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+                _native_batch_norm(chunk, mean, var, self.weight, self.bias, True, 1.0, self.eps)
             )
             if tracking:
                 counts.append(chunk.shape[0] * per_sample)
