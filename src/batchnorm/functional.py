@@ -282,6 +282,8 @@ def batch_norm_with_status(
         ),
         training=training,
     )
+    if name == "torch":
+        _check_native_dtypes(input, running_mean, running_var, weight, bias)
     impl = _implementation(name)
     if activation is not None:
         impl = _fused_implementation(name, impl, residual, save)
@@ -305,6 +307,39 @@ def batch_norm_with_status(
 
     y = impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return y, (True if updates else None)
+
+
+def _check_native_dtypes(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> None:
+    """Refuses, with the remedies, what PyTorch's CPU kernel refuses with a bare message: a
+    float16/bfloat16 input whose parameters and statistics are some of its dtype and some
+    float32 ("expected scalar type BFloat16 but found Float", or an internal assert in eval).
+    The ``cpu`` and ``explicit`` backends take such a mix (a superset of torch)."""
+    if input.device.type != "cpu" or input.numel() == 0:
+        return
+    given = {
+        name: t.dtype
+        for name, t in (
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        )  # fmt: skip
+        if t is not None
+    }
+    if len(set(given.values())) > 1:
+        listed = ", ".join(f"{name} {str(d).replace('torch.', '')}" for name, d in given.items())
+        raise NormDtypeError(
+            f"mixed dtypes: with a {input.dtype} input, PyTorch's batch-norm kernel needs the "
+            f"parameters and statistics all of one dtype (all {input.dtype}, or all float32 for "
+            f"mixed precision), got {listed}. Convert the module with module.float() (float32 "
+            f"parameters and statistics) or module.to({input.dtype}), or pass backend='cpu'"
+        )
 
 
 def _implementation(name: str):
