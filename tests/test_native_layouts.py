@@ -167,3 +167,41 @@ def test_instance_norm_layer_of_one_sample_with_a_channels_last_gradient():
         xx = x.detach().requires_grad_(True)
         results.append(torch.autograd.grad(layer(xx), (xx, layer.weight), g))
     _close(*results)
+
+
+def test_torch_func_grad_and_jvp_on_an_ambiguous_layout():
+    # Under torch.func transforms the gradient's layout is set by an autograd Function (a
+    # tensor hook cannot run there); eval mode: a transform may not update captured buffers.
+    from torch.func import functional_call, grad, jvp
+
+    def layer(dtype):
+        bn = BatchNorm2d(C).to(dtype).eval()
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.linspace(-1, 1, C))
+            bn.running_var.copy_(torch.linspace(0.5, 2.0, C))
+        return bn, {k: v.detach() for k, v in bn.named_parameters()}
+
+    results = []
+    for x in (_cl_odd(_features()), _contiguous(_features(torch.float64))):
+        bn, params = layer(x.dtype)
+        weights = _grad_out(x, "contiguous")
+
+        def loss(x, params, bn=bn, weights=weights):
+            return (functional_call(bn, params, (x,)) * weights).sum()
+
+        dx, dparams = grad(loss, argnums=(0, 1))(x, params)
+        _, tangent = jvp(lambda x, bn=bn, params=params: functional_call(bn, params, (x,)), (x,),
+                         (weights,))  # fmt: skip
+        results.append((dx, dparams["weight"], tangent))
+    _close(*results)
+
+
+def test_in_place_activation_after_an_ambiguous_layout():
+    # The gradient's layout is set without making y a view: ReLU(inplace=True) may follow.
+    results = []
+    for x in (_cl_odd(_features()), _contiguous(_features(torch.float64))):
+        net = torch.nn.Sequential(BatchNorm2d(C), torch.nn.ReLU(inplace=True)).to(x.dtype)
+        xx = x.detach().requires_grad_(True)
+        y = net(xx)
+        results.append(torch.autograd.grad(y, (xx, net[0].weight), _grad_out(y, "contiguous")))
+    _close(*results)

@@ -434,8 +434,9 @@ def _native_batch_norm(
     dx and dgamma 23-200 % of their largest value off. The forward is right. Here, where
     autograd records a graph through a 4-D or 5-D input with a dimension of one value, x is
     handed to the kernel with the standard strides of its format (a copy only where they
-    differ), and dy in that same layout (a gradient hook on y, a copy only where dy's differ).
-    Under torch.compile, a torch.func transform or tracing, the call is left as it is.
+    differ), and dy in that same layout (:class:`_GradInLayout` on y, a copy only where dy's
+    differ), torch.func.grad and jvp included. Under torch.compile, jit tracing or vmap the
+    call is left as it is.
     """
     layout = _ambiguous_layout(input) if records_graph(input, weight, bias) else None
     if layout is None or not _guards_layouts():
@@ -446,20 +447,62 @@ def _native_batch_norm(
         _in_layout(input, layout), running_mean, running_var, weight, bias, training, momentum,
         eps,
     )  # fmt: skip
-    _grad_in_layout(y, layout)
-    return y
+    return _grad_in_layout(y, layout)
 
 
 def _guards_layouts() -> bool:
-    """Whether the layouts of a call of PyTorch's kernel are set here: not under torch.compile,
-    a torch.func transform or jit tracing, which would record the gradient hook and the copy."""
-    return not (_transformed() or torch.jit.is_tracing())
+    """Whether the layouts of a call of PyTorch's kernel are set here: not under torch.compile
+    or jit tracing, which would record the copies, nor under torch.func.vmap, whose batched
+    tensors take no channels-last copy (torch.func.grad, jvp and jacrev are covered)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _vmapping())
 
 
-def _grad_in_layout(y: torch.Tensor, fmt: torch.memory_format) -> None:
-    """Hands y's gradient on to y's backward with the standard strides of fmt (a hook)."""
-    if y.requires_grad:
-        y.register_hook(lambda grad: _in_layout(grad, fmt))
+def _vmapping() -> bool:
+    """Whether a torch.func.vmap is active, at any level of the transforms."""
+    if not functorch_active():
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # another torch: assume the worst
+        return True
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+class _GradInLayout(torch.autograd.Function):
+    """A copy of y, whose backward hands the gradient on with the standard strides of a memory
+    format (copied only where they differ); differentiable again. For torch.func transforms
+    (grad, jvp), where a tensor hook cannot run. A copy, not a view, so that an in-place op on
+    the output (a ReLU(inplace=True)) stays allowed."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        return y.clone()  # the same strides
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.fmt = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _in_layout(grad, ctx.fmt), None
+
+    @staticmethod
+    def jvp(ctx, y_tangent: torch.Tensor, _fmt_tangent):
+        return y_tangent
+
+
+def _grad_in_layout(y: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """y, whose gradient reaches y's own backward with the standard strides of fmt: a tensor
+    hook (nothing copied), or under torch.func transforms :class:`_GradInLayout`."""
+    if not y.requires_grad:
+        return y
+    if functorch_active():
+        return _GradInLayout.apply(y, fmt)
+    y.register_hook(lambda grad: _in_layout(grad, fmt))
+    return y
 
 
 def _ambiguous_layout(t: torch.Tensor) -> torch.memory_format | None:
@@ -940,7 +983,7 @@ def instance_norm(
             # norm without a copy, so a channels-last dy reaches that backward beside the
             # contiguous x it made, and dx and dgamma come out wrong, silently (6-15 absolute
             # on randn, 4-D and 5-D). Its y is contiguous: dy goes on contiguous too.
-            _grad_in_layout(y, torch.contiguous_format)
+            y = _grad_in_layout(y, torch.contiguous_format)
         return y
     from batchnorm.primitives import (
         accumulation_dtype,
