@@ -915,7 +915,8 @@ bool same_layout(const Tensor& a, const Tensor& x) {
 // 16 rows of 16 floats transposed in registers: pairs of rows interleaved (unpack), then pairs
 // of pairs (unpack of 64-bit halves: each 128-bit lane k holds column 4k + j of 4 rows), then
 // the lanes gathered across the four groups of rows (two rounds of 128-bit shuffles). ATen's
-// block transpose goes through the stack and took about 5x a copy's time on 4 MB here.
+// block transpose goes through the stack: eval of a (N, L, C)-stored 32x256x128 took 0.84x the
+// time with this one (the transpose 3.4x a copy's time with ATen's, 2.6x with this; one run).
 inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
@@ -951,7 +952,9 @@ inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_
 #endif
 
 // The 16 x 16 block of src (m <= 16 rows of n <= 16 values, rows ld_src apart) transposed into
-// dst (n rows of m values, ld_dst apart): in registers where ATen has a kernel for the block.
+// dst (n rows of m values, ld_dst apart): in registers (transpose_16x16 on AVX-512, ATen's
+// transpose_mxn for other full float blocks), element by element at the edges and for bfloat16
+// off AVX-512.
 template <typename T>
 inline void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int m, int n) {
   if constexpr (std::is_same_v<T, float>) {
