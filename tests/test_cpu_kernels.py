@@ -845,8 +845,10 @@ def _stream_cases() -> list[torch.Tensor]:
     """Inputs whose passes can stream: planar rows of 512 bytes or more that start off a cache line
     (17 * 37 values, also in bfloat16) or on one (16 * 64), from a storage offset; channels-last
     rows of 32 and 64 channels (vector-aligned), (N, C) and channels-last 3-D; rows that cannot
-    (C = 37); and short planes (64 samples of 5 * 7, statistics in channel blocks), whose forward
-    and backward write their rows after all the statistics as one flat run of whole vectors."""
+    (C = 37); short planes (64 samples of 5 * 7, statistics in channel blocks), whose forward
+    and backward write their rows after all the statistics as one flat run of whole vectors; and
+    a sequence stored (N, L, C), whose y, dx and contiguous dy change storage by a blocked
+    transpose (streamed in 16 x 16 blocks)."""
     return [
         torch.randn(64, 6, 5, 7),
         torch.randn(65, 6, 5, 7)[1:],
@@ -857,6 +859,7 @@ def _stream_cases() -> list[torch.Tensor]:
         torch.randn(300, 64),
         torch.randn(2, 32, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d),
         torch.randn(5, 37, 3, 7).contiguous(memory_format=torch.channels_last),
+        torch.randn(4, 48, 32).transpose(1, 2),
     ]
 
 
