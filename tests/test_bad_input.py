@@ -81,6 +81,17 @@ def test_one_value_per_channel_without_running_stats_in_eval_still_errors_clearl
 # --- wrong number of dimensions or channels --------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", [None, "torch", "cpu", "explicit"])
+def test_one_value_per_channel_is_named_before_a_dtype_mismatch(backend):
+    # torch checks the batch size before its kernel sees the dtypes: a batch of one float64
+    # sample into a float32 layer raises ValueError there, and so it does here.
+    bn = BatchNorm1d(3, backend=backend)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn(torch.randn(1, 3, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        torch.nn.BatchNorm1d(3)(torch.randn(1, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize(
     "cls, shape, hint",
     [

@@ -685,6 +685,18 @@ def _validate(
         )
 
     channels = input.shape[1]
+    # Before the parameters' checks, as torch's batch-size check comes before its kernel's.
+    if training and input.numel() > 0:
+        per_channel = input.numel() // channels
+        if per_channel == 1:
+            raise NormInputError(
+                f"batch norm in training mode needs more than one value per channel, got input "
+                f"shape {tuple(input.shape)} (1 value per channel): the batch variance of a single "
+                "value is 0 and its normalized output is always 0. Remedies: call model.eval() "
+                "for inference (population statistics are used); train with a batch larger than "
+                "one; or use a norm that needs no batch (batchnorm GroupNorm/LayerNorm), or "
+                "ghost/sync batch norm to get statistics across more samples."
+            )
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -732,17 +744,6 @@ def _validate(
             "eval-mode batch norm (training=False) needs running_mean and running_var; pass them, "
             "or use training=True to normalize with the batch statistics"
         )
-    if training and input.numel() > 0:
-        per_channel = input.numel() // channels
-        if per_channel == 1:
-            raise NormInputError(
-                f"batch norm in training mode needs more than one value per channel, got input "
-                f"shape {tuple(input.shape)} (1 value per channel): the batch variance of a single "
-                "value is 0 and its normalized output is always 0. Remedies: call model.eval() "
-                "for inference (population statistics are used); train with a batch larger than "
-                "one; or use a norm that needs no batch (batchnorm GroupNorm/LayerNorm), or "
-                "ghost/sync batch norm to get statistics across more samples."
-            )
 
 
 # --- layer, group and instance norm --------------------------------------------------------------
