@@ -78,9 +78,6 @@ def test_one_value_per_channel_without_running_stats_in_eval_still_errors_clearl
         bn(torch.randn(1, 4))
 
 
-# --- wrong number of dimensions or channels --------------------------------------------------
-
-
 @pytest.mark.parametrize("backend", [None, "torch", "cpu", "explicit"])
 def test_one_value_per_channel_is_named_before_a_dtype_mismatch(backend):
     # torch checks the batch size before its kernel sees the dtypes: a batch of one float64
@@ -90,6 +87,9 @@ def test_one_value_per_channel_is_named_before_a_dtype_mismatch(backend):
         bn(torch.randn(1, 3, dtype=torch.float64))
     with pytest.raises(ValueError):
         torch.nn.BatchNorm1d(3)(torch.randn(1, 3, dtype=torch.float64))
+
+
+# --- wrong number of dimensions or channels --------------------------------------------------
 
 
 @pytest.mark.parametrize(
