@@ -7,6 +7,7 @@ residual routes each gradient to its own input, and the nodes behave as autograd
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -162,3 +163,78 @@ def test_running_statistics_that_require_grad_are_refused_as_torch_does(name, tr
         )
     torch.testing.assert_close(y, expected.relu() if fused else expected, rtol=1e-5, atol=1e-5)
     assert backends.last_backend() == "cpu"
+
+
+def _dual_outputs(fn, x, tangent, **where):
+    """fn(x as a dual tensor) -> (primal, tangent) under forward-mode AD."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = fn(fwAD.make_dual(x, tangent), **where)
+        primal, out_tangent = fwAD.unpack_dual(out)
+    return primal, out_tangent
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_runs_torch_kernel_with_a_warning_never_drops_the_tangent(training, fused):
+    # The C++ node has no forward-mode formula: run as it was, the output came back without a
+    # tangent (a silent zero directional derivative). The dispatch now runs PyTorch's kernel.
+    gen = torch.Generator().manual_seed(0)
+    x, tangent = torch.randn(6, C, 3, 3, generator=gen), torch.randn(6, C, 3, 3, generator=gen)
+    weight = _param("frozen", 1)
+
+    def call(t, backend):
+        fn = batch_norm_relu if fused else batch_norm
+        return fn(t, torch.zeros(C), torch.ones(C), weight, None, training, backend=backend)
+
+    expected = _dual_outputs(call, x, tangent, backend="torch")
+    backends._warned.clear()  # the warning comes once per process
+    with pytest.warns(RuntimeWarning, match="forward-mode AD"):
+        got = _dual_outputs(call, x, tangent, backend="cpu")
+    assert backends.last_backend() == "torch"
+    assert got[1] is not None
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    y = call(x, "cpu")  # without tangents: the C++ kernels again
+    assert backends.last_backend() == "cpu"
+    torch.testing.assert_close(y, expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_ad_through_a_layer_after_its_fast_path_is_planned():
+    import torch.autograd.forward_ad as fwAD
+
+    from batchnorm.nn import BatchNorm2d
+
+    gen = torch.Generator().manual_seed(0)
+    x, tangent = torch.randn(6, C, 3, 3, generator=gen), torch.randn(6, C, 3, 3, generator=gen)
+    layer, reference = BatchNorm2d(C, backend="cpu"), torch.nn.BatchNorm2d(C)
+    for _ in range(3):  # the calls that plan the fast path and then take it
+        layer(x)
+        reference(x)
+    assert layer.last_backend == "cpu"
+    with warnings.catch_warnings(), fwAD.dual_level():
+        warnings.simplefilter("ignore")
+        got = fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent))).tangent
+        expected = fwAD.unpack_dual(reference(fwAD.make_dual(x, tangent))).tangent
+    assert layer.last_backend == "torch"
+    assert got is not None
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+
+
+def test_the_low_level_op_refuses_a_tangent_it_cannot_carry():
+    import torch.autograd.forward_ad as fwAD
+
+    from batchnorm.ops import cpu
+
+    x = torch.randn(6, C, 3, 3, generator=torch.Generator().manual_seed(0))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            cpu.batch_norm(dual, None, None, None, None, True, 0.1, 1e-5)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            cpu.batch_norm_relu(dual, None, None, None, None, None, True, 0.1, 1e-5)
+        # a plain tensor inside the dual level has nothing to carry
+        y = cpu.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+        assert fwAD.unpack_dual(y).tangent is None

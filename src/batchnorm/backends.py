@@ -143,6 +143,12 @@ def cpu_status(load: bool = False) -> tuple[bool, str]:
     return cpu.status()
 
 
+_FORWARD_AD_REASON = (
+    "forward-mode AD (torch.autograd.forward_ad) needs PyTorch's own ops: these kernels have no "
+    "forward-mode formula"
+)
+
+
 def resolve(
     backend: str | None,
     *,
@@ -152,6 +158,7 @@ def resolve(
     norm: str = "batch_norm",
     layout: str | None = None,
     training: bool = False,
+    forward_ad: bool = False,
 ) -> str:
     """The backend that will run: the request, or a fallback (with a warning) if it cannot.
 
@@ -166,6 +173,10 @@ def resolve(
 
     ``layout`` (:func:`input_layout`) and ``training`` (batch statistics) matter only to ``"auto"``
     on the CPU, through :data:`CPU_AUTO_CASES`.
+
+    ``forward_ad``: an input carries a forward-mode tangent (:func:`modes.forward_ad_active`).
+    The C++ CPU and Triton kernels have no forward-mode formula (the C++ node would drop the
+    tangent silently), so ``"cpu"`` and ``"triton"`` become ``"torch"``, with a warning.
     """
     name = requested_backend(backend)
     if norm != "batch_norm":
@@ -196,6 +207,7 @@ def resolve(
             and (dtype_name in CPU_AUTO_DTYPES or (dtype_name, layout, training) in CPU_AUTO_CASES)
             and not _compiling()
             and not functorch_active()
+            and not forward_ad
         ):
             name = "cpu" if cpu_status(load=True)[0] else "torch"
         else:
@@ -207,6 +219,8 @@ def resolve(
                 False,
                 "the Triton kernels handle float32, float16 and bfloat16, not float64",
             )
+        if ok and forward_ad:
+            ok, reason = False, _FORWARD_AD_REASON
         if ok and device_type != "cuda" and not triton_interpreting():
             ok, reason = (
                 False,
@@ -225,6 +239,8 @@ def resolve(
             ok, reason = False, "torch.compile traces standard ATen ops"
         elif functorch_active():
             ok, reason = False, "torch.func transforms need PyTorch's own ops"
+        elif forward_ad:
+            ok, reason = False, _FORWARD_AD_REASON
         else:
             ok, reason = cpu_status(load=True)
         if not ok:

@@ -43,7 +43,13 @@ import torch
 
 from batchnorm import backends
 from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
-from batchnorm.modes import FUSED_SAVE_MODES, functorch_active, mark_modified, records_graph
+from batchnorm.modes import (
+    FUSED_SAVE_MODES,
+    forward_ad_active,
+    functorch_active,
+    mark_modified,
+    records_graph,
+)
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -281,6 +287,7 @@ def batch_norm_with_status(
             else None
         ),
         training=training,
+        forward_ad=forward_ad_active(input, weight, bias, residual, running_mean, running_var),
     )
     if name == "torch":
         _check_native_dtypes(input, running_mean, running_var, weight, bias)

@@ -18,6 +18,8 @@ __all__ = [
     "FUSED_SAVE_MODES",
     "RELU_NONE",
     "FusedSave",
+    "dual_level_active",
+    "forward_ad_active",
     "functorch_active",
     "mark_modified",
     "records_graph",
@@ -140,3 +142,43 @@ def _first_functorch_check() -> bool:
 
 
 _functorch_check = _first_functorch_check
+
+
+def forward_ad_active(*tensors: object) -> bool:
+    """True where forward-mode AD (``torch.autograd.forward_ad``) is on and one of ``tensors``
+    carries a tangent at the current level. Kernels written as custom autograd nodes without a
+    forward-mode formula would drop that tangent (the C++ CPU node) or raise; PyTorch's own
+    ops carry it. Outside a ``dual_level`` the cost is one attribute read.
+
+    >>> import torch
+    >>> import torch.autograd.forward_ad as fwAD
+    >>> x = torch.ones(2)
+    >>> with fwAD.dual_level():
+    ...     dual = fwAD.make_dual(x, torch.ones(2))
+    ...     forward_ad_active(dual, None), forward_ad_active(x)
+    (True, False)
+    """
+    if not dual_level_active():
+        return False
+    forward_ad = _forward_ad or _load_forward_ad()
+    return any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[arg-type]
+        for t in tensors
+    )
+
+
+def dual_level_active() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level`` (whether or not a tensor carries a
+    tangent): one attribute read, for the layers' per-call checks."""
+    return (_forward_ad or _load_forward_ad())._current_level >= 0
+
+
+_forward_ad = None
+
+
+def _load_forward_ad():
+    global _forward_ad
+    from torch.autograd import forward_ad
+
+    _forward_ad = forward_ad
+    return forward_ad

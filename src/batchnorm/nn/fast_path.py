@@ -31,7 +31,7 @@ import torch
 
 from batchnorm import backends
 from batchnorm.functional import _ambiguous_layout, _torch_native
-from batchnorm.modes import functorch_active, mark_modified, records_graph
+from batchnorm.modes import dual_level_active, functorch_active, mark_modified, records_graph
 
 __all__ = ["CallPlan", "make_plan"]
 
@@ -80,7 +80,7 @@ class CallPlan:
             and not backends._local.stack
             and not torch._C._is_tracing()
             and not torch._C._is_torch_function_mode_enabled()
-            and (self.kernel is None or not functorch_active())
+            and (self.kernel is None or not (functorch_active() or dual_level_active()))
         )
 
     def run(self, module: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:

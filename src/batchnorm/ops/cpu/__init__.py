@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from batchnorm.modes import FusedSave
+from batchnorm.modes import FusedSave, dual_level_active, forward_ad_active
 from batchnorm.ops.cpu._build import load, ready, status
 
 __all__ = [
@@ -155,6 +155,17 @@ def set_channels_last_walk(walk: str) -> None:
     _ext().set_channels_last_walk(walk)
 
 
+def _refuse_forward_ad(*tensors: torch.Tensor | None) -> None:
+    """Raise where a tensor carries a forward-mode tangent: the C++ autograd node has no
+    forward-mode formula and would return the output without one."""
+    if forward_ad_active(*tensors):
+        raise NotImplementedError(
+            "the C++ CPU kernels have no forward-mode AD formula (torch.autograd.forward_ad, "
+            "torch.func.jvp); call batchnorm.functional.batch_norm, which runs PyTorch's kernel "
+            "for such inputs, or torch.nn.functional.batch_norm"
+        )
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -187,7 +198,10 @@ def batch_norm(
 
     Raises:
         RuntimeError: the kernels cannot be built here.
+        NotImplementedError: an input carries a forward-mode AD tangent (no formula for it).
     """
+    if dual_level_active():
+        _refuse_forward_ad(input, running_mean, running_var, weight, bias)
     # One C++ call (``batch_norm_call``): where autograd records a graph, an autograd node
     # (``CpuBatchNormBackward``) with the running statistics as detached aliases; else the
     # output alone. Either way the buffers' version counters count the in-place update, so a
@@ -222,8 +236,11 @@ def batch_norm_relu(
 
     Raises:
         RuntimeError: the kernels cannot be built here; or a second derivative is requested.
+        NotImplementedError: an input carries a forward-mode AD tangent (no formula for it).
     """
     code = FusedSave(save).code
+    if dual_level_active():
+        _refuse_forward_ad(input, residual, running_mean, running_var, weight, bias)
     return _ext().batch_norm_relu_call(
         input, residual, running_mean, running_var, weight, bias, training, momentum, eps, code
     )
