@@ -54,6 +54,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from batchnorm.modes import dual_level_active
+
 __all__ = [
     "Moments",
     "StatisticsReducer",
@@ -387,6 +389,45 @@ def _affine_matches(
     return 0 in dims and tuple(param.shape) == tuple(stats_shape)
 
 
+def _normalize_forward(
+    ctx: Any,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    reducer: StatisticsReducer | None,
+    tangents: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of the normalize-over Functions; ``tangents``: also save for a ``jvp``."""
+    stats = collect_statistics(x, dims)
+    if reducer is not None:
+        stats = reducer.reduce_statistics(stats)
+    inv_std = invstd(variance(stats), eps)
+    xhat = (x.to(stats.mean.dtype) - stats.mean) * inv_std
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(xhat.dtype)
+    if bias is not None:
+        y = y + bias.to(xhat.dtype)
+    ctx.dims = dims
+    ctx.eps = eps
+    ctx.reducer = reducer
+    ctx.x_dtype = x.dtype
+    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.matched = _affine_matches(weight, stats.mean.shape, dims) and _affine_matches(
+        bias, stats.mean.shape, dims
+    )
+    # x rather than xhat: the same bytes (fewer for 16-bit inputs), xhat is recomputed
+    # exactly, and a differentiable backward can rebuild the forward from x.
+    ctx.save_for_backward(x, stats.mean, inv_std, stats.count, weight, bias)
+    if tangents:
+        ctx.save_for_forward(x, stats.mean, inv_std, stats.count, weight)
+    ctx.mark_non_differentiable(stats.count, stats.mean, stats.m2)
+    return y.to(x.dtype), stats.count, stats.mean, stats.m2
+
+
 class _NormalizeOverFunction(torch.autograd.Function):
     """Normalization with the input's own statistics; backward by the two primitives."""
 
@@ -400,30 +441,7 @@ class _NormalizeOverFunction(torch.autograd.Function):
         eps: float,
         reducer: StatisticsReducer | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        stats = collect_statistics(x, dims)
-        if reducer is not None:
-            stats = reducer.reduce_statistics(stats)
-        inv_std = invstd(variance(stats), eps)
-        xhat = (x.to(stats.mean.dtype) - stats.mean) * inv_std
-        y = xhat
-        if weight is not None:
-            y = y * weight.to(xhat.dtype)
-        if bias is not None:
-            y = y + bias.to(xhat.dtype)
-        ctx.dims = dims
-        ctx.eps = eps
-        ctx.reducer = reducer
-        ctx.x_dtype = x.dtype
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.matched = _affine_matches(weight, stats.mean.shape, dims) and _affine_matches(
-            bias, stats.mean.shape, dims
-        )
-        # x rather than xhat: the same bytes (fewer for 16-bit inputs), xhat is recomputed
-        # exactly, and a differentiable backward can rebuild the forward from x.
-        ctx.save_for_backward(x, stats.mean, inv_std, stats.count, weight, bias)
-        ctx.mark_non_differentiable(stats.count, stats.mean, stats.m2)
-        return y.to(x.dtype), stats.count, stats.mean, stats.m2
+        return _normalize_forward(ctx, x, weight, bias, dims, eps, reducer, tangents=False)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
@@ -464,6 +482,55 @@ class _NormalizeOverFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return dx, dweight, dbias, None, None, None
+
+
+class _NormalizeOverTangents(_NormalizeOverFunction):
+    """:class:`_NormalizeOverFunction` with a forward-mode formula, for calls under
+    ``torch.autograd.forward_ad`` (:func:`normalize_over` picks it there). A class of its own:
+    Dynamo does not trace an autograd Function that defines ``jvp``, and ``torch.compile`` of
+    the primitives must stay one graph."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
+        reducer: StatisticsReducer | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _normalize_forward(ctx, x, weight, bias, dims, eps, reducer, tangents=True)
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Any, weight_t: Any, bias_t: Any, *unused: Any) -> tuple[Any, ...]:
+        """Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``): the tangent of
+        y for tangents of x, gamma and beta.
+
+        ::
+
+            t_xhat = invstd * (t_x - mean(t_x) - xhat * mean(xhat * t_x))
+
+        over each group (the paths through mu and var, as in :func:`backward_elementwise`,
+        whose form it shares; the sums are global under a reducer, as the backward's), then
+        ``t_y = gamma * t_xhat + xhat * t_gamma + t_beta``. The statistics outputs are not
+        differentiable (no tangent).
+        """
+        x, mean, inv_std, count, weight = ctx.saved_tensors
+        xhat = (x.to(mean.dtype) - mean) * inv_std
+        t_y = torch.zeros_like(xhat)
+        if x_t is not None:
+            t = x_t.to(xhat.dtype)
+            sum_t, sum_t_xhat = backward_reduce(t, xhat, ctx.dims)
+            if ctx.reducer is not None:
+                sum_t, sum_t_xhat = ctx.reducer.reduce_gradient_sums(sum_t, sum_t_xhat)
+            t_xhat = backward_elementwise(t, xhat, inv_std, sum_t, sum_t_xhat, count)
+            t_y = t_xhat if weight is None else t_xhat * weight.to(xhat.dtype)
+        if weight_t is not None:
+            t_y = t_y + xhat * weight_t.to(xhat.dtype)
+        if bias_t is not None:
+            t_y = t_y + bias_t.to(xhat.dtype)
+        return t_y.to(ctx.x_dtype), None, None, None
 
 
 def _differentiable_backward(
@@ -591,7 +658,8 @@ def normalize_over(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     dims = _normalize_dims(dims, x.dim())
-    y, count, mean, m2 = _NormalizeOverFunction.apply(x, weight, bias, dims, float(eps), reducer)
+    function = _NormalizeOverTangents if dual_level_active() else _NormalizeOverFunction
+    y, count, mean, m2 = function.apply(x, weight, bias, dims, float(eps), reducer)
     return y, Moments(count, mean, m2)
 
 
