@@ -2113,9 +2113,9 @@ inline bool all_zero(const float* __restrict p, int64_t n) {
 // backward's own passes keep the saved shift. Planar passes, which take the shift as a scalar
 // per row at no cost, use the same constants, so that every layout gives the same output; the
 // planar passes that read per-value tables or broadcasts of the constants (short_planes_affine,
-// flat_affine) skip the shifts too where all are 0: eval 0.74-0.96x the time on 3x3, 4x4 and
-// 2x2 planes (1 and 2 threads), training forward 0.89-0.95x on 3x3 and 4x4, 7x7 and 14x14
-// unchanged (BENCHMARKS.md).
+// and flat_affine on 4x4 planes: flat_without_shift) skip the shifts too where all are 0: eval
+// 0.74-0.96x the time on 3x3, 4x4 and 2x2 planes (1 and 2 threads), training forward
+// 0.89-0.95x on 3x3 and 4x4 (BENCHMARKS.md).
 constexpr float kSmallMean = 8.f;
 
 inline void output_constants(int64_t c0, int64_t c1, const float* __restrict shift,
@@ -2397,13 +2397,21 @@ inline bool rows_after_statistics(const Geometry& g, int reads, const T* out) {
 // boundaries; never with a fused tail, whose mask is computed from the values just stored).
 struct PlanarWrite {
   bool flat, stream;
-  bool zero_shift = false;  // every shift 0 (all_zero): a flat run without them
+  bool zero_shift = false;  // a flat run without the shifts (flat_without_shift)
 };
 template <typename T>
 inline PlanarWrite planar_write(const Geometry& g, int reads, const T* out, bool fused) {
   const bool flat = flat_rows<T>(g);
   if (fused) return {flat, false};
   return {flat, flat ? stream_pass(pass_traffic<T>(g, reads)) : streams(g, reads, out)};
+}
+
+// Whether a flat output pass (w.flat) goes without its shifts: all 0 (output_constants), on
+// planes of exactly one vector (4x4), where each vector broadcasts its row's constants. Eval
+// took 0.84-0.86x the time at 64x512x4x4 without them, 0.97x on 7x7 planes, but 1.03-1.21x on
+// 14x14 (32x256x14x14; paired medians, 1 thread): kept to one-vector planes.
+inline bool flat_without_shift(const Geometry& g, const PlanarWrite& w, const float* shift) {
+  return w.flat && g.S == kW && all_zero(shift, g.C);
 }
 
 // Planar rows [r0, r1): y = (x - shift) * scale + offset, then the fused tail.
@@ -2579,7 +2587,7 @@ void affine(const T* x, T* y, const Geometry& g, const float* shift, const float
   }
   if (!g.inner) {
     PlanarWrite w = planar_write(g, f.z != nullptr ? 2 : 1, y, f.any());
-    w.zero_shift = w.flat && all_zero(shift, C);
+    w.zero_shift = flat_without_shift(g, w, shift);
     at::parallel_for(0, g.N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
                      [&](int64_t i0, int64_t i1) {
                        affine_rows(x, y, g, i0, i1, shift, scale, offset, f,
@@ -2913,7 +2921,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
       affine(xp, yp, g, yshift, scale, yoffset, fuse);  // short_planes_affine
     } else if (separate) {
       PlanarWrite w = planar_write(g, fuse.z != nullptr ? 2 : 1, yp, fuse.any());
-      w.zero_shift = w.flat && all_zero(yshift, C);
+      w.zero_shift = flat_without_shift(g, w, yshift);
       planar_rows_by_channels(g, B, w.stream, [&](int64_t r0, int64_t r1) BN_ALWAYS_INLINE {
         affine_rows(xp, yp, g, r0, r1, yshift, scale, yoffset, fuse, w);
       });
