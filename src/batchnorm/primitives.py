@@ -491,16 +491,9 @@ class _NormalizeOverTangents(_NormalizeOverFunction):
     the primitives must stay one graph."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        dims: tuple[int, ...],
-        eps: float,
-        reducer: StatisticsReducer | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _normalize_forward(ctx, x, weight, bias, dims, eps, reducer, tangents=True)
+    def forward(ctx: Any, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        """The base class's forward (x, weight, bias, dims, eps, reducer), saving for jvp too."""
+        return _normalize_forward(ctx, *args, tangents=True)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Any, weight_t: Any, bias_t: Any, *unused: Any) -> tuple[Any, ...]:
