@@ -31,6 +31,8 @@ place, so a process killed between the two renames leaves a pair that still veri
     Traceback (most recent call last):
     ...
     batchnorm.lab.io.CorruptFileError: ...b.bin does not match its checksum (...)
+    >>> import shutil
+    >>> shutil.rmtree(d)  # the example's folder
 
 A process killed outright (SIGKILL, power loss) can leave a temporary file behind; its name holds
 the writer's process id, and :func:`remove_stale_temporaries` deletes those of processes that are

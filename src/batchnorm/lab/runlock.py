@@ -15,6 +15,8 @@ Example:
     True
     >>> (d / LOCK_FILE).exists()  # released
     False
+    >>> import shutil
+    >>> shutil.rmtree(d)  # the example's folder
 """
 
 from __future__ import annotations
