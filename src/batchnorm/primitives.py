@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from batchnorm.modes import dual_level_active
+from batchnorm.modes import dual_level_active, functorch_active
 
 __all__ = [
     "Moments",
@@ -390,16 +390,15 @@ def _affine_matches(
 
 
 def _normalize_forward(
-    ctx: Any,
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     dims: tuple[int, ...],
     eps: float,
     reducer: StatisticsReducer | None,
-    tangents: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward of the normalize-over Functions; ``tangents``: also save for a ``jvp``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of the normalize-over Functions: y, then count, mean, M2 and invstd (the
+    statistics are outputs so that :func:`_save_context` can keep them without computing)."""
     stats = collect_statistics(x, dims)
     if reducer is not None:
         stats = reducer.reduce_statistics(stats)
@@ -410,38 +409,52 @@ def _normalize_forward(
         y = y * weight.to(xhat.dtype)
     if bias is not None:
         y = y + bias.to(xhat.dtype)
+    return y.to(x.dtype), stats.count, stats.mean, stats.m2, inv_std
+
+
+def _save_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...], tangents: bool):
+    """``setup_context`` of the normalize-over Functions; ``tangents``: also save for a ``jvp``."""
+    x, weight, bias, dims, eps, reducer = inputs
+    _, count, mean, m2, inv_std = output
     ctx.dims = dims
     ctx.eps = eps
     ctx.reducer = reducer
     ctx.x_dtype = x.dtype
     ctx.bias_shape = None if bias is None else bias.shape
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.matched = _affine_matches(weight, stats.mean.shape, dims) and _affine_matches(
-        bias, stats.mean.shape, dims
+    ctx.matched = _affine_matches(weight, mean.shape, dims) and _affine_matches(
+        bias, mean.shape, dims
     )
     # x rather than xhat: the same bytes (fewer for 16-bit inputs), xhat is recomputed
     # exactly, and a differentiable backward can rebuild the forward from x.
-    ctx.save_for_backward(x, stats.mean, inv_std, stats.count, weight, bias)
+    ctx.save_for_backward(x, mean, inv_std, count, weight, bias)
     if tangents:
-        ctx.save_for_forward(x, stats.mean, inv_std, stats.count, weight)
-    ctx.mark_non_differentiable(stats.count, stats.mean, stats.m2)
-    return y.to(x.dtype), stats.count, stats.mean, stats.m2
+        ctx.save_for_forward(x, mean, inv_std, count, weight)
+    ctx.mark_non_differentiable(count, mean, m2, inv_std)
 
 
 class _NormalizeOverFunction(torch.autograd.Function):
-    """Normalization with the input's own statistics; backward by the two primitives."""
+    """Normalization with the input's own statistics; backward by the two primitives.
+
+    Written with ``setup_context`` and a generated vmap rule, so that torch.func transforms
+    (grad, jacrev, vmap, functional_call) run it as they run PyTorch's own ops."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         dims: tuple[int, ...],
         eps: float,
         reducer: StatisticsReducer | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _normalize_forward(ctx, x, weight, bias, dims, eps, reducer, tangents=False)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _normalize_forward(x, weight, bias, dims, eps, reducer)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        _save_context(ctx, inputs, output, tangents=False)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
@@ -491,9 +504,9 @@ class _NormalizeOverTangents(_NormalizeOverFunction):
     the primitives must stay one graph."""
 
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        """The base class's forward (x, weight, bias, dims, eps, reducer), saving for jvp too."""
-        return _normalize_forward(ctx, *args, tangents=True)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        """The base class's context, saving for the jvp too."""
+        _save_context(ctx, inputs, output, tangents=True)
 
     @staticmethod
     def jvp(ctx: Any, x_t: Any, weight_t: Any, bias_t: Any, *unused: Any) -> tuple[Any, ...]:
@@ -523,7 +536,7 @@ class _NormalizeOverTangents(_NormalizeOverFunction):
             t_y = t_y + xhat * weight_t.to(xhat.dtype)
         if bias_t is not None:
             t_y = t_y + bias_t.to(xhat.dtype)
-        return t_y.to(ctx.x_dtype), None, None, None
+        return t_y.to(ctx.x_dtype), None, None, None, None
 
 
 def _differentiable_backward(
@@ -583,11 +596,32 @@ def differentiate_rebuilt(
     Returns:
         One gradient (or None) per input.
     """
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    if functorch_active():
+        # Under torch.func (grad, jacrev, hessian) the backward always runs "with a graph", and
+        # the outer transforms differentiate what it computes: the rebuilt forward's vjp, taken
+        # with torch.func itself (autograd.grad does not see the transforms' wrapped tensors).
+        wanted = [
+            i for i, t in enumerate(inputs)
+            if t is not None and i < len(needs_input_grad) and needs_input_grad[i]
+        ]  # fmt: skip
+        if not wanted:
+            return out
+
+        def forward_of_wanted(*wanted_inputs: torch.Tensor) -> torch.Tensor:
+            full = list(inputs)
+            for i, t in zip(wanted, wanted_inputs):
+                full[i] = t
+            return forward(*full)
+
+        _, pullback = torch.func.vjp(forward_of_wanted, *[inputs[i] for i in wanted])
+        for i, g in zip(wanted, pullback(grad_output)):
+            out[i] = g
+        return out
     wanted = [
         i for i, t in enumerate(inputs)
         if t is not None and t.requires_grad and i < len(needs_input_grad) and needs_input_grad[i]
     ]  # fmt: skip
-    out: list[torch.Tensor | None] = [None] * len(inputs)
     if not wanted:
         return out
     with torch.enable_grad():
@@ -652,7 +686,7 @@ def normalize_over(
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     dims = _normalize_dims(dims, x.dim())
     function = _NormalizeOverTangents if dual_level_active() else _NormalizeOverFunction
-    y, count, mean, m2 = function.apply(x, weight, bias, dims, float(eps), reducer)
+    y, count, mean, m2, _ = function.apply(x, weight, bias, dims, float(eps), reducer)
     return y, Moments(count, mean, m2)
 
 
@@ -698,7 +732,18 @@ def update_running_statistics(
         mask = mask.reshape(-1) if mask.numel() > 1 else mask.reshape(())
         updated_mean = torch.where(mask, updated_mean, running_mean)
         updated_var = torch.where(mask, updated_var, running_var)
-    running_mean.copy_(updated_mean)
+    try:
+        running_mean.copy_(updated_mean)
+    except RuntimeError as error:
+        if functorch_active() and "vmap" in str(error):
+            # vmap of a training step with unbatched buffers: nothing was written yet.
+            raise RuntimeError(
+                "batch norm under torch.func.vmap: the batch statistics are batched but the "
+                "running statistics they would update in place are not. Inside vmap use "
+                "track_running_stats=False or eval mode, or batch the buffers too "
+                "(torch.func.stack_module_state and functional_call)"
+            ) from error
+        raise
     running_var.copy_(updated_var)
 
 
