@@ -286,3 +286,31 @@ def test_running_statistics_that_require_grad_are_refused_as_torch_does(device, 
         x, torch.zeros_like(rv), torch.ones_like(rv), None, None, training
     )
     assert_close(y, expected, rtol=1e-4, atol=1e-4, name="y")
+
+
+def test_torch_func_transforms_fall_back_to_torch_visibly(device, monkeypatch):
+    """torch.func.grad of a layer on the Triton backend (whose Function has no torch.func
+    support) runs PyTorch's kernel, with a warning and last_backend saying so, and gives torch's
+    gradients."""
+    monkeypatch.setattr(backends, "_warned", set())
+    torch.manual_seed(5)
+    ours = bnn.BatchNorm2d(3, backend="triton").to(device)
+    theirs = torch.nn.BatchNorm2d(3).to(device)
+    x = torch.randn(4, 3, 4, 4, device=device)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    buffers = {k: v.detach() for k, v in ours.named_buffers()}
+
+    def loss(module):
+        def of(params, x):
+            state = {k: v.clone() for k, v in buffers.items()}  # torch.func mutates no capture
+            return (torch.func.functional_call(module, (params, state), (x,)) ** 2).sum()
+
+        return of
+
+    with pytest.warns(RuntimeWarning, match="'triton' unavailable .*torch.func"):
+        got = torch.func.grad(loss(ours), argnums=(0, 1))(params, x)
+    assert ours.last_backend == "torch"
+    expected = torch.func.grad(loss(theirs), argnums=(0, 1))(params, x)
+    assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4, name="dx")
+    for k in params:
+        assert_close(got[0][k], expected[0][k], rtol=1e-4, atol=1e-4, name=k)

@@ -147,6 +147,7 @@ _FORWARD_AD_REASON = (
     "forward-mode AD (torch.autograd.forward_ad) needs PyTorch's own ops: these kernels have no "
     "forward-mode formula"
 )
+_FUNCTORCH_REASON = "torch.func transforms need PyTorch's own ops"
 
 
 def resolve(
@@ -221,6 +222,8 @@ def resolve(
             )
         if ok and forward_ad:
             ok, reason = False, _FORWARD_AD_REASON
+        if ok and functorch_active():
+            ok, reason = False, _FUNCTORCH_REASON
         if ok and device_type != "cuda" and not triton_interpreting():
             ok, reason = (
                 False,
@@ -238,7 +241,7 @@ def resolve(
         elif _compiling():
             ok, reason = False, "torch.compile traces standard ATen ops"
         elif functorch_active():
-            ok, reason = False, "torch.func transforms need PyTorch's own ops"
+            ok, reason = False, _FUNCTORCH_REASON
         elif forward_ad:
             ok, reason = False, _FORWARD_AD_REASON
         else:
