@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
 from batchnorm.nn import (
     BatchNorm2d,
+    BatchNormAct2d,
     BatchRenorm,
     GhostBatchNorm,
     GroupNorm,
@@ -166,7 +167,7 @@ def test_per_sample_gradients_with_vmap_of_grad():
             torch.testing.assert_close(got[k][i], expected[k])
 
 
-@pytest.mark.parametrize("name", ["bn_explicit", "renorm"])
+@pytest.mark.parametrize("name", ["bn_explicit", "renorm", "ghost_explicit"])
 def test_vmap_of_a_training_step_with_unbatched_running_statistics_raises_clearly(name):
     """As torch's batch norm raises there: the running statistics cannot take batched values in
     place. The error names the remedies, and the buffers keep their values."""
@@ -179,14 +180,27 @@ def test_vmap_of_a_training_step_with_unbatched_running_statistics_raises_clearl
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-def test_vmap_with_stacked_buffers_updates_each_model():
+STACKABLE = {
+    "bn_default": lambda: BatchNorm2d(C),
+    "bn_cpu": lambda: BatchNorm2d(C, backend="cpu"),
+    "bn_explicit": lambda: BatchNorm2d(C, backend="explicit"),
+    "renorm": lambda: BatchRenorm(C),
+    "ghost": lambda: GhostBatchNorm(C, virtual_batch_size=2),
+    "ghost_uneven": lambda: GhostBatchNorm(C, virtual_batch_size=4),
+    "norm_act": lambda: BatchNormAct2d(C),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STACKABLE))
+def test_vmap_with_stacked_buffers_updates_each_model(name):
     """Ensembles: stacked parameters and buffers (stack_module_state), one batch per model; each
-    model's running statistics move as a call of its own would move them."""
+    model's output and running statistics are those of a call of its own."""
     gen = torch.Generator().manual_seed(3)
-    models = [BatchNorm2d(C, backend="explicit").double() for _ in range(3)]
+    make = STACKABLE[name]
+    models = [make().double() for _ in range(3)]
     params, buffers = torch.func.stack_module_state(models)
     xs = torch.randn(3, 6, C, 2, 2, generator=gen, dtype=torch.float64)
-    base = BatchNorm2d(C, backend="explicit").double().to("meta")
+    base = make().double().to("meta")
 
     def call(p, b, x):
         return functional_call(base, (p, b), (x,))
@@ -196,3 +210,4 @@ def test_vmap_with_stacked_buffers_updates_each_model():
         torch.testing.assert_close(got[i], model(xs[i]))
         torch.testing.assert_close(buffers["running_mean"][i], model.running_mean)
         torch.testing.assert_close(buffers["running_var"][i], model.running_var)
+        assert int(buffers["num_batches_tracked"][i]) == int(model.num_batches_tracked) == 1

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from batchnorm.functional import _native_batch_norm
+from batchnorm.functional import _native_batch_norm, _vmapping
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
 from batchnorm.nn.batchnorm import BackendChoice
 from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
@@ -132,7 +132,11 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
                     "larger one, or drop the last incomplete batch of the loader (drop_last=True)."
                 )
         if self._native(input):
-            return self._ghost_batches_native(input, size)
+            if not (self._tracking() and _vmapping()):
+                return self._ghost_batches_native(input, size)
+            # Under vmap the kernel cannot write a ghost batch's statistics into fresh unbatched
+            # tensors; the primitives take them (the same numbers to rounding).
+            self.last_backend = "explicit"
         dims = (1, *range(3, ndim + 1))  # the samples of a ghost batch and the spatial axes
         outputs: list[torch.Tensor] = []
         parts: list[Moments] = []
