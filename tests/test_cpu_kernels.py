@@ -1213,3 +1213,73 @@ def test_eval_output_is_torchs_bit_for_bit(shape, channels_last, dtype):
     w, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
     y = cpu.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
     assert torch.equal(y, torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "0"], "--threads: must be at least 1, got 0"),
+        (["--threads", "two"], "--threads: expected a whole number, got 'two'"),
+        (["--reps", "-3"], "--reps: must be at least 1, got -3"),
+    ],
+)
+def test_bench_refuses_bad_numbers_before_running(argv, message, capsys):
+    from batchnorm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bench_plot_of_a_missing_or_foreign_file_is_a_clear_error(device, tmp_path, capsys):
+    """No traceback: the file is named, with what is wrong; no PNG is left behind."""
+    from batchnorm.cli import main
+
+    foreign = tmp_path / "notes.csv"
+    foreign.write_text("a,b\n1,2\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("# cpu: x\nshape,group,layout,dtype,threads,mode,provider,time_us,pct_copy\n")
+    cases = [
+        (tmp_path / "missing.csv", "No such file"),
+        (foreign, "is not a CSV of batchnorm bench"),
+        (empty, "has no rows"),
+    ]
+    for path, message in cases:
+        assert main(["bench", "--device", device, "--plot", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and message in err, err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_bench_names_an_unwritable_csv_path_before_measuring(tmp_path, capsys):
+    from batchnorm.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "--device", "cpu", "--csv", str(blocker / "out.csv")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--csv", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_bench_csv_is_written_atomically(tmp_path, monkeypatch):
+    """A failure while writing leaves neither a partial CSV nor a temporary file."""
+    from batchnorm.ops.bench import cpu as bench
+    from batchnorm.ops.bench import files
+
+    path = tmp_path / "sub" / "cpu.csv"
+    numbers = (1.0, 0.9, 0.5, 2.0, 1.5, 1.2, 3, 1e-7)  # no NaN: it equals nothing
+    row = bench.CpuRow("2x3", "tiny", "nc", "float32", 1, "train_fwd", "ours", *numbers, "")
+    bench.write_csv(str(path), [row], {"cpu": "test"})
+    assert bench.read_csv(str(path)) == [row]
+
+    def broken(rows):
+        yield from rows
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.write_csv(str(path), ["a"], broken([{"a": 1}]))
+    assert bench.read_csv(str(path)) == [row]  # the earlier file is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cpu.csv"]

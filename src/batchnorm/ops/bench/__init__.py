@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from batchnorm.ops.bench import files
 from batchnorm.ops.bench.suite import DTYPES, LAYOUTS, MODES, PROVIDERS, QUICK, SUITE
 
 CPU_MODES = (
@@ -33,6 +34,17 @@ NEEDS_GPU = (
     "it on a machine with an NVIDIA GPU and Triton installed (pip install 'batchnorm[triton]'); "
     "to check the kernels' correctness on the CPU, run the tests (TRITON_INTERPRET=1)."
 )
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mode", action="append", choices=[*MODES, "memory", *CPU_MODES], help="pass (repeatable)"
     )
     p.add_argument(
-        "--threads", action="append", type=int, help="--device cpu: torch threads (repeatable)"
+        "--threads",
+        action="append",
+        type=_positive_int,
+        help="--device cpu: torch threads (repeatable)",
     )
     p.add_argument("--dtype", action="append", choices=DTYPES, help="dtype (repeatable)")
     p.add_argument("--layout", action="append", choices=LAYOUTS, help="4-D layout (repeatable)")
@@ -62,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shape", action="append", help="substring of a shape name, e.g. 64x64x112")
     p.add_argument("--group", action="append", help="shape group, e.g. resnet50-b64, bn1d")
-    p.add_argument("--reps", type=int, default=50, help="timed repetitions (median)")
+    p.add_argument("--reps", type=_positive_int, default=50, help="timed repetitions (median)")
     p.add_argument("--no-profile", action="store_true", help="skip torch.profiler kernel times")
     p.add_argument("--csv", default="bench.csv", help="CSV output path (default bench.csv)")
     p.add_argument(
@@ -103,6 +118,18 @@ def select_shapes(args: argparse.Namespace):
     return shapes
 
 
+def _plot(plot_csv, path: str) -> int:
+    """``--plot``: the PNG beside the CSV, or a clear error (exit status 2) for a CSV that is
+    missing or not one of this benchmark's."""
+    try:
+        out = plot_csv(path, path.rsplit(".", 1)[0] + ".png")
+    except ValueError as exc:
+        print(f"batchnorm bench --plot: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark (CLI entry point)."""
     import torch
@@ -111,17 +138,18 @@ def main(args: argparse.Namespace) -> int:
         from batchnorm.ops.bench import cpu
 
         if args.plot:
-            print(f"wrote {cpu.plot_csv(args.plot, args.plot.rsplit('.', 1)[0] + '.png')}")
-            return 0
+            return _plot(cpu.plot_csv, args.plot)
+        problem = files.output_problem(args.csv)
+        if problem is not None:
+            print(f"batchnorm bench --csv: {problem}", file=sys.stderr)
+            return 2
         if args.reps == 50:  # the GPU default; CPU calls take milliseconds
             args.reps = 30
         return cpu.main(args)
     if args.plot:
         from batchnorm.ops.bench.plot import plot_csv
 
-        out = plot_csv(args.plot, args.plot.rsplit(".", 1)[0] + ".png")
-        print(f"wrote {out}")
-        return 0
+        return _plot(plot_csv, args.plot)
     if not torch.cuda.is_available():
         print(NEEDS_GPU, file=sys.stderr)
         return 2
@@ -134,6 +162,10 @@ def main(args: argparse.Namespace) -> int:
     shapes = select_shapes(args)
     if not shapes:
         print("batchnorm bench: no shape matches the filters", file=sys.stderr)
+        return 2
+    problem = files.output_problem(args.csv)
+    if problem is not None:
+        print(f"batchnorm bench --csv: {problem}", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     modes = tuple(args.mode or (("train_fwd", "bwd") if args.quick else MODES))

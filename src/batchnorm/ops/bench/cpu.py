@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import math
 import platform
 import statistics
@@ -45,6 +44,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 
 import torch
+
+from batchnorm.ops.bench import files
 
 PROVIDERS: tuple[str, ...] = ("ours", "native", "compile")
 MODES: tuple[str, ...] = ("train_fwd", "eval_fwd", "fwd_bwd", "add_relu_fwd", "add_relu_fwd_bwd")
@@ -112,6 +113,11 @@ class CpuRow:
     rounds: int = 0
     max_rel_err: float = float("nan")
     note: str = ""
+
+
+# What a CSV of this benchmark holds at least (read_csv, plot_csv), and who writes one.
+KEY_COLUMNS = ("shape", "group", "layout", "dtype", "threads", "mode", "provider", "time_us")
+WHAT = "batchnorm bench --device cpu"
 
 
 def _inputs(shape: tuple[int, ...], layout: str, dtype: torch.dtype):
@@ -371,14 +377,13 @@ def _cores() -> int:
 
 
 def write_csv(path: str, rows: list[CpuRow], env: dict[str, str]) -> None:
-    """The rows, preceded by ``# key: value`` lines for the environment."""
-    with open(path, "w", newline="") as f:
-        for key, value in env.items():
-            f.write(f"# {key}: {value}\n")
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(CpuRow)])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
+    """The rows, preceded by ``# key: value`` lines for the environment; written atomically."""
+    files.write_csv(
+        path,
+        [fl.name for fl in fields(CpuRow)],
+        (asdict(row) for row in rows),
+        preamble=(f"{key}: {value}" for key, value in env.items()),
+    )
 
 
 def format_table(rows: list[CpuRow]) -> str:
@@ -447,18 +452,17 @@ def read_csv(path: str) -> list[CpuRow]:
     """Rows of a CSV written by :func:`write_csv`."""
     types = {fl.name: fl.type for fl in fields(CpuRow)}
     out = []
-    with open(path) as f:
-        for rec in csv.DictReader(line for line in f if not line.startswith("#")):
-            kwargs = {}
-            for key, value in rec.items():
-                kind = types[key]
-                if kind in (int, "int"):
-                    kwargs[key] = int(value)
-                elif kind in (float, "float"):
-                    kwargs[key] = float(value) if value else float("nan")
-                else:
-                    kwargs[key] = value
-            out.append(CpuRow(**kwargs))
+    for rec in files.read_csv(path, KEY_COLUMNS, WHAT):
+        kwargs: dict[str, object] = {}
+        for key, value in rec.items():
+            kind = types.get(key)
+            if kind in (int, "int"):
+                kwargs[key] = int(value)
+            elif kind in (float, "float"):
+                kwargs[key] = float(value) if value else float("nan")
+            elif kind is not None:  # columns of another version are left out
+                kwargs[key] = value
+        out.append(CpuRow(**kwargs))
     return out
 
 
@@ -528,8 +532,7 @@ def plot_csv(path: str, out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(path) as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    rows = files.read_csv(path, KEY_COLUMNS, WHAT)
     rows = [r for r in rows if r["dtype"] == rows[0]["dtype"]]
     threads = sorted({int(r["threads"]) for r in rows})
     modes = [m for m in ("train_fwd", "fwd_bwd") if any(r["mode"] == m for r in rows)]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import tempfile
+
+from batchnorm.ops.bench import files
 
 
 def plot_csv(csv_path: str, out_path: str) -> str:
@@ -19,10 +20,9 @@ def plot_csv(csv_path: str, out_path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{csv_path} has no rows")
+    rows = files.read_csv(
+        csv_path, ("shape", "dtype", "layout", "mode", "provider", "pct_copy"), "batchnorm bench"
+    )
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig_width = 8.0

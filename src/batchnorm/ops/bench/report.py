@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
-import os
 import platform
 import subprocess
-import tempfile
 
 import torch
 
+from batchnorm.ops.bench import files
 from batchnorm.ops.bench.harness import Row
 
 
@@ -94,17 +92,4 @@ def format_table(rows: list[Row], env: dict[str, str]) -> str:
 def write_csv(path: str, rows: list[Row], env: dict[str, str]) -> None:
     """One row per configuration, each with the environment columns; written atomically."""
     fields = [f.name for f in dataclasses.fields(Row)]
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".csv", dir=directory)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(env) + fields)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({**env, **dataclasses.asdict(r)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.write_csv(path, list(env) + fields, ({**env, **dataclasses.asdict(r)} for r in rows))
