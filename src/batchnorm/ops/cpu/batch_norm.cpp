@@ -1061,6 +1061,15 @@ Tensor like_layout(const Tensor& t, const Tensor& x, const Geometry& g) {
   return t.contiguous();
 }
 
+// t (of x's sizes: dy, the residual, the ReLU's saved tensor) in the kernel's view of x
+// (like_layout), checked to address its elements as x does; `what` names t in the error.
+Tensor matched_layout(const Tensor& t, const Tensor& x, const Geometry& g, const char* what) {
+  Tensor out = like_layout(t, x, g);
+  TORCH_CHECK(out.sizes() == x.sizes() && (x.numel() == 0 || same_layout(out, x)), what,
+              " does not match the input's layout");
+  return out;
+}
+
 // Rows per block for the channel-inner layout: fixed by C alone (never by the thread count).
 int64_t inner_block_rows(int64_t C) {
   return std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 64, 1024);
@@ -3010,9 +3019,7 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
   if (has_z) {
     TORCH_CHECK(residual->sizes() == input.sizes() && residual->scalar_type() == x.scalar_type(),
                 "the residual must have the input's shape and dtype");
-    z = like_layout(*residual, x, g);
-    TORCH_CHECK(x.numel() == 0 || same_layout(z, x),
-                "the residual does not match the input's layout");
+    z = matched_layout(*residual, x, g, "the residual");
   }
   Tensor y = empty_output(x, x.scalar_type());
   Tensor mask;
@@ -3534,9 +3541,7 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
                              const Tensor& mean, const Tensor& invstd, bool training,
                              bool need_dx, bool need_params) {
   auto [x, g] = as_kernel_layout(input);
-  const Tensor dy = like_layout(grad_output, x, g);
-  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || same_layout(dy, x)),
-              "grad_output does not match the input's layout");
+  const Tensor dy = matched_layout(grad_output, x, g, "grad_output");
   const ChannelFloats gamma(weight, g.C, 1.f);
   Tensor dx, dgamma, dbeta;
   if (need_dx) dx = empty_output(x, x.scalar_type());
@@ -3717,16 +3722,12 @@ std::vector<Tensor> backward_fused(const Tensor& grad_output, const Tensor& inpu
                                    const c10::optional<Tensor>& gate) {
   TORCH_CHECK(relu >= kSaveOutput && relu <= kSaveRecompute, "unknown ReLU code ", relu);
   auto [x, geo] = as_kernel_layout(input);
-  const Tensor dy = like_layout(grad_output, x, geo);
-  TORCH_CHECK(dy.sizes() == x.sizes() && (x.numel() == 0 || same_layout(dy, x)),
-              "grad_output does not match the input's layout");
+  const Tensor dy = matched_layout(grad_output, x, geo, "grad_output");
   const bool has_gate = gate.has_value() && gate->defined();
   TORCH_CHECK(has_gate || relu == kSaveRecompute, "the ReLU's saved tensor is missing");
   Tensor gt;
   if (has_gate) {
-    gt = like_layout(*gate, x, geo);
-    TORCH_CHECK(gt.sizes() == x.sizes() && (x.numel() == 0 || same_layout(gt, x)),
-                "the ReLU's saved tensor does not match the input's layout");
+    gt = matched_layout(*gate, x, geo, "the ReLU's saved tensor");
   }
   Tensor dpre = empty_output(x, x.scalar_type());
   if (x.numel() > 0) {
