@@ -1305,12 +1305,26 @@ void group_centres(Row&& row, int64_t B, int64_t S, int64_t n0, const float* mea
     }
     return;
   }
-  for (int64_t b = 0; b < B; ++b) {  // one vector per channel: its row's sums, combined
-    Vec a[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-    row_sum(row(b, 0), S, static_cast<float>(*row(b, 0)), a);
-    acc[b] = (a[0] + a[1]) + (a[2] + a[3]);
+  if (S <= kW) {
+    // A row of at most a vector: row_sum leaves its values' x - first in the first S lanes
+    // and zeros past them, which hsums adds lane after lane; the same additions in the same
+    // order straight from the row (the zeros change no sum, which starts at +0 and so is never
+    // -0): the same bits without a vector's round trip through the stack per channel.
+    for (int64_t b = 0; b < B; ++b) {
+      const T* p = row(b, 0);
+      const float first = static_cast<float>(p[0]);
+      float sum = 0.f;
+      for (int64_t i = 0; i < S; ++i) sum += static_cast<float>(p[i]) - first;
+      sums[b] = sum;
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) {  // one vector per channel: its row's sums, combined
+      Vec a[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+      row_sum(row(b, 0), S, static_cast<float>(*row(b, 0)), a);
+      acc[b] = (a[0] + a[1]) + (a[2] + a[3]);
+    }
+    hsums(B, [&](int64_t b) BN_ALWAYS_INLINE { return acc[b]; }, sums);
   }
-  hsums(B, [&](int64_t b) BN_ALWAYS_INLINE { return acc[b]; }, sums);
   for (int64_t b = 0; b < B; ++b) {
     const float first = static_cast<float>(*row(b, 0));
     const double mean_d = sums[b] / static_cast<double>(S);  // the first row's mean of x - first
