@@ -1274,6 +1274,9 @@ def test_bench_csv_is_written_atomically(tmp_path, monkeypatch):
     row = bench.CpuRow("2x3", "tiny", "nc", "float32", 1, "train_fwd", "ours", *numbers, "")
     bench.write_csv(str(path), [row], {"cpu": "test"})
     assert bench.read_csv(str(path)) == [row]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would make it, not 0600
 
     def broken(rows):
         yield from rows

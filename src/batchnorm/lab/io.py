@@ -48,10 +48,11 @@ import io
 import json
 import math
 import os
-import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from batchnorm._atomic import atomic_writer
 
 __all__ = [
     "CorruptFileError",
@@ -86,68 +87,6 @@ class CorruptFileError(ValueError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path} {reason}")
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on a clean exit it replaces ``path`` atomically.
-
-    Args:
-        path: the destination.
-        mode: "wb" (bytes) or "w" (text, UTF-8).
-
-    Yields:
-        The open temporary file.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The process id in the name lets remove_stale_temporaries() tell a dead writer's leftovers
-    # from a live writer's file. The name is chosen before the file exists and the file is
-    # created inside the try, so an exception raised by a signal handler at any point (SIGTERM
-    # turned into an interruption) still removes it.
-    tmp_name = ""
-    fd = -1
-    f: IO[Any] | None = None
-    try:
-        while True:
-            # Named before it is created: an interruption right after the open still knows
-            # what to remove.
-            tmp_name = os.path.join(
-                path.parent, f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            )
-            try:
-                fd = os.open(tmp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                tmp_name = ""
-                continue
-            break
-        f = os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {}))
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        # The file is created 0600; give it the mode an ordinary open() would have.
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # KeyboardInterrupt included: the destination must never see a partial file.
-        with contextlib.suppress(OSError):
-            if f is not None:
-                f.close()
-            elif fd >= 0:
-                os.close(fd)
-        if tmp_name:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

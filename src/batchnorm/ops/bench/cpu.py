@@ -565,8 +565,10 @@ def plot_csv(path: str, out: str) -> str:
             ax.set_title(f"{mode}, {t} thread(s)")
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    try:
+        return files.save_figure(fig, out)
+    finally:
+        plt.close(fig)
 
 
 def main(args) -> int:

@@ -1,13 +1,14 @@
-"""The benchmark's files: CSVs written atomically (a run of minutes never leaves half a file, and
-a bad output path is named before the run, not after it), and CSVs read back for plots with a
-clear error where the file is not one of ours."""
+"""The benchmark's files: CSVs and plots written atomically (a run of minutes never leaves half
+a file, and a bad output path is named before the run, not after it), and CSVs read back for
+plots with a clear error where the file is not one of ours."""
 
 from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
+
+from batchnorm._atomic import atomic_writer
 
 
 def output_problem(path: str) -> str | None:
@@ -33,22 +34,20 @@ def write_csv(
     path: str, fieldnames: Sequence[str], rows: Iterable[dict], preamble: Iterable[str] = ()
 ) -> None:
     """``rows`` under a header of ``fieldnames``, after ``# line`` comments of ``preamble``;
-    written to a temporary file in the same folder and renamed into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".csv", dir=directory)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            for line in preamble:
-                f.write(f"# {line}\n")
-            writer = csv.DictWriter(f, fieldnames=list(fieldnames))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    written atomically (:func:`batchnorm._atomic.atomic_writer`)."""
+    with atomic_writer(path, "w") as f:
+        for line in preamble:
+            f.write(f"# {line}\n")
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+    """A matplotlib figure as a PNG at ``path``, written atomically; returns ``path``."""
+    with atomic_writer(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return path
 
 
 def read_csv(path: str, required: Sequence[str], what: str) -> list[dict[str, str]]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 from batchnorm.ops.bench import files
 
@@ -52,14 +50,7 @@ def plot_csv(csv_path: str, out_path: str) -> str:
         f"Triton {first.get('triton', '?')}, copy {first.get('copy_gbps', '?')} GB/s"
     )
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out_path)
+        return files.save_figure(fig, out_path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path

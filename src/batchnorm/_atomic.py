@@ -1,0 +1,86 @@
+"""Writing a file so that an interrupted write leaves nothing half-written: the one mechanism
+of every file the package writes (the lab's records and caches through :mod:`batchnorm.lab.io`,
+the benchmarks' CSVs and plots). No torch import: the lowest layer may use it.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> with atomic_writer(d / "a.txt", "w") as f:
+    ...     _ = f.write("hello")
+    >>> (d / "a.txt").read_text(), sorted(p.name for p in d.iterdir())
+    ('hello', ['a.txt'])
+    >>> import shutil; shutil.rmtree(d)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_writer"]
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on a clean exit it replaces ``path`` atomically.
+
+    Args:
+        path: the destination.
+        mode: "wb" (bytes) or "w" (text, UTF-8).
+
+    Yields:
+        The open temporary file.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The process id in the name lets remove_stale_temporaries() tell a dead writer's leftovers
+    # from a live writer's file. The name is chosen before the file exists and the file is
+    # created inside the try, so an exception raised by a signal handler at any point (SIGTERM
+    # turned into an interruption) still removes it.
+    tmp_name = ""
+    fd = -1
+    f: IO[Any] | None = None
+    try:
+        while True:
+            # Named before it is created: an interruption right after the open still knows
+            # what to remove.
+            tmp_name = os.path.join(
+                path.parent, f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            )
+            try:
+                fd = os.open(tmp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                tmp_name = ""
+                continue
+            break
+        f = os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {}))
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        # The file is created 0600; give it the mode an ordinary open() would have.
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # KeyboardInterrupt included: the destination must never see a partial file.
+        with contextlib.suppress(OSError):
+            if f is not None:
+                f.close()
+            elif fd >= 0:
+                os.close(fd)
+        if tmp_name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
