@@ -1639,12 +1639,87 @@ inline void inner_chunk_two_pass(const T* x, int64_t C, int64_t c, int64_t r0, i
   for (int k = 0; k < K; ++k) acc2[k].store(m2_out + c + k * kW);
 }
 
+// Mean and M2 of K vectors of channels from their one-pass sums of d and d^2 (acc, acc2) into
+// mean_out[0, K * kW) and m2_out; true where a lane needs the two passes instead
+// (n mean^2 / kMaxMeanToVar > M2, M2 < 0, NaN or inf).
+template <int K>
+BN_ALWAYS_INLINE inline bool one_pass_chunk(const Vec* acc, const Vec* acc2, float inv,
+                                            float* mean_out, float* m2_out) {
+  bool redo = false;
+  for (int k = 0; k < K; ++k) {
+    const Vec mean = acc[k] * Vec(inv);
+    const Vec centred = acc[k] * mean;  // n mean^2
+    const Vec m2 = acc2[k] - centred;
+    // !(a <= b) also catches NaN and inf, which the two passes then propagate as such.
+    float c2[kW], m[kW];
+    (centred * Vec(1.f / kMaxMeanToVar)).store(c2);
+    m2.store(m);
+    for (int64_t i = 0; i < kW; ++i) redo |= !(c2[i] <= m[i] && m[i] >= 0.f);
+    mean.store(mean_out + k * kW);
+    m2.store(m2_out + k * kW);
+  }
+  return redo;
+}
+
+// The one pass of inner_block_moments over a chunk of K vectors of channels from c: mean of
+// d = x - shift and M2 = sum d^2 - n mean^2 into mean_out and m2_out (one_pass_chunk). A
+// function of its own, with and without the prefetches: inlined into inner_block_moments beside
+// the two passes and the redo, or with the prefetch as a branch in its loop, GCC kept three of
+// the four sums of d^2 on the stack, so that every row's FMAs waited on a store and a reload.
+template <typename T, int K, bool kAhead, bool kSquaresOut>
+BN_NOINLINE bool inner_chunk_one_pass(const T* x, int64_t C, int64_t c, int64_t r0, int64_t r1,
+                                      const float* shift, float inv, int64_t ahead,
+                                      float* mean_out, float* m2_out) {
+  Vec vs[K], acc[K], acc2[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    vs[k] = Vec::loadu(shift + c + k * kW);
+    acc[k] = Vec(0.f);
+    acc2[k] = Vec(0.f);
+    if constexpr (kSquaresOut) acc2[k].store(m2_out + c + k * kW);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* p = x + r * C + c;
+    if constexpr (kAhead) prefetch_chunk<K>(p + ahead);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const Vec d = vload(p + k * kW) - vs[k];
+      acc[k] += d;
+      if constexpr (kSquaresOut) {
+        float* q = m2_out + c + k * kW;
+        at::vec::fmadd(d, d, Vec::loadu(q)).store(q);
+      } else {
+        acc2[k] = at::vec::fmadd(d, d, acc2[k]);
+      }
+    }
+  }
+  // Copies, so that the loop's sums never have their address taken (with it, GCC left the
+  // bfloat16 loop's sums on the stack).
+  Vec sums[K], squares[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    sums[k] = acc[k];
+    squares[k] = kSquaresOut ? Vec::loadu(m2_out + c + k * kW) : acc2[k];
+  }
+  return one_pass_chunk<K>(sums, squares, inv, mean_out + c, m2_out + c);
+}
+
 // `ahead`: values from a row to the same channels in the next block of rows (prefetched as the
-// block is read), or 0 where this is the last block of the thread.
+// block is read), or 0 where this is the last block of the thread. `from_memory`: the tensor is
+// as large as those whose output passes stream, so its blocks come from memory; there the one
+// pass keeps its sums of d^2 in m2_out (L1) instead of registers, each row's FMAs then waiting
+// on a store and a reload of the row before (inner_chunk_one_pass, kSquaresOut), as the loop
+// did before it had registers. Measured on the EPYC (training forward, 1 thread, paired medians
+// of 30 rounds, against that loop): sums in registers 0.84x the time at 8192x256, 0.89-0.91x
+// at 32x512x7x7 and 32x256x14x14 channels-last, 0.93x at 64x1280 (bfloat16 0.93-0.95x at
+// 8192x256, 32x256x14x14 and 8x256x56x56 channels-last); but 1.1-1.3x on tensors from memory
+// (8x256x56x56, 64x192x28x28, 32x64x56x56 channels-last), where the sums in m2_out take
+// 0.95-1.07x. Why the faster loop loses there is not known: whole rows walked in order, with
+// the sums in L1 (what the prefetchers follow best), took 1.0-1.5x (64x2048x7x7 the most).
 template <typename T>
 void inner_block_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const float* shift,
                          float* mean_out, float* m2_out, bool one_pass, int64_t ahead,
-                         Cols cols) {
+                         Cols cols, bool from_memory = false) {
   const float n = static_cast<float>(r1 - r0), inv = 1.f / n;
   for_chunks(
       cols,
@@ -1654,34 +1729,10 @@ void inner_block_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const fl
           inner_chunk_two_pass<T, K>(x, C, c, r0, r1, shift + c, inv, mean_out, m2_out);
           return;
         }
-        Vec vs[K], acc[K], acc2[K];
-        for (int k = 0; k < K; ++k) {
-          vs[k] = Vec::loadu(shift + c + k * kW);
-          acc[k] = Vec(0.f);
-          acc2[k] = Vec(0.f);
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* p = x + r * C + c;
-          if (ahead != 0) prefetch_chunk<K>(p + ahead);
-          for (int k = 0; k < K; ++k) {
-            const Vec d = vload(p + k * kW) - vs[k];
-            acc[k] += d;
-            acc2[k] = at::vec::fmadd(d, d, acc2[k]);
-          }
-        }
-        bool redo = false;  // any lane: n mean^2 / kMaxMeanToVar > M2, or M2 < 0
-        for (int k = 0; k < K; ++k) {
-          const Vec mean = acc[k] * Vec(inv);
-          const Vec centred = acc[k] * mean;  // n mean^2
-          const Vec m2 = acc2[k] - centred;
-          // !(a <= b) also catches NaN and inf, which the two passes then propagate as such.
-          float c2[kW], m[kW];
-          (centred * Vec(1.f / kMaxMeanToVar)).store(c2);
-          m2.store(m);
-          for (int64_t i = 0; i < kW; ++i) redo |= !(c2[i] <= m[i] && m[i] >= 0.f);
-          mean.store(mean_out + c + k * kW);
-          m2.store(m2_out + c + k * kW);
-        }
+        const auto chunk_pass = ahead == 0   ? inner_chunk_one_pass<T, K, false, false>
+                                : from_memory ? inner_chunk_one_pass<T, K, true, true>
+                                              : inner_chunk_one_pass<T, K, true, false>;
+        const bool redo = chunk_pass(x, C, c, r0, r1, shift, inv, ahead, mean_out, m2_out);
         if (redo) {
           // Far from the shift: the block is centred on its own first row (as the first block
           // is), so that its sums stay small, and its mean is moved to the common shift.
@@ -2242,6 +2293,7 @@ void training_moments(const T* x, const Geometry& g, float* shift, double* mean_
   const int64_t blocks = (R + block - 1) / block;
   const int64_t bytes = R * C * static_cast<int64_t>(sizeof(T));
   const Uninit<float> means(blocks * C), m2s(blocks * C);  // every block writes all channels
+  const bool from_memory = large_pass<T>(g, 1);  // as large as the output passes that stream
   for_block_tiles(0, 1, block, R, C, [&](int64_t, Cols cols, int64_t) {
     inner_block_moments(x, C, 0, std::min(R, block), shift, means.data(), m2s.data(),
                         /*one_pass=*/false, /*ahead=*/0, cols);
@@ -2250,7 +2302,7 @@ void training_moments(const T* x, const Geometry& g, float* shift, double* mean_
   for_block_tiles(1, blocks, block, R, C, [&](int64_t b, Cols cols, int64_t last) {
     inner_block_moments(x, C, b * block, std::min(R, (b + 1) * block), shift,
                         means.data() + b * C, m2s.data() + b * C, /*one_pass=*/true,
-                        next_block_ahead(b, last, block, R, C, bytes), cols);
+                        next_block_ahead(b, last, block, R, C, bytes), cols, from_memory);
   });
   const BlockWeights weights(R, block);
   at::parallel_for(0, C, merge_grain(blocks), [&](int64_t c0, int64_t c1) {
