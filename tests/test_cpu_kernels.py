@@ -709,10 +709,12 @@ def test_cpu_bench_pipeline(tmp_path):
     shape = bench.CpuShape((4, 8, 6, 6), "tiny")
     rows = bench.measure(shape, "nhwc", "float32", [1], bench.MODES, ["ours", "native"],
                          rounds=3, min_seconds=0.0)  # fmt: skip
-    assert len(rows) == len(bench.MODES) * 3  # ours, native, copy
+    assert len(rows) == len(bench.MODES) * 3 + 1  # ours, native, copy; the floor in train_fwd
+    floor = [row for row in rows if row.provider == "floor"]
+    assert [row.mode for row in floor] == ["train_fwd"]
     for row in rows:
         assert row.time_us > 0 and row.x_copy > 0 and row.rounds >= 3, row
-        if row.provider != "copy":
+        if row.provider not in bench.YARDSTICKS:
             assert row.max_rel_err < 1e-5, row
             assert row.speedup_vs_native > 0
     path = tmp_path / "cpu.csv"
@@ -721,6 +723,9 @@ def test_cpu_bench_pipeline(tmp_path):
     assert text.startswith("# cpu: test") and text.count("\n") == len(rows) + 2
     assert "4x8x6x6" in bench.format_table(rows)
     assert "train_fwd: ours/copy median" in bench.summary(rows)
+    assert "train_fwd floor (a read of x + the copy): x copy median" in bench.summary(rows)
+    assert "train fwd floor (x copy)" in bench.markdown(rows)
+    assert [r.provider for r in bench.read_csv(str(path))].count("floor") == 1
     assert "add_relu_fwd_bwd: vs native geomean" in bench.summary(rows)
     assert "relu(bn(x) + z) fwd" in bench.markdown(rows)
     pytest.importorskip("matplotlib")
