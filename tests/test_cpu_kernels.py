@@ -723,7 +723,7 @@ def test_cpu_bench_pipeline(tmp_path):
     assert text.startswith("# cpu: test") and text.count("\n") == len(rows) + 2
     assert "4x8x6x6" in bench.format_table(rows)
     assert "train_fwd: ours/copy median" in bench.summary(rows)
-    assert "train_fwd floor (a read of x + the copy): x copy median" in bench.summary(rows)
+    assert "train_fwd floor (x.sum() + the copy): x copy median" in bench.summary(rows)
     assert "train fwd floor (x copy)" in bench.markdown(rows)
     assert [r.provider for r in bench.read_csv(str(path))].count("floor") == 1
     assert "add_relu_fwd_bwd: vs native geomean" in bench.summary(rows)

@@ -12,12 +12,13 @@ Providers, timed in one process on the same tensors:
   statistics). Not ``x.clone()``: a fresh allocation faults its pages in at every call above
   glibc's mmap threshold (32 MB) and, depending on the allocator's state, below it, which made
   the yardstick itself vary by up to 3x between runs.
-- ``floor`` (``train_fwd`` only): ``x.sum()`` then the same copy, as one call: the least traffic
-  of a training forward (one read of x for the statistics, one read and one write for the
-  output) at the speed of PyTorch's own reduction and copy. Where the floor itself takes more
-  than 1.5x the copy, so does any training forward that reads x twice; ``ours / floor`` says
-  how far the kernels are from it. Two calls: on small tensors the floor holds a second call's
-  fixed cost (about 1.5 us for ``x.sum()`` of 64 values here), which one kernel does not pay.
+- ``floor`` (``train_fwd`` only): ``x.sum()`` then the same copy, timed as one call: a training
+  forward that reads all of x for the statistics before it writes y (one read, then one read
+  and one write) at the speed of PyTorch's own reduction and copy. It bounds such forwards: where
+  the floor takes more than 1.5x the copy, so do they. A kernel that finishes a block of
+  channels while the block is still in cache (the planar kernels do) reads it the second time
+  from there and can run below the floor. Two calls: on small tensors the floor holds a second
+  call's fixed cost (about 1.5 us for ``x.sum()`` of 64 values here).
 
 Modes: ``train_fwd`` (training forward with the running-statistics update, no graph),
 ``eval_fwd`` (eval forward, no graph), ``fwd_bwd`` (training forward + backward for x, gamma
@@ -466,7 +467,7 @@ def summary(rows: list[CpuRow]) -> str:
             over = [o.x_copy / f.x_copy for o, f in floors]
             above = sum(v > TRAIN_FWD_TARGET for v in fl)
             lines.append(
-                f"{threads} thread(s) train_fwd floor (a read of x + the copy): x copy median "
+                f"{threads} thread(s) train_fwd floor (x.sum() + the copy): x copy median "
                 f"{statistics.median(fl):.2f}, max {max(fl):.2f}, above {TRAIN_FWD_TARGET}x in "
                 f"{above} of {len(fl)}; ours / floor median {statistics.median(over):.2f}, "
                 f"max {max(over):.2f}"
