@@ -17,6 +17,14 @@ Repeated calls on the same tensors find them in the last-level cache when the te
 smaller than it (about 32-48 MB is what one core gets here). ``--cold`` reads a buffer larger
 than that (``--evict-mb``, 128 MB) before every call and times each call alone, so that x, dy
 and the outputs come from memory, as after a layer whose output did not stay in cache.
+``--dy-warm`` (with ``--cold --backward``) rewrites dy in place (times 1) after the eviction:
+the gradient that the layer after has just written is in cache, the x saved by the forward is
+not.
+
+One build given twice with ``--walk-old`` and ``--walk-new`` ("rows" or "chunks") times the
+channels-last backward's two walks against each other (the walk is set before every call):
+    PYTHONPATH=src python benchmarks/cpu_kernel_ab.py DIR DIR --walk-old rows --walk-new chunks \
+        --backward --cold 32x512x7x7 512x512
 
 Run (the folders are those that ``ls -t ~/.cache/batchnorm/ext`` lists):
     PYTHONPATH=src python benchmarks/cpu_kernel_ab.py OLD_DIR NEW_DIR 64x2048x7x7 32x64x56x56
@@ -61,9 +69,14 @@ def _per_call(fn: Callable[[], object], calls: int = 5) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _cold_call(fn: Callable[[], object], evict: torch.Tensor) -> float:
-    """One call of fn after reading ``evict`` (the caches hold none of fn's data), in us."""
+def _cold_call(
+    fn: Callable[[], object], evict: torch.Tensor, warm: torch.Tensor | None = None
+) -> float:
+    """One call of fn after reading ``evict`` (the caches hold none of fn's data, but ``warm``
+    when given: rewritten in place, as a layer leaves its output), in us."""
     evict.sum()
+    if warm is not None:
+        warm.mul_(1.0)
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e6
@@ -79,6 +92,8 @@ def compare(
     training: bool = True,
     fused: bool = False,
     save: str = "recompute",
+    walks: tuple[str | None, str | None] = (None, None),
+    dy_warm: bool = False,
 ) -> dict:
     channels = x.shape[1]
     weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
@@ -103,13 +118,21 @@ def compare(
         saved = ext.forward(x, weight, bias, *stats, True, 0.1, 1e-5)
         return lambda: ext.backward(dy, x, weight, *saved[1:4], True, True, True)
 
-    fns = {"old": call(old), "new": call(new)}
+    def walking(ext: ModuleType, walk: str | None) -> Callable[[], object]:
+        fn = call(ext)
+        if walk is None:
+            return fn
+        return lambda: (ext.set_channels_last_walk(walk), fn())
+
+    fns = {"old": walking(old, walks[0]), "new": walking(new, walks[1])}
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {"copy": [], "old": [], "new": []}
 
     def timed(fn: Callable[[], object]) -> float:
-        return _per_call(fn) if evict is None else _cold_call(fn, evict)
+        if evict is None:
+            return _per_call(fn)
+        return _cold_call(fn, evict, dy if dy_warm else None)
 
     for r in range(rounds):
         times["copy"].append(timed(lambda: out.copy_(x)))
@@ -199,10 +222,22 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="the input's dtype"
     )
     parser.add_argument("--rounds", type=int, default=20)
+    for side in ("old", "new"):
+        parser.add_argument(
+            f"--walk-{side}",
+            choices=("rows", "chunks"),
+            help=f"set the channels-last walk before each call of the {side} build (one "
+            "build given twice compares its two walks)",
+        )
     parser.add_argument(
         "--cold", action="store_true", help="evict the caches before every timed call"
     )
     parser.add_argument("--evict-mb", type=int, default=128, help="size of the eviction read")
+    parser.add_argument(
+        "--dy-warm",
+        action="store_true",
+        help="with --cold --backward: rewrite dy in cache after the eviction",
+    )
     parser.add_argument(
         "--bits",
         action="store_true",
@@ -214,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     evict = torch.ones(args.evict_mb << 18) if args.cold else None
     old, new = load_build(args.old), load_build(args.new)
+    walks = (args.walk_old, args.walk_new)
+    if args.dy_warm and not (args.cold and args.backward):
+        parser.error("--dy-warm needs --cold and --backward")
     dtype = getattr(torch, args.dtype)
     if args.bits:
         differ = False
@@ -254,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                 not args.eval,
                 args.fused,
                 args.save,
+                walks,
+                args.dy_warm,
             )
             print(
                 f"{text} | {layout} | {r['copy_us']:.0f} | {r['old_x_copy']:.2f} | "

@@ -733,6 +733,34 @@ def test_cpu_bench_pipeline(tmp_path):
     assert (tmp_path / "cpu.png").stat().st_size > 0
 
 
+def test_kernel_ab_script_times_the_two_walks(capsys):
+    """benchmarks/cpu_kernel_ab.py with one build given twice times its two channels-last
+    walks against each other (x and dy evicted, dy then rewritten in cache), leaves the walk it
+    found, and refuses --dy-warm without --cold and --backward. (Timings are not asserted.)"""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_kernel_ab.py"
+    spec = importlib.util.spec_from_file_location("cpu_kernel_ab", script)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    folder = str(_build.build_dir())
+    initial = cpu.channels_last_walk()
+    args = ["--walk-old", "rows", "--walk-new", "chunks", "--backward", "--rounds", "2"]
+    try:
+        ab.main([folder, folder, *args, "--cold", "--dy-warm", "--evict-mb", "1", "96x40"])
+    finally:
+        cpu.set_channels_last_walk(initial)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("96x40 |")]
+    assert len(rows) == 1, rows
+    cells = rows[0].split(" | ")
+    assert cells[1] == "nc" and all(float(v) > 0 for v in cells[2:]), cells
+    with pytest.raises(SystemExit) as refused:
+        ab.main([folder, folder, "--dy-warm", "96x40"])
+    assert refused.value.code == 2
+    assert "--dy-warm needs --cold and --backward" in capsys.readouterr().err
+
+
 def test_auto_picks_cpu_only_for_listed_dtypes(monkeypatch):
     """ "auto" takes the C++ kernels for the CPU dtypes in CPU_AUTO_DTYPES (empty by default:
     BENCHMARKS.md explains why), never for other dtypes or devices, nor under torch.compile."""
