@@ -363,6 +363,25 @@ def test_atomic_writer_interrupted_at_any_line_leaves_no_temporary(tmp_path: Pat
     assert len(interrupted_at) >= 8  # the writer has at least this many lines to cut between
 
 
+def test_the_one_csv_writer_of_the_lab_and_the_benchmarks(tmp_path: Path) -> None:
+    """The lab's records and the benchmarks' CSVs share one writer: comments first, empty cells
+    for missing keys, non-finite floats and NumPy scalars as text, and a row with a key outside
+    the columns refused before the old file is touched."""
+    import numpy as np
+
+    from batchnorm.lab.io import atomic_write_csv
+    from batchnorm.ops.bench import files
+
+    target = tmp_path / "rows.csv"
+    rows = [{"a": float("nan"), "b": np.float32(0.5)}, {"a": float("-inf")}]
+    files.write_csv(str(target), ["a", "b"], rows, preamble=["cpu: test"])
+    assert target.read_text() == "# cpu: test\na,b\nnan,0.5\n-inf,\n"
+    with pytest.raises(ValueError, match=r"not among the columns.*\['c'\]"):
+        atomic_write_csv(target, [{"a": 1, "c": 2}], ["a", "b"])
+    assert target.read_text().startswith("# cpu: test")
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+
+
 def test_stale_temporaries_of_this_process_go_only_when_asked(tmp_path: Path) -> None:
     import os
 

@@ -1,6 +1,7 @@
 """Writing a file so that an interrupted write leaves nothing half-written: the one mechanism
 of every file the package writes (the lab's records and caches through :mod:`batchnorm.lab.io`,
-the benchmarks' CSVs and plots). No torch import: the lowest layer may use it.
+the benchmarks' CSVs and plots), and the one CSV writer of both. No torch import: the lowest
+layer may use it.
 
 Example:
     >>> import tempfile, pathlib
@@ -15,13 +16,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import csv
+import math
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_writer"]
+__all__ = ["atomic_write_csv", "atomic_writer"]
 
 
 @contextlib.contextmanager
@@ -84,3 +87,46 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def atomic_write_csv(
+    path: str | os.PathLike[str],
+    rows: Iterable[Mapping[str, Any]],
+    fieldnames: Sequence[str],
+    preamble: Iterable[str] = (),
+) -> None:
+    """Dict rows as CSV under a header of ``fieldnames``, after a ``# line`` comment for each of
+    ``preamble``, written atomically. A missing key leaves its cell empty, a key not in
+    ``fieldnames`` raises ValueError (before anything is written); non-finite floats are written
+    ``nan``, ``inf``, ``-inf``, and NumPy or torch scalars as their Python values.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> rows = [{"x": 1.5, "y": float("inf")}]
+        >>> atomic_write_csv(d / "a.csv", rows, ["x", "y"], ["cpu: test"])
+        >>> print((d / "a.csv").read_text(), end="")
+        # cpu: test
+        x,y
+        1.5,inf
+        >>> import shutil; shutil.rmtree(d)
+    """
+    rows = [{key: _csv_cell(value) for key, value in row.items()} for row in rows]
+    fieldnames = list(fieldnames)
+    extra = sorted({key for row in rows for key in row} - set(fieldnames))
+    if extra:
+        raise ValueError(f"CSV rows have keys not among the columns {fieldnames}: {extra}")
+    with atomic_writer(path, "w") as f:
+        for line in preamble:
+            f.write(f"# {line}\n")
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "item"):
+        return value.item()
+    return value

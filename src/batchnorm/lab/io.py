@@ -42,17 +42,15 @@ gone.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from batchnorm._atomic import atomic_writer
+from batchnorm._atomic import atomic_write_csv, atomic_writer
 
 __all__ = [
     "CorruptFileError",
@@ -131,26 +129,6 @@ def to_jsonable(value: Any) -> Any:
 def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
     """Write ``value`` as indented JSON, atomically (see :func:`to_jsonable`)."""
     atomic_write_text(path, json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n")
-
-
-def atomic_write_csv(
-    path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]
-) -> None:
-    """Write dict rows as CSV with a header, atomically. Missing keys are left empty."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), extrasaction="raise")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _csv_cell(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if hasattr(value, "item"):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------------------------

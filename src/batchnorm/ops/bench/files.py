@@ -8,7 +8,7 @@ import csv
 import os
 from collections.abc import Iterable, Sequence
 
-from batchnorm._atomic import atomic_writer
+from batchnorm._atomic import atomic_write_csv, atomic_writer
 
 
 def output_problem(path: str) -> str | None:
@@ -34,13 +34,8 @@ def write_csv(
     path: str, fieldnames: Sequence[str], rows: Iterable[dict], preamble: Iterable[str] = ()
 ) -> None:
     """``rows`` under a header of ``fieldnames``, after ``# line`` comments of ``preamble``;
-    written atomically (:func:`batchnorm._atomic.atomic_writer`)."""
-    with atomic_writer(path, "w") as f:
-        for line in preamble:
-            f.write(f"# {line}\n")
-        writer = csv.DictWriter(f, fieldnames=list(fieldnames))
-        writer.writeheader()
-        writer.writerows(rows)
+    written atomically (:func:`batchnorm._atomic.atomic_write_csv`)."""
+    atomic_write_csv(path, rows, fieldnames, preamble)
 
 
 def save_figure(fig, path: str, dpi: int = 120) -> str:
