@@ -205,6 +205,20 @@ def same_bits(old: ModuleType, new: ModuleType, x: torch.Tensor) -> list[str]:
     ]
 
 
+def _layouts(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The layouts timed for a shape: both storages of images and of sequences."""
+    return {4: ("nchw", "nhwc"), 3: ("ncl", "nlc"), 2: ("nc",)}.get(len(shape), ("contiguous",))
+
+
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x (contiguous) in ``layout``: "nhwc" channels-last, "nlc" a sequence stored (N, L, C)."""
+    if layout == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "nlc":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", help="folder of the old build")
@@ -257,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         differ = False
         for text in args.shapes:
             shape = tuple(int(v) for v in text.split("x"))
-            for layout in ("nchw", "nhwc") if len(shape) == 4 else ("contiguous",):
+            for layout in _layouts(shape):
                 for kind in ("randn", "1e4 + randn", "drift"):
                     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
                     if kind == "1e4 + randn":
@@ -266,8 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                         ramp = torch.arange(shape[0], dtype=x.dtype) * 50.0
                         x = x + ramp.view(-1, *([1] * (len(shape) - 1)))
                     x = x.to(dtype)
-                    if layout == "nhwc":
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = _laid_out(x, layout)
                     bad = same_bits(old, new, x)
                     differ |= bool(bad)
                     verdict = "differ: " + ", ".join(bad) if bad else "same bits"
@@ -277,11 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     print("---|---|---|---|---|---")
     for text in args.shapes:
         shape = tuple(int(v) for v in text.split("x"))
-        layouts = ("nchw", "nhwc") if len(shape) == 4 else ("nc" if len(shape) == 2 else "ncl",)
-        for layout in layouts:
-            x = torch.randn(shape).to(dtype)
-            if layout == "nhwc":
-                x = x.contiguous(memory_format=torch.channels_last)
+        for layout in _layouts(shape):
+            x = _laid_out(torch.randn(shape).to(dtype), layout)
             r = compare(
                 old,
                 new,

@@ -1219,6 +1219,36 @@ def test_sequence_stored_nlc_gives_torchs_layouts(training, fused):
     y.view(8, -1)  # as on torch's output
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_sequence_output_is_the_rows_output_bit_for_bit(training, dtype):
+    """A sequence batch stored (N, L, C) has its y written contiguous by the output pass itself
+    (blocks of 16 positions x 16 channels turned in registers, partial blocks at the edges):
+    the same bits as the channel-inner pass over the same values seen as (N * L, C) rows, and
+    the same running statistics, with means near 0 (the folded output) and far from it, on 1
+    and 2 threads."""
+    threads = torch.get_num_threads()
+    try:
+        for N, C, L in ((1, 5, 3), (3, 16, 16), (2, 37, 17), (4, 64, 33), (2, 300, 48)):
+            for mean in (0.0, 100.0):
+                gen = torch.Generator().manual_seed(C * 100 + L)
+                rows = (torch.randn(N * L, C, generator=gen) * 3 + mean).to(dtype)
+                x = rows.view(N, L, C).transpose(1, 2)
+                w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+                rm, rv = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
+                for n_threads in (1, 2):
+                    torch.set_num_threads(n_threads)
+                    seq_stats, row_stats = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+                    y = cpu.batch_norm(x, *seq_stats, w, b, training, 0.1, 1e-5)
+                    y_rows = cpu.batch_norm(rows, *row_stats, w, b, training, 0.1, 1e-5)
+                    assert y.is_contiguous(), (N, C, L)
+                    assert torch.equal(y, y_rows.view(N, L, C).transpose(1, 2)), (N, C, L, mean)
+                    for got, expected in zip(seq_stats, row_stats):
+                        assert torch.equal(got, expected), (N, C, L, mean)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     ("shape", "channels_last"),
     [
