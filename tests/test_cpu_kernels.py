@@ -1007,6 +1007,7 @@ def test_flat_output_pass_matches_channels_last(shape, dtype):
 
 # Shapes of every statistics walk: planar (per channel, blocks, short planes), channel-inner
 # (one block, many blocks, pieces), and a bfloat16 input.
+# (shape, channel-inner storage): channels-last for images, (N, L, C) for sequences (_inner).
 NONFINITE_CASES = [
     ((4, 3, 5, 5), False),
     ((4, 3, 5, 5), True),
@@ -1016,7 +1017,18 @@ NONFINITE_CASES = [
     ((16, 3), False),
     ((300, 3), False),
     ((64, 1280), False),
+    ((4, 20, 32), True),
+    ((3, 37, 17), True),
 ]
+
+
+def _inner(t, inner):
+    """t (contiguous) stored channel-inner where `inner`: channels-last, or (N, L, C) for 3-D."""
+    if not inner:
+        return t
+    if t.dim() == 3:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def _nonfinite_input(shape, channels_last, pattern, dtype):
@@ -1036,9 +1048,7 @@ def _nonfinite_input(shape, channels_last, pattern, dtype):
     elif pattern == "nan":
         flat[3] = float("nan")
     x[:, 0] = ch
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.to(dtype)
+    return _inner(x, channels_last).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -1068,9 +1078,7 @@ def test_nonfinite_channel_statistics_are_torchs(shape, channels_last, pattern, 
 def test_finite_values_near_the_float32_limit_keep_finite_statistics(shape, channels_last):
     # |x| ~ 1e37: the float32 sums of the statistics overflow; the channels are measured again
     # in float64, so the mean stays finite and the output normalized (it was -inf and NaN).
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 2e37
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _inner(torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 2e37, channels_last)
     c = shape[1]
     rm, rv = torch.zeros(c), torch.ones(c)
     y = cpu.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
@@ -1121,9 +1129,7 @@ def test_backward_keeps_float32_accuracy_at_any_spread(shape, channels_last, spr
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(shape, generator=gen) * spread + 0.3 * spread
     dy = torch.randn(shape, generator=gen) * dy_scale
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        dy = dy.contiguous(memory_format=torch.channels_last)
+    x, dy = _inner(x, channels_last), _inner(dy, channels_last)
     c = shape[1]
     gamma, beta = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
     got = _grads(cpu.batch_norm, x, dy, gamma, beta)
@@ -1149,9 +1155,7 @@ def test_nonfinite_values_give_torchs_gradients(shape, channels_last, where, tra
     (dy if where.startswith("dy") else x)[at] = value
     if where == "dy both infs":
         dy[other] = -float("inf")
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        dy = dy.contiguous(memory_format=torch.channels_last)
+    x, dy = _inner(x, channels_last), _inner(dy, channels_last)
     c = shape[1]
     gamma, beta = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
     got = _grads(cpu.batch_norm, x, dy, gamma, beta, training)

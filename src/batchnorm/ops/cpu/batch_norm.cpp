@@ -2740,55 +2740,64 @@ void affine(const T* x, T* y, const Geometry& g, const float* shift, const float
   });
 }
 
-// y = (x - shift) * scale + offset of a sequence batch stored (N, L, C) (a transposed (N, C, L):
-// g.inner, g.S = L), written contiguous (N, C, L), the layout torch's kernel returns. Blocks of
-// 16 positions x 16 channels are computed as the channel-inner pass computes them (vectors of
-// channels, std::fma for the channels of the last partial vector: the same bits) and
-// transposed into y, a strip of 16 positions of one sample per task as in transpose_matrices:
-// whole blocks in registers on AVX-512, the others through a block in L1 (transpose_block).
-// One pass over x and y, where the channel-inner pass and then restored_sequence took two.
-// Measured on the EPYC (paired medians of 20 rounds against the two passes, 1 thread): float32
-// eval 0.44-0.72x the time, training forward 0.50-0.83x (8x64x100 to 64x1024x64; 2 threads
-// 0.44-0.77x); with every block through L1, eval 0.65-0.99x and training forward 0.68-0.98x.
-// bfloat16 (its whole blocks turned in registers too, before value by value): eval
-// 0.44-0.58x, training forward 0.48-0.62x, and the backward's transposes 0.59-0.65x.
-template <typename T>
-void sequence_affine(const T* x, T* y, const Geometry& g, const float* shift, const float* scale,
-                     const float* offset) {
+// A pass whose output `out` is contiguous (N, C, L) and whose inputs `inputs` are a sequence
+// batch stored (N, L, C) (a transposed (N, C, L): g.inner, g.S = L), the layout torch returns
+// y and dx in. Blocks of 16 positions x 16 channels are computed as the channel-inner passes
+// compute them, vec(cv, off) for a vector of channels at offset off of the (N, L, C) storage
+// (cv: its kConsts (C,) constants from `consts`, loaded once per block) and one(off, c) for
+// channel c of the last partial vector (the same bits), and transposed into out, a strip of 16
+// positions of one sample per task as in transpose_matrices: whole blocks in registers on
+// AVX-512 (bfloat16 as 32-bit lanes, rounded as vstore rounds), the others through a block in
+// L1 (transpose_block). One pass, where the channel-inner pass and then restored_sequence took
+// two. Measured on the EPYC (paired medians of 20 rounds against the two passes, 1 thread):
+// float32 eval 0.44-0.72x the time, training forward 0.50-0.83x (8x64x100 to 64x1024x64; 2
+// threads 0.44-0.77x); with every block through L1, eval 0.65-0.99x and training forward
+// 0.68-0.98x. bfloat16 (its whole blocks turned in registers too, before value by value): eval
+// 0.44-0.58x, training forward 0.48-0.62x.
+template <typename T, size_t kConsts, size_t kInputs, typename VecFn, typename OneFn>
+void sequence_pass(const Geometry& g, T* out, int reads,
+                   const std::array<const float*, kConsts>& consts,
+                   const std::array<const T*, kInputs>& inputs, const VecFn& vec,
+                   const OneFn& one) {
   constexpr int64_t kBlock = 16;
   constexpr int64_t kAhead = 4 * 64 / static_cast<int64_t>(sizeof(T));  // values: 4 lines
-  const int64_t C = g.C, L = g.S, strips = (L + kBlock - 1) / kBlock;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(kBlock * C, 1));
-  const bool stream = std::is_same_v<T, float> && stream_pass(pass_traffic<T>(g, 1)) &&
-                      reinterpret_cast<uintptr_t>(y) % 64 == 0 && L % kBlock == 0;
   static_assert(kBlock % kW == 0, "a block holds whole vectors of channels");
   constexpr int kVecs = static_cast<int>(kBlock / kW);
+  const int64_t C = g.C, L = g.S, strips = (L + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(kBlock * C, 1));
+  const bool stream = std::is_same_v<T, float> && stream_pass(pass_traffic<T>(g, reads)) &&
+                      reinterpret_cast<uintptr_t>(out) % 64 == 0 && L % kBlock == 0;
   at::parallel_for(0, g.N * strips, grain, [&](int64_t t0, int64_t t1) {
-    // Locals, so that the stores into the block cannot be taken to change them.
-    const T* __restrict const xs = x;
-    T* const ys = y;
-    const float* __restrict const sh = shift;
-    const float* __restrict const sc = scale;
-    const float* __restrict const of = offset;
+    // Local copies: the vector stores (which may alias anything) cannot be taken to change them,
+    // so they stay in registers instead of being reloaded at every row.
+    const std::array<const float*, kConsts> cs = consts;
+    const std::array<const T*, kInputs> ins = inputs;
+    const VecFn vec_at = vec;
+    const OneFn one_at = one;
+    T* const os = out;
     alignas(64) T block[kBlock * kBlock];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / strips, l0 = t % strips * kBlock;
       const int m = static_cast<int>(std::min(kBlock, L - l0));
-      const T* src = xs + (n * L + l0) * C;
-      T* dst = ys + n * C * L + l0;
+      const int64_t row0 = (n * L + l0) * C;  // the strip's first position in (N, L, C)
+      T* const dst = os + n * C * L + l0;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int w = static_cast<int>(std::min(kBlock, C - c0));
         const int vecs = w / static_cast<int>(kW);  // whole vectors of channels
         if (c0 + kAhead < C) {
-          for (int i = 0; i < m; ++i) __builtin_prefetch(src + i * C + c0 + kAhead);
+          for (const T* in : ins) {
+            for (int i = 0; i < m; ++i) __builtin_prefetch(in + row0 + i * C + c0 + kAhead);
+          }
+        }
+        Vec cv[kVecs][kConsts];
+        for (int v = 0; v < vecs; ++v) {
+          for (size_t j = 0; j < kConsts; ++j) cv[v][j] = Vec::loadu(cs[j] + c0 + v * kW);
         }
 #if defined(CPU_CAPABILITY_AVX512)
         if (m == kBlock && w == kBlock) {  // a whole block: computed and turned in registers
-          const Vec s16 = Vec::loadu(sh + c0), a16 = Vec::loadu(sc + c0);
-          const Vec b16 = Vec::loadu(of + c0);
           __m512 r[kBlock];
           for (int i = 0; i < kBlock; ++i) {
-            const Vec v = at::vec::fmadd(vload(src + i * C + c0) - s16, a16, b16);
+            const Vec v = vec_at(cv[0], row0 + i * C + c0);
             if constexpr (std::is_same_v<T, float>) {
               r[i] = v;
             } else {
@@ -2807,28 +2816,56 @@ void sequence_affine(const T* x, T* y, const Geometry& g, const float* shift, co
           continue;
         }
 #endif
-        Vec vs[kVecs], va[kVecs], vb[kVecs];
-        for (int v = 0; v < vecs; ++v) {
-          vs[v] = Vec::loadu(sh + c0 + v * kW);
-          va[v] = Vec::loadu(sc + c0 + v * kW);
-          vb[v] = Vec::loadu(of + c0 + v * kW);
-        }
         for (int i = 0; i < m; ++i) {
-          const T* p = src + i * C + c0;
+          const int64_t off = row0 + i * C + c0;
           T* q = block + i * kBlock;
-          for (int v = 0; v < vecs; ++v) {
-            vstore(q + v * kW, at::vec::fmadd(vload(p + v * kW) - vs[v], va[v], vb[v]));
-          }
-          for (int64_t c = vecs * kW; c < w; ++c) {
-            const int64_t k = c0 + c;
-            q[c] = static_cast<T>(std::fma(static_cast<float>(p[c]) - sh[k], sc[k], of[k]));
-          }
+          for (int v = 0; v < vecs; ++v) vstore(q + v * kW, vec_at(cv[v], off + v * kW));
+          for (int64_t c = vecs * kW; c < w; ++c) q[c] = static_cast<T>(one_at(off + c, c0 + c));
         }
         transpose_block(block, kBlock, dst + c0 * L, L, m, w, stream);
       }
     }
     if (stream) stream_fence();
   });
+}
+
+// y = (x - shift) * scale + offset into y contiguous (N, C, L) from x stored (N, L, C), as the
+// channel-inner output pass computes it (affine_row_steps; sequence_pass).
+template <typename T>
+void sequence_affine(const T* x, T* y, const Geometry& g, const float* shift, const float* scale,
+                     const float* offset) {
+  sequence_pass<T, 3, 1>(
+      g, y, 1, {shift, scale, offset}, {x},
+      [x](const Vec* k, int64_t off) BN_ALWAYS_INLINE {
+        return at::vec::fmadd(vload(x + off) - k[0], k[1], k[2]);
+      },
+      [x, shift, scale, offset](int64_t off, int64_t c) {
+        return std::fma(static_cast<float>(x[off]) - shift[c], scale[c], offset[c]);
+      });
+}
+
+// dx = dy * a + (x - shift) * k + c0 (kWithX false: dy * a) into dx contiguous (N, C, L) from x
+// and dy stored (N, L, C), as the channel-inner dx pass computes it (dx_row_steps; sequence_pass).
+template <typename T, bool kWithX>
+void sequence_dx(const T* x, const T* dy, T* dx, const Geometry& g, const float* shift,
+                 const float* a, const float* kk, const float* c0) {
+  if constexpr (kWithX) {
+    sequence_pass<T, 4, 2>(
+        g, dx, 2, {shift, a, kk, c0}, {x, dy},
+        [x, dy](const Vec* k, int64_t off) BN_ALWAYS_INLINE {
+          return at::vec::fmadd(vload(dy + off), k[1],
+                                at::vec::fmadd(vload(x + off) - k[0], k[2], k[3]));
+        },
+        [x, dy, shift, a, kk, c0](int64_t off, int64_t c) {
+          return static_cast<float>(dy[off]) * a[c] +
+                 (static_cast<float>(x[off]) - shift[c]) * kk[c] + c0[c];
+        });
+  } else {
+    sequence_pass<T, 1, 1>(
+        g, dx, 1, {a}, {dy},
+        [dy](const Vec* k, int64_t off) BN_ALWAYS_INLINE { return vload(dy + off) * k[0]; },
+        [dy, a](int64_t off, int64_t c) { return static_cast<float>(dy[off]) * a[c]; });
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -3672,7 +3709,10 @@ template <typename T>
 void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
                    const float* gamma, const Tensor& shift_t, const Tensor& mean_t,
                    const Tensor& invstd_t, bool training, bool need_dx, bool need_params,
-                   Tensor& dx, Tensor& dgamma, Tensor& dbeta) {
+                   Tensor& dx, Tensor& dgamma, Tensor& dbeta, bool sequence = false) {
+  // sequence: x and dy are a sequence batch stored (N, L, C) and dx is contiguous, written by
+  // sequence_dx; where a channel needs redo_grad_channels (which writes dx as x is laid out),
+  // dx goes through a channel-inner buffer and a transpose instead.
   const int64_t C = g.C;
   const T* xp = x.data_ptr<T>();
   const T* gp = dy.data_ptr<T>();
@@ -3693,7 +3733,8 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
     }
   };
   // dx over the planar rows [r0, r1), training or eval.
-  T* const dxp = need_dx ? dx.data_ptr<T>() : nullptr;
+  T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
+  Tensor inner_dx;  // sequence, with a channel to redo: dx as x is laid out
   auto dx_rows_of = [&](int64_t r0, int64_t r1, PlanarWrite w) {
     if (training) {
       dx_rows<T, true>(xp, gp, dxp, g, r0, r1, shift, a.data(), k.data(), c0.data(), w);
@@ -3717,7 +3758,7 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
                                 stream);
       return;
     }
-    if (need_sums && need_dx && training && inner_pieces<T>(g, /*forward=*/false)) {
+    if (need_sums && need_dx && training && !sequence && inner_pieces<T>(g, /*forward=*/false)) {
       // The sums, the coefficients and dx a piece of channels at a time, dx reading the piece's
       // x and dy from L1 or L2 (pieces_forward says why); the values of grad_sums and dx_pass.
       const int64_t R = g.rows(), block = inner_block_rows(C);
@@ -3739,6 +3780,18 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
     }
     if (need_sums) grad_sums(xp, gp, g, shift, sum_dy, sum_dyx);
     coefficients(0, C);
+    if (sequence && need_dx) {
+      if (!redo.load(std::memory_order_relaxed)) {
+        if (training) {
+          sequence_dx<T, true>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
+        } else {
+          sequence_dx<T, false>(xp, gp, dxp, g, shift, a.data(), k.data(), c0.data());
+        }
+        return;
+      }
+      inner_dx = empty_output(x, x.scalar_type());
+      dxp = inner_dx.data_ptr<T>();
+    }
     if (!g.inner && need_sums && need_dx && !planes_as_rows(g)) {
       // Short rows (rows_after_statistics): dx in one pass after all the sums, each thread over
       // the channels whose x and dy it has just read.
@@ -3760,6 +3813,9 @@ void backward_impl(const Tensor& x, const Tensor& dy, const Geometry& g,
     redo_grad_channels(xp, gp, dxp, g, training, shift, mean_s, invstd, gamma, sum_dy.data(),
                        sum_dyx.data(), a.data(), k.data(), c0.data(), dg, db);
   }
+  if (inner_dx.defined()) {
+    transpose_matrices(dxp, dx.data_ptr<T>(), g.N, g.S, C);
+  }
 }
 
 // Returns (dx, dgamma, dbeta) (undefined tensors where not needed); dgamma/dbeta are float32.
@@ -3771,7 +3827,13 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
   const Tensor dy = matched_layout(grad_output, x, g, "grad_output");
   const ChannelFloats gamma(weight, g.C, 1.f);
   Tensor dx, dgamma, dbeta;
-  if (need_dx) dx = empty_output(x, x.scalar_type());
+  // A sequence batch stored (N, L, C): dx written contiguous, the layout torch returns
+  // (backward_impl's `sequence`).
+  const bool sequence = x.dim() == 3 && g.inner && !x.is_contiguous();
+  if (need_dx) {
+    dx = sequence ? empty_cached(x.sizes(), c10::contiguous_strides(x.sizes()), x.scalar_type())
+                  : empty_output(x, x.scalar_type());
+  }
   if (need_params) {  // every channel is written below, unless x is empty
     const auto opts = input.options().dtype(at::kFloat);
     dgamma = x.numel() > 0 ? at::empty({g.C}, opts) : at::zeros({g.C}, opts);
@@ -3784,15 +3846,15 @@ std::vector<Tensor> backward(const Tensor& grad_output, const Tensor& input,
   if (x.numel() > 0 && (need_dx || need_params)) {
     if (x.scalar_type() == at::kFloat) {
       backward_impl<float>(x, dy, g, gamma.data(), shift, mean, invstd, training, need_dx,
-                           need_params, dx, dgamma, dbeta);
+                           need_params, dx, dgamma, dbeta, sequence);
     } else if (x.scalar_type() == at::kBFloat16) {
       backward_impl<BF16>(x, dy, g, gamma.data(), shift, mean, invstd, training, need_dx,
-                          need_params, dx, dgamma, dbeta);
+                          need_params, dx, dgamma, dbeta, sequence);
     } else {
       TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
     }
   }
-  return {need_dx ? in_torch_layout(dx, x, g) : dx, dgamma, dbeta};
+  return {dx, dgamma, dbeta};
 }
 
 // ------------------------------------------------------------------------------------------
