@@ -164,17 +164,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def same_bits(old: ModuleType, new: ModuleType, x: torch.Tensor) -> list[str]:
     """What differs between the builds' results on x, bit for bit: the training forward (y, the
     saved statistics, the running statistics), the eval forward, the training backward (dx,
-    dgamma, dbeta) and the fused forward and backward (save="recompute" and "mask", the mask
-    too). Empty: nothing."""
+    dgamma, dbeta) and the fused forward and backward (save="recompute", "mask" and "output", the
+    mask too). Empty: nothing."""
     channels = x.shape[1]
     gen = torch.Generator().manual_seed(0)
     weight = torch.rand(channels, generator=gen) + 0.5
     bias = torch.randn(channels, generator=gen)
     dy = torch.randn(x.shape, generator=gen).to(x.dtype)
     z = torch.randn(x.shape, generator=gen).to(x.dtype)
-    if not x.is_contiguous():
-        dy = dy.contiguous(memory_format=torch.channels_last)
-        z = z.contiguous(memory_format=torch.channels_last)
+    dy, z = torch.empty_like(x).copy_(dy), torch.empty_like(x).copy_(z)  # laid out as x
 
     def results(ext: ModuleType) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -185,7 +183,7 @@ def same_bits(old: ModuleType, new: ModuleType, x: torch.Tensor) -> list[str]:
         out["eval"] = ext.forward(x, weight, bias, *stats, False, 0.1, 1e-5)[0]
         grads = ext.backward(dy, x, weight, *saved[1:4], True, True, True)
         out.update({f"backward[{i}]": t for i, t in enumerate(grads)})
-        for save in ("recompute", "mask"):
+        for save in ("recompute", "mask", "output"):
             code = SAVE_CODES[save]
             fused = ext.forward_fused(x, weight, bias, *stats, True, 0.1, 1e-5, z, code)
             out[f"fused {save}"] = fused[0]
