@@ -1223,30 +1223,57 @@ def test_sequence_stored_nlc_gives_torchs_layouts(training, fused):
     y.view(8, -1)  # as on torch's output
 
 
+def _as_sequence(t, n, length):
+    """(n * length, C) rows as the (n, C, length) sequence batch stored (n, length, C)."""
+    return t.view(n, length, -1).transpose(1, 2)
+
+
+def _sequence_step(x, z, dy, params, training, fused):
+    """y and every gradient of batch_norm (fused None) or batch_norm_relu(x, z, save=fused)."""
+    w, b, rm, rv = params
+    x, z, w, b = (t.clone().requires_grad_() for t in (x, z, w, b))
+    if fused is None:
+        y = cpu.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+        return (y, *torch.autograd.grad(y, (x, w, b), dy))
+    y = cpu.batch_norm_relu(x, z, rm, rv, w, b, training, 0.1, 1e-5, save=fused)
+    return (y, *torch.autograd.grad(y, (x, z, w, b), dy))
+
+
+@pytest.mark.parametrize("fused", [None, "mask", "output", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_sequence_output_is_the_rows_output_bit_for_bit(training, dtype):
-    """A sequence batch stored (N, L, C) has its y written contiguous by the output pass itself
-    (blocks of 16 positions x 16 channels turned in registers, partial blocks at the edges):
-    the same bits as the channel-inner pass over the same values seen as (N * L, C) rows, and
-    the same running statistics, with means near 0 (the folded output) and far from it, on 1
-    and 2 threads."""
+def test_sequence_output_is_the_rows_output_bit_for_bit(training, dtype, fused):
+    """A sequence batch stored (N, L, C) has its y and dx written contiguous by the passes
+    themselves (blocks of 16 positions x 16 channels turned in registers, partial blocks at the
+    edges), also under relu(bn(x) + z) with each of its saves: the same bits as the channel-inner
+    passes over the same values seen as (N * L, C) rows (y, dx, dz, dgamma, dbeta and the running
+    statistics), with means near 0 (the folded output) and far from it, on 1 and 2 threads."""
     threads = torch.get_num_threads()
     try:
         for N, C, L in ((1, 5, 3), (3, 16, 16), (2, 37, 17), (4, 64, 33), (2, 300, 48)):
             for mean in (0.0, 100.0):
                 gen = torch.Generator().manual_seed(C * 100 + L)
                 rows = (torch.randn(N * L, C, generator=gen) * 3 + mean).to(dtype)
-                x = rows.view(N, L, C).transpose(1, 2)
+                z_rows = torch.randn(N * L, C, generator=gen).to(dtype)
+                dy_rows = torch.randn(N * L, C, generator=gen).to(dtype)
                 w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
                 rm, rv = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
+
                 for n_threads in (1, 2):
                     torch.set_num_threads(n_threads)
                     seq_stats, row_stats = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
-                    y = cpu.batch_norm(x, *seq_stats, w, b, training, 0.1, 1e-5)
-                    y_rows = cpu.batch_norm(rows, *row_stats, w, b, training, 0.1, 1e-5)
-                    assert y.is_contiguous(), (N, C, L)
-                    assert torch.equal(y, y_rows.view(N, L, C).transpose(1, 2)), (N, C, L, mean)
+                    seq = _sequence_step(
+                        *(_as_sequence(t, N, L) for t in (rows, z_rows, dy_rows)),
+                        (w, b, *seq_stats),
+                        training,
+                        fused,
+                    )
+                    ref = _sequence_step(rows, z_rows, dy_rows, (w, b, *row_stats), training, fused)
+                    assert seq[0].is_contiguous() and seq[1].is_contiguous(), (N, C, L)
+                    for got, expected in zip(seq, ref):
+                        if got.dim() == 3:
+                            expected = _as_sequence(expected, N, L)
+                        assert torch.equal(got, expected), (N, C, L, mean)
                     for got, expected in zip(seq_stats, row_stats):
                         assert torch.equal(got, expected), (N, C, L, mean)
     finally:

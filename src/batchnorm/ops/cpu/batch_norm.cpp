@@ -2829,19 +2829,51 @@ void sequence_pass(const Geometry& g, T* out, int reads,
   });
 }
 
+// mask[0, kW) = !(y <= 0) for the kW values of y (NaN passes), as write_mask writes it.
+inline void vstore_mask(const Vec& y, uint8_t* mask) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 pass = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NLE_UQ);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(mask), _mm_maskz_set1_epi8(pass, 1));
+#else
+  float v[kW];
+  y.store(v);
+  for (int64_t i = 0; i < kW; ++i) mask[i] = !(v[i] <= 0.f);
+#endif
+}
+
 // y = (x - shift) * scale + offset into y contiguous (N, C, L) from x stored (N, L, C), as the
-// channel-inner output pass computes it (affine_row_steps; sequence_pass).
+// channel-inner output pass computes it (affine_row_steps, and inner_block_affine with a fused
+// tail: the residual z and the mask laid out as x; sequence_pass).
 template <typename T>
 void sequence_affine(const T* x, T* y, const Geometry& g, const float* shift, const float* scale,
-                     const float* offset) {
-  sequence_pass<T, 3, 1>(
-      g, y, 1, {shift, scale, offset}, {x},
-      [x](const Vec* k, int64_t off) BN_ALWAYS_INLINE {
-        return at::vec::fmadd(vload(x + off) - k[0], k[1], k[2]);
-      },
-      [x, shift, scale, offset](int64_t off, int64_t c) {
-        return std::fma(static_cast<float>(x[off]) - shift[c], scale[c], offset[c]);
-      });
+                     const float* offset, const Fuse<T>& f) {
+  if (!f.any()) {
+    sequence_pass<T, 3, 1>(
+        g, y, 1, {shift, scale, offset}, {x},
+        [x](const Vec* k, int64_t off) BN_ALWAYS_INLINE {
+          return at::vec::fmadd(vload(x + off) - k[0], k[1], k[2]);
+        },
+        [x, shift, scale, offset](int64_t off, int64_t c) {
+          return std::fma(static_cast<float>(x[off]) - shift[c], scale[c], offset[c]);
+        });
+    return;
+  }
+  const auto vec = [x, f](const Vec* k, int64_t off) BN_ALWAYS_INLINE {
+    const Vec v = fuse_tail(at::vec::fmadd(vload(x + off) - k[0], k[1], k[2]), f, off);
+    if (f.mask != nullptr) vstore_mask(round_like<T>(v), f.mask + off);
+    return v;
+  };
+  const auto one = [x, shift, scale, offset, f](int64_t off, int64_t c) {
+    const float v =
+        fuse_tail1(std::fma(static_cast<float>(x[off]) - shift[c], scale[c], offset[c]), f, off);
+    if (f.mask != nullptr) f.mask[off] = !(static_cast<float>(static_cast<T>(v)) <= 0.f);
+    return v;
+  };
+  if (f.z != nullptr) {
+    sequence_pass<T, 3, 2>(g, y, 2, {shift, scale, offset}, {x, f.z}, vec, one);
+  } else {
+    sequence_pass<T, 3, 1>(g, y, 1, {shift, scale, offset}, {x}, vec, one);
+  }
 }
 
 // dx = dy * a + (x - shift) * k + c0 (kWithX false: dy * a) into dx contiguous (N, C, L) from x
@@ -3096,7 +3128,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
   const T* xp = x.data_ptr<T>();
   auto output_pass = [&](const float* yshift, const float* yoffset) {
     if (sequence_out) {
-      sequence_affine(xp, y.data_ptr<T>(), g, yshift, out.scale, yoffset);
+      sequence_affine(xp, y.data_ptr<T>(), g, yshift, out.scale, yoffset, fuse);
     } else {
       affine(xp, y.data_ptr<T>(), g, yshift, out.scale, yoffset, fuse);
     }
@@ -3281,8 +3313,9 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
     z = matched_layout(*residual, x, g, "the residual");
   }
   // A sequence batch stored (N, L, C) is read channel-inner and its y written contiguous, the
-  // layout torch returns, by the output pass itself (sequence_affine) where nothing is fused.
-  const bool sequence_out = relu == kReluNone && x.dim() == 3 && g.inner && !x.is_contiguous();
+  // layout torch returns, by the output pass itself (sequence_affine); the residual and the
+  // mask keep x's layout.
+  const bool sequence_out = x.dim() == 3 && g.inner && !x.is_contiguous();
   Tensor y = sequence_out
                  ? empty_cached(x.sizes(), c10::contiguous_strides(x.sizes()), x.scalar_type())
                  : empty_output(x, x.scalar_type());
