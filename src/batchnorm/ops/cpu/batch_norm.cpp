@@ -1093,10 +1093,11 @@ Tensor restored_sequence(const Tensor& t, bool to_nlc) {
   return out;
 }
 
-// An output (y, dx) in the layout torch's kernel gives it. A sequence batch stored (N, L, C) (a
-// transposed (N, C, L)) runs channel-inner, but torch returns its y and dx contiguous (only
-// 4-D and 5-D channels-last keep their layout there), and code after a BatchNorm1d may view()
-// them; every other kernel layout is torch's own.
+// An output in the layout torch's kernel gives it. A sequence batch stored (N, L, C) (a
+// transposed (N, C, L)) runs channel-inner, but torch returns its outputs and gradients
+// contiguous (only 4-D and 5-D channels-last keep their layout there), and code after a
+// BatchNorm1d may view() them; every other kernel layout is torch's own. (y and dx are written
+// contiguous by their passes, sequence_pass; the fused backward's dz comes through here.)
 Tensor in_torch_layout(const Tensor& out, const Tensor& x, const Geometry& g) {
   return x.dim() == 3 && g.inner && !x.is_contiguous() ? restored_sequence(out, false) : out;
 }
@@ -3336,7 +3337,7 @@ std::pair<Tensor, Tensor> forward_run(const Tensor& input, const c10::optional<T
       TORCH_CHECK(false, "the cpu kernels handle float32 and bfloat16, got ", x.scalar_type());
     }
   }
-  return {sequence_out ? y : in_torch_layout(y, x, g), mask};
+  return {y, mask};
 }
 
 // Returns (y, shift, mean_s, invstd, scale, offset, mask); mask is undefined unless
