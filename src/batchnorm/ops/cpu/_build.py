@@ -9,17 +9,26 @@ torch's own runtime CPU check (``torch.backends.cpu.get_cpu_capability()``, whic
 instruction set at run time, else with the default flags; never ``-march=native``. The
 instruction set is part of the name, so a cached binary never runs on a machine that lacks its
 instructions (two machines sharing a cache build one binary each).
+
+A finished build (one that ninja logged) is imported directly. A build holds ``build.lock`` in
+its folder, which the system releases when the process ends however it ends: processes that
+start together build once, and a lock file left by torch's builder in a process that was
+killed is removed rather than waited on forever. A cache that cannot be written is a status
+with its remedy (``TORCH_EXTENSIONS_DIR``) and a visible fallback to torch's kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -163,6 +172,48 @@ def _cached_binary() -> Path | None:
     return found[0] if found else None
 
 
+def _finished_binary() -> Path | None:
+    """The cached binary if its build ran to the end: ninja logs an output only once the command
+    that wrote it has finished, so a library cut short (a build killed while linking) is not
+    taken for a finished one."""
+    binary = _cached_binary()
+    if binary is None or binary.stat().st_size == 0:
+        return None
+    try:
+        log = (binary.parent / ".ninja_log").read_text(errors="replace")
+    except OSError:
+        return None
+    logged = {fields[3] for fields in (line.split("\t") for line in log.splitlines())
+              if len(fields) >= 4}  # fmt: skip
+    return binary if binary.name in logged else None
+
+
+def _import_binary(binary: Path) -> ModuleType | None:
+    """The finished build imported as it is: no ninja run and no lock file, so a cache that is
+    read-only (built ahead of time) or holds a lock left by a killed process still loads."""
+    spec = importlib.util.spec_from_file_location(module_name(), binary)
+    if spec is None or spec.loader is None:
+        return None
+    try:
+        module = importlib.util.module_from_spec(spec)  # dlopen: a damaged file fails here
+        spec.loader.exec_module(module)
+    except (ImportError, OSError):
+        return None  # damaged, or built against another torch: built again
+    return module
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created or written to (None when it can)."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def status() -> tuple[bool, str]:
     """Whether the kernels can run here, and how (loaded, cached, or to be compiled); never builds.
 
@@ -174,8 +225,11 @@ def status() -> tuple[bool, str]:
         return True, f"C++ kernels ({isa()}, {thread_use()}) loaded from {build_dir()}"
     if _error is not None:
         return False, _error
-    if _cached_binary() is not None:
+    if _finished_binary() is not None:
         return True, f"C++ kernels ({isa()}, {thread_use()}) compiled and cached in {build_dir()}"
+    problem = _unwritable(build_dir())
+    if problem is not None:
+        return False, _unwritable_message(problem)
     from torch.utils.cpp_extension import is_ninja_available
 
     compiler = _compiler()
@@ -195,8 +249,20 @@ def ready() -> bool:
     return _module is not None or (_error is None and load() is not None)
 
 
+def _unwritable_message(problem: str) -> str:
+    return (
+        f"cannot build the C++ kernels into {build_dir()} ({problem}); set TORCH_EXTENSIONS_DIR "
+        "to a writable folder"
+    )
+
+
 def load() -> ModuleType | None:
     """The compiled extension (building it if needed), or None if it cannot be built here.
+
+    A finished build in the cache is imported as it is. A build holds a lock on its folder
+    (``build.lock``, released by the system when the process ends, however it ends): another
+    process waits for it and then imports what it built, and a lock file that torch's builder
+    left behind when a process was killed mid-build is removed instead of waited on forever.
 
     After a failure, :func:`status` gives the reason and no further build is attempted in this
     process.
@@ -207,35 +273,93 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is not None or _error is not None:
             return _module
-        ok, reason = status()
-        if not ok:
-            _error = reason
-            return None
-        from torch.utils.cpp_extension import load as load_extension
+        module = _load_locked()
+        if module is not None:
+            module.set_cache_limit(cache_limit_from_env())
+            _module = module
+    return _module
 
-        folder = build_dir()
+
+def _load_locked() -> ModuleType | None:
+    global _error
+    binary = _finished_binary()
+    module = _import_binary(binary) if binary is not None else None
+    if module is not None:
+        return module
+    ok, reason = status()
+    if not ok:
+        _error = reason
+        return None
+    folder = build_dir()
+    try:
         folder.mkdir(parents=True, exist_ok=True)
-        if _cached_binary() is None:
+        with _build_lock(folder):
+            binary = _finished_binary()  # built by the process this one waited for
+            module = _import_binary(binary) if binary is not None else None
+            return module if module is not None else _build(folder)
+    except OSError as exc:
+        _error = _unwritable_message(exc.strerror or str(exc))
+        return None
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``folder/build.lock`` (where the system offers ``flock``).
+    Every build of this folder holds it, so a torch lock file found under it was left by a
+    build that was killed: it is removed, with a message, rather than waited on forever."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: torch's own lock file alone
+        yield
+        return
+    with open(folder / "build.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             print(
-                f"batchnorm: compiling the C++ CPU kernels ({isa()}) once into {folder} ...",
+                f"batchnorm: waiting for another process that is compiling the C++ CPU kernels "
+                f"into {folder} ...",
                 file=sys.stderr,
                 flush=True,
             )
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            _module = load_extension(
-                name=module_name(),
-                sources=[str(SOURCE)],
-                extra_cflags=[*_BASE_FLAGS, *_debug_flags(), *_ISA_FLAGS[isa()], *openmp_flags()],
-                extra_ldflags=list(openmp_flags()),
-                build_directory=str(folder),
-                verbose=False,
-            )
-        except Exception as exc:  # a failed build falls back to torch's kernel, visibly
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            _error = f"the C++ kernels failed to build ({lines[-1] if lines else exc})"
-            return None
-        _module.set_cache_limit(cache_limit_from_env())
-    return _module
+            stale = folder / "lock"
+            if stale.exists():
+                print(
+                    f"batchnorm: removing {stale}, left by a build of the C++ CPU kernels that "
+                    "was interrupted",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(folder: Path) -> ModuleType | None:
+    global _error
+    from torch.utils.cpp_extension import load as load_extension
+
+    print(
+        f"batchnorm: compiling the C++ CPU kernels ({isa()}) once into {folder} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        return load_extension(
+            name=module_name(),
+            sources=[str(SOURCE)],
+            extra_cflags=[*_BASE_FLAGS, *_debug_flags(), *_ISA_FLAGS[isa()], *openmp_flags()],
+            extra_ldflags=list(openmp_flags()),
+            build_directory=str(folder),
+            verbose=False,
+        )
+    except Exception as exc:  # a failed build falls back to torch's kernel, visibly
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        _error = f"the C++ kernels failed to build ({lines[-1] if lines else exc})"
+        return None
 
 
 CACHE_ENV = "BATCHNORM_CPU_CACHE_MB"
