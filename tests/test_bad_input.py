@@ -148,6 +148,19 @@ def test_functional_parameter_shapes_are_named(name, kwargs):
     assert "(3,)" in str(info.value)
 
 
+@pytest.mark.parametrize("x", [torch.randn(5), torch.tensor(2.0)], ids=["1d", "0d"])
+def test_functional_input_without_a_channel_axis_raises_what_torch_raises(x):
+    """torch's functional batch norm raises IndexError for 0-D and 1-D input in training
+    (looking for axis 1): ours is an IndexError there too (and in eval), and a ValueError as
+    before, with the remedy."""
+    with pytest.raises(IndexError):
+        torch.nn.functional.batch_norm(x, None, None, training=True)
+    for stats in ((None, None), (torch.zeros(5), torch.ones(5))):
+        with pytest.raises(IndexError, match="x.unsqueeze\\(0\\)") as info:
+            batch_norm(x, *stats, training=stats[0] is None)
+        assert isinstance(info.value, ValueError)
+
+
 def test_functional_needs_both_running_stats_or_neither():
     with pytest.raises(ValueError, match="both running_mean and running_var"):
         batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)

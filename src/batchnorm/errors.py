@@ -19,11 +19,22 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["GroupCountError", "NormDtypeError", "NormInputError", "NotATensorError"]
+__all__ = [
+    "GroupCountError",
+    "NormDtypeError",
+    "NormInputError",
+    "NormRankError",
+    "NotATensorError",
+]
 
 
 class NormInputError(ValueError, RuntimeError):
     """A shape or value the normalization cannot take (wrong axes, channel count, statistics)."""
+
+
+class NormRankError(NormInputError, IndexError):
+    """An input with fewer than the two axes (N, C) that batch norm needs (torch's functional
+    batch norm raises ``IndexError`` there, looking for the channel axis)."""
 
 
 class NormDtypeError(TypeError, NotImplementedError):

@@ -42,7 +42,7 @@ import warnings
 import torch
 
 from batchnorm import backends
-from batchnorm.errors import NormDtypeError, NormInputError, NotATensorError
+from batchnorm.errors import NormDtypeError, NormInputError, NormRankError, NotATensorError
 from batchnorm.modes import (
     FUSED_SAVE_MODES,
     forward_ad_active,
@@ -671,7 +671,7 @@ def _validate(
         )
         return
     if input.dim() < 2:
-        raise NormInputError(
+        raise NormRankError(
             f"batch norm expects an (N, C) or (N, C, *) input, got {input.dim()}-D shape "
             f"{tuple(input.shape)}; for a single sample of C features use x.unsqueeze(0) "
             "(and note that training needs more than one sample)"

@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from batchnorm.errors import NormRankError
 from batchnorm.modes import FUSED_SAVE_MODES, FusedSave, triton_interpreting
 
 __all__ = [
@@ -163,7 +164,7 @@ def _check(
             "use batchnorm.functional.batch_norm (it falls back to PyTorch) or convert the input"
         )
     if input.dim() < 2:
-        raise ValueError(
+        raise NormRankError(
             f"batch norm expects an (N, C) or (N, C, *) input, got shape {tuple(input.shape)}"
         )
     ok, reason = _cached_status(os.environ.get("TRITON_INTERPRET", ""))
