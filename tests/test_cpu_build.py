@@ -102,6 +102,30 @@ def test_unfinished_build_with_a_stale_lock_file_is_built_again(fresh, monkeypat
     assert "compiling the C++ CPU kernels" in err
 
 
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs /proc")
+def test_compiler_of_a_killed_build_is_waited_for(fresh, monkeypatch, capsys):
+    """The compiler and ninja of a killed build run on (they work in the build folder): the
+    next build starts only once they have ended, so that two compilers never write the same
+    object file at once."""
+    fresh.mkdir(parents=True)
+    (fresh / "lock").touch()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"], cwd=fresh)
+    seen: list[object] = []
+
+    def build(*, build_directory, **_):
+        seen.append(orphan.poll())
+        return types.SimpleNamespace(set_cache_limit=lambda limit: None)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", build)
+    try:
+        assert _build.load() is not None
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert seen == [0], "the build started while the interrupted one's process still ran"
+    assert f"processes {orphan.pid}" in capsys.readouterr().err
+
+
 def test_damaged_library_is_built_again(fresh, monkeypatch):
     """A library that ninja logged but that cannot be imported (damaged, truncated later) is
     handed to the builder again rather than raising ImportError at the first batch norm."""

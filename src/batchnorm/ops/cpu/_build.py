@@ -13,7 +13,8 @@ instructions (two machines sharing a cache build one binary each).
 A finished build (one that ninja logged) is imported directly. A build holds ``build.lock`` in
 its folder, which the system releases when the process ends however it ends: processes that
 start together build once, and a lock file left by torch's builder in a process that was
-killed is removed rather than waited on forever. A cache that cannot be written is a status
+killed is removed rather than waited on forever (once that build's compiler, which outlives
+it, has ended). A cache that cannot be written is a status
 with its remedy (``TORCH_EXTENSIONS_DIR``) and a visible fallback to torch's kernel.
 """
 
@@ -27,6 +28,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -326,6 +328,7 @@ def _build_lock(folder: Path) -> Iterator[None]:
         try:
             stale = folder / "lock"
             if stale.exists():
+                _wait_for_builders(folder)
                 print(
                     f"batchnorm: removing {stale}, left by a build of the C++ CPU kernels that "
                     "was interrupted",
@@ -336,6 +339,45 @@ def _build_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _builders_in(folder: Path) -> list[int]:
+    """Other processes working in ``folder``: ninja and the compiler run there, and outlive a
+    process that was killed while they ran (Linux, from /proc; elsewhere none are seen)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    target = os.path.realpath(folder)
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.readlink(entry / "cwd") == target:
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+BUILDERS_WAIT_S = 900.0
+
+
+def _wait_for_builders(folder: Path) -> None:
+    """Waits (at most BUILDERS_WAIT_S) until the compiler and ninja of an interrupted build
+    have ended, so that two compilers never write the same object file."""
+    deadline = time.monotonic() + BUILDERS_WAIT_S
+    builders = _builders_in(folder)
+    if builders:
+        print(
+            f"batchnorm: waiting for the compiler of an interrupted build in {folder} to end "
+            f"(processes {', '.join(map(str, builders))}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    while builders and time.monotonic() < deadline:
+        time.sleep(0.2)
+        builders = _builders_in(folder)
 
 
 def _build(folder: Path) -> ModuleType | None:
