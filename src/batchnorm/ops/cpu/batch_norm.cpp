@@ -2322,7 +2322,10 @@ struct BlockWeights {
         Moments::add(mean_s[c], var[c], block_mean[c], block_m2[c], mean[b], m2[b]);
       }
     }
-    for (int64_t c = c0; c < c1; ++c) var[c] /= n;
+    // One division for all channels (a float64 division per channel was 5-10 % of a
+    // 2x1280 training forward); the product differs from M2 / n by at most an ulp of float64.
+    const double inv_n = 1.0 / n;
+    for (int64_t c = c0; c < c1; ++c) var[c] *= inv_n;
   }
 };
 
@@ -2910,12 +2913,53 @@ void sequence_dx(const T* x, const T* dy, T* dx, const Geometry& g, const float*
 // chain per channel cost 3-4 ns, 4 us of a 64x1280 call).
 // Training, channels [c0, c1): invstd = 1 / sqrt(var + eps), scale = gamma * invstd, offset =
 // beta - mean_s * gamma * invstd, and the saved mean_s and invstd.
+#if defined(CPU_CAPABILITY_AVX512)
+// 1 / sqrt(a) of 8 float64 lanes: the 14-bit estimate and two Newton steps (relative error
+// below 2^-52 before rounding, so within an ulp or two of float64 of 1.0 / std::sqrt(a), and
+// the float32 constants made from it the same but in about one channel in 10^8); about a tenth
+// of the time of the square root and the division, which were 15 % of a 2x1280 training
+// forward. Lanes outside [1e-300, 1e300] (0, inf, NaN, negative, and where y * y of the steps
+// would leave float64's normal range) take 1.0 / std::sqrt(a) itself.
+inline __m512d inv_sqrt8(__m512d a) {
+  const __m512d half_a = _mm512_mul_pd(a, _mm512_set1_pd(0.5));
+  const __m512d three_halves = _mm512_set1_pd(1.5);
+  __m512d y = _mm512_rsqrt14_pd(a);
+  for (int step = 0; step < 2; ++step) {
+    const __m512d yy = _mm512_mul_pd(y, y);
+    y = _mm512_mul_pd(y, _mm512_fnmadd_pd(half_a, yy, three_halves));
+  }
+  const __mmask8 normal =
+      _mm512_cmp_pd_mask(a, _mm512_set1_pd(1e-300), _CMP_GE_OQ) &
+      _mm512_cmp_pd_mask(a, _mm512_set1_pd(1e300), _CMP_LE_OQ);
+  if (normal != 0xff) {
+    y = _mm512_mask_div_pd(y, static_cast<__mmask8>(~normal), _mm512_set1_pd(1.0),
+                           _mm512_sqrt_pd(a));
+  }
+  return y;
+}
+#endif
+
 inline void training_constants(int64_t c0, int64_t c1, const double* __restrict mean_s,
                                const double* __restrict var, const float* __restrict gamma,
                                const float* __restrict beta, double eps, float* __restrict scale,
                                float* __restrict offset, float* __restrict mean_out,
                                float* __restrict invstd_out) {
-  for (int64_t c = c0; c < c1; ++c) {
+  int64_t c = c0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // The loop below on 8 lanes, written out (as written, GCC split it into scalar conversions).
+  for (; c + 8 <= c1; c += 8) {
+    const __m512d is = inv_sqrt8(_mm512_add_pd(_mm512_loadu_pd(var + c), _mm512_set1_pd(eps)));
+    const __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(gamma + c));
+    const __m512d b = _mm512_cvtps_pd(_mm256_loadu_ps(beta + c));
+    const __m512d m = _mm512_loadu_pd(mean_s + c);
+    _mm256_storeu_ps(scale + c, _mm512_cvtpd_ps(_mm512_mul_pd(g, is)));
+    _mm256_storeu_ps(offset + c,
+                     _mm512_cvtpd_ps(_mm512_sub_pd(b, _mm512_mul_pd(_mm512_mul_pd(m, g), is))));
+    _mm256_storeu_ps(mean_out + c, _mm512_cvtpd_ps(m));
+    _mm256_storeu_ps(invstd_out + c, _mm512_cvtpd_ps(is));
+  }
+#endif
+  for (; c < c1; ++c) {
     const double invstd = 1.0 / std::sqrt(var[c] + eps);
     scale[c] = static_cast<float>(gamma[c] * invstd);
     offset[c] = static_cast<float>(beta[c] - mean_s[c] * gamma[c] * invstd);
@@ -3239,7 +3283,8 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
   if (running_mean.has_value() && running_mean->defined()) {
     // The batch mean and the unbiased batch variance, per channel.
     blend_into(*running_mean, [&](int64_t c) { return shift[c] + mean_s[c]; }, momentum);
-    blend_into(*running_var, [&](int64_t c) { return var[c] * m / (m - 1); }, momentum);
+    const double unbias = m / (m - 1);  // one division, not one per channel
+    blend_into(*running_var, [&](int64_t c) { return var[c] * unbias; }, momentum);
   }
 }
 
