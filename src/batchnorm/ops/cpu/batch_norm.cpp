@@ -3728,12 +3728,13 @@ inline bool grad_coefficients(int64_t c0, int64_t c1, bool training, double m,
   // k below the normal floats (not 0), beyond them, or NaN: as it is where a sum is inf or
   // NaN. (a = gamma * invstd and off are out of range only where k is too, or dx itself.)
   uint32_t odd = 0;
+  const double inv_m = 1.0 / m;  // one division, not two per channel
   for (int64_t c = c0; c < c1; ++c) {
     const double s_dyxc = sum_dyx[c] - static_cast<double>(mean_s[c]) * sum_dy[c];
     const double is = invstd[c];
     const double ga = gamma[c] * is;
-    const double kk = -ga * is * is * s_dyxc / m;
-    const double o = -kk * mean_s[c] - ga * sum_dy[c] / m;
+    const double kk = -ga * is * is * s_dyxc * inv_m;
+    const double o = -kk * mean_s[c] - ga * sum_dy[c] * inv_m;
     a[c] = static_cast<float>(ga);
     k[c] = static_cast<float>(kk);
     off[c] = static_cast<float>(o);
