@@ -102,14 +102,20 @@ def test_unfinished_build_with_a_stale_lock_file_is_built_again(fresh, monkeypat
     assert "compiling the C++ CPU kernels" in err
 
 
-@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/cwd").exists() or shutil.which("sleep") is None, reason="needs /proc"
+)
 def test_compiler_of_a_killed_build_is_waited_for(fresh, monkeypatch, capsys):
     """The compiler and ninja of a killed build run on (they work in the build folder): the
     next build starts only once they have ended, so that two compilers never write the same
     object file at once."""
     fresh.mkdir(parents=True)
     (fresh / "lock").touch()
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"], cwd=fresh)
+    ninja = fresh.parent / "bin" / "ninja"  # `sleep` under ninja's name: the left-over build
+    ninja.parent.mkdir()
+    ninja.symlink_to(shutil.which("sleep"))
+    orphan = subprocess.Popen([str(ninja), "1.5"], cwd=fresh)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=fresh)
     seen: list[object] = []
 
     def build(*, build_directory, **_):
@@ -120,10 +126,12 @@ def test_compiler_of_a_killed_build_is_waited_for(fresh, monkeypatch, capsys):
     try:
         assert _build.load() is not None
     finally:
-        orphan.kill()
-        orphan.wait()
-    assert seen == [0], "the build started while the interrupted one's process still ran"
-    assert f"processes {orphan.pid}" in capsys.readouterr().err
+        for process in (orphan, bystander):
+            process.kill()
+            process.wait()
+    assert seen == [0], "the build started while the interrupted one's ninja still ran"
+    err = capsys.readouterr().err
+    assert f"processes {orphan.pid})" in err  # the shell-like bystander is not waited for
 
 
 def test_damaged_library_is_built_again(fresh, monkeypatch):

@@ -14,8 +14,8 @@ A finished build (one that ninja logged) is imported directly. A build holds ``b
 its folder, which the system releases when the process ends however it ends: processes that
 start together build once, and a lock file left by torch's builder in a process that was
 killed is removed rather than waited on forever (once that build's compiler, which outlives
-it, has ended). A cache that cannot be written is a status
-with its remedy (``TORCH_EXTENSIONS_DIR``) and a visible fallback to torch's kernel.
+it, has ended). A cache that cannot be written is a status with its remedy
+(``TORCH_EXTENSIONS_DIR``) and a visible fallback to torch's kernel.
 """
 
 from __future__ import annotations
@@ -341,9 +341,17 @@ def _build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _is_build_tool(command: str) -> bool:
+    """Whether a process name is ninja's, a compiler's, the assembler's or the linker's."""
+    return command in ("ninja", "cc1plus", "cc1", "as", "ld", "collect2") or command.startswith(
+        ("c++", "g++", "gcc", "clang", "x86_64-linux-gnu-", "aarch64-linux-gnu-")
+    )
+
+
 def _builders_in(folder: Path) -> list[int]:
-    """Other processes working in ``folder``: ninja and the compiler run there, and outlive a
-    process that was killed while they ran (Linux, from /proc; elsewhere none are seen)."""
+    """Build tools working in ``folder``: ninja and the compiler run there, and outlive a
+    process that was killed while they ran (Linux, from /proc; elsewhere none are seen). Other
+    processes there (a shell someone left in the folder) are not waited for."""
     proc = Path("/proc")
     if not proc.is_dir():
         return []
@@ -353,7 +361,9 @@ def _builders_in(folder: Path) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if os.readlink(entry / "cwd") == target:
+            if os.readlink(entry / "cwd") == target and _is_build_tool(
+                (entry / "comm").read_text().strip()
+            ):
                 found.append(int(entry.name))
         except OSError:  # gone meanwhile, or another user's
             continue
