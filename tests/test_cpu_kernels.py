@@ -731,6 +731,12 @@ def test_cpu_bench_pipeline(tmp_path):
     pytest.importorskip("matplotlib")
     assert bench.plot_csv(str(path), str(tmp_path / "cpu.png")).endswith("cpu.png")
     assert (tmp_path / "cpu.png").stat().st_size > 0
+    # `batchnorm bench --plot` knows the CPU benchmark's CSV without --device cpu
+    from batchnorm.cli import main
+
+    (tmp_path / "cpu.png").unlink()
+    assert main(["bench", "--plot", str(path)]) == 0
+    assert (tmp_path / "cpu.png").stat().st_size > 0
 
 
 def test_kernel_ab_script_times_the_two_walks(capsys):

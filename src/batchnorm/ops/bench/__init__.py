@@ -134,11 +134,15 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark (CLI entry point)."""
     import torch
 
+    if args.plot:  # the CSV says which benchmark wrote it, whatever --device says
+        from batchnorm.ops.bench import cpu
+        from batchnorm.ops.bench.plot import plot_csv
+
+        is_cpu = args.device == "cpu" or files.has_columns(args.plot, cpu.KEY_COLUMNS)
+        return _plot(cpu.plot_csv if is_cpu else plot_csv, args.plot)
     if args.device == "cpu":
         from batchnorm.ops.bench import cpu
 
-        if args.plot:
-            return _plot(cpu.plot_csv, args.plot)
         problem = files.output_problem(args.csv)
         if problem is not None:
             print(f"batchnorm bench --csv: {problem}", file=sys.stderr)
@@ -146,10 +150,6 @@ def main(args: argparse.Namespace) -> int:
         if args.reps == 50:  # the GPU default; CPU calls take milliseconds
             args.reps = 30
         return cpu.main(args)
-    if args.plot:
-        from batchnorm.ops.bench.plot import plot_csv
-
-        return _plot(plot_csv, args.plot)
     if not torch.cuda.is_available():
         print(NEEDS_GPU, file=sys.stderr)
         return 2

@@ -45,6 +45,17 @@ def save_figure(fig, path: str, dpi: int = 120) -> str:
     return path
 
 
+def has_columns(path: str, required: Sequence[str]) -> bool:
+    """Whether the CSV at ``path`` (``#`` comment lines skipped) has every ``required`` column
+    in its header; False where it cannot be read."""
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(line for line in f if not line.startswith("#")), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return all(c in header for c in required)
+
+
 def read_csv(path: str, required: Sequence[str], what: str) -> list[dict[str, str]]:
     """The rows of a benchmark CSV (``#`` comment lines skipped).
 
