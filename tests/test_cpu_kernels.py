@@ -1057,6 +1057,35 @@ def _nonfinite_input(shape, channels_last, pattern, dtype):
     return _inner(x, channels_last).to(dtype)
 
 
+@pytest.mark.parametrize("scale", [1e-21, 1e-26, 1e-34])
+@pytest.mark.parametrize(("shape", "channels_last"), NONFINITE_CASES)
+def test_tiny_spread_with_eps_zero_is_measured_in_float64(shape, channels_last, scale):
+    """With eps = 0, data whose spread is under 1e-20 have squares that float32 cannot hold (they
+    became subnormal, then 0: a variance off by percent, then NaN in y): such channels are
+    measured again in float64, so y and dx keep float32 accuracy (and the running variance is
+    the float64 value, as float32 can hold it)."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(shape, generator=gen)
+    x = _inner(base * scale + 3 * scale, channels_last)
+    dy = _inner(torch.randn(shape, generator=gen), channels_last)
+    c = shape[1]
+    dims = [0, *range(2, len(shape))]
+    x64 = x.double().requires_grad_()
+    mean, var = x64.mean(dims, keepdim=True), x64.var(dims, unbiased=False, keepdim=True)
+    y64 = (x64 - mean) / var.sqrt()
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    xg = x.clone().requires_grad_()
+    rm, rv = torch.zeros(c), torch.ones(c)
+    y = cpu.batch_norm(xg, rm, rv, None, None, True, 1.0, 0.0)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert (y.double() - y64).abs().max() < 2e-6
+    assert ((dx.double() - dx64).abs().max() / dx64.abs().max()) < 1e-5
+    # float32 holds such a variance as a subnormal or 0: rv is the float64 value so stored
+    unbiased = x.double().var(dims, unbiased=True).float()
+    torch.testing.assert_close(rv, unbiased, rtol=1e-5, atol=3e-45)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "pattern", ["one +inf", "one -inf", "first +inf", "all -inf", "both infs", "nan"]

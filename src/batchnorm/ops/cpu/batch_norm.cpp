@@ -3143,11 +3143,27 @@ inline double as_double(T v) {
   return static_cast<double>(static_cast<float>(v));
 }
 
+// Variances below kTinyVar are measured again in float64 too where eps is as small (eps = 0,
+// as the theory's experiments use): the float32 squares of deviations under about 1e-19 fall
+// into the subnormals and then to 0, so that data of a spread under 1e-20 gave a variance off by
+// percent and under 1e-23 a variance of 0 (NaN or inf in y) where float64 gives the right one.
+// With eps >= kTinyVar such variances do not change y beyond float32 rounding.
+constexpr double kTinyVar = 1e-30;
+
+// Whether var[c] < limit for some c in [c0, c1) (a loop that vectorizes).
+inline bool any_below(int64_t c0, int64_t c1, const double* __restrict var, double limit) {
+  uint32_t below = 0;
+  for (int64_t c = c0; c < c1; ++c) below |= static_cast<uint32_t>(var[c] < limit);
+  return below != 0;
+}
+
 template <typename T>
 void redo_nonfinite_channels(const T* x, const Geometry& g, int64_t c0, int64_t c1,
-                             float* shift, double* mean_s, double* var) {
+                             float* shift, double* mean_s, double* var, double eps) {
   for (int64_t c = c0; c < c1; ++c) {
-    if (std::isfinite(mean_s[c]) && std::isfinite(var[c])) continue;
+    if (std::isfinite(mean_s[c]) && std::isfinite(var[c]) && !(var[c] + eps < kTinyVar)) {
+      continue;
+    }
     const double count = static_cast<double>(g.per_channel());
     double sum = 0.0, m2 = 0.0;
     for_channel_offsets(g, c, [&](int64_t i) { sum += as_double(x[i]); });
@@ -3208,8 +3224,9 @@ void forward_impl(const Tensor& x, Tensor& y, const Geometry& g,
   const Uninit<float> folded(2 * C);
   float *const yshift = folded.data(), *const yoffset = yshift + C;
   auto finalize = [&](int64_t c0, int64_t c1) {
-    if (!all_finite(c0, c1, mean_s.data(), var.data())) {
-      redo_nonfinite_channels(xp, g, c0, c1, shift, mean_s.data(), var.data());
+    if (!all_finite(c0, c1, mean_s.data(), var.data()) ||
+        (eps < kTinyVar && any_below(c0, c1, var.data(), kTinyVar - eps))) {
+      redo_nonfinite_channels(xp, g, c0, c1, shift, mean_s.data(), var.data(), eps);
     }
     training_constants(c0, c1, mean_s.data(), var.data(), gamma.data(), beta.data(), eps, scale,
                        offset, mean_out, invstd_out);
