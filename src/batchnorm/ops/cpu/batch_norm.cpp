@@ -2908,11 +2908,6 @@ void sequence_dx(const T* x, const T* dy, T* dx, const Geometry& g, const float*
 // Forward
 // ------------------------------------------------------------------------------------------
 
-// The per-channel constants, in float64 rounded once, as plain loops over arrays that the
-// compiler vectorizes (square roots and divisions of a vector of channels at a time: a scalar
-// chain per channel cost 3-4 ns, 4 us of a 64x1280 call).
-// Training, channels [c0, c1): invstd = 1 / sqrt(var + eps), scale = gamma * invstd, offset =
-// beta - mean_s * gamma * invstd, and the saved mean_s and invstd.
 #if defined(CPU_CAPABILITY_AVX512)
 // 1 / sqrt(a) of 8 float64 lanes: the 14-bit estimate and two Newton steps (relative error
 // below 2^-52 before rounding, so within an ulp or two of float64 of 1.0 / std::sqrt(a), and
@@ -2939,6 +2934,12 @@ inline __m512d inv_sqrt8(__m512d a) {
 }
 #endif
 
+// The per-channel constants, in float64 each rounded to float32 once, as plain loops over
+// arrays that the compiler vectorizes (square roots and divisions of a vector of channels at a
+// time: a scalar chain per channel cost 3-4 ns, 4 us of a 64x1280 call); on AVX-512 invstd
+// comes from inv_sqrt8 instead of the square root and the division.
+// Training, channels [c0, c1): invstd = 1 / sqrt(var + eps), scale = gamma * invstd, offset =
+// beta - mean_s * gamma * invstd, and the saved mean_s and invstd.
 inline void training_constants(int64_t c0, int64_t c1, const double* __restrict mean_s,
                                const double* __restrict var, const float* __restrict gamma,
                                const float* __restrict beta, double eps, float* __restrict scale,
