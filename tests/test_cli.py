@@ -46,7 +46,7 @@ def test_env_reports_versions_devices_backends_and_export(
 
     # "cpu walk" (the channels-last dx pass on this CPU) where the kernels are built already
     # and "cpu nt" (from which size passes stream their stores)
-    built = ["cpu", "cpu"] if _build._module is not None or _build._cached_binary() else []
+    built = ["cpu", "cpu"] if _build._module is not None or _build._finished_binary() else []
     assert backend_lines == ["torch", "explicit", "triton", "cpu", "cpu", *built, "default", "auto"]
     if built:
         line = next(line for line in lines if line.startswith("  cpu walk "))

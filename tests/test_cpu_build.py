@@ -134,6 +134,20 @@ def test_compiler_of_a_killed_build_is_waited_for(fresh, monkeypatch, capsys):
     assert f"processes {orphan.pid})" in err  # the shell-like bystander is not waited for
 
 
+def test_env_never_builds_a_cut_short_library(fresh, monkeypatch, capsys):
+    """`batchnorm env` loads a finished build but never starts one: a library that a killed
+    build left unlogged is reported as to be compiled, and nothing is compiled."""
+    from batchnorm.cli import main
+
+    fresh.mkdir(parents=True)
+    (fresh / f"{_build.module_name()}.so").write_bytes(b"\x7fELF cut short")
+    calls: list[str] = []
+    _fake_builder(monkeypatch, calls)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [] and "compile on first use" in out and "cpu walk" not in out
+
+
 def test_damaged_library_is_built_again(fresh, monkeypatch):
     """A library that ninja logged but that cannot be imported (damaged, truncated later) is
     handed to the builder again rather than raising ImportError at the first batch norm."""

@@ -64,7 +64,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
         f"  cpu cache {_build.cache_limit_from_env() / (1 << 20):g} MB of freed outputs kept for "
         f"reuse by the cpu backend (set {_build.CACHE_ENV}; 0 turns it off)"
     )
-    ext = _build.load() if _build._cached_binary() is not None else _build._module  # no build
+    ext = _build.load_if_built()
     if ext is not None:
         print(f"  cpu walk  {ext.channels_last_walk()} (the channels-last backward's walk here)")
         threshold = ext.stream_min_bytes()

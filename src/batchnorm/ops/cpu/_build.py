@@ -282,6 +282,20 @@ def load() -> ModuleType | None:
     return _module
 
 
+def load_if_built() -> ModuleType | None:
+    """The extension if it is loaded or a finished build is cached (imported then); never builds
+    (for ``batchnorm env``, which must not start a minute-long compile)."""
+    global _module
+    with _lock:
+        if _module is None and _error is None:
+            binary = _finished_binary()
+            module = _import_binary(binary) if binary is not None else None
+            if module is not None:
+                module.set_cache_limit(cache_limit_from_env())
+                _module = module
+    return _module
+
+
 def _load_locked() -> ModuleType | None:
     global _error
     binary = _finished_binary()
