@@ -470,6 +470,79 @@ def test_eps_zero_in_training_runs_on_the_explicit_backend():
     assert bn.last_backend == "torch"
 
 
+def _tiny_spread(shape, dtype=torch.float32):
+    """Values 3e-22 apart around 3e-22: their variance (~1e-43) is subnormal in float32."""
+    gen = torch.Generator().manual_seed(5)
+    return ((torch.randn(shape, generator=gen) + 3) * 1e-22).to(dtype)
+
+
+def _normalized64(x: torch.Tensor, dims) -> torch.Tensor:
+    x64 = x.double()
+    mean = x64.mean(dims, keepdim=True)
+    return (x64 - mean) / x64.var(dims, unbiased=False, keepdim=True).sqrt()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "explicit", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_eps_zero_measures_a_tiny_variance_instead_of_dividing_by_zero(backend, dtype):
+    # At eps = 0, float32 statistics round a variance under ~1e-38 to a few digits or to 0, and
+    # the output became +-inf (torch, explicit and Triton alike; the C++ kernels redo such
+    # channels in float64, tests/test_cpu_kernels.py). The explicit backend now takes float64
+    # statistics at such eps, and the others route there.
+    from batchnorm import backends
+
+    x = _tiny_spread((16, 3, 2, 2), dtype).requires_grad_()
+    dy = torch.randn(16, 3, 2, 2, generator=torch.Generator().manual_seed(6))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    backends._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the routing warns once, by design
+        y = batch_norm(x, rm, rv, training=True, momentum=1.0, eps=0.0, backend=backend)
+    assert backends.last_backend() == "explicit"
+    (dx,) = torch.autograd.grad(y, x, dy.to(dtype))
+    dims = (0, 2, 3)
+    expected = _normalized64(x.detach(), dims)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert (y.double() - expected).abs().max() < tol * 4
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(_normalized64(x64, dims), x64, dy.to(dtype).double())
+    assert ((dx.double() - dx64).abs().max() / dx64.abs().max()) < tol * 10
+    # The running variance is the float64 value, rounded to float32 (a subnormal here).
+    torch.testing.assert_close(
+        rv, x.detach().double().var(dims, unbiased=True).float(), rtol=1e-5, atol=3e-45
+    )
+
+
+def test_eps_zero_norms_over_other_axes_and_second_derivatives_stay_finite():
+    # The same primitive runs layer and group norm and the differentiable (double) backward.
+    from batchnorm.functional import group_norm, layer_norm
+
+    x = _tiny_spread((4, 6, 5))
+    y = layer_norm(x, (6, 5), eps=0.0, backend="explicit")
+    assert torch.isfinite(y).all()
+    assert (y.double() - _normalized64(x, (1, 2))).abs().max() < 1e-5
+    y = group_norm(x, 2, eps=0.0, backend="explicit")
+    expected = _normalized64(x.reshape(4, 2, 15), (2,)).reshape(4, 6, 5)
+    assert (y.double() - expected).abs().max() < 1e-5
+    # A gradient penalty's second derivative (the values are ~1e22: 1 / std), against float64.
+    v = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(7)) * 1e-22
+    w = torch.arange(4.0).reshape(4, 1, 1)
+    grads = []
+    for xg in (x.clone().requires_grad_(), x.double().requires_grad_()):
+        if xg.dtype == torch.float32:
+            y = batch_norm(xg, None, None, training=True, eps=0.0, backend="explicit")
+        else:
+            y = _normalized64(xg, (0, 2))
+        (dx,) = torch.autograd.grad((y * w).sum(), xg, create_graph=True)
+        (ddx,) = torch.autograd.grad((dx * v).sum(), xg)
+        grads.append((dx.double(), ddx.double()))
+    (dx, ddx), (dx64, ddx64) = grads
+    assert torch.isfinite(dx).all() and torch.isfinite(ddx).all()
+    assert (dx - dx64).abs().max() / dx64.abs().max() < 1e-5
+    assert (ddx - ddx64).abs().max() / ddx64.abs().max() < 1e-4
+
+
 def test_nonfinite_raise_catches_statistics_that_overflow_from_finite_inputs():
     bn = BatchNorm1d(3, nonfinite="raise")
     before = _snapshot(bn)

@@ -169,8 +169,11 @@ def resolve(
     (``"explicit"``) but no Triton kernels: asking for ``"triton"`` warns once and runs ``"torch"``.
 
     ``zero_eps``: the call normalizes with batch statistics and ``eps == 0`` (as in the theory of
-    Yang et al. 2019). PyTorch's native kernel refuses that, so ``"torch"`` becomes
-    ``"explicit"``, silently under ``"auto"`` and with a warning when ``"torch"`` was asked for.
+    Yang et al. 2019). PyTorch's native kernel refuses that, and the Triton kernels' float32
+    statistics round a variance under 1e-38 to 0 (inf outputs), so ``"torch"`` and ``"triton"``
+    become ``"explicit"`` (float64 statistics at such eps), silently under ``"auto"`` and with a
+    warning when one of them was asked for; also where ``"cpu"`` falls back. The C++ CPU kernels
+    handle it (they measure such channels again in float64).
 
     ``layout`` (:func:`input_layout`) and ``training`` (batch statistics) matter only to ``"auto"``
     on the CPU, through :data:`CPU_AUTO_CASES`.
@@ -190,12 +193,15 @@ def resolve(
         name = "explicit" if name == "explicit" else "torch"
         _local.last = name
         return name
-    if zero_eps and name in ("auto", "torch"):
-        if name == "torch":
-            _warn_once(
-                "batch norm: PyTorch's native kernel refuses eps=0 with batch statistics; "
-                "using the 'explicit' backend"
+    if zero_eps and name in ("auto", "torch", "triton"):
+        if name != "auto":
+            why = (
+                "PyTorch's native kernel refuses eps=0 with batch statistics"
+                if name == "torch"
+                else "at eps=0 the Triton kernels' float32 statistics round a variance under "
+                "1e-38 to 0 (inf outputs)"
             )
+            _warn_once(f"batch norm: {why}; using the 'explicit' backend (float64 statistics)")
         _local.last = "explicit"
         return "explicit"
     if name == "auto":
@@ -247,8 +253,8 @@ def resolve(
         else:
             ok, reason = cpu_status(load=True)
         if not ok:
-            _warn_once(f"batch norm: backend 'cpu' unavailable ({reason}); using 'torch'")
-            name = "torch"
+            name = "explicit" if zero_eps else "torch"  # torch refuses eps=0 (above)
+            _warn_once(f"batch norm: backend 'cpu' unavailable ({reason}); using '{name}'")
     _local.last = name
     return name
 

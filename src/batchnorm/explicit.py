@@ -5,7 +5,9 @@ layer, group, instance, ghost and sync batch norm run, in plain torch ops with t
 written out (the closed form of the paper's chain rule, SPEC.md Sec. 2), so every step can be
 read and checked against :mod:`batchnorm.reference`. It is not fast; it is there to check the
 fast paths (``batchnorm check``), as a fallback (``eps=0`` in training, which PyTorch's kernel
-refuses), and for second derivatives that any backend must match.
+refuses and where float32 statistics would round a tiny variance to 0: the statistics are then
+float64, :func:`batchnorm.primitives.statistics_dtype`), and for second derivatives that any
+backend must match.
 
 Training forward (Algorithm 1), per channel over the m = N * prod(spatial) values::
 

@@ -29,7 +29,8 @@ notation (Ioffe & Szegedy 2015, Algorithm 1 and Sec. 2 of SPEC.md):
 - :func:`update_running_statistics`: PyTorch's moving averages, in place, optionally masked.
 
 Statistics are accumulated in float32 for float16/bfloat16 inputs and in the input's dtype
-otherwise (see :func:`accumulation_dtype`).
+otherwise (see :func:`accumulation_dtype`); with batch statistics and ``eps`` under
+:data:`TINY_EPS` (``eps = 0``), in float64 (:func:`statistics_dtype`).
 
 These are torch operations, not the project's Triton kernels: the variants built on them run
 wherever torch runs. :func:`normalize_over` is twice differentiable (gradient penalties, Hessians):
@@ -57,6 +58,7 @@ import torch
 from batchnorm.modes import dual_level_active, functorch_active
 
 __all__ = [
+    "TINY_EPS",
     "Moments",
     "StatisticsReducer",
     "accumulation_dtype",
@@ -69,6 +71,7 @@ __all__ = [
     "merge_statistics",
     "normalize",
     "normalize_over",
+    "statistics_dtype",
     "track_running_statistics",
     "update_running_statistics",
     "variance",
@@ -121,6 +124,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return dtype
+
+
+# At eps below this, a variance of the size of float32's smallest normal values (1.2e-38) is no
+# longer negligible against eps, and float32 statistics round it to a few digits or to 0: with
+# eps = 0 a channel whose values spread by 1e-20 would come out as +-inf. Such calls take their
+# statistics in float64 (:func:`statistics_dtype`), as the C++ CPU kernels redo such channels.
+TINY_EPS = 1e-30
+
+
+def statistics_dtype(dtype: torch.dtype, eps: float) -> torch.dtype:
+    """The dtype normalization with batch statistics computes in: :func:`accumulation_dtype`,
+    or float64 where ``eps < TINY_EPS`` (``eps = 0``), so that a tiny but nonzero variance is
+    measured instead of underflowing to 0 (which would give inf or NaN outputs).
+
+    Example:
+        >>> statistics_dtype(torch.bfloat16, 1e-5), statistics_dtype(torch.float32, 0.0)
+        (torch.float32, torch.float64)
+    """
+    acc = accumulation_dtype(dtype)
+    if eps < TINY_EPS and acc in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float64
+    return acc
 
 
 def _normalize_dims(dims: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -399,7 +424,7 @@ def _normalize_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward of the normalize-over Functions: y, then count, mean, M2 and invstd (the
     statistics are outputs so that :func:`_save_context` can keep them without computing)."""
-    stats = collect_statistics(x, dims)
+    stats = collect_statistics(x.to(statistics_dtype(x.dtype, eps)), dims)
     if reducer is not None:
         stats = reducer.reduce_statistics(stats)
     inv_std = invstd(variance(stats), eps)
@@ -559,7 +584,7 @@ def _differentiable_backward(
         )
 
     def rebuild(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
-        acc = accumulation_dtype(x.dtype)
+        acc = statistics_dtype(x.dtype, ctx.eps)
         var, mean = torch.var_mean(x.to(acc), dim=ctx.dims, correction=0, keepdim=True)
         y = (x.to(acc) - mean) * torch.rsqrt(var + ctx.eps)
         if weight is not None:
