@@ -543,6 +543,38 @@ def test_eps_zero_norms_over_other_axes_and_second_derivatives_stay_finite():
     assert (ddx - ddx64).abs().max() / ddx64.abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("norm", ["LayerNorm", "GroupNorm", "InstanceNorm1d", "GhostBatchNorm"])
+def test_other_norms_at_eps_zero_run_float64_statistics_under_auto(norm):
+    # torch's layer, group and instance norm accept eps = 0 with float32 statistics (10-25 %
+    # off at this spread); the batch-norm kernel under GhostBatchNorm refuses it.
+    import batchnorm.nn as bnn
+
+    x = _tiny_spread((8, 6, 5))
+    layer, dims, view = {
+        "LayerNorm": (bnn.LayerNorm((6, 5), eps=0.0), (1, 2), (8, 6, 5)),
+        "GroupNorm": (bnn.GroupNorm(2, 6, eps=0.0), (2,), (8, 2, 15)),
+        "InstanceNorm1d": (bnn.InstanceNorm1d(6, eps=0.0), (2,), (8, 6, 5)),
+        "GhostBatchNorm": (bnn.GhostBatchNorm(6, eps=0.0, virtual_batch_size=4), (1, 3),
+                           (2, 4, 6, 5)),
+    }[norm]  # fmt: skip
+    y = layer(x)
+    assert layer.last_backend == "explicit"
+    expected = _normalized64(x.reshape(view), dims).reshape(8, 6, 5)
+    assert (y.double() - expected).abs().max() < 1e-5
+    if norm == "GhostBatchNorm":
+        from batchnorm import backends
+
+        backends._warned.clear()
+        layer.backend = "torch"  # the batch-norm kernel refuses eps = 0: warned, explicit
+        with pytest.warns(RuntimeWarning, match="eps=0"):
+            layer(x)
+        assert layer.last_backend == "explicit"
+    else:
+        layer.backend = "torch"  # asked for: PyTorch's kernel, as torch.nn runs it
+        layer(x)
+        assert layer.last_backend == "torch"
+
+
 def test_nonfinite_raise_catches_statistics_that_overflow_from_finite_inputs():
     bn = BatchNorm1d(3, nonfinite="raise")
     before = _snapshot(bn)

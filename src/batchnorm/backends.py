@@ -175,6 +175,12 @@ def resolve(
     warning when one of them was asked for; also where ``"cpu"`` falls back. The C++ CPU kernels
     handle it (they measure such channels again in float64).
 
+    For the other norms ``zero_eps`` (statistics of the input, ``eps == 0``) turns ``"auto"``
+    into ``"explicit"`` too: PyTorch's layer, group and instance norm accept eps = 0 but keep
+    float32 statistics (off by 10-25 % at a spread of 1e-22, inf at 1e-24). An explicit
+    ``"torch"`` stays PyTorch's, except for ghost batch norm, whose native path is the batch-norm
+    kernel that refuses it.
+
     ``layout`` (:func:`input_layout`) and ``training`` (batch statistics) matter only to ``"auto"``
     on the CPU, through :data:`CPU_AUTO_CASES`.
 
@@ -190,7 +196,17 @@ def resolve(
                 f"{norm}: the {kernels} kernels do not cover this norm yet; using 'torch' "
                 "(PyTorch's native kernel)"
             )
+        asked = name
         name = "explicit" if name == "explicit" else "torch"
+        if zero_eps and name == "torch":
+            if asked == "auto":
+                name = "explicit"
+            elif norm == "GhostBatchNorm":
+                _warn_once(
+                    f"{norm}: PyTorch's native kernel refuses eps=0 with batch statistics; "
+                    "using the 'explicit' backend (float64 statistics)"
+                )
+                name = "explicit"
         _local.last = name
         return name
     if zero_eps and name in ("auto", "torch", "triton"):

@@ -831,7 +831,11 @@ def layer_norm(
                 f"{shape}"
             )
     name = backends.resolve(
-        backend, device_type=input.device.type, dtype_name=_dtype_name(input), norm="layer_norm"
+        backend,
+        device_type=input.device.type,
+        dtype_name=_dtype_name(input),
+        norm="layer_norm",
+        zero_eps=eps == 0,
     )
     if name == "torch":
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
@@ -902,7 +906,11 @@ def group_norm(
                 "channels on axis 1"
             )
     name = backends.resolve(
-        backend, device_type=input.device.type, dtype_name=_dtype_name(input), norm="group_norm"
+        backend,
+        device_type=input.device.type,
+        dtype_name=_dtype_name(input),
+        norm="group_norm",
+        zero_eps=eps == 0,
     )
     if name == "torch":
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
@@ -980,7 +988,7 @@ def instance_norm(
         )
     name = backends.resolve(
         backend, device_type=input.device.type, dtype_name=_dtype_name(input),
-        norm="instance_norm",
+        norm="instance_norm", zero_eps=use_input_stats and eps == 0,
     )  # fmt: skip
     if name == "torch":
         y = torch.nn.functional.instance_norm(

@@ -170,6 +170,7 @@ class BackendChoice:
             device_type=input.device.type,
             dtype_name=str(input.dtype).replace("torch.", ""),
             norm=type(self).__name__,
+            zero_eps=self.eps == 0,  # type: ignore[attr-defined]
         )
         self.last_backend = name
         return name != "explicit"
