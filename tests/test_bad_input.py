@@ -575,6 +575,48 @@ def test_other_norms_at_eps_zero_run_float64_statistics_under_auto(norm):
         assert layer.last_backend == "torch"
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu", "explicit"])
+def test_eps_zero_with_a_constant_channel_says_so_instead_of_a_silent_nan(backend):
+    # Variance 0 at eps = 0 (a dead ReLU channel) normalizes to 0/0: warned, naming the channel;
+    # under nonfinite="raise" refused before anything is updated.
+    x = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(2))
+    x[:, 1] = 0.0
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 channel\(s\) .*first: 1\)"):
+        y = batch_norm(x, None, None, training=True, eps=0.0, backend=backend)
+    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all()
+    bn = BatchNorm1d(3, eps=0.0, nonfinite="raise", backend=backend)
+    before = _snapshot(bn)
+    with pytest.raises(FloatingPointError, match="variance 0"):
+        bn(x)
+    _assert_unchanged(bn, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where every channel varies, or eps > 0
+        batch_norm(torch.randn(8, 3, 4), None, None, training=True, eps=0.0, backend=backend)
+        batch_norm(x, None, None, training=True, eps=1e-5, backend=backend)
+
+
+def test_eps_zero_constant_groups_of_the_other_norms_are_named():
+    import batchnorm.nn as bnn
+
+    x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(3))
+    x[2] = 1.0  # sample 2 constant: its layer, groups and instances
+    cases = [
+        (bnn.LayerNorm((6, 5), eps=0.0), r"1 of 4 sample\(s\).*first: 2\)"),
+        (bnn.GroupNorm(2, 6, eps=0.0), r"2 of 8 \(sample, group\).*first: \(2, 0\), \(2, 1\)"),
+        (bnn.InstanceNorm1d(6, eps=0.0), r"6 of 24 \(sample, channel\)"),
+    ]
+    for layer, pattern in cases:
+        with pytest.warns(RuntimeWarning, match=pattern):
+            layer(x)
+    x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(4))
+    x[:2, 3] = 7.0  # channel 3 constant within the first ghost batch only
+    with pytest.warns(RuntimeWarning, match=r"1 of 12 \(ghost batch, channel\).*\(0, 3\)"):
+        bnn.GhostBatchNorm(6, eps=0.0, virtual_batch_size=2)(x)
+    x[:, 3] = 7.0
+    with pytest.warns(RuntimeWarning, match=r"BatchRenorm .*1 of 6 channel\(s\)"):
+        bnn.BatchRenorm(6, eps=0.0)(x)
+
+
 def test_nonfinite_raise_catches_statistics_that_overflow_from_finite_inputs():
     bn = BatchNorm1d(3, nonfinite="raise")
     before = _snapshot(bn)

@@ -274,6 +274,10 @@ def batch_norm_with_status(
                 "nonfinite='skip' to keep training while protecting the running statistics."
             )
 
+    if training and eps == 0:
+        dims = (0, *range(2, input.dim()))
+        check_defined_at_zero_eps(input, dims, "batch norm", "channel(s)", nonfinite)
+
     device_type = input.device.type
     name = backends.resolve(
         backend,
@@ -554,6 +558,37 @@ def _transformed() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is active or torch.compile / export is
     tracing: then tensors are wrapped or traced, and ``.data`` aliases would escape both."""
     return functorch_active() or torch.compiler.is_compiling()
+
+
+def check_defined_at_zero_eps(
+    x: torch.Tensor, dims: tuple[int, ...], what: str, groups: str, nonfinite: str = "propagate"
+) -> None:
+    """At ``eps = 0`` a group of equal values (variance 0: a dead ReLU channel, a constant
+    feature) normalizes to 0/0 = NaN. Say so instead of returning NaN quietly: a
+    ``RuntimeWarning`` naming the first such groups, or ``FloatingPointError`` before anything
+    is computed or updated under ``nonfinite="raise"``. ``groups`` names the groups in the
+    message ("channel(s)", "sample(s)", ...). Skipped where the check would break a trace
+    (torch.compile, torch.func, jit tracing): two reductions and a host synchronization, paid
+    by ``eps = 0`` calls alone.
+    """
+    if x.numel() == 0 or _transformed() or torch.jit.is_tracing():
+        return
+    with torch.no_grad():
+        high = x.amax(dim=dims)
+        constant = (high == x.amin(dim=dims)) & torch.isfinite(high)  # inf: non-finite input
+        count = int(constant.sum())
+    if count == 0:
+        return
+    first = [tuple(i) if len(i) > 1 else i[0] for i in constant.nonzero().tolist()[:5]]
+    message = (
+        f"{what} with eps=0: {count} of {constant.numel()} {groups} hold one value repeated "
+        f"(variance 0), so their output is 0/0 = NaN (first: {', '.join(map(str, first))}). "
+        "Use eps > 0 (torch's default is 1e-5), or find where the constant values come from "
+        "(a dead ReLU channel, a constant feature)."
+    )
+    if nonfinite == "raise":
+        raise FloatingPointError(message + " Nothing was updated.")
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _fused_implementation(name: str, impl, residual: torch.Tensor | None, save: str):
@@ -837,11 +872,13 @@ def layer_norm(
         norm="layer_norm",
         zero_eps=eps == 0,
     )
+    dims = tuple(range(input.dim() - k, input.dim()))
+    if eps == 0:
+        check_defined_at_zero_eps(input, dims, "layer norm", "sample(s)")
     if name == "torch":
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     from batchnorm.primitives import normalize_over
 
-    dims = tuple(range(input.dim() - k, input.dim()))
     y, _ = normalize_over(input, dims, eps, weight, bias)
     return y
 
@@ -912,6 +949,9 @@ def group_norm(
         norm="group_norm",
         zero_eps=eps == 0,
     )
+    if eps == 0 and input.shape[0] > 0:
+        view = input.reshape(input.shape[0], num_groups, -1)
+        check_defined_at_zero_eps(view, (2,), "group norm", "(sample, group) pair(s)")
     if name == "torch":
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     from batchnorm.primitives import normalize_over
@@ -990,6 +1030,9 @@ def instance_norm(
         backend, device_type=input.device.type, dtype_name=_dtype_name(input),
         norm="instance_norm", zero_eps=use_input_stats and eps == 0,
     )  # fmt: skip
+    if use_input_stats and eps == 0:
+        dims = tuple(range(2, input.dim()))
+        check_defined_at_zero_eps(input, dims, "instance norm", "(sample, channel) pair(s)")
     if name == "torch":
         y = torch.nn.functional.instance_norm(
             input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from batchnorm.functional import _native_batch_norm, _vmapping
+from batchnorm.functional import _native_batch_norm, _vmapping, check_defined_at_zero_eps
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
 from batchnorm.nn.batchnorm import BackendChoice
 from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
@@ -145,6 +145,10 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
                 continue
             groups = (stop - start) // size if stop == full else 1
             chunk = input[start:stop].reshape(groups, (stop - start) // groups, *input.shape[1:])
+            if self.eps == 0:
+                check_defined_at_zero_eps(
+                    chunk, dims, type(self).__name__, "(ghost batch, channel) pair(s)"
+                )
             y, stats = normalize_over(chunk, dims, self.eps, weight, bias)  # stats (G,1,C,1..)
             outputs.append(y.reshape(stop - start, *input.shape[1:]))
             parts.append(stats)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from batchnorm.functional import check_defined_at_zero_eps
 from batchnorm.nn.batch_variant import BatchStatisticsVariant, read_buffer
 from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
 from batchnorm.primitives import normalize_over, variance
@@ -166,6 +167,8 @@ class BatchRenorm(BatchStatisticsVariant):
                 "or model.eval() for inference."
             )
         dims = (0, *range(2, ndim))
+        if self.eps == 0:
+            check_defined_at_zero_eps(input, dims, type(self).__name__, "channel(s)")
         xhat, stats = normalize_over(input, dims, self.eps)
         acc = stats.mean.dtype
         with torch.no_grad():  # r and d are constants for backpropagation
