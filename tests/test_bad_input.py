@@ -595,6 +595,17 @@ def test_eps_zero_with_a_constant_channel_says_so_instead_of_a_silent_nan(backen
         batch_norm(x, None, None, training=True, eps=1e-5, backend=backend)
 
 
+def test_eps_zero_check_leaves_meta_and_fake_tensors_alone():
+    # A model built on the meta device, or shape propagation under fake tensors, has no values
+    # to check: the forward gives shapes as with eps > 0 instead of failing on .item().
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = BatchNorm1d(3, eps=0.0, device="meta")
+    assert layer(torch.randn(8, 3, device="meta")).shape == (8, 3)
+    with FakeTensorMode():
+        assert BatchNorm1d(3, eps=0.0)(torch.randn(8, 3)).shape == (8, 3)
+
+
 def test_eps_zero_constant_groups_of_the_other_norms_are_named():
     import batchnorm.nn as bnn
 

@@ -62,6 +62,14 @@ SCENARIOS: dict[str, dict] = {
     # synchronize it, so its first training forward under the process group must raise.
     "refused-direct-forward": {"sizes": (2, 2, 2), "tail": (3,), "layer": {}, "refused": True},
     "ddp-empty": {"sizes": (3, 0, 4), "tail": (2, 3), "layer": {"momentum": 0.1}, "ddp": True},
+    # eps = 0 with channel 1 constant on every process (0/0: warned on each) and channel 2
+    # constant on rank 0 alone (the global variance is not 0: no warning).
+    "zero-eps-constant": {
+        "sizes": (2, 3, 2),
+        "tail": (3,),
+        "layer": {"eps": 0.0},
+        "zero_eps": True,
+    },
     # A NaN on one process at step 1: with nonfinite="skip" no process updates its statistics.
     "nonfinite-skip": {
         "sizes": (2, 3, 2),
@@ -151,6 +159,16 @@ def _run_scenario(name: str, rank: int, group, counts: dict[str, int]) -> dict:
         except RuntimeError as error:
             return {"error": str(error), "class": type(model[0]).__name__}
         return {"error": None, "class": type(model[0]).__name__}
+    if spec.get("zero_eps"):
+        layer = SyncBatchNorm(channels, process_group=group, **spec["layer"]).double()
+        x = _data(name, 0)[0][_rank_slice(name, rank)].clone()
+        x[:, 1] = 3.0
+        if rank == 0:
+            x[:, 2] = 5.0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(x)
+        return {"warnings": [str(w.message) for w in caught], "y": y.detach()}
     if spec.get("subclass") or spec.get("norm_act"):
         cls = NormActStandIn if spec.get("norm_act") else BatchNormReLU1d
         model = torch.nn.Sequential(_init(cls(channels, **spec["layer"]).double()))
@@ -285,7 +303,8 @@ def _reference(name: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", [n for n, spec in SCENARIOS.items() if "nan_at" not in spec and "refused" not in spec]
+    "name",
+    [n for n, s in SCENARIOS.items() if not {"nan_at", "refused", "zero_eps"} & set(s)],
 )
 def test_equals_batch_norm_on_the_concatenated_batch(process_results, name):
     ranks = range(len(SCENARIOS[name]["sizes"]))
@@ -327,7 +346,7 @@ def test_equals_batch_norm_on_the_concatenated_batch(process_results, name):
 
 
 @pytest.mark.parametrize(
-    "name", [n for n, spec in SCENARIOS.items() if not spec.get("ddp") and not spec.get("refused")]
+    "name", [n for n, s in SCENARIOS.items() if not {"ddp", "refused", "zero_eps"} & set(s)]
 )
 def test_one_collective_per_forward_and_per_backward(process_results, name):
     for r in range(len(SCENARIOS[name]["sizes"])):
@@ -350,6 +369,14 @@ def test_nonfinite_skip_leaves_every_process_statistics_unchanged(process_result
         for key in ("running_mean", "running_var"):
             expected = getattr(bn, key)
             assert_close(got[key], expected, rtol=1e-12, atol=1e-12, name=f"{key} rank {r}")
+
+
+def test_eps_zero_names_the_globally_constant_channel_on_every_process(process_results):
+    for r in range(3):
+        got = process_results[r]["zero-eps-constant"]
+        assert len(got["warnings"]) == 1, got["warnings"]
+        assert "1 of 3 channel(s)" in got["warnings"][0] and "first: 1)" in got["warnings"][0]
+        assert torch.isnan(got["y"][:, 1]).all() and torch.isfinite(got["y"][:, [0, 2]]).all()
 
 
 def test_norm_act_layers_synchronize_and_keep_their_activation(process_results):

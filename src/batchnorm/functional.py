@@ -47,6 +47,7 @@ from batchnorm.modes import (
     FUSED_SAVE_MODES,
     forward_ad_active,
     functorch_active,
+    holds_values,
     mark_modified,
     records_graph,
 )
@@ -568,15 +569,32 @@ def check_defined_at_zero_eps(
     ``RuntimeWarning`` naming the first such groups, or ``FloatingPointError`` before anything
     is computed or updated under ``nonfinite="raise"``. ``groups`` names the groups in the
     message ("channel(s)", "sample(s)", ...). Skipped where the check would break a trace
-    (torch.compile, torch.func, jit tracing): two reductions and a host synchronization, paid
-    by ``eps = 0`` calls alone.
+    (torch.compile, torch.func, jit tracing) or there are no values (meta and fake tensors):
+    two reductions and a host synchronization, paid by ``eps = 0`` calls alone.
     """
-    if x.numel() == 0 or _transformed() or torch.jit.is_tracing():
+    if x.numel() == 0 or not _readable(x):
         return
     with torch.no_grad():
         high = x.amax(dim=dims)
         constant = (high == x.amin(dim=dims)) & torch.isfinite(high)  # inf: non-finite input
-        count = int(constant.sum())
+    report_zero_variance(constant, what, groups, nonfinite)
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Whether a data-dependent check on ``t`` can run: values on hand, nothing tracing."""
+    return not (_transformed() or torch.jit.is_tracing()) and holds_values(t)
+
+
+def report_zero_variance(
+    constant: torch.Tensor, what: str, groups: str, nonfinite: str = "propagate"
+) -> None:
+    """The message of :func:`check_defined_at_zero_eps` for the groups where ``constant`` (a
+    boolean tensor, one entry per group) is True; nothing where none is, or no values are on
+    hand (meta and fake tensors, tracing). Also for statistics already reduced across processes
+    (sync batch norm: ``M2 == 0``)."""
+    if not _readable(constant):
+        return
+    count = int(constant.sum())
     if count == 0:
         return
     first = [tuple(i) if len(i) > 1 else i[0] for i in constant.nonzero().tolist()[:5]]

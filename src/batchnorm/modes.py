@@ -21,6 +21,7 @@ __all__ = [
     "dual_level_active",
     "forward_ad_active",
     "functorch_active",
+    "holds_values",
     "mark_modified",
     "records_graph",
     "triton_interpreting",
@@ -112,6 +113,24 @@ def _first_increment(tensors: tuple) -> None:
 
 
 _increment_versions = _first_increment
+
+
+def holds_values(t) -> bool:
+    """Whether tensor ``t`` has values that can be read on the host: not a meta tensor (a model
+    built on ``device="meta"``) nor a fake one (shape propagation, FLOP counters, tracing), on
+    which a data-dependent check (``bool(...)``, ``.item()``) raises.
+
+    >>> import torch
+    >>> holds_values(torch.zeros(2)), holds_values(torch.zeros(2, device="meta"))
+    (True, False)
+    """
+    if t.is_meta:
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - a torch without fake tensors has none to meet
+        return True
+    return not is_fake(t)
 
 
 def functorch_active() -> bool:

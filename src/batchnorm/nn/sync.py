@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.functional import report_zero_variance
 from batchnorm.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -224,6 +225,9 @@ class SyncBatchNorm(BatchNormMixin, torch.nn.SyncBatchNorm):
         dims = (0, *range(2, input.dim()))
         reducer = ProcessGroupReducer(self.process_group)
         y, stats = normalize_over(input, dims, self.eps, weight, bias, reducer=reducer)
+        if self.eps == 0:  # the global statistics: the same message on every process
+            constant = ((stats.m2 == 0) & (stats.count > 0)).reshape(-1)
+            report_zero_variance(constant, type(self).__name__, "channel(s)")
         self.last_sync = True
         self.last_backend = "explicit"  # the primitives: a real backend name
         if self.track_running_stats and self.running_mean is not None:
