@@ -514,6 +514,19 @@ def test_eps_zero_measures_a_tiny_variance_instead_of_dividing_by_zero(backend, 
     )
 
 
+def test_eps_zero_where_cpu_cannot_run_falls_back_to_explicit_not_torch():
+    # float64 is not a dtype of the C++ kernels; torch's kernel would refuse eps = 0.
+    from batchnorm import backends
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    backends._warned.clear()
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' unavailable .*using 'explicit'"):
+        y = batch_norm(x, None, None, training=True, eps=0.0, backend="cpu")
+    assert backends.last_backend() == "explicit"
+    expected, _ = reference.bn_forward(x.numpy(), np.ones(3), np.zeros(3), 0.0)
+    assert_close(y, torch.from_numpy(expected), rtol=1e-12, atol=1e-12, name="eps=0 output")
+
+
 def test_eps_zero_norms_over_other_axes_and_second_derivatives_stay_finite():
     # The same primitive runs layer and group norm and the differentiable (double) backward.
     from batchnorm.functional import group_norm, layer_norm
