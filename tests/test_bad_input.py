@@ -471,7 +471,7 @@ def test_eps_zero_in_training_runs_on_the_explicit_backend():
 
 
 def _tiny_spread(shape, dtype=torch.float32):
-    """Values 3e-22 apart around 3e-22: their variance (~1e-43) is subnormal in float32."""
+    """Values around 3e-22 spread by 1e-22: their variance (~1e-44) is subnormal in float32."""
     gen = torch.Generator().manual_seed(5)
     return ((torch.randn(shape, generator=gen) + 3) * 1e-22).to(dtype)
 
