@@ -205,3 +205,31 @@ def test_in_place_activation_after_an_ambiguous_layout():
         y = net(xx)
         results.append(torch.autograd.grad(y, (xx, net[0].weight), _grad_out(y, "contiguous")))
     _close(*results)
+
+
+ODD_LAYOUTS = {
+    "sequence (N, L, C)": lambda: torch.randn(4, 6, 3).transpose(1, 2),
+    "permuted 4-D": lambda: torch.randn(2, 3, 4, 5).permute(0, 1, 3, 2),
+    "channels-last": lambda: torch.randn(2, 4, 5, 3).permute(0, 3, 1, 2),
+    "channels-last 3-D": lambda: torch.randn(2, 3, 4, 5, 6).permute(0, 4, 1, 2, 3),
+    "(N, C) transposed": lambda: torch.randn(3, 8).T,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "explicit"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(ODD_LAYOUTS))
+def test_output_and_gradient_strides_are_torchs_on_any_layout(layout, training, backend):
+    # Element-wise ops follow x's strides; torch's kernel writes y in x's suggested memory
+    # format (contiguous for a sequence stored (N, L, C)), so `bn(x).view(n, -1)` works there.
+    x = ODD_LAYOUTS[layout]().requires_grad_()
+    c = x.shape[1]
+    y_ref = torch.nn.functional.batch_norm(x, torch.zeros(c), torch.ones(c), training=training)
+    dy = torch.randn_like(y_ref)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+    y = batch_norm(x, torch.zeros(c), torch.ones(c), training=training, backend=backend)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert y.stride() == y_ref.stride() and dx.stride() == dx_ref.stride()
+    torch.testing.assert_close(y, y_ref)
+    if y_ref.is_contiguous():
+        y.view(x.shape[0], -1)
