@@ -577,11 +577,15 @@ def test_other_norms_at_eps_zero_run_float64_statistics_under_auto(norm):
     if norm == "GhostBatchNorm":
         from batchnorm import backends
 
-        backends._warned.clear()
-        layer.backend = "torch"  # the batch-norm kernel refuses eps = 0: warned, explicit
-        with pytest.warns(RuntimeWarning, match="eps=0"):
-            layer(x)
-        assert layer.last_backend == "explicit"
+        class MyGhost(bnn.GhostBatchNorm):  # a user subclass runs the same kernel
+            pass
+
+        for ghost in (layer, MyGhost(6, eps=0.0, virtual_batch_size=4)):
+            backends._warned.clear()
+            ghost.backend = "torch"  # the batch-norm kernel refuses eps = 0: warned, explicit
+            with pytest.warns(RuntimeWarning, match="eps=0"):
+                ghost(x)
+            assert ghost.last_backend == "explicit"
     else:
         layer.backend = "torch"  # asked for: PyTorch's kernel, as torch.nn runs it
         layer(x)

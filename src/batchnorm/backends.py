@@ -150,6 +150,11 @@ _FORWARD_AD_REASON = (
 _FUNCTORCH_REASON = "torch.func transforms need PyTorch's own ops"
 
 
+# The norms with native kernels of their own, which accept eps = 0; any other ``norm`` given to
+# resolve() is a layer's class name whose native path is torch's batch-norm kernel.
+_OWN_KERNEL_NORMS = frozenset({"layer_norm", "group_norm", "instance_norm"})
+
+
 def resolve(
     backend: str | None,
     *,
@@ -178,8 +183,8 @@ def resolve(
     For the other norms ``zero_eps`` (statistics of the input, ``eps == 0``) turns ``"auto"``
     into ``"explicit"`` too: PyTorch's layer, group and instance norm accept eps = 0 but keep
     float32 statistics (off by 10-25 % at a spread of 1e-22, inf at 1e-24). An explicit
-    ``"torch"`` stays PyTorch's, except for ghost batch norm, whose native path is the batch-norm
-    kernel that refuses it.
+    ``"torch"`` stays PyTorch's, except for the layers named by their class (ghost batch norm and
+    its subclasses), whose native path is the batch-norm kernel that refuses it.
 
     ``layout`` (:func:`input_layout`) and ``training`` (batch statistics) matter only to ``"auto"``
     on the CPU, through :data:`CPU_AUTO_CASES`.
@@ -201,7 +206,7 @@ def resolve(
         if zero_eps and name == "torch":
             if asked == "auto":
                 name = "explicit"
-            elif norm == "GhostBatchNorm":
+            elif norm not in _OWN_KERNEL_NORMS:  # a batch-statistics layer: torch's batch norm
                 _warn_once(
                     f"{norm}: PyTorch's native kernel refuses eps=0 with batch statistics; "
                     "using the 'explicit' backend (float64 statistics)"
