@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.modes import functorch_active
+from batchnorm.layouts import as_torch_output, suggested_format
 from batchnorm.primitives import (
     accumulation_dtype,
     invstd,
@@ -63,35 +63,10 @@ def batch_norm(
             update_running_statistics(
                 running_mean, running_var, stats.mean, variance(stats, unbiased=True), momentum
             )
-        return _in_torch_layout(y, x)
+        return as_torch_output(y, suggested_format(x))
     if running_mean is None or running_var is None:
         raise ValueError("eval-mode batch norm needs running_mean and running_var")
     acc = accumulation_dtype(x.dtype)
     mean = running_mean.to(acc).reshape(per_channel)
     inv_std = invstd(running_var.to(acc).reshape(per_channel), eps)
-    return _in_torch_layout(normalize(x, mean, inv_std, w, b), x)
-
-
-def _suggested_format(x: torch.Tensor) -> torch.memory_format:
-    """``x.suggest_memory_format()``: channels-last for 4-D/5-D tensors strided like it, else
-    contiguous (the format torch's kernels give their outputs)."""
-    if x.dim() in (4, 5):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        try:
-            from torch._prims_common import suggest_memory_format
-        except ImportError:  # pragma: no cover - older torch: the dense check
-            dense = x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
-            return fmt if dense else torch.contiguous_format
-        return suggest_memory_format(x)
-    return torch.contiguous_format
-
-
-def _in_torch_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y laid out as torch's kernel lays out its output for x: element-wise ops follow x's
-    strides, so a sequence stored (N, L, C) (``x.transpose(1, 2)``) or an odd permutation gave a
-    y with x's strides, on which ``y.view(...)`` fails where torch's contiguous y works. A copy
-    only for such layouts; none under tracing or torch.func (their layouts are their own)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active():
-        return y
-    fmt = _suggested_format(x)
-    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+    return as_torch_output(normalize(x, mean, inv_std, w, b), suggested_format(x))

@@ -43,6 +43,14 @@ import torch
 
 from batchnorm import backends
 from batchnorm.errors import NormDtypeError, NormInputError, NormRankError, NotATensorError
+from batchnorm.layouts import (
+    as_torch_output,
+    grad_in_layout,
+    guards_layouts,
+    in_layout,
+    standard_strides,
+    suggested_format,
+)
 from batchnorm.modes import (
     FUSED_SAVE_MODES,
     forward_ad_active,
@@ -446,75 +454,20 @@ def _native_batch_norm(
     dx and dgamma 23-200 % of their largest value off. The forward is right. Here, where
     autograd records a graph through a 4-D or 5-D input with a dimension of one value, x is
     handed to the kernel with the standard strides of its format (a copy only where they
-    differ), and dy in that same layout (:class:`_GradInLayout` on y, a copy only where dy's
-    differ), torch.func.grad and jvp included. Under torch.compile, jit tracing or vmap the
-    call is left as it is.
+    differ), and dy in that same layout (:func:`batchnorm.layouts.grad_in_layout` on y, a copy
+    only where dy's differ), torch.func.grad and jvp included. Under torch.compile, jit tracing
+    or vmap the call is left as it is.
     """
     layout = _ambiguous_layout(input) if records_graph(input, weight, bias) else None
-    if layout is None or not _guards_layouts():
+    if layout is None or not guards_layouts():
         return torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
     y = torch.nn.functional.batch_norm(
-        _in_layout(input, layout), running_mean, running_var, weight, bias, training, momentum,
+        in_layout(input, layout), running_mean, running_var, weight, bias, training, momentum,
         eps,
     )  # fmt: skip
-    return _grad_in_layout(y, layout)
-
-
-def _guards_layouts() -> bool:
-    """Whether the layouts of a call of PyTorch's kernel are set here: not under torch.compile
-    or jit tracing, which would record the copies, nor under torch.func.vmap, whose batched
-    tensors take no channels-last copy (torch.func.grad, jvp and jacrev are covered)."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _vmapping())
-
-
-def _vmapping() -> bool:
-    """Whether a torch.func.vmap is active, at any level of the transforms."""
-    if not functorch_active():
-        return False
-    try:
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # another torch: assume the worst
-        return True
-    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
-
-
-class _GradInLayout(torch.autograd.Function):
-    """A copy of y, whose backward hands the gradient on with the standard strides of a memory
-    format (copied only where they differ); differentiable again. For torch.func transforms
-    (grad, jvp), where a tensor hook cannot run. A copy, not a view, so that an in-place op on
-    the output (a ReLU(inplace=True)) stays allowed."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(y: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-        return y.clone()  # the same strides
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.fmt = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _in_layout(grad, ctx.fmt), None
-
-    @staticmethod
-    def jvp(ctx, y_tangent: torch.Tensor, _fmt_tangent):
-        return y_tangent
-
-
-def _grad_in_layout(y: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """y, whose gradient reaches y's own backward with the standard strides of fmt: a tensor
-    hook (nothing copied), or under torch.func transforms :class:`_GradInLayout`."""
-    if not y.requires_grad:
-        return y
-    if functorch_active():
-        return _GradInLayout.apply(y, fmt)
-    y.register_hook(lambda grad: _in_layout(grad, fmt))
-    return y
+    return grad_in_layout(y, layout)
 
 
 def _ambiguous_layout(t: torch.Tensor) -> torch.memory_format | None:
@@ -528,31 +481,12 @@ def _ambiguous_layout(t: torch.Tensor) -> torch.memory_format | None:
     channels_last = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
     formats = (torch.contiguous_format, channels_last)
     for fmt in formats:
-        if t.stride() == _standard_strides(t.shape, fmt):
+        if t.stride() == standard_strides(t.shape, fmt):
             return fmt
     for fmt in formats:
         if t.is_contiguous(memory_format=fmt):
             return fmt
     return None
-
-
-def _standard_strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, ...]:
-    """The strides ``torch.empty(shape, memory_format=fmt)`` has."""
-    order = list(range(len(shape)))[::-1]  # innermost first
-    if fmt != torch.contiguous_format:
-        order = [1, *order[:-2], 0]  # channels innermost, then the spatial axes, batch last
-    strides, step = [0] * len(shape), 1
-    for d in order:
-        strides[d] = step
-        step *= max(shape[d], 1)
-    return tuple(strides)
-
-
-def _in_layout(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """t with the standard strides of fmt: t itself where it has them, else a copy."""
-    if type(t) is not torch.Tensor or t.stride() == _standard_strides(t.shape, fmt):
-        return t
-    return t.clone(memory_format=fmt)
 
 
 def _transformed() -> bool:
@@ -898,7 +832,7 @@ def layer_norm(
     from batchnorm.primitives import normalize_over
 
     y, _ = normalize_over(input, dims, eps, weight, bias)
-    return y
+    return as_torch_output(y, torch.contiguous_format)  # torch's layer norm: contiguous
 
 
 def check_num_groups(num_groups: object, num_channels: int | None = None) -> None:
@@ -983,7 +917,7 @@ def group_norm(
     w = None if weight is None else weight.reshape(shape)
     b = None if bias is None else bias.reshape(shape)
     y, _ = normalize_over(grouped, (2, 3), eps, w, b)
-    return y.reshape(input.shape)
+    return as_torch_output(y.reshape(input.shape), suggested_format(input))
 
 
 def instance_norm(
@@ -1055,12 +989,12 @@ def instance_norm(
         y = torch.nn.functional.instance_norm(
             input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
         )
-        if input.shape[0] == 1 and _ambiguous_layout(input) is not None and _guards_layouts():
+        if input.shape[0] == 1 and _ambiguous_layout(input) is not None and guards_layouts():
             # PyTorch's instance norm (2.13, CPU) runs a batch of one as its own (1, C, *) batch
             # norm without a copy, so a channels-last dy reaches that backward beside the
             # contiguous x it made, and dx and dgamma come out wrong, silently (6-15 absolute
             # on randn, 4-D and 5-D). Its y is contiguous: dy goes on contiguous too.
-            y = _grad_in_layout(y, torch.contiguous_format)
+            y = grad_in_layout(y, torch.contiguous_format)
         return y
     from batchnorm.primitives import (
         accumulation_dtype,
@@ -1078,7 +1012,8 @@ def instance_norm(
         assert running_mean is not None and running_var is not None
         acc = accumulation_dtype(input.dtype)
         mean = running_mean.to(acc).reshape(shape)
-        return normalize(input, mean, invstd(running_var.to(acc).reshape(shape), eps), w, b)
+        y = normalize(input, mean, invstd(running_var.to(acc).reshape(shape), eps), w, b)
+        return as_torch_output(y, torch.contiguous_format)  # torch's instance norm: contiguous
     y, stats = normalize_over(input, tuple(range(2, input.dim())), eps, w, b)
     if running_mean is not None and running_var is not None:
         # As torch: the batch average of the per-instance means and unbiased variances.
@@ -1089,4 +1024,4 @@ def instance_norm(
             variance(stats, unbiased=True).mean(0),
             momentum,
         )
-    return y
+    return as_torch_output(y, torch.contiguous_format)

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.errors import NormDtypeError
 from batchnorm.functional import NONFINITE_POLICIES, check_eps, check_momentum
+from batchnorm.layouts import as_torch_output, suggested_format
 from batchnorm.nn.batchnorm import check_channels, init_batch_norm_state
 from batchnorm.nn.surgery import mark_fx_leaf
 from batchnorm.primitives import accumulation_dtype, invstd, normalize, track_running_statistics
@@ -109,13 +110,14 @@ class BatchStatisticsVariant(_BatchNorm):
         acc = accumulation_dtype(input.dtype)
         mean = self.running_mean.to(acc).reshape(shape)
         inv_std = invstd(self.running_var.to(acc).reshape(shape), self.eps)
-        return normalize(
+        y = normalize(
             input,
             mean,
             inv_std,
             self._per_channel(self.weight, shape),
             self._per_channel(self.bias, shape),
         )
+        return as_torch_output(y, suggested_format(input))
 
     def _track(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         """One moving-average step with the given statistics, and count the batch

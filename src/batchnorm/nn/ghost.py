@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from batchnorm.functional import _native_batch_norm, _vmapping, check_defined_at_zero_eps
+from batchnorm.functional import _native_batch_norm, check_defined_at_zero_eps
+from batchnorm.layouts import as_torch_output, suggested_format, vmapping
 from batchnorm.nn.batch_variant import BatchStatisticsVariant
 from batchnorm.nn.batchnorm import BackendChoice
 from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
@@ -132,7 +133,7 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
                     "larger one, or drop the last incomplete batch of the loader (drop_last=True)."
                 )
         if self._native(input):
-            if not (self._tracking() and _vmapping()):
+            if not (self._tracking() and vmapping()):
                 return self._ghost_batches_native(input, size)
             # Under vmap the kernel cannot write a ghost batch's statistics into fresh unbatched
             # tensors; the primitives take them (the same numbers to rounding).
@@ -140,17 +141,17 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
         dims = (1, *range(3, ndim + 1))  # the samples of a ghost batch and the spatial axes
         outputs: list[torch.Tensor] = []
         parts: list[Moments] = []
-        for start, stop in ((0, full), (full, n)):
-            if stop == start:
-                continue
-            groups = (stop - start) // size if stop == full else 1
-            chunk = input[start:stop].reshape(groups, (stop - start) // groups, *input.shape[1:])
+        # split, not slices: its backward is a cat, so dx keeps the layout of the parts' gradients
+        for index, part in enumerate((input,) if full == n else input.split([full, n - full])):
+            samples = part.shape[0]
+            groups = samples // size if index == 0 else 1
+            chunk = part.reshape(groups, samples // groups, *input.shape[1:])
             if self.eps == 0:
                 check_defined_at_zero_eps(
                     chunk, dims, type(self).__name__, "(ghost batch, channel) pair(s)"
                 )
             y, stats = normalize_over(chunk, dims, self.eps, weight, bias)  # stats (G,1,C,1..)
-            outputs.append(y.reshape(stop - start, *input.shape[1:]))
+            outputs.append(y.reshape(samples, *input.shape[1:]))
             parts.append(stats)
         if self._tracking():
             count = torch.cat([p.count for p in parts])
@@ -161,11 +162,12 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
                 (count - 1).sum(channel_sums)
             )
             self._track(mean, pooled_var)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return as_torch_output(y, suggested_format(input))
 
     def _ghost_batches_native(self, input: torch.Tensor, size: int) -> torch.Tensor:
         """PyTorch's batch-norm kernel on each ghost batch, statistics pooled for tracking."""
-        n, channels = input.shape[0], input.shape[1]
+        channels = input.shape[1]
         per_sample = input[0, 0].numel()
         tracking = self._tracking()
         stats_dtype = (
@@ -174,8 +176,7 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
             else accumulation_dtype(input.dtype)
         )
         outputs, counts, means, variances = [], [], [], []
-        for start in range(0, n, size):
-            chunk = input[start : start + size]
+        for chunk in input.split(size):  # its backward a cat: dx in the chunks' layout
             mean = var = None
             if tracking:  # the kernel writes this ghost batch's mean and unbiased variance here
                 mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)
@@ -193,4 +194,5 @@ class GhostBatchNorm(BackendChoice, BatchStatisticsVariant):
                 mean = (m * torch.stack(means).double()).sum(0) / m.sum()
                 pooled = ((m - 1) * torch.stack(variances).double()).sum(0) / (m - 1).sum()
             self._track(mean, pooled)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return as_torch_output(y, suggested_format(input))

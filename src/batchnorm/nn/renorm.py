@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from batchnorm.functional import check_defined_at_zero_eps
+from batchnorm.layouts import as_torch_output, suggested_format
 from batchnorm.nn.batch_variant import BatchStatisticsVariant, read_buffer
 from batchnorm.nn.surgery import root_trace_error, trace_with_running_statistics
 from batchnorm.primitives import normalize_over, variance
@@ -186,4 +187,4 @@ class BatchRenorm(BatchStatisticsVariant):
         if bias is not None:
             y = y + bias
         self._track(stats.mean, variance(stats, unbiased=True))
-        return y.to(input.dtype)
+        return as_torch_output(y.to(input.dtype), suggested_format(input))

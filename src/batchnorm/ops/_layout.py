@@ -8,10 +8,11 @@ reduces over ``a`` and ``b``. Two views cover the layouts that matter without a 
 - channels-last (NHWC, NDHWC) and (N, C): ``A = N * H * W`` (rows), ``B = 1``, ``stride_c = 1``;
   a tile runs along the contiguous channel axis ("rows").
 
-Any other strided input whose batch and spatial axes merge into one of those views runs as is
-(correct, if not coalesced); the rest (slices that leave holes, overlapping or odd permutations)
-are copied to a contiguous tensor first. Outputs always share the (possibly copied) input's strides,
-so one set of strides serves x, y, dy, dx, the residual and its gradient.
+Any other input (a slice that leaves holes, an expanded tensor, an odd permutation, a sequence
+stored (N, L, C) and seen as ``x.transpose(1, 2)``) is copied to a contiguous tensor first: the
+outputs share the (possibly copied) input's strides, so one set of strides serves x, y, dy, dx,
+the residual and its gradient, and they must be the strides torch's kernels give (contiguous, or
+channels-last for an input in that format).
 
 The ReLU mask (1 bit per element) is a separate contiguous uint8 buffer, packed along ``B`` when
 the view has contiguous planes of at least 8 values, else along ``A``.
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from batchnorm.layouts import suggested_format
 
 
 @dataclass(frozen=True)
@@ -122,11 +125,16 @@ def kernel_layout(x: torch.Tensor) -> tuple[bool, View3]:
     """Whether ``x`` must be copied for the kernels, and the (A, C, B) view they will use.
 
     Outputs are made with ``torch.empty_like``, which keeps the strides of a dense,
-    non-overlapping tensor; anything else (a slice with holes, an expanded tensor) is copied to
-    a contiguous tensor first. Works on fake tensors (shapes and strides only).
+    non-overlapping tensor, and must come out as torch's kernels give them (contiguous, or
+    channels-last for an x in that format: :func:`batchnorm.layouts.suggested_format`). Any
+    other x (a slice with holes, an expanded tensor, a sequence stored (N, L, C) and seen as
+    ``x.transpose(1, 2)``, a transposed (N, C) matrix) is copied to a contiguous tensor first,
+    as the CPU kernels do. Works on fake tensors (shapes and strides only).
     """
     probe = torch.empty_like(x)
-    if tuple(probe.stride()) == tuple(x.stride()):
+    if tuple(probe.stride()) == tuple(x.stride()) and x.is_contiguous(
+        memory_format=suggested_format(x)
+    ):
         view = view3(x.shape, x.stride())
         if view is not None:
             return False, view
