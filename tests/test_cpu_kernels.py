@@ -1361,6 +1361,15 @@ def test_bench_refuses_bad_numbers_before_running(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bench_filters_that_match_nothing_list_what_there_is(capsys):
+    from batchnorm.cli import main
+
+    assert main(["bench", "--device", "cpu", "--shape", "64x256x14", "--group", "bn1d"]) == 2
+    err = capsys.readouterr().err
+    assert "no shape matches --shape 64x256x14 --group bn1d" in err
+    assert "32x64x56x56" in err and "resnet50-b64" in err  # the suite's names and groups
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_bench_plot_of_a_missing_or_foreign_file_is_a_clear_error(device, tmp_path, capsys):
     """No traceback: the file is named, with what is wrong; no PNG is left behind."""

@@ -393,6 +393,27 @@ def test_stale_temporaries_of_this_process_go_only_when_asked(tmp_path: Path) ->
     assert remove_stale_temporaries(tmp_path, own=True) == [mine] and not mine.exists()
 
 
+def test_a_write_clears_the_temporaries_of_killed_writers_of_that_file(tmp_path: Path) -> None:
+    # A writer killed by SIGKILL cannot clean up; the next write of the same file does (every
+    # file the package writes: benchmark CSVs and plots as well as the lab's records).
+    import subprocess
+    import sys
+
+    from batchnorm._atomic import atomic_writer
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    leftover = tmp_path / f".rows.csv.{dead_pid}.abcd.tmp"
+    live = tmp_path / f".rows.csv.{os.getppid()}.ef01.tmp"  # a writer still running
+    other = tmp_path / f".notes.csv.{dead_pid}.abcd.tmp"  # another file's: not this write's
+    for p in (leftover, live, other):
+        p.write_bytes(b"partial")
+    with atomic_writer(tmp_path / "rows.csv", "w") as f:
+        f.write("a\n1\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rows.csv", live.name, other.name])
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 

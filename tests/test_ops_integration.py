@@ -182,7 +182,8 @@ def test_bench_command_says_it_needs_a_gpu(capsys):
     from batchnorm.cli import main
 
     assert main(["bench", "--quick"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "batchnorm bench --device cpu" in err
 
 
 def test_bench_pipeline_on_cpu(device, tmp_path):

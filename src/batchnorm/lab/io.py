@@ -41,7 +41,6 @@ gone.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -50,7 +49,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from batchnorm._atomic import atomic_write_csv, atomic_writer
+from batchnorm._atomic import (
+    atomic_write_csv,
+    atomic_writer,
+    process_alive,
+    remove_stale_temporaries,
+)
 
 __all__ = [
     "CorruptFileError",
@@ -230,78 +234,3 @@ def remove_checked(path: str | os.PathLike[str]) -> bool:
     path.unlink(missing_ok=True)
     checksum_path(path).unlink(missing_ok=True)
     return existed
-
-
-# --------------------------------------------------------------------------------------------
-# What killed processes leave behind
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (one of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:  # pragma: no cover - e.g. a platform without signals
-        return True
-    return True
-
-
-def writer_pid(name: str) -> int | None:
-    """The process id in a temporary name ``.<file>.<pid>.<random>.tmp`` or ``<prefix>-<pid>-*``.
-
-    >>> writer_pid(".fig1.ckpt.4242.abc123.tmp"), writer_pid("batchnorm-npm-4242-xyz")
-    (4242, 4242)
-    >>> writer_pid("report.md") is None
-    True
-    """
-    if name.startswith(".") and name.endswith(".tmp"):
-        parts = name[1:-4].split(".")
-        candidates = parts[-2:-1]
-    elif name.startswith("batchnorm-"):
-        candidates = name.split("-")[2:3]
-    else:
-        return None
-    return int(candidates[0]) if candidates and candidates[0].isdigit() else None
-
-
-def remove_stale_temporaries(
-    folder: str | os.PathLike[str], *, prefixes: Sequence[str] = (), own: bool = False
-) -> list[Path]:
-    """Delete the temporary files (and, for ``prefixes``, folders) in ``folder`` whose writer
-    process is gone; returns what was removed.
-
-    Args:
-        folder: where to look (not recursive).
-        prefixes: names of temporary folders to consider too, e.g. ``("batchnorm-npm-",)``.
-        own: also delete this process's own temporaries: for a caller that knows none of its
-            writes is still under way (a run unwinding after an interruption).
-    """
-    import shutil
-
-    folder = Path(folder)
-    removed: list[Path] = []
-    if not folder.is_dir():
-        return removed
-    for entry in folder.iterdir():
-        name = entry.name
-        is_file = name.startswith(".") and name.endswith(".tmp")
-        is_dir = any(name.startswith(p) for p in prefixes)
-        if not (is_file or is_dir):
-            continue
-        pid = writer_pid(name)
-        if pid is None or (pid == os.getpid() and not own):
-            continue
-        if pid != os.getpid() and process_alive(pid):
-            continue
-        with contextlib.suppress(OSError):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(entry)
-    return removed

@@ -23,16 +23,16 @@ from batchnorm.ops.bench.suite import DTYPES, LAYOUTS, MODES, PROVIDERS, QUICK, 
 
 CPU_MODES = (
     "fwd_bwd",
-    "add_relu_fwd",
     "add_relu_fwd_bwd",
-)  # the CPU benchmark's modes beyond the GPU ones (train_fwd, eval_fwd)
+)  # the CPU benchmark's modes beyond the GPU ones (train_fwd, eval_fwd, add_relu_fwd)
 CPU_PROVIDERS = ("native",)
 
 NEEDS_GPU = (
     "batchnorm bench needs a CUDA GPU: it times kernels on the device (CUDA events, L2 flushes, "
     "torch.profiler). No CUDA device is visible here (torch.cuda.is_available() is False). Run "
     "it on a machine with an NVIDIA GPU and Triton installed (pip install 'batchnorm[triton]'); "
-    "to check the kernels' correctness on the CPU, run the tests (TRITON_INTERPRET=1)."
+    "to check the kernels' correctness on the CPU, run the tests (TRITON_INTERPRET=1). To "
+    "benchmark the C++ CPU kernels here instead: batchnorm bench --device cpu."
 )
 
 
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` sub-command to the ``batchnorm`` CLI."""
     p = subparsers.add_parser(
         "bench",
-        help="benchmark the GPU kernels against PyTorch (needs a CUDA GPU)",
+        help="benchmark the kernels against PyTorch (GPU; --device cpu for the CPU ones)",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument(
@@ -118,6 +118,17 @@ def select_shapes(args: argparse.Namespace):
     return shapes
 
 
+def no_shape_matches(args: argparse.Namespace, suite) -> str:
+    """The error for filters that leave no shape: what was asked and what there is."""
+    asked = [f"--shape {f}" for f in args.shape or []] + [f"--group {g}" for g in args.group or []]
+    groups = sorted({s.group for s in suite})
+    return (
+        f"batchnorm bench: no shape matches {' '.join(asked) or 'the filters'}"
+        f"{' with --quick' if args.quick else ''}. Shapes: {', '.join(s.name for s in suite)}; "
+        f"groups: {', '.join(groups)}."
+    )
+
+
 def _plot(plot_csv, path: str) -> int:
     """``--plot``: the PNG beside the CSV, or a clear error (exit status 2) for a CSV that is
     missing or not one of this benchmark's."""
@@ -161,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     shapes = select_shapes(args)
     if not shapes:
-        print("batchnorm bench: no shape matches the filters", file=sys.stderr)
+        print(no_shape_matches(args, QUICK if args.quick else SUITE), file=sys.stderr)
         return 2
     problem = files.output_problem(args.csv)
     if problem is not None:

@@ -663,7 +663,9 @@ def main(args) -> int:
     if args.group:
         shapes = [s for s in shapes if s.group in args.group]
     if not shapes:
-        print("batchnorm bench: no shape matches the filters", file=sys.stderr)
+        from batchnorm.ops.bench import no_shape_matches
+
+        print(no_shape_matches(args, QUICK if args.quick else SUITE), file=sys.stderr)
         return 2
     modes = [m for m in (args.mode or MODES) if m in MODES]
     if not modes:
