@@ -78,7 +78,8 @@ __all__ += [
     "unfreeze_batchnorm",
 ]
 
-# torch.ao.quantization.fuse_modules finds fusers by exact class: teach it ours.
-from batchnorm.nn.fusion import register_fusion_patterns  # noqa: E402
+# torch.ao (fuse_modules, FX quantization) finds what to do by exact class: teach it ours.
+from batchnorm.nn.fusion import register_fusion_patterns, register_quantization_types  # noqa: E402
 
 register_fusion_patterns()
+register_quantization_types()
