@@ -193,6 +193,60 @@ def test_quantize_fx_fuses_and_quantizes_ours_as_torchs(qat: bool) -> None:
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
 
 
+class _Quantizable(torch.nn.Module):
+    """Eager-mode quantization's form: stubs, a conv + batch norm + ReLU to fuse, and a batch
+    norm of its own (which torch.ao swaps for a quantized batch norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = (
+            torch.ao.quantization.QuantStub(),
+            torch.ao.quantization.DeQuantStub(),
+        )
+        self.conv, self.bn, self.relu = (
+            torch.nn.Conv2d(3, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(),
+        )
+        self.bn2 = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.bn2(self.relu(self.bn(self.conv(self.quant(x))))))
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
+def test_eager_quantization_quantizes_ours_as_torchs(qat: bool) -> None:
+    import torch.ao.quantization as tq
+
+    results = []
+    for model in (_Quantizable(), bnn.convert(_Quantizable())):
+        model.train(qat)
+        model.qconfig = tq.get_default_qat_qconfig("x86") if qat else tq.get_default_qconfig("x86")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = (tq.fuse_modules_qat if qat else tq.fuse_modules)(
+                model, [["conv", "bn", "relu"]]
+            )
+            prepared = (tq.prepare_qat if qat else tq.prepare)(fused)
+            if qat:
+                optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+                for _ in range(3):
+                    loss = prepared(X).square().mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                prepared.eval()
+            else:
+                prepared(X)
+            quantized = tq.convert(prepared)
+        results.append((_module_kinds(quantized), quantized(X)))
+    (kinds, y), (kinds_ref, y_ref) = results
+    assert kinds == kinds_ref
+    assert "torch.ao.nn.quantized.modules.batchnorm.BatchNorm2d" in kinds  # bn2, quantized
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
 def test_quantization_sees_ours_whichever_is_imported_first() -> None:
     # torch.ao's modules copy type_before_parametrizations when imported: those imported
     # before batchnorm.nn are set too.
