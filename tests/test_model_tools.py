@@ -247,6 +247,24 @@ def test_eager_quantization_quantizes_ours_as_torchs(qat: bool) -> None:
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
 
 
+def test_fx_experimental_optimization_folds_ours_as_torchs() -> None:
+    # torch.fx.experimental.optimization.fuse matches `type(module) is nn.BatchNorm2d`.
+    from torch.fx.experimental import optimization
+
+    original, converted = _pair(training=False)
+    fused = [optimization.fuse(m) for m in (original, converted)]
+    assert _module_kinds(fused[1]) == _module_kinds(fused[0])
+    assert not any("BatchNorm" in k for k in _module_kinds(fused[1]))
+    torch.testing.assert_close(fused[1](X), fused[0](X), rtol=0, atol=0)
+    # optimize_for_inference: a batch norm that follows no conv becomes MKLDNN's, as torch's
+    for norm in (torch.nn.BatchNorm2d, bnn.BatchNorm2d):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.ReLU(), norm(3)).eval()
+        optimized = optimization.optimize_for_inference(model)
+        assert "MkldnnBatchNorm" in [type(m).__name__ for m in optimized.modules()]
+        torch.testing.assert_close(optimized(X), model(X))
+
+
 def test_quantization_sees_ours_whichever_is_imported_first() -> None:
     # torch.ao's modules copy type_before_parametrizations when imported: those imported
     # before batchnorm.nn are set too.

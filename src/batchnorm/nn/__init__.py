@@ -78,8 +78,14 @@ __all__ += [
     "unfreeze_batchnorm",
 ]
 
-# torch.ao (fuse_modules, FX quantization) finds what to do by exact class: teach it ours.
-from batchnorm.nn.fusion import register_fusion_patterns, register_quantization_types  # noqa: E402
+# torch.ao (fuse_modules, FX quantization) and torch.fx.experimental.optimization find what to
+# do with a module by its exact class: teach them ours.
+from batchnorm.nn.fusion import (  # noqa: E402
+    register_fusion_patterns,
+    register_fx_optimization_types,
+    register_quantization_types,
+)
 
 register_fusion_patterns()
 register_quantization_types()
+register_fx_optimization_types()

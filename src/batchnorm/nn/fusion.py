@@ -18,7 +18,11 @@ torch.ao finds what to do with a module by its exact class, never by ``isinstanc
   replacements of exactly those), so every pattern, fuser and ``from_float`` of torch.ao treats
   them as it treats torch's.
 
-Both run when :mod:`batchnorm.nn` is imported.
+- ``torch.fx.experimental.optimization.fuse`` (and ``optimize_for_inference``, which starts
+  with it) folds conv/linear + batch norm where ``type(module) is nn.BatchNorm2d``:
+  :func:`register_fx_optimization_types` lets its pattern test accept ours in that place.
+
+All three run when :mod:`batchnorm.nn` is imported.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ import torch
 
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["register_fusion_patterns", "register_quantization_types"]
+__all__ = [
+    "register_fusion_patterns",
+    "register_fx_optimization_types",
+    "register_quantization_types",
+]
 
 _OURS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
          torch.nn.BatchNorm3d: BatchNorm3d}  # fmt: skip
@@ -114,3 +122,34 @@ def register_quantization_types() -> int:
             module.type_before_parametrizations = patched
             count += 1
     return count
+
+
+def register_fx_optimization_types() -> bool:
+    """Let ``torch.fx.experimental.optimization`` fold and convert our ``BatchNorm1d/2d/3d``
+    where it folds and converts torch's; returns whether anything was set (idempotent)."""
+    try:
+        from torch.fx.experimental import optimization
+    except ImportError:  # pragma: no cover - a torch without it
+        return False
+    original = getattr(optimization, "matches_module_pattern", None)
+    if original is None or hasattr(original, "_batchnorm_original"):
+        return False
+
+    @functools.wraps(original)
+    def matches_module_pattern(pattern, node, modules) -> bool:
+        if original(pattern, node, modules):
+            return True
+        ours = tuple(_OURS.get(t, t) for t in pattern)
+        return ours != tuple(pattern) and original(ours, node, modules)
+
+    matches_module_pattern._batchnorm_original = original  # type: ignore[attr-defined]
+    optimization.matches_module_pattern = matches_module_pattern
+    supported = getattr(optimization, "mkldnn_supported", None)
+    mapping = getattr(optimization, "mkldnn_map", None)
+    if isinstance(supported, list) and isinstance(mapping, dict):
+        for theirs, ours in _OURS.items():
+            if theirs in supported and ours not in supported:
+                supported.append(ours)
+            if theirs in mapping:
+                mapping.setdefault(ours, mapping[theirs])
+    return True
