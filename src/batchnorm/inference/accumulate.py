@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.inference.intake import check_model
 from batchnorm.primitives import update_running_statistics
 
 __all__ = ["StatisticsAccumulator", "accumulate"]
@@ -100,7 +101,7 @@ class StatisticsAccumulator:
                 f"accumulate: micro_batches must be a positive int (micro-batches per optimizer "
                 f"step) or None (update on step()), got {micro_batches!r}"
             )
-        self.model = model
+        self.model = model = check_model(model, "accumulate")
         self.micro_batches = micro_batches
         self.pending = 0
         self.steps = 0

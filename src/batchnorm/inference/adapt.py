@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.inference.intake import check_model, set_mode
 from batchnorm.inference.recalibration import RecalibrationReport, recalibrate
 
 __all__ = ["AdaBN", "Tent", "adabn", "softmax_entropy", "tent"]
@@ -80,7 +81,7 @@ class AdaBN:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model = model = check_model(model, "AdaBN")
         self._snapshot = _Snapshot(model)
         self.report: RecalibrationReport | None = None
 
@@ -142,7 +143,7 @@ class Tent:
             raise ValueError(f"tent: steps must be a positive int, got {steps!r}")
         if not lr > 0:
             raise ValueError(f"tent: lr must be > 0, got {lr!r}")
-        self.model = model
+        self.model = model = check_model(model, "tent")
         self.steps = steps
         self._snapshot = _Snapshot(model)
         self.layers = [
@@ -166,7 +167,7 @@ class Tent:
         self.outputs: list[torch.Tensor] = []
 
     def _configure(self) -> None:
-        self.model.eval()
+        set_mode(self.model, False)
         self.model.requires_grad_(False)
         for layer in self.layers:
             layer.train()

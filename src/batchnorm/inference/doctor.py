@@ -78,6 +78,7 @@ from batchnorm.inference.doctor_findings import (
     LayerStatus,
 )
 from batchnorm.inference.folding import fold
+from batchnorm.inference.intake import check_model
 from batchnorm.inference.recalibration import recalibrate
 
 __all__ = [
@@ -153,6 +154,7 @@ def diagnose(
         )
     if num_batches is not None and (isinstance(num_batches, bool) or num_batches < 1):
         raise ValueError(f"diagnose: num_batches must be a positive int, got {num_batches!r}")
+    model = check_model(model, "diagnose", lift="copy")
     diagnosis = Diagnosis()
     layers = _batch_norm_layers(model)
     if not layers:
@@ -438,6 +440,7 @@ def fix(
         raise ValueError("fix: batches yielded no batch; pass a non-empty iterable")
     device = _model_device(model)
     inputs = [_to(_extract(batch)[0], device) for batch in batch_list]
+    check_model(model, "fix", lift="no")  # the copy's batch-norm calls are lifted by recalibrate
     fixed = copy.deepcopy(model)
     layers = [m for _, m in _batch_norm_layers(fixed)]
 

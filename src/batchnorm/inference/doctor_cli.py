@@ -137,6 +137,12 @@ def load_model(spec: str, state_dict: str | None = None) -> Any:
         raise DoctorInputError(
             f"MODEL {spec!r} gave a {type(model).__name__}, not a torch.nn.Module"
         )
+    from batchnorm.inference.intake import check_model
+
+    try:
+        check_model(model, "batchnorm doctor", lift="no")
+    except TypeError as error:  # TorchScript: say so before any data is read
+        raise DoctorInputError(f"MODEL {spec!r}: {str(error).split(': ', 1)[1]}") from None
     if state_dict is not None:
         weights = _torch_load(Path(state_dict), "--state-dict")
         if not isinstance(weights, dict):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.inference.intake import check_model, set_mode
 from batchnorm.testing import tolerance
 
 __all__ = ["FoldMismatchError", "FoldReport", "FoldedPair", "fold", "fold_into"]
@@ -593,12 +594,13 @@ def fold(
         >>> report.not_folded
         {'3': 'its input comes from a ReLU, not a Linear or Conv/ConvTranspose 1d/2d/3d'}
     """
+    check_model(model, "fold", lift="no")
     expected: list[torch.Tensor] = []
     truth: list[torch.Tensor] | None = None
     if check_input is not None:
         modes = [(module, module.training) for module in model.modules()]
         try:
-            model.eval()
+            set_mode(model, False)
             expected = _run(model, check_input)
             low_precision = any(e.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                 for e in expected)  # fmt: skip
@@ -612,7 +614,7 @@ def fold(
     report = FoldReport()
     plan = _plan(target, pairs, trace, report)  # raises before anything changes
     modes = [(module, module.training) for module in target.modules()]
-    target.eval()
+    set_mode(target, False)
     undo: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None, str, nn.Module]] = []
     for pair in plan:
         layer, bn = target.get_submodule(pair.layer), target.get_submodule(pair.bn)

@@ -393,6 +393,9 @@ def recalibrate(
         raise ValueError(
             f"recalibrate: num_batches must be a positive int or None, got {num_batches!r}"
         )
+    from batchnorm.inference.intake import check_model, set_mode
+
+    model = check_model(model, "recalibrate")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     if not layers:
         raise ValueError(
@@ -449,7 +452,7 @@ def recalibrate(
     num_samples: int | None = 0 if forward is None else None
     with _state_restored(model):
         try:
-            model.train()
+            set_mode(model, True)
             for name, module in targets:
                 if not module.training:
                     report.skipped_layers[name] = (
