@@ -430,3 +430,21 @@ def test_torchscript_of_layer_group_and_instance_norm(ours, theirs) -> None:
     for _ in range(2):
         torch.testing.assert_close(scripted(x), reference(x), rtol=0, atol=0)
     torch.testing.assert_close(scripted.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "surgery",
+    [
+        bnn.convert,
+        bnn.convert_sync_batchnorm,
+        bnn.FrozenBatchNorm.convert_frozen_batchnorm,
+        bnn.unfreeze_batchnorm,
+    ],
+    ids=["convert", "sync", "frozen", "unfreeze"],
+)
+def test_surgery_refuses_torchscript_with_batch_norm_instead_of_a_silent_no_op(surgery) -> None:
+    scripted = torch.jit.script(_model().eval())
+    with pytest.raises(TypeError, match=r"TorchScript .* batch norm at \['1', '5'\]"):
+        surgery(scripted)
+    plain = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+    assert surgery(plain) is plain  # nothing to convert: as it was

@@ -24,33 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_model", "scripted_batch_norm", "set_mode"]
+from batchnorm.nn.surgery import scripted_batch_norm
 
-# torch.nn's batch-norm classes and this package's, as TorchScript records them (original_name)
-_BATCH_NORM_NAMES = frozenset(
-    {
-        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "_BatchNorm", "_NormBase",
-        "GhostBatchNorm", "BatchRenorm", "FrozenBatchNorm", "FrozenBatchNorm2d",
-        "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
-    }
-)  # fmt: skip
-
-
-def scripted_batch_norm(model: nn.Module) -> list[str]:
-    """Names of the TorchScript submodules of ``model`` that are batch norm (by the class they
-    were compiled from, or by running statistics of their own)."""
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.jit.ScriptModule):
-            continue
-        original = getattr(module, "original_name", "")
-        has_statistics = all(
-            isinstance(getattr(module, key, None), torch.Tensor)
-            for key in ("running_mean", "running_var")
-        )
-        if original in _BATCH_NORM_NAMES or has_statistics:
-            found.append(name or "(model)")
-    return found
+__all__ = ["check_model", "set_mode"]
 
 
 def _unlifted_batch_norm(model: nn.Module) -> bool:

@@ -5,7 +5,9 @@ conversion all replace layers of a model. They share two mechanisms, so that a c
 behaves exactly as the original under every tool that walks it:
 
 - :func:`replace_modules`: visit the root and every descendant once, replacing where a rule says
-  so (the root too, which is then returned).
+  so (the root too, which is then returned). A TorchScript model holding batch norm
+  (:func:`scripted_batch_norm`) is refused: its compiled modules cannot be swapped, and
+  returning it unchanged would be a silent no-op.
 - :func:`rebuild_as`: a layer of another class carrying *everything* the original had: the very
   same parameter and buffer tensors (optimizers holding them keep working), non-persistent
   buffers, every kind of hook (forward and pre-forward, with or without kwargs, always-called,
@@ -33,6 +35,7 @@ __all__ = [
     "rebuild_layer",
     "replace_modules",
     "root_trace_error",
+    "scripted_batch_norm",
     "trace_with_running_statistics",
 ]
 
@@ -124,6 +127,33 @@ def rebuild_layer(
     return new
 
 
+# torch.nn's batch-norm classes and this package's, as TorchScript records them (original_name)
+_BATCH_NORM_NAMES = frozenset(
+    {
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "_BatchNorm", "_NormBase",
+        "GhostBatchNorm", "BatchRenorm", "FrozenBatchNorm", "FrozenBatchNorm2d",
+        "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+    }
+)  # fmt: skip
+
+
+def scripted_batch_norm(model: torch.nn.Module) -> list[str]:
+    """Names of the TorchScript submodules of ``model`` that are batch norm (by the class they
+    were compiled from, or by running statistics of their own)."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.jit.ScriptModule):
+            continue
+        original = getattr(module, "original_name", "")
+        has_statistics = all(
+            isinstance(getattr(module, key, None), torch.Tensor)
+            for key in ("running_mean", "running_var")
+        )
+        if original in _BATCH_NORM_NAMES or has_statistics:
+            found.append(name or "(model)")
+    return found
+
+
 def replace_modules(
     model: torch.nn.Module, swap: Callable[[str, torch.nn.Module], torch.nn.Module]
 ) -> torch.nn.Module:
@@ -134,6 +164,13 @@ def replace_modules(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    scripted = scripted_batch_norm(model)
+    if scripted:  # its compiled modules cannot be swapped: nothing would change, silently
+        raise TypeError(
+            f"the model is TorchScript (torch.jit.script, trace or load) with batch norm at "
+            f"{scripted[:5]}, whose compiled modules cannot be replaced; convert the Python "
+            "model before scripting it (torch.jit.script(convert(model)))"
+        )
     root = swap("", model)
     if root is not model:
         return root
