@@ -155,6 +155,17 @@ def _module_kinds(model: torch.nn.Module) -> list[str]:
     return [type(m).__module__ + "." + type(m).__name__ for m in model.modules()]
 
 
+def _three_training_steps(prepared: torch.nn.Module) -> None:
+    """Quantization-aware training, briefly: three SGD steps on X, then eval mode."""
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = prepared(X).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    prepared.eval()
+
+
 @pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
 def test_quantize_fx_fuses_and_quantizes_ours_as_torchs(qat: bool) -> None:
     # FX graph-mode quantization matches patterns by exact class: our layers matched nothing,
@@ -174,13 +185,7 @@ def test_quantize_fx_fuses_and_quantizes_ours_as_torchs(qat: bool) -> None:
                 prepared = quantize_fx.prepare_qat_fx(
                     model, get_default_qat_qconfig_mapping("x86"), (X,)
                 )
-                optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
-                for _ in range(3):
-                    loss = prepared(X).square().mean()
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                prepared.eval()
+                _three_training_steps(prepared)
             else:
                 prepared = quantize_fx.prepare_fx(model, get_default_qconfig_mapping("x86"), (X,))
                 prepared(X)
@@ -230,13 +235,7 @@ def test_eager_quantization_quantizes_ours_as_torchs(qat: bool) -> None:
             )
             prepared = (tq.prepare_qat if qat else tq.prepare)(fused)
             if qat:
-                optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
-                for _ in range(3):
-                    loss = prepared(X).square().mean()
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                prepared.eval()
+                _three_training_steps(prepared)
             else:
                 prepared(X)
             quantized = tq.convert(prepared)
