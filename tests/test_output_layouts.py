@@ -220,3 +220,29 @@ def test_layers_layouts_are_torch_nns(layer, layout, training):
         results.append((y.detach(), dx))
     (y, dx), (y_ref, dx_ref) = results
     assert y.stride() == y_ref.stride() and dx.stride() == dx_ref.stride()
+
+
+def test_suggested_format_is_torchs_rule_on_every_kind_of_strides():
+    # layouts.suggested_format reimplements ATen's rule on plain ints (torch's Python copy costs
+    # microseconds per call); the two must agree on permuted, sliced, expanded, ambiguous
+    # (size-1) and empty tensors.
+    import random
+
+    from torch._prims_common import suggest_memory_format
+
+    from batchnorm.layouts import in_suggested_format, suggested_format
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        ndim = rng.choice([2, 3, 4, 5])
+        shape = [rng.choice([0, 1, 2, 3]) for _ in range(ndim)]
+        order = list(range(ndim))
+        rng.shuffle(order)
+        x = torch.empty([shape[d] for d in order]).permute([order.index(d) for d in range(ndim)])
+        if rng.random() < 0.3 and x.shape[0] > 1:
+            x = x[::2]
+        if rng.random() < 0.2 and 1 in x.shape:
+            x = x.expand([max(s, 2) if s == 1 else s for s in x.shape])
+        assert suggested_format(x) == suggest_memory_format(x), (x.shape, x.stride())
+        expected = x.is_contiguous(memory_format=suggest_memory_format(x)) or x.is_contiguous()
+        assert in_suggested_format(x) == expected, (x.shape, x.stride())

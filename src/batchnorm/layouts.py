@@ -37,6 +37,7 @@ __all__ = [
     "grad_in_layout",
     "guards_layouts",
     "in_layout",
+    "in_suggested_format",
     "standard_strides",
     "suggested_format",
     "vmapping",
@@ -45,16 +46,38 @@ __all__ = [
 
 def suggested_format(x: torch.Tensor) -> torch.memory_format:
     """``x.suggest_memory_format()``: channels-last for 4-D/5-D tensors strided like it, else
-    contiguous (the format torch's batch-norm and group-norm kernels give their outputs)."""
-    if x.dim() in (4, 5):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    contiguous (the format torch's batch-norm and group-norm kernels give their outputs).
+
+    ATen's rule (``is_channels_last_strides_2d``/``_3d``), on plain int strides in a few
+    hundred nanoseconds; symbolic shapes (torch.compile) go to torch's own DDE-safe copy."""
+    if x.dim() not in (4, 5):
+        return torch.contiguous_format
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    shape, strides = x.shape, x.stride()
+    if not all(type(v) is int for v in (*shape, *strides)):
         try:
             from torch._prims_common import suggest_memory_format
         except ImportError:  # pragma: no cover - older torch: the dense check
             dense = x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
             return fmt if dense else torch.contiguous_format
         return suggest_memory_format(x)
-    return torch.contiguous_format
+    if x.layout != torch.strided or strides[1] == 0:
+        return torch.contiguous_format
+    least = 0
+    for d in (1, 3, 2, 0) if x.dim() == 4 else (1, 4, 3, 2, 0):
+        if shape[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return torch.contiguous_format
+        least = strides[d] * shape[d]
+    return fmt
+
+
+def in_suggested_format(x: torch.Tensor) -> bool:
+    """Whether ``x`` is dense in the format torch's kernels give their outputs for it (so that
+    an output with x's strides is laid out as theirs): contiguous tensors at once."""
+    if x.is_contiguous():
+        return True
+    fmt = suggested_format(x)
+    return fmt != torch.contiguous_format and x.is_contiguous(memory_format=fmt)
 
 
 def standard_strides(shape: torch.Size | tuple[int, ...], fmt: torch.memory_format) -> tuple:

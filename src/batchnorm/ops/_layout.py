@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchnorm.layouts import suggested_format
+from batchnorm.layouts import in_suggested_format
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,7 @@ def kernel_layout(x: torch.Tensor) -> tuple[bool, View3]:
     as the CPU kernels do. Works on fake tensors (shapes and strides only).
     """
     probe = torch.empty_like(x)
-    if tuple(probe.stride()) == tuple(x.stride()) and x.is_contiguous(
-        memory_format=suggested_format(x)
-    ):
+    if tuple(probe.stride()) == tuple(x.stride()) and in_suggested_format(x):
         view = view3(x.shape, x.stride())
         if view is not None:
             return False, view
