@@ -706,3 +706,47 @@ def test_ghost_and_renorm_check_momentum_and_eps_when_changed(name):
     with pytest.raises(ValueError, match="eps"):
         layer(torch.randn(8, 3))
     assert torch.isfinite(layer.running_mean).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "explicit"])
+def test_group_norm_of_one_value_per_group_raises_where_torch_does_and_warns_elsewhere(backend):
+    import batchnorm.nn
+    from batchnorm.functional import group_norm
+
+    # torch raises for a batch of one (its check counts N * C/G * spatial values); the explicit
+    # backend returned the bias there, silently
+    with pytest.raises(ValueError, match="one value in each"):
+        group_norm(torch.randn(1, 6, 1), 6, backend=backend)
+    with pytest.raises(ValueError):
+        torch.nn.functional.group_norm(torch.randn(1, 6, 1), 6)
+    with pytest.raises(ValueError, match="one value in each"):
+        batchnorm.nn.GroupNorm(4, 4, backend=backend)(torch.randn(1, 4, 1, 1))
+    # larger batches: torch's answer (every output the bias), with a warning
+    with pytest.warns(UserWarning, match=r"every output is the bias.*fewer groups"):
+        y = group_norm(torch.randn(3, 4, 1, 1), 4, bias=torch.arange(4.0), backend=backend)
+    bias = torch.arange(4.0).reshape(1, 4, 1, 1).expand(3, 4, 1, 1)
+    torch.testing.assert_close(y, bias, atol=1e-4, rtol=0)  # torch's kernel: rounding / sqrt(eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group_norm(torch.randn(1, 6, 1), 2, backend=backend)  # 3 values per group: fine
+        group_norm(torch.randn(0, 6), 6, backend=backend)  # empty: nothing to say
+
+
+@pytest.mark.parametrize("norm", ["layer", "group", "instance"])
+def test_empty_batches_of_the_other_norms_run_without_warnings(norm):
+    # torch's kernels return an empty output quietly; the explicit primitives warned of
+    # "degrees of freedom <= 0" from var_mean over no group at all
+    from batchnorm import functional as bf
+
+    x = torch.randn(0, 6, 3, requires_grad=True)
+    w, b = torch.ones(6, requires_grad=True), torch.zeros(6, requires_grad=True)
+    calls = {
+        "layer": lambda: bf.layer_norm(x, (3,), backend="explicit"),
+        "group": lambda: bf.group_norm(x, 2, w, b, backend="explicit"),
+        "instance": lambda: bf.instance_norm(x, weight=w, bias=b, backend="explicit"),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = calls[norm]()
+        y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape

@@ -894,6 +894,19 @@ def group_norm(
                 f"group_norm's {name} has shape {tuple(t.shape)} but the input has {channels} "
                 "channels on axis 1"
             )
+    spatial = 1
+    for s in input.shape[2:]:  # not math.prod over a generator: torch.compile traces this
+        spatial *= s
+    if channels // num_groups * spatial == 1 and input.numel() > 0:
+        one_value = (
+            f"group norm with num_groups={num_groups} on an input of shape "
+            f"{tuple(input.shape)} puts one value in each (sample, group), whose variance is 0: "
+            "every output is the bias. Use fewer groups (GroupNorm(1, C) normalizes each sample "
+            "over all its channels), or a norm over another axis (BatchNorm1d for (N, C) features)"
+        )
+        if input.shape[0] == 1:  # where torch raises (its check counts N * C/G * spatial values)
+            raise NormInputError(one_value)
+        warnings.warn(one_value, UserWarning, stacklevel=3)
     name = backends.resolve(
         backend,
         device_type=input.device.type,
@@ -909,9 +922,6 @@ def group_norm(
     from batchnorm.primitives import normalize_over
 
     n = input.shape[0]
-    spatial = 1
-    for s in input.shape[2:]:  # not math.prod over a generator: torch.compile traces this
-        spatial *= s
     grouped = input.reshape(n, num_groups, channels // num_groups, spatial)  # (N, G, C/G, S)
     shape = (1, num_groups, channels // num_groups, 1)  # gamma, beta per channel on that view
     w = None if weight is None else weight.reshape(shape)

@@ -199,7 +199,8 @@ def collect_statistics(x: torch.Tensor, dims: int | Sequence[int]) -> Moments:
     for d in dims:  # not math.prod over a generator: torch.compile cannot trace that
         m *= x.shape[d]
     kept = [1 if i in dims else s for i, s in enumerate(x.shape)]
-    if m == 0:
+    if m == 0 or x.numel() == 0:  # nothing to reduce, or no group at all (an empty batch of a
+        # layer or group norm): var_mean would warn of degrees of freedom <= 0
         zeros = torch.zeros(kept, dtype=acc, device=x.device)
         return Moments(zeros, zeros.clone(), zeros.clone())
     xa = x.to(acc)
