@@ -311,5 +311,9 @@ def test_bad_arguments_say_what_is_wrong():
         collect_statistics(x, (0, -2))
     with pytest.raises(TypeError, match="floating-point"):
         collect_statistics(torch.ones(4, 3, dtype=torch.int64), (0,))
-    with pytest.raises(ValueError, match="eps"):
-        normalize_over(x, (0,), -1.0)
+    for eps in (float("nan"), float("inf"), "1e-5", True):
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            normalize_over(x, (0,), eps)
+    # a negative eps is torch's to accept (layer, group, instance norm): NaN where var < -eps
+    y, _ = normalize_over(torch.tensor([[0.0], [2.0], [0.0], [0.2]]).reshape(2, 2), (0,), -0.5)
+    assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1]).all()  # var 0 and 0.81

@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -686,7 +687,8 @@ def normalize_over(
     Args:
         x: Floating-point input.
         dims: Axes to take the statistics over.
-        eps: Added to the variance, >= 0.
+        eps: Added to the variance: >= 0 for batch norm (its callers check); layer, group and
+            instance norm accept a negative one, as torch does (NaN where var_B < -eps).
         weight, bias: ``gamma`` and ``beta``, broadcastable against ``x`` (batch norm: shaped
             (1, C, 1, ...)), or None.
         reducer: Turns local statistics and gradient sums into global ones; called exactly once
@@ -708,8 +710,8 @@ def normalize_over(
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"normalize_over expects a floating-point tensor, got {what}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite number, got {eps!r}")
     dims = _normalize_dims(dims, x.dim())
     function = _NormalizeOverTangents if dual_level_active() else _NormalizeOverFunction
     y, count, mean, m2, _ = function.apply(x, weight, bias, dims, float(eps), reducer)
