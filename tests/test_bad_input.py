@@ -750,3 +750,21 @@ def test_empty_batches_of_the_other_norms_run_without_warnings(norm):
         y = calls[norm]()
         y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "explicit"])
+def test_layer_norm_over_one_value_warns_that_the_output_is_the_bias(backend):
+    import batchnorm.nn
+    from batchnorm.functional import layer_norm
+
+    x = torch.randn(4, 5, 1)
+    with pytest.warns(UserWarning, match=r"every output is the bias.*perhaps \(1,\)"):
+        y = layer_norm(x, (1,), bias=torch.full((1,), 0.5), backend=backend)
+    torch.testing.assert_close(y, torch.full_like(y, 0.5), atol=1e-3, rtol=0)
+    with pytest.warns(UserWarning, match="every output is the bias"):
+        batchnorm.nn.LayerNorm(1, backend=backend)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer_norm(torch.randn(4, 5), (5,), backend=backend)
+        batchnorm.nn.LayerNorm(5, backend=backend)(torch.randn(4, 5))
+        layer_norm(torch.randn(0, 1), (1,), backend=backend)  # empty: nothing to say

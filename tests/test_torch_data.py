@@ -117,12 +117,20 @@ def _module_db_samples(info, training: bool, backend: str) -> None:
     assert ran > 0
 
 
+@pytest.mark.parametrize("backend", ["auto", "explicit"])
 @pytest.mark.parametrize(
     "info",
     [info for info in MODULES if info.module_error_inputs_func is not None],
     ids=lambda info: info.module_cls.__name__,
 )
-def test_module_db_error_inputs(info) -> None:
+def test_module_db_error_inputs(info, backend: str) -> None:
+    from batchnorm.backends import use_backend
+
+    with use_backend(backend):
+        _module_db_error_inputs(info)
+
+
+def _module_db_error_inputs(info) -> None:
     ours_cls = MIRRORED[info.module_cls.__name__]
     for error_input in info.module_error_inputs_func(
         info, device="cpu", dtype=torch.float32, requires_grad=False, training=True
@@ -168,15 +176,21 @@ def _opinfo_samples(op, backend: str) -> None:
     assert count > 0
 
 
+@pytest.mark.parametrize("backend", ["auto", "explicit"])
 @pytest.mark.parametrize(
     "op", [op for op in OPS if op.error_inputs_func is not None], ids=lambda op: op.name
 )
-def test_opinfo_error_inputs(op) -> None:
+def test_opinfo_error_inputs(op, backend: str) -> None:
+    from batchnorm.backends import use_backend
+
     ours = FUNCTIONALS[op.name]
-    for error_input in op.error_inputs("cpu"):
-        s = error_input.sample_input
-        _, error = _run(lambda: ours(s.input, *s.args, **s.kwargs))
-        assert isinstance(error, error_input.error_type), (op.name, error_input.error_regex, error)
+    with use_backend(backend):
+        for error_input in op.error_inputs("cpu"):
+            s = error_input.sample_input
+            _, error = _run(lambda s=s: ours(s.input, *s.args, **s.kwargs))
+            assert isinstance(error, error_input.error_type), (
+                op.name, error_input.error_regex, error
+            )  # fmt: skip
 
 
 _CPU_TOLERANCE = {

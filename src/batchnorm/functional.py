@@ -817,6 +817,14 @@ def layer_norm(
                 f"layer_norm's {name} has shape {tuple(t.shape)}; it must be normalized_shape "
                 f"{shape}"
             )
+    if all(s == 1 for s in shape) and input.numel() > 0 and eps != 0:  # eps = 0: 0/0, below
+        warnings.warn(
+            f"layer norm over normalized_shape={shape} normalizes one value per sample, whose "
+            "variance is 0: every output is the bias. normalized_shape is usually the feature "
+            f"size, here perhaps {tuple(input.shape[-1:])} (LayerNorm(num_features))",
+            UserWarning,
+            stacklevel=3,
+        )
     name = backends.resolve(
         backend,
         device_type=input.device.type,
