@@ -76,7 +76,9 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
         # The file is created 0600; give it the mode an ordinary open() would have.
         os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, path)
-        _remove_dead_writers_temporaries(path)
+        # path is whole now: temporaries of it left by killed writers are debris
+        with contextlib.suppress(OSError):
+            remove_stale_temporaries(path.parent, of=path.name)
     except BaseException:
         # KeyboardInterrupt included: the destination must never see a partial file.
         with contextlib.suppress(OSError):
@@ -88,23 +90,6 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
         raise
-
-
-def _remove_dead_writers_temporaries(path: Path) -> None:
-    """Delete the temporaries of ``path`` left by writers that were killed (SIGKILL, power
-    loss) before they could clean up: ``path`` is now whole, so they can only be debris."""
-    prefix = f".{path.name}."
-    with contextlib.suppress(OSError):
-        for entry in path.parent.iterdir():
-            name = entry.name
-            if not (name.startswith(prefix) and name.endswith(".tmp")):
-                continue
-            rest = name[len(prefix) : -len(".tmp")].split(".")
-            pid = int(rest[0]) if len(rest) == 2 and rest[0].isdigit() else None
-            if pid is None or pid == os.getpid() or process_alive(pid):
-                continue
-            with contextlib.suppress(OSError):
-                entry.unlink()
 
 
 def _umask() -> int:
@@ -190,7 +175,11 @@ def writer_pid(name: str) -> int | None:
 
 
 def remove_stale_temporaries(
-    folder: str | os.PathLike[str], *, prefixes: Sequence[str] = (), own: bool = False
+    folder: str | os.PathLike[str],
+    *,
+    prefixes: Sequence[str] = (),
+    own: bool = False,
+    of: str | None = None,
 ) -> list[Path]:
     """Delete the temporary files (and, for ``prefixes``, folders) in ``folder`` whose writer
     process is gone; returns what was removed.
@@ -200,6 +189,8 @@ def remove_stale_temporaries(
         prefixes: names of temporary folders to consider too, e.g. ``("batchnorm-npm-",)``.
         own: also delete this process's own temporaries: for a caller that knows none of its
             writes is still under way (a run unwinding after an interruption).
+        of: only the temporary files of this file name (``.<of>.<pid>.<random>.tmp``), as the
+            atomic writer clears after replacing it.
     """
     import shutil
 
@@ -210,7 +201,9 @@ def remove_stale_temporaries(
     for entry in folder.iterdir():
         name = entry.name
         is_file = name.startswith(".") and name.endswith(".tmp")
-        is_dir = any(name.startswith(p) for p in prefixes)
+        if of is not None:  # the file's own: exactly ".<of>.<pid>.<random>.tmp"
+            is_file = is_file and name[: -len(".tmp")].rsplit(".", 2)[0] == f".{of}"
+        is_dir = of is None and any(name.startswith(p) for p in prefixes)
         if not (is_file or is_dir):
             continue
         pid = writer_pid(name)
