@@ -119,19 +119,30 @@ double median_us(F&& f, long calls) {
 
 }  // namespace
 
+// A whole positive number from text (strtol, all of it read), or -1.
+static long positive(const char* text) {
+  char* end = nullptr;
+  const long v = std::strtol(text, &end, 10);
+  return (end != text && *end == '\0' && v > 0) ? v : -1;
+}
+
 int main(int argc, char** argv) {
   if (argc < 3 || argc % 2 == 0) {
     std::fprintf(stderr, "usage: %s R C [R C ...]  (C a multiple of 64)\n", argv[0]);
     return 2;
   }
+  for (int a = 1; a + 1 < argc; a += 2) {  // every pair checked before anything is timed
+    const long R = positive(argv[a]), C = positive(argv[a + 1]);
+    if (R < 1 || C < 1 || C % (kK * kW) != 0) {
+      std::fprintf(stderr, "R a whole number >= 1 and C a multiple of %d, got '%s' x '%s'\n",
+                   kK * kW, argv[a], argv[a + 1]);
+      return 2;
+    }
+  }
   std::printf("%7s %6s %8s %8s %8s %8s %9s %9s %9s\n", "R", "C", "sum_us", "copy_us", "one_us",
               "two_us", "padded_us", "one/copy", "two/copy");
   for (int a = 1; a + 1 < argc; a += 2) {
-    const long R = std::atol(argv[a]), C = std::atol(argv[a + 1]);
-    if (R < 1 || C < kK * kW || C % (kK * kW) != 0) {
-      std::fprintf(stderr, "R >= 1 and C a multiple of %d, got %ld x %ld\n", kK * kW, R, C);
-      return 2;
-    }
+    const long R = positive(argv[a]), C = positive(argv[a + 1]);
     std::vector<float> x(R * (C + kW)), y(R * C), shift(C), out1(C), out2(C);
     unsigned seed = 1;
     for (auto& v : x) {
